@@ -1,0 +1,77 @@
+"""Orbax checkpoints of the whole train state, in named items.
+
+A checkpoint directory `WORKDIR/checkpoints/<step>/` holds:
+  sae     {"params": ..., "scale": C}   -- all a user needs (`jumprelu.load` reads only this)
+  train   {"step": ..., "opt_state": ...}
+  config  the resolved experiment config as JSON (with data.d_model filled in)
+Orbax writes each step to a temporary directory and renames it when complete, so a
+crash at any moment leaves the previous checkpoint loadable. Restores always go into
+an abstract target with shardings attached: restoring without one would return the
+saved shardings and turn optax's namedtuples into lists.
+"""
+
+from __future__ import annotations
+
+import os
+
+import orbax.checkpoint as ocp
+
+from jumprelu.state import TrainState
+
+ITEMS = ("sae", "train", "config")
+
+
+def checkpoint_dir(workdir: str) -> str:
+    if "://" in workdir:
+        return workdir.rstrip("/") + "/checkpoints"
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, keep: int, read_only: bool = False):
+        self.directory = checkpoint_dir(workdir)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, state: TrainState, config: dict) -> None:
+        """Starts an asynchronous save of `state` at its own step."""
+        args = ocp.args.Composite(
+            sae=ocp.args.StandardSave({"params": state.params, "scale": state.scale}),
+            train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+            config=ocp.args.JsonSave(config),
+        )
+        self._manager.save(int(state.step), args=args)
+
+    def restore_config(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def restore_state(self, abstract: TrainState, step: int | None = None) -> TrainState:
+        """Restores into `abstract` (ShapeDtypeStructs with shardings)."""
+        step = self.latest_step() if step is None else step
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                sae=ocp.args.StandardRestore({"params": abstract.params, "scale": abstract.scale}),
+                train=ocp.args.StandardRestore({"step": abstract.step, "opt_state": abstract.opt_state}),
+            ),
+        )
+        sae, train = restored["sae"], restored["train"]
+        return TrainState(step=train["step"], params=sae["params"], opt_state=train["opt_state"], scale=sae["scale"])
+
+    def restore_sae(self, abstract_params, abstract_scale, step: int | None = None) -> tuple[dict, object]:
+        """Only the `sae` item: parameters and scale, without the optimizer state."""
+        step = self.latest_step() if step is None else step
+        target = {"params": abstract_params, "scale": abstract_scale}
+        out = self._manager.restore(step, args=ocp.args.Composite(sae=ocp.args.StandardRestore(target)))["sae"]
+        return out["params"], out["scale"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

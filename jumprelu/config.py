@@ -1,0 +1,112 @@
+"""The base experiment config (paper defaults) and its validation.
+
+Every knob is a field here, nested by concern. Experiment files in `experiments/`
+start from `base_config()` and change what they need. `validate` runs before any
+training work and turns a bad value into a one-line `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be trained with; the message names the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.sae = dict(
+        kind="jumprelu",
+        width=16384,
+        sparsity_coefficient=1e-3,  # λ; paper sweeps it per site
+        bandwidth=0.001,  # ε of the rectangle kernel, on the normalised scale
+        threshold_init=0.001,
+        threshold_param="log",  # "log" (paper) or "raw"
+        pre_encoder_bias=True,
+        compute_dtype="float32",  # matmul dtype; params and θ always float32
+    )
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"  # "synthetic" or a path to a .npy file [N, d_model]
+    c.data.d_model = config_dict.placeholder(int)  # read from the source; set only to assert
+    c.data.normalize = True  # divide by C with E‖x/C‖² = 1 (paper)
+    c.data.scale = config_dict.placeholder(float)  # fixed C instead of estimating it
+    c.data.scale_sample_rows = 65536  # rows used to estimate C before training
+    c.data.eval_rows = 8192  # held out from training, used for the final report
+    c.data.seed = 0  # shuffling and the held-out split
+    c.data.synthetic = dict(
+        d_model=128,
+        num_features=256,  # true feature directions
+        rows=262144,
+        features_per_token=6.0,  # mean number of true features active per row
+        power_law_exponent=1.0,  # firing probability of feature i ∝ (i+1)^-exponent
+        noise_std=0.02,  # isotropic Gaussian noise, relative to a unit feature
+        mean_norm=1.0,  # norm of a constant offset shared by all rows
+        seed=0,
+    )
+
+    c.train = dict(
+        steps=100_000,
+        batch_size=4096,
+        seed=0,
+        lr=7e-5,
+        lr_warmup_steps=1000,
+        lr_warmup_start_factor=0.1,
+        sparsity_warmup_steps=10_000,
+        adam_b1=0.0,
+        adam_b2=0.999,
+        adam_eps=1e-8,
+        clip_grad_norm=0.0,  # 0 = off (the papers clip nothing)
+    )
+
+    c.mesh = dict(data=1, model=1)
+    c.ckpt = dict(every_steps=1000, keep=3)
+    c.log = dict(every_steps=50, progress=True)
+    return c
+
+
+def _check(ok: bool, field: str, expected: str, found) -> None:
+    if not ok:
+        raise ConfigError(f"config field {field} must be {expected}, found {found!r}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError on the first field that cannot work."""
+    s, t, d = c.sae, c.train, c.data
+    _check(s.kind == "jumprelu", "sae.kind", "'jumprelu'", s.kind)
+    _check(isinstance(s.width, int) and s.width > 0, "sae.width", "a positive integer", s.width)
+    _check(s.sparsity_coefficient >= 0, "sae.sparsity_coefficient", ">= 0", s.sparsity_coefficient)
+    _check(s.bandwidth > 0, "sae.bandwidth", "> 0", s.bandwidth)
+    _check(s.threshold_init > 0, "sae.threshold_init", "> 0", s.threshold_init)
+    _check(s.threshold_param in ("log", "raw"), "sae.threshold_param", "'log' or 'raw'", s.threshold_param)
+    _check(s.compute_dtype in ("float32", "bfloat16"), "sae.compute_dtype", "'float32' or 'bfloat16'", s.compute_dtype)
+    _check(isinstance(t.steps, int) and t.steps >= 0, "train.steps", "an integer >= 0", t.steps)
+    _check(isinstance(t.batch_size, int) and t.batch_size > 0, "train.batch_size", "a positive integer", t.batch_size)
+    _check(t.lr > 0, "train.lr", "> 0", t.lr)
+    _check(t.lr_warmup_steps >= 0, "train.lr_warmup_steps", ">= 0", t.lr_warmup_steps)
+    _check(0 < t.lr_warmup_start_factor <= 1, "train.lr_warmup_start_factor", "in (0, 1]", t.lr_warmup_start_factor)
+    _check(t.sparsity_warmup_steps >= 0, "train.sparsity_warmup_steps", ">= 0", t.sparsity_warmup_steps)
+    _check(0 <= t.adam_b1 < 1, "train.adam_b1", "in [0, 1)", t.adam_b1)
+    _check(0 <= t.adam_b2 < 1, "train.adam_b2", "in [0, 1)", t.adam_b2)
+    _check(t.adam_eps > 0, "train.adam_eps", "> 0", t.adam_eps)
+    _check(t.clip_grad_norm >= 0, "train.clip_grad_norm", ">= 0 (0 = off)", t.clip_grad_norm)
+    _check(d.scale is None or d.scale > 0, "data.scale", "> 0 or unset", d.scale)
+    _check(d.scale_sample_rows > 0, "data.scale_sample_rows", "> 0", d.scale_sample_rows)
+    _check(d.eval_rows >= 0, "data.eval_rows", ">= 0", d.eval_rows)
+    for axis in ("data", "model"):
+        n = c.mesh[axis]
+        _check(isinstance(n, int) and (n > 0 or n == -1), f"mesh.{axis}", "a positive integer or -1", n)
+    _check(c.ckpt.every_steps > 0, "ckpt.every_steps", "> 0", c.ckpt.every_steps)
+    _check(c.ckpt.keep > 0, "ckpt.keep", "> 0", c.ckpt.keep)
+    _check(c.log.every_steps > 0, "log.every_steps", "> 0", c.log.every_steps)
+    if d.source == "synthetic":
+        g = d.synthetic
+        _check(g.d_model > 0, "data.synthetic.d_model", "> 0", g.d_model)
+        _check(g.num_features > 0, "data.synthetic.num_features", "> 0", g.num_features)
+        _check(g.rows > d.eval_rows, "data.synthetic.rows", f"> data.eval_rows ({d.eval_rows})", g.rows)
+        _check(0 < g.features_per_token <= g.num_features, "data.synthetic.features_per_token",
+               "in (0, num_features]", g.features_per_token)
+        _check(g.noise_std >= 0, "data.synthetic.noise_std", ">= 0", g.noise_std)

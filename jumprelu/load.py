@@ -1,0 +1,78 @@
+"""`jumprelu.load(path)`: a trained SAE in raw activation units, in plain JAX on CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jumprelu import sae as sae_lib
+from jumprelu.checkpoint import Checkpointer, checkpoint_dir
+from jumprelu.fold import fold
+
+
+@dataclasses.dataclass(frozen=True)
+class SAE:
+    """A JumpReLU SAE in folded form: it takes raw activations x: [..., d_model].
+
+    f = JumpReLU_θ(x W_enc + b_enc): [..., width], and x̂ = f W_dec + b_dec. This is
+    the Gemma Scope `params.npz` convention; f is C times the training-time features.
+    """
+
+    W_enc: jax.Array  # [d_model, width]
+    b_enc: jax.Array  # [width]
+    threshold: jax.Array  # [width]
+    W_dec: jax.Array  # [width, d_model]
+    b_dec: jax.Array  # [d_model]
+    scale: float = 1.0  # C used in training (already folded into the arrays above)
+    step: int = 0
+    config: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.W_enc.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.W_enc.shape[1])
+
+    def pre_activations(self, x):
+        return jnp.asarray(x, jnp.float32) @ self.W_enc + self.b_enc
+
+    def encode(self, x):
+        z = self.pre_activations(x)
+        return jnp.where(z > self.threshold, z, 0.0)
+
+    def decode(self, f):
+        return f @ self.W_dec + self.b_dec
+
+    def __call__(self, x):
+        return self.decode(self.encode(x))
+
+    def params(self) -> dict[str, np.ndarray]:
+        return {k: np.asarray(getattr(self, k)) for k in ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")}
+
+
+def load(path: str, step: int | None = None) -> SAE:
+    """Restores the SAE of a training workdir (latest checkpoint unless `step` is given)."""
+    if "://" not in path and not os.path.isdir(checkpoint_dir(path)):
+        raise FileNotFoundError(f"{path}: no checkpoints/ directory; expected a jumprelu training workdir")
+    ckpt = Checkpointer(path, keep=1, read_only=True)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{checkpoint_dir(path)}: holds no complete checkpoint")
+    config = ckpt.restore_config(step)
+    cfg = ml_collections.ConfigDict(config)
+    model = sae_lib.from_config(cfg.sae, cfg.data.d_model)
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, cfg.data.d_model)))["params"]
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), abstract)
+    scale_abstract = jax.ShapeDtypeStruct((), jnp.float32, sharding=cpu)
+    params, scale = ckpt.restore_sae(abstract, scale_abstract, step)
+    ckpt.close()
+    folded = fold(params, scale, cfg.sae.pre_encoder_bias)
+    return SAE(**folded, scale=float(scale), step=int(step), config=config)

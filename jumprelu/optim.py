@@ -1,0 +1,86 @@
+"""Optimizer, schedules and the decoder-norm gradient projection.
+
+Paper recipe (all config fields under `train`): Adam(β1=0, β2=0.999, eps=1e-8);
+lr 7e-5 with a cosine warm-up from 0.1·lr to lr over 1,000 steps, then constant;
+λ warmed up linearly from 0 over 10,000 steps; no gradient clipping. Decoder rows
+are kept at unit norm: before Adam sees the gradient, each row's component parallel
+to the row is projected out; after the update the rows are renormalised
+(`sae.constrain`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+def cosine_warmup(peak: float, warmup_steps: int, start_factor: float) -> Schedule:
+    """start_factor·peak at step 0, rising along a half cosine to peak at warmup_steps, then flat."""
+
+    def schedule(step):
+        if warmup_steps <= 0:
+            return jnp.asarray(peak, jnp.float32)
+        t = jnp.clip(jnp.asarray(step, jnp.float32) / warmup_steps, 0.0, 1.0)
+        rise = 0.5 * (1.0 - jnp.cos(jnp.pi * t))
+        return peak * (start_factor + (1.0 - start_factor) * rise)
+
+    return schedule
+
+
+def linear_warmup(peak: float, warmup_steps: int) -> Schedule:
+    """0 at step 0, rising linearly to peak at warmup_steps, then flat."""
+
+    def schedule(step):
+        if warmup_steps <= 0:
+            return jnp.asarray(peak, jnp.float32)
+        t = jnp.clip(jnp.asarray(step, jnp.float32) / warmup_steps, 0.0, 1.0)
+        return peak * t
+
+    return schedule
+
+
+def remove_parallel_component(w: jax.Array, g: jax.Array) -> jax.Array:
+    """g - (g·ŵ)ŵ row by row. w, g: [M, d]; rows of w need not be exactly unit norm."""
+    w_hat = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+    return g - jnp.sum(g * w_hat, axis=-1, keepdims=True) * w_hat
+
+
+def project_decoder_gradient(key: str = "W_dec") -> optax.GradientTransformation:
+    """Stateless transform: removes the gradient of W_dec along its own rows."""
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("project_decoder_gradient needs params passed to update()")
+        updates = dict(updates)
+        updates[key] = remove_parallel_component(params[key], updates[key])
+        return updates, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def learning_rate_schedule(train_cfg) -> Schedule:
+    return cosine_warmup(train_cfg.lr, train_cfg.lr_warmup_steps, train_cfg.lr_warmup_start_factor)
+
+
+def sparsity_schedule(train_cfg, sparsity_coefficient: float) -> Schedule:
+    return linear_warmup(sparsity_coefficient, train_cfg.sparsity_warmup_steps)
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+    parts = [project_decoder_gradient()]
+    if train_cfg.clip_grad_norm > 0:  # off by default: the papers clip nothing
+        parts.append(optax.clip_by_global_norm(train_cfg.clip_grad_norm))
+    parts += [
+        optax.scale_by_adam(b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=train_cfg.adam_eps),
+        optax.scale_by_learning_rate(learning_rate_schedule(train_cfg)),
+    ]
+    return optax.chain(*parts)

@@ -1,0 +1,127 @@
+"""The JumpReLU sparse autoencoder as a Flax Linen module.
+
+Why Linen: the SAE's parameters are a plain dict of five arrays, and everything
+around them is functional -- the pure train step, `jax.eval_shape` for abstract
+state, the one sharding table keyed by parameter name, orbax restore into an
+abstract target, `vmap` over stacked SAEs -- all of which take a dict directly.
+Gemma's model is Linen too, so splicing an SAE into it needs no bridge.
+
+The module works on *normalised* inputs x/C (E‖x/C‖² = 1); the scale C lives in the
+train state and is folded out for users by `jumprelu.fold`. Shapes (row vectors):
+  x: [..., d_model]   z, f: [..., width]
+  W_enc: [d_model, width]   b_enc: [width]   threshold: [width]
+  W_dec: [width, d_model]   b_dec: [d_model]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jumprelu import ops
+
+THRESHOLD_PARAMS = ("log", "raw")
+# Below this a raw threshold is clipped after every update: θ must stay positive for
+# JumpReLU to be a jump and not a leak of negative pre-activations.
+MIN_RAW_THRESHOLD = 1e-6
+
+
+def init_decoder(key: jax.Array, shape: tuple[int, int], dtype=jnp.float32) -> jax.Array:
+    """He-uniform [width, d_model], then each row rescaled to unit norm (the paper's init)."""
+    width, _ = shape
+    bound = math.sqrt(6.0 / width)  # fan_in of x̂ = f W_dec is the width
+    w = jax.random.uniform(key, shape, dtype, -bound, bound)
+    return w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+
+
+class JumpReLUSAE(nn.Module):
+    d_model: int
+    width: int
+    bandwidth: float = 0.001
+    threshold_init: float = 0.001
+    threshold_param: str = "log"  # "log": train log θ (paper); "raw": train θ directly
+    pre_encoder_bias: bool = True  # subtract b_dec before encoding (paper default)
+    compute_dtype: Any = jnp.float32  # dtype of the matmuls; parameters stay float32
+
+    def setup(self):
+        self.W_dec = self.param("W_dec", init_decoder, (self.width, self.d_model))
+        # W_enc starts as W_decᵀ and is untied from then on. Linen calls an init fn only
+        # during `init`, so closing over the fresh W_dec ties the two at init time only.
+        self.W_enc = self.param("W_enc", lambda _: jnp.transpose(self.W_dec))
+        self.b_enc = self.param("b_enc", nn.initializers.zeros, (self.width,))
+        self.b_dec = self.param("b_dec", nn.initializers.zeros, (self.d_model,))
+        if self.threshold_param == "log":
+            init = math.log(self.threshold_init)
+            self.log_threshold = self.param("log_threshold", nn.initializers.constant(init), (self.width,))
+        elif self.threshold_param == "raw":
+            self.raw_threshold = self.param(
+                "threshold", nn.initializers.constant(self.threshold_init), (self.width,)
+            )
+        else:
+            raise ValueError(f"sae.threshold_param must be one of {THRESHOLD_PARAMS}, got {self.threshold_param!r}")
+
+    def threshold(self) -> jax.Array:
+        """θ: [width], float32 whatever the compute dtype."""
+        if self.threshold_param == "log":
+            return jnp.exp(self.log_threshold)
+        return self.raw_threshold
+
+    def pre_activations(self, x: jax.Array) -> jax.Array:
+        """z = (x - b_dec) W_enc + b_enc. x: [..., d_model] -> [..., width]."""
+        if self.pre_encoder_bias:
+            x = x - self.b_dec
+        dt = self.compute_dtype
+        z = jnp.matmul(x.astype(dt), self.W_enc.astype(dt), preferred_element_type=jnp.float32)
+        return z + self.b_enc
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """f = JumpReLU_θ(z). x: [..., d_model] -> f: [..., width]."""
+        return ops.jumprelu(self.pre_activations(x), self.threshold(), self.bandwidth)
+
+    def decode(self, f: jax.Array) -> jax.Array:
+        """x̂ = f W_dec + b_dec. f: [..., width] -> [..., d_model]."""
+        dt = self.compute_dtype
+        x_hat = jnp.matmul(f.astype(dt), self.W_dec.astype(dt), preferred_element_type=jnp.float32)
+        return x_hat + self.b_dec
+
+    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+        """Everything the loss needs: z, the fired mask H(z-θ) (straight-through), f, x̂."""
+        z = self.pre_activations(x)
+        theta = self.threshold()
+        f = ops.jumprelu(z, theta, self.bandwidth)
+        fired = ops.step(z, theta, self.bandwidth)
+        return {"z": z, "f": f, "fired": fired, "x_hat": self.decode(f)}
+
+
+def threshold_of(params: dict) -> jax.Array:
+    """θ from a params dict of either parameterisation."""
+    if "log_threshold" in params:
+        return jnp.exp(params["log_threshold"])
+    return params["threshold"]
+
+
+def constrain(params: dict) -> dict:
+    """Projection applied after every optimizer update: unit-norm decoder rows, θ > 0."""
+    params = dict(params)
+    w = params["W_dec"]
+    params["W_dec"] = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+    if "threshold" in params:
+        params["threshold"] = jnp.maximum(params["threshold"], MIN_RAW_THRESHOLD)
+    return params
+
+
+def from_config(sae_cfg, d_model: int) -> JumpReLUSAE:
+    """Builds the module from the `sae` section of the config."""
+    return JumpReLUSAE(
+        d_model=d_model,
+        width=sae_cfg.width,
+        bandwidth=sae_cfg.bandwidth,
+        threshold_init=sae_cfg.threshold_init,
+        threshold_param=sae_cfg.threshold_param,
+        pre_encoder_bias=sae_cfg.pre_encoder_bias,
+        compute_dtype=jnp.dtype(sae_cfg.compute_dtype),
+    )

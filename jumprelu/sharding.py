@@ -1,0 +1,93 @@
+"""The one table of mesh axes and PartitionSpecs; every sharding is derived from it.
+
+Mesh axes are ('data', 'model'). Parameters are split Megatron-style along the
+dictionary dimension M over 'model' (W_enc columns, W_dec rows, b_enc and θ), so
+the only cross-device reduction a step needs is the partial reconstruction sum
+[B, d_model]. Batches and latents are split over 'data'. Optimizer state mirrors
+the parameter it belongs to; scalars are replicated.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jumprelu.config import ConfigError
+
+AXES = ("data", "model")
+
+PARAM_SPECS = {
+    "W_enc": P(None, "model"),  # [d_model, M]
+    "b_enc": P("model"),  # [M]
+    "log_threshold": P("model"),  # [M]
+    "threshold": P("model"),  # [M]
+    "W_dec": P("model", None),  # [M, d_model]
+    "b_dec": P(),  # [d_model]
+}
+BATCH_SPEC = P("data", None)  # activations [B, d_model]
+LATENT_SPEC = P("data", "model")  # z, f [B, M]
+REPLICATED = P()
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int]:
+    """Resolves -1 ('fill the remaining devices') and checks the product fits."""
+    data, model = mesh_cfg.data, mesh_cfg.model
+    if data == -1 and model == -1:
+        raise ConfigError("config fields mesh.data and mesh.model cannot both be -1")
+    if data == -1:
+        data = max(num_devices // model, 1)
+    if model == -1:
+        model = max(num_devices // data, 1)
+    if data * model > num_devices:
+        raise ConfigError(
+            f"config fields mesh.data × mesh.model = {data}×{model} = {data * model} "
+            f"exceeds the {num_devices} available devices"
+        )
+    return data, model
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    data, model = mesh_shape(mesh_cfg, len(devices))
+    # Auto axes: the compiler propagates shardings from the declared in/out specs and
+    # the latent constraint in the step; explicit types are spelled out because the
+    # default changed to Explicit in jax 0.9.
+    return jax.make_mesh(
+        (data, model), AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices[: data * model]
+    )
+
+
+def check_width(mesh: Mesh, width: int) -> None:
+    n = mesh.shape["model"]
+    if width % n:
+        raise ConfigError(f"config field sae.width={width} is not divisible by mesh.model={n}")
+
+
+def check_batch(mesh: Mesh, batch_size: int) -> None:
+    n = mesh.shape["data"]
+    if batch_size % n:
+        raise ConfigError(f"config field train.batch_size={batch_size} is not divisible by mesh.data={n}")
+
+
+def _spec_for_path(path, leaf) -> P:
+    """The spec of a state leaf: that of the last parameter name on its path, else replicated."""
+    for entry in reversed(path):
+        name = getattr(entry, "key", None)
+        if name in PARAM_SPECS and getattr(leaf, "ndim", 0) == len(PARAM_SPECS[name]):
+            return PARAM_SPECS[name]
+    return REPLICATED
+
+
+def tree_specs(tree):
+    """PartitionSpecs for any tree of params or state (params, Adam mu/nu, ...)."""
+    return jax.tree_util.tree_map_with_path(_spec_for_path, tree)
+
+
+def tree_shardings(mesh: Mesh, tree):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), tree_specs(tree))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, BATCH_SPEC)
+

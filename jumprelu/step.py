@@ -1,0 +1,36 @@
+"""The pure train step `(state, batch) -> (state, metrics)`: no jit, no I/O."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import optax
+
+from jumprelu import losses, sae
+from jumprelu.optim import Schedule
+from jumprelu.state import TrainState
+
+StepFn = Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def make_train_step(
+    model: nn.Module, tx: optax.GradientTransformation, sparsity: Schedule, learning_rate: Schedule
+) -> StepFn:
+    """batch: [B, d_model] raw activations; normalised by the state's scale inside the step."""
+
+    def train_step(state: TrainState, batch: jax.Array):
+        lam = sparsity(state.step)
+        x = batch / state.scale
+
+        def loss_fn(params):
+            return losses.jumprelu_loss(model, params, x, lam)
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = sae.constrain(optax.apply_updates(state.params, updates))
+        metrics = dict(metrics, sparsity_coefficient=lam, lr=learning_rate(state.step))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step

@@ -1,0 +1,24 @@
+"""Test setup: 8 simulated CPU devices for multi-device tests (must precede importing jax)."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from jumprelu.config import base_config  # noqa: E402
+
+
+@pytest.fixture
+def tiny_config():
+    """The quickstart shrunk to seconds: 32-dim synthetic data, 64 latents."""
+    c = base_config()
+    c.data.synthetic.update(d_model=32, num_features=48, rows=4096, features_per_token=3.0)
+    c.data.eval_rows = 512
+    c.data.scale_sample_rows = 2048
+    c.sae.update(width=64, sparsity_coefficient=0.01, threshold_init=0.05)
+    c.train.update(steps=40, batch_size=128, lr=3e-3, lr_warmup_steps=10, sparsity_warmup_steps=20)
+    c.ckpt.every_steps = 20
+    c.log.update(every_steps=5, progress=False)
+    return c

@@ -1,0 +1,71 @@
+"""Initialisation, encode/decode, and the fold into raw activation units."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jumprelu import ops
+from jumprelu.fold import fold
+from jumprelu.sae import JumpReLUSAE, constrain, threshold_of
+
+
+def _init(**kw):
+    model = JumpReLUSAE(d_model=12, width=40, **kw)
+    return model, model.init(jax.random.key(0), jnp.zeros((1, 12)))["params"]
+
+
+def test_paper_initialisation():
+    _, p = _init()
+    np.testing.assert_allclose(np.linalg.norm(p["W_dec"], axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(p["W_enc"], p["W_dec"].T)
+    assert not np.any(p["b_enc"]) and not np.any(p["b_dec"])
+    np.testing.assert_allclose(threshold_of(p), 0.001, rtol=1e-6)
+    assert set(p) == {"W_enc", "b_enc", "log_threshold", "W_dec", "b_dec"}
+
+
+def test_raw_threshold_option_and_float32_threshold_under_bf16():
+    _, p = _init(threshold_param="raw", compute_dtype=jnp.bfloat16)
+    assert "threshold" in p and "log_threshold" not in p
+    assert p["threshold"].dtype == jnp.float32
+    np.testing.assert_allclose(p["threshold"], 0.001)
+    with pytest.raises(ValueError, match="threshold_param"):
+        _init(threshold_param="softplus")
+
+
+def test_encode_decode_match_the_formulas():
+    model, p = _init()
+    rng = np.random.default_rng(0)
+    p = {k: jnp.asarray(rng.standard_normal(v.shape).astype(np.float32) * 0.3) for k, v in p.items()}
+    x = rng.standard_normal((5, 12)).astype(np.float32)
+    theta = np.exp(np.asarray(p["log_threshold"]))
+    z = (x - np.asarray(p["b_dec"])) @ np.asarray(p["W_enc"]) + np.asarray(p["b_enc"])
+    f = np.where(z > theta, z, 0.0)
+    out = model.apply({"params": p}, x)
+    np.testing.assert_allclose(out["f"], f, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["x_hat"], f @ np.asarray(p["W_dec"]) + np.asarray(p["b_dec"]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out["fired"], (z > theta).astype(np.float32))
+
+
+@pytest.mark.parametrize("pre_encoder_bias", [True, False])
+def test_folded_and_unfolded_forms_agree(pre_encoder_bias):
+    model, p = _init(pre_encoder_bias=pre_encoder_bias)
+    rng = np.random.default_rng(1)
+    p = {k: jnp.asarray(rng.standard_normal(v.shape).astype(np.float32) * 0.2) for k, v in p.items()}
+    c = 7.5
+    x_raw = rng.standard_normal((64, 12)).astype(np.float32) * c
+    out = model.apply({"params": p}, x_raw / c)
+    fp = fold(p, c, pre_encoder_bias)
+    z_raw = x_raw @ fp["W_enc"] + fp["b_enc"]
+    f_raw = ops.jumprelu(z_raw, fp["threshold"], 1.0)
+    x_hat_raw = f_raw @ fp["W_dec"] + fp["b_dec"]
+    np.testing.assert_allclose(f_raw, c * out["f"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(x_hat_raw, c * out["x_hat"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(f_raw) > 0, np.asarray(out["f"]) > 0)
+
+
+def test_constrain_normalises_rows_and_keeps_raw_threshold_positive():
+    p = {"W_dec": jnp.array([[3.0, 4.0], [0.0, 2.0]]), "threshold": jnp.array([-1.0, 0.5])}
+    q = constrain(p)
+    np.testing.assert_allclose(q["W_dec"], [[0.6, 0.8], [0.0, 1.0]])
+    assert q["threshold"][0] > 0 and q["threshold"][1] == 0.5

@@ -1,0 +1,152 @@
+"""The real training entry point on a tiny config: it learns, checkpoints, resumes, loads."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jumprelu
+from jumprelu import sae as sae_lib
+from jumprelu.checkpoint import Checkpointer
+from jumprelu.config import ConfigError
+from jumprelu.data import DataError
+from jumprelu.train import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_FLAGS = [
+    "--config.data.synthetic.d_model=32", "--config.data.synthetic.num_features=48",
+    "--config.data.synthetic.rows=4096", "--config.data.eval_rows=512", "--config.data.scale_sample_rows=2048",
+    "--config.sae.width=64", "--config.sae.sparsity_coefficient=0.01", "--config.sae.threshold_init=0.05",
+    "--config.train.batch_size=128", "--config.train.lr=0.003", "--config.train.lr_warmup_steps=10",
+    "--config.train.sparsity_warmup_steps=20", "--config.ckpt.every_steps=20", "--config.log.every_steps=5",
+    "--config.log.progress=False",
+]
+
+
+def run_main(workdir, *extra):
+    cmd = [sys.executable, "-m", "jumprelu.main", "--config", "experiments/quickstart.py", "--workdir", str(workdir)]
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    return subprocess.run(cmd + TINY_FLAGS + list(extra), cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def read_jsonl(path):
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_main_trains_checkpoints_and_resumes(tmp_path):
+    wd = tmp_path / "run"
+    first = run_main(wd, "--config.train.steps=60")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "checkpoint:" in first.stdout and "true features recovered" in first.stdout
+    records = read_jsonl(wd / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(5, 61, 5))
+    assert records[-1]["mse"] < 0.5 * records[0]["mse"]  # it learns
+    assert Checkpointer(str(wd), keep=3, read_only=True).latest_step() == 60
+    assert (wd / "training_curves.png").stat().st_size > 1000
+
+    second = run_main(wd, "--config.train.steps=80")  # same workdir: resumes at 60
+    assert second.returncode == 0, second.stderr[-3000:]
+    report = json.loads((wd / "report.json").read_text())
+    assert report["resumed_from_step"] == 60 and report["steps"] == 80
+    steps = [r["step"] for r in read_jsonl(wd / "metrics.jsonl")]
+    assert steps == list(range(5, 81, 5))  # continued at the right step, no duplicates
+    assert Checkpointer(str(wd), keep=3, read_only=True).latest_step() == 80
+
+
+def test_resume_continues_exactly(tmp_path, tiny_config):
+    """40 steps straight == 20 steps, stop, 20 more from the checkpoint: bit-identical."""
+    straight = train(tiny_config, str(tmp_path / "a"))
+    tiny_config.train.steps = 20
+    train(tiny_config, str(tmp_path / "b"))
+    tiny_config.train.steps = 40
+    resumed = train(tiny_config, str(tmp_path / "b"))
+    assert resumed["resumed_from_step"] == 20
+    a, b = jumprelu.load(str(tmp_path / "a")), jumprelu.load(str(tmp_path / "b"))
+    for k, v in a.params().items():
+        np.testing.assert_array_equal(v, b.params()[k], err_msg=k)
+    assert straight["eval"] == resumed["eval"]
+
+
+def test_load_reproduces_training_time_reconstruction(tmp_path, tiny_config):
+    wd = str(tmp_path / "run")
+    train(tiny_config, wd)
+    sae = jumprelu.load(wd)
+    assert (sae.d_model, sae.width, sae.step) == (32, 64, 40)
+    # Training-time forward pass, straight from the checkpoint, in normalised units.
+    ckpt = Checkpointer(wd, keep=1, read_only=True)
+    model = sae_lib.JumpReLUSAE(d_model=32, width=64, threshold_init=0.05)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32)))["params"]
+    params, scale = ckpt.restore_sae(abstract, jax.ShapeDtypeStruct((), jnp.float32))
+    x = np.random.default_rng(0).standard_normal((100, 32)).astype(np.float32) * float(scale)
+    out = model.apply({"params": params}, x / scale)
+    np.testing.assert_allclose(sae(x), out["x_hat"] * scale, rtol=1e-4, atol=1e-4 * float(scale))
+    np.testing.assert_allclose(sae.encode(x), out["f"] * scale, rtol=1e-4, atol=1e-4 * float(scale))
+    np.testing.assert_allclose(sae.decode(sae.encode(x)), sae(x))
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        jumprelu.load(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("sae.sparsity_coefficient", -1.0, "sae.sparsity_coefficient must be >= 0"),
+        ("sae.bandwidth", -0.001, "sae.bandwidth must be > 0"),
+        ("sae.bandwidth", 0.0, "sae.bandwidth must be > 0"),
+        ("sae.width", 0, "sae.width must be a positive integer"),
+        ("train.batch_size", -4, "train.batch_size must be a positive integer"),
+        ("train.batch_size", 0, "train.batch_size must be a positive integer"),
+        ("mesh.data", 16, "exceeds the 8 available devices"),
+        ("sae.width", 63, "sae.width=63 is not divisible by mesh.model=2"),
+    ],
+)
+def test_bad_config_fails_before_training(tmp_path, tiny_config, field, value, message):
+    section, key = field.split(".")
+    tiny_config[section][key] = value
+    if field == "sae.width" and value == 63:
+        tiny_config.mesh.model = 2
+    with pytest.raises(ConfigError, match=message) as e:
+        train(tiny_config, str(tmp_path / "run"))
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_data_file_fails_before_training(tmp_path, tiny_config):
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((10, 4, 4), np.float32))
+    tiny_config.data.source = str(bad)
+    with pytest.raises(DataError, match="bad.npy: expected shape"):
+        train(tiny_config, str(tmp_path / "run"))
+
+
+def test_main_prints_one_line_errors(tmp_path):
+    r = run_main(tmp_path / "run", "--config.sae.bandwidth=-1")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "jumprelu: error: config field sae.bandwidth must be > 0, found -1.0"
+    np.save(tmp_path / "nan.npy", np.full((20, 3), np.nan, np.float32))
+    r = run_main(tmp_path / "run", f"--config.data.source={tmp_path / 'nan.npy'}")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "nan.npy: 20 rows hold NaN or Inf" in r.stderr
+
+
+def test_resume_with_a_different_width_is_refused(tmp_path, tiny_config):
+    train(tiny_config, str(tmp_path / "run"))
+    tiny_config.sae.width = 128
+    with pytest.raises(ConfigError, match="sae.width is 128 but the checkpoint .* was trained with 64"):
+        train(tiny_config, str(tmp_path / "run"))
+
+
+def test_npy_source_trains(tmp_path, tiny_config):
+    rows = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float16) * 50
+    np.save(tmp_path / "acts.npy", rows)
+    tiny_config.data.source = str(tmp_path / "acts.npy")
+    tiny_config.train.steps = 10
+    r = train(tiny_config, str(tmp_path / "run"))
+    assert r["steps"] == 10 and "features_recovered" not in r
+    np.testing.assert_allclose(r["scale"], np.sqrt(np.mean(np.sum(rows.astype(np.float64) ** 2, 1))), rtol=0.05)
