@@ -13,17 +13,22 @@ import jax
 import jax.numpy as jnp
 
 
-def reconstruction_metrics(x: jax.Array, x_hat: jax.Array, fired: jax.Array) -> dict[str, jax.Array]:
-    """Batch statistics shared by every SAE kind. x, x_hat: [B, d]; fired: [B, M] in {0,1}."""
+def reconstruction_metrics(
+    x: jax.Array, x_hat: jax.Array, l0: jax.Array, fired_per_latent: jax.Array
+) -> dict[str, jax.Array]:
+    """Batch statistics shared by every SAE kind.
+
+    x, x_hat: [B, d]; l0: [B] active latents per row; fired_per_latent: [M] counts.
+    """
+    x, x_hat, l0 = (jax.lax.stop_gradient(a) for a in (x, x_hat, l0))
     sq_err = jnp.sum(jnp.square(x - x_hat), axis=-1)  # [B]
     centred = x - jnp.mean(x, axis=0, keepdims=True)
     total_var = jnp.sum(jnp.square(centred))
-    fired = jax.lax.stop_gradient(fired)
     return {
         "mse": jnp.mean(sq_err),
-        "l0": jnp.mean(jnp.sum(fired, axis=-1)),
+        "l0": jnp.mean(l0),
         "fvu": jnp.sum(sq_err) / jnp.maximum(total_var, 1e-30),
-        "frac_fired": jnp.mean(jnp.max(fired, axis=0)),
+        "frac_fired": jnp.mean((fired_per_latent > 0).astype(jnp.float32)),
     }
 
 
@@ -33,8 +38,7 @@ def jumprelu_loss(
     """x: [B, d_model] normalised activations. Returns (loss, metrics)."""
     out = model.apply({"params": params}, x)
     sq_err = jnp.sum(jnp.square(x - out["x_hat"]), axis=-1)  # [B]
-    l0 = jnp.sum(out["fired"], axis=-1)  # [B], differentiable w.r.t. θ only
-    loss = jnp.mean(sq_err + sparsity_coefficient * l0)
-    metrics = reconstruction_metrics(x, out["x_hat"], out["fired"])
+    loss = jnp.mean(sq_err + sparsity_coefficient * out["l0"])  # l0 trains θ only
+    metrics = reconstruction_metrics(x, out["x_hat"], out["l0"], out["fired_per_latent"])
     metrics["loss"] = loss
     return loss, metrics

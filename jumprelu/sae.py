@@ -89,12 +89,18 @@ class JumpReLUSAE(nn.Module):
         return x_hat + self.b_dec
 
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
-        """Everything the loss needs: z, the fired mask H(z-θ) (straight-through), f, x̂."""
+        """What the loss needs. x: [B, d] -> z, f: [B, M]; l0: [B] (straight-through
+        w.r.t. θ); fired_per_latent: [M] counts (metrics only); x_hat: [B, d]."""
         z = self.pre_activations(x)
         theta = self.threshold()
-        f = ops.jumprelu(z, theta, self.bandwidth)
-        fired = ops.step(z, theta, self.bandwidth)
-        return {"z": z, "f": f, "fired": fired, "x_hat": self.decode(f)}
+        f, l0 = ops.jumprelu_l0(z, theta, self.bandwidth)
+        return {
+            "z": z,
+            "f": f,
+            "l0": l0,
+            "fired_per_latent": ops.fired_per_latent(z, theta),
+            "x_hat": self.decode(f),
+        }
 
 
 def threshold_of(params: dict) -> jax.Array:

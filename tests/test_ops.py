@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jumprelu.ops import jumprelu, rectangle, step
+from jumprelu.ops import fired_per_latent, jumprelu, jumprelu_l0, rectangle, step
 
 # θ = 1, ε = 0.5: the kernel window is the open interval (0.75, 1.25). Every value is
 # exactly representable, so the points on the window's edges are exactly on them.
@@ -91,3 +91,36 @@ def test_threshold_cotangent_keeps_float32_with_bf16_inputs():
     theta = jnp.full((4,), 1.0, jnp.float32)
     g = jax.grad(lambda t: jnp.sum(jumprelu(z, t, EPS).astype(jnp.float32)))(theta)
     assert g.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("rows", [6, 1024])  # 1024 rows takes the chunked path on CPU
+def test_fused_jumprelu_l0_matches_the_separate_ops(rows):
+    rng = np.random.default_rng(2)
+    z = rng.choice(np.array(Z_VALUES, np.float32), size=(rows, 4)) + rng.uniform(-0.3, 0.3, (rows, 4)).astype(np.float32)
+    g = rng.standard_normal((rows, 4)).astype(np.float32)
+    lam = 0.3
+
+    def fused(z_, t_):
+        f, l0 = jumprelu_l0(z_, t_, EPS)
+        return jnp.sum(f * g) + lam * jnp.sum(l0)
+
+    def separate(z_, t_):
+        return jnp.sum(jumprelu(z_, t_, EPS) * g) + lam * jnp.sum(step(z_, t_, EPS))
+
+    got = jax.jit(jax.grad(fused, argnums=(0, 1)))(z, THETA)
+    want = jax.grad(separate, argnums=(0, 1))(z, THETA)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
+    f, l0 = jumprelu_l0(z, THETA, EPS)
+    np.testing.assert_array_equal(l0, (z > THETA).sum(-1))
+    np.testing.assert_array_equal(fired_per_latent(z, THETA), (z > THETA).sum(0))
+
+
+def test_chunked_theta_cotangent_matches_hand_sum():
+    """The chunked CPU reduction (rows a multiple of 256) gives the hand-summed answer."""
+    rng = np.random.default_rng(3)
+    z = rng.choice(np.array(Z_VALUES, np.float32), size=(2, 512, 4))
+    g = rng.standard_normal((2, 512, 4)).astype(np.float32)
+    gth = jax.grad(lambda t: jnp.sum(jumprelu(z, t, EPS) * g))(THETA)
+    _, want = hand_grads(z, THETA, g, "jumprelu")
+    np.testing.assert_allclose(gth, want, rtol=1e-5, atol=1e-4)

@@ -44,7 +44,8 @@ def test_encode_decode_match_the_formulas():
     out = model.apply({"params": p}, x)
     np.testing.assert_allclose(out["f"], f, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["x_hat"], f @ np.asarray(p["W_dec"]) + np.asarray(p["b_dec"]), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(out["fired"], (z > theta).astype(np.float32))
+    np.testing.assert_array_equal(out["l0"], (z > theta).sum(-1))
+    np.testing.assert_array_equal(out["fired_per_latent"], (z > theta).sum(0))
 
 
 @pytest.mark.parametrize("pre_encoder_bias", [True, False])
