@@ -62,7 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
         clip_grad_norm=0.0,  # 0 = off (the papers clip nothing)
     )
 
-    c.mesh = dict(data=1, model=1)
+    # distributed: call jax.distributed.initialize() (multi-host pods); also $JUMPRELU_DISTRIBUTED=1.
+    c.mesh = dict(data=1, model=1, distributed=False)
     c.ckpt = dict(every_steps=1000, keep=3)
     c.log = dict(every_steps=50, progress=True)
     return c

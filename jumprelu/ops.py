@@ -41,11 +41,15 @@ def _kernel_window(z, threshold, bandwidth):
 # for a [B, M] operand that fresh buffer costs more than the arithmetic. Processing
 # row blocks inside a loop keeps every temporary small, so each [B, M] array is read
 # once and written once. Other backends fuse producers into reductions, so they take
-# the whole array in one block.
+# the whole array in one block, and so does a step partitioned over a multi-device mesh
+# (blocking there would split the one [B, d] all-reduce into one per block).
 _BLOCK_ROWS = 256
 
 
 def _num_blocks(z: jax.Array, threshold: jax.Array) -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        return 1
     rows = math.prod(z.shape[:-1])
     if jax.default_backend() == "cpu" and threshold.ndim <= 1 and rows >= 2 * _BLOCK_ROWS and rows % _BLOCK_ROWS == 0:
         return rows // _BLOCK_ROWS

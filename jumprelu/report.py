@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import numpy as np
 
 from jumprelu import data as data_lib
+from jumprelu import distributed
 from jumprelu.checkpoint import checkpoint_dir
 from jumprelu.data import synthetic
 from jumprelu.evaluate import evaluate_rows
@@ -18,8 +18,8 @@ from jumprelu.plots import plot_training_curves
 
 
 def final_report(cfg, workdir: str, state, source, start_step: int) -> dict:
-    params = jax.device_get(state.params)
-    folded = fold(params, jax.device_get(state.scale), cfg.sae.pre_encoder_bias)
+    params, scale = distributed.to_host((state.params, state.scale))
+    folded = fold(params, scale, cfg.sae.pre_encoder_bias)
     folded = {k: np.asarray(v) for k, v in folded.items()}
     eval_rows = source.eval_set()
     metrics = evaluate_rows(folded, eval_rows) if len(eval_rows) else {}
@@ -29,7 +29,7 @@ def final_report(cfg, workdir: str, state, source, start_step: int) -> dict:
         "steps": steps,
         "tokens": steps * cfg.train.batch_size,
         "resumed_from_step": start_step,
-        "scale": float(state.scale),
+        "scale": float(scale),
         "eval": metrics,
         "checkpoint": os.path.join(checkpoint_dir(workdir), str(steps)),
         "workdir": os.path.abspath(workdir),
@@ -38,6 +38,8 @@ def final_report(cfg, workdir: str, state, source, start_step: int) -> dict:
     if truth is not None:
         out["features_recovered"] = synthetic.features_recovered(params["W_dec"], truth)
         out["true_features"] = int(truth.shape[0])
+    if not distributed.is_lead():  # every process evaluates; only the lead writes
+        return out
     records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
     if records:
         curves = os.path.join(workdir, "training_curves.png")

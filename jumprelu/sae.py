@@ -71,12 +71,18 @@ class JumpReLUSAE(nn.Module):
         return self.raw_threshold
 
     def pre_activations(self, x: jax.Array) -> jax.Array:
-        """z = (x - b_dec) W_enc + b_enc. x: [..., d_model] -> [..., width]."""
-        if self.pre_encoder_bias:
-            x = x - self.b_dec
+        """z = (x - b_dec) W_enc + b_enc. x: [..., d_model] -> [..., width].
+
+        Computed as x W_enc + (b_enc - b_dec W_enc): the same value, but the gradient
+        of b_dec then sums ∂z over the batch before one mat-vec, instead of a sixth
+        [B, M] x [M, d] product (and, sharded, an all-reduce of [d], not of [B, d]).
+        """
         dt = self.compute_dtype
         z = jnp.matmul(x.astype(dt), self.W_enc.astype(dt), preferred_element_type=jnp.float32)
-        return z + self.b_enc
+        bias = self.b_enc
+        if self.pre_encoder_bias:
+            bias = bias - jnp.matmul(self.b_dec, self.W_enc, preferred_element_type=jnp.float32)
+        return z + bias
 
     def encode(self, x: jax.Array) -> jax.Array:
         """f = JumpReLU_θ(z). x: [..., d_model] -> f: [..., width]."""

@@ -84,9 +84,12 @@ class ArraySource:
             out[sel] = self._epoch_order(int(e))[offsets[sel]]
         return out
 
-    def batch(self, step: int, batch_size: int) -> np.ndarray:
-        """Training batch `step`: [batch_size, d_model] float32."""
-        return np.asarray(self.rows[self.batch_indices(step, batch_size)], np.float32)
+    def batch(self, step: int, batch_size: int, part: slice = slice(None)) -> np.ndarray:
+        """Rows `part` of training batch `step` (all of it by default): [n, d_model] float32.
+
+        Each process of a multi-host run reads only its own part of the global batch.
+        """
+        return np.asarray(self.rows[self.batch_indices(step, batch_size)[part]], np.float32)
 
     def eval_set(self) -> np.ndarray:
         """The held-out rows: [eval_rows, d_model] float32."""

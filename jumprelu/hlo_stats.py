@@ -1,0 +1,61 @@
+"""Collectives in a compiled XLA program: kind, operand shapes, bytes, replica group size."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_LINE = re.compile(r"=\s*(?P<shapes>\(.*?\)|\S+)\s+(?P<kind>" + "|".join(_KINDS) + r")(?:-start)?\(")
+_SHAPE = re.compile(r"(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[(?P<dims>[^\]]*)\](?:, device_ids=\S+)? \{(?P<axes>[^}]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(?P<groups>\d+),(?P<size>\d+)\]<=")
+_LIST_GROUPS = re.compile(r"replica_groups=\{\{(?P<first>[\d,]*)\}")
+_BYTES = {"f64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1, "s64": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    kind: str
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, dims) per operand
+    line: str
+
+    @property
+    def group_size(self) -> int:
+        """Devices taking part in each instance of the op (1 = no communication)."""
+        if m := _MESH_GROUPS.search(self.line):
+            dims = dict(re.findall(r"'(\w+)'=(\d+)", m["dims"]))
+            return math.prod(int(dims[a]) for a in re.findall(r"'(\w+)'", m["axes"]))
+        if m := _IOTA_GROUPS.search(self.line):
+            return int(m["size"])
+        if m := _LIST_GROUPS.search(self.line):
+            return len(m["first"].split(","))
+        return 1
+
+    @property
+    def bytes(self) -> int:
+        return sum(_BYTES.get(dt, 4) * math.prod(dims) for dt, dims in self.shapes)
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """Every collective op of the program (the async `-done` halves are not counted)."""
+    found = []
+    for line in hlo_text.splitlines():
+        m = _LINE.search(line)
+        if not m:
+            continue
+        shapes = tuple(
+            (s["dtype"], tuple(int(d) for d in s["dims"].split(",") if d)) for s in _SHAPE.finditer(m["shapes"])
+        )
+        found.append(Collective(m["kind"], shapes, line.strip()))
+    return found
+
+
+def ring_bytes_per_device(c: Collective) -> float:
+    """Bytes each device sends for a bandwidth-optimal ring implementation of `c`."""
+    n = c.group_size
+    if n <= 1:
+        return 0.0
+    frac = (n - 1) / n
+    return (2 * frac if c.kind == "all-reduce" else frac) * c.bytes

@@ -1,0 +1,51 @@
+"""The compiled train program: model, optimizer, abstract sharded state, AOT-compiled step.
+
+Training and the scale planner build the step through the same function, so what the
+planner measures (memory, FLOPs, collectives) is the program that trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from jumprelu import optim, sae, sharding
+from jumprelu import state as state_lib
+from jumprelu.step import make_train_step
+
+
+@dataclasses.dataclass
+class Program:
+    model: sae.JumpReLUSAE
+    tx: object
+    mesh: Mesh
+    abstract_state: state_lib.TrainState  # ShapeDtypeStructs with NamedShardings
+    batch_sharding: NamedSharding
+    step: jax.stages.Compiled  # (state, batch [B, d]) -> (state, metrics); state donated
+
+
+def build(cfg, d_model: int, mesh: Mesh) -> Program:
+    """Checks the layout against the mesh, then lowers and compiles the step once."""
+    sharding.check_width(mesh, cfg.sae.width)
+    sharding.check_batch(mesh, cfg.train.batch_size)
+    model = sae.from_config(cfg.sae, d_model)
+    tx = optim.make_optimizer(cfg.train)
+    abstract = state_lib.with_shardings(mesh, state_lib.abstract_state(model, tx))
+    batch_sharding = sharding.batch_sharding(mesh)
+    step_fn = make_train_step(
+        model, tx, optim.sparsity_schedule(cfg.train, cfg.sae.sparsity_coefficient),
+        optim.learning_rate_schedule(cfg.train),
+    )
+    state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, d_model), np.float32, sharding=batch_sharding)
+    with jax.set_mesh(mesh):
+        compiled = (
+            jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                    out_shardings=(state_shardings, NamedSharding(mesh, sharding.REPLICATED)), donate_argnums=0)
+            .lower(abstract, batch)
+            .compile()
+        )
+    return Program(model, tx, mesh, abstract, batch_sharding, compiled)
