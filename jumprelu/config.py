@@ -108,6 +108,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _check(g.d_model > 0, "data.synthetic.d_model", "> 0", g.d_model)
         _check(g.num_features > 0, "data.synthetic.num_features", "> 0", g.num_features)
         _check(g.rows > d.eval_rows, "data.synthetic.rows", f"> data.eval_rows ({d.eval_rows})", g.rows)
-        _check(0 < g.features_per_token <= g.num_features, "data.synthetic.features_per_token",
-               "in (0, num_features]", g.features_per_token)
+        _check(
+            0 < g.features_per_token <= g.num_features,
+            "data.synthetic.features_per_token",
+            "in (0, num_features]",
+            g.features_per_token,
+        )
         _check(g.noise_std >= 0, "data.synthetic.noise_std", ">= 0", g.noise_std)

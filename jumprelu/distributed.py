@@ -19,10 +19,22 @@ ENV_SWITCH = "JUMPRELU_DISTRIBUTED"
 def maybe_initialize(mesh_cfg) -> None:
     """`jax.distributed.initialize()` when `mesh.distributed` or $JUMPRELU_DISTRIBUTED=1.
 
-    Must run before anything touches a JAX device. On Cloud TPU the coordinator,
-    process count and index are discovered from the environment.
+    Must run before anything touches a JAX device. On Cloud TPU (and SLURM, ...) the
+    coordinator, process count and index are discovered; elsewhere set
+    $JUMPRELU_COORDINATOR (host:port), $JUMPRELU_NUM_PROCESSES and $JUMPRELU_PROCESS_ID.
     """
-    if mesh_cfg.get("distributed", False) or os.environ.get(ENV_SWITCH, "") == "1":
+    if not (mesh_cfg.get("distributed", False) or os.environ.get(ENV_SWITCH, "") == "1"):
+        return
+    explicit = {
+        "coordinator_address": os.environ.get("JUMPRELU_COORDINATOR"),
+        "num_processes": os.environ.get("JUMPRELU_NUM_PROCESSES"),
+        "process_id": os.environ.get("JUMPRELU_PROCESS_ID"),
+    }
+    if all(v is not None for v in explicit.values()):
+        explicit["num_processes"] = int(explicit["num_processes"])
+        explicit["process_id"] = int(explicit["process_id"])
+        jax.distributed.initialize(**explicit)
+    else:
         jax.distributed.initialize()
 
 

@@ -52,8 +52,9 @@ class Progress:
 
     def __init__(self, total_steps: int, start_step: int, batch_size: int, enabled: bool):
         self.batch_size = batch_size
-        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not enabled,
-                         dynamic_ncols=True, mininterval=0.5)
+        self._bar = tqdm(
+            total=total_steps, initial=start_step, unit="step", disable=not enabled, dynamic_ncols=True, mininterval=0.5
+        )
         self._last_step, self._last_time = start_step, time.perf_counter()
 
     def update(self, step: int, metrics: dict | None = None) -> float:

@@ -10,7 +10,7 @@ to the row is projected out; after the update the rows are renormalised
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

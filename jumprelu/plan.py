@@ -73,7 +73,9 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
     mesh = sharding.make_mesh(cfg.mesh, devices)
     prog = program.build(cfg, d_model, mesh)
     mem = prog.step.memory_analysis()
-    per_device = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    per_device = (
+        mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    )
     cost = prog.step.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops_device = float(cost.get("flops", 0.0))
@@ -81,7 +83,10 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
     B, M, n = cfg.train.batch_size, cfg.sae.width, topo["devices"]
     out = {
         **topo,
-        "d_model": d_model, "width": M, "batch": B, "mesh": dict(mesh.shape),
+        "d_model": d_model,
+        "width": M,
+        "batch": B,
+        "mesh": dict(mesh.shape),
         "per_device_gib": {
             "total": per_device / 2**30,
             "arguments": mem.argument_size_in_bytes / 2**30,
@@ -90,7 +95,12 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
         "flops_per_step": flops_device * n,
         "model_flops_12BdM": 12.0 * B * d_model * M,
         "collectives": [
-            {"kind": c.kind, "shapes": [f"{dt}{list(d)}" for dt, d in c.shapes], "bytes": c.bytes, "group": c.group_size}
+            {
+                "kind": c.kind,
+                "shapes": [f"{dt}{list(d)}" for dt, d in c.shapes],
+                "bytes": c.bytes,
+                "group": c.group_size,
+            }
             for c in colls
         ],
     }
@@ -103,7 +113,9 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
         compute_s = flops_device / (topo["peak_tflops"] * 1e12 * matmul_efficiency)
         step_s = compute_s + comm_s
         out.update(
-            compute_ms=1e3 * compute_s, collective_ms=1e3 * comm_s, step_ms_estimate=1e3 * step_s,
+            compute_ms=1e3 * compute_s,
+            collective_ms=1e3 * comm_s,
+            step_ms_estimate=1e3 * step_s,
             # MFU in Gemma Scope's convention (12·B·d·M per step). This step needs only
             # 10·B·d·M (no gradient for the input), so this can pass 100%; hfu counts
             # the FLOPs the compiled program really performs.
@@ -119,12 +131,15 @@ def summary(r: dict) -> str:
     lines = [
         f"{r['topology']}: {r['devices']} devices, mesh {r['mesh']}, d_model {r['d_model']}, width {r['width']:,}, "
         f"batch {r['batch']:,}",
-        f"  memory per device: {gib['total']:.2f} GiB (state {gib['arguments']:.2f}, temporaries {gib['temporaries']:.2f})"
+        f"  memory per device: {gib['total']:.2f} GiB "
+        f"(state {gib['arguments']:.2f}, temporaries {gib['temporaries']:.2f})"
         + (f" of {r['hbm_gib']} GiB HBM -> {'fits' if r['fits_hbm'] else 'DOES NOT FIT'}" if "fits_hbm" in r else ""),
         f"  FLOPs per step: {r['flops_per_step'] / 1e12:.2f} T (12·B·d·M = {r['model_flops_12BdM'] / 1e12:.2f} T)",
     ]
     for c in r["collectives"]:
-        lines.append(f"  {c['kind']} over {c['group']} devices: {', '.join(c['shapes'])} ({c['bytes'] / 2**20:.2f} MiB)")
+        lines.append(
+            f"  {c['kind']} over {c['group']} devices: {', '.join(c['shapes'])} ({c['bytes'] / 2**20:.2f} MiB)"
+        )
     if not r["collectives"]:
         lines.append("  no collectives")
     if "step_ms_estimate" in r:
@@ -148,7 +163,9 @@ def main(argv):
             topo[key] = flag.value
     # Fake CPU devices, set before the JAX backend starts (nothing runs on them).
     os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={topo['devices']}"
+    os.environ["XLA_FLAGS"] = (
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={topo['devices']}"
+    )
     from jumprelu.config import ConfigError, validate
 
     try:

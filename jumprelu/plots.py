@@ -18,7 +18,7 @@ PANELS = (
 def plot_training_curves(records: list[dict], path: str, title: str = "") -> None:
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
     steps = [r["step"] for r in records]
-    for ax, (key, label, yscale) in zip(axes, PANELS):
+    for ax, (key, label, yscale) in zip(axes, PANELS, strict=True):
         ax.plot(steps, [r[key] for r in records], lw=1.2)
         ax.set_xlabel("step")
         ax.set_title(label, fontsize=10)

@@ -36,15 +36,21 @@ def build(cfg, d_model: int, mesh: Mesh) -> Program:
     abstract = state_lib.with_shardings(mesh, state_lib.abstract_state(model, tx))
     batch_sharding = sharding.batch_sharding(mesh)
     step_fn = make_train_step(
-        model, tx, optim.sparsity_schedule(cfg.train, cfg.sae.sparsity_coefficient),
+        model,
+        tx,
+        optim.sparsity_schedule(cfg.train, cfg.sae.sparsity_coefficient),
         optim.learning_rate_schedule(cfg.train),
     )
     state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, d_model), np.float32, sharding=batch_sharding)
     with jax.set_mesh(mesh):
         compiled = (
-            jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                    out_shardings=(state_shardings, NamedSharding(mesh, sharding.REPLICATED)), donate_argnums=0)
+            jax.jit(
+                step_fn,
+                in_shardings=(state_shardings, batch_sharding),
+                out_shardings=(state_shardings, NamedSharding(mesh, sharding.REPLICATED)),
+                donate_argnums=0,
+            )
             .lower(abstract, batch)
             .compile()
         )

@@ -60,7 +60,9 @@ def format_report(r: dict) -> str:
     if "features_recovered" in r:
         n = r["true_features"]
         k = round(r["features_recovered"] * n)
-        lines.append(f"  true features recovered (decoder row at cosine >= 0.9): {k}/{n} = {100 * r['features_recovered']:.1f}%")
+        lines.append(
+            f"  true features recovered (decoder row at cosine >= 0.9): {k}/{n} = {100 * r['features_recovered']:.1f}%"
+        )
     lines.append(f"  checkpoint: {r['checkpoint']}")
     lines.append(f"  load it:    import jumprelu; sae = jumprelu.load({r['workdir']!r})")
     if "curves" in r:

@@ -58,9 +58,7 @@ class JumpReLUSAE(nn.Module):
             init = math.log(self.threshold_init)
             self.log_threshold = self.param("log_threshold", nn.initializers.constant(init), (self.width,))
         elif self.threshold_param == "raw":
-            self.raw_threshold = self.param(
-                "threshold", nn.initializers.constant(self.threshold_init), (self.width,)
-            )
+            self.raw_threshold = self.param("threshold", nn.initializers.constant(self.threshold_init), (self.width,))
         else:
             raise ValueError(f"sae.threshold_param must be one of {THRESHOLD_PARAMS}, got {self.threshold_param!r}")
 

@@ -90,4 +90,3 @@ def tree_shardings(mesh: Mesh, tree):
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, BATCH_SPEC)
-

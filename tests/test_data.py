@@ -74,8 +74,9 @@ def test_d_model_mismatch_and_unknown_source(tmp_path):
 
 
 def test_synthetic_data_has_the_requested_statistics():
-    spec = synthetic.SyntheticSpec(d_model=32, num_features=64, rows=20000, features_per_token=4.0, noise_std=0.0,
-                                   mean_norm=0.0)
+    spec = synthetic.SyntheticSpec(
+        d_model=32, num_features=64, rows=20000, features_per_token=4.0, noise_std=0.0, mean_norm=0.0
+    )
     p = synthetic.firing_probabilities(spec)
     np.testing.assert_allclose(p.sum(), 4.0, rtol=1e-6)
     assert p[0] > p[10] > p[-1]  # power law: common head, rare tail

@@ -96,7 +96,9 @@ def test_threshold_cotangent_keeps_float32_with_bf16_inputs():
 @pytest.mark.parametrize("rows", [6, 1024])  # 1024 rows takes the chunked path on CPU
 def test_fused_jumprelu_l0_matches_the_separate_ops(rows):
     rng = np.random.default_rng(2)
-    z = rng.choice(np.array(Z_VALUES, np.float32), size=(rows, 4)) + rng.uniform(-0.3, 0.3, (rows, 4)).astype(np.float32)
+    z = rng.choice(np.array(Z_VALUES, np.float32), size=(rows, 4)) + rng.uniform(-0.3, 0.3, (rows, 4)).astype(
+        np.float32
+    )
     g = rng.standard_normal((rows, 4)).astype(np.float32)
     lam = 0.3
 

@@ -85,7 +85,7 @@ def test_restore_onto_other_meshes_and_continue(tmp_path, mesh_config):
         prog = program.build(mesh_config, 32, mesh)
         restored = Checkpointer(wd, keep=1, read_only=True).restore_state(prog.abstract_state)
         assert restored.params["W_enc"].sharding.mesh.shape == {"data": shape[0], "model": shape[1]}
-        for got, want in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(reference)):
+        for got, want in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(reference), strict=True):
             np.testing.assert_array_equal(got, want)
         mesh_config.train.steps = 15
         report = train(mesh_config, wd)

@@ -19,11 +19,20 @@ from jumprelu.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = [
-    "--config.data.synthetic.d_model=32", "--config.data.synthetic.num_features=48",
-    "--config.data.synthetic.rows=4096", "--config.data.eval_rows=512", "--config.data.scale_sample_rows=2048",
-    "--config.sae.width=64", "--config.sae.sparsity_coefficient=0.01", "--config.sae.threshold_init=0.05",
-    "--config.train.batch_size=128", "--config.train.lr=0.003", "--config.train.lr_warmup_steps=10",
-    "--config.train.sparsity_warmup_steps=20", "--config.ckpt.every_steps=20", "--config.log.every_steps=5",
+    "--config.data.synthetic.d_model=32",
+    "--config.data.synthetic.num_features=48",
+    "--config.data.synthetic.rows=4096",
+    "--config.data.eval_rows=512",
+    "--config.data.scale_sample_rows=2048",
+    "--config.sae.width=64",
+    "--config.sae.sparsity_coefficient=0.01",
+    "--config.sae.threshold_init=0.05",
+    "--config.train.batch_size=128",
+    "--config.train.lr=0.003",
+    "--config.train.lr_warmup_steps=10",
+    "--config.train.sparsity_warmup_steps=20",
+    "--config.ckpt.every_steps=20",
+    "--config.log.every_steps=5",
     "--config.log.progress=False",
 ]
 
@@ -31,8 +40,9 @@ TINY_FLAGS = [
 def run_main(workdir, *extra):
     cmd = [sys.executable, "-m", "jumprelu.main", "--config", "experiments/quickstart.py", "--workdir", str(workdir)]
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    return subprocess.run(cmd + TINY_FLAGS + list(extra), cwd=ROOT, capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        cmd + TINY_FLAGS + list(extra), cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def read_jsonl(path):

@@ -29,7 +29,9 @@ def load_npy(path: str, chunk_rows: int = 65536) -> np.ndarray:
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"data.source {path}: not a readable .npy file ({e})") from None
     if rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
-        raise DataError(f"data.source {path}: expected shape [N, d_model] with N, d_model > 0, found {list(rows.shape)}")
+        raise DataError(
+            f"data.source {path}: expected shape [N, d_model] with N, d_model > 0, found {list(rows.shape)}"
+        )
     if not np.issubdtype(rows.dtype, np.floating):
         raise DataError(f"data.source {path}: expected float activations, found dtype {rows.dtype}")
     bad, first = 0, None

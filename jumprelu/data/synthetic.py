@@ -30,7 +30,7 @@ class SyntheticSpec:
     seed: int = 0
 
     @classmethod
-    def from_config(cls, cfg) -> "SyntheticSpec":
+    def from_config(cls, cfg) -> SyntheticSpec:
         return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls)})
 
 
