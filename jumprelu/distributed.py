@@ -1,7 +1,7 @@
 """Multi-host runs: initialisation, which process leads, and per-process batch slices.
 
-On a TPU pod slice every host runs the same command. Each process reads only its own
-rows of the global batch, and `jax.make_array_from_process_local_data` assembles the
+On a TPU pod slice every host runs the same command. Each process reads only the rows
+of the global batch that its devices hold, and `jax.make_array_from_process_local_data` assembles the
 global [B, d] array with the batch sharding. Only process 0 writes logs, metrics and
 reports; checkpoints are written collectively by orbax (every process calls save).
 """
@@ -42,11 +42,16 @@ def is_lead() -> bool:
     return jax.process_index() == 0
 
 
-def process_rows(batch_size: int) -> slice:
-    """This process's share of the global batch rows (contiguous, equal for all)."""
-    n, i = jax.process_count(), jax.process_index()
-    per = batch_size // n
-    return slice(i * per, (i + 1) * per)
+def process_rows(batch_sharding, batch_size: int, d_model: int) -> slice:
+    """The rows of the global batch that this process's devices hold under the sharding.
+
+    With the batch split over 'data' these are this process's share; where a process's
+    devices all sit on one 'data' index (e.g. a model-parallel mesh spanning hosts) a
+    process holds, and so must read, the whole batch.
+    """
+    index = batch_sharding.addressable_devices_indices_map((batch_size, d_model)).values()
+    rows = [idx[0].indices(batch_size) for idx in index]
+    return slice(min(r[0] for r in rows), max(r[1] for r in rows))
 
 
 def global_batch(local_rows: np.ndarray, sharding, batch_size: int) -> jax.Array:

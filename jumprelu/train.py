@@ -82,7 +82,7 @@ def _loop(cfg, workdir, prog, state, source, ckpt, start):
     lead = distributed.is_lead()
     metrics_log = MetricsLog(workdir, resume_step=start) if lead else None
     progress = Progress(total, start, batch_size, enabled=cfg.log.progress and lead)
-    my_rows = distributed.process_rows(batch_size)
+    my_rows = distributed.process_rows(prog.batch_sharding, batch_size, source.d_model)
     config_json = cfg.to_dict()
     t0 = time.perf_counter()
     for step in range(start, total):

@@ -1,4 +1,4 @@
-"""Two real processes (4 CPU devices each) train one SAE on a (2, 4) mesh over all 8.
+"""Two real processes (4 CPU devices each) train one SAE on a mesh over all 8 devices.
 
 Each process reads only its half of every global batch, only process 0 writes metrics,
 and orbax writes the checkpoint collectively. The result must match one process driving
@@ -12,11 +12,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import jumprelu
 from tests.test_train import ROOT, TINY_FLAGS
 
-MESH = ["--config.mesh.data=2", "--config.mesh.model=4", "--config.train.steps=12", "--config.ckpt.every_steps=6"]
+RUN = ["--config.train.steps=12", "--config.ckpt.every_steps=6"]
 
 
 def _free_port():
@@ -29,7 +30,9 @@ def _cmd(workdir):
     return [sys.executable, "-m", "jumprelu.main", "--config", "experiments/quickstart.py", "--workdir", str(workdir)]
 
 
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("mesh", [(2, 4), (1, 8)])  # (1, 8): every process must read the whole batch
+def test_two_processes_match_one(tmp_path, mesh):
+    flags = TINY_FLAGS + RUN + [f"--config.mesh.data={mesh[0]}", f"--config.mesh.model={mesh[1]}"]
     port = _free_port()
     procs = []
     for pid in range(2):
@@ -44,7 +47,7 @@ def test_two_processes_match_one(tmp_path):
         )
         procs.append(
             subprocess.Popen(
-                _cmd(tmp_path / "multi") + TINY_FLAGS + MESH,
+                _cmd(tmp_path / "multi") + flags,
                 cwd=ROOT,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -58,7 +61,7 @@ def test_two_processes_match_one(tmp_path):
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     single = subprocess.run(
-        _cmd(tmp_path / "single") + TINY_FLAGS + MESH, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        _cmd(tmp_path / "single") + flags, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert single.returncode == 0, single.stderr[-3000:]
 
