@@ -65,11 +65,12 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
     import jax
 
     from jumprelu import hlo_stats, program, sharding
+    from jumprelu.data import source_d_model
 
     devices = jax.devices()[: topo["devices"]]
     if len(devices) < topo["devices"]:
         raise ValueError(f"need {topo['devices']} devices, have {len(devices)}")
-    d_model = cfg.data.d_model if cfg.data.d_model is not None else cfg.data.synthetic.d_model
+    d_model = source_d_model(cfg.data)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     prog = program.build(cfg, d_model, mesh)
     mem = prog.step.memory_analysis()
@@ -167,11 +168,12 @@ def main(argv):
         f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={topo['devices']}"
     )
     from jumprelu.config import ConfigError, validate
+    from jumprelu.data import DataError
 
     try:
         validate(_CONFIG.value)
         r = plan(_CONFIG.value, topo, _EFF.value)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"jumprelu.plan: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(summary(r))

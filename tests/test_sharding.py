@@ -128,3 +128,9 @@ def test_planner_reports_memory_flops_and_collectives(mesh_config):
     assert 10 * B * d * M <= r["flops_per_step"] < 20 * B * d * M  # five [B,d,M] products + elementwise
     assert any(c["kind"] == "all-reduce" and c["shapes"] == [f"f32[{B}, {d}]"] for c in r["collectives"])
     assert r["step_ms_estimate"] > 0 and 0 < r["hfu_estimate"] <= 1
+
+
+def test_planner_reads_d_model_from_an_npy_source(tmp_path, mesh_config):
+    np.save(tmp_path / "acts.npy", np.zeros((16, 24), np.float16))
+    mesh_config.data.source = str(tmp_path / "acts.npy")
+    assert plan(_set_mesh(mesh_config, (8, 1)), parse_topology("8"))["d_model"] == 24
