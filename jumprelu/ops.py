@@ -71,7 +71,8 @@ def _by_row_blocks(fn, z, threshold, *extra):
     n = _num_blocks(z, threshold)
     blocks = [a.reshape(n, rows // n, a.shape[-1]) for a in (z, *extra)]
     if n == 1:
-        per_row, sums = fn(*(b[0] for b in blocks[:1]), theta, *(b[0] for b in blocks[1:]))
+        z_blk, *extra_blk = (b[0] for b in blocks)
+        per_row, sums = fn(z_blk, theta, *extra_blk)
     else:
         per_row, sums = jax.lax.map(lambda bs: fn(bs[0], theta, *bs[1:]), blocks)
         sums = jax.tree.map(lambda a: jnp.sum(a, axis=0), sums)
