@@ -4,6 +4,7 @@ A checkpoint directory `WORKDIR/checkpoints/<step>/` holds:
   sae     {"params": ..., "scale": C}   -- all a user needs (`jumprelu.load` reads only this)
   train   {"step": ..., "opt_state": ...}
   config  the resolved experiment config as JSON (with data.d_model filled in)
+  data    the data pipeline's iterator state, one JSON file per process (Grain's handler)
 Orbax writes each step to a temporary directory and renames it when complete, so a
 crash at any moment leaves the previous checkpoint loadable. Restores always go into
 an abstract target with shardings attached: restoring without one would return the
@@ -14,11 +15,14 @@ from __future__ import annotations
 
 import os
 
+import grain
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jumprelu.state import TrainState
 
-ITEMS = ("sae", "train", "config")
+ITEMS = ("sae", "train", "config", "data")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -36,12 +40,17 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, state: TrainState, config: dict) -> None:
-        """Starts an asynchronous save of `state` at its own step."""
+    def save(self, state: TrainState, config: dict, data_iterator) -> None:
+        """Starts an asynchronous save of `state` at its own step.
+
+        data_iterator: an object whose `get_state()` gives the pipeline's state as JSON bytes
+        (see `pipeline.IteratorSnapshot`).
+        """
         args = ocp.args.Composite(
             sae=ocp.args.StandardSave({"params": state.params, "scale": state.scale}),
             train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
             config=ocp.args.JsonSave(config),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
         )
         self._manager.save(int(state.step), args=args)
 
@@ -61,6 +70,16 @@ class Checkpointer:
         )
         sae, train = restored["sae"], restored["train"]
         return TrainState(step=train["step"], params=sae["params"], opt_state=train["opt_state"], scale=sae["scale"])
+
+    def restore_data(self, iterator, step: int | None = None) -> bool:
+        """Sets `iterator` to the pipeline state saved at `step`; False if this process has none
+        (the checkpoint came from a run with another process count)."""
+        step = self.latest_step() if step is None else step
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if not (epath.Path(self.directory) / str(step) / "data" / name).exists():
+            return False
+        self._manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)))
+        return True
 
     def restore_sae(self, abstract_params, abstract_scale, step: int | None = None) -> tuple[dict, object]:
         """Only the `sae` item: parameters and scale, without the optimizer state."""

@@ -30,13 +30,17 @@ def base_config() -> ml_collections.ConfigDict:
     )
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # "synthetic" or a path to a .npy file [N, d_model]
+    c.data.source = "synthetic"  # "synthetic" or an activation store directory (python -m jumprelu.store)
     c.data.d_model = config_dict.placeholder(int)  # read from the source; set only to assert
     c.data.normalize = True  # divide by C with E‖x/C‖² = 1 (paper)
-    c.data.scale = config_dict.placeholder(float)  # fixed C instead of estimating it
-    c.data.scale_sample_rows = 65536  # rows used to estimate C before training
+    c.data.scale = config_dict.placeholder(float)  # fixed C instead of the store's (computed at write time)
     c.data.eval_rows = 8192  # held out from training, used for the final report
     c.data.seed = 0  # shuffling and the held-out split
+    c.data.nonfinite = "fail"  # rows with NaN/Inf: "fail" at open, or "drop" them
+    c.data.verify = False  # re-read every row at open to count NaN/Inf (else trust the writer's count)
+    c.data.block_bytes = 1 << 19  # rows are read in contiguous pieces of about this size
+    c.data.read_threads = 2  # background threads reading batches
+    c.data.prefetch_batches = 4  # batches read ahead of the step
     c.data.synthetic = dict(
         d_model=128,
         num_features=256,  # true feature directions
@@ -95,7 +99,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(t.adam_eps > 0, "train.adam_eps", "> 0", t.adam_eps)
     _check(t.clip_grad_norm >= 0, "train.clip_grad_norm", ">= 0 (0 = off)", t.clip_grad_norm)
     _check(d.scale is None or d.scale > 0, "data.scale", "> 0 or unset", d.scale)
-    _check(d.scale_sample_rows > 0, "data.scale_sample_rows", "> 0", d.scale_sample_rows)
+    _check(d.nonfinite in ("fail", "drop"), "data.nonfinite", "'fail' or 'drop'", d.nonfinite)
+    _check(d.block_bytes > 0, "data.block_bytes", "> 0", d.block_bytes)
+    _check(d.read_threads >= 0, "data.read_threads", ">= 0", d.read_threads)
+    _check(d.prefetch_batches >= 0, "data.prefetch_batches", ">= 0", d.prefetch_batches)
     _check(d.eval_rows >= 0, "data.eval_rows", ">= 0", d.eval_rows)
     for axis in ("data", "model"):
         n = c.mesh[axis]

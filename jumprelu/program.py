@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from jumprelu import optim, sae, sharding
@@ -27,8 +27,12 @@ class Program:
     step: jax.stages.Compiled  # (state, batch [B, d]) -> (state, metrics); state donated
 
 
-def build(cfg, d_model: int, mesh: Mesh) -> Program:
-    """Checks the layout against the mesh, then lowers and compiles the step once."""
+def build(cfg, d_model: int, mesh: Mesh, batch_dtype: str = "float32") -> Program:
+    """Checks the layout against the mesh, then lowers and compiles the step once.
+
+    batch_dtype: the dtype batches arrive in (a bfloat16 store's rows go to the device as
+    bfloat16, halving the transfer; the step widens them to float32).
+    """
     sharding.check_width(mesh, cfg.sae.width)
     sharding.check_batch(mesh, cfg.train.batch_size)
     model = sae.from_config(cfg.sae, d_model)
@@ -42,7 +46,7 @@ def build(cfg, d_model: int, mesh: Mesh) -> Program:
         optim.learning_rate_schedule(cfg.train),
     )
     state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, d_model), np.float32, sharding=batch_sharding)
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, d_model), jnp.dtype(batch_dtype), sharding=batch_sharding)
     with jax.set_mesh(mesh):
         compiled = (
             jax.jit(

@@ -17,11 +17,11 @@ from jumprelu.metrics_log import atomic_write_text, read_metrics
 from jumprelu.plots import plot_training_curves
 
 
-def final_report(cfg, workdir: str, state, source, start_step: int) -> dict:
+def final_report(cfg, workdir: str, state, stream, start_step: int) -> dict:
     params, scale = distributed.to_host((state.params, state.scale))
     folded = fold(params, scale, cfg.sae.pre_encoder_bias)
     folded = {k: np.asarray(v) for k, v in folded.items()}
-    eval_rows = source.eval_set()
+    eval_rows = stream.eval_set()
     metrics = evaluate_rows(folded, eval_rows) if len(eval_rows) else {}
     metrics.pop("firing_frequency", None)
     steps = int(state.step)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 
 from jumprelu import losses, sae
@@ -22,7 +23,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: jax.Array):
         lam = sparsity(state.step)
-        x = batch / state.scale
+        x = batch.astype(jnp.float32) / state.scale
 
         def loss_fn(params):
             return losses.jumprelu_loss(model, params, x, lam)

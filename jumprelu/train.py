@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 
 import jax
@@ -15,9 +16,13 @@ from jumprelu import data as data_lib
 from jumprelu import distributed, program, report, sharding
 from jumprelu import state as state_lib
 from jumprelu.checkpoint import Checkpointer
+from jumprelu.data import pipeline
 from jumprelu.metrics_log import MetricsLog, Progress, atomic_write_text
 
 log = logging.getLogger("jumprelu")
+
+# Set by the preemption test: the process kills itself (SIGKILL) after this step.
+_KILL_AT_STEP = int(os.environ.get("JUMPRELU_KILL_AT_STEP", "-1"))
 
 # Fields that fix the shapes and meaning of a checkpoint: a resumed run must match them.
 _RESUME_FIELDS = ("sae.kind", "sae.width", "sae.threshold_param", "sae.pre_encoder_bias", "data.d_model")
@@ -39,23 +44,24 @@ def _check_resumable(saved: dict, cfg: ml_collections.ConfigDict, directory: str
             )
 
 
-def _initial_scale(cfg, source) -> float:
+def _initial_scale(cfg, store) -> float:
     if not cfg.data.normalize:
         return 1.0
     if cfg.data.scale is not None:
         return float(cfg.data.scale)
-    return data_lib.estimate_scale(source.sample(cfg.data.scale_sample_rows))
+    return store.scale  # computed by the writer over every finite row
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) the SAE described by `cfg` in `workdir`; returns the report."""
     config_lib.validate(cfg)
     distributed.maybe_initialize(cfg.mesh)  # before anything touches a device
-    source = data_lib.open_source(cfg.data)
+    store = data_lib.open_source(cfg.data, workdir)
+    stream = data_lib.make_stream(cfg.data, store)
     cfg = ml_collections.ConfigDict(cfg.to_dict())  # an unlocked copy we may complete
-    cfg.data.d_model = source.d_model
+    cfg.data.d_model = store.d_model
     mesh = sharding.make_mesh(cfg.mesh)
-    prog = program.build(cfg, source.d_model, mesh)
+    prog = program.build(cfg, store.d_model, mesh, batch_dtype=store.dtype)
     log.info("compiled train step on mesh %s; memory: %s", dict(mesh.shape), prog.step.memory_analysis())
 
     os.makedirs(workdir, exist_ok=True)
@@ -65,28 +71,51 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         state = ckpt.restore_state(prog.abstract_state)  # onto this run's mesh, whatever it was saved from
         log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     else:
-        scale = _initial_scale(cfg, source)
+        scale = _initial_scale(cfg, store)
         state = state_lib.create_state(prog.model, prog.tx, mesh, jax.random.key(cfg.train.seed), scale)
     if distributed.is_lead():
         atomic_write_text(os.path.join(workdir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
 
     start = int(state.step)
-    state = _loop(cfg, workdir, prog, state, source, ckpt, start)
+    batches = _batches(cfg, prog, stream, ckpt, start)
+    state = _loop(cfg, workdir, prog, state, batches, ckpt, start)
     ckpt.close()
-    return report.final_report(cfg, workdir, state, source, start_step=start)
+    return report.final_report(cfg, workdir, state, stream, start_step=start)
 
 
-def _loop(cfg, workdir, prog, state, source, ckpt, start):
+def _batches(cfg, prog, stream, ckpt, start):
+    """The Grain iterator over this process's rows of each global batch, positioned at `start`."""
+    part = distributed.process_rows(prog.batch_sharding, cfg.train.batch_size, stream.d_model)
+    batches = pipeline.batch_iterator(
+        stream,
+        batch_size=cfg.train.batch_size,
+        part=part,
+        num_batches=cfg.train.steps,
+        start=start,
+        read_threads=cfg.data.read_threads,
+        prefetch_batches=cfg.data.prefetch_batches,
+    )
+    if start and ckpt.restore_data(batches):
+        if pipeline.next_index(batches) != start:
+            raise RuntimeError(
+                f"checkpoint {ckpt.directory}/{start}: the data pipeline was saved at batch "
+                f"{pipeline.next_index(batches)} but the train state at step {start}"
+            )
+    # Without a saved state for this process count, `start` alone fixes the position:
+    # global batch k does not depend on how many processes read it.
+    return batches
+
+
+def _loop(cfg, workdir, prog, state, batches, ckpt, start):
     total, every_log, every_ckpt = cfg.train.steps, cfg.log.every_steps, cfg.ckpt.every_steps
     batch_size = cfg.train.batch_size
     lead = distributed.is_lead()
     metrics_log = MetricsLog(workdir, resume_step=start) if lead else None
     progress = Progress(total, start, batch_size, enabled=cfg.log.progress and lead)
-    my_rows = distributed.process_rows(prog.batch_sharding, batch_size, source.d_model)
     config_json = cfg.to_dict()
     t0 = time.perf_counter()
     for step in range(start, total):
-        local = source.batch(step, batch_size, my_rows)
+        local = next(batches)
         batch = distributed.global_batch(local, prog.batch_sharding, batch_size)
         state, metrics = prog.step(state, batch)
         done = step + 1
@@ -97,7 +126,10 @@ def _loop(cfg, workdir, prog, state, source, ckpt, start):
             if lead:
                 metrics_log.write({"step": done, **host, "tokens_per_s": rate, "elapsed_s": time.perf_counter() - t0})
         if done % every_ckpt == 0 or done == total:
-            ckpt.save(state, config_json)  # collective: every process takes part
+            ckpt.save(state, config_json, pipeline.IteratorSnapshot(batches))  # collective: every process takes part
+        if done == _KILL_AT_STEP:  # fault injection for the preemption test: die without any cleanup
+            ckpt.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
     progress.close()
     if metrics_log:
         metrics_log.close()

@@ -16,7 +16,6 @@ def tiny_config():
     c = base_config()
     c.data.synthetic.update(d_model=32, num_features=48, rows=4096, features_per_token=3.0)
     c.data.eval_rows = 512
-    c.data.scale_sample_rows = 2048
     c.sae.update(width=64, sparsity_coefficient=0.01, threshold_init=0.05)
     c.train.update(steps=40, batch_size=128, lr=3e-3, lr_warmup_steps=10, sparsity_warmup_steps=20)
     c.ckpt.every_steps = 20

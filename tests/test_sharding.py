@@ -15,6 +15,7 @@ from jumprelu import state as state_lib
 from jumprelu.checkpoint import Checkpointer
 from jumprelu.config import ConfigError
 from jumprelu.plan import parse_topology, plan
+from jumprelu.store import StoreWriter
 from jumprelu.train import train
 
 MESHES = [(1, 1), (8, 1), (2, 4), (1, 8)]
@@ -130,7 +131,9 @@ def test_planner_reports_memory_flops_and_collectives(mesh_config):
     assert r["step_ms_estimate"] > 0 and 0 < r["hfu_estimate"] <= 1
 
 
-def test_planner_reads_d_model_from_an_npy_source(tmp_path, mesh_config):
-    np.save(tmp_path / "acts.npy", np.zeros((16, 24), np.float16))
-    mesh_config.data.source = str(tmp_path / "acts.npy")
+def test_planner_reads_d_model_from_a_store_source(tmp_path, mesh_config):
+    w = StoreWriter(str(tmp_path / "s"), d_model=24)
+    w.append(np.ones((16, 24), np.float32))
+    w.close()
+    mesh_config.data.source = str(tmp_path / "s")
     assert plan(_set_mesh(mesh_config, (8, 1)), parse_topology("8"))["d_model"] == 24

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from jumprelu import sae as sae_lib
 from jumprelu.checkpoint import Checkpointer
 from jumprelu.config import ConfigError
 from jumprelu.data import DataError
+from jumprelu.store import StoreWriter
 from jumprelu.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +25,6 @@ TINY_FLAGS = [
     "--config.data.synthetic.num_features=48",
     "--config.data.synthetic.rows=4096",
     "--config.data.eval_rows=512",
-    "--config.data.scale_sample_rows=2048",
     "--config.sae.width=64",
     "--config.sae.sparsity_coefficient=0.01",
     "--config.sae.threshold_init=0.05",
@@ -37,9 +38,9 @@ TINY_FLAGS = [
 ]
 
 
-def run_main(workdir, *extra):
+def run_main(workdir, *extra, env=None):
     cmd = [sys.executable, "-m", "jumprelu.main", "--config", "experiments/quickstart.py", "--workdir", str(workdir)]
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", **(env or {}))
     return subprocess.run(
         cmd + TINY_FLAGS + list(extra), cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
     )
@@ -127,22 +128,25 @@ def test_bad_config_fails_before_training(tmp_path, tiny_config, field, value, m
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_bad_data_file_fails_before_training(tmp_path, tiny_config):
-    bad = tmp_path / "bad.npy"
-    np.save(bad, np.zeros((10, 4, 4), np.float32))
-    tiny_config.data.source = str(bad)
-    with pytest.raises(DataError, match="bad.npy: expected shape"):
+def test_bad_data_source_fails_before_training(tmp_path, tiny_config):
+    (tmp_path / "store").mkdir()
+    tiny_config.data.source = str(tmp_path / "store")
+    with pytest.raises(DataError, match="store .*store: not an activation store"):
         train(tiny_config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_main_prints_one_line_errors(tmp_path):
     r = run_main(tmp_path / "run", "--config.sae.bandwidth=-1")
     assert r.returncode == 2
     assert r.stderr.strip() == "jumprelu: error: config field sae.bandwidth must be > 0, found -1.0"
-    np.save(tmp_path / "nan.npy", np.full((20, 3), np.nan, np.float32))
-    r = run_main(tmp_path / "run", f"--config.data.source={tmp_path / 'nan.npy'}")
+    w = StoreWriter(str(tmp_path / "nan_store"), d_model=3)
+    w.append(np.full((20, 3), np.nan, np.float32))
+    w.append(np.ones((20, 3), np.float32))
+    w.close()
+    r = run_main(tmp_path / "run", f"--config.data.source={tmp_path / 'nan_store'}")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    assert "nan.npy: 20 rows hold NaN or Inf" in r.stderr
+    assert "nan_store: 20 rows hold NaN or Inf" in r.stderr
 
 
 def test_resume_with_a_different_width_is_refused(tmp_path, tiny_config):
@@ -152,11 +156,36 @@ def test_resume_with_a_different_width_is_refused(tmp_path, tiny_config):
         train(tiny_config, str(tmp_path / "run"))
 
 
-def test_npy_source_trains(tmp_path, tiny_config):
+def test_store_source_trains(tmp_path, tiny_config):
     rows = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float16) * 50
     np.save(tmp_path / "acts.npy", rows)
-    tiny_config.data.source = str(tmp_path / "acts.npy")
+    convert = [sys.executable, "-m", "jumprelu.store", "convert", str(tmp_path / "acts.npy"), str(tmp_path / "s")]
+    assert subprocess.run(convert + ["--dtype=bfloat16"], cwd=ROOT, capture_output=True).returncode == 0
+    tiny_config.data.source = str(tmp_path / "s")
     tiny_config.train.steps = 10
     r = train(tiny_config, str(tmp_path / "run"))
     assert r["steps"] == 10 and "features_recovered" not in r
-    np.testing.assert_allclose(r["scale"], np.sqrt(np.mean(np.sum(rows.astype(np.float64) ** 2, 1))), rtol=0.05)
+    np.testing.assert_allclose(r["scale"], np.sqrt(np.mean(np.sum(rows.astype(np.float64) ** 2, 1))), rtol=0.01)
+    assert np.isfinite(r["eval"]["fvu"])
+
+
+def test_killed_run_resumes_with_the_same_batches(tmp_path):
+    """SIGKILL at step 30 of 40 (checkpoint at 20); the resumed run ends bit-identical to an unbroken one."""
+    flags = ["--config.train.steps=40", "--config.data.block_bytes=512"]
+    straight = run_main(tmp_path / "a", *flags)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = run_main(tmp_path / "b", *flags, env={"JUMPRELU_KILL_AT_STEP": "30"})
+    assert killed.returncode == -signal.SIGKILL
+    assert Checkpointer(str(tmp_path / "b"), keep=3, read_only=True).latest_step() == 20
+    resumed = run_main(tmp_path / "b", *flags)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["resumed_from_step"] == 20
+    state = json.loads((tmp_path / "b" / "checkpoints" / "40" / "data" / "process_0-of-1.json").read_text())
+    assert state == {"next_index": 40}
+    a, b = jumprelu.load(str(tmp_path / "a")), jumprelu.load(str(tmp_path / "b"))
+    for k, v in a.params().items():
+        np.testing.assert_array_equal(v, b.params()[k], err_msg=k)
+    # The metrics of steps 25..40 (after the resume) match the unbroken run's exactly.
+    after = lambda wd: [r for r in read_jsonl(wd / "metrics.jsonl") if r["step"] > 20]  # noqa: E731
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rs]  # noqa: E731
+    assert strip(after(tmp_path / "a")) == strip(after(tmp_path / "b"))

@@ -1,51 +1,78 @@
-"""Activation sources behind the `data.source` config field."""
+"""Activation sources behind the `data.source` config field: the synthetic default or a store."""
 
 from __future__ import annotations
 
-import numpy as np
+import hashlib
+import json
+import os
+import tempfile
+
+import jax
 
 from jumprelu.config import ConfigError
 from jumprelu.data import synthetic
-from jumprelu.data.arrays import ArraySource, DataError, estimate_scale, load_npy
+from jumprelu.data.stream import BatchStream
+from jumprelu.errors import DataError
+from jumprelu.store import Store, open_store
+from jumprelu.store import format as store_format
 
-__all__ = ["ArraySource", "DataError", "estimate_scale", "open_source", "ground_truth", "source_d_model"]
+__all__ = ["BatchStream", "DataError", "open_source", "make_stream", "ground_truth", "source_d_model"]
 
 
-def open_source(data_cfg) -> ArraySource:
-    """The training source named by `data.source`, checked against `data.d_model`."""
+def _synthetic_store_path(data_cfg, workdir: str) -> str:
+    """Where the synthetic rows are written: beside the run, one copy per process."""
+    suffix = f".p{jax.process_index()}" if jax.process_count() > 1 else ""
+    if "://" in workdir:  # memory maps need a local file system
+        digest = hashlib.sha1(json.dumps(data_cfg.synthetic.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        return os.path.join(tempfile.gettempdir(), f"jumprelu_synthetic_{digest}{suffix}")
+    return os.path.join(workdir, "synthetic_store" + suffix)
+
+
+def open_source(data_cfg, workdir: str) -> Store:
+    """The validated store named by `data.source`, checked against `data.d_model`.
+
+    "synthetic" first writes the synthetic rows into a store under `workdir` (once;
+    an interrupted write resumes), so the quickstart trains through the same reader.
+    """
     if data_cfg.source == "synthetic":
-        spec = synthetic.SyntheticSpec.from_config(data_cfg.synthetic)
-        rows, name = synthetic.generate(spec), "synthetic"
+        path = _synthetic_store_path(data_cfg, workdir)
+        synthetic.write_store(synthetic.SyntheticSpec.from_config(data_cfg.synthetic), path)
     elif str(data_cfg.source).endswith(".npy"):
-        rows, name = load_npy(data_cfg.source), data_cfg.source
+        raise ConfigError(
+            f"config field data.source must be 'synthetic' or an activation store directory, found the .npy file "
+            f"{data_cfg.source}; convert it first: python -m jumprelu.store convert {data_cfg.source} STORE_DIR"
+        )
     else:
+        path = data_cfg.source
+    store = open_store(path, nonfinite=data_cfg.nonfinite, verify=data_cfg.verify)
+    if data_cfg.d_model is not None and data_cfg.d_model != store.d_model:
         raise ConfigError(
-            f"config field data.source must be 'synthetic' or a path to a .npy file, found {data_cfg.source!r}"
+            f"config field data.d_model is {data_cfg.d_model} but data.source {path} has d_model {store.d_model}"
         )
-    source = ArraySource(rows, eval_rows=data_cfg.eval_rows, seed=data_cfg.seed, name=name)
-    if data_cfg.d_model is not None and data_cfg.d_model != source.d_model:
-        raise ConfigError(
-            f"config field data.d_model is {data_cfg.d_model} but data.source {name} has d_model {source.d_model}"
-        )
-    return source
+    return store
+
+
+def make_stream(data_cfg, store: Store) -> BatchStream:
+    row_bytes = store.d_model * store_format.file_dtype(store.dtype).itemsize
+    block_rows = max(1, data_cfg.block_bytes // row_bytes)
+    return BatchStream(store, eval_rows=data_cfg.eval_rows, seed=data_cfg.seed, block_rows=block_rows)
 
 
 def source_d_model(data_cfg) -> int:
-    """d_model without reading the data: `data.d_model`, else the synthetic spec or the .npy header."""
+    """d_model without reading rows: `data.d_model`, else the synthetic spec or the store's metadata."""
     if data_cfg.d_model is not None:
         return data_cfg.d_model
     if data_cfg.source == "synthetic":
         return data_cfg.synthetic.d_model
+    meta_file = os.path.join(data_cfg.source, store_format.METADATA)
     try:
-        shape = np.load(data_cfg.source, mmap_mode="r", allow_pickle=False).shape
-    except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"data.source {data_cfg.source}: cannot read its shape ({e})") from None
-    if len(shape) != 2:
-        raise DataError(f"data.source {data_cfg.source}: expected shape [N, d_model], found {list(shape)}")
-    return int(shape[1])
+        with open(meta_file) as f:
+            return int(json.load(f)["d_model"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"data.source {data_cfg.source}: cannot read d_model from {meta_file} ({e})") from None
 
 
-def ground_truth(data_cfg) -> np.ndarray | None:
+def ground_truth(data_cfg):
     """The true feature directions [F, d] when the source is synthetic, else None."""
     if data_cfg.source != "synthetic":
         return None

@@ -14,8 +14,14 @@ true directions are known, training can report how many of them the SAE found.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import numpy as np
+
+from jumprelu.errors import DataError
+from jumprelu.store import StoreWriter
+from jumprelu.store import format as store_format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,22 +61,49 @@ def firing_probabilities(spec: SyntheticSpec) -> np.ndarray:
     return np.minimum(p, 1.0)
 
 
-def generate(spec: SyntheticSpec, chunk_rows: int = 65536) -> np.ndarray:
-    """All `spec.rows` activations, [rows, d_model] float32, deterministic in spec.seed."""
+def generate_chunks(spec: SyntheticSpec, chunk_rows: int = 65536):
+    """Yields (first row, rows [n, d_model] float32) covering all `spec.rows`, deterministic in spec.seed."""
     dirs = true_directions(spec)
     probs = firing_probabilities(spec).astype(np.float32)
     rng = np.random.default_rng([spec.seed, 1])
     mean = rng.standard_normal(spec.d_model)
     mean = (spec.mean_norm * mean / np.linalg.norm(mean)).astype(np.float32)
-    out = np.empty((spec.rows, spec.d_model), np.float32)
     for start in range(0, spec.rows, chunk_rows):
         n = min(chunk_rows, spec.rows - start)
         active = rng.random((n, spec.num_features), dtype=np.float32) < probs
         mags = rng.uniform(0.5, 1.5, (n, spec.num_features)).astype(np.float32)
         noise = rng.standard_normal((n, spec.d_model), dtype=np.float32)
         noise *= spec.noise_std / np.sqrt(spec.d_model)
-        out[start : start + n] = (active * mags) @ dirs + mean + noise
-    return out
+        yield start, (active * mags) @ dirs + mean + noise
+
+
+def generate(spec: SyntheticSpec) -> np.ndarray:
+    """All `spec.rows` activations, [rows, d_model] float32."""
+    return np.concatenate([rows for _, rows in generate_chunks(spec)])
+
+
+def write_store(spec: SyntheticSpec, path: str) -> None:
+    """Writes the spec's rows into a store at `path` through `StoreWriter` (resuming if interrupted).
+
+    A complete store made from the same spec is reused; one from another spec is an error.
+    """
+    description = "synthetic " + json.dumps(dataclasses.asdict(spec), sort_keys=True)
+    meta_file = os.path.join(path, store_format.METADATA)
+    if os.path.exists(meta_file):
+        with open(meta_file) as f:
+            found = json.load(f).get("text_source")
+        if found != description:
+            raise DataError(
+                f"store {path} holds synthetic data made from other data.synthetic settings "
+                f"({found}); use a new --workdir"
+            )
+        return
+    writer = StoreWriter(path, d_model=spec.d_model, model="synthetic", site="synthetic", text_source=description)
+    done = writer.rows_written
+    for start, rows in generate_chunks(spec):
+        if start + len(rows) > done:
+            writer.append(rows[max(0, done - start) :])
+    writer.close()
 
 
 def features_recovered(decoder_rows: np.ndarray, directions: np.ndarray, min_cosine: float = 0.9) -> float:

@@ -1,0 +1,24 @@
+"""Reading a `.npy` file of activations [N, d_model], the input of `jumprelu.store convert`."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from jumprelu.errors import DataError
+
+
+def open_npy(path: str) -> np.ndarray:
+    """Opens a `.npy` of shape [N, d] read-only as a memory map and checks shape and dtype."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    try:
+        rows = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npy file ({e})") from None
+    if rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
+        raise DataError(f"{path}: expected shape [N, d_model] with N, d_model > 0, found {list(rows.shape)}")
+    if not np.issubdtype(rows.dtype, np.floating):
+        raise DataError(f"{path}: expected float activations, found dtype {rows.dtype}")
+    return rows

@@ -1,0 +1,165 @@
+"""`StoreWriter`: the one way activations get into a store, for every producer.
+
+Rows are appended in any chunk size. Each full shard is shuffled (rows of one text
+window are adjacent when they arrive; readers copy blocks of adjacent rows, so the
+mixing has to happen here), written under a temporary name, fsynced and renamed; only
+then is it recorded in `writing.json`. `metadata.json` is written last, by `close`.
+
+A producer that was interrupted opens the writer again with the same header: the
+writer reports `rows_written`, the rows safely in complete shards, and the producer
+appends from that row on. Rows that were buffered or in a half-written shard at the
+crash are simply produced again, so no row is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import os
+
+import numpy as np
+
+from jumprelu.errors import DataError
+from jumprelu.store import format as fmt
+
+DEFAULT_SHARD_BYTES = 256 << 20
+
+
+class StoreWriter:
+    def __init__(
+        self,
+        path: str,
+        *,
+        d_model: int,
+        dtype: str = "float32",
+        model: str = "",
+        site: str = "",
+        layer: int | None = None,
+        text_source: str = "",
+        shuffle_seed: int | None = 0,
+        shard_rows: int | None = None,
+    ):
+        if dtype not in fmt.DTYPES:
+            raise DataError(f"store {path}: dtype must be one of {fmt.DTYPES}, found {dtype!r}")
+        if not (isinstance(d_model, int) and d_model > 0):
+            raise DataError(f"store {path}: d_model must be a positive integer, found {d_model!r}")
+        self.path = path
+        row_bytes = d_model * fmt.file_dtype(dtype).itemsize
+        self.shard_rows = int(shard_rows or max(1, DEFAULT_SHARD_BYTES // row_bytes))
+        self.header = dict(
+            model=model,
+            site=site,
+            layer=layer,
+            d_model=d_model,
+            dtype=dtype,
+            text_source=text_source,
+            shuffle_seed=shuffle_seed,
+            shard_rows=self.shard_rows,
+        )
+        self._buffer: list[np.ndarray] = []
+        self._buffered = 0
+        self._shards: list[dict] = []
+        if os.path.exists(os.path.join(path, fmt.METADATA)):
+            raise DataError(f"store {path} is already complete ({fmt.METADATA} exists); write to a new directory")
+        os.makedirs(path, exist_ok=True)
+        self._resume_or_start()
+
+    # -- resume ---------------------------------------------------------------------------------
+    def _resume_or_start(self) -> None:
+        progress = os.path.join(self.path, fmt.WRITING)
+        if os.path.exists(progress):
+            with open(progress) as f:
+                saved = json.load(f)
+            for field, value in self.header.items():
+                if saved["header"].get(field) != value:
+                    raise DataError(
+                        f"store {self.path}: an interrupted write with {field}={saved['header'].get(field)!r} "
+                        f"is in progress, this writer has {field}={value!r}; resume with the same settings "
+                        "or write to a new directory"
+                    )
+            self._shards = saved["shards"]
+        elif glob.glob(os.path.join(self.path, "shard-*.npy")):
+            raise DataError(f"store {self.path}: holds shard files but no {fmt.WRITING}; not a store this writer made")
+        # Anything beyond the recorded shards is a leftover of the crash: it will be written again.
+        recorded = {s["file"] for s in self._shards}
+        for stray in glob.glob(os.path.join(self.path, "shard-*.npy")) + glob.glob(os.path.join(self.path, ".shard-*")):
+            if os.path.basename(stray) not in recorded:
+                os.remove(stray)
+        self._record_progress()
+
+    def _record_progress(self) -> None:
+        fmt.write_json_atomically(os.path.join(self.path, fmt.WRITING), {"header": self.header, "shards": self._shards})
+
+    @property
+    def rows_written(self) -> int:
+        """Rows in complete shards: a resuming producer appends from this row on."""
+        return sum(s["rows"] for s in self._shards)
+
+    # -- writing --------------------------------------------------------------------------------
+    def append(self, rows: np.ndarray) -> None:
+        """Adds rows [n, d_model] (any float dtype; converted to the store's dtype)."""
+        rows = np.asarray(rows)
+        d = self.header["d_model"]
+        if rows.ndim != 2 or rows.shape[1] != d:
+            raise DataError(f"store {self.path}: rows must have shape [n, {d}], found {list(rows.shape)}")
+        if not np.issubdtype(rows.dtype, np.floating):
+            raise DataError(f"store {self.path}: rows must be floating point, found dtype {rows.dtype}")
+        self._buffer.append(rows.astype(fmt.numpy_dtype(self.header["dtype"]), copy=True))
+        self._buffered += rows.shape[0]
+        while self._buffered >= self.shard_rows:
+            self._flush(self.shard_rows)
+
+    def _take(self, n: int) -> np.ndarray:
+        rows = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+        self._buffer = [rows[n:]] if rows.shape[0] > n else []
+        self._buffered -= n
+        return rows[:n]
+
+    def _flush(self, n: int) -> None:
+        index = len(self._shards)
+        rows = self._take(n)
+        seed = self.header["shuffle_seed"]
+        if seed is not None:
+            rows = rows[np.random.default_rng([seed, index]).permutation(n)]
+        wide = rows.astype(np.float64)
+        finite = np.isfinite(wide).all(axis=1)
+        sum_sq = float(np.sum(np.square(wide[finite])))
+        name = fmt.shard_name(index)
+        tmp = os.path.join(self.path, fmt.temporary_name(index))
+        with open(tmp, "wb") as f:
+            np.save(f, rows.view(fmt.file_dtype(self.header["dtype"])), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.path, name))
+        fmt.fsync_directory(self.path)
+        self._shards.append(
+            {"file": name, "rows": n, "sum_sq_norm": sum_sq, "nonfinite_rows": np.flatnonzero(~finite).tolist()}
+        )
+        self._record_progress()
+
+    def close(self) -> dict:
+        """Writes the last (short) shard and then metadata.json; returns the metadata."""
+        if self._buffered:
+            self._flush(self._buffered)
+        if not self._shards:
+            raise DataError(f"store {self.path}: no rows were written")
+        finite = sum(s["rows"] - len(s["nonfinite_rows"]) for s in self._shards)
+        total_sq = sum(s["sum_sq_norm"] for s in self._shards)
+        scale = float(np.sqrt(total_sq / finite)) if finite else float("nan")
+        if not (np.isfinite(scale) and scale > 0):
+            raise DataError(f"store {self.path}: cannot compute the scale C (mean squared norm {scale**2})")
+        metadata = {
+            "format": fmt.FORMAT,
+            "format_version": fmt.FORMAT_VERSION,
+            **self.header,
+            "num_rows": self.rows_written,
+            "scale": scale,  # C with E‖x/C‖² = 1 over all finite rows
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "shards": [
+                {"file": s["file"], "rows": s["rows"], "nonfinite_rows": s["nonfinite_rows"]} for s in self._shards
+            ],
+        }
+        fmt.write_json_atomically(os.path.join(self.path, fmt.METADATA), metadata)
+        os.remove(os.path.join(self.path, fmt.WRITING))
+        return metadata

@@ -1,0 +1,236 @@
+"""The activation store: writer round trip, atomic shards, resumed writes, reader validation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jumprelu.errors import DataError
+from jumprelu.store import FORMAT_VERSION, StoreWriter, open_store
+from tests.test_train import ROOT
+
+
+def _rows(n, d=8, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32) * 3
+
+
+def _write(path, rows, **kw):
+    w = StoreWriter(str(path), d_model=rows.shape[1], **kw)
+    for start in range(0, len(rows), 37):  # chunks that do not line up with shards
+        w.append(rows[start : start + 37])
+    return w.close()
+
+
+def _all_rows(store):
+    return np.concatenate([np.asarray(store.shard(i)) for i in range(len(store.shard_rows))])
+
+
+def _sorted(a):
+    return a[np.lexsort(a.T[::-1])]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_round_trip_is_bit_exact(tmp_path, dtype):
+    rows = _rows(1000)
+    meta = _write(tmp_path / "s", rows, dtype=dtype, shard_rows=300, model="m", site="resid_post", layer=3)
+    store = open_store(str(tmp_path / "s"))
+    assert store.shard_rows == [300, 300, 300, 100] and store.num_rows == 1000 and meta["num_rows"] == 1000
+    assert (store.d_model, store.dtype, meta["format_version"], meta["layer"]) == (8, dtype, FORMAT_VERSION, 3)
+    back = _all_rows(store)
+    want = rows.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else rows
+    assert back.dtype == want.dtype
+    # Shuffled within shards at write time; the same multiset of rows, bit for bit.
+    np.testing.assert_array_equal(
+        _sorted(back.view(np.uint16 if dtype == "bfloat16" else np.uint32)),
+        _sorted(want.view(np.uint16 if dtype == "bfloat16" else np.uint32)),
+    )
+    assert not np.array_equal(back, want)
+    np.testing.assert_allclose(store.scale, np.sqrt(np.mean(np.sum(want.astype(np.float64) ** 2, 1))), rtol=1e-12)
+
+
+def test_unshuffled_store_keeps_order(tmp_path):
+    rows = _rows(500)
+    _write(tmp_path / "s", rows, shuffle_seed=None, shard_rows=128)
+    np.testing.assert_array_equal(_all_rows(open_store(str(tmp_path / "s"))), rows)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_interrupted_write_resumes_without_loss_or_duplicates(tmp_path, monkeypatch):
+    rows = _rows(1000)
+    path = str(tmp_path / "s")
+    w = StoreWriter(path, d_model=8, shard_rows=300)
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def crash_on_third_shard(src, dst):  # dies after the temp file of shard 2 is written, before its rename
+        if dst.endswith("shard-00002.npy"):
+            raise _Crash()
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_third_shard)
+    with pytest.raises(_Crash):
+        for start in range(0, 1000, 100):
+            w.append(rows[start : start + 100])
+            calls["n"] += 1
+    monkeypatch.setattr(os, "replace", real_replace)
+    # The reader says exactly what is incomplete.
+    with pytest.raises(
+        DataError,
+        match=r"incomplete: the writer stopped after 2 complete shards \(last: "
+        r"shard-00001.npy\); shard-00002.npy was being written; run the writer again",
+    ) as e:
+        open_store(path)
+    assert "\n" not in str(e.value)
+    # A new writer with the same settings picks up at the first uncommitted row.
+    w2 = StoreWriter(path, d_model=8, shard_rows=300)
+    assert w2.rows_written == 600
+    w2.append(rows[600:])
+    w2.close()
+    store = open_store(path)
+    assert store.num_rows == 1000 and sorted(os.listdir(path)) == [
+        "metadata.json",
+        "shard-00000.npy",
+        "shard-00001.npy",
+        "shard-00002.npy",
+        "shard-00003.npy",
+    ]
+    np.testing.assert_array_equal(_sorted(_all_rows(store)), _sorted(rows))
+    with pytest.raises(DataError, match="already complete"):
+        StoreWriter(path, d_model=8)
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    w = StoreWriter(str(tmp_path / "s"), d_model=8, shard_rows=10)
+    w.append(_rows(25))
+    with pytest.raises(DataError, match="interrupted write with dtype='float32' .* this writer has dtype='bfloat16'"):
+        StoreWriter(str(tmp_path / "s"), d_model=8, shard_rows=10, dtype="bfloat16")
+
+
+def test_writer_rejects_bad_rows(tmp_path):
+    w = StoreWriter(str(tmp_path / "s"), d_model=8)
+    with pytest.raises(DataError, match=r"rows must have shape \[n, 8\], found \[3, 7\]"):
+        w.append(np.zeros((3, 7), np.float32))
+    with pytest.raises(DataError, match="floating point, found dtype int64"):
+        w.append(np.zeros((3, 8), np.int64))
+    with pytest.raises(DataError, match="no rows were written"):
+        w.close()
+
+
+def _good_store(tmp_path, **kw):
+    path = tmp_path / "s"
+    _write(path, _rows(100), shard_rows=40, **kw)
+    return path
+
+
+def _edit_metadata(path, **changes):
+    meta = json.loads((path / "metadata.json").read_text())
+    meta.update(changes)
+    (path / "metadata.json").write_text(json.dumps(meta))
+
+
+def test_reader_names_every_bad_input(tmp_path):
+    path = _good_store(tmp_path)
+    cases = []
+
+    def expect(message):
+        with pytest.raises(DataError, match=message) as e:
+            open_store(str(path))
+        assert "\n" not in str(e.value) and str(path) in str(e.value)
+        cases.append(message)
+
+    shard1 = path / "shard-00001.npy"
+    data = shard1.read_bytes()
+    shard1.write_bytes(data[:-10])
+    expect(r"shard-00001.npy is truncated or damaged: expected \d+ bytes, found \d+")
+    shard1.unlink()
+    expect(r"shard-00001.npy is missing \(metadata.json lists 3 shards\)")
+    shard1.write_bytes(data)
+    np.save(path / "shard-00002.npy", np.zeros((20, 9), np.float32))
+    expect(r"shard-00002.npy holds \[20, 9\] float32, metadata.json says \[20, 8\] float32")
+    np.save(path / "shard-00002.npy", np.zeros((20, 8), np.float32))
+    _edit_metadata(path, format_version=99)
+    expect("metadata.json has format_version 99; this jumprelu reads version 1")
+    _edit_metadata(path, format_version=FORMAT_VERSION, num_rows=7)
+    expect("num_rows 7 is not the sum")
+    (path / "metadata.json").write_text("{not json")
+    expect("metadata.json is not readable JSON")
+    (path / "metadata.json").unlink()
+    expect(r"not an activation store \(metadata.json missing\)")
+    with pytest.raises(DataError, match="no such directory"):
+        open_store(str(tmp_path / "nowhere"))
+    assert len(cases) == 7
+
+
+def test_nonfinite_rows_fail_or_are_dropped(tmp_path):
+    rows = _rows(100)
+    rows[[5, 50, 51]] = np.nan
+    rows[70, 2] = np.inf
+    _write(tmp_path / "s", rows, shard_rows=40, shuffle_seed=None)
+    with pytest.raises(
+        DataError,
+        match=r"4 rows hold NaN or Inf \(first: shard-00000.npy row 5, 1 there\); "
+        "set data.nonfinite='drop'",
+    ):
+        open_store(str(tmp_path / "s"))
+    store = open_store(str(tmp_path / "s"), nonfinite="drop")
+    assert [b.tolist() for b in store.bad_rows] == [[5], [10, 11, 30], []]
+    finite = rows[np.isfinite(rows).all(1)]
+    np.testing.assert_allclose(store.scale, np.sqrt(np.mean(np.sum(finite.astype(np.float64) ** 2, 1))))
+
+
+def test_verify_finds_rows_damaged_after_writing(tmp_path):
+    path = _good_store(tmp_path, shuffle_seed=None)
+    shard = np.load(path / "shard-00001.npy", mmap_mode="r+")
+    shard[3, 0] = np.nan
+    shard.flush()
+    del shard
+    assert open_store(str(path)).bad_rows[1].size == 0  # metadata alone does not know
+    with pytest.raises(DataError, match="1 rows hold NaN or Inf \\(first: shard-00001.npy row 3"):
+        open_store(str(path), verify=True)
+
+
+def test_convert_and_summary_commands(tmp_path):
+    rows = _rows(3000, d=16).astype(np.float16)
+    np.save(tmp_path / "acts.npy", rows)
+    cmd = [sys.executable, "-m", "jumprelu.store"]
+    out = subprocess.run(
+        cmd
+        + [
+            "convert",
+            str(tmp_path / "acts.npy"),
+            str(tmp_path / "s"),
+            "--shard_rows=1000",
+            "--model=tiny",
+            "--site=resid_post",
+            "--layer=2",
+            "--dtype=bfloat16",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    s = subprocess.run(
+        cmd + ["summary", str(tmp_path / "s"), "--verify", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert s.returncode == 0, s.stderr
+    info = json.loads(s.stdout)
+    assert (info["num_rows"], info["shards"], info["d_model"], info["dtype"]) == (3000, 3, 16, "bfloat16")
+    assert (info["model"], info["layer"], info["nonfinite_rows"]) == ("tiny", 2, 0)
+    back = _all_rows(open_store(str(tmp_path / "s")))
+    want = rows.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(_sorted(back.astype(np.float32)), _sorted(want))
+    bad = subprocess.run(cmd + ["summary", str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: store {tmp_path / 'nowhere'}: no such directory"
