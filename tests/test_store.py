@@ -49,7 +49,7 @@ def test_round_trip_is_bit_exact(tmp_path, dtype):
         _sorted(want.view(np.uint16 if dtype == "bfloat16" else np.uint32)),
     )
     assert not np.array_equal(back, want)
-    np.testing.assert_allclose(store.scale, np.sqrt(np.mean(np.sum(want.astype(np.float64) ** 2, 1))), rtol=1e-12)
+    np.testing.assert_allclose(store.scale, np.sqrt(np.mean(np.sum(want.astype(np.float64) ** 2, 1))), rtol=1e-6)
 
 
 def test_unshuffled_store_keeps_order(tmp_path):

@@ -26,6 +26,13 @@ from jumprelu.store import format as fmt
 DEFAULT_SHARD_BYTES = 256 << 20
 
 
+def _row_squared_norms(rows: np.ndarray) -> np.ndarray:
+    """‖row‖² per row; float32 math (one pass, no copy) for float32 rows."""
+    if rows.dtype not in (np.float32, np.float64):
+        rows = rows.astype(np.float32)
+    return np.einsum("ij,ij->i", rows, rows)
+
+
 class StoreWriter:
     def __init__(
         self,
@@ -57,7 +64,9 @@ class StoreWriter:
             shuffle_seed=shuffle_seed,
             shard_rows=self.shard_rows,
         )
-        self._buffer: list[np.ndarray] = []
+        # One shard's rows are gathered in a buffer allocated once and reused, plus one for the shuffle.
+        self._buffer = np.empty((0, d_model), fmt.numpy_dtype(dtype))
+        self._shuffled = np.empty((0, d_model), fmt.numpy_dtype(dtype))
         self._buffered = 0
         self._shards: list[dict] = []
         if os.path.exists(os.path.join(path, fmt.METADATA)):
@@ -105,26 +114,31 @@ class StoreWriter:
             raise DataError(f"store {self.path}: rows must have shape [n, {d}], found {list(rows.shape)}")
         if not np.issubdtype(rows.dtype, np.floating):
             raise DataError(f"store {self.path}: rows must be floating point, found dtype {rows.dtype}")
-        self._buffer.append(rows.astype(fmt.numpy_dtype(self.header["dtype"]), copy=True))
-        self._buffered += rows.shape[0]
-        while self._buffered >= self.shard_rows:
-            self._flush(self.shard_rows)
+        if self._buffer.shape[0] == 0:
+            self._buffer = np.empty((self.shard_rows, d), self._buffer.dtype)
+        at = 0
+        while at < rows.shape[0]:
+            take = min(rows.shape[0] - at, self.shard_rows - self._buffered)
+            self._buffer[self._buffered : self._buffered + take] = rows[at : at + take]
+            self._buffered += take
+            at += take
+            if self._buffered == self.shard_rows:
+                self._flush()
 
-    def _take(self, n: int) -> np.ndarray:
-        rows = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
-        self._buffer = [rows[n:]] if rows.shape[0] > n else []
-        self._buffered -= n
-        return rows[:n]
-
-    def _flush(self, n: int) -> None:
-        index = len(self._shards)
-        rows = self._take(n)
+    def _flush(self) -> None:
+        index, n = len(self._shards), self._buffered
+        rows = self._buffer[:n]
         seed = self.header["shuffle_seed"]
         if seed is not None:
-            rows = rows[np.random.default_rng([seed, index]).permutation(n)]
-        wide = rows.astype(np.float64)
-        finite = np.isfinite(wide).all(axis=1)
-        sum_sq = float(np.sum(np.square(wide[finite])))
+            if self._shuffled.shape[0] < n:
+                self._shuffled = np.empty_like(self._buffer)
+            rows = np.take(rows, np.random.default_rng([seed, index]).permutation(n), axis=0, out=self._shuffled[:n])
+        sq = _row_squared_norms(rows)
+        finite = np.ones(n, bool)
+        if not np.isfinite(sq).all():  # NaN/Inf rows, or a float32 square that overflowed: test exactly
+            finite = np.isfinite(rows).all(axis=1)
+            sq = _row_squared_norms(np.where(finite[:, None], rows, 0).astype(np.float64))
+        sum_sq = float(np.sum(sq, dtype=np.float64))
         name = fmt.shard_name(index)
         tmp = os.path.join(self.path, fmt.temporary_name(index))
         with open(tmp, "wb") as f:
@@ -136,12 +150,13 @@ class StoreWriter:
         self._shards.append(
             {"file": name, "rows": n, "sum_sq_norm": sum_sq, "nonfinite_rows": np.flatnonzero(~finite).tolist()}
         )
+        self._buffered = 0
         self._record_progress()
 
     def close(self) -> dict:
         """Writes the last (short) shard and then metadata.json; returns the metadata."""
         if self._buffered:
-            self._flush(self._buffered)
+            self._flush()
         if not self._shards:
             raise DataError(f"store {self.path}: no rows were written")
         finite = sum(s["rows"] - len(s["nonfinite_rows"]) for s in self._shards)
