@@ -39,7 +39,7 @@ def _time(fn, args, repeats: int, warmup: int) -> list[float]:
 def time_step(d_model: int, width: int, batch: int, repeats: int, warmup: int, dtype: str) -> list[float]:
     cfg = base_config()
     cfg.sae.update(width=width, compute_dtype=dtype)
-    model = sae.from_config(cfg.sae, d_model)
+    model = sae.from_config(cfg.sae, d_model)  # the JumpReLU kind; make_train_step's default loss
     tx = optim.make_optimizer(cfg.train)
     step_fn = jax.jit(
         make_train_step(model, tx, optim.sparsity_schedule(cfg.train, 1e-3), optim.learning_rate_schedule(cfg.train)),

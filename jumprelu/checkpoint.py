@@ -1,7 +1,7 @@
 """Orbax checkpoints of the whole train state, in named items.
 
 A checkpoint directory `WORKDIR/checkpoints/<step>/` holds:
-  sae     {"params": ..., "scale": C}   -- all a user needs (`jumprelu.load` reads only this)
+  sae     {"params", "scale": C, "stats"} -- all a user needs (`jumprelu.load` reads only this)
   train   {"step": ..., "opt_state": ...}
   config  the resolved experiment config as JSON (with data.d_model filled in)
   data    the data pipeline's iterator state, one JSON file per process (Grain's handler)
@@ -47,7 +47,7 @@ class Checkpointer:
         (see `pipeline.IteratorSnapshot`).
         """
         args = ocp.args.Composite(
-            sae=ocp.args.StandardSave({"params": state.params, "scale": state.scale}),
+            sae=ocp.args.StandardSave({"params": state.params, "scale": state.scale, "stats": state.stats}),
             train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
             config=ocp.args.JsonSave(config),
             data=grain.checkpoint.CheckpointSave(data_iterator),
@@ -64,12 +64,20 @@ class Checkpointer:
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                sae=ocp.args.StandardRestore({"params": abstract.params, "scale": abstract.scale}),
+                sae=ocp.args.StandardRestore(
+                    {"params": abstract.params, "scale": abstract.scale, "stats": abstract.stats}
+                ),
                 train=ocp.args.StandardRestore({"step": abstract.step, "opt_state": abstract.opt_state}),
             ),
         )
         sae, train = restored["sae"], restored["train"]
-        return TrainState(step=train["step"], params=sae["params"], opt_state=train["opt_state"], scale=sae["scale"])
+        return TrainState(
+            step=train["step"],
+            params=sae["params"],
+            opt_state=train["opt_state"],
+            scale=sae["scale"],
+            stats=sae["stats"],
+        )
 
     def restore_data(self, iterator, step: int | None = None) -> bool:
         """Sets `iterator` to the pipeline state saved at `step`; False if this process has none
@@ -81,12 +89,12 @@ class Checkpointer:
         self._manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)))
         return True
 
-    def restore_sae(self, abstract_params, abstract_scale, step: int | None = None) -> tuple[dict, object]:
-        """Only the `sae` item: parameters and scale, without the optimizer state."""
+    def restore_sae(self, abstract_params, abstract_scale, abstract_stats=None, step: int | None = None):
+        """Only the `sae` item, without the optimizer state: (params, scale, stats)."""
         step = self.latest_step() if step is None else step
-        target = {"params": abstract_params, "scale": abstract_scale}
+        target = {"params": abstract_params, "scale": abstract_scale, "stats": abstract_stats or {}}
         out = self._manager.restore(step, args=ocp.args.Composite(sae=ocp.args.StandardRestore(target)))["sae"]
-        return out["params"], out["scale"]
+        return out["params"], out["scale"], out.get("stats", {})
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -27,6 +27,15 @@ def base_config() -> ml_collections.ConfigDict:
         threshold_param="log",  # "log" (paper) or "raw"
         pre_encoder_bias=True,
         compute_dtype="float32",  # matmul dtype; params and θ always float32
+        # JumpReLU only: train towards a requested mean L0 instead of with λ (see losses.make_jumprelu_loss).
+        target_l0=config_dict.placeholder(float),
+        target_l0_coefficient=1.0,
+        # TopK / BatchTopK (Gao et al.'s AuxK defaults).
+        k=32,
+        aux_k=512,
+        aux_coefficient=1 / 32,
+        dead_window_tokens=10_000_000,
+        batchtopk_threshold_decay=0.999,
     )
 
     c.data = ml_collections.ConfigDict()
@@ -81,7 +90,18 @@ def _check(ok: bool, field: str, expected: str, found) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ConfigError on the first field that cannot work."""
     s, t, d = c.sae, c.train, c.data
-    _check(s.kind == "jumprelu", "sae.kind", "'jumprelu'", s.kind)
+    kinds = ("jumprelu", "relu", "gated", "topk", "batchtopk")
+    _check(s.kind in kinds, "sae.kind", f"one of {kinds}", s.kind)
+    if s.kind in ("topk", "batchtopk"):
+        _check(isinstance(s.k, int) and 0 < s.k <= s.width, "sae.k", f"an integer in [1, sae.width={s.width}]", s.k)
+        _check(s.aux_k > 0, "sae.aux_k", "> 0", s.aux_k)
+        _check(
+            0 <= s.batchtopk_threshold_decay < 1,
+            "sae.batchtopk_threshold_decay",
+            "in [0, 1)",
+            s.batchtopk_threshold_decay,
+        )
+    _check(s.target_l0 is None or s.target_l0 > 0, "sae.target_l0", "> 0 or unset", s.target_l0)
     _check(isinstance(s.width, int) and s.width > 0, "sae.width", "a positive integer", s.width)
     _check(s.sparsity_coefficient >= 0, "sae.sparsity_coefficient", ">= 0", s.sparsity_coefficient)
     _check(s.bandwidth > 0, "sae.bandwidth", "> 0", s.bandwidth)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jumprelu.fold import FOLDED_KEYS
+from jumprelu.load import active_mask
 
-@jax.jit
-def _chunk_stats(params: dict, x: jax.Array):
+
+@functools.partial(jax.jit, static_argnames="k")
+def _chunk_stats(params: dict, x: jax.Array, k: int | None):
     z = x @ params["W_enc"] + params["b_enc"]
-    fired = z > params["threshold"]
+    fired = active_mask(z, params["threshold"], k)
     f = jnp.where(fired, z, 0.0)
     x_hat = f @ params["W_dec"] + params["b_dec"]
     return (
@@ -32,13 +37,14 @@ def evaluate_rows(folded: dict, rows: np.ndarray, chunk_rows: int = 4096) -> dic
     n = rows.shape[0]
     if n == 0:
         raise ValueError("cannot evaluate on zero rows")
-    params = {k: jnp.asarray(v, jnp.float32) for k, v in folded.items()}
+    k = None if folded.get("k") is None else int(folded["k"])
+    params = {name: jnp.asarray(folded[name], jnp.float32) for name in FOLDED_KEYS}
     sq_err = active = sum_sq = 0.0
     counts = np.zeros(params["W_enc"].shape[1], np.int64)
     sum_x = np.zeros(params["W_enc"].shape[0], np.float64)
     for start in range(0, n, chunk_rows):
         x = jnp.asarray(rows[start : start + chunk_rows], jnp.float32)
-        e, a, c, sx, sq = jax.device_get(_chunk_stats(params, x))
+        e, a, c, sx, sq = jax.device_get(_chunk_stats(params, x, k))
         sq_err += float(e)
         active += float(a)
         counts += c

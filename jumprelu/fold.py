@@ -18,7 +18,11 @@ FOLDED_KEYS = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")
 
 
 def fold(params: dict, scale, pre_encoder_bias: bool = True) -> dict:
-    """Training params (normalised units) -> folded params in raw activation units."""
+    """Training params (normalised units) -> folded params in raw activation units.
+
+    `params` holds θ as `threshold` or `log_threshold` (a kind's `export` gives `threshold`);
+    a TopK SAE's `k` passes through unchanged.
+    """
     c = jnp.asarray(scale, jnp.float32)
     w_enc, b_enc, b_dec = params["W_enc"], params["b_enc"], params["b_dec"]
     if pre_encoder_bias:
@@ -29,4 +33,5 @@ def fold(params: dict, scale, pre_encoder_bias: bool = True) -> dict:
         "threshold": c * threshold_of(params),
         "W_dec": params["W_dec"],
         "b_dec": c * b_dec,
+        **({"k": params["k"]} if "k" in params else {}),
     }

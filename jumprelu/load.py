@@ -10,9 +10,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jumprelu import sae as sae_lib
+from jumprelu import kinds
 from jumprelu.checkpoint import Checkpointer, checkpoint_dir
 from jumprelu.fold import fold
+
+
+def active_mask(z, threshold, k: int | None = None):
+    """Which latents fire: z > θ, and for TopK SAEs only the k largest of each token."""
+    mask = z > threshold
+    if k is not None:
+        kth = jax.lax.top_k(z, k)[0][..., -1:]
+        mask &= z >= kth
+    return mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +37,7 @@ class SAE:
     threshold: jax.Array  # [width]
     W_dec: jax.Array  # [width, d_model]
     b_dec: jax.Array  # [d_model]
+    k: int | None = None  # TopK SAEs: keep the k largest pre-activations (threshold is then 0)
     scale: float = 1.0  # C used in training (already folded into the arrays above)
     step: int = 0
     config: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -45,7 +55,7 @@ class SAE:
 
     def encode(self, x):
         z = self.pre_activations(x)
-        return jnp.where(z > self.threshold, z, 0.0)
+        return jnp.where(active_mask(z, self.threshold, self.k), z, 0.0)
 
     def decode(self, f):
         return f @ self.W_dec + self.b_dec
@@ -67,12 +77,13 @@ def load(path: str, step: int | None = None) -> SAE:
         raise FileNotFoundError(f"{checkpoint_dir(path)}: holds no complete checkpoint")
     config = ckpt.restore_config(step)
     cfg = ml_collections.ConfigDict(config)
-    model = sae_lib.from_config(cfg.sae, cfg.data.d_model)
+    kind = kinds.from_config(cfg.sae, cfg.data.d_model)
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, cfg.data.d_model)))["params"]
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), abstract)
+    on_cpu = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), tree)  # noqa: E731
+    abstract = on_cpu(jax.eval_shape(kind.model.init, jax.random.key(0), jnp.zeros((1, cfg.data.d_model)))["params"])
+    stats = on_cpu(jax.eval_shape(kind.init_stats))
     scale_abstract = jax.ShapeDtypeStruct((), jnp.float32, sharding=cpu)
-    params, scale = ckpt.restore_sae(abstract, scale_abstract, step)
+    params, scale, stats = ckpt.restore_sae(abstract, scale_abstract, stats, step)
     ckpt.close()
-    folded = fold(params, scale, cfg.sae.pre_encoder_bias)
+    folded = fold(kind.export(params, stats), scale, cfg.sae.pre_encoder_bias)
     return SAE(**folded, scale=float(scale), step=int(step), config=config)

@@ -42,3 +42,25 @@ def jumprelu_loss(
     metrics = reconstruction_metrics(x, out["x_hat"], out["l0"], out["fired_per_latent"])
     metrics["loss"] = loss
     return loss, metrics
+
+
+def make_jumprelu_loss(target_l0: float | None = None, target_coefficient: float = 1.0):
+    """The JumpReLU loss in the kinds' interface: (model, params, stats, x, λ) -> (loss, (metrics, stats)).
+
+    With `target_l0` set, λ·L0 is replaced by μ·(mean L0 / target - 1)²: a quadratic pull of
+    the batch's mean L0 towards the target, through the same straight-through gradient on θ.
+    It pushes θ up while L0 is above the target and down while below, so no λ needs tuning.
+    """
+
+    def loss(model, params, stats, x, sparsity_coefficient):
+        if target_l0 is None:
+            total, metrics = jumprelu_loss(model, params, x, sparsity_coefficient)
+            return total, (metrics, stats)
+        out = model.apply({"params": params}, x)
+        sq_err = jnp.sum(jnp.square(x - out["x_hat"]), axis=-1)
+        penalty = target_coefficient * jnp.square(jnp.mean(out["l0"]) / target_l0 - 1.0)
+        total = jnp.mean(sq_err) + penalty
+        metrics = reconstruction_metrics(x, out["x_hat"], out["l0"], out["fired_per_latent"])
+        return total, (dict(metrics, loss=total, l0_penalty=penalty), stats)
+
+    return loss

@@ -12,14 +12,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from jumprelu import optim, sae, sharding
+from jumprelu import kinds, optim, sae, sharding
 from jumprelu import state as state_lib
 from jumprelu.step import make_train_step
 
 
 @dataclasses.dataclass
 class Program:
-    model: sae.JumpReLUSAE
+    model: sae.SAEBase
+    kind: kinds.Kind
     tx: object
     mesh: Mesh
     abstract_state: state_lib.TrainState  # ShapeDtypeStructs with NamedShardings
@@ -35,15 +36,17 @@ def build(cfg, d_model: int, mesh: Mesh, batch_dtype: str = "float32") -> Progra
     """
     sharding.check_width(mesh, cfg.sae.width)
     sharding.check_batch(mesh, cfg.train.batch_size)
-    model = sae.from_config(cfg.sae, d_model)
+    kind = kinds.from_config(cfg.sae, d_model)
+    model = kind.model
     tx = optim.make_optimizer(cfg.train)
-    abstract = state_lib.with_shardings(mesh, state_lib.abstract_state(model, tx))
+    abstract = state_lib.with_shardings(mesh, state_lib.abstract_state(model, tx, kind.init_stats))
     batch_sharding = sharding.batch_sharding(mesh)
     step_fn = make_train_step(
         model,
         tx,
         optim.sparsity_schedule(cfg.train, cfg.sae.sparsity_coefficient),
         optim.learning_rate_schedule(cfg.train),
+        kind.loss,
     )
     state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, d_model), jnp.dtype(batch_dtype), sharding=batch_sharding)
@@ -58,4 +61,4 @@ def build(cfg, d_model: int, mesh: Mesh, batch_dtype: str = "float32") -> Progra
             .lower(abstract, batch)
             .compile()
         )
-    return Program(model, tx, mesh, abstract, batch_sharding, compiled)
+    return Program(model, kind, tx, mesh, abstract, batch_sharding, compiled)

@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from jumprelu import data as data_lib
-from jumprelu import distributed
+from jumprelu import distributed, kinds
 from jumprelu.checkpoint import checkpoint_dir
 from jumprelu.data import synthetic
 from jumprelu.evaluate import evaluate_rows
@@ -18,8 +18,9 @@ from jumprelu.plots import plot_training_curves
 
 
 def final_report(cfg, workdir: str, state, stream, start_step: int) -> dict:
-    params, scale = distributed.to_host((state.params, state.scale))
-    folded = fold(params, scale, cfg.sae.pre_encoder_bias)
+    params, scale, stats = distributed.to_host((state.params, state.scale, state.stats))
+    kind = kinds.from_config(cfg.sae, cfg.data.d_model)
+    folded = fold(kind.export(params, stats), scale, cfg.sae.pre_encoder_bias)
     folded = {k: np.asarray(v) for k, v in folded.items()}
     eval_rows = stream.eval_set()
     metrics = evaluate_rows(folded, eval_rows) if len(eval_rows) else {}

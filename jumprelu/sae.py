@@ -38,12 +38,14 @@ def init_decoder(key: jax.Array, shape: tuple[int, int], dtype=jnp.float32) -> j
     return w / jnp.linalg.norm(w, axis=-1, keepdims=True)
 
 
-class JumpReLUSAE(nn.Module):
+class SAEBase(nn.Module):
+    """What every SAE kind shares: W_enc, b_enc, W_dec, b_dec, their init, encoder and decoder maps.
+
+    Kinds (`jumprelu/kinds/`) add their own parameters and activation on top.
+    """
+
     d_model: int
     width: int
-    bandwidth: float = 0.001
-    threshold_init: float = 0.001
-    threshold_param: str = "log"  # "log": train log θ (paper); "raw": train θ directly
     pre_encoder_bias: bool = True  # subtract b_dec before encoding (paper default)
     compute_dtype: Any = jnp.float32  # dtype of the matmuls; parameters stay float32
 
@@ -54,6 +56,50 @@ class JumpReLUSAE(nn.Module):
         self.W_enc = self.param("W_enc", lambda _: jnp.transpose(self.W_dec))
         self.b_enc = self.param("b_enc", nn.initializers.zeros, (self.width,))
         self.b_dec = self.param("b_dec", nn.initializers.zeros, (self.d_model,))
+
+    def pre_activations(self, x: jax.Array, w_enc: jax.Array | None = None, b_enc: jax.Array | None = None):
+        """z = (x - b_dec) W_enc + b_enc. x: [..., d_model] -> [..., width].
+
+        Computed as x W_enc + (b_enc - b_dec W_enc): the same value, but the gradient
+        of b_dec then sums ∂z over the batch before one mat-vec, instead of a sixth
+        [B, M] x [M, d] product (and, sharded, an all-reduce of [d], not of [B, d]).
+        """
+        w_enc = self.W_enc if w_enc is None else w_enc
+        b_enc = self.b_enc if b_enc is None else b_enc
+        dt = self.compute_dtype
+        z = jnp.matmul(x.astype(dt), w_enc.astype(dt), preferred_element_type=jnp.float32)
+        bias = b_enc
+        if self.pre_encoder_bias:
+            bias = bias - jnp.matmul(self.b_dec, w_enc, preferred_element_type=jnp.float32)
+        return z + bias
+
+    def decode(self, f: jax.Array, w_dec: jax.Array | None = None, b_dec: jax.Array | None = None) -> jax.Array:
+        """x̂ = f W_dec + b_dec. f: [..., width] -> [..., d_model]."""
+        w_dec = self.W_dec if w_dec is None else w_dec
+        b_dec = self.b_dec if b_dec is None else b_dec
+        dt = self.compute_dtype
+        return jnp.matmul(f.astype(dt), w_dec.astype(dt), preferred_element_type=jnp.float32) + b_dec
+
+    def outputs(self, z: jax.Array, f: jax.Array, **extra) -> dict[str, jax.Array]:
+        """The dict every kind's forward pass returns: z, f, l0 [B], fired_per_latent [M], x_hat."""
+        fired = f > 0
+        return {
+            "z": z,
+            "f": f,
+            "l0": jnp.sum(fired, axis=-1).astype(jnp.float32),
+            "fired_per_latent": jnp.sum(fired, axis=0),
+            "x_hat": self.decode(f),
+            **extra,
+        }
+
+
+class JumpReLUSAE(SAEBase):
+    bandwidth: float = 0.001
+    threshold_init: float = 0.001
+    threshold_param: str = "log"  # "log": train log θ (paper); "raw": train θ directly
+
+    def setup(self):
+        super().setup()
         if self.threshold_param == "log":
             init = math.log(self.threshold_init)
             self.log_threshold = self.param("log_threshold", nn.initializers.constant(init), (self.width,))
@@ -68,29 +114,9 @@ class JumpReLUSAE(nn.Module):
             return jnp.exp(self.log_threshold)
         return self.raw_threshold
 
-    def pre_activations(self, x: jax.Array) -> jax.Array:
-        """z = (x - b_dec) W_enc + b_enc. x: [..., d_model] -> [..., width].
-
-        Computed as x W_enc + (b_enc - b_dec W_enc): the same value, but the gradient
-        of b_dec then sums ∂z over the batch before one mat-vec, instead of a sixth
-        [B, M] x [M, d] product (and, sharded, an all-reduce of [d], not of [B, d]).
-        """
-        dt = self.compute_dtype
-        z = jnp.matmul(x.astype(dt), self.W_enc.astype(dt), preferred_element_type=jnp.float32)
-        bias = self.b_enc
-        if self.pre_encoder_bias:
-            bias = bias - jnp.matmul(self.b_dec, self.W_enc, preferred_element_type=jnp.float32)
-        return z + bias
-
     def encode(self, x: jax.Array) -> jax.Array:
         """f = JumpReLU_θ(z). x: [..., d_model] -> f: [..., width]."""
         return ops.jumprelu(self.pre_activations(x), self.threshold(), self.bandwidth)
-
-    def decode(self, f: jax.Array) -> jax.Array:
-        """x̂ = f W_dec + b_dec. f: [..., width] -> [..., d_model]."""
-        dt = self.compute_dtype
-        x_hat = jnp.matmul(f.astype(dt), self.W_dec.astype(dt), preferred_element_type=jnp.float32)
-        return x_hat + self.b_dec
 
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
         """What the loss needs. x: [B, d] -> z, f: [B, M]; l0: [B] (straight-through

@@ -24,6 +24,9 @@ PARAM_SPECS = {
     "threshold": P("model"),  # [M]
     "W_dec": P("model", None),  # [M, d_model]
     "b_dec": P(),  # [d_model]
+    "r_mag": P("model"),  # [M] Gated
+    "b_mag": P("model"),  # [M] Gated
+    "tokens_since_fired": P("model"),  # [M] TopK/BatchTopK dead-latent counters
 }
 BATCH_SPEC = P("data", None)  # activations [B, d_model]
 LATENT_SPEC = P("data", "model")  # z, f [B, M]

@@ -72,7 +72,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     else:
         scale = _initial_scale(cfg, store)
-        state = state_lib.create_state(prog.model, prog.tx, mesh, jax.random.key(cfg.train.seed), scale)
+        key = jax.random.key(cfg.train.seed)
+        state = state_lib.create_state(prog.model, prog.tx, mesh, key, scale, prog.kind.init_stats)
     if distributed.is_lead():
         atomic_write_text(os.path.join(workdir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
 

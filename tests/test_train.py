@@ -94,7 +94,7 @@ def test_load_reproduces_training_time_reconstruction(tmp_path, tiny_config):
     ckpt = Checkpointer(wd, keep=1, read_only=True)
     model = sae_lib.JumpReLUSAE(d_model=32, width=64, threshold_init=0.05)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32)))["params"]
-    params, scale = ckpt.restore_sae(abstract, jax.ShapeDtypeStruct((), jnp.float32))
+    params, scale, _ = ckpt.restore_sae(abstract, jax.ShapeDtypeStruct((), jnp.float32))
     x = np.random.default_rng(0).standard_normal((100, 32)).astype(np.float32) * float(scale)
     out = model.apply({"params": params}, x / scale)
     np.testing.assert_allclose(sae(x), out["x_hat"] * scale, rtol=1e-4, atol=1e-4 * float(scale))

@@ -1,0 +1,29 @@
+"""ReLU SAE with an L1 penalty (the vanilla baseline).
+
+f = ReLU(z);  L = mean_b( ‖x - x̂‖² + λ Σ_i f_i ‖W_dec,i‖ ).
+The L1 term is weighted by decoder-row norms so that shrinking W_dec cannot cheat it;
+under the shared unit-norm decoder constraint the weights are 1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jumprelu.losses import reconstruction_metrics
+from jumprelu.sae import SAEBase
+
+
+class ReLUSAE(SAEBase):
+    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+        z = self.pre_activations(x)
+        return self.outputs(z, jax.nn.relu(z))
+
+
+def loss(model, params, stats, x, coefficient):
+    out = model.apply({"params": params}, x)
+    sq_err = jnp.sum(jnp.square(x - out["x_hat"]), axis=-1)
+    l1 = out["f"] @ jnp.linalg.norm(params["W_dec"], axis=-1)
+    total = jnp.mean(sq_err + coefficient * l1)
+    metrics = reconstruction_metrics(x, out["x_hat"], out["l0"], out["fired_per_latent"])
+    return total, (dict(metrics, loss=total, l1=jnp.mean(l1)), stats)
