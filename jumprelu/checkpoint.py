@@ -94,7 +94,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         target = {"params": abstract_params, "scale": abstract_scale, "stats": abstract_stats or {}}
         out = self._manager.restore(step, args=ocp.args.Composite(sae=ocp.args.StandardRestore(target)))["sae"]
-        return out["params"], out["scale"], out.get("stats", {})
+        return out["params"], out["scale"], out["stats"]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

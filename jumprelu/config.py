@@ -90,11 +90,14 @@ def _check(ok: bool, field: str, expected: str, found) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ConfigError on the first field that cannot work."""
     s, t, d = c.sae, c.train, c.data
-    kinds = ("jumprelu", "relu", "gated", "topk", "batchtopk")
-    _check(s.kind in kinds, "sae.kind", f"one of {kinds}", s.kind)
+    from jumprelu.kinds import KINDS  # late: the kinds pull in flax, the config alone should not
+
+    _check(s.kind in KINDS, "sae.kind", f"one of {KINDS}", s.kind)
     if s.kind in ("topk", "batchtopk"):
         _check(isinstance(s.k, int) and 0 < s.k <= s.width, "sae.k", f"an integer in [1, sae.width={s.width}]", s.k)
         _check(s.aux_k > 0, "sae.aux_k", "> 0", s.aux_k)
+        _check(s.aux_coefficient >= 0, "sae.aux_coefficient", ">= 0", s.aux_coefficient)
+        _check(s.dead_window_tokens > 0, "sae.dead_window_tokens", "> 0", s.dead_window_tokens)
         _check(
             0 <= s.batchtopk_threshold_decay < 1,
             "sae.batchtopk_threshold_decay",
@@ -102,6 +105,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
             s.batchtopk_threshold_decay,
         )
     _check(s.target_l0 is None or s.target_l0 > 0, "sae.target_l0", "> 0 or unset", s.target_l0)
+    _check(s.target_l0_coefficient > 0, "sae.target_l0_coefficient", "> 0", s.target_l0_coefficient)
     _check(isinstance(s.width, int) and s.width > 0, "sae.width", "a positive integer", s.width)
     _check(s.sparsity_coefficient >= 0, "sae.sparsity_coefficient", ">= 0", s.sparsity_coefficient)
     _check(s.bandwidth > 0, "sae.bandwidth", "> 0", s.bandwidth)

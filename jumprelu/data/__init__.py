@@ -15,6 +15,7 @@ from jumprelu.data.stream import BatchStream
 from jumprelu.errors import DataError
 from jumprelu.store import Store, open_store
 from jumprelu.store import format as store_format
+from jumprelu.store.reader import read_metadata
 
 __all__ = ["BatchStream", "DataError", "open_source", "make_stream", "ground_truth", "source_d_model"]
 
@@ -64,12 +65,7 @@ def source_d_model(data_cfg) -> int:
         return data_cfg.d_model
     if data_cfg.source == "synthetic":
         return data_cfg.synthetic.d_model
-    meta_file = os.path.join(data_cfg.source, store_format.METADATA)
-    try:
-        with open(meta_file) as f:
-            return int(json.load(f)["d_model"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"data.source {data_cfg.source}: cannot read d_model from {meta_file} ({e})") from None
+    return int(read_metadata(data_cfg.source)["d_model"])
 
 
 def ground_truth(data_cfg):

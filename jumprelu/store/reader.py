@@ -63,7 +63,8 @@ def _fail(path: str, message: str):
     raise DataError(f"store {path}: {message}")
 
 
-def _read_metadata(path: str) -> dict:
+def read_metadata(path: str) -> dict:
+    """metadata.json of the store at `path`, checked (format, version, fields), without touching shards."""
     if not os.path.isdir(path):
         _fail(path, "no such directory")
     meta_file = os.path.join(path, fmt.METADATA)
@@ -150,7 +151,7 @@ def open_store(path: str, *, nonfinite: str = "fail", verify: bool = False) -> S
     """
     if nonfinite not in NONFINITE_POLICIES:
         raise DataError(f"store {path}: nonfinite policy must be one of {NONFINITE_POLICIES}, found {nonfinite!r}")
-    meta = _read_metadata(path)
+    meta = read_metadata(path)
     for shard in meta["shards"]:
         _check_shard(path, meta, shard)
     store = Store(path, meta, [np.asarray(s["nonfinite_rows"], np.int64) for s in meta["shards"]])
