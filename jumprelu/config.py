@@ -75,6 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
         clip_grad_norm=0.0,  # 0 = off (the papers clip nothing)
     )
 
+    # K SAEs in one jitted step on the same batches, one per λ here (same kind, width and init):
+    # the data are read once for a whole λ sweep. Empty = one SAE with sae.sparsity_coefficient.
+    c.stack = dict(sparsity_coefficients=())
+
     # distributed: call jax.distributed.initialize() (multi-host pods); also $JUMPRELU_DISTRIBUTED=1.
     c.mesh = dict(data=1, model=1, distributed=False)
     c.ckpt = dict(every_steps=1000, keep=3)
@@ -128,6 +132,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(d.read_threads >= 0, "data.read_threads", ">= 0", d.read_threads)
     _check(d.prefetch_batches >= 0, "data.prefetch_batches", ">= 0", d.prefetch_batches)
     _check(d.eval_rows >= 0, "data.eval_rows", ">= 0", d.eval_rows)
+    lams = c.stack.sparsity_coefficients
+    _check(
+        isinstance(lams, (tuple, list)) and all(isinstance(v, (int, float)) and v >= 0 for v in lams),
+        "stack.sparsity_coefficients",
+        "a tuple of numbers >= 0",
+        lams,
+    )
+    if lams:
+        _check(s.kind in ("jumprelu", "relu", "gated"), "sae.kind", "jumprelu, relu or gated to stack λ values", s.kind)
+        _check(s.target_l0 is None, "sae.target_l0", "unset when stack.sparsity_coefficients is set", s.target_l0)
     for axis in ("data", "model"):
         n = c.mesh[axis]
         _check(isinstance(n, int) and (n > 0 or n == -1), f"mesh.{axis}", "a positive integer or -1", n)

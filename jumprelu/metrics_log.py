@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 
 from tqdm import tqdm
 
+from jumprelu import fs
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Writes via a temporary file and a rename, so readers never see half a file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+atomic_write_text = fs.write_text_atomically  # local or gs:// (see jumprelu.fs)
 
 
 def read_metrics(path: str) -> list[dict]:
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return []
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return [json.loads(line) for line in fs.read_text(path).splitlines() if line.strip()]
 
 
 class MetricsLog:
@@ -34,17 +26,24 @@ class MetricsLog:
     """
 
     def __init__(self, workdir: str, resume_step: int):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._fh = open(self.path, "a")
+        self.path = fs.join(workdir, "metrics.jsonl")
+        self._lines = [json.dumps(r) + "\n" for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        atomic_write_text(self.path, "".join(self._lines))
+        # Objects in a bucket cannot be appended to: a remote log is rewritten whole at each write.
+        self._fh = None if fs.is_remote(self.path) else open(self.path, "a")
 
     def write(self, record: dict) -> None:
-        self._fh.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self._fh is None:
+            self._lines.append(line)
+            atomic_write_text(self.path, "".join(self._lines))
+            return
+        self._fh.write(line)
         self._fh.flush()
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
 
 class Progress:

@@ -29,3 +29,21 @@ def plot_training_curves(records: list[dict], path: str, title: str = "") -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_pareto(points: list[dict], path: str, title: str = "") -> None:
+    """L0 (log axis) against FVU, one curve per `kind`; points: dicts with kind, l0, fvu."""
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for kind in sorted({p["kind"] for p in points}):
+        mine = sorted((p for p in points if p["kind"] == kind), key=lambda p: p["l0"])
+        ax.plot([p["l0"] for p in mine], [p["fvu"] for p in mine], marker="o", lw=1.4, label=kind)
+    ax.set_xscale("log")
+    ax.set_xlabel("L0 (active latents per token, held out)")
+    ax.set_ylabel("FVU (held out)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

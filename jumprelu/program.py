@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jumprelu import kinds, optim, sae, sharding
 from jumprelu import state as state_lib
-from jumprelu.step import make_train_step
+from jumprelu.step import make_stacked_train_step, make_train_step
 
 
 @dataclasses.dataclass
@@ -26,6 +26,12 @@ class Program:
     abstract_state: state_lib.TrainState  # ShapeDtypeStructs with NamedShardings
     batch_sharding: NamedSharding
     step: jax.stages.Compiled  # (state, batch [B, d]) -> (state, metrics); state donated
+    # K stacked SAEs (config `stack`): their λ values; empty for one SAE. Metrics then have a K axis.
+    sparsity_coefficients: tuple[float, ...] = ()
+
+    @property
+    def members(self) -> int:
+        return len(self.sparsity_coefficients)
 
 
 def build(cfg, d_model: int, mesh: Mesh, batch_dtype: str = "float32") -> Program:
@@ -39,15 +45,19 @@ def build(cfg, d_model: int, mesh: Mesh, batch_dtype: str = "float32") -> Progra
     kind = kinds.from_config(cfg.sae, d_model)
     model = kind.model
     tx = optim.make_optimizer(cfg.train)
-    abstract = state_lib.with_shardings(mesh, state_lib.abstract_state(model, tx, kind.init_stats))
-    batch_sharding = sharding.batch_sharding(mesh)
-    step_fn = make_train_step(
-        model,
-        tx,
-        optim.sparsity_schedule(cfg.train, cfg.sae.sparsity_coefficient),
-        optim.learning_rate_schedule(cfg.train),
-        kind.loss,
+    lams = tuple(float(v) for v in cfg.stack.sparsity_coefficients)
+    abstract = state_lib.with_shardings(
+        mesh, state_lib.abstract_state(model, tx, kind.init_stats, members=len(lams)), stacked=bool(lams)
     )
+    batch_sharding = sharding.batch_sharding(mesh)
+    lr = optim.learning_rate_schedule(cfg.train)
+    if lams:
+        unit = optim.sparsity_schedule(cfg.train, 1.0)
+        step_fn = make_stacked_train_step(model, tx, unit, lr, lams, kind.loss)
+    else:
+        step_fn = make_train_step(
+            model, tx, optim.sparsity_schedule(cfg.train, cfg.sae.sparsity_coefficient), lr, kind.loss
+        )
     state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, d_model), jnp.dtype(batch_dtype), sharding=batch_sharding)
     with jax.set_mesh(mesh):
@@ -61,4 +71,4 @@ def build(cfg, d_model: int, mesh: Mesh, batch_dtype: str = "float32") -> Progra
             .lower(abstract, batch)
             .compile()
         )
-    return Program(model, kind, tx, mesh, abstract, batch_sharding, compiled)
+    return Program(model, kind, tx, mesh, abstract, batch_sharding, compiled, lams)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 
+import jax
+import ml_collections
 import numpy as np
 
 from jumprelu import data as data_lib
-from jumprelu import distributed, kinds
-from jumprelu.checkpoint import checkpoint_dir
+from jumprelu import distributed, fs, kinds
+from jumprelu.checkpoint import MEMBER_FILE, checkpoint_dir
 from jumprelu.data import synthetic
 from jumprelu.evaluate import evaluate_rows
 from jumprelu.fold import fold
@@ -18,22 +20,46 @@ from jumprelu.plots import plot_training_curves
 
 
 def final_report(cfg, workdir: str, state, stream, start_step: int) -> dict:
+    """Evaluates the trained SAE (or each of K stacked ones) on the held-out rows; writes report.json."""
     params, scale, stats = distributed.to_host((state.params, state.scale, state.stats))
+    steps = int(state.step)
+    eval_rows = stream.eval_set()
+    lams = tuple(cfg.stack.sparsity_coefficients)
+    if not lams:
+        return _sae_report(cfg, workdir, workdir, params, scale, stats, eval_rows, steps, start_step)
+    members = []
+    for i, lam in enumerate(lams):
+        member_cfg = ml_collections.ConfigDict(cfg.to_dict())
+        member_cfg.sae.sparsity_coefficient = float(lam)
+        member_cfg.stack.sparsity_coefficients = ()
+        member_dir = fs.join(workdir, f"sae-{i}")
+        pick = lambda t, i=i: jax.tree.map(lambda a: a[i], t)  # noqa: E731
+        r = _sae_report(member_cfg, workdir, member_dir, pick(params), scale, pick(stats), eval_rows, steps, start_step)
+        if distributed.is_lead():
+            atomic_write_text(fs.join(member_dir, "config.json"), json.dumps(member_cfg.to_dict(), indent=2))
+            atomic_write_text(fs.join(member_dir, MEMBER_FILE), json.dumps({"member": i, "workdir": ".."}))
+        members.append(dict(r, member=i, sparsity_coefficient=float(lam)))
+    out = {k: members[0][k] for k in ("steps", "tokens", "resumed_from_step", "scale", "checkpoint")}
+    out.update(workdir=fs.abspath(workdir), members=members)
+    if distributed.is_lead():
+        atomic_write_text(fs.join(workdir, "report.json"), json.dumps(out, indent=2))
+    return out
+
+
+def _sae_report(cfg, workdir, report_dir, params, scale, stats, eval_rows, steps, start_step) -> dict:
     kind = kinds.from_config(cfg.sae, cfg.data.d_model)
     folded = fold(kind.export(params, stats), scale, cfg.sae.pre_encoder_bias)
     folded = {k: np.asarray(v) for k, v in folded.items()}
-    eval_rows = stream.eval_set()
     metrics = evaluate_rows(folded, eval_rows) if len(eval_rows) else {}
     metrics.pop("firing_frequency", None)
-    steps = int(state.step)
     out = {
         "steps": steps,
         "tokens": steps * cfg.train.batch_size,
         "resumed_from_step": start_step,
         "scale": float(scale),
         "eval": metrics,
-        "checkpoint": os.path.join(checkpoint_dir(workdir), str(steps)),
-        "workdir": os.path.abspath(workdir),
+        "checkpoint": fs.join(checkpoint_dir(workdir), str(steps)),
+        "workdir": fs.abspath(report_dir),
     }
     truth = data_lib.ground_truth(cfg.data)
     if truth is not None:
@@ -41,16 +67,21 @@ def final_report(cfg, workdir: str, state, stream, start_step: int) -> dict:
         out["true_features"] = int(truth.shape[0])
     if not distributed.is_lead():  # every process evaluates; only the lead writes
         return out
-    records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    records = read_metrics(fs.join(report_dir, "metrics.jsonl"))
     if records:
-        curves = os.path.join(workdir, "training_curves.png")
-        plot_training_curves(records, curves, title=f"{cfg.data.source}  width {cfg.sae.width}")
+        curves = fs.join(report_dir, "training_curves.png")
+        title = f"{cfg.data.source}  width {cfg.sae.width}  λ {cfg.sae.sparsity_coefficient:g}"
+        buf = io.BytesIO()
+        plot_training_curves(records, buf, title=title)
+        fs.write_bytes_atomically(curves, buf.getvalue())
         out["curves"] = curves
-    atomic_write_text(os.path.join(workdir, "report.json"), json.dumps(out, indent=2))
+    atomic_write_text(fs.join(report_dir, "report.json"), json.dumps(out, indent=2))
     return out
 
 
 def format_report(r: dict) -> str:
+    if "members" in r:
+        return _format_stacked(r)
     lines = [f"jumprelu: {r['steps']:,} steps, {r['tokens']:,} tokens (input scale C = {r['scale']:.4g})"]
     e = r.get("eval")
     if e:
@@ -68,5 +99,23 @@ def format_report(r: dict) -> str:
     lines.append(f"  load it:    import jumprelu; sae = jumprelu.load({r['workdir']!r})")
     if "curves" in r:
         lines.append(f"  curves:     {r['curves']}")
-    lines.append(f"  report:     {os.path.join(r['workdir'], 'report.json')}")
+    lines.append(f"  report:     {fs.join(r['workdir'], 'report.json')}")
+    return "\n".join(lines)
+
+
+def _format_stacked(r: dict) -> str:
+    lines = [
+        f"jumprelu: {len(r['members'])} stacked SAEs, {r['steps']:,} steps, {r['tokens']:,} tokens each "
+        f"(input scale C = {r['scale']:.4g})",
+        f"  {'member':>6}  {'λ':>10}  {'L0':>8}  {'FVU':>8}  {'dead':>6}  load path",
+    ]
+    for m in r["members"]:
+        e = m.get("eval") or {}
+        lines.append(
+            f"  {m['member']:>6}  {m['sparsity_coefficient']:>10.4g}  {e.get('l0', float('nan')):>8.2f}  "
+            f"{e.get('fvu', float('nan')):>8.4f}  {100 * e.get('dead_fraction', float('nan')):>5.1f}%  {m['workdir']}"
+        )
+    lines.append(f"  checkpoint: {r['checkpoint']}")
+    lines.append(f"  load one:   import jumprelu; sae = jumprelu.load({r['members'][0]['workdir']!r})")
+    lines.append(f"  report:     {fs.join(r['workdir'], 'report.json')}")
     return "\n".join(lines)

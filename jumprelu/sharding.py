@@ -73,22 +73,27 @@ def check_batch(mesh: Mesh, batch_size: int) -> None:
         raise ConfigError(f"config field train.batch_size={batch_size} is not divisible by mesh.data={n}")
 
 
-def _spec_for_path(path, leaf) -> P:
-    """The spec of a state leaf: that of the last parameter name on its path, else replicated."""
+def _spec_for_path(path, leaf, stacked: bool = False) -> P:
+    """The spec of a state leaf: that of the last parameter name on its path, else replicated.
+
+    stacked: leaves carry a leading axis of K stacked SAEs, which is not split (each device
+    holds its slice of every SAE, so the K SAEs share the batch's layout).
+    """
+    extra = 1 if stacked else 0
     for entry in reversed(path):
         name = getattr(entry, "key", None)
-        if name in PARAM_SPECS and getattr(leaf, "ndim", 0) == len(PARAM_SPECS[name]):
-            return PARAM_SPECS[name]
+        if name in PARAM_SPECS and getattr(leaf, "ndim", 0) == len(PARAM_SPECS[name]) + extra:
+            return P(*([None] * extra), *PARAM_SPECS[name])
     return REPLICATED
 
 
-def tree_specs(tree):
+def tree_specs(tree, stacked: bool = False):
     """PartitionSpecs for any tree of params or state (params, Adam mu/nu, ...)."""
-    return jax.tree_util.tree_map_with_path(_spec_for_path, tree)
+    return jax.tree_util.tree_map_with_path(lambda p, leaf: _spec_for_path(p, leaf, stacked), tree)
 
 
-def tree_shardings(mesh: Mesh, tree):
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), tree_specs(tree))
+def tree_shardings(mesh: Mesh, tree, stacked: bool = False):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), tree_specs(tree, stacked))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -36,19 +36,51 @@ def init_state(
     )
 
 
-def abstract_state(model: nn.Module, tx: optax.GradientTransformation, init_stats=dict) -> TrainState:
-    """Shapes and dtypes only (no shardings attached)."""
-    return jax.eval_shape(lambda k: init_state(model, tx, k, 1.0, init_stats), jax.random.key(0))
+def abstract_state(model: nn.Module, tx: optax.GradientTransformation, init_stats=dict, members: int = 0) -> TrainState:
+    """Shapes and dtypes only (no shardings attached); members > 0 for K stacked SAEs."""
+
+    def make(k):
+        s = init_state(model, tx, k, 1.0, init_stats)
+        return stack(s, members) if members else s
+
+    return jax.eval_shape(make, jax.random.key(0))
 
 
-def with_shardings(mesh: Mesh, abstract):
+# K stacked SAEs (config `stack`): params, optimizer state and stats gain a leading axis of
+# size K; the step counter and the input scale C are shared. This is the vmap axis spec.
+STACK_AXES = TrainState(step=None, params=0, opt_state=0, scale=None, stats=0)
+
+
+def stack(state: TrainState, members: int) -> TrainState:
+    """K copies of one state along a new leading axis (every member starts from the same init)."""
+    rep = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (members, *jnp.shape(a))), t)  # noqa: E731
+    return state.replace(params=rep(state.params), opt_state=rep(state.opt_state), stats=rep(state.stats))
+
+
+def member(state: TrainState, i: int) -> TrainState:
+    """Member i of a stacked state, as a plain single-SAE state."""
+    pick = lambda t: jax.tree.map(lambda a: a[i], t)  # noqa: E731
+    return state.replace(params=pick(state.params), opt_state=pick(state.opt_state), stats=pick(state.stats))
+
+
+def with_shardings(mesh: Mesh, abstract, stacked: bool = False):
     """Attaches the table's NamedShardings to an abstract tree (for restore and AOT compile)."""
-    shardings = sharding.tree_shardings(mesh, abstract)
+    shardings = sharding.tree_shardings(mesh, abstract, stacked)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def create_state(model, tx, mesh: Mesh, key: jax.Array, scale: float, init_stats=dict) -> TrainState:
-    """Creates the state already sharded: never built on one device and then moved."""
-    shardings = sharding.tree_shardings(mesh, abstract_state(model, tx, init_stats))
+def create_state(model, tx, mesh: Mesh, key: jax.Array, scale: float, init_stats=dict, members: int = 0) -> TrainState:
+    """Creates the state already sharded: never built on one device and then moved.
+
+    members > 0: K stacked copies of the same initial state (a λ sweep from one init, as K
+    separate runs with the same seed would start).
+    """
+
+    def make(k, c):
+        s = init_state(model, tx, k, c, init_stats)
+        return stack(s, members) if members else s
+
+    abstract = jax.eval_shape(make, key, jnp.float32(scale))
+    shardings = sharding.tree_shardings(mesh, abstract, stacked=bool(members))
     with jax.set_mesh(mesh):
-        return jax.jit(lambda k, c: init_state(model, tx, k, c, init_stats), out_shardings=shardings)(key, scale)
+        return jax.jit(make, out_shardings=shardings)(key, scale)

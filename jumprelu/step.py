@@ -11,7 +11,7 @@ import optax
 
 from jumprelu import losses, sae
 from jumprelu.optim import Schedule
-from jumprelu.state import TrainState
+from jumprelu.state import STACK_AXES, TrainState
 
 StepFn = Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
 
@@ -41,5 +41,30 @@ def make_train_step(
         params = sae.constrain(optax.apply_updates(state.params, updates))
         metrics = dict(metrics, sparsity_coefficient=lam, lr=learning_rate(state.step))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats), metrics
+
+    return train_step
+
+
+def make_stacked_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    unit_sparsity: Schedule,
+    learning_rate: Schedule,
+    sparsity_coefficients,
+    loss: Callable | None = None,
+) -> StepFn:
+    """K SAEs, one per λ, updated in one step on the same batch (state stacked, see state.STACK_AXES).
+
+    unit_sparsity: the λ schedule for peak 1; member i uses unit_sparsity(step) · λ_i, the same
+    value a single run's schedule with peak λ_i gives. Metrics come back with a leading K axis.
+    """
+    lams = jnp.asarray(sparsity_coefficients, jnp.float32)
+
+    def member_step(state: TrainState, batch: jax.Array, lam_peak: jax.Array):
+        step_fn = make_train_step(model, tx, lambda t: unit_sparsity(t) * lam_peak, learning_rate, loss)
+        return step_fn(state, batch)
+
+    def train_step(state: TrainState, batch: jax.Array):
+        return jax.vmap(member_step, in_axes=(STACK_AXES, None, 0), out_axes=(STACK_AXES, 0))(state, batch, lams)
 
     return train_step

@@ -13,7 +13,7 @@ import ml_collections
 
 from jumprelu import config as config_lib
 from jumprelu import data as data_lib
-from jumprelu import distributed, program, report, sharding
+from jumprelu import distributed, fs, program, report, sharding
 from jumprelu import state as state_lib
 from jumprelu.checkpoint import Checkpointer
 from jumprelu.data import pipeline
@@ -25,13 +25,20 @@ log = logging.getLogger("jumprelu")
 _KILL_AT_STEP = int(os.environ.get("JUMPRELU_KILL_AT_STEP", "-1"))
 
 # Fields that fix the shapes and meaning of a checkpoint: a resumed run must match them.
-_RESUME_FIELDS = ("sae.kind", "sae.width", "sae.threshold_param", "sae.pre_encoder_bias", "data.d_model")
+_RESUME_FIELDS = (
+    "sae.kind",
+    "sae.width",
+    "sae.threshold_param",
+    "sae.pre_encoder_bias",
+    "data.d_model",
+    "stack.sparsity_coefficients",
+)
 
 
 def _get(d: dict, dotted: str):
     for k in dotted.split("."):
-        d = d[k]
-    return d
+        d = d.get(k) if isinstance(d, dict) else None
+    return json.loads(json.dumps(d))  # tuples and lists compare alike, as they are in the saved JSON
 
 
 def _check_resumable(saved: dict, cfg: ml_collections.ConfigDict, directory: str) -> None:
@@ -42,6 +49,13 @@ def _check_resumable(saved: dict, cfg: ml_collections.ConfigDict, directory: str
                 f"config field {field} is {_get(now, field)!r} but the checkpoint in {directory} "
                 f"was trained with {_get(saved, field)!r}; use a new --workdir"
             )
+
+
+def member_dir(workdir: str, i: int) -> str:
+    """Where member i of a stacked run keeps its metrics, report and config (and its load path)."""
+    path = fs.join(workdir, f"sae-{i}")
+    fs.makedirs(path)
+    return path
 
 
 def _initial_scale(cfg, store) -> float:
@@ -64,8 +78,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     prog = program.build(cfg, store.d_model, mesh, batch_dtype=store.dtype)
     log.info("compiled train step on mesh %s; memory: %s", dict(mesh.shape), prog.step.memory_analysis())
 
-    os.makedirs(workdir, exist_ok=True)
-    ckpt = Checkpointer(workdir, keep=cfg.ckpt.keep)
+    fs.makedirs(workdir)
+    ckpt = Checkpointer(workdir, keep=cfg.ckpt.keep, members=prog.members)
     if ckpt.latest_step() is not None:
         _check_resumable(ckpt.restore_config(), cfg, ckpt.directory)
         state = ckpt.restore_state(prog.abstract_state)  # onto this run's mesh, whatever it was saved from
@@ -73,9 +87,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         scale = _initial_scale(cfg, store)
         key = jax.random.key(cfg.train.seed)
-        state = state_lib.create_state(prog.model, prog.tx, mesh, key, scale, prog.kind.init_stats)
+        state = state_lib.create_state(prog.model, prog.tx, mesh, key, scale, prog.kind.init_stats, prog.members)
     if distributed.is_lead():
-        atomic_write_text(os.path.join(workdir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
+        atomic_write_text(fs.join(workdir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
 
     start = int(state.step)
     batches = _batches(cfg, prog, stream, ckpt, start)
@@ -111,7 +125,10 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start):
     total, every_log, every_ckpt = cfg.train.steps, cfg.log.every_steps, cfg.ckpt.every_steps
     batch_size = cfg.train.batch_size
     lead = distributed.is_lead()
-    metrics_log = MetricsLog(workdir, resume_step=start) if lead else None
+    members = prog.members
+    # One metrics file per SAE: WORKDIR/metrics.jsonl, or WORKDIR/sae-i/metrics.jsonl when stacked.
+    log_dirs = [workdir] if not members else [member_dir(workdir, i) for i in range(members)]
+    metrics_logs = [MetricsLog(d, resume_step=start) for d in log_dirs] if lead else []
     progress = Progress(total, start, batch_size, enabled=cfg.log.progress and lead)
     config_json = cfg.to_dict()
     t0 = time.perf_counter()
@@ -122,17 +139,18 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start):
         done = step + 1
         if done % every_log == 0 or done == total:
             # Metrics leave the device only here; the value is that of step `done`'s batch.
-            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            rate = progress.update(done, host)
-            if lead:
-                metrics_log.write({"step": done, **host, "tokens_per_s": rate, "elapsed_s": time.perf_counter() - t0})
+            host = jax.device_get(metrics)
+            per_sae = [{k: float(v[i] if members else v) for k, v in host.items()} for i in range(max(members, 1))]
+            rate = progress.update(done, per_sae[0])
+            for log_file, values in zip(metrics_logs, per_sae if lead else [], strict=True):
+                log_file.write({"step": done, **values, "tokens_per_s": rate, "elapsed_s": time.perf_counter() - t0})
         if done % every_ckpt == 0 or done == total:
             ckpt.save(state, config_json, pipeline.IteratorSnapshot(batches))  # collective: every process takes part
         if done == _KILL_AT_STEP:  # fault injection for the preemption test: die without any cleanup
             ckpt.wait()
             os.kill(os.getpid(), signal.SIGKILL)
     progress.close()
-    if metrics_log:
-        metrics_log.close()
+    for log_file in metrics_logs:
+        log_file.close()
     ckpt.wait()
     return state

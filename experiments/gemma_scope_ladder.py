@@ -1,0 +1,61 @@
+"""The Gemma Scope width ladder on Gemma 2 9B, layer 20 residual stream: widths 2^14 to 2^20.
+
+  python -m launch.sweep gemma_scope_ladder:stores=/gcs/BUCKET/stores/gemma2-9b --dry-run
+  python -m launch.tpu run NAME --sweep gemma_scope_ladder:stores=/gcs/BUCKET/stores/gemma2-9b \\
+      --workdir gs://BUCKET/runs/gemma_scope_ladder
+
+Hardware: TPU v5p-8 for widths up to 2^17, v5p-32 for 2^18 to 2^20 (the planner's memory per
+device for 2^20 on v5p-8 is over half the HBM). Expected run time (scale planner at 50% of
+peak on v5p-8): 16K ~1.4 h (4B tokens), 131K ~12 h (8B), 1M ~190 h on v5p-8 or ~48 h on
+v5p-32 (16B tokens).
+
+Token budgets as Gemma Scope trained them: 4B tokens at width 16K, 8B for 32K-512K, 16B for 1M.
+Each width is trained at three λ (one L0 range each) stacked in one run where the width fits
+three times (up to 2^17), separately above. Data: `{stores}/layer20_resid`.
+
+Argument: width=2^N restricts to one width (e.g. width=65536); stores=PATH; runlocal.
+"""
+
+from jumprelu import sweeps
+from jumprelu.config import base_config
+
+WIDTHS = tuple(2**n for n in range(14, 21))
+LAMS = (2e-4, 6e-4, 2e-3)
+STACK_UP_TO = 2**17
+DEFAULT_STORES = "/gcs/YOUR_BUCKET/stores/gemma2-9b"
+
+
+def tokens_for(width: int) -> int:
+    return 4_000_000_000 if width <= 2**14 else 16_000_000_000 if width >= 2**20 else 8_000_000_000
+
+
+def get_config(arg=None):
+    args = sweeps.parse_arg(arg)
+    width = int(args.get("width", 2**14))
+    c = base_config()
+    c.sae.width = width
+    c.data.source = f"{args.get('stores', DEFAULT_STORES)}/layer20_resid"
+    c.data.d_model = 3584
+    c.train.batch_size = 4096
+    c.train.steps = tokens_for(width) // c.train.batch_size
+    # Split the dictionary over every device (Gemma Scope used pure data parallelism at 16K;
+    # splitting M works at every width and its only reduction is the [B, d_model] sum).
+    c.mesh.update(data=1, model=-1)
+    c.ckpt.update(every_steps=10_000, keep=2)
+    c.log.every_steps = 1000
+    if args.get("runlocal"):
+        sweeps.runlocal(c)
+    return c
+
+
+def get_sweep(arg=None):
+    args = sweeps.parse_arg(arg)
+    widths = [int(args["width"])] if "width" in args else list(WIDTHS)
+    runs = []
+    for width in widths:
+        size = {"sae.width": width, "train.steps": tokens_for(width) // 4096}
+        if width <= STACK_UP_TO:
+            runs.append({**size, "stack.sparsity_coefficients": LAMS})
+        else:
+            runs += [{**size, "sae.sparsity_coefficient": lam} for lam in LAMS]
+    return runs

@@ -1,0 +1,129 @@
+"""Experiments, sweep expansion, the local sweep runner and the TPU launcher's dry run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jumprelu import sweeps
+from jumprelu.config import ConfigError, validate
+from jumprelu.train import train
+from launch import sweep as sweep_cli
+from launch import tpu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments")) if f.endswith(".py"))
+
+
+def test_parse_arg():
+    assert sweeps.parse_arg("jumprelu,layer=20,lam=1e-3,stores=/gcs/b/x") == {
+        "jumprelu": True,
+        "layer": 20,
+        "lam": 1e-3,
+        "stores": "/gcs/b/x",
+    }
+    assert sweeps.parse_arg(None) == {}
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_loads_and_its_runs_validate(name):
+    module = sweeps.load(name)
+    assert module.__doc__.lstrip().splitlines()[0]  # docstring opens with what it is
+    assert "python -m" in module.__doc__ and "Hardware" in module.__doc__ and "run time" in module.__doc__
+    runs = sweeps.expand(module)
+    assert len({r.name for r in runs}) == len(runs) >= 1
+    for run in runs:
+        validate(run.config)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_runlocal_form_trains_a_few_steps(tmp_path, name):
+    runs = sweeps.expand(sweeps.load(name), "runlocal")
+    run = runs[-1]  # the last run: for the 9B comparison an attention site with TopK
+    assert run.config.train.steps <= 20 and run.config.sae.width <= 256
+    report = train(run.config, str(tmp_path / "run"))
+    assert report["steps"] == run.config.train.steps
+    assert "members" in report or report["eval"]["fvu"] > 0
+
+
+def test_sweep_expansion_counts_names_and_overrides():
+    module = sweeps.load("gemma2_9b_comparison")
+    runs = sweeps.expand(module)
+    assert len(runs) == 3 * 3 * 3 * 6  # sites × layers × kinds × values
+    attn = [r for r in runs if r.overrides["data.source"].endswith("layer31_attn") and r.config.sae.kind == "topk"]
+    assert [r.config.sae.k for r in attn] == [10, 20, 40, 80, 160, 320]
+    assert {r.config.data.d_model for r in attn} == {4096}
+    stacked = sweeps.expand(module, "stack,layer=20,site=mlp")
+    assert [r.config.sae.kind for r in stacked] == ["jumprelu", "gated"] + ["topk"] * 6
+    assert len(stacked[0].config.stack.sparsity_coefficients) == 6
+    ladder = sweeps.expand(sweeps.load("gemma_scope_ladder"))
+    widths = sorted({r.config.sae.width for r in ladder})
+    assert widths == [2**n for n in range(14, 21)]
+    budget = {r.config.sae.width: r.config.train.steps * r.config.train.batch_size for r in ladder}
+    assert budget[2**14] == 4e9 - 4e9 % 4096 and budget[2**17] == 8e9 - 8e9 % 4096 and budget[2**20] == 16e9
+
+
+def test_unknown_override_field_is_named():
+    base = sweeps.load("quickstart").get_config()
+    with pytest.raises(ConfigError, match="sae.widht"):
+        sweeps.apply_overrides(base, {"sae.widht": 3})
+
+
+def _sweep(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "launch.sweep", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_local_sweep_runs_skips_finished_and_summarises(tmp_path):
+    root = str(tmp_path / "sweep")
+    out = _sweep("quickstart:runlocal", "--dry-run", "--root", root)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("new ") == 4 and "sae.sparsity_coefficient=0.003" in out.stdout
+    out = _sweep("quickstart:runlocal", "--local", "--root", root, "--parallel", "2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("done ") == 4
+    names = sorted(os.listdir(root))
+    assert len([n for n in names if n.startswith("sparsity_coefficient=")]) == 4
+    assert "sweep_summary.csv" in names and "sweep_summary.png" in names
+    os.remove(os.path.join(root, "sparsity_coefficient=0.1", "report.json"))  # as if it was interrupted
+    out = _sweep("quickstart:runlocal", "--local", "--root", root)
+    assert out.stdout.count("skip ") == 3 and out.stdout.count("done ") == 1, out.stdout
+    with open(os.path.join(root, "sparsity_coefficient=0.1", "report.json")) as f:
+        assert json.load(f)["resumed_from_step"] == 20  # finished run resumed at its last checkpoint
+
+
+def test_stacked_sweep_summarises_each_member(tmp_path):
+    root = str(tmp_path / "stacked")
+    out = _sweep("quickstart:runlocal,stacked", "--local", "--root", root)
+    assert out.returncode == 0, out.stderr
+    rows = sweep_cli.summary_rows(sweeps.expand(sweeps.load("quickstart"), "runlocal,stacked"), root)
+    assert [r["sparsity_coefficient"] for r in rows] == [0.003, 0.01, 0.03, 0.1]
+    assert all(r["run"].endswith(f"/sae-{i}") for i, r in enumerate(rows))
+
+
+def test_tpu_dry_run_for_a_two_host_slice(capsys):
+    common = ["--zone", "us-east5-a", "--project", "proj", "--dry-run"]
+    tpu.main(["create", "sae-pod", "--accelerator", "v5p-16", "--spot", *common])
+    tpu.main(["setup", "sae-pod", "--mount-bucket", "bkt", *common])
+    tpu.main(["run", "sae-pod", "--sweep", "quickstart", "--workdir", "gs://bkt/runs/q", *common])
+    tpu.main(["delete", "sae-pod", *common])
+    lines = [line for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == "# v5p-16: 2 hosts, runtime v2-alpha-tpuv5"
+    cmds = [line[2:] for line in lines if line.startswith("$ ")]
+    assert cmds[0] == (
+        "gcloud compute tpus queued-resources create sae-pod --node-id=sae-pod --zone=us-east5-a "
+        "--project=proj --accelerator-type=v5p-16 --runtime-version=v2-alpha-tpuv5 --spot"
+    )
+    assert cmds[1].startswith("git archive")
+    assert cmds[2].startswith("gcloud compute tpus tpu-vm scp") and "--worker=all" in cmds[2]
+    ssh = [c for c in cmds if c.startswith("gcloud compute tpus tpu-vm ssh sae-pod")]
+    assert len(ssh) == 3 and all("--worker=all" in c for c in ssh)
+    assert "pip install -q -e" in ssh[0] and "gcsfuse --implicit-dirs bkt /gcs/bkt" in ssh[1]
+    assert (
+        "JUMPRELU_DISTRIBUTED=1 nohup .venv/bin/python -m launch.sweep quickstart --local --root gs://bkt/runs/q"
+        in (ssh[2])
+    )
+    assert cmds[-1].startswith("gcloud compute tpus queued-resources delete sae-pod") and "--force" in cmds[-1]
+    assert tpu.parse_accelerator("v5litepod-16") == ("v5litepod", 4)
+    assert tpu.parse_accelerator("v4-8") == ("v4", 1)

@@ -1,0 +1,73 @@
+"""K stacked SAEs in one step (config `stack`): same result as K separate runs, own checkpoint items."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import jumprelu
+from jumprelu import config as config_lib
+from jumprelu.train import train
+
+LAMS = (0.003, 0.03, 0.3)
+
+
+@pytest.fixture
+def stack_config(tiny_config):
+    tiny_config.sae.threshold_param = "raw"  # so θ, and hence each member, visibly follows its λ
+    tiny_config.mesh.update(data=2, model=2)
+    return tiny_config
+
+
+def test_stacked_saes_equal_separate_runs(tmp_path, stack_config):
+    stack_config.stack.sparsity_coefficients = LAMS
+    stacked = train(stack_config, str(tmp_path / "stacked"))
+    assert [m["sparsity_coefficient"] for m in stacked["members"]] == list(LAMS)
+    stack_config.stack.sparsity_coefficients = ()
+    l0s = []
+    for i, lam in enumerate(LAMS):
+        stack_config.sae.sparsity_coefficient = lam
+        alone = train(stack_config, str(tmp_path / f"alone{i}"))
+        a = jumprelu.load(str(tmp_path / f"alone{i}"))
+        s = jumprelu.load(str(tmp_path / "stacked" / f"sae-{i}"))  # the member's own load path
+        for k, v in a.params().items():
+            np.testing.assert_allclose(s.params()[k], v, rtol=2e-5, atol=2e-6, err_msg=f"member {i} {k}")
+        assert stacked["members"][i]["eval"]["l0"] == pytest.approx(alone["eval"]["l0"], rel=1e-3)
+        l0s.append(alone["eval"]["l0"])
+    assert l0s[0] > l0s[1] > l0s[2]  # the members really trained with different λ
+
+
+def test_stacked_run_writes_member_items_metrics_and_resumes(tmp_path, stack_config):
+    stack_config.stack.sparsity_coefficients = LAMS[:2]
+    straight = train(stack_config, str(tmp_path / "a"))
+    stack_config.train.steps = 20
+    train(stack_config, str(tmp_path / "b"))
+    stack_config.train.steps = 40
+    resumed = train(stack_config, str(tmp_path / "b"))
+    assert resumed["resumed_from_step"] == 20
+    for i in range(2):
+        a = jumprelu.load(str(tmp_path / "a"), member=i)
+        b = jumprelu.load(str(tmp_path / "b" / f"sae-{i}"))
+        for k, v in a.params().items():
+            np.testing.assert_array_equal(v, b.params()[k], err_msg=k)
+        with open(tmp_path / "b" / f"sae-{i}" / "metrics.jsonl") as f:
+            steps = [json.loads(line)["step"] for line in f]
+        assert steps == list(range(5, 41, 5))
+        with open(tmp_path / "b" / f"sae-{i}" / "config.json") as f:
+            assert json.load(f)["sae"]["sparsity_coefficient"] == LAMS[i]
+    items = set(os.listdir(tmp_path / "a" / "checkpoints" / "40"))
+    assert {"sae-0", "sae-1", "train", "config", "data"} <= items and "sae" not in items
+    assert straight["members"][1]["eval"] == resumed["members"][1]["eval"]
+    with pytest.raises(ValueError, match="holds 2 stacked SAEs"):
+        jumprelu.load(str(tmp_path / "a"))
+
+
+def test_stack_config_errors(stack_config):
+    stack_config.stack.sparsity_coefficients = (0.1, -1.0)
+    with pytest.raises(config_lib.ConfigError, match="stack.sparsity_coefficients"):
+        config_lib.validate(stack_config)
+    stack_config.stack.sparsity_coefficients = (0.1,)
+    stack_config.sae.kind = "topk"
+    with pytest.raises(config_lib.ConfigError, match="sae.kind"):
+        config_lib.validate(stack_config)
