@@ -6,8 +6,9 @@
 
 Hardware: a TPU v5p-8 (4 chips) per run, or larger. Expected run time (scale planner,
 `python -m jumprelu.plan --config experiments/gemma2_9b_comparison.py --topology v5p-8
---matmul_efficiency 0.5`): ~22 ms per 4,096-token step at 50% of peak, so ~12 h per SAE for
-1,953,125 steps (8B tokens); the 54-run sweep is ~650 TPU-v5p-8-hours without stacking.
+--matmul_efficiency 0.5`): 21 ms per 4,096-token step (5.6 GiB per device, 2.8 GB/s of input),
+so ~11.5 h per SAE for 1,953,125 steps (8B tokens): the 162 SAEs are ~1,900 v5p-8-hours.
+`stack` does not reduce that compute; it reads each site's data once per six SAEs.
 
 Data: one activation store per site and layer, `{stores}/layer{L}_{site}` (written by the
 harvest, or `python -m jumprelu.store convert`), read through a local or gcsfuse path.

@@ -4,10 +4,13 @@
   python -m launch.tpu run NAME --sweep gemma_scope_ladder:stores=/gcs/BUCKET/stores/gemma2-9b \\
       --workdir gs://BUCKET/runs/gemma_scope_ladder
 
-Hardware: TPU v5p-8 for widths up to 2^17, v5p-32 for 2^18 to 2^20 (the planner's memory per
-device for 2^20 on v5p-8 is over half the HBM). Expected run time (scale planner at 50% of
-peak on v5p-8): 16K ~1.4 h (4B tokens), 131K ~12 h (8B), 1M ~190 h on v5p-8 or ~48 h on
-v5p-32 (16B tokens).
+Hardware: TPU v5p-8 up to 2^19; v5p-32 for 2^20. Expected run time, from the scale planner at
+50% of peak (`python -m jumprelu.plan --config experiments/gemma_scope_ladder.py:width=N
+--topology v5p-8 --matmul_efficiency 0.5`): 2^14 2.8 ms/step, ~0.8 h per SAE for 4B tokens
+(three stacked ~2.3 h; one SAE would need 21 GB/s of input, so at this width the store's read
+rate, not the chips, sets the pace); 2^17 21 ms/step, ~11.5 h per SAE (8B tokens, ~35 h for
+the stacked three); 2^20 168 ms/step and 44 GiB per device on v5p-8 (~180 h per SAE), 42 ms
+on v5p-32 (~46 h per SAE for 16B tokens).
 
 Token budgets as Gemma Scope trained them: 4B tokens at width 16K, 8B for 32K-512K, 16B for 1M.
 Each width is trained at three λ (one L0 range each) stacked in one run where the width fits

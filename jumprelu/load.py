@@ -72,8 +72,12 @@ def load(path: str, step: int | None = None, member: int | None = None) -> SAE:
     """Restores the SAE of a training workdir (latest checkpoint unless `step` is given).
 
     A run with K stacked SAEs (config `stack`) holds one SAE per λ: pass `member=i`, or load
-    its member directory WORKDIR/sae-i directly.
+    its member directory WORKDIR/sae-i directly. A Gemma Scope `params.npz` file loads too.
     """
+    if path.endswith(".npz"):
+        from jumprelu import gemma_scope
+
+        return gemma_scope.load(path)
     if "://" not in path and os.path.exists(os.path.join(path, MEMBER_FILE)):
         with open(os.path.join(path, MEMBER_FILE)) as f:
             info = json.load(f)
