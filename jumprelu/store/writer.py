@@ -46,6 +46,7 @@ class StoreWriter:
         text_source: str = "",
         shuffle_seed: int | None = 0,
         shard_rows: int | None = None,
+        extra: dict | None = None,
     ):
         if dtype not in fmt.DTYPES:
             raise DataError(f"store {path}: dtype must be one of {fmt.DTYPES}, found {dtype!r}")
@@ -63,6 +64,7 @@ class StoreWriter:
             text_source=text_source,
             shuffle_seed=shuffle_seed,
             shard_rows=self.shard_rows,
+            extra=dict(extra or {}),  # producer details (harvest: checkpoint, tokenizer, seq_len, ...)
         )
         # One shard's rows are gathered in a buffer allocated once and reused, plus one for the shuffle.
         self._buffer = np.empty((0, d_model), fmt.numpy_dtype(dtype))
@@ -104,6 +106,11 @@ class StoreWriter:
     def rows_written(self) -> int:
         """Rows in complete shards: a resuming producer appends from this row on."""
         return sum(s["rows"] for s in self._shards)
+
+    @property
+    def buffered_rows(self) -> int:
+        """Rows appended but not yet in a complete shard (lost if the process dies now)."""
+        return self._buffered
 
     # -- writing --------------------------------------------------------------------------------
     def append(self, rows: np.ndarray) -> None:

@@ -1,0 +1,102 @@
+"""The model-independent half of the harvest: reading text, packing, masking, resumable collection."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jumprelu.errors import DataError
+from jumprelu.harvest import collect as collect_lib
+from jumprelu.harvest import text as text_lib
+from jumprelu.store import StoreWriter, open_store
+
+SPECIAL = text_lib.SpecialIds(bos=2, eos=1, pad=0)
+
+
+class CharTokenizer:
+    """ids = byte + 4 (0-3 are pad, eos, bos, unk as in Gemma)."""
+
+    special = SPECIAL
+
+    def encode(self, text):
+        return [b + 4 for b in text.encode()]
+
+
+def _sources(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc.\n\nsecond paragraph")
+    with open(tmp_path / "b.jsonl", "w") as f:
+        f.write(json.dumps({"text": "json one", "id": 1}) + "\n\n")
+        f.write(json.dumps({"text": "json two"}) + "\n")
+    np.save(tmp_path / "c.npy", np.array([[40, 41, 0, 0], [42, 43, 44, 0]], np.int32))
+    return [str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.npy")]
+
+
+def test_documents_in_every_format(tmp_path):
+    docs = list(text_lib.iter_documents(_sources(tmp_path), split_paragraphs=True))
+    assert docs[:4] == ["first doc.", "second paragraph", "json one", "json two"]
+    np.testing.assert_array_equal(docs[4], [40, 41, 0, 0])
+    assert len(docs) == 6
+
+
+def test_packing_starts_every_sequence_with_bos_and_keeps_every_token_once(tmp_path):
+    seqs = list(text_lib.sequences(_sources(tmp_path), CharTokenizer(), seq_len=8))
+    assert all(s[0] == SPECIAL.bos and s.shape == (8,) for s in seqs)
+    body = np.concatenate([s[1:] for s in seqs])
+    stream = np.concatenate(
+        list(text_lib.token_stream(text_lib.iter_documents(_sources(tmp_path)), CharTokenizer(), SPECIAL))
+    )
+    np.testing.assert_array_equal(body[: stream.size], stream)
+    assert (body[stream.size :] == SPECIAL.pad).all() and body.size - stream.size < 7
+    kept = sum(int(text_lib.keep_mask(s, SPECIAL).sum()) for s in seqs)
+    assert kept == int(((stream != SPECIAL.eos) & (stream != SPECIAL.pad)).sum())  # rows = real tokens
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("{not json", "line 1: not JSON"), (json.dumps({"body": "x"}), "line 1: no string field 'text'")],
+)
+def test_bad_jsonl_is_named(tmp_path, content, message):
+    (tmp_path / "bad.jsonl").write_text(content + "\n")
+    with pytest.raises(DataError, match=message):
+        list(text_lib.iter_documents([str(tmp_path / "bad.jsonl")]))
+    with pytest.raises(DataError, match="no such file"):
+        list(text_lib.iter_documents([str(tmp_path / "absent.txt")]))
+
+
+def _fake_site(tokens):
+    """A deterministic 'model': each position's activation depends on its token and position."""
+    t = tokens.astype(np.float32)[..., None]
+    pos = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.float32)[None, :, None], t.shape)
+    return np.concatenate([t, pos, t * 0.5 + pos, np.sin(t + pos)], axis=-1)
+
+
+def _harvest(tmp_path, name, batch_sequences, crash_after=None, texts=None):
+    writer = StoreWriter(str(tmp_path / name), d_model=4, shard_rows=50, shuffle_seed=None)
+    calls = {"n": 0}
+
+    def site(tokens):
+        calls["n"] += 1
+        if crash_after is not None and calls["n"] > crash_after:
+            raise KeyboardInterrupt("killed")
+        return _fake_site(tokens)
+
+    seqs = text_lib.sequences(texts, CharTokenizer(), seq_len=16)
+    return collect_lib.collect(seqs, site, writer, SPECIAL, batch_sequences, progress=False)
+
+
+def test_killed_harvest_resumes_to_the_same_store(tmp_path):
+    (tmp_path / "t.txt").write_text("\n\n".join(f"document number {i} with some words" for i in range(40)))
+    texts = [str(tmp_path / "t.txt")]
+    full = _harvest(tmp_path, "full", batch_sequences=4, texts=texts)
+    with pytest.raises(KeyboardInterrupt):
+        _harvest(tmp_path, "resumed", batch_sequences=4, crash_after=9, texts=texts)
+    part = StoreWriter(str(tmp_path / "resumed"), d_model=4, shard_rows=50, shuffle_seed=None).rows_written
+    assert 0 < part < full["rows"]
+    again = _harvest(tmp_path, "resumed", batch_sequences=3, texts=texts)  # another batch size: still exact
+    assert again["skipped_rows"] == part and again["rows"] == full["rows"]
+    a, b = open_store(str(tmp_path / "full")), open_store(str(tmp_path / "resumed"))
+    rows_a = np.concatenate([a.shard(i) for i in range(len(a.shard_rows))])
+    rows_b = np.concatenate([b.shard(i) for i in range(len(b.shard_rows))])
+    np.testing.assert_array_equal(rows_a, rows_b)
+    assert not (rows_a[:, 0] == SPECIAL.bos).any()  # no BOS (or EOS/pad) rows reached the store
+    assert not np.isin(rows_a[:, 0], [SPECIAL.eos, SPECIAL.pad]).any()
