@@ -35,9 +35,11 @@ def get_config(arg=None):
     c.train.sparsity_warmup_steps = 1000
     c.ckpt.every_steps = 1000
     c.log.every_steps = 50
-    if args.get("runlocal"):
-        sweeps.runlocal(c, keep_data=True)
-    return c
+    return runlocal(c) if args.get("runlocal") else c
+
+
+def runlocal(c):
+    return sweeps.runlocal(c, keep_data=True)  # the synthetic data are already local
 
 
 def get_sweep(arg=None):

@@ -57,9 +57,12 @@ def get_config(arg=None):
     c.train.sparsity_warmup_steps = 100
     c.ckpt.every_steps = 250
     c.log.every_steps = 50
-    if args.get("runlocal"):  # the store if it exists here, else synthetic data
-        sweeps.runlocal(c, keep_data=os.path.isdir(c.data.source))
-    return c
+    return runlocal(c) if args.get("runlocal") else c
+
+
+def runlocal(c):
+    """A smoke test on the store if it exists here, else on synthetic data."""
+    return sweeps.runlocal(c, keep_data=os.path.isdir(c.data.source))
 
 
 def get_sweep(arg=None):

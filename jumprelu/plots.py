@@ -47,3 +47,23 @@ def plot_pareto(points: list[dict], path: str, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_firing_histogram(freq, path, title: str = "") -> None:
+    """Histogram of log10 firing frequency over latents; dead latents (never fired) counted in the title."""
+    import numpy as np
+
+    freq = np.asarray(freq)
+    alive = freq[freq > 0]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    if alive.size:
+        ax.hist(np.log10(alive), bins=60, color="C0")
+    ax.set_xlabel("log10 firing frequency (share of tokens a latent is active on)")
+    ax.set_ylabel("latents")
+    ax.axvline(-1, color="C3", lw=1, ls="--")  # the 10% line: dense latents lie right of it
+    dead = int((freq == 0).sum())
+    ax.set_title(f"{title}  dead: {dead} of {freq.size}".strip(), fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
