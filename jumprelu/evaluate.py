@@ -92,13 +92,13 @@ def main(argv) -> None:
     import json
     import sys
 
+    from absl import logging
+
     from jumprelu import fs
     from jumprelu.config import ConfigError
     from jumprelu.errors import DataError
     from jumprelu.metrics_log import atomic_write_text
     from jumprelu.plots import plot_firing_histogram
-
-    from absl import logging
 
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO

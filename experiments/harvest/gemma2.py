@@ -1,0 +1,56 @@
+"""Harvest (and LM evaluation) config for Gemma 2: which model, checkpoint, tokenizer, texts, site.
+
+  python -m jumprelu.harvest --config experiments/harvest/gemma2.py:model=gemma2_9b,layer=20,site=resid \
+      --config.checkpoint=gs://BUCKET/gemma2-9b --config.tokenizer=/path/tokenizer_gemma2.model \
+      --config.texts='("/data/train.jsonl",)' --config.store=/data/stores/gemma2-9b/layer20_resid
+  python -m jumprelu.evaluate --workdir RUN --lm experiments/harvest/gemma2.py:model=gemma2_9b,layer=20,site=resid \
+      --lm.checkpoint=... --lm.tokenizer=... --lm.eval.texts='("/data/heldout.jsonl",)'
+
+Hardware: Gemma 2 9B runs on a TPU v5e-8 or larger (bf16 params split over all chips: 18.5 GB,
+2.3 GB per chip; a batch of 8 × 1,024 tokens adds well under 1 GB per chip up to layer 31).
+Expected run time: the harvest is bound by the forward up to layer L, about 2·9e9·(L+1)/42
+FLOPs per token; on a v5e-8 at 40% of its 1,574 TFLOP/s, ~6·10^4 tokens/s at layer 20, so 8B
+tokens take ~40 h per layer (all three sites of a layer can be harvested from one pass by
+running the three configs; each is a separate pass here).
+
+Argument (comma-separated key=value): model (gemma2_2b | gemma2_9b | gemma2_27b | tiny),
+layer, site (resid | mlp | attn); tiny=DIR uses the tiny world of `python -m jumprelu.harvest.tiny
+DIR` (model, checkpoint, tokenizer, texts, and DIR/store_<site>_l<layer> as the store).
+"""
+
+from ml_collections import config_dict
+
+from jumprelu import sweeps
+
+
+def get_config(arg=None):
+    args = sweeps.parse_arg(arg)
+    c = config_dict.ConfigDict()
+    c.model = args.get("model", "gemma2_9b")
+    c.tiny = dict(num_layers=2, embed_dim=64)  # model=tiny only (tests); vocabulary from the tokenizer
+    c.dtype = "bfloat16"  # the LM's params and compute
+    c.checkpoint = ""  # gemma orbax checkpoint directory, local or gs://
+    c.tokenizer = ""  # sentencepiece .model file
+    c.texts = ()  # .txt / .jsonl / token-id .npy files, read in order
+    c.text_field = "text"
+    c.split_paragraphs = False  # .txt: one document per blank-line-separated paragraph
+    c.seq_len = 1024
+    c.batch_sequences = 8
+    c.site = args.get("site", "resid")
+    c.layer = int(args.get("layer", 20))
+    c.store = ""  # output activation store directory
+    c.store_dtype = "float32"
+    c.shard_rows = config_dict.placeholder(int)
+    c.shuffle_seed = 0
+    c.max_tokens = config_dict.placeholder(int)  # stop after this many stored rows
+    c.progress = True
+    # python -m jumprelu.evaluate --lm: held-out texts (never the training texts), the paper's 2,048 × 1,024.
+    c.eval = dict(texts=(), sequences=2048, batch_sequences=8)
+    if "tiny" in args:  # the tiny world for tests and the README's end-to-end
+        d = args["tiny"]
+        c.model, c.dtype, c.layer = "tiny", "float32", int(args.get("layer", 1))
+        c.checkpoint, c.tokenizer = f"{d}/ckpt", f"{d}/tok.model"
+        c.texts, c.split_paragraphs, c.seq_len, c.batch_sequences = (f"{d}/train.txt",), True, 32, 4
+        c.store, c.shard_rows = f"{d}/store_{c.site}_l{c.layer}", 256
+        c.eval.update(texts=(f"{d}/eval.jsonl",), sequences=16)
+    return c

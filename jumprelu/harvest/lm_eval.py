@@ -1,0 +1,101 @@
+"""Delta LM loss: next-token cross-entropy with the SAE spliced into Gemma 2 at its site.
+
+On held-out texts (the paper: 2,048 sequences × 1,024 tokens) this measures
+  clean CE        the model as it is
+  spliced CE      the site's activation replaced by the SAE's reconstruction
+  zero-ablated CE the site's activation replaced by zeros
+  delta LM loss = spliced − clean;  loss recovered = (zero − spliced) / (zero − clean)
+and, on the same tokens' activations, L0, FVU and per-latent firing frequencies. Only
+positions that are not BOS, EOS or padding are replaced and scored (Gemma Scope's convention:
+the BOS activation is an outlier the SAE was never trained on); a prediction counts when its
+input position is kept and its target is not padding.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jumprelu.errors import DataError
+from jumprelu.evaluate import evaluate_rows
+from jumprelu.harvest import gemma_model
+from jumprelu.harvest import text as text_lib
+from jumprelu.load import active_mask
+
+
+def sae_replace(k: int | None):
+    """replace(keep [B, T], W_enc, b_enc, threshold, W_dec, b_dec, x [B, T, d]) -> x̂ at kept positions."""
+
+    def replace(keep, w_enc, b_enc, threshold, w_dec, b_dec, x):
+        x32 = x.astype(jnp.float32)
+        z = x32 @ w_enc + b_enc
+        f = jnp.where(active_mask(z, threshold, k), z, 0.0)
+        return jnp.where(keep[..., None], f @ w_dec + b_dec, x32)
+
+    return replace
+
+
+def zero_replace(keep, x):
+    return jnp.where(keep[..., None], 0.0, x.astype(jnp.float32))
+
+
+def evaluate_lm(sae, lm_cfg) -> dict:
+    """Delta LM loss and activation metrics of `sae` (a jumprelu.SAE) at the site of `lm_cfg`."""
+    from jumprelu.harvest.__main__ import model_config
+
+    if not lm_cfg.eval.texts:
+        raise DataError("config field eval.texts is empty: set --lm.eval.texts='(\"heldout.jsonl\",)'")
+    tokenizer = text_lib.SentencePieceTokenizer(lm_cfg.tokenizer)
+    model = gemma_model.make_model(lm_cfg.model, model_config(lm_cfg, tokenizer), dtype=jnp.dtype(lm_cfg.dtype))
+    site = gemma_model.check_site(model.config, lm_cfg.site, lm_cfg.layer)
+    width = gemma_model.site_width(model.config, lm_cfg.site)
+    if sae.d_model != width:
+        raise DataError(f"the SAE takes d_model {sae.d_model} but site {site.name} of layer {site.layer} has {width}")
+    mesh = gemma_model.device_mesh()
+    params = gemma_model.load_params(lm_cfg.checkpoint, gemma_model.abstract_params(model, mesh))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    put = lambda a: jax.device_put(jnp.asarray(a), replicated)  # noqa: E731 -- same devices as the params
+    clean_fn = gemma_model.token_losses(model)
+    sae_fn = gemma_model.token_losses(model, site, sae_replace(sae.k))
+    zero_fn = gemma_model.token_losses(model, site, zero_replace)
+    acts_fn = gemma_model.site_fn(model, site)
+    sae_args = tuple(put(v) for v in (sae.W_enc, sae.b_enc, sae.threshold, sae.W_dec, sae.b_dec))
+
+    special = tokenizer.special
+    seqs = text_lib.sequences(list(lm_cfg.eval.texts), tokenizer, lm_cfg.seq_len, lm_cfg.text_field)
+    seqs = itertools.islice(seqs, lm_cfg.eval.sequences)
+    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    scored, rows, sequences = 0, [], 0
+    for _, tokens in text_lib.batches(seqs, lm_cfg.eval.batch_sequences, special):
+        keep = text_lib.keep_mask(tokens, special)
+        scores = keep[:, :-1] & (tokens[:, 1:] != special.pad)
+        t, k = put(tokens), put(keep)
+        for name, losses in (
+            ("clean", clean_fn(params, t)),
+            ("spliced", sae_fn(params, t, k, *sae_args)),
+            ("zero", zero_fn(params, t, k)),
+        ):
+            sums[name] += float(np.sum(np.asarray(losses, np.float64)[scores]))
+        scored += int(scores.sum())
+        rows.append(np.asarray(acts_fn(params, t))[keep])
+        sequences += int((tokens != special.pad).any(axis=1).sum())
+    if not scored:
+        raise DataError(f"eval texts {list(lm_cfg.eval.texts)} gave no scorable tokens")
+    ce = {name: total / scored for name, total in sums.items()}
+    stats = evaluate_rows(dict(sae.params(), k=sae.k), np.concatenate(rows))
+    return {
+        "sequences": sequences,
+        "scored_tokens": scored,
+        "ce_clean": ce["clean"],
+        "ce_spliced": ce["spliced"],
+        "ce_zero_ablated": ce["zero"],
+        "delta_lm_loss": ce["spliced"] - ce["clean"],
+        "loss_recovered": (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"])
+        if ce["zero"] != ce["clean"]
+        else float("nan"),
+        **{k: v for k, v in stats.items() if k != "firing_frequency"},
+        "firing_frequency": stats["firing_frequency"],
+    }
