@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--targets", default="20,50,100")
     p.add_argument("--tolerance", type=float, default=0.10, help="allowed relative error of the held-out L0")
     p.add_argument("--threshold-param", default=None, choices=("raw", "log"), help="override sae.threshold_param")
-    p.add_argument("--coefficient", type=float, default=None, help="override sae.target_l0_coefficient (μ)")
+    p.add_argument("--rate", type=float, default=None, help="override sae.target_l0_rate (λ controller gain)")
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
     args = p.parse_args()
 
@@ -43,12 +43,12 @@ def main() -> None:
         overrides = {"data.source": store, "log.progress": False, "sae.kind": "jumprelu", "sae.target_l0": target}
         if args.threshold_param:
             overrides["sae.threshold_param"] = args.threshold_param
-        if args.coefficient:
-            overrides["sae.target_l0_coefficient"] = args.coefficient
+        if args.rate:
+            overrides["sae.target_l0_rate"] = args.rate
         if args.steps:
             overrides["train.steps"] = args.steps
         cfg = sweeps.apply_overrides(base, overrides)
-        tag = f"target={target:g}_theta={cfg.sae.threshold_param}_mu={cfg.sae.target_l0_coefficient:g}"
+        tag = f"target={target:g}_theta={cfg.sae.threshold_param}_rate={cfg.sae.target_l0_rate:g}"
         report = train_run(cfg, os.path.join(args.out, "runs", f"{tag}_steps={cfg.train.steps}"))
         l0 = report["eval"]["l0"]
         error = l0 / target - 1

@@ -8,6 +8,8 @@ trains θ only; there is no L1 term, no auxiliary loss and no resampling.
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,23 +46,35 @@ def jumprelu_loss(
     return loss, metrics
 
 
-def make_jumprelu_loss(target_l0: float | None = None, target_coefficient: float = 1.0):
+def make_jumprelu_loss(target_l0: float | None = None, target_rate: float = 0.01):
     """The JumpReLU loss in the kinds' interface: (model, params, stats, x, λ) -> (loss, (metrics, stats)).
 
-    With `target_l0` set, λ·L0 is replaced by μ·(mean L0 / target - 1)²: a quadratic pull of
-    the batch's mean L0 towards the target, through the same straight-through gradient on θ.
-    It pushes θ up while L0 is above the target and down while below, so no λ needs tuning.
+    With `target_l0` = T set, λ is no longer a fixed (warmed-up) constant but a controller's
+    output, kept in the stats as log λ: after each step log λ += rate · log(batch L0 / T), so
+    λ grows while too many latents fire and shrinks while too few do, until L0 = T (dual ascent
+    on the constraint E[L0] = T). The loss itself stays the paper's squared error + λ·L0, so
+    the gradients that reach θ have the size a fixed λ giving that L0 would produce, which Adam
+    handles well. (A penalty on the L0 error itself gives θ gradients that shrink by orders of
+    magnitude as L0 approaches T, and Adam's second-moment memory then freezes θ short of it.)
     """
 
     def loss(model, params, stats, x, sparsity_coefficient):
         if target_l0 is None:
             total, metrics = jumprelu_loss(model, params, x, sparsity_coefficient)
             return total, (metrics, stats)
-        out = model.apply({"params": params}, x)
-        sq_err = jnp.sum(jnp.square(x - out["x_hat"]), axis=-1)
-        penalty = target_coefficient * jnp.square(jnp.mean(out["l0"]) / target_l0 - 1.0)
-        total = jnp.mean(sq_err) + penalty
-        metrics = reconstruction_metrics(x, out["x_hat"], out["l0"], out["fired_per_latent"])
-        return total, (dict(metrics, loss=total, l0_penalty=penalty), stats)
+        log_lam = stats["log_lambda"]
+        total, metrics = jumprelu_loss(model, params, x, jnp.exp(log_lam))
+        error = jnp.log(jnp.maximum(metrics["l0"], 1e-3) / target_l0)
+        new_log_lam = jnp.clip(log_lam + target_rate * error, _LOG_LAMBDA_MIN, _LOG_LAMBDA_MAX)
+        metrics = dict(metrics, sparsity_coefficient_adaptive=jnp.exp(log_lam))
+        return total, (metrics, {"log_lambda": jax.lax.stop_gradient(new_log_lam)})
 
     return loss
+
+
+_LOG_LAMBDA_MIN, _LOG_LAMBDA_MAX = math.log(1e-9), math.log(10.0)
+
+
+def target_l0_stats(initial_lambda: float):
+    """The controller's state for target-L0 mode: log λ, starting at `initial_lambda`."""
+    return {"log_lambda": jnp.asarray(math.log(max(initial_lambda, 1e-9)), jnp.float32)}

@@ -8,7 +8,7 @@ import pytest
 import jumprelu
 from jumprelu.config import base_config
 from jumprelu.kinds import from_config, gated, relu, topk
-from jumprelu.losses import make_jumprelu_loss
+from jumprelu.losses import make_jumprelu_loss, target_l0_stats
 from jumprelu.sae import JumpReLUSAE
 from jumprelu.train import train
 from tests.test_train import read_jsonl
@@ -108,17 +108,19 @@ def test_auxk_uses_only_dead_latents():
     np.testing.assert_allclose(m["dead_fraction"], 0.5)
 
 
-def test_target_l0_loss_pulls_l0_towards_the_target():
+def test_target_l0_mode_adapts_lambda_towards_the_target():
     model = JumpReLUSAE(d_model=2, width=4, threshold_param="raw", bandwidth=0.5)
     params = dict(BASE, threshold=jnp.full((4,), 0.2))
     l0 = float(jnp.mean(model.apply({"params": params}, X)["l0"]))
-    for target, sign in ((l0 / 2, -1), (l0 * 2, 1)):  # too many active: θ must rise, too few: fall
-        loss_fn = make_jumprelu_loss(target_l0=target)
-        g = jax.grad(lambda p, fn=loss_fn: fn(model, p, {}, X, 0.0)[0])(params)
-        # Only the penalty's gradient w.r.t. θ is compared (the reconstruction one is separate).
-        g_rec = jax.grad(lambda p: make_jumprelu_loss()(model, p, {}, X, 0.0)[0])(params)
-        delta = np.asarray(g["threshold"] - g_rec["threshold"])
-        assert np.all(sign * delta >= 0) and np.any(delta != 0)
+    stats = target_l0_stats(0.01)
+    for target, sign in ((l0 / 2, 1), (l0 * 2, -1)):  # too many active: λ must rise; too few: fall
+        loss_fn = make_jumprelu_loss(target_l0=target, target_rate=0.1)
+        total, (_, new) = loss_fn(model, params, stats, X, 123.0)  # the schedule's λ is ignored
+        plain, _ = make_jumprelu_loss()(model, params, {}, X, 0.01)  # the paper's loss at the current λ
+        np.testing.assert_allclose(total, plain, rtol=1e-6)
+        expected = np.log(0.01) + 0.1 * np.log(l0 / target)
+        np.testing.assert_allclose(new["log_lambda"], expected, rtol=1e-5)
+        assert sign * (float(new["log_lambda"]) - np.log(0.01)) > 0
 
 
 def test_every_kind_builds_from_config():
@@ -152,7 +154,7 @@ def test_each_kind_trains_sharded_checkpoints_and_loads(tmp_path, tiny_config, n
 
 
 def test_target_l0_mode_moves_l0_to_the_target(tmp_path, tiny_config):
-    tiny_config.sae.update(threshold_param="raw", threshold_init=0.001, target_l0=8.0, target_l0_coefficient=1.0)
+    tiny_config.sae.update(threshold_param="raw", threshold_init=0.001, target_l0=8.0)
     tiny_config.train.update(steps=200, lr=3e-3)
     tiny_config.ckpt.every_steps = 200
     report = train(tiny_config, str(tmp_path / "run"))

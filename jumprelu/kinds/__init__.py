@@ -66,8 +66,11 @@ def from_config(sae_cfg, d_model: int) -> Kind:
     if name == "jumprelu":
         model = sae_lib.from_config(sae_cfg, d_model)
         target = sae_cfg.get("target_l0")
-        loss = losses.make_jumprelu_loss(target_l0=target, target_coefficient=sae_cfg.get("target_l0_coefficient", 1.0))
-        return Kind(name, model, loss, dict, _jumprelu_export)
+        loss = losses.make_jumprelu_loss(target_l0=target, target_rate=sae_cfg.get("target_l0_rate", 0.01))
+        if target is None:
+            return Kind(name, model, loss, dict, _jumprelu_export)
+        lam0 = sae_cfg.sparsity_coefficient
+        return Kind(name, model, loss, lambda: losses.target_l0_stats(lam0), _jumprelu_export)
     if name == "relu":
         return Kind(name, relu.ReLUSAE(**common), relu.loss, dict, _relu_export)
     if name == "gated":
