@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--tolerance", type=float, default=0.10, help="allowed relative error of the held-out L0")
     p.add_argument("--threshold-param", default=None, choices=("raw", "log"), help="override sae.threshold_param")
     p.add_argument("--rate", type=float, default=None, help="override sae.target_l0_rate (λ controller gain)")
+    p.add_argument("--gain", type=float, default=None, help="override sae.target_l0_gain (proportional term)")
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
     args = p.parse_args()
 
@@ -45,10 +46,13 @@ def main() -> None:
             overrides["sae.threshold_param"] = args.threshold_param
         if args.rate:
             overrides["sae.target_l0_rate"] = args.rate
+        if args.gain is not None:
+            overrides["sae.target_l0_gain"] = args.gain
         if args.steps:
             overrides["train.steps"] = args.steps
         cfg = sweeps.apply_overrides(base, overrides)
-        tag = f"target={target:g}_theta={cfg.sae.threshold_param}_rate={cfg.sae.target_l0_rate:g}"
+        s = cfg.sae
+        tag = f"target={target:g}_theta={s.threshold_param}_rate={s.target_l0_rate:g}_gain={s.target_l0_gain:g}"
         report = train_run(cfg, os.path.join(args.out, "runs", f"{tag}_steps={cfg.train.steps}"))
         l0 = report["eval"]["l0"]
         error = l0 / target - 1

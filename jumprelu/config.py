@@ -27,10 +27,12 @@ def base_config() -> ml_collections.ConfigDict:
         threshold_param="log",  # "log" (paper) or "raw"
         pre_encoder_bias=True,
         compute_dtype="float32",  # matmul dtype; params and θ always float32
-        # JumpReLU only: a requested mean L0; λ then adapts to reach it, starting from
-        # sparsity_coefficient, log λ moving by target_l0_rate · log(L0 / target) per step.
+        # JumpReLU only: a requested mean L0; λ then adapts to reach it (losses.make_jumprelu_loss):
+        # log λ = I + gain·clip(log(L0/target), ±1), I starting at log sparsity_coefficient and
+        # moving by rate·log(L0/target) per step.
         target_l0=config_dict.placeholder(float),
         target_l0_rate=0.01,
+        target_l0_gain=0.5,
         # TopK / BatchTopK (Gao et al.'s AuxK defaults).
         k=32,
         aux_k=512,
@@ -111,6 +113,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         )
     _check(s.target_l0 is None or s.target_l0 > 0, "sae.target_l0", "> 0 or unset", s.target_l0)
     _check(s.target_l0_rate > 0, "sae.target_l0_rate", "> 0", s.target_l0_rate)
+    _check(s.target_l0_gain >= 0, "sae.target_l0_gain", ">= 0", s.target_l0_gain)
     _check(isinstance(s.width, int) and s.width > 0, "sae.width", "a positive integer", s.width)
     _check(s.sparsity_coefficient >= 0, "sae.sparsity_coefficient", ">= 0", s.sparsity_coefficient)
     _check(s.bandwidth > 0, "sae.bandwidth", "> 0", s.bandwidth)

@@ -46,13 +46,15 @@ def jumprelu_loss(
     return loss, metrics
 
 
-def make_jumprelu_loss(target_l0: float | None = None, target_rate: float = 0.01):
+def make_jumprelu_loss(target_l0: float | None = None, target_rate: float = 0.01, target_gain: float = 0.5):
     """The JumpReLU loss in the kinds' interface: (model, params, stats, x, λ) -> (loss, (metrics, stats)).
 
-    With `target_l0` = T set, λ is no longer a fixed (warmed-up) constant but a controller's
-    output, kept in the stats as log λ: after each step log λ += rate · log(batch L0 / T), so
-    λ grows while too many latents fire and shrinks while too few do, until L0 = T (dual ascent
-    on the constraint E[L0] = T). The loss itself stays the paper's squared error + λ·L0, so
+    With `target_l0` = T set, λ is no longer a fixed (warmed-up) constant but the output of a
+    proportional-integral controller on e = log(batch L0 / T): log λ = I + gain · clip(e, ±1),
+    and after each step I += rate · e (dual ascent on the constraint E[L0] = T, with a
+    proportional term that reacts at once when L0 crosses T, damping the overshoot an integral
+    alone leaves while θ catches up). λ grows while too many latents fire and shrinks while too
+    few do. The loss itself stays the paper's squared error + λ·L0, so
     the gradients that reach θ have the size a fixed λ giving that L0 would produce, which Adam
     handles well. (A penalty on the L0 error itself gives θ gradients that shrink by orders of
     magnitude as L0 approaches T, and Adam's second-moment memory then freezes θ short of it.)
@@ -62,12 +64,17 @@ def make_jumprelu_loss(target_l0: float | None = None, target_rate: float = 0.01
         if target_l0 is None:
             total, metrics = jumprelu_loss(model, params, x, sparsity_coefficient)
             return total, (metrics, stats)
-        log_lam = stats["log_lambda"]
-        total, metrics = jumprelu_loss(model, params, x, jnp.exp(log_lam))
-        error = jnp.log(jnp.maximum(metrics["l0"], 1e-3) / target_l0)
-        new_log_lam = jnp.clip(log_lam + target_rate * error, _LOG_LAMBDA_MIN, _LOG_LAMBDA_MAX)
-        metrics = dict(metrics, sparsity_coefficient_adaptive=jnp.exp(log_lam))
-        return total, (metrics, {"log_lambda": jax.lax.stop_gradient(new_log_lam)})
+        integral = stats["log_lambda"]
+        out = model.apply({"params": params}, x)
+        # This batch's L0 (no gradient through it) sets this step's λ.
+        error = jnp.log(jnp.maximum(jax.lax.stop_gradient(jnp.mean(out["l0"])), 1e-3) / target_l0)
+        lam = jnp.exp(integral + target_gain * jnp.clip(error, -1.0, 1.0))
+        sq_err = jnp.sum(jnp.square(x - out["x_hat"]), axis=-1)
+        total = jnp.mean(sq_err + lam * out["l0"])  # the paper's loss at the controller's λ
+        metrics = dict(reconstruction_metrics(x, out["x_hat"], out["l0"], out["fired_per_latent"]), loss=total)
+        new_integral = jnp.clip(integral + target_rate * error, _LOG_LAMBDA_MIN, _LOG_LAMBDA_MAX)
+        metrics = dict(metrics, sparsity_coefficient_adaptive=lam)
+        return total, (metrics, {"log_lambda": jax.lax.stop_gradient(new_integral)})
 
     return loss
 

@@ -114,10 +114,14 @@ def test_target_l0_mode_adapts_lambda_towards_the_target():
     l0 = float(jnp.mean(model.apply({"params": params}, X)["l0"]))
     stats = target_l0_stats(0.01)
     for target, sign in ((l0 / 2, 1), (l0 * 2, -1)):  # too many active: λ must rise; too few: fall
-        loss_fn = make_jumprelu_loss(target_l0=target, target_rate=0.1)
+        loss_fn = make_jumprelu_loss(target_l0=target, target_rate=0.1, target_gain=0.5)
         total, (_, new) = loss_fn(model, params, stats, X, 123.0)  # the schedule's λ is ignored
-        plain, _ = make_jumprelu_loss()(model, params, {}, X, 0.01)  # the paper's loss at the current λ
-        np.testing.assert_allclose(total, plain, rtol=1e-6)
+        lam = 0.01 * np.exp(0.5 * np.log(l0 / target))  # integral + proportional term
+        plain, _ = make_jumprelu_loss()(model, params, {}, X, lam)  # the paper's loss at that λ
+        np.testing.assert_allclose(total, plain, rtol=1e-5)
+        g = jax.grad(lambda p, fn=loss_fn: fn(model, p, stats, X, 0.0)[0])(params)
+        g_plain = jax.grad(lambda p, lam=lam: make_jumprelu_loss()(model, p, {}, X, lam)[0])(params)
+        np.testing.assert_allclose(g["threshold"], g_plain["threshold"], rtol=1e-5, atol=1e-8)
         expected = np.log(0.01) + 0.1 * np.log(l0 / target)
         np.testing.assert_allclose(new["log_lambda"], expected, rtol=1e-5)
         assert sign * (float(new["log_lambda"]) - np.log(0.01)) > 0

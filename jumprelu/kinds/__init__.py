@@ -66,7 +66,11 @@ def from_config(sae_cfg, d_model: int) -> Kind:
     if name == "jumprelu":
         model = sae_lib.from_config(sae_cfg, d_model)
         target = sae_cfg.get("target_l0")
-        loss = losses.make_jumprelu_loss(target_l0=target, target_rate=sae_cfg.get("target_l0_rate", 0.01))
+        loss = losses.make_jumprelu_loss(
+            target_l0=target,
+            target_rate=sae_cfg.get("target_l0_rate", 0.01),
+            target_gain=sae_cfg.get("target_l0_gain", 0.5),
+        )
         if target is None:
             return Kind(name, model, loss, dict, _jumprelu_export)
         lam0 = sae_cfg.sparsity_coefficient
