@@ -21,6 +21,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from jumprelu import fs, sweeps
 from jumprelu.config import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `-m launch.sweep` imports from
 
 
 def default_root(experiment: str, arg: str | None) -> str:
@@ -86,7 +89,7 @@ def run_local(spec: str, runs: list[sweeps.Run], root: str, parallel: int) -> li
             return run.name, "skipped"
         print(f"start   {run.name} -> {workdir}", flush=True)
         cmd = [sys.executable, "-m", "launch.sweep", spec, "--root", root, "--run-one", run.name]
-        out = subprocess.run(cmd, capture_output=parallel > 1, text=True)
+        out = subprocess.run(cmd, capture_output=parallel > 1, text=True, cwd=REPO)
         if parallel > 1:  # keep each run's output together
             sys.stdout.write(out.stdout)
             sys.stderr.write(out.stderr[-4000:] if out.returncode else "")
@@ -162,12 +165,15 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"jumprelu: error: {e}", file=sys.stderr)
         return 2
+    # Absolute, so the per-run processes (started in the repository) find the same files.
+    root = fs.abspath(root)
+    spec = os.path.abspath(sweeps.resolve(experiment)) + (f":{arg}" if arg is not None else "")
     if args.run_one:
-        return run_one(args.experiment, args.run_one, root)
+        return run_one(spec, args.run_one, root)
     if args.dry_run:
         print(dry_run(args.experiment, runs, root))
         return 0
-    outcomes = run_local(args.experiment, runs, root, args.parallel) if args.local else []
+    outcomes = run_local(spec, runs, root, args.parallel) if args.local else []
     print(write_summary(summary_rows(runs, root), root))
     print(f"summary: {fs.join(root, 'sweep_summary.csv')}")
     failed = [name for name, code in outcomes if code not in (0, "skipped")]
