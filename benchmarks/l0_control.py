@@ -1,9 +1,10 @@
 """Does a requested L0 come out? JumpReLU in target-L0 mode on real activations, one run per target.
 
-  python benchmarks/l0_control.py --data ../shared/data/smollm2_135m_l15_resid_dev.npy --out /tmp/l0_control
+  python benchmarks/l0_control.py --data ../shared/data/smollm2_135m_l15_resid_dev.npy --out /tmp/l0 --steps 1500
 
-Trains the JumpReLU config of experiments/smollm2_pareto.py (width 4,096, 512k tokens, raw θ)
-with `sae.target_l0` = each target instead of a λ, then measures L0 on the held-out split. A
+Trains the JumpReLU config of experiments/smollm2_pareto.py (width 4,096, raw θ; 500 steps of
+1,024 tokens unless --steps) with `sae.target_l0` = each target instead of a fixed λ (λ then
+follows a controller, see losses.make_jumprelu_loss), and measures L0 on the held-out split. A
 target is met when the held-out L0 is within ±10% of it. Prints a table and writes
 OUT/l0_control.json; finished runs in OUT/runs/ are reused.
 """
