@@ -34,7 +34,7 @@ def init_decoder(key: jax.Array, shape: tuple[int, int], dtype=jnp.float32) -> j
     """He-uniform [width, d_model], then each row rescaled to unit norm (the paper's init)."""
     width, _ = shape
     bound = math.sqrt(6.0 / width)  # fan_in of x̂ = f W_dec is the width
-    w = jax.random.uniform(key, shape, dtype, -bound, bound)
+    w = jax.random.uniform(key, shape, dtype or jnp.float32, -bound, bound)
     return w / jnp.linalg.norm(w, axis=-1, keepdims=True)
 
 
@@ -50,10 +50,14 @@ class SAEBase(nn.Module):
     compute_dtype: Any = jnp.float32  # dtype of the matmuls; parameters stay float32
 
     def setup(self):
+        # Every param gets an explicit shape and an init taking (key, shape, dtype=None): importing
+        # gemma replaces nn.Module.param process-wide with a version that requires both.
         self.W_dec = self.param("W_dec", init_decoder, (self.width, self.d_model))
         # W_enc starts as W_decᵀ and is untied from then on. Linen calls an init fn only
         # during `init`, so closing over the fresh W_dec ties the two at init time only.
-        self.W_enc = self.param("W_enc", lambda _: jnp.transpose(self.W_dec))
+        self.W_enc = self.param(
+            "W_enc", lambda _key, _shape, _dtype=None: jnp.transpose(self.W_dec), (self.d_model, self.width)
+        )
         self.b_enc = self.param("b_enc", nn.initializers.zeros, (self.width,))
         self.b_dec = self.param("b_dec", nn.initializers.zeros, (self.d_model,))
 

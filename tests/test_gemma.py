@@ -85,7 +85,7 @@ def test_identity_splice_gives_zero_delta_and_zeros_give_the_ablation(world):
 
 
 def test_harvest_stores_only_real_tokens_and_resumes_exactly(world, tmp_path):
-    from jumprelu.harvest.__main__ import harvest
+    from jumprelu.harvest.run import harvest
 
     full = harvest(_cfg(world, store=str(tmp_path / "full")))
     seqs = list(text_lib.sequences([str(world["dir"] / "train.txt")], world["tok"], 32, split_paragraphs=True))
@@ -119,7 +119,7 @@ def test_harvest_stores_only_real_tokens_and_resumes_exactly(world, tmp_path):
     ],
 )
 def test_bad_paths_and_sites_give_one_line_errors(world, tmp_path, over, message):
-    from jumprelu.harvest.__main__ import harvest
+    from jumprelu.harvest.run import harvest
 
     with pytest.raises(DataError, match=message) as e:
         harvest(_cfg(world, store=str(tmp_path / "s"), **over))
@@ -127,7 +127,7 @@ def test_bad_paths_and_sites_give_one_line_errors(world, tmp_path, over, message
 
 
 def test_end_to_end_harvest_train_evaluate_with_delta_lm_loss(world, tmp_path):
-    from jumprelu.harvest.__main__ import harvest
+    from jumprelu.harvest.run import harvest
 
     harvest(_cfg(world, store=str(tmp_path / "store")))
     run = tmp_path / "run"

@@ -44,7 +44,7 @@ def zero_replace(keep, x):
 
 def evaluate_lm(sae, lm_cfg) -> dict:
     """Delta LM loss and activation metrics of `sae` (a jumprelu.SAE) at the site of `lm_cfg`."""
-    from jumprelu.harvest.__main__ import model_config
+    from jumprelu.harvest.run import model_config
 
     if not lm_cfg.eval.texts:
         raise DataError("config field eval.texts is empty: set --lm.eval.texts='(\"heldout.jsonl\",)'")
