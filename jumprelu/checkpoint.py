@@ -26,7 +26,8 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jumprelu.state import TrainState
+from jumprelu import fs
+from jumprelu.state import TrainState, member_of
 
 ITEMS = ("sae", "train", "config", "data")
 
@@ -35,7 +36,13 @@ MEMBER_FILE = "member.json"  # in WORKDIR/sae-i/ of a stacked run: {"member": i,
 
 
 def member_item(i: int) -> str:
+    """Member i's checkpoint item, and the name of its directory in the workdir."""
     return f"sae-{i}"
+
+
+def member_dir(workdir: str, i: int) -> str:
+    """WORKDIR/sae-i: member i's metrics, report, config and load path."""
+    return fs.join(workdir, member_item(i))
 
 
 def _unstacked(abstract):
@@ -74,7 +81,7 @@ class Checkpointer:
         if self.members:
             sae = {}
             for i in range(self.members):
-                params, stats = jax.tree.map(lambda a, i=i: a[i], (state.params, state.stats))
+                params, stats = member_of((state.params, state.stats), i)
                 sae[member_item(i)] = ocp.args.StandardSave({"params": params, "scale": state.scale, "stats": stats})
         else:
             sae = {"sae": ocp.args.StandardSave({"params": state.params, "scale": state.scale, "stats": state.stats})}

@@ -95,6 +95,7 @@ def main(argv) -> None:
     from absl import logging
 
     from jumprelu import fs
+    from jumprelu.checkpoint import member_dir
     from jumprelu.config import ConfigError
     from jumprelu.errors import DataError
     from jumprelu.metrics_log import atomic_write_text
@@ -103,7 +104,7 @@ def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
     workdir, member = _WORKDIR.value, _MEMBER.value
-    out_dir = workdir if member is None else fs.join(workdir, f"sae-{member}")
+    out_dir = workdir if member is None else member_dir(workdir, member)
     try:
         sae, result, freq = evaluate_workdir(workdir, member, _EVAL_ROWS.value)
         if _LM.value is not None:

@@ -5,18 +5,18 @@ from __future__ import annotations
 import io
 import json
 
-import jax
 import ml_collections
 import numpy as np
 
 from jumprelu import data as data_lib
 from jumprelu import distributed, fs, kinds
-from jumprelu.checkpoint import MEMBER_FILE, checkpoint_dir
+from jumprelu.checkpoint import MEMBER_FILE, checkpoint_dir, member_dir
 from jumprelu.data import synthetic
 from jumprelu.evaluate import evaluate_rows
 from jumprelu.fold import fold
 from jumprelu.metrics_log import atomic_write_text, read_metrics
 from jumprelu.plots import plot_training_curves
+from jumprelu.state import member_of
 
 
 def final_report(cfg, workdir: str, state, stream, start_step: int) -> dict:
@@ -32,12 +32,13 @@ def final_report(cfg, workdir: str, state, stream, start_step: int) -> dict:
         member_cfg = ml_collections.ConfigDict(cfg.to_dict())
         member_cfg.sae.sparsity_coefficient = float(lam)
         member_cfg.stack.sparsity_coefficients = ()
-        member_dir = fs.join(workdir, f"sae-{i}")
-        pick = lambda t, i=i: jax.tree.map(lambda a: a[i], t)  # noqa: E731
-        r = _sae_report(member_cfg, workdir, member_dir, pick(params), scale, pick(stats), eval_rows, steps, start_step)
+        mdir = member_dir(workdir, i)
+        r = _sae_report(
+            member_cfg, workdir, mdir, member_of(params, i), scale, member_of(stats, i), eval_rows, steps, start_step
+        )
         if distributed.is_lead():
-            atomic_write_text(fs.join(member_dir, "config.json"), json.dumps(member_cfg.to_dict(), indent=2))
-            atomic_write_text(fs.join(member_dir, MEMBER_FILE), json.dumps({"member": i, "workdir": ".."}))
+            atomic_write_text(fs.join(mdir, "config.json"), json.dumps(member_cfg.to_dict(), indent=2))
+            atomic_write_text(fs.join(mdir, MEMBER_FILE), json.dumps({"member": i, "workdir": ".."}))
         members.append(dict(r, member=i, sparsity_coefficient=float(lam)))
     out = {k: members[0][k] for k in ("steps", "tokens", "resumed_from_step", "scale", "checkpoint")}
     out.update(workdir=fs.abspath(workdir), members=members)

@@ -57,10 +57,9 @@ def stack(state: TrainState, members: int) -> TrainState:
     return state.replace(params=rep(state.params), opt_state=rep(state.opt_state), stats=rep(state.stats))
 
 
-def member(state: TrainState, i: int) -> TrainState:
-    """Member i of a stacked state, as a plain single-SAE state."""
-    pick = lambda t: jax.tree.map(lambda a: a[i], t)  # noqa: E731
-    return state.replace(params=pick(state.params), opt_state=pick(state.opt_state), stats=pick(state.stats))
+def member_of(tree, i: int):
+    """Member i of a stacked tree (params or stats of K stacked SAEs): each leaf's slice [i]."""
+    return jax.tree.map(lambda a: a[i], tree)
 
 
 def with_shardings(mesh: Mesh, abstract, stacked: bool = False):

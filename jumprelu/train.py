@@ -15,7 +15,7 @@ from jumprelu import config as config_lib
 from jumprelu import data as data_lib
 from jumprelu import distributed, fs, program, report, sharding
 from jumprelu import state as state_lib
-from jumprelu.checkpoint import Checkpointer
+from jumprelu.checkpoint import Checkpointer, member_dir
 from jumprelu.data import pipeline
 from jumprelu.metrics_log import MetricsLog, Progress, atomic_write_text
 
@@ -49,13 +49,6 @@ def _check_resumable(saved: dict, cfg: ml_collections.ConfigDict, directory: str
                 f"config field {field} is {_get(now, field)!r} but the checkpoint in {directory} "
                 f"was trained with {_get(saved, field)!r}; use a new --workdir"
             )
-
-
-def member_dir(workdir: str, i: int) -> str:
-    """Where member i of a stacked run keeps its metrics, report and config (and its load path)."""
-    path = fs.join(workdir, f"sae-{i}")
-    fs.makedirs(path)
-    return path
 
 
 def _initial_scale(cfg, store) -> float:
@@ -128,6 +121,8 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start):
     members = prog.members
     # One metrics file per SAE: WORKDIR/metrics.jsonl, or WORKDIR/sae-i/metrics.jsonl when stacked.
     log_dirs = [workdir] if not members else [member_dir(workdir, i) for i in range(members)]
+    for d in log_dirs:
+        fs.makedirs(d)
     metrics_logs = [MetricsLog(d, resume_step=start) for d in log_dirs] if lead else []
     progress = Progress(total, start, batch_size, enabled=cfg.log.progress and lead)
     config_json = cfg.to_dict()

@@ -102,6 +102,8 @@ def run_local(spec: str, runs: list[sweeps.Run], root: str, parallel: int) -> li
 
 def summary_rows(runs: list[sweeps.Run], root: str) -> list[dict]:
     """One row per trained SAE (a stacked run gives one per member) from the runs' report.json."""
+    from jumprelu.checkpoint import member_item  # late: the dry run should not import orbax
+
     rows = []
     for run in runs:
         workdir = run.workdir(root)
@@ -110,13 +112,13 @@ def summary_rows(runs: list[sweeps.Run], root: str) -> list[dict]:
             rows.append(base)
             continue
         report = json.loads(fs.read_text(fs.join(workdir, "report.json")))
-        for member in report.get("members", [report]):
+        stacked = "members" in report
+        for member in report["members"] if stacked else [report]:
             e = member.get("eval") or {}
             row = dict(base, tokens=member["tokens"])
-            if "member" in report.get("members", [{}])[0]:
-                row.update(
-                    run=f"{run.name}/sae-{member['member']}", sparsity_coefficient=member["sparsity_coefficient"]
-                )
+            if stacked:
+                name = f"{run.name}/{member_item(member['member'])}"
+                row.update(run=name, sparsity_coefficient=member["sparsity_coefficient"])
             row.update({k: e[k] for k in ("l0", "fvu", "dead_fraction", "dense_fraction") if k in e})
             rows.append(row)
     return rows

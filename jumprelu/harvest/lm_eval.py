@@ -44,18 +44,15 @@ def zero_replace(keep, x):
 
 def evaluate_lm(sae, lm_cfg) -> dict:
     """Delta LM loss and activation metrics of `sae` (a jumprelu.SAE) at the site of `lm_cfg`."""
-    from jumprelu.harvest.run import model_config
+    from jumprelu.harvest.run import load_lm
 
     if not lm_cfg.eval.texts:
         raise DataError("config field eval.texts is empty: set --lm.eval.texts='(\"heldout.jsonl\",)'")
-    tokenizer = text_lib.SentencePieceTokenizer(lm_cfg.tokenizer)
-    model = gemma_model.make_model(lm_cfg.model, model_config(lm_cfg, tokenizer), dtype=jnp.dtype(lm_cfg.dtype))
-    site = gemma_model.check_site(model.config, lm_cfg.site, lm_cfg.layer)
+    lm = load_lm(lm_cfg)
+    tokenizer, model, site, mesh, params = lm.tokenizer, lm.model, lm.site, lm.mesh, lm.params
     width = gemma_model.site_width(model.config, lm_cfg.site)
     if sae.d_model != width:
         raise DataError(f"the SAE takes d_model {sae.d_model} but site {site.name} of layer {site.layer} has {width}")
-    mesh = gemma_model.device_mesh()
-    params = gemma_model.load_params(lm_cfg.checkpoint, gemma_model.abstract_params(model, mesh))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     put = lambda a: jax.device_put(jnp.asarray(a), replicated)  # noqa: E731 -- same devices as the params
     clean_fn = gemma_model.token_losses(model)

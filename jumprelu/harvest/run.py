@@ -5,8 +5,39 @@ The command line is `python -m jumprelu.harvest` (harvest/__main__.py); see its 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageModel:
+    """What the harvest and the LM evaluation both load from a harvest config."""
+
+    tokenizer: object  # text.SentencePieceTokenizer
+    model: object  # gemma_model.Gemma2
+    site: object  # gemma_model.Site
+    mesh: object  # the devices the params are split over
+    params: dict
+
+
+def load_lm(cfg) -> LanguageModel:
+    """Tokenizer, model, checked site and sharded params named by `cfg` (one-line errors)."""
+    import jax.numpy as jnp
+
+    from jumprelu.errors import DataError
+    from jumprelu.harvest import gemma_model
+    from jumprelu.harvest import text as text_lib
+
+    for field in ("checkpoint", "tokenizer"):
+        if not cfg[field]:
+            raise DataError(f"config field {field} is empty: set --config.{field}=PATH")
+    tokenizer = text_lib.SentencePieceTokenizer(cfg.tokenizer)
+    model = gemma_model.make_model(cfg.model, model_config(cfg, tokenizer), dtype=jnp.dtype(cfg.dtype))
+    site = gemma_model.check_site(model.config, cfg.site, cfg.layer)
+    mesh = gemma_model.device_mesh()
+    params = gemma_model.load_params(cfg.checkpoint, gemma_model.abstract_params(model, mesh))
+    return LanguageModel(tokenizer, model, site, mesh, params)
 
 
 def harvest(cfg) -> dict:
@@ -19,19 +50,16 @@ def harvest(cfg) -> dict:
     from jumprelu.harvest import text as text_lib
     from jumprelu.store import StoreWriter
 
-    for field in ("checkpoint", "tokenizer", "store"):
-        if not cfg[field]:
-            raise DataError(f"config field {field} is empty: set --config.{field}=PATH")
+    if not cfg.store:
+        raise DataError("config field store is empty: set --config.store=PATH")
     if not cfg.texts:
         raise DataError("config field texts is empty: set --config.texts='(\"a.jsonl\", ...)'")
-    tokenizer = text_lib.SentencePieceTokenizer(cfg.tokenizer)
-    model = gemma_model.make_model(cfg.model, model_config(cfg, tokenizer), dtype=jnp.dtype(cfg.dtype))
-    site = gemma_model.check_site(model.config, cfg.site, cfg.layer)
-    params = gemma_model.load_params(cfg.checkpoint, gemma_model.abstract_params(model, gemma_model.device_mesh()))
-    run = gemma_model.site_fn(model, site)
+    lm = load_lm(cfg)
+    tokenizer, params = lm.tokenizer, lm.params
+    run = gemma_model.site_fn(lm.model, lm.site)
     writer = StoreWriter(
         cfg.store,
-        d_model=gemma_model.site_width(model.config, cfg.site),
+        d_model=gemma_model.site_width(lm.model.config, cfg.site),
         dtype=cfg.store_dtype,
         model=cfg.model,
         site=cfg.site,
