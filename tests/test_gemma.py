@@ -84,6 +84,29 @@ def test_identity_splice_gives_zero_delta_and_zeros_give_the_ablation(world):
     assert float(jnp.abs(zero - clean).max()) > 1e-3  # the splice really happens
 
 
+@pytest.mark.parametrize("width", [64, 60])  # 64: split over the 8 devices; 60: replicated
+def test_spliced_loss_is_the_same_with_the_sae_split_over_the_devices(world, width):
+    import jax
+
+    model = world["model"]
+    mesh = gemma_model.device_mesh()
+    shardings = jax.tree.map(lambda a: a.sharding, gemma_model.abstract_params(model, mesh))
+    params = jax.device_put(world["params"], shardings)
+    rng = np.random.default_rng(2)
+    d = model.config.embed_dim
+    sae = (rng.normal(size=(d, width)) / d**0.5, rng.normal(size=width) * 0.1, np.full(width, 0.05),
+           rng.normal(size=(width, d)) / width**0.5, rng.normal(size=d) * 0.1)  # fmt: skip
+    sae = [np.asarray(a, np.float32) for a in sae]
+    split = lm_eval.sae_shardings(mesh, width)
+    assert (split[0].spec == jax.sharding.PartitionSpec(None, "model")) == (width % jax.device_count() == 0)
+    tokens = jnp.asarray(rng.integers(4, world["tok"].vocab_size, (2, 12)), jnp.int32)
+    keep = jnp.ones(tokens.shape, bool)
+    run = gemma_model.token_losses(model, gemma_model.check_site(model.config, "resid", 1), lm_eval.sae_replace(None))
+    placed = [jax.device_put(a, s) for a, s in zip(sae, split, strict=True)]
+    replicated = [jax.device_put(a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())) for a in sae]
+    np.testing.assert_allclose(run(params, tokens, keep, *placed), run(params, tokens, keep, *replicated), atol=1e-5)
+
+
 def test_harvest_stores_only_real_tokens_and_resumes_exactly(world, tmp_path):
     from jumprelu.harvest.run import harvest
 

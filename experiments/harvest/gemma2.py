@@ -7,9 +7,12 @@
       --lm.checkpoint=... --lm.tokenizer=... --lm.eval.texts='("/data/heldout.jsonl",)'
 
 Hardware: Gemma 2 9B runs on a TPU v5e-8 or larger (bf16 params split over all chips: 18.5 GB,
-2.3 GB per chip; a batch of 8 × 1,024 tokens adds well under 1 GB per chip up to layer 31).
-Expected run time: the harvest is bound by the forward up to layer L, about 2·9e9·(L+1)/42
-FLOPs per token; on a v5e-8 at 40% of its 1,574 TFLOP/s, ~6·10^4 tokens/s at layer 20, so 8B
+2.15 GiB per chip). Per chip, batch 8 × 1,024, as XLA plans it (benchmarks/lm_memory.py): the
+harvest needs 3.2 / 4.7 / 6.2 GiB at layer 9 / 20 / 31, the evaluation 8.0 GiB, 8.5 GiB with a
+131K-wide SAE spliced, 16.0 GiB with a 1M-wide one (use eval.batch_sequences=4 there: 12.0 GiB).
+Expected run time (FLOP arithmetic, not measured): the harvest is bound by the forward up to
+layer L, about 2·9e9·(L+1)/42 FLOPs per token; on a v5e-8 at 40% of its 1,574 TFLOP/s,
+~6·10^4 tokens/s at layer 20, so 8B
 tokens take ~40 h per layer (all three sites of a layer can be harvested from one pass by
 running the three configs; each is a separate pass here).
 
