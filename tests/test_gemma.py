@@ -70,6 +70,33 @@ def test_captured_sites_equal_an_independent_computation(world, site):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "name, layers, d_model, attn_width",
+    [("gemma2_2b", 26, 2304, 8 * 256), ("gemma2_9b", 42, 3584, 16 * 256), ("gemma2_27b", 46, 4608, 32 * 128)],
+)
+def test_released_sizes_have_the_papers_site_widths_and_split_params(name, layers, d_model, attn_width):
+    import jax
+
+    model = gemma_model.make_model(name)
+    assert model.config.num_layers == layers
+    params = gemma_model.abstract_params(model, gemma_model.device_mesh())
+    tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+    for site, width in (("resid", d_model), ("mlp", d_model), ("attn", attn_width)):
+        assert gemma_model.site_width(model.config, site) == width
+        fn = gemma_model.site_fn(model, gemma_model.check_site(model.config, site, layers - 1))
+        assert jax.eval_shape(fn, params, tokens).shape == (1, 4, width)
+    with pytest.raises(DataError, match=f"layer {layers} is out of range"):
+        gemma_model.check_site(model.config, "resid", layers)
+    # Every large weight is split over the devices: each holds ~1/n of the bf16 params.
+    total = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params))
+    per_device = sum(_shard_bytes(p) for p in jax.tree.leaves(params))
+    assert per_device < 1.01 * total / jax.device_count()
+
+
+def _shard_bytes(p):
+    return int(np.prod(p.sharding.shard_shape(p.shape))) * p.dtype.itemsize
+
+
 def test_identity_splice_gives_zero_delta_and_zeros_give_the_ablation(world):
     model, params = world["model"], world["params"]
     tokens = jnp.asarray(np.random.default_rng(1).integers(4, world["tok"].vocab_size, (2, 12)), jnp.int32)

@@ -161,7 +161,7 @@ def make_model(name: str, config=None, dtype=jnp.bfloat16) -> Gemma2:
 
 
 def device_mesh():
-    """All devices on one axis, over which the LM's params are split (see param_shardings)."""
+    """All devices on one axis, over which the LM's params are split (see abstract_params)."""
     return jax.make_mesh((jax.device_count(),), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
