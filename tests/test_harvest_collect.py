@@ -78,10 +78,10 @@ def _harvest(tmp_path, name, batch_sequences, crash_after=None, texts=None):
         calls["n"] += 1
         if crash_after is not None and calls["n"] > crash_after:
             raise KeyboardInterrupt("killed")
-        return _fake_site(tokens)
+        return [_fake_site(tokens)]
 
     seqs = text_lib.sequences(texts, CharTokenizer(), seq_len=16)
-    return collect_lib.collect(seqs, site, writer, SPECIAL, batch_sequences, progress=False)
+    return collect_lib.collect(seqs, site, [writer], SPECIAL, batch_sequences, progress=False)
 
 
 def test_killed_harvest_resumes_to_the_same_store(tmp_path):

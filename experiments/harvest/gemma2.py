@@ -12,13 +12,22 @@ harvest needs 3.2 / 4.7 / 6.2 GiB at layer 9 / 20 / 31, the evaluation 8.0 GiB, 
 131K-wide SAE spliced, 16.0 GiB with a 1M-wide one (use eval.batch_sequences=4 there: 12.0 GiB).
 Expected run time (FLOP arithmetic, not measured): the harvest is bound by the forward up to
 layer L, about 2·9e9·(L+1)/42 FLOPs per token; on a v5e-8 at 40% of its 1,574 TFLOP/s,
-~6·10^4 tokens/s at layer 20, so 8B
-tokens take ~40 h per layer (all three sites of a layer can be harvested from one pass by
-running the three configs; each is a separate pass here).
+~6·10^4 tokens/s at layer 20, so 8B tokens take ~40 h for layer 20. One pass harvests any set
+of sites: the paper's nine (3 sites × layers 9/20/31) cost one forward to layer 31 instead of
+nine forwards totalling 189 layers, ~6× less:
+
+  python -m jumprelu.harvest \
+      --config experiments/harvest/gemma2.py:model=gemma2_9b,sites=resid+mlp+attn,layers=9+20+31 \
+      --config.checkpoint=... --config.tokenizer=... --config.texts=... \
+      --config.store='/data/stores/gemma2-9b/{site}_l{layer}'
+
+(As XLA plans it, this 9-site pass needs 6.1 GiB per chip on a v5e-8, the same as layer 31's
+resid alone: benchmarks/lm_memory.py.)
 
 Argument (comma-separated key=value): model (gemma2_2b | gemma2_9b | gemma2_27b | tiny),
-layer, site (resid | mlp | attn); tiny=DIR uses the tiny world of `python -m jumprelu.harvest.tiny
-DIR` (model, checkpoint, tokenizer, texts, and DIR/store_<site>_l<layer> as the store).
+layer, site (resid | mlp | attn); sites=a+b and layers=i+j harvest every pair in one pass;
+tiny=DIR uses the tiny world of `python -m jumprelu.harvest.tiny DIR` (model, checkpoint,
+tokenizer, texts, and DIR/store_{site}_l{layer} as the store).
 """
 
 from ml_collections import config_dict
@@ -41,7 +50,14 @@ def get_config(arg=None):
     c.batch_sequences = 8
     c.site = args.get("site", "resid")
     c.layer = int(args.get("layer", 20))
-    c.store = ""  # output activation store directory
+    # Several sites from one forward pass: ('resid:20', 'mlp:20', 'attn:20', ...); empty: (site, layer).
+    # The argument sites=resid+mlp+attn,layers=9+20+31 gives every pair of the two lists.
+    names, layers = _plus_list(args, "sites"), _plus_list(args, "layers")
+    if names or layers:
+        c.sites = tuple(f"{name}:{layer}" for layer in layers or [c.layer] for name in names or [c.site])
+    else:
+        c.sites = ()
+    c.store = ""  # output store directory; with several sites, a template with {site} and {layer}
     c.store_dtype = "float32"
     c.shard_rows = config_dict.placeholder(int)
     c.shuffle_seed = 0
@@ -54,6 +70,10 @@ def get_config(arg=None):
         c.model, c.dtype, c.layer = "tiny", "float32", int(args.get("layer", 1))
         c.checkpoint, c.tokenizer = f"{d}/ckpt", f"{d}/tok.model"
         c.texts, c.split_paragraphs, c.seq_len, c.batch_sequences = (f"{d}/train.txt",), True, 32, 4
-        c.store, c.shard_rows = f"{d}/store_{c.site}_l{c.layer}", 256
+        c.store, c.shard_rows = f"{d}/store_{{site}}_l{{layer}}", 256
         c.eval.update(texts=(f"{d}/eval.jsonl",), sequences=16)
     return c
+
+
+def _plus_list(args, key) -> list[str]:
+    return [v for v in str(args.get(key, "")).split("+") if v]

@@ -7,7 +7,9 @@
 Reads the texts, tokenises them with the Gemma tokenizer (a local sentencepiece model), packs
 them into BOS-led sequences of `seq_len`, runs the model up to the site's layer with its
 params sharded over every device, drops BOS/EOS/pad positions and writes the rows to the store
-with the model, site, layer, checkpoint, tokenizer and seq_len in its metadata. Run the same
+with the model, site, layer, checkpoint, tokenizer and seq_len in its metadata. Several sites
+(`sites=resid+mlp+attn,layers=9+20+31` in the config argument, and a store template such as
+--config.store='/data/stores/{site}_l{layer}') come from one forward pass. Run the same
 command again after an interruption: it continues after the last complete shard, and the
 store ends up exactly as an uninterrupted harvest would have written it.
 """
@@ -33,7 +35,8 @@ def main(argv) -> None:
         print(f"jumprelu: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result))
-    print(f"store: {_CONFIG.value.store}  (python -m jumprelu.store summary {_CONFIG.value.store})")
+    for path in result["stores"]:
+        print(f"store: {path}  (python -m jumprelu.store summary {path})")
 
 
 if __name__ == "__main__":  # flags only here: importing this module must not define them

@@ -1,17 +1,19 @@
 """The harvest loop: packed sequences -> site activations -> kept rows -> the activation store.
 
-Independent of the model: `activations(tokens [n, T]) -> [n, T, d]` is the site function.
-Rows are appended sequence by sequence, position by position, so the store's row r is a pure
-function of the sources, the tokenizer and the model. That makes resuming exact: the writer
-reports how many rows its complete shards hold, and the loop skips exactly that many rows
-(recomputing at most one batch) before appending again. Nothing is duplicated or lost,
-whatever the batch size of the resumed run.
+Independent of the model: `activations(tokens [n, T]) -> ([n, T, d_1], ..., [n, T, d_k])` gives
+one array per store (several sites from one forward pass). Rows are appended sequence by
+sequence, position by position, so a store's row r is a pure function of the sources, the
+tokenizer and the model. That makes resuming exact: each writer reports how many rows its
+complete shards hold, the loop skips the batches every store already has (recomputing at most
+one batch), and gives each store only the rows after its own count. Nothing is duplicated or
+lost, whatever the batch size of the resumed run, even when a crash left the stores at
+different points.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -22,44 +24,56 @@ from jumprelu.store import StoreWriter
 
 def collect(
     seqs: Iterator[np.ndarray],
-    activations: Callable[[np.ndarray], np.ndarray],
-    writer: StoreWriter,
+    activations: Callable[[np.ndarray], Sequence[np.ndarray]],
+    writers: Sequence[StoreWriter],
     special: text_lib.SpecialIds,
     batch_sequences: int,
     max_rows: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Fills `writer` and closes it; returns {rows, skipped_rows, sequences, seconds, tokens_per_s}."""
-    resume_at = writer.rows_written
+    """Fills every writer and closes them.
+
+    Returns {rows (each store's total), skipped_rows (rows every store already had, not
+    recomputed), resumed_from (per store), sequences, seconds, tokens_per_s}.
+    """
+    resume_at = [w.rows_written for w in writers]
+    skip = min(resume_at)
     done = 0  # rows of the sequences walked so far (stored before or now)
     computed_tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(total=max_rows, initial=resume_at, unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
+    bar = tqdm(total=max_rows, initial=skip, unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
     sequences = 0
+    end = None if max_rows is None else max_rows
     for _, tokens in text_lib.batches(seqs, batch_sequences, special):
         mask = text_lib.keep_mask(tokens, special)
         n = int(mask.sum())
         sequences += int((tokens != special.pad).any(axis=1).sum())
-        if done + n <= resume_at:  # every row of this batch is already in complete shards
+        if done + n <= skip:  # every row of this batch is already in every store's complete shards
             done += n
             continue
-        rows = np.asarray(activations(tokens))[mask]  # [n, d]: sequence-major, then position
+        outputs = activations(tokens)
         computed_tokens += int(tokens.size)
-        rows = rows[max(0, resume_at - done) :]
-        if max_rows is not None:
-            rows = rows[: max(0, max_rows - max(done, resume_at))]
-        writer.append(rows)
+        for writer, start, out in zip(writers, resume_at, outputs, strict=True):
+            rows = np.asarray(out)[mask]  # [n, d]: sequence-major, then position
+            first = max(0, start - done)
+            last = n if end is None else max(first, min(n, end - done))
+            writer.append(rows[first:last])
+        bar.update(min(n, n if end is None else max(0, end - done)) - max(0, skip - done))
         done += n
-        bar.update(len(rows))
         bar.set_postfix_str(f"{computed_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} model tok/s", refresh=False)
-        if max_rows is not None and done >= max_rows:
+        if end is not None and done >= end:
             break
     bar.close()
     seconds = time.perf_counter() - t0
-    written = writer.rows_written + writer.buffered_rows
-    writer.close()
+    written = [w.rows_written + w.buffered_rows for w in writers]
+    for writer in writers:
+        writer.close()
+    if len(set(written)) != 1:  # cannot happen unless a store was written by something else
+        counts = {w.path: n for w, n in zip(writers, written, strict=True)}
+        raise RuntimeError(f"stores ended with different row counts: {counts}")
     return {
-        "rows": written,
-        "skipped_rows": resume_at,
+        "rows": written[0],
+        "skipped_rows": skip,
+        "resumed_from": resume_at,
         "sequences": sequences,
         "seconds": seconds,
         "tokens_per_s": computed_tokens / max(seconds, 1e-9),

@@ -19,6 +19,7 @@ the LM evaluation do.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -197,17 +198,27 @@ def load_params(path: str, target):
     return gm.ckpts.load_params(path, params=target, donate=False)
 
 
-def site_fn(model: Gemma2, site: Site):
-    """jit(params, tokens [B, T]) -> site activations [B, T, d] float32, via a truncated forward."""
+def sites_fn(model: Gemma2, sites):
+    """jit(params, tokens [B, T]) -> one [B, T, d] float32 array per site, from one truncated
+    forward up to the deepest site's layer (so the three sites of a layer, or sites of several
+    layers, cost one pass)."""
 
     @jax.jit
     def run(params, tokens):
-        captured = {}
-        with nn.intercept_methods(_interceptor(site, captured=captured)):
-            model.apply({"params": params}, tokens, site.layer, method=Gemma2.forward_to_layer)
-        return captured["x"].astype(jnp.float32)
+        captured = [{} for _ in sites]
+        with contextlib.ExitStack() as stack:
+            for site, into in zip(sites, captured, strict=True):
+                stack.enter_context(nn.intercept_methods(_interceptor(site, captured=into)))
+            model.apply({"params": params}, tokens, max(s.layer for s in sites), method=Gemma2.forward_to_layer)
+        return tuple(c["x"].astype(jnp.float32) for c in captured)
 
     return run
+
+
+def site_fn(model: Gemma2, site: Site):
+    """jit(params, tokens [B, T]) -> the site's activations [B, T, d] float32, via a truncated forward."""
+    run = sites_fn(model, (site,))
+    return jax.jit(lambda params, tokens: run(params, tokens)[0])
 
 
 def token_losses(model: Gemma2, site: Site | None = None, replace=None):
