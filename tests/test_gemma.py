@@ -167,41 +167,43 @@ def _store_rows(path):
 def test_several_sites_from_one_pass_equal_separate_harvests_and_resume_per_store(world, tmp_path):
     from jumprelu.harvest.run import harvest
 
-    sites = ("resid:1", "mlp:1", "attn:0")
+    pairs = [(site, layer) for layer in (0, 1) for site in ("resid", "mlp", "attn")]
     template = str(tmp_path / "one_pass" / "{site}_l{layer}")
-    one_pass = harvest(_cfg(world, sites=sites, store=template))
-    assert one_pass["stores"] == [template.format(site=s, layer=l) for s, l in (x.split(":") for x in sites)]
-    for item, path in zip(sites, one_pass["stores"], strict=True):
-        site, layer = item.split(":")
-        alone = harvest(_cfg(world, site=site, layer=int(layer), store=str(tmp_path / f"alone_{site}")))
+    one_pass = harvest(_cfg(world, sites=("resid", "mlp", "attn"), layers=(0, 1), store=template))
+    assert one_pass["stores"] == [template.format(site=s, layer=l) for s, l in pairs]
+    for (site, layer), path in zip(pairs, one_pass["stores"], strict=True):
+        alone = harvest(_cfg(world, site=site, layer=layer, store=str(tmp_path / f"alone_{site}_{layer}")))
         assert alone["rows"] == one_pass["rows"]
         meta = open_store(path).metadata
-        assert (meta["site"], meta["layer"]) == (site, int(layer))
-        np.testing.assert_allclose(_store_rows(path), _store_rows(tmp_path / f"alone_{site}"), rtol=1e-5, atol=1e-5)
+        assert (meta["site"], meta["layer"]) == (site, layer)
+        want = _store_rows(tmp_path / f"alone_{site}_{layer}")
+        np.testing.assert_allclose(_store_rows(path), want, rtol=1e-5, atol=1e-5)
 
     # A crash can leave the stores at different points: attn complete, mlp killed midway, resid
     # not started. The rerun leaves attn alone, continues mlp from its own count and fills resid.
     resumed = str(tmp_path / "resumed" / "{site}_l{layer}")
-    harvest(_cfg(world, site="attn", layer=0, store=resumed))
+    harvest(_cfg(world, site="attn", layer=1, store=resumed))
     cmd = [sys.executable, "-m", "jumprelu.harvest", "--config", f"experiments/harvest/gemma2.py:tiny={world['dir']}"]
     cmd += ["--config.progress=False", f"--config.store={resumed}", "--config.site=mlp", "--config.layer=1"]
     env = dict(os.environ, JUMPRELU_HARVEST_KILL_AFTER_BATCHES="3")
     assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True).returncode != 0
-    again = harvest(_cfg(world, sites=sites, store=resumed))
-    assert again["already_complete"] == [resumed.format(site="attn", layer=0)]
+    again = harvest(_cfg(world, sites=("resid", "mlp", "attn"), layers=(1,), store=resumed))
+    assert again["already_complete"] == [resumed.format(site="attn", layer=1)]
     assert again["resumed_from"][0] == 0 and again["resumed_from"][1] > 0  # resid, mlp
-    for site, layer in (("resid", 1), ("mlp", 1), ("attn", 0)):
-        got, want = (_store_rows(t.format(site=site, layer=layer)) for t in (resumed, template))
+    for site in ("resid", "mlp", "attn"):
+        got, want = (_store_rows(t.format(site=site, layer=1)) for t in (resumed, template))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # (other compiled programs: not bitwise)
 
 
 @pytest.mark.parametrize(
     "over, message",
     [
-        ({"sites": ("resid:1", "mlp:1"), "store": "/tmp/one"}, "it must contain {site} and {layer}"),
-        ({"sites": ("resid",)}, "expected 'site:layer' items like 'resid:20', found 'resid'"),
-        ({"sites": ("resid:1", "resid:1"), "store": "/tmp/{site}{layer}"}, "lists a site twice"),
-        ({"sites": ("resid:1", "mlp:5"), "store": "/tmp/{site}{layer}"}, "layer 5 is out of range"),
+        ({"sites": ("resid", "mlp"), "store": "/tmp/one"}, "it must contain {site} and {layer}"),
+        ({"sites": ("resid",), "layers": (0, 1), "store": "/tmp/{{site}}_{{layer}}"}, "it must contain {site}"),
+        ({"store": "/tmp/{model}"}, "config field store '/tmp/{model}': not a path template (KeyError"),
+        ({"sites": ("resid", "resid"), "store": "/tmp/{site}{layer}"}, "list a site twice"),
+        ({"layers": (1, 5), "store": "/tmp/{site}{layer}"}, "config fields sites/layers: layer 5 is out of range"),
+        ({"sites": ("resid", "mlpp"), "store": "/tmp/{site}{layer}"}, "config fields sites/layers: unknown site"),
     ],
 )
 def test_bad_site_lists_give_one_line_errors(world, over, message):
@@ -216,12 +218,15 @@ def test_bad_site_lists_give_one_line_errors(world, over, message):
 
 def test_config_argument_expands_sites_and_layers():
     from experiments.harvest.gemma2 import get_config
+    from jumprelu.harvest.run import harvest_sites
 
-    assert get_config("sites=resid+mlp+attn,layers=9+20").sites == (
-        "resid:9", "mlp:9", "attn:9", "resid:20", "mlp:20", "attn:20",
-    )  # fmt: skip
-    assert get_config("layer=31,sites=mlp+attn").sites == ("mlp:31", "attn:31")
-    assert get_config("model=gemma2_9b").sites == ()
+    cfg = get_config("sites=resid+mlp+attn,layers=9+20")
+    assert harvest_sites(cfg) == [("resid", 9), ("mlp", 9), ("attn", 9), ("resid", 20), ("mlp", 20), ("attn", 20)]
+    cfg = get_config("sites=mlp+attn")
+    cfg.layer = 31  # as --config.layer=31: the sites follow it
+    assert harvest_sites(cfg) == [("mlp", 31), ("attn", 31)]
+    assert harvest_sites(get_config("tiny=/x,sites=resid+mlp")) == [("resid", 1), ("mlp", 1)]
+    assert harvest_sites(get_config("model=gemma2_9b,site=attn,layer=9")) == [("attn", 9)]
 
 
 @pytest.mark.parametrize(

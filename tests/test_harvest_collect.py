@@ -100,3 +100,16 @@ def test_killed_harvest_resumes_to_the_same_store(tmp_path):
     np.testing.assert_array_equal(rows_a, rows_b)
     assert not (rows_a[:, 0] == SPECIAL.bos).any()  # no BOS (or EOS/pad) rows reached the store
     assert not np.isin(rows_a[:, 0], [SPECIAL.eos, SPECIAL.pad]).any()
+
+
+def test_a_store_past_max_rows_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "t.txt").write_text("\n\n".join(f"document number {i} with some words" for i in range(40)))
+    texts = [str(tmp_path / "t.txt")]
+    with pytest.raises(KeyboardInterrupt):
+        _harvest(tmp_path, "part", batch_sequences=4, crash_after=9, texts=texts)
+    writer = StoreWriter(str(tmp_path / "part"), d_model=4, shard_rows=50, shuffle_seed=None)
+    part = writer.rows_written
+    seqs = text_lib.sequences(texts, CharTokenizer(), seq_len=16)
+    with pytest.raises(DataError, match=f"already holds {part} rows, more than max_tokens={part - 1}"):
+        collect_lib.collect(seqs, lambda t: [_fake_site(t)], [writer], SPECIAL, 4, max_rows=part - 1, progress=False)
+    assert not (tmp_path / "part" / "metadata.json").exists()  # still resumable

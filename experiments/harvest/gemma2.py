@@ -50,13 +50,10 @@ def get_config(arg=None):
     c.batch_sequences = 8
     c.site = args.get("site", "resid")
     c.layer = int(args.get("layer", 20))
-    # Several sites from one forward pass: ('resid:20', 'mlp:20', 'attn:20', ...); empty: (site, layer).
-    # The argument sites=resid+mlp+attn,layers=9+20+31 gives every pair of the two lists.
-    names, layers = _plus_list(args, "sites"), _plus_list(args, "layers")
-    if names or layers:
-        c.sites = tuple(f"{name}:{layer}" for layer in layers or [c.layer] for name in names or [c.site])
-    else:
-        c.sites = ()
+    # Several sites from one forward pass: every name of `sites` at every layer of `layers`
+    # (empty: `site`, `layer`). The argument sites=resid+mlp+attn,layers=9+20+31 sets them.
+    c.sites = tuple(_plus_list(args, "sites"))
+    c.layers = tuple(int(v) for v in _plus_list(args, "layers"))
     c.store = ""  # output store directory; with several sites, a template with {site} and {layer}
     c.store_dtype = "float32"
     c.shard_rows = config_dict.placeholder(int)

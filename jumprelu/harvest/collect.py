@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from jumprelu.errors import DataError
 from jumprelu.harvest import text as text_lib
 from jumprelu.store import StoreWriter
 
@@ -37,6 +38,12 @@ def collect(
     recomputed), resumed_from (per store), sequences, seconds, tokens_per_s}.
     """
     resume_at = [w.rows_written for w in writers]
+    if max_rows is not None and max(resume_at) > max_rows:
+        ahead = writers[resume_at.index(max(resume_at))].path
+        raise DataError(
+            f"store {ahead} already holds {max(resume_at)} rows, more than max_tokens={max_rows}: "
+            "resume with the max_tokens it was started with"
+        )
     skip = min(resume_at)
     done = 0  # rows of the sequences walked so far (stored before or now)
     computed_tokens, t0 = 0, time.perf_counter()
@@ -65,11 +72,11 @@ def collect(
     bar.close()
     seconds = time.perf_counter() - t0
     written = [w.rows_written + w.buffered_rows for w in writers]
-    for writer in writers:
-        writer.close()
-    if len(set(written)) != 1:  # cannot happen unless a store was written by something else
+    if len(set(written)) != 1:  # cannot happen unless a store was written by something else; never close them then
         counts = {w.path: n for w, n in zip(writers, written, strict=True)}
         raise RuntimeError(f"stores ended with different row counts: {counts}")
+    for writer in writers:
+        writer.close()
     return {
         "rows": written[0],
         "skipped_rows": skip,

@@ -64,7 +64,7 @@ def evaluate_lm(sae, lm_cfg) -> dict:
     if not lm_cfg.eval.texts:
         raise DataError("config field eval.texts is empty: set --lm.eval.texts='(\"heldout.jsonl\",)'")
     lm = load_lm(lm_cfg)
-    tokenizer, model, site, mesh, params = lm.tokenizer, lm.model, lm.site, lm.mesh, lm.params
+    tokenizer, model, (site,), mesh, params = lm.tokenizer, lm.model, lm.sites, lm.mesh, lm.params
     width = gemma_model.site_width(model.config, lm_cfg.site)
     if sae.d_model != width:
         raise DataError(f"the SAE takes d_model {sae.d_model} but site {site.name} of layer {site.layer} has {width}")

@@ -16,13 +16,17 @@ class LanguageModel:
 
     tokenizer: object  # text.SentencePieceTokenizer
     model: object  # gemma_model.Gemma2
-    site: object  # gemma_model.Site
+    sites: tuple  # gemma_model.Site, checked against the model
     mesh: object  # the devices the params are split over
     params: dict
 
 
-def load_lm(cfg) -> LanguageModel:
-    """Tokenizer, model, checked site and sharded params named by `cfg` (one-line errors)."""
+def load_lm(cfg, pairs=None) -> LanguageModel:
+    """Tokenizer, model, checked sites and sharded params named by `cfg` (one-line errors).
+
+    `pairs` are the (site, layer) pairs to check (default: cfg.site, cfg.layer); they are
+    checked before the checkpoint is read, so a typo costs seconds, not a 9B restore.
+    """
     import jax.numpy as jnp
 
     from jumprelu.errors import DataError
@@ -34,26 +38,28 @@ def load_lm(cfg) -> LanguageModel:
             raise DataError(f"config field {field} is empty: set --config.{field}=PATH")
     tokenizer = text_lib.SentencePieceTokenizer(cfg.tokenizer)
     model = gemma_model.make_model(cfg.model, model_config(cfg, tokenizer), dtype=jnp.dtype(cfg.dtype))
-    site = gemma_model.check_site(model.config, cfg.site, cfg.layer)
+    sites = []
+    for site, layer in pairs or [(cfg.site, cfg.layer)]:
+        try:
+            sites.append(gemma_model.check_site(model.config, site, layer))
+        except DataError as e:
+            fields = "sites/layers" if cfg.get("sites") or cfg.get("layers") else "site/layer"
+            raise DataError(f"config fields {fields}: {e}") from None
     mesh = gemma_model.device_mesh()
     params = gemma_model.load_params(cfg.checkpoint, gemma_model.abstract_params(model, mesh))
-    return LanguageModel(tokenizer, model, site, mesh, params)
+    return LanguageModel(tokenizer, model, tuple(sites), mesh, params)
 
 
 def harvest_sites(cfg) -> list[tuple[str, int]]:
-    """The (site, layer) pairs to harvest: `cfg.sites` ('site:layer' strings) or else (site, layer)."""
+    """The (site, layer) pairs to harvest: every name of `cfg.sites` (else `cfg.site`) at every
+    layer of `cfg.layers` (else `cfg.layer`), layer by layer."""
     from jumprelu.errors import DataError
 
-    if not cfg.sites:
-        return [(cfg.site, cfg.layer)]
-    pairs = []
-    for item in cfg.sites:
-        name, sep, layer = str(item).partition(":")
-        if not sep or not layer.strip().lstrip("-").isdigit():
-            raise DataError(f"config field sites: expected 'site:layer' items like 'resid:20', found {item!r}")
-        pairs.append((name.strip(), int(layer)))
+    names = list(cfg.sites) or [cfg.site]
+    layers = list(cfg.layers) or [cfg.layer]
+    pairs = [(name, layer) for layer in layers for name in names]
     if len(set(pairs)) != len(pairs):
-        raise DataError(f"config field sites lists a site twice: {list(cfg.sites)}")
+        raise DataError(f"config fields sites/layers list a site twice: sites {names}, layers {layers}")
     return pairs
 
 
@@ -63,12 +69,19 @@ def store_paths(cfg, pairs) -> list[str]:
 
     if not cfg.store:
         raise DataError("config field store is empty: set --config.store=PATH")
-    if len(pairs) > 1 and not ("{site}" in cfg.store and "{layer}" in cfg.store):
+    try:
+        paths = [cfg.store.format(site=site, layer=layer) for site, layer in pairs]
+    except (KeyError, IndexError, ValueError) as e:
+        raise DataError(
+            f"config field store {cfg.store!r}: not a path template ({type(e).__name__}: {e}); "
+            "its only fields are {site} and {layer}"
+        ) from None
+    if len(set(paths)) != len(paths):
         raise DataError(
             f"config field store is {cfg.store!r}, but {len(pairs)} sites are harvested: it must contain "
             "{site} and {layer}, e.g. --config.store='/data/stores/{site}_l{layer}'"
         )
-    return [cfg.store.format(site=site, layer=layer) for site, layer in pairs]
+    return paths
 
 
 def harvest(cfg) -> dict:
@@ -88,15 +101,13 @@ def harvest(cfg) -> dict:
     paths = store_paths(cfg, pairs)
     if not cfg.texts:
         raise DataError("config field texts is empty: set --config.texts='(\"a.jsonl\", ...)'")
-    lm = load_lm(cfg)
-    tokenizer, params, config = lm.tokenizer, lm.params, lm.model.config
-    sites = [gemma_model.check_site(config, site, layer) for site, layer in pairs]
     complete = [p for p in paths if os.path.exists(os.path.join(p, store_format.METADATA))]
     if len(complete) == len(paths):
-        raise DataError(
-            f"store {paths[0]} is already complete ({store_format.METADATA} exists); write to a new directory"
-        )
-    todo = [(site, path) for site, path in zip(sites, paths, strict=True) if path not in complete]
+        listed = paths[0] if len(paths) == 1 else f"{len(paths)} stores ({', '.join(paths)})"
+        raise DataError(f"store {listed} already complete ({store_format.METADATA} exists); write to a new directory")
+    lm = load_lm(cfg, pairs)
+    tokenizer, params, config = lm.tokenizer, lm.params, lm.model.config
+    todo = [(site, path) for site, path in zip(lm.sites, paths, strict=True) if path not in complete]
     writers = [
         StoreWriter(
             path,
