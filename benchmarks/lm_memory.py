@@ -64,8 +64,20 @@ def main(argv=None):
         f" split over {args.devices} devices; batch {args.batch} x {args.seq_len} tokens; site {args.site}"
     )
     print(f"{'program':<34}{'args GiB':>9}{'temp GiB':>9}{'out GiB':>8}{'total GiB':>10}{'compile s':>10}")
-    worst = 0.0
-    for layer in (int(x) for x in args.layers.split(",")):
+
+    def measure(label, fn, *fn_args) -> float:
+        """Compiles fn for fn_args, prints its per-device memory, returns the total in GiB."""
+        t0 = time.perf_counter()
+        stats = fn.lower(*fn_args).compile().memory_analysis()
+        seconds = time.perf_counter() - t0
+        a, t, o = stats.argument_size_in_bytes, stats.temp_size_in_bytes, stats.output_size_in_bytes
+        total = (a + t + o - stats.alias_size_in_bytes) / gib
+        print(f"{label:<34}{a / gib:>9.2f}{t / gib:>9.2f}{o / gib:>8.2f}{total:>10.2f}{seconds:>10.0f}", flush=True)
+        return total
+
+    layers = [int(x) for x in args.layers.split(",")]
+    totals = []
+    for layer in layers:
         site = gemma_model.check_site(model.config, args.site, layer)
         d = gemma_model.site_width(model.config, args.site)
         shapes = ((d, args.width), (args.width,), (args.width,), (args.width, d), (d,))
@@ -73,34 +85,17 @@ def main(argv=None):
             jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
             for shape, sharding in zip(shapes, sae_shardings(mesh, args.width), strict=True)
         )  # as the evaluation places them
-        programs = [
-            (f"harvest  layer {layer}", gemma_model.site_fn(model, site), (params, tokens)),
-            (f"eval spliced layer {layer} W={args.width}", gemma_model.token_losses(model, site, sae_replace(None)),
-             (params, tokens, keep, *sae)),
-            (f"eval zero-ablated layer {layer}", gemma_model.token_losses(model, site, zero_replace),
-             (params, tokens, keep)),
-        ]  # fmt: skip
-        if layer == int(args.layers.split(",")[0]):
-            programs.insert(1, ("eval clean", gemma_model.token_losses(model), (params, tokens)))
-        for label, fn, fn_args in programs:
-            t0 = time.perf_counter()
-            stats = fn.lower(*fn_args).compile().memory_analysis()
-            seconds = time.perf_counter() - t0
-            a, t, o = stats.argument_size_in_bytes, stats.temp_size_in_bytes, stats.output_size_in_bytes
-            total = (a + t + o - stats.alias_size_in_bytes) / gib
-            worst = max(worst, total)
-            print(f"{label:<34}{a / gib:>9.2f}{t / gib:>9.2f}{o / gib:>8.2f}{total:>10.2f}{seconds:>10.0f}")
-            sys.stdout.flush()
+        totals.append(measure(f"harvest  layer {layer}", gemma_model.site_fn(model, site), params, tokens))
+        if layer == layers[0]:
+            totals.append(measure("eval clean", gemma_model.token_losses(model), params, tokens))
+        spliced = gemma_model.token_losses(model, site, sae_replace(None))
+        totals.append(measure(f"eval spliced layer {layer} W={args.width}", spliced, params, tokens, keep, *sae))
+        zeroed = gemma_model.token_losses(model, site, zero_replace)
+        totals.append(measure(f"eval zero-ablated layer {layer}", zeroed, params, tokens, keep))
     # The paper's harvest in one pass: every site at every layer, one forward to the deepest.
-    layers = [int(x) for x in args.layers.split(",")]
     sites = tuple(gemma_model.check_site(model.config, name, layer) for layer in layers for name in gemma_model.SITES)
-    t0 = time.perf_counter()
-    stats = gemma_model.sites_fn(model, sites).lower(params, tokens).compile().memory_analysis()
-    a, t, o = stats.argument_size_in_bytes, stats.temp_size_in_bytes, stats.output_size_in_bytes
-    total = (a + t + o - stats.alias_size_in_bytes) / gib
-    worst = max(worst, total)
-    label = f"harvest {len(sites)} sites, one pass"
-    print(f"{label:<34}{a / gib:>9.2f}{t / gib:>9.2f}{o / gib:>8.2f}{total:>10.2f}{time.perf_counter() - t0:>10.0f}")
+    totals.append(measure(f"harvest {len(sites)} sites, one pass", gemma_model.sites_fn(model, sites), params, tokens))
+    worst = max(totals)
     verdict = "fits" if worst <= args.hbm_gib else "does NOT fit"
     print(f"largest per-device total {worst:.2f} GiB: {verdict} in {args.hbm_gib:g} GiB per chip")
     print("reproduce: python benchmarks/lm_memory.py " + " ".join(sys.argv[1:] if argv is None else argv))

@@ -26,6 +26,7 @@ from jumprelu.harvest import (
 )
 from jumprelu.harvest import text as text_lib  # noqa: E402
 from jumprelu.store import open_store  # noqa: E402
+from tests.test_store import _all_rows  # noqa: E402
 from tests.test_train import ROOT  # noqa: E402
 
 
@@ -160,8 +161,7 @@ def test_harvest_stores_only_real_tokens_and_resumes_exactly(world, tmp_path):
 
 
 def _store_rows(path):
-    store = open_store(str(path))
-    return np.concatenate([store.shard(i) for i in range(len(store.shard_rows))])
+    return _all_rows(open_store(str(path)))
 
 
 def test_several_sites_from_one_pass_equal_separate_harvests_and_resume_per_store(world, tmp_path):

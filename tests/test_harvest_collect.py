@@ -9,6 +9,7 @@ from jumprelu.errors import DataError
 from jumprelu.harvest import collect as collect_lib
 from jumprelu.harvest import text as text_lib
 from jumprelu.store import StoreWriter, open_store
+from tests.test_store import _all_rows
 
 SPECIAL = text_lib.SpecialIds(bos=2, eos=1, pad=0)
 
@@ -95,8 +96,7 @@ def test_killed_harvest_resumes_to_the_same_store(tmp_path):
     again = _harvest(tmp_path, "resumed", batch_sequences=3, texts=texts)  # another batch size: still exact
     assert again["skipped_rows"] == part and again["rows"] == full["rows"]
     a, b = open_store(str(tmp_path / "full")), open_store(str(tmp_path / "resumed"))
-    rows_a = np.concatenate([a.shard(i) for i in range(len(a.shard_rows))])
-    rows_b = np.concatenate([b.shard(i) for i in range(len(b.shard_rows))])
+    rows_a, rows_b = _all_rows(a), _all_rows(b)
     np.testing.assert_array_equal(rows_a, rows_b)
     assert not (rows_a[:, 0] == SPECIAL.bos).any()  # no BOS (or EOS/pad) rows reached the store
     assert not np.isin(rows_a[:, 0], [SPECIAL.eos, SPECIAL.pad]).any()

@@ -9,6 +9,7 @@ import pytest
 import jumprelu
 from jumprelu import config as config_lib
 from jumprelu.train import train
+from tests.test_train import train_straight_and_resumed
 
 LAMS = (0.003, 0.03, 0.3)
 
@@ -40,12 +41,8 @@ def test_stacked_saes_equal_separate_runs(tmp_path, stack_config):
 
 def test_stacked_run_writes_member_items_metrics_and_resumes(tmp_path, stack_config):
     stack_config.stack.sparsity_coefficients = LAMS[:2]
-    straight = train(stack_config, str(tmp_path / "a"))
-    stack_config.train.steps = 20
-    train(stack_config, str(tmp_path / "b"))
-    stack_config.train.steps = 40
-    resumed = train(stack_config, str(tmp_path / "b"))
-    assert resumed["resumed_from_step"] == 20
+    assert stack_config.train.steps == 40
+    straight, resumed = train_straight_and_resumed(stack_config, tmp_path)  # resumes at step 20
     for i in range(2):
         a = jumprelu.load(str(tmp_path / "a"), member=i)
         b = jumprelu.load(str(tmp_path / "b" / f"sae-{i}"))

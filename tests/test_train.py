@@ -71,14 +71,22 @@ def test_main_trains_checkpoints_and_resumes(tmp_path):
     assert Checkpointer(str(wd), keep=3, read_only=True).latest_step() == 80
 
 
+def train_straight_and_resumed(config, tmp_path):
+    """config.train.steps straight in tmp_path/a; in tmp_path/b half of them, a stop, and a
+    resume to the end. Returns both reports."""
+    steps = config.train.steps
+    straight = train(config, str(tmp_path / "a"))
+    config.train.steps = steps // 2
+    train(config, str(tmp_path / "b"))
+    config.train.steps = steps
+    resumed = train(config, str(tmp_path / "b"))
+    assert resumed["resumed_from_step"] == steps // 2
+    return straight, resumed
+
+
 def test_resume_continues_exactly(tmp_path, tiny_config):
     """40 steps straight == 20 steps, stop, 20 more from the checkpoint: bit-identical."""
-    straight = train(tiny_config, str(tmp_path / "a"))
-    tiny_config.train.steps = 20
-    train(tiny_config, str(tmp_path / "b"))
-    tiny_config.train.steps = 40
-    resumed = train(tiny_config, str(tmp_path / "b"))
-    assert resumed["resumed_from_step"] == 20
+    straight, resumed = train_straight_and_resumed(tiny_config, tmp_path)
     a, b = jumprelu.load(str(tmp_path / "a")), jumprelu.load(str(tmp_path / "b"))
     for k, v in a.params().items():
         np.testing.assert_array_equal(v, b.params()[k], err_msg=k)

@@ -49,7 +49,6 @@ def collect(
     computed_tokens, t0 = 0, time.perf_counter()
     bar = tqdm(total=max_rows, initial=skip, unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
     sequences = 0
-    end = None if max_rows is None else max_rows
     for _, tokens in text_lib.batches(seqs, batch_sequences, special):
         mask = text_lib.keep_mask(tokens, special)
         n = int(mask.sum())
@@ -59,15 +58,15 @@ def collect(
             continue
         outputs = activations(tokens)
         computed_tokens += int(tokens.size)
+        last = n if max_rows is None else min(n, max_rows - done)  # this batch's rows within max_rows
         for writer, start, out in zip(writers, resume_at, outputs, strict=True):
             rows = np.asarray(out)[mask]  # [n, d]: sequence-major, then position
             first = max(0, start - done)
-            last = n if end is None else max(first, min(n, end - done))
-            writer.append(rows[first:last])
-        bar.update(min(n, n if end is None else max(0, end - done)) - max(0, skip - done))
+            writer.append(rows[first : max(first, last)])
+        bar.update(last - max(0, skip - done))
         done += n
         bar.set_postfix_str(f"{computed_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} model tok/s", refresh=False)
-        if end is not None and done >= end:
+        if max_rows is not None and done >= max_rows:
             break
     bar.close()
     seconds = time.perf_counter() - t0
