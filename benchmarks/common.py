@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
-from jumprelu.store import __main__ as store_cli
 from jumprelu.store import open_store
+from jumprelu.store.convert import convert
 
 
 def ensure_store(data: str, out_dir: str) -> str:
@@ -20,11 +19,7 @@ def ensure_store(data: str, out_dir: str) -> str:
         raise SystemExit(f"--data {data}: expected an activation store directory or a .npy file")
     store_dir = os.path.join(out_dir, "store")
     if not os.path.exists(os.path.join(store_dir, "metadata.json")):  # absent or interrupted: (re)write
-        args = argparse.Namespace(
-            input=data, output=store_dir, dtype="float32", model="", site="", layer=None,
-            text_source="", no_shuffle=False, seed=0, shard_rows=None,
-        )  # fmt: skip
-        store_cli.convert(args)
+        convert(data, store_dir)
     return store_dir
 
 
@@ -36,10 +31,10 @@ def train_run(cfg, workdir: str) -> dict:
             report = json.load(f)
         report.setdefault("seconds", None)
         return report
-    from jumprelu import train  # late: argument errors show before jax starts
+    from jumprelu.train import loop  # late: argument errors show before jax starts
 
     t0 = time.perf_counter()
-    report = train.train(cfg, workdir)
+    report = loop.train(cfg, workdir)
     report["seconds"] = time.perf_counter() - t0
     with open(report_path, "w") as f:  # add the timing for reruns of the benchmark
         json.dump(report, f, indent=2)

@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ensure_store, train_run  # noqa: E402
-from jumprelu import sweeps  # noqa: E402
+from jumprelu.launch import experiment  # noqa: E402
 
 
 def main() -> None:
@@ -38,8 +38,8 @@ def main() -> None:
 
     os.makedirs(args.out, exist_ok=True)
     store = ensure_store(args.data, args.out)
-    name, arg = sweeps.split(args.experiment)
-    base = sweeps.load(name).get_config(arg)
+    name, arg = experiment.split(args.experiment)
+    base = experiment.load(name).get_config(arg)
     results = []
     for target in [float(t) for t in args.targets.split(",")]:
         overrides = {"data.source": store, "log.progress": False, "sae.kind": "jumprelu", "sae.target_l0": target}
@@ -51,7 +51,7 @@ def main() -> None:
             overrides["sae.target_l0_gain"] = args.gain
         if args.steps:
             overrides["train.steps"] = args.steps
-        cfg = sweeps.apply_overrides(base, overrides)
+        cfg = experiment.apply_overrides(base, overrides)
         s = cfg.sae
         tag = f"target={target:g}_theta={s.threshold_param}_rate={s.target_l0_rate:g}_gain={s.target_l0_gain:g}"
         report = train_run(cfg, os.path.join(args.out, "runs", f"{tag}_steps={cfg.train.steps}"))

@@ -25,7 +25,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ensure_store, train_run  # noqa: E402
-from jumprelu import pareto, plots, sweeps  # noqa: E402
+from jumprelu.evaluate import pareto, plots  # noqa: E402
+from jumprelu.launch import experiment  # noqa: E402
 
 FIELDS = ("kind", "knob", "value", "l0", "fvu", "mse", "dead_fraction", "dense_fraction", "tokens", "seconds", "run")
 
@@ -43,8 +44,8 @@ def main() -> None:
 
     os.makedirs(args.out, exist_ok=True)
     store = ensure_store(args.data, args.out)
-    name, arg = sweeps.split(args.experiment)
-    runs = sweeps.expand(sweeps.load(name), arg)
+    name, arg = experiment.split(args.experiment)
+    runs = experiment.expand(experiment.load(name), arg)
     wanted = set(filter(None, args.kinds.split(",")))
     if wanted:
         runs = [r for r in runs if r.config.sae.kind in wanted]
@@ -56,7 +57,7 @@ def main() -> None:
 
     points, t0 = [], time.perf_counter()
     for i, run in enumerate(runs):
-        cfg = sweeps.apply_overrides(run.config, extra)
+        cfg = experiment.apply_overrides(run.config, extra)
         knob, value = next(((k, v) for k, v in run.overrides.items() if k != "sae.kind"), ("", ""))
         report = train_run(cfg, run.workdir(os.path.join(args.out, "runs")))
         e = report["eval"]

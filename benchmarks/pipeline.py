@@ -21,12 +21,12 @@ import time
 import jax
 import numpy as np
 
-from jumprelu import program, sharding
-from jumprelu import state as state_lib
 from jumprelu.config import base_config
 from jumprelu.data import make_stream, pipeline
 from jumprelu.store import StoreWriter, open_store
 from jumprelu.store import format as store_format
+from jumprelu.train import program, sharding
+from jumprelu.train import state as state_lib
 
 
 def write_store(path: str, gib: float, d_model: int, dtype: str) -> float:

@@ -19,9 +19,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jumprelu import program, sharding
-from jumprelu import state as state_lib
 from jumprelu.config import base_config
+from jumprelu.train import program, sharding
+from jumprelu.train import state as state_lib
 
 
 def time_members(members: int, d_model: int, width: int, batch: int, repeats: int) -> float:

@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jumprelu import optim, sae
 from jumprelu.config import base_config
-from jumprelu.state import init_state
-from jumprelu.step import make_train_step
+from jumprelu.core import kinds
+from jumprelu.train import optim
+from jumprelu.train.state import init_state
+from jumprelu.train.step import make_train_step
 
 
 def _time(fn, args, repeats: int, warmup: int) -> list[float]:
@@ -39,10 +40,13 @@ def _time(fn, args, repeats: int, warmup: int) -> list[float]:
 def time_step(d_model: int, width: int, batch: int, repeats: int, warmup: int, dtype: str) -> list[float]:
     cfg = base_config()
     cfg.sae.update(width=width, compute_dtype=dtype)
-    model = sae.from_config(cfg.sae, d_model)  # the JumpReLU kind; make_train_step's default loss
+    kind = kinds.from_config(cfg.sae, d_model)
+    model = kind.model  # the JumpReLU kind; make_train_step's default loss
     tx = optim.make_optimizer(cfg.train)
     step_fn = jax.jit(
-        make_train_step(model, tx, optim.sparsity_schedule(cfg.train, 1e-3), optim.learning_rate_schedule(cfg.train)),
+        make_train_step(
+            model, tx, optim.sparsity_schedule(cfg.train, 1e-3), optim.learning_rate_schedule(cfg.train), kind.loss
+        ),
         donate_argnums=0,
     )
     state = jax.jit(lambda k: init_state(model, tx, k, 1.0))(jax.random.key(0))

@@ -1,48 +1,37 @@
 """The base experiment config (paper defaults) and its validation.
 
-Every knob is a field here, nested by concern. Experiment files in `experiments/`
+Every knob is a field here, nested by concern. Experiment files (`jumprelu/experiments/`)
 start from `base_config()` and change what they need. `validate` runs before any
 training work and turns a bad value into a one-line `ConfigError` naming the field.
 """
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 from ml_collections import config_dict
 
-
-class ConfigError(ValueError):
-    """A config value that cannot be trained with; the message names the field."""
+from jumprelu.core import kinds
+from jumprelu.errors import ConfigError
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.sae = dict(
-        kind="jumprelu",
+        kind="jumprelu",  # any registered kind: jumprelu (paper), relu, gated, topk, batchtopk
         width=16384,
         sparsity_coefficient=1e-3,  # λ; paper sweeps it per site
-        bandwidth=0.001,  # ε of the rectangle kernel, on the normalised scale
-        threshold_init=0.001,
-        threshold_param="log",  # "log" (paper) or "raw"
         pre_encoder_bias=True,
         compute_dtype="float32",  # matmul dtype; params and θ always float32
-        # JumpReLU only: a requested mean L0; λ then adapts to reach it (losses.make_jumprelu_loss):
-        # log λ = I + gain·clip(log(L0/target), ±1), I starting at log sparsity_coefficient and
-        # moving by rate·log(L0/target) per step.
-        target_l0=config_dict.placeholder(float),
-        target_l0_rate=0.01,
-        target_l0_gain=0.5,
-        # TopK / BatchTopK (Gao et al.'s AuxK defaults).
-        k=32,
-        aux_k=512,
-        aux_coefficient=1 / 32,
-        dead_window_tokens=10_000_000,
-        batchtopk_threshold_decay=0.999,
+        # Each kind's own fields (jumprelu/core/kinds/<kind>.py), e.g. JumpReLU's bandwidth,
+        # threshold_init, threshold_param, target_l0; TopK's k, aux_k.
+        **kinds.config_fields(),
     )
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # "synthetic" or an activation store directory (python -m jumprelu.store)
+    c.data.source = "synthetic"  # "synthetic" or an activation store directory (jumprelu store)
     c.data.d_model = config_dict.placeholder(int)  # read from the source; set only to assert
     c.data.normalize = True  # divide by C with E‖x/C‖² = 1 (paper)
     c.data.scale = config_dict.placeholder(float)  # fixed C instead of the store's (computed at write time)
@@ -97,32 +86,15 @@ def _check(ok: bool, field: str, expected: str, found) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ConfigError on the first field that cannot work."""
     s, t, d = c.sae, c.train, c.data
-    from jumprelu.kinds import KINDS  # late: the kinds pull in flax, the config alone should not
-
-    _check(s.kind in KINDS, "sae.kind", f"one of {KINDS}", s.kind)
-    if s.kind in ("topk", "batchtopk"):
-        _check(isinstance(s.k, int) and 0 < s.k <= s.width, "sae.k", f"an integer in [1, sae.width={s.width}]", s.k)
-        _check(s.aux_k > 0, "sae.aux_k", "> 0", s.aux_k)
-        _check(s.aux_coefficient >= 0, "sae.aux_coefficient", ">= 0", s.aux_coefficient)
-        _check(s.dead_window_tokens > 0, "sae.dead_window_tokens", "> 0", s.dead_window_tokens)
-        _check(
-            0 <= s.batchtopk_threshold_decay < 1,
-            "sae.batchtopk_threshold_decay",
-            "in [0, 1)",
-            s.batchtopk_threshold_decay,
-        )
-    _check(s.target_l0 is None or s.target_l0 > 0, "sae.target_l0", "> 0 or unset", s.target_l0)
-    _check(s.target_l0_rate > 0, "sae.target_l0_rate", "> 0", s.target_l0_rate)
-    _check(s.target_l0_gain >= 0, "sae.target_l0_gain", ">= 0", s.target_l0_gain)
+    names = kinds.names()
+    _check(s.kind in names, "sae.kind", f"one of {names}", s.kind)
+    kinds.spec(s.kind).validate(s, _check)
     _check(isinstance(s.width, int) and s.width > 0, "sae.width", "a positive integer", s.width)
     _check(s.sparsity_coefficient >= 0, "sae.sparsity_coefficient", ">= 0", s.sparsity_coefficient)
-    _check(s.bandwidth > 0, "sae.bandwidth", "> 0", s.bandwidth)
-    _check(s.threshold_init > 0, "sae.threshold_init", "> 0", s.threshold_init)
-    _check(s.threshold_param in ("log", "raw"), "sae.threshold_param", "'log' or 'raw'", s.threshold_param)
     _check(s.compute_dtype in ("float32", "bfloat16"), "sae.compute_dtype", "'float32' or 'bfloat16'", s.compute_dtype)
     _check(isinstance(t.steps, int) and t.steps >= 0, "train.steps", "an integer >= 0", t.steps)
     _check(isinstance(t.batch_size, int) and t.batch_size > 0, "train.batch_size", "a positive integer", t.batch_size)
-    _check(t.lr > 0, "train.lr", "> 0", t.lr)
+    _check(math.isfinite(t.lr) and t.lr > 0, "train.lr", "finite and > 0", t.lr)
     _check(t.lr_warmup_steps >= 0, "train.lr_warmup_steps", ">= 0", t.lr_warmup_steps)
     _check(0 < t.lr_warmup_start_factor <= 1, "train.lr_warmup_start_factor", "in (0, 1]", t.lr_warmup_start_factor)
     _check(t.sparsity_warmup_steps >= 0, "train.sparsity_warmup_steps", ">= 0", t.sparsity_warmup_steps)
@@ -144,8 +116,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         lams,
     )
     if lams:
-        _check(s.kind in ("jumprelu", "relu", "gated"), "sae.kind", "jumprelu, relu or gated to stack λ values", s.kind)
-        _check(s.target_l0 is None, "sae.target_l0", "unset when stack.sparsity_coefficients is set", s.target_l0)
+        stackable = tuple(n for n in names if kinds.spec(n).stackable)
+        _check(s.kind in stackable, "sae.kind", f"one of {stackable} to stack λ values", s.kind)
+        _check(
+            s.get("target_l0") is None, "sae.target_l0", "unset when stack.sparsity_coefficients is set", s.target_l0
+        )
     for axis in ("data", "model"):
         n = c.mesh[axis]
         _check(isinstance(n, int) and (n > 0 or n == -1), f"mesh.{axis}", "a positive integer or -1", n)

@@ -41,7 +41,7 @@ def world(tmp_path_factory):
 
 
 def _cfg(world, **over):
-    from experiments.harvest.gemma2 import get_config
+    from jumprelu.experiments.harvest.gemma2 import get_config
 
     c = get_config(f"tiny={world['dir']},layer=1,site=resid")
     c.progress = False
@@ -147,7 +147,7 @@ def test_harvest_stores_only_real_tokens_and_resumes_exactly(world, tmp_path):
     assert meta["extra"]["seq_len"] == 32
     # Killed after 3 batches: complete shards survive; the rerun continues and matches.
     env = dict(os.environ, JUMPRELU_HARVEST_KILL_AFTER_BATCHES="3")
-    cmd = [sys.executable, "-m", "jumprelu.harvest", "--config", f"experiments/harvest/gemma2.py:tiny={world['dir']}"]
+    cmd = [sys.executable, "-m", "jumprelu", "harvest", "--config", f"harvest/gemma2:tiny={world['dir']}"]
     cmd += ["--config.progress=False", f"--config.store={tmp_path / 'resumed'}"]
     killed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert killed.returncode != 0
@@ -183,7 +183,7 @@ def test_several_sites_from_one_pass_equal_separate_harvests_and_resume_per_stor
     # not started. The rerun leaves attn alone, continues mlp from its own count and fills resid.
     resumed = str(tmp_path / "resumed" / "{site}_l{layer}")
     harvest(_cfg(world, site="attn", layer=1, store=resumed))
-    cmd = [sys.executable, "-m", "jumprelu.harvest", "--config", f"experiments/harvest/gemma2.py:tiny={world['dir']}"]
+    cmd = [sys.executable, "-m", "jumprelu", "harvest", "--config", f"harvest/gemma2:tiny={world['dir']}"]
     cmd += ["--config.progress=False", f"--config.store={resumed}", "--config.site=mlp", "--config.layer=1"]
     env = dict(os.environ, JUMPRELU_HARVEST_KILL_AFTER_BATCHES="3")
     assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True).returncode != 0
@@ -217,7 +217,7 @@ def test_bad_site_lists_give_one_line_errors(world, over, message):
 
 
 def test_config_argument_expands_sites_and_layers():
-    from experiments.harvest.gemma2 import get_config
+    from jumprelu.experiments.harvest.gemma2 import get_config
     from jumprelu.harvest.run import harvest_sites
 
     cfg = get_config("sites=resid+mlp+attn,layers=9+20")
@@ -251,7 +251,7 @@ def test_end_to_end_harvest_train_evaluate_with_delta_lm_loss(world, tmp_path):
 
     harvest(_cfg(world, store=str(tmp_path / "store")))
     run = tmp_path / "run"
-    train = [sys.executable, "-m", "jumprelu.main", "--config", "experiments/quickstart.py", "--workdir", str(run)]
+    train = [sys.executable, "-m", "jumprelu", "train", "--config", "quickstart", "--workdir", str(run)]
     train += [
         f"--config.data.source={tmp_path / 'store'}",
         "--config.data.eval_rows=256",
@@ -265,8 +265,8 @@ def test_end_to_end_harvest_train_evaluate_with_delta_lm_loss(world, tmp_path):
     ]
     out = subprocess.run(train, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    ev = [sys.executable, "-m", "jumprelu.evaluate", "--workdir", str(run)]
-    ev += ["--lm", f"experiments/harvest/gemma2.py:tiny={world['dir']},layer=1,site=resid"]
+    ev = [sys.executable, "-m", "jumprelu", "evaluate", "--workdir", str(run)]
+    ev += ["--lm", f"harvest/gemma2:tiny={world['dir']},layer=1,site=resid"]
     out = subprocess.run(ev, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     with open(run / "eval.json") as f:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import jumprelu
-from jumprelu import gemma_scope
-from jumprelu.train import train
+from jumprelu.export import gemma_scope
+from jumprelu.train.loop import train
 from tests.test_train import ROOT
 
 
@@ -43,7 +43,7 @@ def test_export_then_load_reproduces_encode_and_decode_exactly(tmp_path, tiny_co
     out = str(tmp_path / "exported" / "params.npz")
     (tmp_path / "exported").mkdir()
     cli = subprocess.run(
-        [sys.executable, "-m", "jumprelu.gemma_scope", "export", str(tmp_path / "run"), out],
+        [sys.executable, "-m", "jumprelu", "export", str(tmp_path / "run"), out],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -7,10 +7,10 @@ import pytest
 
 import jumprelu
 from jumprelu.config import base_config
-from jumprelu.kinds import from_config, gated, relu, topk
-from jumprelu.losses import make_jumprelu_loss, target_l0_stats
-from jumprelu.sae import JumpReLUSAE
-from jumprelu.train import train
+from jumprelu.core.kinds import from_config, gated, relu, topk
+from jumprelu.core.kinds.jumprelu import JumpReLUSAE, target_l0_stats
+from jumprelu.core.kinds.jumprelu import make_loss as make_jumprelu_loss
+from jumprelu.train.loop import train
 from tests.test_train import read_jsonl
 
 X = jnp.array([[1.0, 2.0], [0.5, -1.0], [-2.0, 0.5]])

@@ -7,32 +7,32 @@ import sys
 
 import pytest
 
-from jumprelu import sweeps
 from jumprelu.config import ConfigError, validate
-from jumprelu.train import train
-from launch import sweep as sweep_cli
-from launch import tpu
+from jumprelu.launch import experiment, tpu
+from jumprelu.launch import sweep as sweep_cli
+from jumprelu.train.loop import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments")) if f.endswith(".py"))
+EXPERIMENTS = sorted(
+    f[:-3] for f in os.listdir(experiment.EXPERIMENTS_DIR) if f.endswith(".py") and not f.startswith("_")
+)
 
 
 def test_parse_arg():
-    assert sweeps.parse_arg("jumprelu,layer=20,lam=1e-3,stores=/gcs/b/x") == {
+    assert experiment.parse_arg("jumprelu,layer=20,lam=1e-3,stores=/gcs/b/x") == {
         "jumprelu": True,
         "layer": 20,
         "lam": 1e-3,
         "stores": "/gcs/b/x",
     }
-    assert sweeps.parse_arg(None) == {}
+    assert experiment.parse_arg(None) == {}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_loads_and_its_runs_validate(name):
-    module = sweeps.load(name)
+    module = experiment.load(name)
     assert module.__doc__.lstrip().splitlines()[0]  # docstring opens with what it is
-    assert "python -m" in module.__doc__ and "Hardware" in module.__doc__ and "run time" in module.__doc__
-    runs = sweeps.expand(module)
+    assert "jumprelu " in module.__doc__ and "Hardware" in module.__doc__ and "run time" in module.__doc__
+    runs = experiment.expand(module)
     assert len({r.name for r in runs}) == len(runs) >= 1
     for run in runs:
         validate(run.config)
@@ -40,7 +40,7 @@ def test_every_experiment_loads_and_its_runs_validate(name):
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_runlocal_form_trains_a_few_steps(tmp_path, name):
-    runs = sweeps.expand(sweeps.load(name), "runlocal")
+    runs = experiment.expand(experiment.load(name), "runlocal")
     run = runs[-1]  # the last run: for the 9B comparison an attention site with TopK
     assert run.config.train.steps <= 20 and run.config.sae.width <= 256
     report = train(run.config, str(tmp_path / "run"))
@@ -49,16 +49,16 @@ def test_runlocal_form_trains_a_few_steps(tmp_path, name):
 
 
 def test_sweep_expansion_counts_names_and_overrides():
-    module = sweeps.load("gemma2_9b_comparison")
-    runs = sweeps.expand(module)
+    module = experiment.load("gemma2_9b_comparison")
+    runs = experiment.expand(module)
     assert len(runs) == 3 * 3 * 3 * 6  # sites × layers × kinds × values
-    attn = [r for r in runs if r.overrides["data.source"].endswith("layer31_attn") and r.config.sae.kind == "topk"]
+    attn = [r for r in runs if r.overrides["data.source"].endswith("attn_l31") and r.config.sae.kind == "topk"]
     assert [r.config.sae.k for r in attn] == [10, 20, 40, 80, 160, 320]
     assert {r.config.data.d_model for r in attn} == {4096}
-    stacked = sweeps.expand(module, "stack,layer=20,site=mlp")
+    stacked = experiment.expand(module, "stack,layer=20,site=mlp")
     assert [r.config.sae.kind for r in stacked] == ["jumprelu", "gated"] + ["topk"] * 6
     assert len(stacked[0].config.stack.sparsity_coefficients) == 6
-    ladder = sweeps.expand(sweeps.load("gemma_scope_ladder"))
+    ladder = experiment.expand(experiment.load("gemma_scope_ladder"))
     widths = sorted({r.config.sae.width for r in ladder})
     assert widths == [2**n for n in range(14, 21)]
     budget = {r.config.sae.width: r.config.train.steps * r.config.train.batch_size for r in ladder}
@@ -66,13 +66,13 @@ def test_sweep_expansion_counts_names_and_overrides():
 
 
 def test_unknown_override_field_is_named():
-    base = sweeps.load("quickstart").get_config()
+    base = experiment.load("quickstart").get_config()
     with pytest.raises(ConfigError, match="sae.widht"):
-        sweeps.apply_overrides(base, {"sae.widht": 3})
+        experiment.apply_overrides(base, {"sae.widht": 3})
 
 
-def _sweep(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "launch.sweep", *args], cwd=cwd, capture_output=True, text=True)
+def _sweep(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "jumprelu", "sweep", *args], cwd=cwd, capture_output=True, text=True)
 
 
 def test_local_sweep_runs_skips_finished_and_summarises(tmp_path):
@@ -97,15 +97,15 @@ def test_stacked_sweep_summarises_each_member(tmp_path):
     root = str(tmp_path / "stacked")
     out = _sweep("quickstart:runlocal,stacked", "--local", "--root", root)
     assert out.returncode == 0, out.stderr
-    rows = sweep_cli.summary_rows(sweeps.expand(sweeps.load("quickstart"), "runlocal,stacked"), root)
+    rows = sweep_cli.summary_rows(experiment.expand(experiment.load("quickstart"), "runlocal,stacked"), root)
     assert [r["sparsity_coefficient"] for r in rows] == [0.003, 0.01, 0.03, 0.1]
     assert all(r["run"].endswith(f"/sae-{i}") for i, r in enumerate(rows))
 
 
 def test_tpu_dry_run_for_a_two_host_slice(capsys):
-    common = ["--zone", "us-east5-a", "--project", "proj", "--dry-run"]
+    common = ["--zone", "us-east5-a", "--project", "proj", "--dry_run"]
     tpu.main(["create", "sae-pod", "--accelerator", "v5p-16", "--spot", *common])
-    tpu.main(["setup", "sae-pod", "--mount-bucket", "bkt", *common])
+    tpu.main(["setup", "sae-pod", "--mount_bucket", "bkt", *common])
     tpu.main(["run", "sae-pod", "--sweep", "quickstart", "--workdir", "gs://bkt/runs/q", *common])
     tpu.main(["delete", "sae-pod", *common])
     lines = [line for line in capsys.readouterr().out.splitlines()]
@@ -115,13 +115,13 @@ def test_tpu_dry_run_for_a_two_host_slice(capsys):
         "gcloud compute tpus queued-resources create sae-pod --node-id=sae-pod --zone=us-east5-a "
         "--project=proj --accelerator-type=v5p-16 --runtime-version=v2-alpha-tpuv5 --spot"
     )
-    assert cmds[1].startswith("git archive")
+    assert cmds[1].startswith("bash -c") and "git ls-files -z --cached --others --exclude-standard" in cmds[1]
     assert cmds[2].startswith("gcloud compute tpus tpu-vm scp") and "--worker=all" in cmds[2]
     ssh = [c for c in cmds if c.startswith("gcloud compute tpus tpu-vm ssh sae-pod")]
     assert len(ssh) == 3 and all("--worker=all" in c for c in ssh)
-    assert "pip install -q -e" in ssh[0] and "gcsfuse --implicit-dirs bkt /gcs/bkt" in ssh[1]
+    assert "pip install -q -c constraints.txt -e" in ssh[0] and "gcsfuse --implicit-dirs bkt /gcs/bkt" in ssh[1]
     assert (
-        "JUMPRELU_DISTRIBUTED=1 nohup .venv/bin/python -m launch.sweep quickstart --local --root gs://bkt/runs/q"
+        "JUMPRELU_DISTRIBUTED=1 nohup .venv/bin/python -m jumprelu sweep quickstart --local --root gs://bkt/runs/q"
         in (ssh[2])
     )
     assert cmds[-1].startswith("gcloud compute tpus queued-resources delete sae-pod") and "--force" in cmds[-1]

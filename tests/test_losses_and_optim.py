@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jumprelu import losses, optim
 from jumprelu.config import base_config
-from jumprelu.sae import JumpReLUSAE, constrain
-from jumprelu.state import init_state
-from jumprelu.step import make_train_step
+from jumprelu.core.kinds.jumprelu import JumpReLUSAE, jumprelu_loss, make_loss
+from jumprelu.core.sae import constrain
+from jumprelu.train import optim
+from jumprelu.train.state import init_state
+from jumprelu.train.step import make_train_step
 
 
 def test_loss_equals_hand_computation():
@@ -26,7 +27,7 @@ def test_loss_equals_hand_computation():
     #   x̂ = [1 + 1.8, 1.5 + 2.4] + b_dec = [2.9, 3.9]; err = (1.1-2.9)² + (2-3.9)² = 3.24 + 3.61 = 6.85; L0 = 3.
     # Row 2: x - b_dec = [0, 0]; z = [0, -0.5, 0]; nothing fires; x̂ = b_dec = [0.1, 0]; err = 0; L0 = 0.
     lam = 0.2
-    loss, m = losses.jumprelu_loss(model, p, x, lam)
+    loss, m = jumprelu_loss(model, p, x, lam)
     np.testing.assert_allclose(loss, ((6.85 + lam * 3) + 0.0) / 2, rtol=1e-6)
     np.testing.assert_allclose(m["mse"], 6.85 / 2, rtol=1e-6)
     np.testing.assert_allclose(m["l0"], 1.5)
@@ -74,7 +75,9 @@ def test_decoder_rows_have_unit_norm_after_every_update():
     model = JumpReLUSAE(d_model=8, width=32, threshold_init=0.05)
     tx = optim.make_optimizer(t)
     state = init_state(model, tx, jax.random.key(0), 1.0)
-    step_fn = jax.jit(make_train_step(model, tx, optim.linear_warmup(0.01, 0), optim.learning_rate_schedule(t)))
+    step_fn = jax.jit(
+        make_train_step(model, tx, optim.linear_warmup(0.01, 0), optim.learning_rate_schedule(t), make_loss())
+    )
     rng = np.random.default_rng(0)
     before = np.asarray(state.params["W_dec"])
     for _ in range(5):

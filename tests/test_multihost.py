@@ -27,7 +27,7 @@ def _free_port():
 
 
 def _cmd(workdir):
-    return [sys.executable, "-m", "jumprelu.main", "--config", "experiments/quickstart.py", "--workdir", str(workdir)]
+    return [sys.executable, "-m", "jumprelu", "train", "--config", "quickstart", "--workdir", str(workdir)]
 
 
 @pytest.mark.parametrize("mesh", [(2, 4), (1, 8)])  # (1, 8): every process must read the whole batch

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jumprelu.ops import fired_per_latent, jumprelu, jumprelu_l0, rectangle, step
+from jumprelu.core.ops import fired_per_latent, heaviside, jumprelu, jumprelu_l0, rectangle
 
 # θ = 1, ε = 0.5: the kernel window is the open interval (0.75, 1.25). Every value is
 # exactly representable, so the points on the window's edges are exactly on them.
@@ -33,20 +33,20 @@ def hand_grads(z, theta, g, fn):
 
 
 @pytest.mark.parametrize("lead_shape", [(7,), (3, 7), (2, 3, 7)])
-@pytest.mark.parametrize("fn_name", ["jumprelu", "step"])
+@pytest.mark.parametrize("fn_name", ["jumprelu", "heaviside"])
 def test_pseudo_derivatives_match_hand_formulas(lead_shape, fn_name):
     rng = np.random.default_rng(0)
     shape = lead_shape + (4,)
     z = rng.choice(np.array(Z_VALUES + [v + 1.0 for v in Z_VALUES], np.float32), size=shape)
     g = rng.standard_normal(shape).astype(np.float32)
-    fn = {"jumprelu": jumprelu, "step": step}[fn_name]
+    fn = {"jumprelu": jumprelu, "heaviside": heaviside}[fn_name]
 
     gz, gth = jax.grad(lambda z_, t_: jnp.sum(fn(z_, t_, EPS) * g), argnums=(0, 1))(z, THETA)
     want_gz, want_gth = hand_grads(z, THETA, g, fn_name)
 
     assert gth.shape == THETA.shape  # summed over every leading axis, and only those
     np.testing.assert_allclose(np.asarray(gth), want_gth, rtol=1e-6, atol=1e-6)
-    if fn_name == "step":
+    if fn_name == "heaviside":
         assert np.all(np.asarray(gz) == 0.0)  # exactly zero, not merely small
     else:
         np.testing.assert_array_equal(np.asarray(gz), want_gz)
@@ -55,7 +55,7 @@ def test_pseudo_derivatives_match_hand_formulas(lead_shape, fn_name):
 def test_window_edges_are_excluded_and_interior_included():
     z = np.array(Z_VALUES, np.float32)[:, None]  # [7, 1]
     theta = np.array([1.0], np.float32)
-    per_point = jax.vmap(jax.grad(lambda z_, t_: step(z_, t_, EPS).sum(), argnums=1), in_axes=(0, None))(z, theta)
+    per_point = jax.vmap(jax.grad(lambda z_, t_: heaviside(z_, t_, EPS).sum(), argnums=1), in_axes=(0, None))(z, theta)
     np.testing.assert_array_equal(np.asarray(per_point)[:, 0], [0, 0, -2, -2, -2, 0, 0])
 
 
@@ -63,7 +63,7 @@ def test_forward_values():
     z = jnp.array([[0.5, 1.0, 1.5, 3.0]])
     theta = jnp.array([1.0, 1.0, 1.0, 2.0])
     np.testing.assert_array_equal(jumprelu(z, theta, EPS), [[0.0, 0.0, 1.5, 3.0]])
-    np.testing.assert_array_equal(step(z, theta, EPS), [[0.0, 0.0, 1.0, 1.0]])
+    np.testing.assert_array_equal(heaviside(z, theta, EPS), [[0.0, 0.0, 1.0, 1.0]])
     np.testing.assert_array_equal(rectangle(jnp.array([-0.5, -0.49, 0.0, 0.49, 0.5])), [0, 1, 1, 1, 0])
 
 
@@ -73,7 +73,7 @@ def test_jit_and_vmap_agree_with_eager():
     theta = np.array([1.0, 0.9, 1.1, 1.0], np.float32)
 
     def loss(z_, t_):
-        return jnp.sum(jumprelu(z_, t_, EPS) ** 2) + jnp.sum(step(z_, t_, EPS))
+        return jnp.sum(jumprelu(z_, t_, EPS) ** 2) + jnp.sum(heaviside(z_, t_, EPS))
 
     eager = jax.grad(loss, argnums=1)(z, theta)
     jitted = jax.jit(jax.grad(loss, argnums=1))(z, theta)
@@ -107,7 +107,7 @@ def test_fused_jumprelu_l0_matches_the_separate_ops(rows):
         return jnp.sum(f * g) + lam * jnp.sum(l0)
 
     def separate(z_, t_):
-        return jnp.sum(jumprelu(z_, t_, EPS) * g) + lam * jnp.sum(step(z_, t_, EPS))
+        return jnp.sum(jumprelu(z_, t_, EPS) * g) + lam * jnp.sum(heaviside(z_, t_, EPS))
 
     got = jax.jit(jax.grad(fused, argnums=(0, 1)))(z, THETA)
     want = jax.grad(separate, argnums=(0, 1))(z, THETA)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from jumprelu import pareto
+from jumprelu.evaluate import pareto
 
 
 def test_interpolates_in_log_l0_and_never_extrapolates():

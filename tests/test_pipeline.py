@@ -99,7 +99,7 @@ def test_open_source_checks_d_model_and_refuses_bare_npy(tmp_path):
     with pytest.raises(ConfigError, match="data.d_model is 7 but data.source .* has d_model 4"):
         open_source(cfg, str(tmp_path))
     cfg.source, cfg.d_model = str(tmp_path / "acts.npy"), None
-    with pytest.raises(ConfigError, match="convert it first: python -m jumprelu.store convert .*acts.npy STORE_DIR"):
+    with pytest.raises(ConfigError, match="convert it first: jumprelu store convert .*acts.npy STORE_DIR"):
         open_source(cfg, str(tmp_path))
 
 

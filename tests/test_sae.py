@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jumprelu import ops
-from jumprelu.fold import fold
-from jumprelu.sae import JumpReLUSAE, constrain, threshold_of
+from jumprelu.core import ops
+from jumprelu.core.folded import fold
+from jumprelu.core.kinds.jumprelu import JumpReLUSAE, threshold_of
+from jumprelu.core.sae import constrain
 
 
 def _init(**kw):

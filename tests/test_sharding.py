@@ -10,13 +10,14 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jumprelu
-from jumprelu import hlo_stats, program, sharding
-from jumprelu import state as state_lib
-from jumprelu.checkpoint import Checkpointer
 from jumprelu.config import ConfigError
-from jumprelu.plan import parse_topology, plan
+from jumprelu.launch import hlo_stats
+from jumprelu.launch.plan import parse_topology, plan
 from jumprelu.store import StoreWriter
-from jumprelu.train import train
+from jumprelu.train import program, sharding
+from jumprelu.train import state as state_lib
+from jumprelu.train.checkpoint import Checkpointer
+from jumprelu.train.loop import train
 
 MESHES = [(1, 1), (8, 1), (2, 4), (1, 8)]
 

@@ -8,7 +8,7 @@ import pytest
 
 import jumprelu
 from jumprelu import config as config_lib
-from jumprelu.train import train
+from jumprelu.train.loop import train
 from tests.test_train import train_straight_and_resumed
 
 LAMS = (0.003, 0.03, 0.3)

@@ -199,7 +199,7 @@ def test_verify_finds_rows_damaged_after_writing(tmp_path):
 def test_convert_and_summary_commands(tmp_path):
     rows = _rows(3000, d=16).astype(np.float16)
     np.save(tmp_path / "acts.npy", rows)
-    cmd = [sys.executable, "-m", "jumprelu.store"]
+    cmd = [sys.executable, "-m", "jumprelu", "store"]
     out = subprocess.run(
         cmd
         + [
@@ -233,4 +233,5 @@ def test_convert_and_summary_commands(tmp_path):
     want = rows.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(_sorted(back.astype(np.float32)), _sorted(want))
     bad = subprocess.run(cmd + ["summary", str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip() == f"error: store {tmp_path / 'nowhere'}: no such directory"
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == f"jumprelu: error: store {tmp_path / 'nowhere'}: no such directory"

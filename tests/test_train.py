@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 import jumprelu
-from jumprelu import sae as sae_lib
-from jumprelu.checkpoint import Checkpointer
 from jumprelu.config import ConfigError
-from jumprelu.data import DataError
+from jumprelu.core.kinds.jumprelu import JumpReLUSAE
+from jumprelu.errors import DataError
 from jumprelu.store import StoreWriter
-from jumprelu.train import train
+from jumprelu.train.checkpoint import Checkpointer
+from jumprelu.train.loop import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = [
@@ -39,7 +39,7 @@ TINY_FLAGS = [
 
 
 def run_main(workdir, *extra, env=None):
-    cmd = [sys.executable, "-m", "jumprelu.main", "--config", "experiments/quickstart.py", "--workdir", str(workdir)]
+    cmd = [sys.executable, "-m", "jumprelu", "train", "--config", "quickstart", "--workdir", str(workdir)]
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", **(env or {}))
     return subprocess.run(
         cmd + TINY_FLAGS + list(extra), cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
@@ -100,7 +100,7 @@ def test_load_reproduces_training_time_reconstruction(tmp_path, tiny_config):
     assert (sae.d_model, sae.width, sae.step) == (32, 64, 40)
     # Training-time forward pass, straight from the checkpoint, in normalised units.
     ckpt = Checkpointer(wd, keep=1, read_only=True)
-    model = sae_lib.JumpReLUSAE(d_model=32, width=64, threshold_init=0.05)
+    model = JumpReLUSAE(d_model=32, width=64, threshold_init=0.05)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32)))["params"]
     params, scale, _ = ckpt.restore_sae(abstract, jax.ShapeDtypeStruct((), jnp.float32))
     x = np.random.default_rng(0).standard_normal((100, 32)).astype(np.float32) * float(scale)
@@ -167,7 +167,7 @@ def test_resume_with_a_different_width_is_refused(tmp_path, tiny_config):
 def test_store_source_trains(tmp_path, tiny_config):
     rows = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float16) * 50
     np.save(tmp_path / "acts.npy", rows)
-    convert = [sys.executable, "-m", "jumprelu.store", "convert", str(tmp_path / "acts.npy"), str(tmp_path / "s")]
+    convert = [sys.executable, "-m", "jumprelu", "store", "convert", str(tmp_path / "acts.npy"), str(tmp_path / "s")]
     assert subprocess.run(convert + ["--dtype=bfloat16"], cwd=ROOT, capture_output=True).returncode == 0
     tiny_config.data.source = str(tmp_path / "s")
     tiny_config.train.steps = 10

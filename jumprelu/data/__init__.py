@@ -9,10 +9,9 @@ import tempfile
 
 import jax
 
-from jumprelu.config import ConfigError
 from jumprelu.data import synthetic
 from jumprelu.data.stream import BatchStream
-from jumprelu.errors import DataError
+from jumprelu.errors import ConfigError, DataError
 from jumprelu.store import Store, open_store
 from jumprelu.store import format as store_format
 from jumprelu.store.reader import read_metadata
@@ -41,7 +40,7 @@ def open_source(data_cfg, workdir: str) -> Store:
     elif str(data_cfg.source).endswith(".npy"):
         raise ConfigError(
             f"config field data.source must be 'synthetic' or an activation store directory, found the .npy file "
-            f"{data_cfg.source}; convert it first: python -m jumprelu.store convert {data_cfg.source} STORE_DIR"
+            f"{data_cfg.source}; convert it first: jumprelu store convert {data_cfg.source} STORE_DIR"
         )
     else:
         path = data_cfg.source

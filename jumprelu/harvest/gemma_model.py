@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jumprelu.core import layout
 from jumprelu.errors import DataError
 
 
@@ -162,8 +163,10 @@ def make_model(name: str, config=None, dtype=jnp.bfloat16) -> Gemma2:
 
 
 def device_mesh():
-    """All devices on one axis, over which the LM's params are split (see abstract_params)."""
-    return jax.make_mesh((jax.device_count(),), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    """The SAE's ('data', 'model') mesh with every device on 'model': the LM's params are split
+    over it (see abstract_params), and so is a spliced SAE (`jumprelu.core.layout`)."""
+    auto = jax.sharding.AxisType.Auto
+    return jax.make_mesh((1, jax.device_count()), layout.AXES, axis_types=(auto, auto))
 
 
 def abstract_params(model: Gemma2, mesh):
@@ -176,14 +179,14 @@ def abstract_params(model: Gemma2, mesh):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    n = mesh.devices.size
+    n = mesh.shape[layout.MODEL]
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 2), jnp.int32))["params"])
 
     def spec(leaf):
         axes = sorted(range(leaf.ndim), key=lambda a: -leaf.shape[a])
         for a in axes:
             if leaf.shape[a] % n == 0 and leaf.shape[a] >= n:
-                return NamedSharding(mesh, P(*["model" if i == a else None for i in range(leaf.ndim)]))
+                return NamedSharding(mesh, P(*[layout.MODEL if i == a else None for i in range(leaf.ndim)]))
         return NamedSharding(mesh, P())
 
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=spec(leaf)), abstract)

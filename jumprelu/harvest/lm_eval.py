@@ -19,38 +19,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jumprelu.core import folded, layout
 from jumprelu.errors import DataError
-from jumprelu.evaluate import evaluate_rows
+from jumprelu.evaluate.metrics import evaluate_rows
 from jumprelu.harvest import gemma_model
 from jumprelu.harvest import text as text_lib
-from jumprelu.load import active_mask
 
 
 def sae_replace(k: int | None):
     """replace(keep [B, T], W_enc, b_enc, threshold, W_dec, b_dec, x [B, T, d]) -> x̂ at kept positions."""
 
     def replace(keep, w_enc, b_enc, threshold, w_dec, b_dec, x):
-        x32 = x.astype(jnp.float32)
-        z = x32 @ w_enc + b_enc
-        f = jnp.where(active_mask(z, threshold, k), z, 0.0)
-        return jnp.where(keep[..., None], f @ w_dec + b_dec, x32)
+        x_hat = folded.decode(w_dec, b_dec, folded.encode(w_enc, b_enc, threshold, x, k))
+        return jnp.where(keep[..., None], x_hat, x.astype(jnp.float32))
 
     return replace
 
 
 def sae_shardings(mesh, width: int):
-    """Shardings for (W_enc, b_enc, threshold, W_dec, b_dec): split along the SAE's width over the
-    LM's devices, so each holds 1/n of the SAE and of its [B, T, width] pre-activations (replicated,
-    a 131K-wide SAE's weights alone are 3.8 GB per chip, and its pre-activations for 8 × 1,024
-    tokens another 4.3 GB); replicated when the device count does not divide the width."""
+    """Shardings for (W_enc, b_enc, threshold, W_dec, b_dec): the training layout's
+    (`jumprelu.core.layout`) on the LM's mesh, so each device holds 1/n of the SAE and of its
+    [B, T, width] pre-activations (replicated, a 131K-wide SAE's weights alone are 3.8 GB per
+    chip, and its pre-activations for 8 × 1,024 tokens another 4.3 GB); replicated when the
+    device count does not divide the width."""
     from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
-    axis = mesh.axis_names[0]
-    if width % mesh.devices.size:
-        return (NamedSharding(mesh, P()),) * 5
-    specs = (P(None, axis), P(axis), P(axis), P(axis, None), P())
-    return tuple(NamedSharding(mesh, spec) for spec in specs)
+    if width % mesh.shape[layout.MODEL]:
+        return (NamedSharding(mesh, layout.REPLICATED),) * len(folded.FOLDED_KEYS)
+    return tuple(NamedSharding(mesh, layout.FOLDED_SPECS[name]) for name in folded.FOLDED_KEYS)
 
 
 def zero_replace(keep, x):
@@ -74,7 +70,7 @@ def evaluate_lm(sae, lm_cfg) -> dict:
     sae_fn = gemma_model.token_losses(model, site, sae_replace(sae.k))
     zero_fn = gemma_model.token_losses(model, site, zero_replace)
     acts_fn = gemma_model.site_fn(model, site)
-    sae_arrays = (sae.W_enc, sae.b_enc, sae.threshold, sae.W_dec, sae.b_dec)
+    sae_arrays = tuple(getattr(sae, name) for name in folded.FOLDED_KEYS)
     sae_args = tuple(
         jax.device_put(jnp.asarray(v), s) for v, s in zip(sae_arrays, sae_shardings(mesh, sae.width), strict=True)
     )

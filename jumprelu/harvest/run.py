@@ -1,6 +1,6 @@
 """The harvest: texts -> packed sequences -> Gemma 2 site activations -> an activation store.
 
-The command line is `python -m jumprelu.harvest` (harvest/__main__.py); see its docstring.
+The command line is `jumprelu harvest` (harvest/__main__.py); see its docstring.
 """
 
 from __future__ import annotations

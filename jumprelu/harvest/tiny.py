@@ -1,11 +1,11 @@
 """A tiny Gemma 2 world for tests and the README's end-to-end: tokenizer, checkpoint, texts.
 
-  python -m jumprelu.harvest.tiny DIR
+  jumprelu harvest.tiny DIR
 
 writes DIR/tok.model (a sentencepiece tokenizer trained here, Gemma's special ids: pad 0,
 eos 1, bos 2, unk 3), DIR/ckpt (a 2-layer Gemma 2-shaped model with random weights, saved in
 the official release's flat checkpoint layout), DIR/train.txt and DIR/eval.jsonl (random
-sentences over a small vocabulary). Then `experiments/harvest/gemma2.py:tiny=DIR` points a
+sentences over a small vocabulary). Then `harvest/gemma2:tiny=DIR` points a
 harvest or an LM evaluation at them.
 """
 
@@ -66,6 +66,6 @@ def make(directory: str, num_layers: int = 2, embed_dim: int = 64) -> dict:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m jumprelu.harvest.tiny DIR")
+        sys.exit("usage: jumprelu harvest.tiny DIR")
     make(sys.argv[1])
     print(f"tiny Gemma 2 world in {sys.argv[1]}: tok.model, ckpt/, train.txt, eval.jsonl")

@@ -66,3 +66,12 @@ def write_json_atomically(path: str, obj: dict) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+# How the stores of one model are named inside a directory of stores: the harvest's default
+# template and what the experiments read, so harvesting then training composes.
+SITE_STORE_TEMPLATE = "{site}_l{layer}"
+
+
+def site_store_name(site: str, layer: int) -> str:
+    return SITE_STORE_TEMPLATE.format(site=site, layer=layer)

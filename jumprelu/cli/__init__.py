@@ -1,0 +1,52 @@
+"""The `jumprelu` command: one console script, one subcommand per job.
+
+  jumprelu train     --config quickstart --workdir DIR [--config.sae.width=4096 ...]
+  jumprelu evaluate  --workdir DIR [--member i] [--lm HARVEST_CONFIG]
+  jumprelu harvest   --config harvest/gemma2:tiny=/tmp/tiny,site=resid,layer=1
+  jumprelu store     convert ACTS.npy STORE | summary STORE [--verify]
+  jumprelu export    WORKDIR OUT [--format gemma-scope] [--member i] [--step N]
+  jumprelu plan      --config quickstart --topology v5p-16 [--config.sae.width=131072]
+  jumprelu sweep     quickstart --dry_run | --local [--parallel N] [--root DIR]
+  jumprelu tpu       create|setup|run|status|logs|watch|delete NAME --zone Z --project P ...
+
+`python -m jumprelu CMD ...` is the same. Flags are spelled with underscores (`--dry_run`);
+the dashed spelling is accepted too. Experiments (`--config`, `sweep`, `tpu --sweep`) are a
+path, a name in `--experiments_dir` (or $JUMPRELU_EXPERIMENTS_DIR), or one of the packaged
+examples (`jumprelu/experiments/`). Bad input ends with one line `jumprelu: error: ...` and
+exit status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": "train an SAE (or resume it) from an experiment config",
+    "evaluate": "held-out metrics of a trained SAE, optionally delta LM loss",
+    "harvest": "Gemma activations at one or more sites into activation stores",
+    "store": "convert a .npy into an activation store, or validate and summarise one",
+    "export": "write a trained SAE in another format (Gemma Scope params.npz)",
+    "plan": "compile the train step for a TPU slice on fake devices: memory, FLOPs, time",
+    "sweep": "expand an experiment's sweep; list, run or summarise its runs",
+    "tpu": "Cloud TPU slices: create, set up, run, watch, delete (wraps gcloud)",
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    return "usage: jumprelu COMMAND [flags]   (jumprelu COMMAND --help for its flags)\n\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"jumprelu: error: unknown command {command!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"jumprelu.cli.{command}")
+    return module.run(rest) or 0

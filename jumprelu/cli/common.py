@@ -1,0 +1,84 @@
+"""What every command shares: one flag style, experiment resolution, one error line."""
+
+from __future__ import annotations
+
+import sys
+
+from jumprelu.errors import EXIT_USER_ERROR, PREFIX
+
+
+def fail(message) -> int:
+    """Prints the one error line and returns the exit status for it."""
+    print(f"{PREFIX} {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def underscore_flags(argv: list[str]) -> list[str]:
+    """`--dry_run` -> `--dry_run` (flag names only; values and positionals are left alone)."""
+    out = []
+    for a in argv:
+        if a.startswith("--") and len(a) > 2:
+            name, sep, value = a[2:].partition("=")
+            a = "--" + name.replace("-", "_") + sep + value
+        out.append(a)
+    return out
+
+
+def pop_flag(argv: list[str], name: str) -> tuple[list[str], str | None]:
+    """Removes `--name=V` / `--name V` from argv; returns (rest, V or None)."""
+    rest, value, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == f"--{name}" and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+            continue
+        if a.startswith(f"--{name}="):
+            value = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return rest, value
+
+
+def resolve_config_flags(argv: list[str], flags: tuple[str, ...] = ("config",)) -> list[str]:
+    """Rewrites `--config=NAME[:arg]` to the experiment file's path (see launch.experiment.resolve),
+    after taking `--experiments_dir` out of argv."""
+    from jumprelu.launch import experiment
+
+    argv, experiments_dir = pop_flag(argv, "experiments_dir")
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        for flag in flags:
+            if a == f"--{flag}" and i + 1 < len(argv):
+                a, i = f"--{flag}={argv[i + 1]}", i + 1
+            if a.startswith(f"--{flag}="):
+                name, arg = experiment.split(a.split("=", 1)[1])
+                path = experiment.resolve(name, experiments_dir)
+                a = f"--{flag}={path}" + (f":{arg}" if arg is not None else "")
+        out.append(a)
+        i += 1
+    return out
+
+
+def quiet_libraries(flag_values) -> None:
+    """Library INFO logs (orbax's, absl's) off unless --verbosity was given; ours stay on."""
+    import logging as std_logging
+
+    from absl import logging
+
+    if not flag_values["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    std_logging.getLogger("jumprelu").setLevel(std_logging.INFO)
+
+
+def absl_run(main, argv: list[str], program: str) -> int:
+    """Runs an absl main with our argv (program name first); flag errors become one line."""
+    from absl import app, flags
+
+    try:
+        flags.FLAGS(underscore_flags([program, *argv]))
+    except flags.Error as e:
+        return fail(f"{program}: {e}")
+    app.run(lambda _: main(), argv=[program], flags_parser=lambda a: a)
+    return 0

@@ -1,0 +1,88 @@
+"""jumprelu evaluate --workdir RUN [--member i] [--eval_rows N] [--lm HARVEST_CONFIG [--lm.field=value ...]]
+
+Metrics of a trained SAE on its run's held-out stored activations (the same rows the training
+report used) and, with --lm, delta LM loss with the SAE spliced into the language model at its
+site. Writes RUN/eval.json and RUN/firing_frequency.png.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+from jumprelu.cli import common
+
+
+def evaluate_workdir(workdir: str, member: int | None = None, eval_rows: int | None = None):
+    """Stored-activation metrics of a trained SAE on its run's held-out split (same seed, same rows).
+
+    Returns (sae, {"stored": metrics}, firing frequencies [width]).
+    """
+    import ml_collections
+
+    from jumprelu import data as data_lib
+    from jumprelu.evaluate.metrics import evaluate_rows
+    from jumprelu.export.load import load
+
+    sae = load(workdir, member=member)
+    cfg = ml_collections.ConfigDict(sae.config)
+    if eval_rows is not None:
+        cfg.data.eval_rows = eval_rows
+    store = data_lib.open_source(cfg.data, workdir)
+    rows = data_lib.make_stream(cfg.data, store).eval_set()
+    metrics = evaluate_rows(dict(sae.params(), k=sae.k), rows)
+    freq = metrics.pop("firing_frequency")
+    return sae, {"source": cfg.data.source, "stored": metrics}, freq
+
+
+def run(argv: list[str]) -> int:
+    from absl import flags
+    from ml_collections import config_flags
+
+    try:
+        argv = common.resolve_config_flags(common.underscore_flags(argv), flags=("lm",))
+    except ValueError as e:
+        return common.fail(e)
+    workdir_flag = flags.DEFINE_string("workdir", None, "Training workdir of the SAE.")
+    member_flag = flags.DEFINE_integer("member", None, "Which SAE of a stacked run.")
+    rows_flag = flags.DEFINE_integer("eval_rows", None, "Held-out stored rows (default: the run's data.eval_rows).")
+    lm_flag = config_flags.DEFINE_config_file("lm", None, "Harvest config of the language model: adds delta LM loss.")
+    flags.mark_flags_as_required(["workdir"])
+
+    def main() -> int:
+        import numpy as np
+
+        from jumprelu import fs
+        from jumprelu.errors import UserError
+        from jumprelu.evaluate.plots import plot_firing_histogram
+        from jumprelu.train.checkpoint import member_dir
+
+        common.quiet_libraries(flags.FLAGS)
+        workdir, member = workdir_flag.value, member_flag.value
+        out_dir = workdir if member is None else member_dir(workdir, member)
+        try:
+            sae, result, freq = evaluate_workdir(workdir, member, rows_flag.value)
+            if lm_flag.value is not None:
+                from jumprelu.harvest import lm_eval  # imports gemma: only on this path
+
+                result["lm"] = lm_eval.evaluate_lm(sae, lm_flag.value)
+                freq = result["lm"].pop("firing_frequency")
+        except (UserError, FileNotFoundError, ValueError) as e:
+            return common.fail(e)
+        freq = np.asarray(freq)
+        result.update(
+            workdir=fs.abspath(out_dir),
+            step=sae.step,
+            dead_fraction=float(np.mean(freq == 0)),
+            dense_fraction=float(np.mean(freq > 0.1)),
+            frequencies_from="lm" if "lm" in result else "stored",
+        )
+        png = io.BytesIO()
+        plot_firing_histogram(freq, png, title=f"step {sae.step}, {result['frequencies_from']} eval")
+        fs.write_bytes_atomically(fs.join(out_dir, "firing_frequency.png"), png.getvalue())
+        fs.write_text_atomically(fs.join(out_dir, "eval.json"), json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        print(f"wrote {fs.join(out_dir, 'eval.json')} and firing_frequency.png")
+        return 0
+
+    return common.absl_run(main, argv, "jumprelu evaluate")

@@ -1,0 +1,62 @@
+"""jumprelu store: activation store commands.
+
+  jumprelu store convert ACTS.npy STORE_DIR [--dtype bfloat16] [--model ...] [--site ...]
+  jumprelu store summary STORE_DIR [--verify] [--json]
+
+`convert` resumes where an interrupted conversion stopped: run the same command again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from jumprelu.cli import common
+from jumprelu.errors import UserError
+from jumprelu.store.convert import convert, summary
+from jumprelu.store.reader import open_store
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="jumprelu store", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="write a .npy [N, d_model] file into a new store")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    c.add_argument("--model", default="")
+    c.add_argument("--site", default="")
+    c.add_argument("--layer", type=int, default=None)
+    c.add_argument("--text_source", default="")
+    c.add_argument("--shard_rows", type=int, default=None, help="rows per shard (default: about 256 MiB)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the shuffle within each shard")
+    c.add_argument("--no_shuffle", action="store_true", help="keep the input order within shards")
+    s = sub.add_parser("summary", help="validate a store and print what it holds")
+    s.add_argument("store")
+    s.add_argument("--verify", action="store_true", help="re-read every row to count NaN/Inf")
+    s.add_argument("--json", action="store_true")
+    args = parser.parse_args(common.underscore_flags(argv))
+    try:
+        if args.command == "convert":
+            convert(
+                args.input,
+                args.output,
+                dtype=args.dtype,
+                model=args.model,
+                site=args.site,
+                layer=args.layer,
+                text_source=args.text_source,
+                shuffle_seed=None if args.no_shuffle else args.seed,
+                shard_rows=args.shard_rows,
+            )
+            out = summary(open_store(args.output, nonfinite="drop"))
+        else:
+            out = summary(open_store(args.store, nonfinite="drop", verify=args.verify))
+    except UserError as e:
+        return common.fail(e)
+    if getattr(args, "json", False):
+        print(json.dumps(out, indent=1))
+    else:
+        width = max(map(len, out))
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in out.items()))
+    return 0

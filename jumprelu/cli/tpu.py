@@ -1,0 +1,15 @@
+"""jumprelu tpu: see jumprelu/launch/tpu.py for what it does and its flags."""
+
+from __future__ import annotations
+
+from jumprelu.cli import common
+
+
+def run(argv: list[str]) -> int:
+    from jumprelu.errors import UserError
+    from jumprelu.launch import tpu
+
+    try:
+        return tpu.main(common.underscore_flags(argv))
+    except UserError as e:
+        return common.fail(e)

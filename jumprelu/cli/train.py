@@ -1,0 +1,36 @@
+"""jumprelu train --config EXPERIMENT[:arg] --workdir DIR [--config.section.field=value ...]
+
+Trains the SAE the experiment describes, or resumes it from DIR's latest checkpoint, and
+prints the held-out report.
+"""
+
+from __future__ import annotations
+
+from jumprelu.cli import common
+
+
+def run(argv: list[str]) -> int:
+    from absl import flags
+    from ml_collections import config_flags
+
+    try:
+        argv = common.resolve_config_flags(common.underscore_flags(argv))
+    except ValueError as e:
+        return common.fail(e)
+    config = config_flags.DEFINE_config_file("config", None, "Experiment (path, or name).", lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def main() -> int:
+        from jumprelu.errors import UserError
+        from jumprelu.train import loop, report
+
+        common.quiet_libraries(flags.FLAGS)
+        try:
+            result = loop.train(config.value, workdir.value)
+        except UserError as e:
+            return common.fail(e)
+        print(report.format_report(result))
+        return 0
+
+    return common.absl_run(main, argv, "jumprelu train")

@@ -1,0 +1,105 @@
+"""The folded SAE: parameters in raw activation units, the form users load and files hold.
+
+Training sees x/C. With row vectors, z = (x/C - b_dec) W_enc + b_enc; multiplying
+through by C gives parameters that take raw x directly:
+  W_enc' = W_enc,  b_enc' = C (b_enc - b_dec W_enc),  θ' = C θ,
+  W_dec' = W_dec,  b_dec' = C b_dec,
+so that f' = JumpReLU_θ'(x W_enc' + b_enc') = C f and x̂ = f' W_dec' + b_dec' = C x̂_norm.
+This is the layout Gemma Scope releases (`params.npz`). Every kind exports to it (TopK with
+its k), and the encode/decode math here is the one copy that loading, evaluation and the
+spliced LM evaluation all use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jumprelu.core.kinds.jumprelu import threshold_of
+
+FOLDED_KEYS = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")
+
+
+def fold(params: dict, scale, pre_encoder_bias: bool = True) -> dict:
+    """Training params (normalised units) -> folded params in raw activation units.
+
+    `params` holds θ as `threshold` or `log_threshold` (a kind's `export` gives `threshold`);
+    a TopK SAE's `k` passes through unchanged.
+    """
+    c = jnp.asarray(scale, jnp.float32)
+    w_enc, b_enc, b_dec = params["W_enc"], params["b_enc"], params["b_dec"]
+    if pre_encoder_bias:
+        b_enc = b_enc - b_dec @ w_enc
+    return {
+        "W_enc": w_enc,
+        "b_enc": c * b_enc,
+        "threshold": c * threshold_of(params),
+        "W_dec": params["W_dec"],
+        "b_dec": c * b_dec,
+        **({"k": params["k"]} if "k" in params else {}),
+    }
+
+
+def active_mask(z, threshold, k: int | None = None):
+    """Which latents fire: z > θ, and for TopK SAEs only the k largest of each token."""
+    mask = z > threshold
+    if k is not None:
+        kth = jax.lax.top_k(z, k)[0][..., -1:]
+        mask &= z >= kth
+    return mask
+
+
+def encode(w_enc, b_enc, threshold, x, k: int | None = None):
+    """f = (x W_enc + b_enc) where active, else 0. x: [..., d_model] (any float) -> [..., width] float32."""
+    z = jnp.asarray(x).astype(jnp.float32) @ w_enc + b_enc
+    return jnp.where(active_mask(z, threshold, k), z, 0.0)
+
+
+def decode(w_dec, b_dec, f):
+    """x̂ = f W_dec + b_dec. f: [..., width] -> [..., d_model]."""
+    return f @ w_dec + b_dec
+
+
+@dataclasses.dataclass(frozen=True)
+class SAE:
+    """A JumpReLU SAE in folded form: it takes raw activations x: [..., d_model].
+
+    f = JumpReLU_θ(x W_enc + b_enc): [..., width], and x̂ = f W_dec + b_dec. This is
+    the Gemma Scope `params.npz` convention; f is C times the training-time features.
+    """
+
+    W_enc: jax.Array  # [d_model, width]
+    b_enc: jax.Array  # [width]
+    threshold: jax.Array  # [width]
+    W_dec: jax.Array  # [width, d_model]
+    b_dec: jax.Array  # [d_model]
+    k: int | None = None  # TopK SAEs: keep the k largest pre-activations (threshold is then 0)
+    scale: float = 1.0  # C used in training (already folded into the arrays above)
+    step: int = 0
+    config: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.W_enc.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.W_enc.shape[1])
+
+    def pre_activations(self, x):
+        return jnp.asarray(x, jnp.float32) @ self.W_enc + self.b_enc
+
+    def encode(self, x):
+        return encode(self.W_enc, self.b_enc, self.threshold, x, self.k)
+
+    def decode(self, f):
+        return decode(self.W_dec, self.b_dec, f)
+
+    def __call__(self, x):
+        return self.decode(self.encode(x))
+
+    def params(self) -> dict[str, np.ndarray]:
+        return {k: np.asarray(getattr(self, k)) for k in FOLDED_KEYS}

@@ -1,0 +1,131 @@
+"""The registry of SAE kinds behind `sae.kind`.
+
+A kind is one module in this package that calls `register(KindSpec(...))` with everything the
+rest of the framework needs to know about it:
+
+  config_fields  () -> its own `sae.*` fields and their defaults (added to the base config;
+                 a function, so each config gets fresh placeholder references)
+  validate       (sae_cfg, check) -> None: checks those fields, one-line errors naming them
+  param_specs    PartitionSpecs of its arrays beyond the shared W_enc/b_enc/W_dec/b_dec,
+                 parameters and non-gradient stats alike (`jumprelu.core.layout`)
+  build          (sae_cfg, d_model) -> Kind: the Linen model, the loss, init_stats, export
+  stackable      whether K of them can be trained in one vmapped step (a λ sweep)
+
+and a `Kind` gives
+  model:       a Linen module (parameters W_enc, b_enc, W_dec, b_dec plus its own)
+  loss:        (model, params, stats, x, coefficient) -> (loss, (metrics, new stats))
+  init_stats:  its non-gradient state (dead-latent counters, BatchTopK's threshold), or {}
+  export:      (params, stats) -> JumpReLU parameters {W_enc, b_enc, threshold, W_dec, b_dec}
+               in normalised units, plus `k` for TopK, which no JumpReLU can express
+
+Adding a kind is adding one module here (and its name to `_MODULES`) plus its tests; a kind
+defined elsewhere registers itself when its module is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+
+from jax.sharding import PartitionSpec
+
+from jumprelu.core import layout
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    name: str
+    model: object  # a core.sae.SAEBase
+    loss: Callable
+    init_stats: Callable[[], dict]
+    export: Callable[[dict, dict], dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class KindSpec:
+    name: str
+    build: Callable[..., Kind]  # (sae_cfg, d_model) -> Kind
+    config_fields: Callable[[], dict] = dict
+    validate: Callable = lambda sae_cfg, check: None  # noqa: E731
+    param_specs: dict[str, PartitionSpec] = dataclasses.field(default_factory=dict)
+    stackable: bool = False
+
+
+_REGISTRY: dict[str, KindSpec] = {}
+# The modules that register the built-in kinds, imported on first use of the registry.
+_MODULES = ("jumprelu", "relu", "gated", "topk")
+
+
+def register(spec: KindSpec) -> KindSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"SAE kind {spec.name!r} is registered twice")
+    clash = set(spec.param_specs) & set(layout.SHARED_SPECS)
+    if clash:
+        raise ValueError(f"SAE kind {spec.name!r} redeclares the shared arrays {sorted(clash)}")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load() -> dict[str, KindSpec]:
+    for module in _MODULES:  # registers each built-in kind on first import; later calls are lookups
+        importlib.import_module(f"{__name__}.{module}")
+    return _REGISTRY
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_load())
+
+
+def spec(name: str) -> KindSpec:
+    kinds = _load()
+    if name not in kinds:
+        raise ValueError(f"config field sae.kind must be one of {tuple(kinds)}, found {name!r}")
+    return kinds[name]
+
+
+def config_fields() -> dict:
+    """Every kind's own `sae.*` fields with their defaults (two kinds may share a field)."""
+    fields = {}
+    for s in _load().values():
+        fields.update(s.config_fields())
+    return fields
+
+
+def array_specs() -> dict[str, PartitionSpec]:
+    """The PartitionSpec of every array name any kind declares, shared ones included."""
+    specs = dict(layout.SHARED_SPECS)
+    for s in _load().values():
+        for name, p in s.param_specs.items():
+            if specs.get(name, p) != p:
+                raise ValueError(f"array {name!r} is declared with two different shardings")
+            specs[name] = p
+    return specs
+
+
+def from_config(sae_cfg, d_model: int) -> Kind:
+    """The kind named by `sae.kind`, built from the `sae` config section."""
+    return spec(sae_cfg.kind).build(sae_cfg, d_model)
+
+
+def common_module_args(sae_cfg, d_model: int) -> dict:
+    """The SAEBase fields every kind's module takes from the config."""
+    import jax.numpy as jnp
+
+    return dict(
+        d_model=d_model,
+        width=sae_cfg.width,
+        pre_encoder_bias=sae_cfg.pre_encoder_bias,
+        compute_dtype=jnp.dtype(sae_cfg.compute_dtype),
+    )
+
+
+def jumprelu_arrays(params: dict, threshold) -> dict:
+    """The five JumpReLU arrays of an export, from a kind's params and its θ."""
+    return {
+        "W_enc": params["W_enc"],
+        "b_enc": params["b_enc"],
+        "threshold": threshold,
+        "W_dec": params["W_dec"],
+        "b_dec": params["b_dec"],
+    }

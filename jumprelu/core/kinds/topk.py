@@ -1,0 +1,146 @@
+"""TopK (Gao et al., 2024) and BatchTopK (Bussmann et al., 2024) SAEs, with the AuxK loss.
+
+TopK keeps the k largest pre-activations of each token (then ReLU); BatchTopK keeps the
+k·B largest of the whole batch, so tokens get a varying number of latents with mean ≤ k.
+  L = ‖x - x̂‖² + α ‖e - ê‖²,   e = x - x̂ (no gradient),  ê = (top-k_aux of the dead
+  latents' pre-activations, ReLU) W_dec
+A latent is dead once it has not fired for `dead_window` tokens; the AuxK term is zero
+while none is. Gao et al.'s defaults: k_aux = 512, α = 1/32, dead window 10M tokens.
+
+Non-gradient state (`stats`): tokens since each latent last fired, and for BatchTopK an
+exponential moving average of the smallest selected activation per batch. That average is
+the global threshold with which a BatchTopK SAE becomes an exact JumpReLU SAE at inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jumprelu.core import layout, losses
+from jumprelu.core.kinds import Kind, KindSpec, common_module_args, jumprelu_arrays, register
+from jumprelu.core.sae import SAEBase
+
+_SINCE_FIRED_CAP = 2**30  # keeps the int32 counters from overflowing
+
+
+@dataclasses.dataclass(frozen=True)
+class AuxKConfig:
+    k_aux: int = 512
+    coefficient: float = 1 / 32
+    dead_window: int = 10_000_000  # tokens
+    threshold_decay: float = 0.999  # BatchTopK's threshold average
+
+
+def _select_rows(z: jax.Array, k: int) -> jax.Array:
+    """Mask of the k largest entries of each row of z [B, M]: exactly k per row (ties broken by index)."""
+    _, idx = jax.lax.top_k(z, k)  # [B, k]
+    rows = jnp.arange(z.shape[0])[:, None]
+    return jnp.zeros(z.shape, jnp.bool_).at[rows, idx].set(True)
+
+
+def _select_batch(z: jax.Array, k: int) -> jax.Array:
+    """Mask of the k·B largest entries of the whole batch [B, M]: exactly k·B in all."""
+    b, m = z.shape
+    _, idx = jax.lax.top_k(z.reshape(-1), k * b)
+    return jnp.zeros((b * m,), jnp.bool_).at[idx].set(True).reshape(b, m)
+
+
+class TopKSAE(SAEBase):
+    k: int = 32
+    batch: bool = False  # True: BatchTopK
+
+    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+        z = self.pre_activations(x)
+        selected = _select_batch(z, self.k) if self.batch else _select_rows(z, self.k)
+        return self.outputs(z, jnp.where(selected, jax.nn.relu(z), 0.0), selected=selected)
+
+
+def init_stats(width: int, batch: bool) -> dict:
+    stats = {"tokens_since_fired": jnp.zeros((width,), jnp.int32)}
+    if batch:
+        stats["threshold_sum"] = jnp.zeros((), jnp.float32)
+        stats["threshold_weight"] = jnp.zeros((), jnp.float32)
+    return stats
+
+
+def global_threshold(stats: dict) -> jax.Array:
+    """BatchTopK's inference threshold: the bias-corrected moving average."""
+    return stats["threshold_sum"] / jnp.maximum(stats["threshold_weight"], 1e-30)
+
+
+def auxk_loss(z, x, x_hat, w_dec, dead, k_aux):
+    """‖e - ê‖² per token with e = x - x̂ held fixed; ê from the dead latents' top k_aux."""
+    e = jax.lax.stop_gradient(x - x_hat)
+    k = min(k_aux, z.shape[-1])
+    z_dead = jnp.where(dead, z, -jnp.inf)
+    f_aux = jnp.where(_select_rows(z_dead, k) & dead, jax.nn.relu(z), 0.0)
+    e_hat = f_aux @ w_dec
+    return losses.squared_error(e, e_hat) * jnp.any(dead)
+
+
+def make_loss(aux: AuxKConfig):
+    def loss(model, params, stats, x, coefficient):
+        del coefficient  # sparsity is fixed by k
+        out = model.apply({"params": params}, x)
+        sq_err, metrics = losses.reconstruction(x, out)
+        since = stats["tokens_since_fired"]
+        dead = since >= aux.dead_window
+        aux_term = auxk_loss(out["z"], x, out["x_hat"], params["W_dec"], dead, aux.k_aux)
+        total = jnp.mean(sq_err + aux.coefficient * aux_term)
+        fired = out["fired_per_latent"] > 0
+        new = {"tokens_since_fired": jnp.where(fired, 0, jnp.minimum(since + x.shape[0], _SINCE_FIRED_CAP))}
+        if model.batch:
+            smallest = jnp.min(jnp.where(out["selected"] & (out["f"] > 0), out["f"], jnp.inf))
+            smallest = jax.lax.stop_gradient(jnp.where(jnp.isfinite(smallest), smallest, 0.0))
+            d = aux.threshold_decay
+            new["threshold_sum"] = d * stats["threshold_sum"] + (1 - d) * smallest
+            new["threshold_weight"] = d * stats["threshold_weight"] + (1 - d)
+        metrics = dict(metrics, loss=total, aux_loss=jnp.mean(aux_term), dead_fraction=jnp.mean(dead))
+        return total, (metrics, new)
+
+    return loss
+
+
+def _build(sae_cfg, d_model: int) -> Kind:
+    batch = sae_cfg.kind == "batchtopk"
+    aux = AuxKConfig(
+        k_aux=sae_cfg.aux_k,
+        coefficient=sae_cfg.aux_coefficient,
+        dead_window=sae_cfg.dead_window_tokens,
+        threshold_decay=sae_cfg.batchtopk_threshold_decay,
+    )
+    model = TopKSAE(**common_module_args(sae_cfg, d_model), k=sae_cfg.k, batch=batch)
+    if batch:  # exactly a JumpReLU SAE with one learned global threshold
+        export = lambda p, s: jumprelu_arrays(p, global_threshold(s) * jnp.ones_like(p["b_enc"]))  # noqa: E731
+    else:  # ReLU'd pre-activations with θ = 0, plus the k no JumpReLU can express
+        export = lambda p, s: dict(jumprelu_arrays(p, jnp.zeros_like(p["b_enc"])), k=sae_cfg.k)  # noqa: E731
+    return Kind(sae_cfg.kind, model, make_loss(aux), lambda: init_stats(sae_cfg.width, batch), export)
+
+
+def _validate(s, check) -> None:
+    check(isinstance(s.k, int) and 0 < s.k <= s.width, "sae.k", f"an integer in [1, sae.width={s.width}]", s.k)
+    check(s.aux_k > 0, "sae.aux_k", "> 0", s.aux_k)
+    check(s.aux_coefficient >= 0, "sae.aux_coefficient", ">= 0", s.aux_coefficient)
+    check(s.dead_window_tokens > 0, "sae.dead_window_tokens", "> 0", s.dead_window_tokens)
+    check(
+        0 <= s.batchtopk_threshold_decay < 1, "sae.batchtopk_threshold_decay", "in [0, 1)", s.batchtopk_threshold_decay
+    )
+
+
+def _fields() -> dict:  # Gao et al.'s AuxK defaults
+    return dict(
+        k=32,
+        aux_k=512,
+        aux_coefficient=1 / 32,
+        dead_window_tokens=10_000_000,
+        batchtopk_threshold_decay=0.999,
+    )
+
+
+_STATS_SPECS = {"tokens_since_fired": layout.THRESHOLD_SPEC}  # [M] dead-latent counters
+
+TOPK = register(KindSpec("topk", _build, _fields, _validate, _STATS_SPECS))
+BATCHTOPK = register(KindSpec("batchtopk", _build, _fields, _validate, _STATS_SPECS))

@@ -1,0 +1,62 @@
+"""Evaluation on held-out activations: L0, FVU, and latent firing frequencies."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jumprelu.core import folded
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _chunk_stats(params: dict, x: jax.Array, k: int | None):
+    f = folded.encode(params["W_enc"], params["b_enc"], params["threshold"], x, k)
+    fired = f != 0
+    x_hat = folded.decode(params["W_dec"], params["b_dec"], f)
+    return (
+        jnp.sum(jnp.square(x - x_hat)),  # squared error
+        jnp.sum(fired),  # active latents, summed over tokens
+        jnp.sum(fired, axis=0),  # [M] firing counts
+        jnp.sum(x, axis=0),  # [d] for the mean
+        jnp.sum(jnp.square(x)),  # for the total variance
+    )
+
+
+def evaluate_rows(sae_params: dict, rows: np.ndarray, chunk_rows: int = 4096) -> dict:
+    """Metrics of a folded SAE (raw units, see `jumprelu.core.folded`; TopK with `k`) on rows [N, d_model].
+
+    Returns l0, fvu = E‖x - x̂‖² / E‖x - E[x]‖², the mean squared error per token, the
+    share of dead latents (never fired here) and of dense ones (firing on > 10% of
+    tokens), and per-latent firing frequencies.
+    """
+    n = rows.shape[0]
+    if n == 0:
+        raise ValueError("cannot evaluate on zero rows")
+    k = None if sae_params.get("k") is None else int(sae_params["k"])
+    params = {name: jnp.asarray(sae_params[name], jnp.float32) for name in folded.FOLDED_KEYS}
+    sq_err = active = sum_sq = 0.0
+    counts = np.zeros(params["W_enc"].shape[1], np.int64)
+    sum_x = np.zeros(params["W_enc"].shape[0], np.float64)
+    for start in range(0, n, chunk_rows):
+        x = jnp.asarray(rows[start : start + chunk_rows], jnp.float32)
+        e, a, c, sx, sq = jax.device_get(_chunk_stats(params, x, k))
+        sq_err += float(e)
+        active += float(a)
+        counts += c
+        sum_x += sx
+        sum_sq += float(sq)
+    mean = sum_x / n
+    total_var = sum_sq - n * float(mean @ mean)
+    freq = counts / n
+    return {
+        "tokens": int(n),
+        "l0": active / n,
+        "mse": sq_err / n,
+        "fvu": sq_err / max(total_var, 1e-30),
+        "dead_fraction": float(np.mean(counts == 0)),
+        "dense_fraction": float(np.mean(freq > 0.1)),
+        "firing_frequency": freq,
+    }

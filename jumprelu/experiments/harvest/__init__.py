@@ -1,0 +1,1 @@
+"""Packaged harvest configs (`jumprelu harvest --config harvest/gemma2:...`); loaded by path."""

@@ -1,0 +1,68 @@
+"""Gemma Scope `params.npz` files, both ways: the format Gemma Scope released its SAEs in.
+
+A file holds five float32 arrays in folded form, taking raw activations x [..., d_model]:
+  W_enc [d_model, M], b_enc [M], threshold [M], W_dec [M, d_model], b_dec [d_model]
+  f = (x W_enc + b_enc) masked by (x W_enc + b_enc > threshold);  x̂ = f W_dec + b_dec
+This is exactly `jumprelu.SAE`, so loading and exporting only check and copy arrays.
+
+  jumprelu export WORKDIR OUT.npz --format gemma-scope [--member i]
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+
+from jumprelu import fs
+from jumprelu.core.folded import FOLDED_KEYS as KEYS
+from jumprelu.errors import UserError
+
+
+class GemmaScopeError(UserError):
+    """A params.npz that is not in the released layout; the message names the file and the problem."""
+
+
+def read_params(path: str) -> dict[str, np.ndarray]:
+    """The five arrays of a Gemma Scope params.npz, checked for presence and matching shapes."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            found = {k: np.asarray(npz[k]) for k in npz.files}
+    except FileNotFoundError:
+        raise GemmaScopeError(f"{path}: no such file") from None
+    except (ValueError, OSError) as e:  # not a zip, or an object array that would need pickle
+        raise GemmaScopeError(f"{path}: not a readable .npz without pickle ({e})") from None
+    missing = [k for k in KEYS if k not in found]
+    if missing:
+        raise GemmaScopeError(f"{path}: missing keys {missing}; found {sorted(found)}, expected {list(KEYS)}")
+    d, m = found["W_enc"].shape if found["W_enc"].ndim == 2 else (None, None)
+    expected = {"W_enc": (d, m), "b_enc": (m,), "threshold": (m,), "W_dec": (m, d), "b_dec": (d,)}
+    for k in KEYS:
+        if d is None or found[k].shape != expected[k]:
+            want = "[d_model, M]" if d is None else str(list(expected[k]))
+            raise GemmaScopeError(f"{path}: {k} has shape {list(found[k].shape)}, expected {want} (from W_enc)")
+        if not np.issubdtype(found[k].dtype, np.floating):
+            raise GemmaScopeError(f"{path}: {k} has dtype {found[k].dtype}, expected a float type")
+    return {k: found[k].astype(np.float32) for k in KEYS}
+
+
+def load(path: str):
+    """A Gemma Scope params.npz as a `jumprelu.SAE` (identical computation)."""
+    import jax.numpy as jnp
+
+    from jumprelu.export.load import SAE
+
+    params = read_params(path)
+    return SAE(**{k: jnp.asarray(v) for k, v in params.items()}, config={"source": os.path.abspath(path)})
+
+
+def export(sae, path: str) -> None:
+    """Writes `sae` (a `jumprelu.SAE`) as a Gemma Scope params.npz, atomically."""
+    if sae.k is not None:
+        raise GemmaScopeError(
+            f"{path}: a TopK SAE (k={sae.k}) has no exact JumpReLU form; BatchTopK, ReLU and Gated SAEs do"
+        )
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v, np.float32) for k, v in sae.params().items()})
+    fs.write_bytes_atomically(path, buf.getvalue())

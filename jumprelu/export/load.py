@@ -1,0 +1,59 @@
+"""`jumprelu.load(path)`: a trained SAE in raw activation units, in plain JAX on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jumprelu.core import kinds
+from jumprelu.core.folded import SAE, fold
+from jumprelu.export import gemma_scope
+from jumprelu.train.checkpoint import MEMBER_FILE, Checkpointer, checkpoint_dir
+
+
+def load(path: str, step: int | None = None, member: int | None = None) -> SAE:
+    """Restores the SAE of a training workdir (latest checkpoint unless `step` is given).
+
+    A run with K stacked SAEs (config `stack`) holds one SAE per λ: pass `member=i`, or load
+    its member directory WORKDIR/sae-i directly. A Gemma Scope `params.npz` file loads too.
+    """
+    if path.endswith(".npz"):
+        return gemma_scope.load(path)
+    if "://" not in path and os.path.exists(os.path.join(path, MEMBER_FILE)):
+        with open(os.path.join(path, MEMBER_FILE)) as f:
+            info = json.load(f)
+        path, member = os.path.normpath(os.path.join(path, info["workdir"])), info["member"]
+    if "://" not in path and not os.path.isdir(checkpoint_dir(path)):
+        raise FileNotFoundError(f"{path}: no checkpoints/ directory; expected a jumprelu training workdir")
+    ckpt = Checkpointer(path, keep=1, read_only=True)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{checkpoint_dir(path)}: holds no complete checkpoint")
+    config = ckpt.restore_config(step)
+    ckpt.close()
+    cfg = ml_collections.ConfigDict(config)
+    lams = tuple(config.get("stack", {}).get("sparsity_coefficients", ()))
+    if lams and member is None:
+        raise ValueError(
+            f"{path} holds {len(lams)} stacked SAEs (λ = {list(lams)}): pass member=0..{len(lams) - 1} "
+            f"or load {os.path.join(path, 'sae-0')}"
+        )
+    if member is not None and not 0 <= member < len(lams):
+        raise ValueError(f"{path}: member={member} but the run holds {len(lams)} stacked SAEs")
+    if lams:
+        config = dict(config, sae=dict(config["sae"], sparsity_coefficient=lams[member]))
+    ckpt = Checkpointer(path, keep=1, read_only=True, members=len(lams))
+    kind = kinds.from_config(cfg.sae, cfg.data.d_model)
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    on_cpu = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), tree)  # noqa: E731
+    abstract = on_cpu(jax.eval_shape(kind.model.init, jax.random.key(0), jnp.zeros((1, cfg.data.d_model)))["params"])
+    stats = on_cpu(jax.eval_shape(kind.init_stats))
+    scale_abstract = jax.ShapeDtypeStruct((), jnp.float32, sharding=cpu)
+    params, scale, stats = ckpt.restore_sae(abstract, scale_abstract, stats, step, member=member)
+    ckpt.close()
+    folded = fold(kind.export(params, stats), scale, cfg.sae.pre_encoder_bias)
+    return SAE(**folded, scale=float(scale), step=int(step), config=config)

@@ -1,0 +1,183 @@
+"""Experiment files and their sweeps: loading, argument parsing, expansion into named runs.
+
+An experiment file (a path, a name in an experiments directory, or one of the packaged examples
+in `jumprelu/experiments/`) defines
+  get_config(arg)  -> the ml_collections config of one run
+  get_sweep(arg)   -> a list of override dicts {"sae.sparsity_coefficient": 1e-3, ...} (optional;
+                      without it the experiment is a single run)
+`arg` is the text after the colon in `EXPERIMENT:arg`: comma-separated words and key=value pairs,
+for example "jumprelu,runlocal" or "site=mlp,layer=20". `parse_arg` turns it into a dict.
+
+`expand` gives one `Run` per override dict, each with a workdir name built from its overrides, so
+rerunning a sweep finds its earlier runs (finished ones have `report.json`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+from typing import Any
+
+import ml_collections
+
+from jumprelu.errors import ConfigError
+
+# The examples shipped inside the package, so a `pip install .` can run them from any directory.
+EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+EXPERIMENTS_DIR_ENV = "JUMPRELU_EXPERIMENTS_DIR"
+
+
+def parse_arg(arg: str | None) -> dict[str, Any]:
+    """'a,b=3,c=x' -> {'a': True, 'b': 3, 'c': 'x'} (numbers parsed, words become flags)."""
+    out: dict[str, Any] = {}
+    for part in (arg or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        out[key.strip()] = _parse_value(value.strip()) if sep else True
+    return out
+
+
+def _parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def resolve(experiment: str, experiments_dir: str | None = None) -> str:
+    """The path of an experiment file, looked up in order as
+    1. a path to a file (`experiments/quickstart.py`, `/abs/my_exp.py`),
+    2. a name in `experiments_dir` (else $JUMPRELU_EXPERIMENTS_DIR) with or without `.py`,
+    3. a name among the packaged examples (`quickstart`, `harvest/gemma2`).
+    """
+    if os.path.isfile(experiment):
+        return experiment
+    name = experiment.removesuffix(".py") + ".py"
+    dirs = [d for d in (experiments_dir or os.environ.get(EXPERIMENTS_DIR_ENV), EXPERIMENTS_DIR) if d]
+    for d in dirs:
+        candidate = os.path.join(d, name)
+        if os.path.isfile(candidate):
+            return candidate
+    known = sorted(
+        os.path.relpath(os.path.join(root, f), EXPERIMENTS_DIR)[:-3]
+        for root, _, files in os.walk(EXPERIMENTS_DIR)
+        for f in files
+        if f.endswith(".py") and not f.startswith("_")
+    )
+    raise ConfigError(
+        f"no experiment {experiment!r}: not a file, not in {' or '.join(dirs)}; packaged ones: {', '.join(known)}"
+    )
+
+
+def load(experiment: str, experiments_dir: str | None = None):
+    """Imports an experiment file (path or name, see `resolve`) as a module."""
+    path = resolve(experiment, experiments_dir)
+    name = "jumprelu_experiment_" + re.sub(r"\W", "_", os.path.basename(path)[:-3])
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"experiment {path} has no get_config(arg)")
+    return module
+
+
+def split(spec: str) -> tuple[str, str | None]:
+    """'name:arg' -> ('name', 'arg'); 'name' -> ('name', None)."""
+    name, sep, arg = spec.partition(":")
+    return name, (arg if sep else None)
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of cfg with dotted fields set; an unknown field is a ConfigError naming it."""
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    for dotted, value in overrides.items():
+        node = out
+        *path, last = dotted.split(".")
+        for part in path:
+            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+                raise ConfigError(f"sweep override {dotted!r}: the config has no section {part!r}")
+            node = node[part]
+        if last not in node:
+            raise ConfigError(f"sweep override {dotted!r}: the config has no field {last!r}")
+        node[last] = value
+    return out
+
+
+def run_name(overrides: dict[str, Any]) -> str:
+    """A readable, filesystem-safe, unique name: 'sae.kind=topk,sae.k=32' -> 'kind=topk_k=32'."""
+    if not overrides:
+        return "run"
+    parts = []
+    for dotted, value in overrides.items():
+        parts.append(f"{dotted.split('.')[-1]}={_short(value)}")
+    return re.sub(r"[^\w=.+-]", "-", "_".join(parts))
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        return "+".join(_short(v) for v in value)
+    if isinstance(value, str) and "/" in value:
+        return value.rstrip("/").rsplit("/", 1)[-1]  # a store path: its last component names it
+    return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str
+    overrides: dict[str, Any]
+    config: ml_collections.ConfigDict
+
+    def workdir(self, root: str) -> str:
+        return os.path.join(root, self.name) if not root.startswith("gs://") else f"{root.rstrip('/')}/{self.name}"
+
+
+def expand(module, arg: str | None = None) -> list[Run]:
+    """The experiment's runs: one per override dict of get_sweep(arg), or the single base config.
+
+    With `runlocal` in arg, each run is shrunk after its overrides (same runs, same names, CPU
+    sizes): by the experiment's own `runlocal(cfg)` if it has one, else by `sweeps.runlocal`.
+    """
+    base = module.get_config(arg)
+    sweep = module.get_sweep(arg) if hasattr(module, "get_sweep") else [{}]
+    shrink = None
+    if parse_arg(arg).get("runlocal"):
+        shrink = getattr(module, "runlocal", runlocal)
+    runs = []
+    for o in sweep:
+        cfg = apply_overrides(base, o)
+        runs.append(Run(run_name(o), dict(o), shrink(cfg) if shrink else cfg))
+    names = [r.name for r in runs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"sweep has runs with the same overrides (workdir names {duplicates})")
+    return runs
+
+
+def runlocal(c: ml_collections.ConfigDict, keep_data: bool = False) -> ml_collections.ConfigDict:
+    """Shrinks any experiment to a CPU smoke test of seconds: same kind and recipe, tiny sizes.
+
+    keep_data: keep `data.source` (a small local store); otherwise train on the built-in
+    synthetic data, since the experiment's store (often gs://) is not reachable from a laptop.
+    """
+    if not keep_data:
+        c.data.source = "synthetic"
+        c.data.d_model = None  # taken from the synthetic data
+        c.data.synthetic.update(d_model=32, num_features=64, rows=8192)
+    c.data.eval_rows = 1024
+    c.sae.width = 256
+    c.sae.k = min(c.sae.k, 16)
+    c.sae.aux_k = min(c.sae.aux_k, 64)
+    c.train.update(steps=20, batch_size=256, lr_warmup_steps=5, sparsity_warmup_steps=10)
+    c.ckpt.keep = 2
+    c.mesh.update(data=1, model=1, distributed=False)
+    c.ckpt.every_steps = 10
+    c.log.every_steps = 5
+    return c

@@ -1,0 +1,139 @@
+"""Scale planner: compile the real train step for a TPU slice on fake CPU devices.
+
+  jumprelu plan --config quickstart --topology v5p-16 \
+      --config.data.d_model=3584 --config.sae.width=131072 --config.mesh.model=-1
+
+Nothing executes: the step is lowered and compiled ahead of time for the slice's device
+count, then the compiled program's memory analysis (per device), FLOP count and
+collectives are read back. The step time is a roofline estimate: the FLOPs of one
+device at the chip's peak (divided by --matmul-efficiency) plus the ring-algorithm time
+of every collective at the chip's ICI bandwidth, without overlap. MFU is the
+Gemma Scope convention, 12·B·d·M FLOPs per step over (chips × peak × step time);
+HFU counts the FLOPs the compiled program performs (about 10·B·d·M).
+The program is compiled by XLA:CPU, whose fusion and temporaries differ from XLA:TPU's:
+treat memory as an estimate with a margin, not a guarantee.
+"""
+
+from __future__ import annotations
+
+import re
+
+# name -> (JAX devices per unit of the slice name, HBM GiB per device, peak bf16 TFLOP/s
+#          per device, ICI Gbit/s per device). From public Cloud TPU spec sheets. v2-v4 and
+#          v5p names count TensorCores (v4/v5p: 2 per chip, one JAX device per chip);
+#          v3 names count cores and each core is a device; v5e/v6e names count chips.
+CHIPS = {
+    "v3": (1.0, 16, 61.5, 656),
+    "v4": (0.5, 32, 275, 2400),
+    "v5p": (0.5, 95, 459, 4800),
+    "v5e": (1.0, 16, 197, 1600),
+    "v5litepod": (1.0, 16, 197, 1600),
+    "v6e": (1.0, 32, 918, 3584),
+}
+
+
+def parse_topology(name: str) -> dict:
+    """'v5p-16' -> 8 devices of 95 GiB at 459 TFLOP/s; '8' -> 8 devices, chip figures unknown."""
+    if name.isdigit():
+        return {"topology": name, "devices": int(name), "hbm_gib": None, "peak_tflops": None, "ici_gbps": None}
+    m = re.fullmatch(r"(v\d[a-z]*|v5litepod)-(\d+)", name)
+    if not m or m[1] not in CHIPS:
+        raise ValueError(f"--topology {name!r}: expected one of {sorted(CHIPS)} followed by -N, or a device count")
+    per_unit, hbm, peak, ici = CHIPS[m[1]]
+    devices = int(int(m[2]) * per_unit)
+    if devices < 1:
+        raise ValueError(f"--topology {name!r}: too small a slice")
+    return {"topology": name, "devices": devices, "hbm_gib": hbm, "peak_tflops": peak, "ici_gbps": ici}
+
+
+def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
+    """Compiles the step for topo['devices'] devices (they must exist: fake CPU ones here)."""
+    import jax
+
+    from jumprelu.data import source_d_model
+    from jumprelu.launch import hlo_stats
+    from jumprelu.train import program, sharding
+
+    devices = jax.devices()[: topo["devices"]]
+    if len(devices) < topo["devices"]:
+        raise ValueError(f"need {topo['devices']} devices, have {len(devices)}")
+    d_model = source_d_model(cfg.data)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    prog = program.build(cfg, d_model, mesh)
+    mem = prog.step.memory_analysis()
+    per_device = (
+        mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    )
+    cost = prog.step.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops_device = float(cost.get("flops", 0.0))
+    colls = hlo_stats.collectives(prog.step.as_text())
+    B, M, n = cfg.train.batch_size, cfg.sae.width, topo["devices"]
+    out = {
+        **topo,
+        "d_model": d_model,
+        "width": M,
+        "batch": B,
+        "mesh": dict(mesh.shape),
+        "per_device_gib": {
+            "total": per_device / 2**30,
+            "arguments": mem.argument_size_in_bytes / 2**30,
+            "temporaries": mem.temp_size_in_bytes / 2**30,
+        },
+        "flops_per_step": flops_device * n,
+        "model_flops_12BdM": 12.0 * B * d_model * M,
+        "collectives": [
+            {
+                "kind": c.kind,
+                "shapes": [f"{dt}{list(d)}" for dt, d in c.shapes],
+                "bytes": c.bytes,
+                "group": c.group_size,
+            }
+            for c in colls
+        ],
+    }
+    comm_s = 0.0
+    if topo.get("ici_gbps"):
+        comm_s = sum(hlo_stats.ring_bytes_per_device(c) for c in colls) / (topo["ici_gbps"] * 1e9 / 8)
+    if topo.get("hbm_gib"):
+        out["fits_hbm"] = per_device <= topo["hbm_gib"] * 2**30
+    if topo.get("peak_tflops"):
+        compute_s = flops_device / (topo["peak_tflops"] * 1e12 * matmul_efficiency)
+        step_s = compute_s + comm_s
+        out.update(
+            compute_ms=1e3 * compute_s,
+            collective_ms=1e3 * comm_s,
+            step_ms_estimate=1e3 * step_s,
+            # MFU in Gemma Scope's convention (12·B·d·M per step). This step needs only
+            # 10·B·d·M (no gradient for the input), so this can pass 100%; hfu counts
+            # the FLOPs the compiled program really performs.
+            mfu_estimate=out["model_flops_12BdM"] / (n * topo["peak_tflops"] * 1e12 * step_s),
+            hfu_estimate=out["flops_per_step"] / (n * topo["peak_tflops"] * 1e12 * step_s),
+            input_gb_per_s=B * d_model * 4 / step_s / 1e9,
+        )
+    return out
+
+
+def summary(r: dict) -> str:
+    gib = r["per_device_gib"]
+    lines = [
+        f"{r['topology']}: {r['devices']} devices, mesh {r['mesh']}, d_model {r['d_model']}, width {r['width']:,}, "
+        f"batch {r['batch']:,}",
+        f"  memory per device: {gib['total']:.2f} GiB "
+        f"(state {gib['arguments']:.2f}, temporaries {gib['temporaries']:.2f})"
+        + (f" of {r['hbm_gib']} GiB HBM -> {'fits' if r['fits_hbm'] else 'DOES NOT FIT'}" if "fits_hbm" in r else ""),
+        f"  FLOPs per step: {r['flops_per_step'] / 1e12:.2f} T (12·B·d·M = {r['model_flops_12BdM'] / 1e12:.2f} T)",
+    ]
+    for c in r["collectives"]:
+        lines.append(
+            f"  {c['kind']} over {c['group']} devices: {', '.join(c['shapes'])} ({c['bytes'] / 2**20:.2f} MiB)"
+        )
+    if not r["collectives"]:
+        lines.append("  no collectives")
+    if "step_ms_estimate" in r:
+        lines.append(
+            f"  step ≈ {r['step_ms_estimate']:.1f} ms (compute {r['compute_ms']:.1f} + collectives "
+            f"{r['collective_ms']:.1f}), MFU(12BdM) ≈ {100 * r['mfu_estimate']:.0f}%, "
+            f"HFU ≈ {100 * r['hfu_estimate']:.0f}%, input {r['input_gb_per_s']:.2f} GB/s"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""Expands an experiment's sweep into runs; lists them, or runs them here.
+
+  jumprelu sweep quickstart --dry_run                  # every run, overrides, workdir
+  jumprelu sweep quickstart --local                    # run them, one after another
+  jumprelu sweep smollm2_pareto:jumprelu --local --parallel 2 --root /tmp/pareto
+  jumprelu sweep gemma2_9b_comparison:runlocal,layer=20 --local
+
+EXPERIMENT is a path, a name in --experiments_dir, or a packaged example (jumprelu/experiments/),
+optionally with `:arg` for its get_config
+and get_sweep. Each run gets ROOT/<run name>, a name built from its overrides, so a rerun
+finds it: finished runs (report.json present) are skipped, interrupted ones resume from
+their last checkpoint. ROOT defaults to runs/<experiment>[_<arg>] and may be gs://.
+At the end a table of every run's held-out metrics is printed and written to
+ROOT/sweep_summary.csv, with ROOT/sweep_summary.png (L0 against FVU) when there is
+something to plot. On a multi-host TPU slice every host runs the same command (see
+jumprelu tpu); each run then trains on the whole slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from jumprelu import fs
+from jumprelu.errors import EXIT_USER_ERROR, PREFIX, ConfigError
+from jumprelu.launch import experiment as experiments
+
+
+def default_root(experiment: str, arg: str | None) -> str:
+    name = os.path.basename(experiment).removesuffix(".py")
+    return "runs/" + name + (("_" + re.sub(r"[^\w=.+-]", "-", arg)) if arg else "")
+
+
+def status(workdir: str) -> str:
+    if fs.exists(fs.join(workdir, "report.json")):
+        return "finished"
+    if fs.exists(fs.join(workdir, "checkpoints")):
+        return "interrupted"  # resumes from its last checkpoint
+    return "new"
+
+
+def _value(v) -> str:
+    return json.dumps(list(v)) if isinstance(v, tuple) else repr(v)
+
+
+def dry_run(spec: str, runs: list[experiments.Run], root: str) -> str:
+    lines = [f"{len(runs)} runs of {spec} under {root}"]
+    for i, run in enumerate(runs):
+        overrides = " ".join(f"{k}={_value(v)}" for k, v in run.overrides.items()) or "(base config)"
+        lines.append(f"[{i}] {status(run.workdir(root)):<11} {run.workdir(root)}\n      {overrides}")
+    return "\n".join(lines)
+
+
+def run_one(spec: str, name: str, root: str) -> int:
+    """Trains the run called `name` of the sweep (in this process); the sweep driver's subprocess."""
+    from absl import logging
+
+    from jumprelu.errors import UserError
+    from jumprelu.train import loop
+    from jumprelu.train.report import format_report
+
+    logging.set_verbosity(logging.WARNING)
+    experiment, arg = experiments.split(spec)
+    runs = {r.name: r for r in experiments.expand(experiments.load(experiment), arg)}
+    run = runs[name]
+    try:
+        report = loop.train(run.config, run.workdir(root))
+    except UserError as e:
+        print(f"{PREFIX} run {name}: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(format_report(report))
+    return 0
+
+
+def run_local(spec: str, runs: list[experiments.Run], root: str, parallel: int) -> list[tuple[str, int | str]]:
+    """Runs every unfinished run as its own process, `parallel` at a time; returns (name, outcome)."""
+
+    def launch(run: experiments.Run):
+        workdir = run.workdir(root)
+        if status(workdir) == "finished":
+            print(f"skip    {run.name} (finished)", flush=True)
+            return run.name, "skipped"
+        print(f"start   {run.name} -> {workdir}", flush=True)
+        cmd = [sys.executable, "-m", "jumprelu", "sweep", spec, "--root", root, "--run_one", run.name]
+        out = subprocess.run(cmd, capture_output=parallel > 1, text=True)
+        if parallel > 1:  # keep each run's output together
+            sys.stdout.write(out.stdout)
+            sys.stderr.write(out.stderr[-4000:] if out.returncode else "")
+        print(f"{'done' if out.returncode == 0 else 'FAILED':<7} {run.name} (exit {out.returncode})", flush=True)
+        return run.name, out.returncode
+
+    with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
+        return list(pool.map(launch, runs))
+
+
+def summary_rows(runs: list[experiments.Run], root: str) -> list[dict]:
+    """One row per trained SAE (a stacked run gives one per member) from the runs' report.json."""
+    from jumprelu.train.checkpoint import member_item  # late: the dry run should not import orbax
+
+    rows = []
+    for run in runs:
+        workdir = run.workdir(root)
+        base = {"run": run.name, "kind": run.config.sae.kind, "status": status(workdir)}
+        if base["status"] != "finished":
+            rows.append(base)
+            continue
+        report = json.loads(fs.read_text(fs.join(workdir, "report.json")))
+        stacked = "members" in report
+        for member in report["members"] if stacked else [report]:
+            e = member.get("eval") or {}
+            row = dict(base, tokens=member["tokens"])
+            if stacked:
+                name = f"{run.name}/{member_item(member['member'])}"
+                row.update(run=name, sparsity_coefficient=member["sparsity_coefficient"])
+            row.update({k: e[k] for k in ("l0", "fvu", "dead_fraction", "dense_fraction") if k in e})
+            rows.append(row)
+    return rows
+
+
+def write_summary(rows: list[dict], root: str) -> str:
+    fields = ["run", "kind", "status", "tokens", "l0", "fvu", "dead_fraction", "dense_fraction"]
+    fields += sorted({k for r in rows for k in r} - set(fields))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fields)
+    w.writeheader()
+    w.writerows(rows)
+    fs.makedirs(root)
+    fs.write_text_atomically(fs.join(root, "sweep_summary.csv"), buf.getvalue())
+    points = [{"kind": r["kind"], "l0": r["l0"], "fvu": r["fvu"]} for r in rows if r.get("l0", 0) > 0 and "fvu" in r]
+    if len(points) >= 2:
+        from jumprelu.evaluate.plots import plot_pareto
+
+        png = io.BytesIO()
+        plot_pareto(points, png, title=root)
+        fs.write_bytes_atomically(fs.join(root, "sweep_summary.png"), png.getvalue())
+    lines = [f"{'run':<60} {'status':<11} {'L0':>8} {'FVU':>8} {'dead':>6}"]
+    for r in rows:
+        l0 = f"{r['l0']:8.2f}" if "l0" in r else f"{'':8}"
+        fvu = f"{r['fvu']:8.4f}" if "fvu" in r else f"{'':8}"
+        dead = f"{100 * r['dead_fraction']:5.1f}%" if "dead_fraction" in r else ""
+        lines.append(f"{r['run']:<60} {r['status']:<11} {l0} {fvu} {dead}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="jumprelu sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("experiment", help="EXPERIMENT[:arg]: a path, a name in --experiments_dir, or a packaged one")
+    p.add_argument("--experiments_dir", default=None, help="where to look up experiment names first")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--dry_run", action="store_true", help="list the runs, their overrides and workdirs")
+    mode.add_argument("--local", action="store_true", help="train the runs here")
+    mode.add_argument("--run_one", metavar="NAME", help=argparse.SUPPRESS)  # one run, in this process
+    mode.add_argument("--summary", action="store_true", help="only print/write the summary of the runs so far")
+    p.add_argument("--root", default=None, help="directory (or gs:// URL) holding one workdir per run")
+    p.add_argument("--parallel", type=int, default=1, help="runs trained at the same time with --local")
+    args = p.parse_args(argv)
+    experiment, arg = experiments.split(args.experiment)
+    try:
+        path = experiments.resolve(experiment, args.experiments_dir)
+        runs = experiments.expand(experiments.load(path), arg)
+        root = args.root or default_root(experiment, arg)
+    except ConfigError as e:
+        print(f"{PREFIX} {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    # Absolute, so the per-run processes find the same files wherever they start.
+    root = fs.abspath(root)
+    spec = os.path.abspath(path) + (f":{arg}" if arg is not None else "")
+    if args.run_one:
+        return run_one(spec, args.run_one, root)
+    if args.dry_run:
+        print(dry_run(args.experiment, runs, root))
+        return 0
+    outcomes = run_local(spec, runs, root, args.parallel) if args.local else []
+    print(write_summary(summary_rows(runs, root), root))
+    print(f"summary: {fs.join(root, 'sweep_summary.csv')}")
+    failed = [name for name, code in outcomes if code not in (0, "skipped")]
+    if failed:
+        print(f"{len(failed)} runs failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,159 @@
+"""Orbax checkpoints of the whole train state, in named items.
+
+A checkpoint directory `WORKDIR/checkpoints/<step>/` holds:
+  sae     {"params", "scale": C, "stats"} -- all a user needs (`jumprelu.load` reads only this)
+  train   {"step": ..., "opt_state": ...}
+  config  the resolved experiment config as JSON (with data.d_model filled in)
+  data    the data pipeline's iterator state, one JSON file per process (Grain's handler)
+With K stacked SAEs (config `stack`), `sae` is replaced by one item per member, `sae-0` ...
+`sae-{K-1}`, each exactly what a single run's `sae` item holds, so `jumprelu.load` reads one
+member without touching the others; `train` keeps the stacked optimizer state.
+Orbax writes each step to a temporary directory and renames it when complete, so a
+crash at any moment leaves the previous checkpoint loadable. Restores always go into
+an abstract target with shardings attached: restoring without one would return the
+saved shardings and turn optax's namedtuples into lists.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jumprelu import fs
+from jumprelu.train.state import TrainState, member_of
+
+ITEMS = ("sae", "train", "config", "data")
+
+
+MEMBER_FILE = "member.json"  # in WORKDIR/sae-i/ of a stacked run: {"member": i, "workdir": ".."}
+
+
+def member_item(i: int) -> str:
+    """Member i's checkpoint item, and the name of its directory in the workdir."""
+    return f"sae-{i}"
+
+
+def member_dir(workdir: str, i: int) -> str:
+    """WORKDIR/sae-i: member i's metrics, report, config and load path."""
+    return fs.join(workdir, member_item(i))
+
+
+def _unstacked(abstract):
+    """The abstract of one member: the leading K axis (never split, see sharding) dropped."""
+
+    def one(a):
+        spec = a.sharding.spec
+        return jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=NamedSharding(a.sharding.mesh, P(*spec[1:])))
+
+    return jax.tree.map(one, abstract)
+
+
+def checkpoint_dir(workdir: str) -> str:
+    if "://" in workdir:
+        return workdir.rstrip("/") + "/checkpoints"
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, keep: int, read_only: bool = False, members: int = 0):
+        self.directory = checkpoint_dir(workdir)
+        self.members = members
+        sae_items = tuple(member_item(i) for i in range(members)) if members else ("sae",)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=sae_items + ITEMS[1:])
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, state: TrainState, config: dict, data_iterator) -> None:
+        """Starts an asynchronous save of `state` at its own step.
+
+        data_iterator: an object whose `get_state()` gives the pipeline's state as JSON bytes
+        (see `pipeline.IteratorSnapshot`).
+        """
+        if self.members:
+            sae = {}
+            for i in range(self.members):
+                params, stats = member_of((state.params, state.stats), i)
+                sae[member_item(i)] = ocp.args.StandardSave({"params": params, "scale": state.scale, "stats": stats})
+        else:
+            sae = {"sae": ocp.args.StandardSave({"params": state.params, "scale": state.scale, "stats": state.stats})}
+        args = ocp.args.Composite(
+            **sae,
+            train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+            config=ocp.args.JsonSave(config),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+        )
+        self._manager.save(int(state.step), args=args)
+
+    def restore_config(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def restore_state(self, abstract: TrainState, step: int | None = None) -> TrainState:
+        """Restores into `abstract` (ShapeDtypeStructs with shardings)."""
+        step = self.latest_step() if step is None else step
+        target = {"params": abstract.params, "scale": abstract.scale, "stats": abstract.stats}
+        if self.members:
+            one = {"params": _unstacked(abstract.params), "scale": abstract.scale, "stats": _unstacked(abstract.stats)}
+            sae = {member_item(i): ocp.args.StandardRestore(one) for i in range(self.members)}
+        else:
+            sae = {"sae": ocp.args.StandardRestore(target)}
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **sae, train=ocp.args.StandardRestore({"step": abstract.step, "opt_state": abstract.opt_state})
+            ),
+        )
+        train = restored["train"]
+        if self.members:
+            parts = [restored[member_item(i)] for i in range(self.members)]
+            shardings = jax.tree.map(lambda a: a.sharding, (abstract.params, abstract.stats))
+            params, stats = jax.jit(lambda ps: jax.tree.map(lambda *xs: jnp.stack(xs), *ps), out_shardings=shardings)(
+                [(p["params"], p["stats"]) for p in parts]
+            )
+            sae = {"params": params, "stats": stats, "scale": parts[0]["scale"]}
+        else:
+            sae = restored["sae"]
+        return TrainState(
+            step=train["step"],
+            params=sae["params"],
+            opt_state=train["opt_state"],
+            scale=sae["scale"],
+            stats=sae["stats"],
+        )
+
+    def restore_data(self, iterator, step: int | None = None) -> bool:
+        """Sets `iterator` to the pipeline state saved at `step`; False if this process has none
+        (the checkpoint came from a run with another process count)."""
+        step = self.latest_step() if step is None else step
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if not (epath.Path(self.directory) / str(step) / "data" / name).exists():
+            return False
+        self._manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)))
+        return True
+
+    def restore_sae(
+        self, abstract_params, abstract_scale, abstract_stats=None, step: int | None = None, member: int | None = None
+    ):
+        """Only the `sae` item (or member `member`'s), without the optimizer state: (params, scale, stats)."""
+        step = self.latest_step() if step is None else step
+        target = {"params": abstract_params, "scale": abstract_scale, "stats": abstract_stats or {}}
+        item = "sae" if member is None else member_item(member)
+        args = ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
+        out = self._manager.restore(step, args=args)[item]
+        return out["params"], out["scale"], out["stats"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,0 +1,124 @@
+"""The end-of-run report: held-out metrics, recovered features, where things are."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import ml_collections
+import numpy as np
+
+from jumprelu import data as data_lib
+from jumprelu import fs
+from jumprelu.core import kinds
+from jumprelu.core.folded import fold
+from jumprelu.data import synthetic
+from jumprelu.evaluate.metrics import evaluate_rows
+from jumprelu.evaluate.plots import plot_training_curves
+from jumprelu.train import distributed
+from jumprelu.train.checkpoint import MEMBER_FILE, checkpoint_dir, member_dir
+from jumprelu.train.metrics_log import read_metrics
+from jumprelu.train.state import member_of
+
+
+def final_report(cfg, workdir: str, state, stream, start_step: int) -> dict:
+    """Evaluates the trained SAE (or each of K stacked ones) on the held-out rows; writes report.json."""
+    params, scale, stats = distributed.to_host((state.params, state.scale, state.stats))
+    steps = int(state.step)
+    eval_rows = stream.eval_set()
+    lams = tuple(cfg.stack.sparsity_coefficients)
+    if not lams:
+        return _sae_report(cfg, workdir, workdir, params, scale, stats, eval_rows, steps, start_step)
+    members = []
+    for i, lam in enumerate(lams):
+        member_cfg = ml_collections.ConfigDict(cfg.to_dict())
+        member_cfg.sae.sparsity_coefficient = float(lam)
+        member_cfg.stack.sparsity_coefficients = ()
+        mdir = member_dir(workdir, i)
+        r = _sae_report(
+            member_cfg, workdir, mdir, member_of(params, i), scale, member_of(stats, i), eval_rows, steps, start_step
+        )
+        if distributed.is_lead():
+            fs.write_text_atomically(fs.join(mdir, "config.json"), json.dumps(member_cfg.to_dict(), indent=2))
+            fs.write_text_atomically(fs.join(mdir, MEMBER_FILE), json.dumps({"member": i, "workdir": ".."}))
+        members.append(dict(r, member=i, sparsity_coefficient=float(lam)))
+    out = {k: members[0][k] for k in ("steps", "tokens", "resumed_from_step", "scale", "checkpoint")}
+    out.update(workdir=fs.abspath(workdir), members=members)
+    if distributed.is_lead():
+        fs.write_text_atomically(fs.join(workdir, "report.json"), json.dumps(out, indent=2))
+    return out
+
+
+def _sae_report(cfg, workdir, report_dir, params, scale, stats, eval_rows, steps, start_step) -> dict:
+    kind = kinds.from_config(cfg.sae, cfg.data.d_model)
+    folded = fold(kind.export(params, stats), scale, cfg.sae.pre_encoder_bias)
+    folded = {k: np.asarray(v) for k, v in folded.items()}
+    metrics = evaluate_rows(folded, eval_rows) if len(eval_rows) else {}
+    metrics.pop("firing_frequency", None)
+    out = {
+        "steps": steps,
+        "tokens": steps * cfg.train.batch_size,
+        "resumed_from_step": start_step,
+        "scale": float(scale),
+        "eval": metrics,
+        "checkpoint": fs.join(checkpoint_dir(workdir), str(steps)),
+        "workdir": fs.abspath(report_dir),
+    }
+    truth = data_lib.ground_truth(cfg.data)
+    if truth is not None:
+        out["features_recovered"] = synthetic.features_recovered(params["W_dec"], truth)
+        out["true_features"] = int(truth.shape[0])
+    if not distributed.is_lead():  # every process evaluates; only the lead writes
+        return out
+    records = read_metrics(fs.join(report_dir, "metrics.jsonl"))
+    if records:
+        curves = fs.join(report_dir, "training_curves.png")
+        title = f"{cfg.data.source}  width {cfg.sae.width}  λ {cfg.sae.sparsity_coefficient:g}"
+        buf = io.BytesIO()
+        plot_training_curves(records, buf, title=title)
+        fs.write_bytes_atomically(curves, buf.getvalue())
+        out["curves"] = curves
+    fs.write_text_atomically(fs.join(report_dir, "report.json"), json.dumps(out, indent=2))
+    return out
+
+
+def format_report(r: dict) -> str:
+    if "members" in r:
+        return _format_stacked(r)
+    lines = [f"jumprelu: {r['steps']:,} steps, {r['tokens']:,} tokens (input scale C = {r['scale']:.4g})"]
+    e = r.get("eval")
+    if e:
+        lines.append(
+            f"  held-out ({e['tokens']:,} tokens): L0 {e['l0']:.2f}   FVU {e['fvu']:.4f}   "
+            f"dead latents {100 * e['dead_fraction']:.1f}%   firing on >10% of tokens {100 * e['dense_fraction']:.1f}%"
+        )
+    if "features_recovered" in r:
+        n = r["true_features"]
+        k = round(r["features_recovered"] * n)
+        lines.append(
+            f"  true features recovered (decoder row at cosine >= 0.9): {k}/{n} = {100 * r['features_recovered']:.1f}%"
+        )
+    lines.append(f"  checkpoint: {r['checkpoint']}")
+    lines.append(f"  load it:    import jumprelu; sae = jumprelu.load({r['workdir']!r})")
+    if "curves" in r:
+        lines.append(f"  curves:     {r['curves']}")
+    lines.append(f"  report:     {fs.join(r['workdir'], 'report.json')}")
+    return "\n".join(lines)
+
+
+def _format_stacked(r: dict) -> str:
+    lines = [
+        f"jumprelu: {len(r['members'])} stacked SAEs, {r['steps']:,} steps, {r['tokens']:,} tokens each "
+        f"(input scale C = {r['scale']:.4g})",
+        f"  {'member':>6}  {'λ':>10}  {'L0':>8}  {'FVU':>8}  {'dead':>6}  load path",
+    ]
+    for m in r["members"]:
+        e = m.get("eval") or {}
+        lines.append(
+            f"  {m['member']:>6}  {m['sparsity_coefficient']:>10.4g}  {e.get('l0', float('nan')):>8.2f}  "
+            f"{e.get('fvu', float('nan')):>8.4f}  {100 * e.get('dead_fraction', float('nan')):>5.1f}%  {m['workdir']}"
+        )
+    lines.append(f"  checkpoint: {r['checkpoint']}")
+    lines.append(f"  load one:   import jumprelu; sae = jumprelu.load({r['members'][0]['workdir']!r})")
+    lines.append(f"  report:     {fs.join(r['workdir'], 'report.json')}")
+    return "\n".join(lines)

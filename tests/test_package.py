@@ -1,0 +1,132 @@
+"""The package surface: a light lazy `import jumprelu`, every public name working, the kind
+registry's guarantees and the one `jumprelu` command."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jumprelu
+from jumprelu.core import kinds
+from jumprelu.train import sharding
+from jumprelu.train import step as train_step  # noqa: F401 -- the trainer's step module must not shadow ops
+
+
+def _python(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+
+def test_import_jumprelu_alone_pulls_in_neither_orbax_nor_grain():
+    out = _python(
+        "import sys, jumprelu; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'orbax', 'grain', 'flax', 'jax'}))"
+    )
+    assert out.strip() == "[]"
+
+
+def test_every_public_name_works_after_importing_the_trainer(tmp_path):
+    from jumprelu.train import loop  # noqa: F401 -- the trainer's modules are imported first
+
+    assert sorted(jumprelu.__all__) == ["JumpReLUSAE", "SAE", "base_config", "heaviside", "jumprelu", "load"]
+    z, theta = jnp.array([[0.5, 2.0]]), jnp.array([1.0, 1.0])
+    np.testing.assert_array_equal(jumprelu.jumprelu(z, theta, 0.1), [[0.0, 2.0]])
+    np.testing.assert_array_equal(jumprelu.heaviside(z, theta, 0.1), [[0.0, 1.0]])
+    assert jumprelu.base_config().sae.kind == "jumprelu"
+    model = jumprelu.JumpReLUSAE(d_model=3, width=4)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
+    assert params["W_enc"].shape == (3, 4)
+    rng = np.random.default_rng(0)
+    arrays = dict(
+        W_enc=rng.normal(size=(3, 4)), b_enc=np.zeros(4), threshold=np.full(4, 0.1), W_dec=rng.normal(size=(4, 3)),
+        b_dec=np.zeros(3),
+    )  # fmt: skip
+    path = str(tmp_path / "params.npz")
+    np.savez(path, **{k: v.astype(np.float32) for k, v in arrays.items()})
+    sae = jumprelu.load(path)
+    assert isinstance(sae, jumprelu.SAE) and sae(np.ones((2, 3))).shape == (2, 3)
+    with pytest.raises(AttributeError, match="no attribute 'step'"):
+        jumprelu.step  # noqa: B018 -- the old name of the Heaviside op is gone, not a module
+
+
+def test_registry_lists_every_kind_and_refuses_duplicates():
+    assert set(kinds.names()) >= {"jumprelu", "relu", "gated", "topk", "batchtopk"}
+    with pytest.raises(ValueError, match="registered twice"):
+        kinds.register(kinds.KindSpec("relu", build=None))
+    with pytest.raises(ValueError, match="redeclares the shared arrays"):
+        kinds.register(kinds.KindSpec("another", build=None, param_specs={"W_enc": None}))
+
+
+def test_an_array_no_kind_declares_is_an_error_not_silently_replicated():
+    tree = {"params": {"W_enc": jnp.zeros((3, 4)), "mystery": jnp.zeros((4,))}, "count": jnp.zeros(())}
+    with pytest.raises(ValueError, match=r"\['mystery'\] of shape \[4\] has no declared sharding"):
+        sharding.tree_specs(tree)
+    ok = {"params": {"W_enc": jnp.zeros((3, 4)), "r_mag": jnp.zeros((4,))}, "count": jnp.zeros(())}
+    specs = sharding.tree_specs(ok)
+    assert (
+        specs["params"]["r_mag"] == jax.sharding.PartitionSpec("model")
+        and specs["count"] == jax.sharding.PartitionSpec()
+    )
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "jumprelu", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_lists_commands_and_refuses_unknown_ones_in_one_line():
+    out = _cli("--help")
+    assert out.returncode == 0
+    for name in ("train", "harvest", "evaluate", "store", "plan", "export", "sweep", "tpu"):
+        assert f"  {name} " in out.stdout
+    out = _cli("trian")
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert out.stderr.startswith("jumprelu: error: unknown command 'trian'")
+
+
+def test_cli_errors_are_one_line_with_one_prefix(tmp_path):
+    cases = [
+        ("train", "--config", "no_such_experiment", "--workdir", str(tmp_path / "w")),
+        ("train", "--config", "quickstart", "--workdir", str(tmp_path / "w"), "--config.sae.width=-3"),
+        ("store", "summary", str(tmp_path / "missing")),
+        ("export", str(tmp_path / "missing"), str(tmp_path / "o.npz")),
+        ("sweep", "no_such_experiment", "--dry_run"),
+        ("plan", "--config", "quickstart", "--topology", "v9z-8"),
+    ]
+    for args in cases:
+        out = _cli(*args)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("jumprelu: error: "), (args, out.stderr)
+
+
+def test_experiments_resolve_from_any_directory_and_from_an_experiments_dir(tmp_path):
+    mine = tmp_path / "exps"
+    mine.mkdir()
+    (mine / "mine.py").write_text(
+        "from jumprelu.launch import experiment\n"
+        "def get_config(arg=None):\n"
+        "    return experiment.runlocal(experiment.load('quickstart').get_config())\n"
+    )
+    out = _cli("sweep", "mine", "--experiments-dir", str(mine), "--dry-run", "--root", str(tmp_path / "r"), cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert "1 runs of mine" in out.stdout
+    out = _cli("sweep", "quickstart", "--dry_run", "--root", str(tmp_path / "q"), cwd="/")
+    assert out.returncode == 0 and "4 runs of quickstart" in out.stdout, out.stderr
+
+
+def test_plan_compiles_for_the_slice_devices_in_a_fresh_process():
+    env = dict(os.environ, XLA_FLAGS="")
+    out = subprocess.run(
+        [sys.executable, "-m", "jumprelu", "plan", "--config", "quickstart", "--topology", "v5e-4"]
+        + ["--config.sae.width=1024", "--config.train.batch_size=256", "--config.mesh.model=-1"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 4
