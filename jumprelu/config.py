@@ -65,6 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
         adam_b2=0.999,
         adam_eps=1e-8,
         clip_grad_norm=0.0,  # 0 = off (the papers clip nothing)
+        lr_decay_fraction=0.0,  # > 0: lr falls linearly to 0 over this final share of the run (paper: 0)
+        sparsity_warmup_fraction=config_dict.placeholder(float),  # set: λ warm-up over this share of steps
     )
 
     # K SAEs in one jitted step on the same batches, one per λ here (same kind, width and init):
@@ -98,6 +100,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(t.lr_warmup_steps >= 0, "train.lr_warmup_steps", ">= 0", t.lr_warmup_steps)
     _check(0 < t.lr_warmup_start_factor <= 1, "train.lr_warmup_start_factor", "in (0, 1]", t.lr_warmup_start_factor)
     _check(t.sparsity_warmup_steps >= 0, "train.sparsity_warmup_steps", ">= 0", t.sparsity_warmup_steps)
+    _check(0 <= t.lr_decay_fraction <= 1, "train.lr_decay_fraction", "in [0, 1]", t.lr_decay_fraction)
+    frac = t.sparsity_warmup_fraction
+    _check(frac is None or 0 <= frac <= 1, "train.sparsity_warmup_fraction", "in [0, 1] or unset", frac)
     _check(0 <= t.adam_b1 < 1, "train.adam_b1", "in [0, 1)", t.adam_b1)
     _check(0 <= t.adam_b2 < 1, "train.adam_b2", "in [0, 1)", t.adam_b2)
     _check(t.adam_eps > 0, "train.adam_eps", "> 0", t.adam_eps)

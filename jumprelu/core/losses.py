@@ -39,3 +39,17 @@ def reconstruction(x: jax.Array, out: dict) -> tuple[jax.Array, dict[str, jax.Ar
     """(‖x - x̂‖² per row [B], batch metrics) from a kind's forward outputs `out`."""
     metrics = reconstruction_metrics(x, out["x_hat"], out["l0"], out["fired_per_latent"])
     return squared_error(x, out["x_hat"]), metrics
+
+
+def nested_reconstructions(f: jax.Array, w_dec: jax.Array, b_dec: jax.Array, widths: tuple[int, ...]) -> list:
+    """x̂ from each prefix of the latents (Matryoshka): [f[:, :m] W_dec[:m] + b_dec for m in widths].
+
+    f: [B, M]; widths: increasing, the last one M. One pass over the latents in segments, so the
+    cost is that of a single decode.
+    """
+    out, partial, start = [], b_dec, 0
+    for end in widths:
+        partial = partial + jnp.matmul(f[:, start:end], w_dec[start:end], preferred_element_type=jnp.float32)
+        out.append(partial)
+        start = end
+    return out

@@ -45,6 +45,7 @@ class SAEBase(nn.Module):
     width: int
     pre_encoder_bias: bool = True  # subtract b_dec before encoding (paper default)
     compute_dtype: Any = jnp.float32  # dtype of the matmuls; parameters stay float32
+    encoder_init_scale: float = 1.0  # W_enc starts as this times W_decᵀ (paper: 1)
 
     def setup(self):
         # Every param gets an explicit shape and an init taking (key, shape, dtype=None): importing
@@ -53,7 +54,9 @@ class SAEBase(nn.Module):
         # W_enc starts as W_decᵀ and is untied from then on. Linen calls an init fn only
         # during `init`, so closing over the fresh W_dec ties the two at init time only.
         self.W_enc = self.param(
-            "W_enc", lambda _key, _shape, _dtype=None: jnp.transpose(self.W_dec), (self.d_model, self.width)
+            "W_enc",
+            lambda _key, _shape, _dtype=None: self.encoder_init_scale * jnp.transpose(self.W_dec),
+            (self.d_model, self.width),
         )
         self.b_enc = self.param("b_enc", nn.initializers.zeros, (self.width,))
         self.b_dec = self.param("b_dec", nn.initializers.zeros, (self.d_model,))

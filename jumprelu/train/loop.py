@@ -14,6 +14,7 @@ import ml_collections
 from jumprelu import config as config_lib
 from jumprelu import data as data_lib
 from jumprelu import fs
+from jumprelu.core import kinds
 from jumprelu.data import pipeline
 from jumprelu.train import distributed, program, report, sharding
 from jumprelu.train import state as state_lib
@@ -24,6 +25,8 @@ log = logging.getLogger("jumprelu")
 
 # Set by the preemption test: the process kills itself (SIGKILL) after this step.
 _KILL_AT_STEP = int(os.environ.get("JUMPRELU_KILL_AT_STEP", "-1"))
+
+_INIT_ROWS = 8192  # training rows a data-dependent start looks at
 
 # Fields that fix the shapes and meaning of a checkpoint: a resumed run must match them.
 _RESUME_FIELDS = (
@@ -82,6 +85,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         scale = _initial_scale(cfg, store)
         key = jax.random.key(cfg.train.seed)
         state = state_lib.create_state(prog.model, prog.tx, mesh, key, scale, prog.kind.init_stats, prog.members)
+        spec = kinds.spec(cfg.sae.kind)
+        if spec.needs_data(cfg.sae):  # b_dec, θ or the bandwidth from the first training rows
+            rows = stream.read(0, min(_INIT_ROWS, stream.num_train_rows))
+            state = state_lib.start_from_data(state, spec, cfg.sae, rows, prog.members)
     if distributed.is_lead():
         fs.write_text_atomically(fs.join(workdir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
 

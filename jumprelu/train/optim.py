@@ -67,12 +67,35 @@ def project_decoder_gradient(key: str = "W_dec") -> optax.GradientTransformation
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def linear_decay_tail(schedule: Schedule, total_steps: int, fraction: float) -> Schedule:
+    """`schedule`, times a factor falling linearly from 1 to 0 over the last `fraction` of the run."""
+    if fraction <= 0:
+        return schedule
+    start = total_steps * (1.0 - fraction)
+    span = max(total_steps - start, 1.0)
+
+    def decayed(step):
+        factor = jnp.clip((total_steps - jnp.asarray(step, jnp.float32)) / span, 0.0, 1.0)
+        return schedule(step) * factor
+
+    return decayed
+
+
 def learning_rate_schedule(train_cfg) -> Schedule:
-    return cosine_warmup(train_cfg.lr, train_cfg.lr_warmup_steps, train_cfg.lr_warmup_start_factor)
+    """Cosine warm-up then constant (paper); `train.lr_decay_fraction` adds a linear decay to 0
+    over that final share of `train.steps`."""
+    warm = cosine_warmup(train_cfg.lr, train_cfg.lr_warmup_steps, train_cfg.lr_warmup_start_factor)
+    return linear_decay_tail(warm, train_cfg.steps, train_cfg.get("lr_decay_fraction", 0.0))
+
+
+def sparsity_warmup_steps(train_cfg) -> int:
+    """`train.sparsity_warmup_steps`, or `train.sparsity_warmup_fraction` of `train.steps` when set."""
+    fraction = train_cfg.get("sparsity_warmup_fraction")
+    return train_cfg.sparsity_warmup_steps if fraction is None else int(fraction * train_cfg.steps)
 
 
 def sparsity_schedule(train_cfg, sparsity_coefficient: float) -> Schedule:
-    return linear_warmup(sparsity_coefficient, train_cfg.sparsity_warmup_steps)
+    return linear_warmup(sparsity_coefficient, sparsity_warmup_steps(train_cfg))
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:

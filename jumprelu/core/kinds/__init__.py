@@ -10,6 +10,7 @@ rest of the framework needs to know about it:
                  parameters and non-gradient stats alike (`jumprelu.core.layout`)
   build          (sae_cfg, d_model) -> Kind: the Linen model, the loss, init_stats, export
   stackable      whether K of them can be trained in one vmapped step (a λ sweep)
+  needs_data, init_from_data   an optional data-dependent start (b_dec, θ from a sample of rows)
 
 and a `Kind` gives
   model:       a Linen module (parameters W_enc, b_enc, W_dec, b_dec plus its own)
@@ -50,6 +51,10 @@ class KindSpec:
     validate: Callable = lambda sae_cfg, check: None  # noqa: E731
     param_specs: dict[str, PartitionSpec] = dataclasses.field(default_factory=dict)
     stackable: bool = False
+    # Data-dependent start (optional): needs_data(sae_cfg) says whether init_from_data(params,
+    # stats, rows [N, d] normalised, sae_cfg) -> (params, stats) must run once at step 0.
+    needs_data: Callable = lambda sae_cfg: False  # noqa: E731
+    init_from_data: Callable | None = None
 
 
 _REGISTRY: dict[str, KindSpec] = {}
@@ -117,6 +122,7 @@ def common_module_args(sae_cfg, d_model: int) -> dict:
         width=sae_cfg.width,
         pre_encoder_bias=sae_cfg.pre_encoder_bias,
         compute_dtype=jnp.dtype(sae_cfg.compute_dtype),
+        encoder_init_scale=sae_cfg.get("encoder_init_scale", 1.0),
     )
 
 

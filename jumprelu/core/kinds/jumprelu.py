@@ -1,13 +1,18 @@
 """JumpReLU SAE (Rajamanoharan et al., 2024): the paper's kind and the default.
 
   z = (x - b_dec) W_enc + b_enc;  f = z · H(z - θ);  x̂ = f W_dec + b_dec
-  L = mean_b( ‖x_b - x̂_b‖² + λ Σ_i H(z_bi - θ_i) )   on the normalised scale x/C.
-The L0 term goes through `ops.heaviside` on the pre-activations, so it trains θ only; there is
-no L1 term, no auxiliary loss and no resampling. θ is trained as log θ (paper) or raw θ.
+  L = mean_b( ‖x_b - x̂_b‖² ) + sparsity term          on the normalised scale x/C.
+The paper's sparsity term is λ · mean_b Σ_i H(z_bi - θ_i) through `ops.jumprelu_l0`, which
+trains θ only; there is no L1 term, no auxiliary loss and no resampling. That is the default;
+every other recipe element is an option (see `jumprelu/core/sparsity.py`, `core/init.py`):
+the sparsity loss (`step` | `quadratic` | `tanh`), a target L0 reached by a λ controller, a
+frequency penalty, a pre-activation loss on dead latents, a bandwidth relative to the spread
+of z, data-dependent init of b_dec and θ, and Matryoshka nested reconstructions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -15,11 +20,16 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
 
-from jumprelu.core import layout, losses, ops
+from jumprelu.core import init as init_lib
+from jumprelu.core import layout, losses, ops, sparsity
 from jumprelu.core.kinds import Kind, KindSpec, common_module_args, jumprelu_arrays, register
 from jumprelu.core.sae import SAEBase
 
 THRESHOLD_PARAMS = ("log", "raw")
+BANDWIDTH_MODES = ("absolute", "relative")
+_LOG_LAMBDA_MIN, _LOG_LAMBDA_MAX = math.log(1e-9), math.log(10.0)
+_Z_SCALE_DECAY = 0.99  # moving average of the spread of z, for the relative bandwidth
+_SINCE_FIRED_CAP = 2**30
 
 
 class JumpReLUSAE(SAEBase):
@@ -47,12 +57,13 @@ class JumpReLUSAE(SAEBase):
         """f = JumpReLU_θ(z). x: [..., d_model] -> f: [..., width]."""
         return ops.jumprelu(self.pre_activations(x), self.threshold(), self.bandwidth)
 
-    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+    def __call__(self, x: jax.Array, bandwidth=None) -> dict[str, jax.Array]:
         """What the loss needs. x: [B, d] -> z, f: [B, M]; l0: [B] (straight-through
-        w.r.t. θ); fired_per_latent: [M] counts (metrics only); x_hat: [B, d]."""
+        w.r.t. θ); fired_per_latent: [M] counts (metrics only); x_hat: [B, d].
+        bandwidth: ε of this step when it is not the module's (relative bandwidth)."""
         z = self.pre_activations(x)
         theta = self.threshold()
-        f, l0 = ops.jumprelu_l0(z, theta, self.bandwidth)
+        f, l0 = ops.jumprelu_l0(z, theta, self.bandwidth if bandwidth is None else bandwidth)
         return {
             "z": z,
             "f": f,
@@ -70,14 +81,58 @@ def threshold_of(params: dict) -> jax.Array:
 
 
 def jumprelu_loss(model, params: dict, x: jax.Array, sparsity_coefficient) -> tuple[jax.Array, dict]:
-    """x: [B, d_model] normalised activations. Returns (loss, metrics)."""
+    """The paper's loss. x: [B, d_model] normalised activations. Returns (loss, metrics)."""
     out = model.apply({"params": params}, x)
     sq_err, metrics = losses.reconstruction(x, out)
     loss = jnp.mean(sq_err + sparsity_coefficient * out["l0"])  # l0 trains θ only
     return loss, dict(metrics, loss=loss)
 
 
-_LOG_LAMBDA_MIN, _LOG_LAMBDA_MAX = math.log(1e-9), math.log(10.0)
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The loss options of the `sae` config section (defaults: the paper's)."""
+
+    sparsity_loss: str = "step"
+    target_l0: float | None = None
+    target_rate: float = 0.01
+    target_gain: float = 0.5
+    tanh_scale: float = 4.0
+    frequency_penalty: float = 0.0
+    frequency_limit: float = 0.1
+    pre_act_coefficient: float = 0.0
+    dead_window_tokens: int = 10_000_000
+    bandwidth: float = 0.001
+    bandwidth_mode: str = "absolute"
+    matryoshka_widths: tuple[int, ...] = ()
+
+    @classmethod
+    def from_config(cls, s) -> Recipe:
+        return cls(
+            sparsity_loss=s.get("sparsity_loss", "step"),
+            target_l0=s.get("target_l0"),
+            target_rate=s.get("target_l0_rate", 0.01),
+            target_gain=s.get("target_l0_gain", 0.5),
+            tanh_scale=s.get("tanh_scale", 4.0),
+            frequency_penalty=s.get("frequency_penalty", 0.0),
+            frequency_limit=s.get("frequency_limit", 0.1),
+            pre_act_coefficient=s.get("pre_act_coefficient", 0.0),
+            dead_window_tokens=s.get("dead_window_tokens", 10_000_000),
+            bandwidth=s.get("bandwidth", 0.001),
+            bandwidth_mode=s.get("bandwidth_mode", "absolute"),
+            matryoshka_widths=tuple(s.get("matryoshka_widths", ()) or ()),
+        )
+
+
+def init_stats(recipe: Recipe, width: int, initial_lambda: float) -> dict:
+    """The non-gradient state the options need (none for the paper's recipe)."""
+    stats = {}
+    if recipe.target_l0 is not None:
+        stats["log_lambda"] = jnp.asarray(math.log(max(initial_lambda, 1e-9)), jnp.float32)
+    if recipe.bandwidth_mode == "relative":
+        stats["z_scale"] = jnp.ones((), jnp.float32)  # set from data at the start (init_from_data)
+    if recipe.pre_act_coefficient > 0:
+        stats["tokens_since_fired"] = jnp.zeros((width,), jnp.int32)
+    return stats
 
 
 def target_l0_stats(initial_lambda: float):
@@ -85,40 +140,114 @@ def target_l0_stats(initial_lambda: float):
     return {"log_lambda": jnp.asarray(math.log(max(initial_lambda, 1e-9)), jnp.float32)}
 
 
-def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_gain: float = 0.5):
+def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_gain: float = 0.5, recipe=None):
     """The JumpReLU loss in the kinds' interface: (model, params, stats, x, λ) -> (loss, (metrics, stats)).
 
-    With `target_l0` = T set, λ is no longer a fixed (warmed-up) constant but the output of a
+    With a target L0 T, λ is no longer a fixed (warmed-up) constant but the output of a
     proportional-integral controller on e = log(batch L0 / T): log λ = I + gain · clip(e, ±1),
     and after each step I += rate · e (dual ascent on the constraint E[L0] = T, with a
     proportional term that reacts at once when L0 crosses T, damping the overshoot an integral
     alone leaves while θ catches up). λ grows while too many latents fire and shrinks while too
-    few do. The loss itself stays the paper's squared error + λ·L0, so the gradients that reach
-    θ have the size a fixed λ giving that L0 would produce, which Adam handles well. (A penalty
-    on the L0 error itself gives θ gradients that shrink by orders of magnitude as L0 approaches
-    T, and Adam's second-moment memory then freezes θ short of it.)
+    few do. With the step loss the loss stays the paper's squared error + λ·L0, so the gradients
+    that reach θ have the size a fixed λ giving that L0 would produce, which Adam handles well.
+    (A penalty on the L0 error itself gives θ gradients that shrink by orders of magnitude as
+    L0 approaches T, and Adam's second-moment memory then freezes θ short of it.)
     """
+    r = recipe or Recipe(target_l0=target_l0, target_rate=target_rate, target_gain=target_gain)
 
     def loss(model, params, stats, x, sparsity_coefficient):
-        if target_l0 is None:
-            total, metrics = jumprelu_loss(model, params, x, sparsity_coefficient)
-            return total, (metrics, stats)
-        integral = stats["log_lambda"]
-        out = model.apply({"params": params}, x)
-        # This batch's L0 (no gradient through it) sets this step's λ.
-        error = jnp.log(jnp.maximum(jax.lax.stop_gradient(jnp.mean(out["l0"])), 1e-3) / target_l0)
-        lam = jnp.exp(integral + target_gain * jnp.clip(error, -1.0, 1.0))
-        sq_err, metrics = losses.reconstruction(x, out)
-        total = jnp.mean(sq_err + lam * out["l0"])  # the paper's loss at the controller's λ
-        new_integral = jnp.clip(integral + target_rate * error, _LOG_LAMBDA_MIN, _LOG_LAMBDA_MAX)
-        metrics = dict(metrics, loss=total, sparsity_coefficient_adaptive=lam)
-        return total, (metrics, {"log_lambda": jax.lax.stop_gradient(new_integral)})
+        eps = r.bandwidth * stats["z_scale"] if r.bandwidth_mode == "relative" else None
+        out = model.apply({"params": params}, x, bandwidth=eps)
+        theta = threshold_of(params)
+        batch_l0 = jax.lax.stop_gradient(jnp.mean(out["l0"]))
+        new_stats, lam = {}, sparsity_coefficient
+        if r.target_l0 is not None:  # this batch's L0 (no gradient through it) sets this step's λ
+            error = jnp.log(jnp.maximum(batch_l0, 1e-3) / r.target_l0)
+            lam = jnp.exp(stats["log_lambda"] + r.target_gain * jnp.clip(error, -1.0, 1.0))
+            integral = jnp.clip(stats["log_lambda"] + r.target_rate * error, _LOG_LAMBDA_MIN, _LOG_LAMBDA_MAX)
+            new_stats["log_lambda"] = jax.lax.stop_gradient(integral)
+        if r.matryoshka_widths:  # the mean over nested prefixes of their reconstruction errors
+            x_hats = losses.nested_reconstructions(out["f"], params["W_dec"], params["b_dec"], r.matryoshka_widths)
+            sq_err = sum(losses.squared_error(x, h) for h in x_hats) / len(x_hats)
+            metrics = losses.reconstruction_metrics(x, out["x_hat"], out["l0"], out["fired_per_latent"])
+        else:
+            sq_err, metrics = losses.reconstruction(x, out)
+        norms = (
+            jnp.linalg.norm(params["W_dec"], axis=-1) if r.sparsity_loss == "tanh" or r.pre_act_coefficient else None
+        )
+        if r.sparsity_loss == "step":  # summed per row with the error, exactly as the paper writes it
+            sq_err, penalty = sq_err + lam * out["l0"], 0.0
+        elif r.sparsity_loss == "quadratic":
+            penalty = sparsity.quadratic_loss(out["l0"], lam, r.target_l0)
+        else:
+            penalty = sparsity.tanh_loss(out["f"], norms, lam, r.tanh_scale)
+        eps_now = r.bandwidth if eps is None else eps
+        if r.frequency_penalty:
+            freq = sparsity.frequency_penalty(out["z"], theta, eps_now, r.frequency_penalty, r.frequency_limit)
+            penalty, metrics = penalty + freq, dict(metrics, frequency_penalty=freq)
+        if r.pre_act_coefficient:
+            since = stats["tokens_since_fired"]
+            dead = since >= r.dead_window_tokens
+            pre = sparsity.pre_act_loss(out["z"], theta, dead, norms, r.pre_act_coefficient)
+            penalty, metrics = penalty + pre, dict(metrics, pre_act_loss=pre, dead_fraction=jnp.mean(dead))
+            fired = out["fired_per_latent"] > 0
+            new_stats["tokens_since_fired"] = jnp.where(fired, 0, jnp.minimum(since + x.shape[0], _SINCE_FIRED_CAP))
+        if r.bandwidth_mode == "relative":
+            spread = jnp.median(jnp.std(jax.lax.stop_gradient(out["z"]), axis=0))
+            new_stats["z_scale"] = _Z_SCALE_DECAY * stats["z_scale"] + (1 - _Z_SCALE_DECAY) * spread
+            metrics = dict(metrics, bandwidth=eps)
+        total = jnp.mean(sq_err) + penalty
+        metrics = dict(metrics, loss=total)
+        if r.target_l0 is not None:
+            metrics["sparsity_coefficient_adaptive"] = lam
+        return total, (metrics, {**stats, **new_stats})
 
     return loss
 
 
 def export(params: dict, stats: dict) -> dict:
     return jumprelu_arrays(params, threshold_of(params))
+
+
+def needs_data(s) -> bool:
+    """Whether the start of training needs a sample of rows (data-dependent init or bandwidth)."""
+    return (
+        s.get("b_dec_init", "zeros") != "zeros"
+        or s.get("threshold_init_mode", "constant") != "constant"
+        or s.get("bandwidth_mode", "absolute") == "relative"
+    )
+
+
+def init_from_data(params: dict, stats: dict, x, s) -> tuple[dict, dict]:
+    """Sets b_dec, θ and the bandwidth scale from rows x: [N, d_model] (normalised), once at step 0.
+
+    The pre-activations are computed in slices of latents so a wide SAE needs no [N, M] array.
+    """
+    import numpy as np
+
+    x = np.asarray(x, np.float32)
+    params, stats = dict(params), dict(stats)
+    b_dec = init_lib.decoder_bias(x, s.b_dec_init)
+    params["b_dec"] = jnp.asarray(b_dec)
+    centred = jnp.asarray(x - b_dec if s.pre_encoder_bias else x)
+    w_enc, b_enc = params["W_enc"], params["b_enc"]
+    width = w_enc.shape[1]
+    step = max(1, (1 << 24) // max(x.shape[0], 1))
+    thetas, spreads = [], []
+    for lo in range(0, width, step):
+        z = np.asarray(centred @ w_enc[:, lo : lo + step] + b_enc[lo : lo + step])
+        spreads.append(z.std(axis=0))
+        if s.threshold_init_mode != "constant":
+            thetas.append(init_lib.thresholds(z, s.threshold_init_mode, s.target_l0))
+    if thetas:
+        # Each slice's quantile is per latent (or of its slice for "global_quantile"): the target
+        # rate T/M is the same for every latent, so slicing does not change it.
+        theta = jnp.asarray(np.concatenate(thetas))
+        key = "log_threshold" if "log_threshold" in params else "threshold"
+        params[key] = jnp.log(theta) if key == "log_threshold" else theta
+    if "z_scale" in stats:
+        stats["z_scale"] = jnp.asarray(np.median(np.concatenate(spreads)), jnp.float32)
+    return params, stats
 
 
 def build(sae_cfg, d_model: int) -> Kind:
@@ -128,42 +257,82 @@ def build(sae_cfg, d_model: int) -> Kind:
         threshold_init=sae_cfg.threshold_init,
         threshold_param=sae_cfg.threshold_param,
     )
-    target = sae_cfg.get("target_l0")
-    loss = make_loss(target, sae_cfg.get("target_l0_rate", 0.01), sae_cfg.get("target_l0_gain", 0.5))
-    if target is None:
-        return Kind("jumprelu", model, loss, dict, export)
-    lam0 = sae_cfg.sparsity_coefficient
-    return Kind("jumprelu", model, loss, lambda: target_l0_stats(lam0), export)
+    recipe = Recipe.from_config(sae_cfg)
+    lam0, width = sae_cfg.sparsity_coefficient, sae_cfg.width
+    return Kind("jumprelu", model, make_loss(recipe=recipe), lambda: init_stats(recipe, width, lam0), export)
 
 
 def validate(s, check) -> None:
     check(s.bandwidth > 0, "sae.bandwidth", "> 0", s.bandwidth)
+    check(s.bandwidth_mode in BANDWIDTH_MODES, "sae.bandwidth_mode", f"one of {BANDWIDTH_MODES}", s.bandwidth_mode)
     check(s.threshold_init > 0, "sae.threshold_init", "> 0", s.threshold_init)
     check(s.threshold_param in THRESHOLD_PARAMS, "sae.threshold_param", "'log' or 'raw'", s.threshold_param)
     check(s.target_l0 is None or s.target_l0 > 0, "sae.target_l0", "> 0 or unset", s.target_l0)
-    check(s.target_l0_rate > 0, "sae.target_l0_rate", "> 0", s.target_l0_rate)
+    check(
+        math.isfinite(s.target_l0_rate) and s.target_l0_rate > 0,
+        "sae.target_l0_rate",
+        "finite and > 0",
+        s.target_l0_rate,
+    )
     check(s.target_l0_gain >= 0, "sae.target_l0_gain", ">= 0", s.target_l0_gain)
+    check(s.sparsity_loss in sparsity.LOSSES, "sae.sparsity_loss", f"one of {sparsity.LOSSES}", s.sparsity_loss)
+    if s.sparsity_loss == "quadratic":
+        check(s.target_l0 is not None, "sae.target_l0", "set when sae.sparsity_loss is 'quadratic'", s.target_l0)
+    check(s.tanh_scale > 0, "sae.tanh_scale", "> 0", s.tanh_scale)
+    check(s.frequency_penalty >= 0, "sae.frequency_penalty", ">= 0", s.frequency_penalty)
+    check(0 < s.frequency_limit <= 1, "sae.frequency_limit", "in (0, 1]", s.frequency_limit)
+    check(s.pre_act_coefficient >= 0, "sae.pre_act_coefficient", ">= 0", s.pre_act_coefficient)
+    check(s.b_dec_init in init_lib.B_DEC_INITS, "sae.b_dec_init", f"one of {init_lib.B_DEC_INITS}", s.b_dec_init)
+    modes = init_lib.THRESHOLD_INITS
+    check(s.threshold_init_mode in modes, "sae.threshold_init_mode", f"one of {modes}", s.threshold_init_mode)
+    if s.threshold_init_mode != "constant":
+        check(s.target_l0 is not None, "sae.target_l0", "set when sae.threshold_init_mode is from data", s.target_l0)
+    check(s.encoder_init_scale > 0, "sae.encoder_init_scale", "> 0", s.encoder_init_scale)
+    widths = tuple(s.matryoshka_widths or ())
+    check(
+        not widths or (list(widths) == sorted(set(widths)) and widths[0] > 0 and widths[-1] == s.width),
+        "sae.matryoshka_widths",
+        f"increasing prefix sizes ending at sae.width={s.width}",
+        widths,
+    )
+
+
+def _fields() -> dict:
+    return dict(
+        bandwidth=0.001,  # ε of the rectangle kernel, on the normalised scale
+        bandwidth_mode="absolute",  # "relative": ε = bandwidth × (moving median over latents of std z)
+        threshold_init=0.001,
+        threshold_param="log",  # "log" (paper) or "raw"
+        # A requested mean L0; λ then adapts to reach it (make_loss): log λ = I + gain·clip(log(L0/target),
+        # ±1), I starting at log sparsity_coefficient and moving by rate·log(L0/target) per step.
+        target_l0=config_dict.placeholder(float),
+        target_l0_rate=0.01,
+        target_l0_gain=0.5,
+        sparsity_loss="step",  # "step" (paper), "quadratic" (Gemma Scope 2, needs target_l0), "tanh"
+        tanh_scale=4.0,  # c of the tanh loss
+        frequency_penalty=0.0,  # μ: penalise latents firing on more than frequency_limit of tokens
+        frequency_limit=0.1,
+        pre_act_coefficient=0.0,  # ν: pre-activation loss on latents dead for dead_window_tokens
+        b_dec_init="zeros",  # "zeros" (paper), "mean", "median" (geometric) of a data sample
+        threshold_init_mode="constant",  # or "latent_quantile" / "global_quantile": initial L0 = target_l0
+        encoder_init_scale=1.0,  # W_enc = scale · W_decᵀ at init
+        matryoshka_widths=(),  # nested prefixes, e.g. (1024, 4096, 16384); last = width
+    )
 
 
 SPEC = register(
     KindSpec(
         name="jumprelu",
         build=build,
-        config_fields=lambda: dict(
-            bandwidth=0.001,  # ε of the rectangle kernel, on the normalised scale
-            threshold_init=0.001,
-            threshold_param="log",  # "log" (paper) or "raw"
-            # A requested mean L0; λ then adapts to reach it (make_loss): log λ = I + gain·clip(log(L0/target),
-            # ±1), I starting at log sparsity_coefficient and moving by rate·log(L0/target) per step.
-            target_l0=config_dict.placeholder(float),
-            target_l0_rate=0.01,
-            target_l0_gain=0.5,
-        ),
+        config_fields=_fields,
         validate=validate,
         param_specs={
             "log_threshold": layout.THRESHOLD_SPEC,  # [M]
             "threshold": layout.THRESHOLD_SPEC,  # [M]
+            "tokens_since_fired": layout.THRESHOLD_SPEC,  # [M] stats, with the pre-activation loss
         },
         stackable=True,
+        needs_data=needs_data,
+        init_from_data=init_from_data,
     )
 )

@@ -1,0 +1,51 @@
+"""Initialisation from a sample of training rows (normalised scale), applied once at the start.
+
+b_dec      "zeros" (paper), "mean" or "median" (geometric, Weiszfeld) of the sample: with the
+           pre-encoder bias the encoder then sees centred inputs from the first step
+threshold  "constant" (paper: every θ_i = threshold_init), or set from the sample's
+           pre-activations so the initial L0 is the target T: "latent_quantile" gives each
+           latent the (1 - T/M) quantile of its own z (every latent fires on T/M of tokens),
+           "global_quantile" one θ for all (the (1 - T/M) quantile of all z)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+B_DEC_INITS = ("zeros", "mean", "median")
+THRESHOLD_INITS = ("constant", "latent_quantile", "global_quantile")
+MIN_THRESHOLD = 1e-4  # a quantile at or below 0 would make the jump a leak of negative z
+
+
+def geometric_median(x: np.ndarray, iterations: int = 30) -> np.ndarray:
+    """Weiszfeld's iteration from the mean. x: [N, d] -> [d]."""
+    m = x.mean(axis=0)
+    for _ in range(iterations):
+        w = 1.0 / np.maximum(np.linalg.norm(x - m, axis=1), 1e-8)
+        m = (w[:, None] * x).sum(axis=0) / w.sum()
+    return m
+
+
+def decoder_bias(x: np.ndarray, how: str) -> np.ndarray:
+    """b_dec from rows x: [N, d] (float64 arithmetic, float32 result)."""
+    x = np.asarray(x, np.float64)
+    if how == "zeros":
+        return np.zeros(x.shape[1], np.float32)
+    if how == "mean":
+        return x.mean(axis=0).astype(np.float32)
+    if how == "median":
+        return geometric_median(x).astype(np.float32)
+    raise ValueError(f"config field sae.b_dec_init must be one of {B_DEC_INITS}, found {how!r}")
+
+
+def thresholds(z: np.ndarray, how: str, target_l0: float) -> np.ndarray:
+    """θ [M] from pre-activations z: [N, M] so that the mean L0 on these rows is about target_l0."""
+    n, m = z.shape
+    q = 1.0 - min(max(target_l0 / m, 0.0), 1.0)
+    if how == "latent_quantile":
+        theta = np.quantile(z, q, axis=0)
+    elif how == "global_quantile":
+        theta = np.full(m, np.quantile(z, q))
+    else:
+        raise ValueError(f"config field sae.threshold_init_mode must be one of {THRESHOLD_INITS}, found {how!r}")
+    return np.maximum(theta, MIN_THRESHOLD).astype(np.float32)

@@ -1,0 +1,56 @@
+"""Sparsity terms of the JumpReLU loss, each a pure function of one batch.
+
+  step       λ · mean_b Σ_i H(z_bi - θ_i)                         the paper's L0 (θ-gradient only)
+  quadratic  λ · (2/T) · (mean_b Σ_i H(z_bi - θ_i) - T)²           Gemma Scope 2's penalty around a
+                                                                   target L0 T (θ-gradient only)
+  tanh       λ · mean_b Σ_i tanh(c · f_bi · ‖W_dec,i‖)             Anthropic (Jan 2025): a smooth L0
+                                                                   that also trains W_enc, b_enc
+and the optional extras
+  frequency  μ · Σ_i relu(p_i - limit),  p_i = mean_b H(z_bi - θ_i)  Gemma Scope 2: no latent may fire
+                                                                   on more than `limit` of tokens
+  pre_act    ν · mean_b Σ_{i dead} relu(θ_i - z_bi) · ‖W_dec,i‖     Anthropic: pulls dead latents'
+                                                                   pre-activations up to θ
+H goes through the rectangle-kernel straight-through estimator (`ops.heaviside`), f through
+`ops.jumprelu`, so every θ-gradient here is the paper's pseudo-derivative.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jumprelu.core import ops
+
+LOSSES = ("step", "quadratic", "tanh")
+
+
+def l0_per_row(z: jax.Array, theta: jax.Array, bandwidth) -> jax.Array:
+    """Σ_i H(z_bi - θ_i) with the straight-through θ-gradient. z: [B, M] -> [B]."""
+    return jnp.sum(ops.heaviside(z, theta, bandwidth), axis=-1)
+
+
+def step_loss(l0_rows: jax.Array, lam) -> jax.Array:
+    """λ · mean_b L0_b. l0_rows: [B] (from `l0_per_row` or `ops.jumprelu_l0`)."""
+    return lam * jnp.mean(l0_rows)
+
+
+def quadratic_loss(l0_rows: jax.Array, lam, target: float) -> jax.Array:
+    """λ · (2/T) · (mean_b L0_b - T)²: zero at the target, the step loss's slope λ at L0 = 2T."""
+    return lam * (2.0 / target) * jnp.square(jnp.mean(l0_rows) - target)
+
+
+def tanh_loss(f: jax.Array, decoder_norms: jax.Array, lam, scale: float) -> jax.Array:
+    """λ · mean_b Σ_i tanh(c · f_bi · ‖W_dec,i‖). f: [B, M]; decoder_norms: [M]."""
+    return lam * jnp.mean(jnp.sum(jnp.tanh(scale * f * decoder_norms), axis=-1))
+
+
+def frequency_penalty(z: jax.Array, theta: jax.Array, bandwidth, coefficient: float, limit: float) -> jax.Array:
+    """μ · Σ_i relu(p_i - limit) with p_i the share of the batch latent i fires on."""
+    freq = jnp.mean(ops.heaviside(z, theta, bandwidth), axis=0)
+    return coefficient * jnp.sum(jax.nn.relu(freq - limit))
+
+
+def pre_act_loss(z: jax.Array, theta: jax.Array, dead: jax.Array, decoder_norms: jax.Array, coefficient: float):
+    """ν · mean_b Σ_i dead_i · relu(θ_i - z_bi) · ‖W_dec,i‖. dead: [M] bool."""
+    gap = jax.nn.relu(theta - z) * (dead.astype(z.dtype) * decoder_norms)
+    return coefficient * jnp.mean(jnp.sum(gap, axis=-1))

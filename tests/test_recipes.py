@@ -1,0 +1,204 @@
+"""Recipe options of the JumpReLU kind: each sparsity term against a hand computation (values and
+θ/z gradients), the data-dependent init, Matryoshka's nested reconstructions, the schedules, and
+every option through the real loop, sharded on 8 simulated devices and stacked."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jumprelu
+from jumprelu.config import ConfigError, validate
+from jumprelu.core import init as init_lib
+from jumprelu.core import losses, sparsity
+from jumprelu.core.kinds import jumprelu as jumprelu_kind
+from jumprelu.train import optim
+from jumprelu.train.loop import train
+
+Z = jnp.array([[0.5, 1.2], [1.05, 0.2]])
+THETA = jnp.array([1.0, 1.0])
+EPS = 0.2  # window |z - θ| < 0.1: only z[1, 0] = 1.05 is inside it
+IN_WINDOW = np.array([[0.0, 0.0], [1.0, 0.0]])
+B = 2
+
+
+def _grads(fn):
+    return jax.grad(fn, argnums=(0, 1))(Z, THETA)
+
+
+def test_step_loss_value_and_gradients():
+    fn = lambda z, t: sparsity.step_loss(sparsity.l0_per_row(z, t, EPS), 0.5)  # noqa: E731
+    assert float(fn(Z, THETA)) == pytest.approx(0.5 * 1.0)  # L0 rows [1, 1]
+    gz, gt = _grads(fn)
+    np.testing.assert_allclose(gz, 0.0)  # the L0 term trains θ only
+    np.testing.assert_allclose(gt, 0.5 / B * (-1 / EPS) * IN_WINDOW.sum(0), rtol=1e-6)
+
+
+def test_quadratic_loss_value_and_gradients():
+    lam, target = 0.5, 3.0
+    fn = lambda z, t: sparsity.quadratic_loss(sparsity.l0_per_row(z, t, EPS), lam, target)  # noqa: E731
+    assert float(fn(Z, THETA)) == pytest.approx(lam * (2 / target) * (1.0 - target) ** 2)
+    gz, gt = _grads(fn)
+    np.testing.assert_allclose(gz, 0.0)
+    slope = lam * (2 / target) * 2 * (1.0 - target)  # d/d(mean L0)
+    np.testing.assert_allclose(gt, slope / B * (-1 / EPS) * IN_WINDOW.sum(0), rtol=1e-6)
+
+
+def test_tanh_loss_value_and_gradients():
+    lam, c, norms = 0.5, 0.5, jnp.array([1.0, 2.0])  # c·f·‖W_dec‖ ~ 1: tanh far from saturation
+    fn = lambda z, t: sparsity.tanh_loss(jumprelu.jumprelu(z, t, EPS), norms, lam, c)  # noqa: E731
+    f = np.where(np.asarray(Z) > 1.0, np.asarray(Z), 0.0)
+    want = lam * np.mean(np.sum(np.tanh(c * f * np.asarray(norms)), axis=-1))
+    assert float(fn(Z, THETA)) == pytest.approx(want, rel=1e-6)
+    gz, gt = _grads(fn)
+    sech2 = 1 - np.tanh(c * f * np.asarray(norms)) ** 2
+    dloss_df = lam / B * c * np.asarray(norms) * sech2
+    np.testing.assert_allclose(gz, np.where(f > 0, dloss_df, 0.0), rtol=1e-5)
+    # θ through JumpReLU's pseudo-derivative -(θ/ε) K: only z[1, 0] is in the window
+    np.testing.assert_allclose(gt, (dloss_df * (-1.0 / EPS) * IN_WINDOW).sum(0), rtol=1e-5)
+
+
+def test_frequency_penalty_value_and_gradients():
+    fn = lambda z, t: sparsity.frequency_penalty(z, t, EPS, coefficient=2.0, limit=0.1)  # noqa: E731
+    assert float(fn(Z, THETA)) == pytest.approx(2.0 * 2 * (0.5 - 0.1))  # both latents fire on half
+    gz, gt = _grads(fn)
+    np.testing.assert_allclose(gz, 0.0)
+    np.testing.assert_allclose(gt, 2.0 / B * (-1 / EPS) * IN_WINDOW.sum(0), rtol=1e-6)
+
+
+def test_pre_act_loss_pulls_only_dead_latents_up():
+    dead, norms = jnp.array([False, True]), jnp.array([1.0, 2.0])
+    fn = lambda z, t: sparsity.pre_act_loss(z, t, dead, norms, coefficient=1.0)  # noqa: E731
+    assert float(fn(Z, THETA)) == pytest.approx((0.0 + 0.8 * 2.0) / B)  # latent 1: relu(1 - 1.2), relu(1 - 0.2)
+    gz, gt = _grads(fn)
+    np.testing.assert_allclose(gz, [[0.0, 0.0], [0.0, -2.0 / B]])
+    np.testing.assert_allclose(gt, [0.0, 2.0 / B])
+
+
+def test_decoder_bias_inits():
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [50.0, 50.0]])
+    np.testing.assert_allclose(init_lib.decoder_bias(x, "mean"), x.mean(0), rtol=1e-6)
+    np.testing.assert_array_equal(init_lib.decoder_bias(x, "zeros"), [0.0, 0.0])
+    med = init_lib.decoder_bias(x, "median").astype(np.float64)
+    cost = lambda m: np.linalg.norm(x - m, axis=1).sum()  # noqa: E731
+    assert cost(med) < cost(x.mean(0))  # the outlier does not drag it
+    for dx in ([0.01, 0], [-0.01, 0], [0, 0.01], [0, -0.01]):
+        assert cost(med) <= cost(med + np.array(dx)) + 1e-9  # a minimum of Σ‖x - m‖
+
+
+@pytest.mark.parametrize("mode", ["latent_quantile", "global_quantile"])
+def test_threshold_inits_give_the_target_l0_on_the_sample(mode):
+    z = np.random.default_rng(0).normal(size=(2000, 64)).astype(np.float32)
+    theta = init_lib.thresholds(z, mode, target_l0=8.0)
+    assert np.mean(np.sum(z > theta, axis=1)) == pytest.approx(8.0, rel=0.02)
+    if mode == "latent_quantile":  # every latent fires on T/M of the rows
+        np.testing.assert_allclose(np.mean(z > theta, axis=0), 8.0 / 64, atol=1e-3)
+
+
+def test_init_from_data_sets_b_dec_theta_and_bandwidth_scale(tiny_config):
+    s = tiny_config.sae
+    s.update(threshold_param="raw", b_dec_init="median", threshold_init_mode="latent_quantile", target_l0=6.0)
+    s.bandwidth_mode = "relative"
+    kind = jumprelu_kind.build(s, 8)
+    params = kind.model.init(jax.random.key(0), jnp.zeros((1, 8)))["params"]
+    x = np.random.default_rng(1).normal(size=(512, 8)).astype(np.float32) + 3.0
+    new, stats = jumprelu_kind.init_from_data(params, kind.init_stats(), x, s)
+    np.testing.assert_allclose(new["b_dec"], init_lib.geometric_median(x), rtol=1e-5)
+    z = (x - np.asarray(new["b_dec"])) @ np.asarray(params["W_enc"])
+    assert np.mean(np.sum(z > np.asarray(new["threshold"]), axis=1)) == pytest.approx(6.0, rel=0.05)
+    assert float(stats["z_scale"]) == pytest.approx(np.median(z.std(axis=0)), rel=1e-5)
+
+
+def test_nested_reconstructions_are_the_prefix_decodes():
+    rng = np.random.default_rng(0)
+    f, w, b = rng.normal(size=(3, 8)), rng.normal(size=(8, 5)), rng.normal(size=5)
+    got = losses.nested_reconstructions(jnp.asarray(f), jnp.asarray(w), jnp.asarray(b), (2, 5, 8))
+    for m, x_hat in zip((2, 5, 8), got, strict=True):
+        np.testing.assert_allclose(x_hat, f[:, :m] @ w[:m] + b, rtol=1e-5)
+
+
+def test_matryoshka_loss_is_the_mean_of_the_prefix_errors(tiny_config):
+    s = tiny_config.sae
+    s.update(width=8, matryoshka_widths=(2, 4, 8), threshold_init=0.01)
+    kind = jumprelu_kind.build(s, 5)
+    params = kind.model.init(jax.random.key(0), jnp.zeros((1, 5)))["params"]
+    params = dict(params, b_dec=jnp.full((5,), 0.1))
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 5)), jnp.float32)
+    lam = 0.01
+    total, (metrics, _) = kind.loss(kind.model, params, {}, x, lam)
+    f = np.asarray(kind.model.apply({"params": params}, x)["f"])
+    w, b = np.asarray(params["W_dec"]), np.asarray(params["b_dec"])
+    errs = [np.sum((np.asarray(x) - (f[:, :m] @ w[:m] + b)) ** 2, axis=1) for m in (2, 4, 8)]
+    want = np.mean(sum(errs) / 3 + lam * np.sum(f != 0, axis=1))
+    assert float(total) == pytest.approx(want, rel=1e-5)
+    assert float(metrics["mse"]) == pytest.approx(np.mean(errs[-1]), rel=1e-5)  # metrics: the full SAE
+
+
+def test_schedules_decay_and_fraction_warmup(tiny_config):
+    t = tiny_config.train
+    t.update(steps=100, lr=1.0, lr_warmup_steps=0, lr_decay_fraction=0.2, sparsity_warmup_fraction=0.5)
+    lr = optim.learning_rate_schedule(t)
+    assert [float(lr(s)) for s in (0, 80, 90, 100)] == pytest.approx([1.0, 1.0, 0.5, 0.0])
+    lam = optim.sparsity_schedule(t, 2.0)
+    assert [float(lam(s)) for s in (0, 25, 50, 90)] == pytest.approx([0.0, 1.0, 2.0, 2.0])
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("sae.sparsity_loss", "l1", "sae.sparsity_loss must be one of"),
+        ("sae.matryoshka_widths", (16, 8), "sae.matryoshka_widths must be increasing prefix sizes"),
+        ("sae.threshold_init_mode", "latent_quantile", "sae.target_l0 must be set when sae.threshold_init_mode"),
+        ("sae.b_dec_init", "mode", "sae.b_dec_init must be one of"),
+        ("train.lr_decay_fraction", 1.5, "train.lr_decay_fraction must be in"),
+    ],
+)
+def test_bad_recipe_fields_are_named(tiny_config, field, value, message):
+    section, name = field.split(".")
+    tiny_config[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(tiny_config)
+
+
+def _all_options(cfg, loss: str):
+    cfg.sae.update(
+        threshold_param="raw",
+        b_dec_init="median",
+        bandwidth_mode="relative",
+        bandwidth=0.2,
+        pre_act_coefficient=1e-3,
+        dead_window_tokens=256,
+        frequency_penalty=0.1,
+        sparsity_loss=loss,
+        matryoshka_widths=(16, 64),
+    )
+    cfg.train.update(lr_decay_fraction=0.2, sparsity_warmup_fraction=0.25, adam_b1=0.9, clip_grad_norm=1.0)
+    return cfg
+
+
+@pytest.mark.parametrize("loss", ["step", "quadratic", "tanh"])
+def test_every_option_trains_sharded_like_on_one_device(tmp_path, tiny_config, loss):
+    cfg = _all_options(tiny_config, loss)
+    cfg.sae.update(target_l0=6.0, threshold_init_mode="latent_quantile")
+    cfg.train.steps = 20
+    results = {}
+    for shape in [(1, 1), (2, 4)]:
+        cfg.mesh.data, cfg.mesh.model = shape
+        report = train(cfg, str(tmp_path / f"{shape}"))
+        results[shape] = jumprelu.load(str(tmp_path / f"{shape}"))
+        assert np.isfinite(report["eval"]["fvu"]) and report["eval"]["l0"] > 0
+    for k, v in results[(1, 1)].params().items():
+        np.testing.assert_allclose(results[(2, 4)].params()[k], v, rtol=2e-4, atol=2e-5, err_msg=k)
+
+
+def test_options_train_stacked(tmp_path, tiny_config):
+    cfg = _all_options(tiny_config, "tanh")
+    cfg.stack.sparsity_coefficients = (0.003, 0.03)
+    cfg.mesh.update(data=2, model=2)
+    cfg.train.steps = 20
+    report = train(cfg, str(tmp_path / "stacked"))
+    l0 = [m["eval"]["l0"] for m in report["members"]]
+    assert l0[0] > l0[1] > 0
+    for i in range(2):
+        sae = jumprelu.load(str(tmp_path / "stacked" / f"sae-{i}"))
+        assert all(np.all(np.isfinite(v)) for v in sae.params().values())
