@@ -1,0 +1,179 @@
+"""Fidelity at equal budget: this project's JumpReLU recipe against TopK, BatchTopK, Matryoshka
+JumpReLU and (when its virtualenv exists) SAELens's JumpReLU and TopK, on one held-out split.
+
+  python benchmarks/fidelity.py ../shared/data/smollm2_135m_l15_resid_dev.npy --out /tmp/fidelity
+  python benchmarks/fidelity.py DATA --out DIR --tokens 8000000 --targets 50 --kinds jumprelu,topk
+
+DATA is a .npy [N, d_model] of activations (float16 or float32, rows in any order). It is
+shuffled with --seed and split: --eval_rows rows (20,000) are held out, the rest become an
+activation store every trainer reads (SAELens gets the same rows as .npy files). For each target
+L0 (20, 50, 100) every trainer gets the same width (4,096), batch (1,024) and token budget (2M):
+  jumprelu     the recommended short-budget recipe (`smollm2_pareto:jumprelu,target_l0=T`)
+  matryoshka   the same recipe with nested prefixes (width/8, width/4, width/2, width)
+  topk         k = T;  batchtopk  k = T (same schedule as jumprelu)
+  saelens_jumprelu  SAELens 6.x's own trainer: quadratic target-L0 mode, lr 1e-3, bandwidth
+               0.01, θ init 0.01, l0 coefficient 5 (benchmarks/peers/saelens_train.py)
+  saelens_topk SAELens's TopK, lr 1e-3
+It prints a table of held-out L0, FVU, dead latents and latents firing on > 10% of tokens, and
+writes fidelity.csv, fidelity.png (L0 against FVU) and fidelity.json under --out. Finished runs
+are kept (results.jsonl) and skipped on a rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from jumprelu.store.convert import convert
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEER_PYTHON = os.path.join(HERE, "peers", ".venv", "bin", "python")
+OURS = ("jumprelu", "matryoshka", "topk", "batchtopk")
+PEERS = ("saelens_jumprelu", "saelens_topk")
+FIELDS = ("trainer", "target", "l0", "fvu", "dead_fraction", "dense_fraction", "tokens", "seconds")
+
+
+def split(data: str, out: str, eval_rows: int, seed: int) -> tuple[str, str, str]:
+    """(train .npy, eval .npy, store dir) under out, written once."""
+    train_npy, eval_npy, store = (os.path.join(out, n) for n in ("train.npy", "eval.npy", "store"))
+    if not os.path.exists(eval_npy):
+        x = np.load(data, mmap_mode="r")
+        if x.ndim != 2 or eval_rows >= x.shape[0]:
+            raise SystemExit(f"{data}: expected [N, d_model] with N > --eval_rows={eval_rows}, found {list(x.shape)}")
+        perm = np.random.default_rng(seed).permutation(x.shape[0])
+        np.save(train_npy, np.asarray(x[np.sort(perm[eval_rows:])], np.float32))
+        np.save(eval_npy + ".tmp.npy", np.asarray(x[np.sort(perm[:eval_rows])], np.float32))
+        os.replace(eval_npy + ".tmp.npy", eval_npy)
+    if not os.path.exists(os.path.join(store, "metadata.json")):
+        convert(train_npy, store, shuffle_seed=seed)
+    return train_npy, eval_npy, store
+
+
+def our_config(trainer: str, target: int, args, store: str):
+    from jumprelu.launch import experiment
+
+    kind = {"matryoshka": "jumprelu"}.get(trainer, trainer)
+    arg = f"{kind},target_l0={target},tokens={args.tokens}"
+    cfg = experiment.load("smollm2_pareto").get_config(arg)
+    cfg.data.source = store
+    cfg.data.eval_rows = 1024  # the store's own small split; the reported metrics use eval.npy
+    cfg.sae.width = args.width
+    cfg.train.batch_size = args.batch
+    cfg.train.steps = args.tokens // args.batch
+    cfg.log.progress = False
+    if trainer == "matryoshka":
+        w = args.width
+        cfg.sae.matryoshka_widths = (w // 8, w // 4, w // 2, w)
+    if kind in ("topk", "batchtopk"):
+        cfg.sae.k = target
+    return cfg
+
+
+def run_ours(trainer: str, target: int, args, store: str, eval_rows: np.ndarray) -> dict:
+    import jumprelu
+    from jumprelu.evaluate.metrics import evaluate_rows
+    from jumprelu.train import loop
+
+    workdir = os.path.join(args.out, "runs", f"{trainer}_l0={target}")
+    t0 = time.perf_counter()
+    loop.train(our_config(trainer, target, args, store), workdir)
+    seconds = time.perf_counter() - t0
+    sae = jumprelu.load(workdir)
+    m = evaluate_rows(dict(sae.params(), k=sae.k), eval_rows)
+    return dict(l0=m["l0"], fvu=m["fvu"], dead_fraction=m["dead_fraction"], dense_fraction=m["dense_fraction"],
+                seconds=seconds)  # fmt: skip
+
+
+def run_peer(trainer: str, target: int, args, train_npy: str, eval_npy: str) -> dict:
+    arch = trainer.removeprefix("saelens_")
+    cmd = [PEER_PYTHON, os.path.join(HERE, "peers", "saelens_train.py"), "--train", train_npy, "--eval", eval_npy]
+    cmd += ["--arch", arch, "--width", str(args.width), "--batch", str(args.batch), "--tokens", str(args.tokens)]
+    cmd += ["--lr", "1e-3", "--seed", str(args.seed)]
+    if arch == "jumprelu":
+        cmd += ["--target-l0", str(target), "--bandwidth", "0.01", "--init-threshold", "0.01", "--l0-coefficient", "5"]
+    else:
+        cmd += ["--k", str(target)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"SAELens run failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return dict(l0=r["L0"], fvu=r["FVU"], dead_fraction=r["dead"], dense_fraction=r["dense10"], seconds=r["seconds"])
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    from jumprelu.evaluate.plots import plot_pareto
+
+    plot_pareto([dict(kind=r["trainer"], l0=r["l0"], fvu=r["fvu"]) for r in rows], path, title=title)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help=".npy [N, d_model] of activations")
+    p.add_argument("--out", required=True)
+    p.add_argument("--targets", default="20,50,100")
+    p.add_argument("--kinds", default=",".join(OURS + PEERS), help="trainers to run (peers need their venv)")
+    p.add_argument("--tokens", type=int, default=2_000_000)
+    p.add_argument("--width", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--eval_rows", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    train_npy, eval_npy, store = split(args.data, args.out, args.eval_rows, args.seed)
+    eval_rows = np.load(eval_npy)
+    trainers = [t for t in args.kinds.split(",") if t]
+    if any(t in PEERS for t in trainers) and not os.path.exists(PEER_PYTHON):
+        print(f"SAELens not installed ({PEER_PYTHON} missing): run bash benchmarks/peers/setup.sh; skipping it")
+        trainers = [t for t in trainers if t not in PEERS]
+    results_path = os.path.join(args.out, "results.jsonl")
+    done = {}
+    if os.path.exists(results_path):
+        for line in open(results_path):
+            r = json.loads(line)
+            done[(r["trainer"], r["target"], r["tokens"])] = r
+    rows = []
+    for target in [int(t) for t in args.targets.split(",")]:
+        for trainer in trainers:
+            key = (trainer, target, args.tokens)
+            if key not in done:
+                if trainer in PEERS:
+                    r = run_peer(trainer, target, args, train_npy, eval_npy)
+                else:
+                    r = run_ours(trainer, target, args, store, eval_rows)
+                done[key] = dict(trainer=trainer, target=target, tokens=args.tokens, **r)
+                with open(results_path, "a") as f:
+                    f.write(json.dumps(done[key]) + "\n")
+            r = done[key]
+            rows.append(r)
+            print(
+                f"{trainer:<17} L0 target {target:>4}: L0 {r['l0']:7.2f}  FVU {r['fvu']:.4f}  "
+                f"dead {100 * r['dead_fraction']:5.1f}%  >10% {100 * r['dense_fraction']:4.1f}%  ({r['seconds']:.0f} s)",
+                flush=True,
+            )
+    with open(os.path.join(args.out, "fidelity.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, os.path.join(args.out, "fidelity.png"), f"width {args.width}, {args.tokens:,} tokens, held-out rows")
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    with open(os.path.join(args.out, "fidelity.json"), "w") as f:
+        json.dump({"command": command, "rows": rows}, f, indent=1)
+    print("\n| trainer | target L0 | L0 | FVU | dead | >10% |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['trainer']} | {r['target']} | {r['l0']:.1f} | {r['fvu']:.3f} | "
+            f"{100 * r['dead_fraction']:.1f}% | {100 * r['dense_fraction']:.2f}% |"
+        )
+    print(f"reproduce: {command}")
+
+
+if __name__ == "__main__":
+    main()
