@@ -155,7 +155,8 @@ def main() -> None:
             rows.append(r)
             print(
                 f"{trainer:<17} L0 target {target:>4}: L0 {r['l0']:7.2f}  FVU {r['fvu']:.4f}  "
-                f"dead {100 * r['dead_fraction']:5.1f}%  >10% {100 * r['dense_fraction']:4.1f}%  ({r['seconds']:.0f} s)",
+                f"dead {100 * r['dead_fraction']:5.1f}%  >10% {100 * r['dense_fraction']:4.1f}%  "
+                f"({r['seconds']:.0f} s)",
                 flush=True,
             )
     with open(os.path.join(args.out, "fidelity.csv"), "w", newline="") as f:

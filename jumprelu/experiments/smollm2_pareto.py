@@ -12,24 +12,29 @@ Data: residual-stream activations of SmolLM2-135M after block 15 (d_model 576), 
 of English prose, converted to a store (first command). `data.source` points at the store.
 
 Argument (EXPERIMENT:arg, comma-separated): a kind (jumprelu, relu, gated, topk, batchtopk)
-restricts the sweep to that kind and sets it in get_config; `runlocal` shrinks to a smoke test.
+restricts the sweep to that kind and sets it in get_config; `target_l0=T` asks JumpReLU for L0 T;
+`tokens=N` sets the budget (default 512k: 500 steps of 1,024); `paper` trains JumpReLU with the
+paper's loss and λ sweep instead of the recipe; `runlocal` shrinks to a smoke test.
 
-Schedule: 512k tokens is 1/8,000 of the paper's budget, so the learning rate is higher (3e-3),
-warm-ups are short (50 / 100 steps) and JumpReLU uses the raw-θ parameterisation (under Adam a
-log θ moves by only ~lr·θ per step: from θ = 0.001 it would barely move in 500 steps). Every kind
-gets the same data, schedule, width and evaluation; only its sparsity knob is swept.
+Schedule: 512k tokens is 1/8,000 of the paper's budget, so every kind trains at lr 3e-3 with a
+50-step warm-up (ReLU and Gated with a 100-step λ warm-up). JumpReLU is the recommended
+short-budget recipe (`jumprelu.config.RECIPES["short"]`, README "Recipes": raw θ, ε 0.01, a
+target L0 reached by the λ controller, a pre-activation loss on dead latents, lr decaying over
+the last 20%), swept over its target L0 as TopK is over k. Every kind gets the same data, token
+budget, width and evaluation.
 """
 
 import os
 
-from jumprelu.config import base_config
+from jumprelu.config import apply_recipe, base_config
 from jumprelu.launch import experiment
 
 KINDS = ("jumprelu", "relu", "gated", "topk", "batchtopk")
 
 # The sparsity knob of each kind and its values, spanning L0 of roughly 10 to 250 at this budget.
 SWEEP = {
-    "jumprelu": ("sae.sparsity_coefficient", [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]),
+    "jumprelu": ("sae.target_l0", [16.0, 32.0, 64.0, 128.0]),
+    "jumprelu_paper": ("sae.sparsity_coefficient", [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]),
     "relu": ("sae.sparsity_coefficient", [0.01, 0.03, 0.1, 0.3, 1.0]),
     "gated": ("sae.sparsity_coefficient", [0.03, 0.1, 0.3, 1.0, 3.0]),
     "topk": ("sae.k", [16, 32, 64, 128]),
@@ -50,11 +55,13 @@ def get_config(arg=None):
     c.sae.kind = _kind(args) or "jumprelu"
     c.sae.width = 4096
     c.sae.threshold_param = "raw"
-    c.train.steps = 500
     c.train.batch_size = 1024
+    c.train.steps = int(args.get("tokens", 512_000)) // c.train.batch_size
     c.train.lr = 3e-3
     c.train.lr_warmup_steps = 50
     c.train.sparsity_warmup_steps = 100
+    if c.sae.kind == "jumprelu" and not args.get("paper"):
+        apply_recipe(c, "short", args.get("target_l0", 32.0))
     c.ckpt.every_steps = 250
     c.log.every_steps = 50
     return runlocal(c) if args.get("runlocal") else c
@@ -70,6 +77,6 @@ def get_sweep(arg=None):
     kinds = [_kind(args)] if _kind(args) else KINDS
     runs = []
     for kind in kinds:
-        field, values = SWEEP[kind]
+        field, values = SWEEP["jumprelu_paper" if kind == "jumprelu" and args.get("paper") else kind]
         runs += [{"sae.kind": kind, field: v} for v in values]
     return runs

@@ -1,0 +1,25 @@
+"""A JumpReLU SAE at a requested L0 with a named recipe, on your own activation store.
+
+  jumprelu train --config recipe:l0=50 --workdir DIR \
+      --config.data.source=/path/store --config.train.steps=2000 --config.sae.width=4096
+  jumprelu train --config recipe:l0=50,paper --workdir DIR ...    # the paper's recipe instead
+
+Hardware: any; run time is that of the step (jumprelu plan prints it for a TPU slice).
+
+`l0=T` asks for a mean L0 of T (the target-L0 controller sets λ). The default recipe is
+"short", the one measured best at budgets of millions of tokens (README "Recipes": raw θ,
+bandwidth 0.01, a pre-activation loss on dead latents, lr 3e-3 decaying over the last 20%);
+`paper` keeps the paper's recipe (log θ, ε 0.001, lr 7e-5, 10,000-step λ warm-up), which is
+tuned for billions of tokens. Without `l0`, λ is `sae.sparsity_coefficient` as usual.
+"""
+
+from jumprelu.config import apply_recipe, base_config
+from jumprelu.launch import experiment
+
+
+def get_config(arg=None):
+    args = experiment.parse_arg(arg)
+    c = base_config()
+    apply_recipe(c, "paper" if args.get("paper") else "short", args.get("l0"))
+    c.sae.width = args.get("width", c.sae.width)
+    return c
