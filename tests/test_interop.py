@@ -350,3 +350,15 @@ def test_neuronpedia_statistics(trained, tmp_path):
             np.testing.assert_allclose([t["activation"] for t in top], np.sort(f[:, i])[::-1][: len(top)], rtol=1e-5)
             assert [t["store_row"] for t in top] == [int(coords[t["row"], 1]) for t in top]
             assert feat["max_activation"] == top[0]["activation"]
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """README "Two commands for a fresh machine": the second is .ci/run's command, verbatim
+    (it makes the SAELens peer environment the real-SAELens test runs in)."""
+    with open(f"{ROOT}/README.md") as f:
+        section = f.read().split("## Two commands for a fresh machine")[1].split("\n## ")[0]
+    commands = [block.strip() for block in section.split("```bash")[1:]]
+    with open(f"{ROOT}/.ci/run") as f:
+        ci = f.read().strip().splitlines()[-1]
+    assert commands[1].split("```")[0].strip() == ci
+    assert "bash benchmarks/peers/setup.sh" in ci
