@@ -33,23 +33,26 @@ def harvest_rows(meta: dict, coords: np.ndarray) -> np.ndarray:
     return out
 
 
-def store_contexts(store_path: str, before: int = 24, after: int = 8):
+def store_contexts(store_path: str, before: int = 24, after: int = 8, tokenizer=None):
     """A function store coordinates [n, 2] -> [{tokens, token_ids, position}] for a harvested store,
-    or None when the store does not say how it was harvested (converted .npy, synthetic data)."""
+    or None when the store does not say how it was harvested (converted .npy, synthetic data).
+
+    `tokenizer` replaces the store's recorded sentencepiece model (it needs encode, pieces, special).
+    """
     from jumprelu.store.reader import read_metadata
 
     meta = read_metadata(store_path)
     extra = meta.get("extra") or {}
     texts = [p for p in str(meta.get("text_source") or "").split(",") if p]
     tokenizer_path = extra.get("tokenizer")
-    needed = [*texts, tokenizer_path] if texts and tokenizer_path and extra.get("seq_len") else []
-    if not needed or not all(map(os.path.exists, needed)):
+    needed = [*texts, *([tokenizer_path] if tokenizer is None else [])]
+    if not (texts and extra.get("seq_len") and (tokenizer or tokenizer_path)) or not all(map(os.path.exists, needed)):
         return None
 
     def contexts(coords: np.ndarray) -> list[dict]:
         from jumprelu.harvest import text as text_lib
 
-        tok = text_lib.SentencePieceTokenizer(tokenizer_path)
+        tok = tokenizer or text_lib.SentencePieceTokenizer(tokenizer_path)
         wanted = harvest_rows(meta, coords)
         order = np.argsort(wanted)
         found: dict[int, dict] = {}
