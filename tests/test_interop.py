@@ -51,6 +51,8 @@ def test_export_then_load_is_bit_exact(trained, tmp_path, fmt):
         np.testing.assert_array_equal(np.asarray(getattr(theirs, name)), np.asarray(getattr(ours, name)))
     x = np.random.default_rng(1).normal(size=(64, ours.d_model)).astype(np.float32) * ours.scale
     _same_computation(ours, theirs, x)
+    weights = "sae_weights.safetensors" if fmt == "saelens" else "params.safetensors"
+    _same_computation(ours, jumprelu.load(str(out / weights)), x)  # the weights file names its folder
 
 
 def test_saelens_directory_holds_exactly_the_released_layout(trained, tmp_path):

@@ -83,6 +83,8 @@ def _released_format(path: str):
     """The module that reads `path` when it holds a released layout, else None (a training workdir)."""
     if path.endswith(".npz"):
         return gemma_scope
+    if path.endswith(saelens.WEIGHTS):
+        return saelens
     if path.endswith(".safetensors"):
         return gemma_scope_2
     if saelens.is_saelens_dir(path):

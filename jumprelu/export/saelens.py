@@ -138,6 +138,8 @@ def load(path: str):
 
     from jumprelu.core.folded import SAE
 
+    if path.endswith(WEIGHTS):
+        path = os.path.dirname(path) or "."
     cfg, p = read_params(path)
     if cfg.get("apply_b_dec_to_input", True):  # SAELens's default: fold the subtraction into b_enc
         p["b_enc"] = p["b_enc"] - p["b_dec"] @ p["W_enc"]

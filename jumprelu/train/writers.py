@@ -123,6 +123,16 @@ class TensorBoardWriter(MetricWriter):
         from tensorboardX.record_writer import directory_check
 
         if self._events is None:
+            if self._remote:
+                try:
+                    import google.cloud.storage  # noqa: F401  tensorboardX's gs:// writer
+                except ImportError:
+                    from jumprelu.errors import ConfigError
+
+                    raise ConfigError(
+                        f"config field log.tensorboard is true but {self.logdir} needs google-cloud-storage: "
+                        "pip install 'jumprelu[tpu]', or --config.log.tensorboard=False"
+                    ) from None
             directory_check(self.logdir)
             # File names hold the time in seconds: pid and count keep two files of one second apart.
             self._events = EventsWriter(fs.join(self.logdir, "events"), f".{os.getpid()}.{next(_FILE_COUNT):06d}")
