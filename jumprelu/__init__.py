@@ -3,7 +3,8 @@
 The public surface, imported lazily (PEP 562) so that `import jumprelu` costs nothing until a
 name is used:
 
-  load(path, step=None, member=None) -> SAE   a trained SAE (workdir, stacked member, params.npz)
+  load(path, step=None, member=None) -> SAE   a trained SAE (workdir, stacked member), or a released
+                                              layout (params.npz, SAELens dir, Gemma Scope 2 folder)
   SAE                                         the folded SAE: encode, decode, __call__, params()
   JumpReLUSAE                                 the Flax module trained on normalised inputs
   jumprelu(z, θ, ε), heaviside(z, θ, ε)       the custom_vjp ops with the rectangle-kernel STE

@@ -49,6 +49,13 @@ def read_text(path: str) -> str:
         return fh.read()
 
 
+def read_bytes(path: str) -> bytes:
+    if is_remote(path):
+        return _epath(path).read_bytes()
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
 def write_bytes_atomically(path: str, data: bytes) -> None:
     """Readers never see half a file: local writes go through a temporary file and a rename."""
     if is_remote(path):

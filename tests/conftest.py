@@ -12,6 +12,10 @@ from jumprelu.config import base_config  # noqa: E402
 
 @pytest.fixture
 def tiny_config():
+    return make_tiny_config()
+
+
+def make_tiny_config():
     """The quickstart shrunk to seconds: 32-dim synthetic data, 64 latents."""
     c = base_config()
     c.data.synthetic.update(d_model=32, num_features=48, rows=4096, features_per_token=3.0)

@@ -113,3 +113,36 @@ def test_a_store_past_max_rows_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(DataError, match=f"already holds {part} rows, more than max_tokens={part - 1}"):
         collect_lib.collect(seqs, lambda t: [_fake_site(t)], [writer], SPECIAL, 4, max_rows=part - 1, progress=False)
     assert not (tmp_path / "part" / "metadata.json").exists()  # still resumable
+
+
+def test_store_rows_replay_to_their_token_contexts(tmp_path):
+    """Neuronpedia contexts: a harvested store's row (shard, row) maps back, through the writer's
+    shuffle and the packing, to the token it was computed at (here the activation is the token id)."""
+    from jumprelu.harvest.contexts import harvest_rows, store_contexts
+    from jumprelu.store.reader import read_metadata
+
+    class Tok(CharTokenizer):
+        def pieces(self, ids):
+            return [chr(i - 4) if i >= 4 else f"<{i}>" for i in ids]
+
+    sources = _sources(tmp_path)
+    store = str(tmp_path / "store")
+    extra = {"tokenizer": "unused", "seq_len": 8, "text_field": "text", "split_paragraphs": False}
+    writer = StoreWriter(store, d_model=2, shard_rows=7, text_source=",".join(sources), extra=extra)
+
+    def activations(tokens):  # row = (token id, position in its sequence)
+        pos = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+        return [np.stack([tokens, pos], -1).astype(np.float32)]
+
+    collect_lib.collect(text_lib.sequences(sources, Tok(), 8), activations, [writer], SPECIAL, 3, progress=False)
+    meta = read_metadata(store)
+    coords = np.array([(s, r) for s, shard in enumerate(meta["shards"]) for r in range(shard["rows"])])
+    assert len(meta["shards"]) > 2
+    # Every store row is one harvest row, once.
+    assert sorted(harvest_rows(meta, coords)) == list(range(len(coords)))
+    rows = _all_rows(open_store(store))
+    contexts = store_contexts(store, before=3, after=2, tokenizer=Tok())(coords)
+    for row, ctx in zip(rows, contexts, strict=True):
+        assert ctx["token_ids"][ctx["position"]] == row[0]
+        assert ctx["position"] == min(int(row[1]), 3) and len(ctx["tokens"]) == len(ctx["token_ids"])
+    assert store_contexts(store) is None  # the recorded tokenizer file does not exist

@@ -21,7 +21,7 @@ SAE_LENS_SPEC="${SAE_LENS_SPEC:-sae-lens>=6.54,<7}"
 STAMP="$VENV/.peers-installed"
 CONS="$HERE/.venv/constraints.txt"
 
-if [[ -f "$STAMP" && -z "${FORCE:-}" ]] && "$VENV/bin/python" -c "import sae_lens, torch, safetensors, numpy" 2>/dev/null; then
+if [[ -f "$STAMP" && -z "${FORCE:-}" ]] && "$VENV/bin/python" -c "import sae_lens, torch, safetensors, numpy, sae_bench" 2>/dev/null; then
   echo "peers venv already installed: $(cat "$STAMP")"
   exit 0
 fi
@@ -45,10 +45,15 @@ echo "torch==$TV" > "$CONS"
 # 2) sae-lens etc. under the torch pin (the global pip constraint, if any, still applies too).
 "${PIP[@]}" install -c "$CONS" "$SAE_LENS_SPEC" safetensors numpy
 
+# 3) SAEBench, for tests/test_saelens_interop.py's check that its loader accepts our export.
+#    --no-deps: sae-bench 0.6.0 declares numpy<2 (the loader helpers it runs work with numpy 2)
+#    and its full evals' dependencies (datasets, openai, sae-probes...) are not needed here.
+"${PIP[@]}" install --no-deps "${SAE_BENCH_SPEC:-sae-bench==0.6.0}"
+
 if "$VENV/bin/python" -m pip list 2>/dev/null | grep -qi '^nvidia-'; then
   echo "NOTE: nvidia-* packages present in the venv (CUDA torch)" >&2
 fi
-VER="$("$VENV/bin/python" -c 'import importlib.metadata as m; print("sae-lens", m.version("sae-lens"), "torch", m.version("torch"))')"
+VER="$("$VENV/bin/python" -c 'import importlib.metadata as m; print("sae-lens", m.version("sae-lens"), "sae-bench", m.version("sae-bench"), "torch", m.version("torch"))')"
 echo "$VER" > "$STAMP"
 t1=$(date +%s)
 echo "installed: $VER in $((t1 - t0)) s; venv size: $(du -sh "$VENV" | cut -f1)"

@@ -1,8 +1,16 @@
-"""jumprelu export WORKDIR OUT [--format gemma-scope] [--member i] [--step N]
+"""jumprelu export WORKDIR OUT [--format F] [--member i] [--step N] [--hub REPO]
 
 Writes a trained SAE in a file format other tools read:
-  gemma-scope   Gemma Scope's params.npz (folded W_enc, b_enc, threshold, W_dec, b_dec);
-                JumpReLU, ReLU, Gated and BatchTopK SAEs are exact; TopK is refused
+  gemma-scope    Gemma Scope's params.npz (folded W_enc, b_enc, threshold, W_dec, b_dec);
+                 JumpReLU, ReLU, Gated and BatchTopK SAEs are exact; TopK is refused
+  saelens        a directory sae_lens.SAE.load_from_disk reads (cfg.json, sae_weights.safetensors);
+                 every kind (TopK as SAELens's topk)
+  gemma-scope-2  a Gemma Scope 2 folder (params.safetensors, config.json); TopK is refused
+  neuronpedia    feature statistics for dashboards: firing frequencies and each latent's top
+                 activations on the held-out rows (token contexts where the store's harvest
+                 can be replayed)
+--hub REPO writes the SAELens directory OUT with a model card and pushes it to the Hugging Face
+Hub repository REPO (needs huggingface_hub and a token).
 """
 
 from __future__ import annotations
@@ -11,25 +19,56 @@ import argparse
 
 from jumprelu.cli import common
 
-FORMATS = ("gemma-scope",)
+FORMATS = ("gemma-scope", "saelens", "gemma-scope-2", "neuronpedia")
 
 
 def run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="jumprelu export", description=__doc__.splitlines()[0])
     p.add_argument("workdir", help="training workdir (or a stacked run's WORKDIR/sae-i)")
     p.add_argument("output", help="file or directory to write")
-    p.add_argument("--format", choices=FORMATS, default="gemma-scope")
+    p.add_argument("--format", choices=FORMATS, default=None, help="default: gemma-scope (saelens with --hub)")
     p.add_argument("--member", type=int, default=None, help="which SAE of a stacked run")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--hub", metavar="REPO", default=None, help="push the SAELens directory to this Hub repo")
+    p.add_argument("--top", type=int, default=20, help="neuronpedia: top activations kept per latent")
     args = p.parse_args(common.underscore_flags(argv))
+    fmt = args.format or ("saelens" if args.hub else "gemma-scope")
     from jumprelu.errors import UserError
-    from jumprelu.export import gemma_scope
-    from jumprelu.export.load import load
+    from jumprelu.export import gemma_scope, gemma_scope_2, hub, neuronpedia, saelens
+    from jumprelu.export.load import load, report_of, resolve
 
     try:
+        if args.hub and fmt != "saelens":
+            raise UserError(f"--hub pushes a SAELens directory; --format {fmt} cannot be pushed")
         sae = load(args.workdir, step=args.step, member=args.member)
-        gemma_scope.export(sae, args.output)
+        if fmt == "gemma-scope":
+            gemma_scope.export(sae, args.output)
+        elif fmt == "saelens" and args.hub:
+            hub.write_repo_dir(sae, args.output, args.hub, report_of(args.workdir, args.member))
+        elif fmt == "saelens":
+            saelens.export(sae, args.output)
+        elif fmt == "gemma-scope-2":
+            l0 = (report_of(args.workdir, args.member).get("eval") or {}).get("l0")
+            gemma_scope_2.export(sae, args.output, l0=l0)
+        else:
+            workdir, _ = resolve(args.workdir, args.member)
+            rows, coords, store_path = neuronpedia.eval_rows(workdir, sae.config)
+            header = neuronpedia.export(sae, args.output, rows, coords, _contexts(store_path), top=args.top)
+            if not header["has_contexts"]:
+                print(f"{store_path}: no harvest to replay, so no token contexts (top rows by index only)")
+        if args.hub:
+            url = hub.push(args.output, args.hub)
+            print(f"pushed {args.output} to {url}")
     except (UserError, FileNotFoundError, ValueError) as err:
         return common.fail(err)
-    print(f"wrote {args.output}: d_model {sae.d_model}, width {sae.width}, step {sae.step}")
+    print(f"wrote {args.output} ({fmt}): d_model {sae.d_model}, width {sae.width}, step {sae.step}")
     return 0
+
+
+def _contexts(store_path: str):
+    """Token contexts by replaying the store's harvest, when it was harvested (needs the gemma extra)."""
+    try:
+        from jumprelu.harvest.contexts import store_contexts
+    except ImportError:
+        return None
+    return store_contexts(store_path)

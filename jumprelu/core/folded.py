@@ -77,6 +77,8 @@ class SAE:
     W_dec: jax.Array  # [width, d_model]
     b_dec: jax.Array  # [d_model]
     k: int | None = None  # TopK SAEs: keep the k largest pre-activations (threshold is then 0)
+    # Gemma Scope 2 affine transcoders only: x̂ = f W_dec + b_dec + x affine_skip, [d_model, d_out].
+    affine_skip: jax.Array | None = None
     scale: float = 1.0  # C used in training (already folded into the arrays above)
     step: int = 0
     config: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -99,7 +101,10 @@ class SAE:
         return decode(self.W_dec, self.b_dec, f)
 
     def __call__(self, x):
-        return self.decode(self.encode(x))
+        out = self.decode(self.encode(x))
+        if self.affine_skip is not None:
+            out = out + jnp.asarray(x, jnp.float32) @ self.affine_skip
+        return out
 
     def params(self) -> dict[str, np.ndarray]:
         return {k: np.asarray(getattr(self, k)) for k in FOLDED_KEYS}

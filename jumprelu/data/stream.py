@@ -114,6 +114,14 @@ class BatchStream:
         lo, hi, _ = part.indices(batch_size)
         return self.read(step * batch_size + lo, hi - lo)
 
+    def eval_index(self) -> np.ndarray:
+        """Where each held-out row lives in the store: [eval_rows, 2] int64 (shard, row within the shard)."""
+        shard, start, size = self._eval
+        parts = [
+            np.stack([np.full(n, s), np.arange(a, a + n)], axis=1) for s, a, n in zip(shard, start, size, strict=True)
+        ]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 2), np.int64)
+
     def eval_set(self) -> np.ndarray:
         """The held-out rows: [eval_rows, d_model] float32."""
         shard, start, size = self._eval

@@ -9,24 +9,27 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jumprelu import fs
 from jumprelu.core import kinds
 from jumprelu.core.folded import SAE, fold
-from jumprelu.export import gemma_scope
-from jumprelu.train.checkpoint import MEMBER_FILE, Checkpointer, checkpoint_dir
+from jumprelu.export import gemma_scope, gemma_scope_2, saelens
+from jumprelu.train.checkpoint import MEMBER_FILE, Checkpointer, checkpoint_dir, member_dir
 
 
 def load(path: str, step: int | None = None, member: int | None = None) -> SAE:
     """Restores the SAE of a training workdir (latest checkpoint unless `step` is given).
 
     A run with K stacked SAEs (config `stack`) holds one SAE per λ: pass `member=i`, or load
-    its member directory WORKDIR/sae-i directly. A Gemma Scope `params.npz` file loads too.
+    its member directory WORKDIR/sae-i directly. Released layouts load too, by what `path` holds:
+    a Gemma Scope `params.npz`, a SAELens directory (cfg.json + sae_weights.safetensors), a
+    Gemma Scope 2 folder (params.safetensors + config.json, or the params.safetensors itself).
     """
-    if path.endswith(".npz"):
-        return gemma_scope.load(path)
-    if "://" not in path and os.path.exists(os.path.join(path, MEMBER_FILE)):
-        with open(os.path.join(path, MEMBER_FILE)) as f:
-            info = json.load(f)
-        path, member = os.path.normpath(os.path.join(path, info["workdir"])), info["member"]
+    released = _released_format(path)
+    if released is not None:
+        if step is not None or member is not None:
+            raise ValueError(f"{path}: step and member apply to training workdirs, not to a released SAE file")
+        return released.load(path)
+    path, member = resolve(path, member)
     if "://" not in path and not os.path.isdir(checkpoint_dir(path)):
         raise FileNotFoundError(f"{path}: no checkpoints/ directory; expected a jumprelu training workdir")
     ckpt = Checkpointer(path, keep=1, read_only=True)
@@ -57,3 +60,35 @@ def load(path: str, step: int | None = None, member: int | None = None) -> SAE:
     ckpt.close()
     folded = fold(kind.export(params, stats), scale, cfg.sae.pre_encoder_bias)
     return SAE(**folded, scale=float(scale), step=int(step), config=config)
+
+
+def resolve(path: str, member: int | None = None) -> tuple[str, int | None]:
+    """(training workdir, member): a stacked run's member directory WORKDIR/sae-i names both."""
+    if "://" not in path and os.path.exists(os.path.join(path, MEMBER_FILE)):
+        with open(os.path.join(path, MEMBER_FILE)) as f:
+            info = json.load(f)
+        return os.path.normpath(os.path.join(path, info["workdir"])), info["member"]
+    return path, member
+
+
+def report_of(path: str, member: int | None = None) -> dict:
+    """The end-of-run report.json of a workdir's SAE (a stacked member's own), or {} if none was written."""
+    workdir, member = resolve(path, member)
+    directory = workdir if member is None else member_dir(workdir, member)
+    file = fs.join(directory, "report.json")
+    return json.loads(fs.read_text(file)) if fs.exists(file) else {}
+
+
+def _released_format(path: str):
+    """The module that reads `path` when it holds a released layout, else None (a training workdir)."""
+    if path.endswith(".npz"):
+        return gemma_scope
+    if path.endswith(saelens.WEIGHTS):
+        return saelens
+    if path.endswith(".safetensors"):
+        return gemma_scope_2
+    if saelens.is_saelens_dir(path):
+        return saelens
+    if gemma_scope_2.is_gemma_scope_2_dir(path):
+        return gemma_scope_2
+    return None

@@ -119,7 +119,14 @@ def harvest(cfg) -> dict:
             text_source=",".join(os.path.abspath(p) for p in cfg.texts),
             shuffle_seed=cfg.shuffle_seed,
             shard_rows=cfg.shard_rows,
-            extra={"checkpoint": cfg.checkpoint, "tokenizer": os.path.abspath(cfg.tokenizer), "seq_len": cfg.seq_len},
+            extra={
+                "checkpoint": cfg.checkpoint,
+                "tokenizer": os.path.abspath(cfg.tokenizer),
+                "seq_len": cfg.seq_len,
+                # with text_source, what replays a row's tokens (jumprelu.harvest.contexts)
+                "text_field": cfg.text_field,
+                "split_paragraphs": bool(cfg.split_paragraphs),
+            },
         )
         for site, path in todo
     ]

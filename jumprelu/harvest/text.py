@@ -52,6 +52,10 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
+    def pieces(self, ids) -> list[str]:
+        """Each id's token string (sentencepiece's piece: '▁' marks a leading space)."""
+        return [self._sp.id_to_piece(int(i)) for i in ids]
+
 
 def iter_documents(paths: list[str], text_field: str = "text", split_paragraphs: bool = False) -> Iterator:
     """Yields str documents (text/JSONL) or int arrays (pre-tokenised .npy), in the given order."""

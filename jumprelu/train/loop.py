@@ -16,10 +16,10 @@ from jumprelu import data as data_lib
 from jumprelu import fs
 from jumprelu.core import kinds
 from jumprelu.data import pipeline
-from jumprelu.train import distributed, program, report, sharding
+from jumprelu.train import distributed, program, report, sharding, writers
 from jumprelu.train import state as state_lib
 from jumprelu.train.checkpoint import Checkpointer, member_dir
-from jumprelu.train.metrics_log import MetricsLog, Progress
+from jumprelu.train.metrics_log import Progress
 
 log = logging.getLogger("jumprelu")
 
@@ -94,7 +94,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
     start = int(state.step)
     batches = _batches(cfg, prog, stream, ckpt, start)
-    state = _loop(cfg, workdir, prog, state, batches, ckpt, start)
+    eval_rows = stream.eval_set() if writers.wants_histograms(cfg.log) else None
+    state = _loop(cfg, workdir, prog, state, batches, ckpt, start, eval_rows)
     ckpt.close()
     return report.final_report(cfg, workdir, state, stream, start_step=start)
 
@@ -122,18 +123,18 @@ def _batches(cfg, prog, stream, ckpt, start):
     return batches
 
 
-def _loop(cfg, workdir, prog, state, batches, ckpt, start):
+def _loop(cfg, workdir, prog, state, batches, ckpt, start, eval_rows=None):
     total, every_log, every_ckpt = cfg.train.steps, cfg.log.every_steps, cfg.ckpt.every_steps
     batch_size = cfg.train.batch_size
     lead = distributed.is_lead()
     members = prog.members
-    # One metrics file per SAE: WORKDIR/metrics.jsonl, or WORKDIR/sae-i/metrics.jsonl when stacked.
+    # One log per SAE (metrics.jsonl, events): WORKDIR, or WORKDIR/sae-i when stacked.
     log_dirs = [workdir] if not members else [member_dir(workdir, i) for i in range(members)]
     for d in log_dirs:
         fs.makedirs(d)
-    metrics_logs = [MetricsLog(d, resume_step=start) for d in log_dirs] if lead else []
     progress = Progress(total, start, batch_size, enabled=cfg.log.progress and lead)
     config_json = cfg.to_dict()
+    outs = [writers.create(cfg.log, d, start, lead, config_json) for d in log_dirs]
     t0 = time.perf_counter()
     for step in range(start, total):
         local = next(batches)
@@ -145,15 +146,19 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start):
             host = jax.device_get(metrics)
             per_sae = [{k: float(v[i] if members else v) for k, v in host.items()} for i in range(max(members, 1))]
             rate = progress.update(done, per_sae[0])
-            for log_file, values in zip(metrics_logs, per_sae if lead else [], strict=True):
-                log_file.write({"step": done, **values, "tokens_per_s": rate, "elapsed_s": time.perf_counter() - t0})
+            for out, values in zip(outs, per_sae, strict=True):
+                out.write_scalars(done, {**values, "tokens_per_s": rate, "elapsed_s": time.perf_counter() - t0})
         if done % every_ckpt == 0 or done == total:
             ckpt.save(state, config_json, pipeline.IteratorSnapshot(batches))  # collective: every process takes part
+            if eval_rows is not None and len(eval_rows):  # collective too
+                writers.write_held_out(outs, done, writers.held_out(cfg, prog.kind, state, eval_rows))
+            for out in outs:
+                out.flush()
         if done == _KILL_AT_STEP:  # fault injection for the preemption test: die without any cleanup
             ckpt.wait()
             os.kill(os.getpid(), signal.SIGKILL)
     progress.close()
-    for log_file in metrics_logs:
-        log_file.close()
+    for out in outs:
+        out.close()
     ckpt.wait()
     return state

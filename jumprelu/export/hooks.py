@@ -1,0 +1,98 @@
+"""Where an SAE reads its input, in the names other tools use, and where it came from.
+
+Our Gemma 2 sites (jumprelu.harvest.gemma_model) map to the hook names the released SAEs use:
+
+  site   SAELens / TransformerLens             Hugging Face (Gemma Scope 2)
+  resid  blocks.{L}.hook_resid_post            model.layers.{L}.output
+  mlp    blocks.{L}.hook_mlp_out               model.layers.{L}.post_feedforward_layernorm.output
+  attn   blocks.{L}.attn.hook_z (reshape       model.layers.{L}.self_attn.o_proj.input
+         "hook_z": heads concatenated, as ours)
+
+Stores made with `jumprelu store convert` may name a site freely: `resid_post`, `mlp_out` and
+`attn_out` (Gemma Scope's folder names) are understood too; anything else has no hook name.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Our harvest's model names -> (TransformerLens name, Hugging Face id).
+MODELS = {
+    "gemma2_2b": ("gemma-2-2b", "google/gemma-2-2b"),
+    "gemma2_9b": ("gemma-2-9b", "google/gemma-2-9b"),
+    "gemma2_27b": ("gemma-2-27b", "google/gemma-2-27b"),
+}
+_SITE_ALIASES = {
+    "resid": "resid",
+    "resid_post": "resid",
+    "mlp": "mlp",
+    "mlp_out": "mlp",
+    "attn": "attn",
+    "attn_out": "attn",
+}
+_SAELENS = {"resid": "blocks.{L}.hook_resid_post", "mlp": "blocks.{L}.hook_mlp_out", "attn": "blocks.{L}.attn.hook_z"}
+_HF = {
+    "resid": "model.layers.{L}.output",
+    "mlp": "model.layers.{L}.post_feedforward_layernorm.output",
+    "attn": "model.layers.{L}.self_attn.o_proj.input",
+}
+
+
+def canonical_site(site: str | None) -> str | None:
+    """resid / mlp / attn, or None for a site with no known hook."""
+    return _SITE_ALIASES.get(str(site or "").lower())
+
+
+def saelens_hook(site: str | None, layer: int | None) -> str | None:
+    """The TransformerLens hook name of our site (e.g. resid, 12 -> blocks.12.hook_resid_post)."""
+    s = canonical_site(site)
+    return None if s is None or layer is None else _SAELENS[s].format(L=int(layer))
+
+
+def hf_hook_point(site: str | None, layer: int | None) -> str | None:
+    """The Hugging Face module path Gemma Scope 2 names (e.g. resid, 12 -> model.layers.12.output)."""
+    s = canonical_site(site)
+    return None if s is None or layer is None else _HF[s].format(L=int(layer))
+
+
+def site_of_hook(hook: str | None) -> tuple[str, int] | None:
+    """(site, layer) of a SAELens or Hugging Face hook name, the inverse of the two above."""
+    for table in (_SAELENS, _HF):
+        for site, pattern in table.items():
+            head, tail = pattern.split("{L}")
+            if hook and hook.startswith(head) and hook.endswith(tail) and hook[len(head) : -len(tail)].isdigit():
+                return site, int(hook[len(head) : -len(tail)])
+    return None
+
+
+def provenance(config: dict) -> dict:
+    """What the SAE was trained on, from its training config and its store's metadata.json.
+
+    Returns model (our name), model_name (TransformerLens), hf_model (Hugging Face id), site,
+    layer, context_size (the harvest's seq_len), dataset (the texts), hook_name, hf_hook_point;
+    None where unknown (synthetic data, a converted .npy with no model).
+    """
+    from jumprelu.errors import UserError
+    from jumprelu.store.reader import read_metadata
+
+    source = str((config.get("data") or {}).get("source") or "")
+    meta: dict = {"model": "synthetic", "site": None, "layer": None} if source == "synthetic" else {}
+    if source and source != "synthetic" and os.path.isdir(source):
+        try:
+            meta = read_metadata(source)
+        except UserError:
+            meta = {}
+    model, site, layer = meta.get("model") or None, meta.get("site") or None, meta.get("layer")
+    tl_name, hf_name = MODELS.get(model, (model, model))
+    extra = meta.get("extra") or {}
+    return {
+        "model": model,
+        "model_name": tl_name,
+        "hf_model": hf_name,
+        "site": site,
+        "layer": layer,
+        "context_size": extra.get("seq_len"),
+        "dataset": meta.get("text_source") or None,
+        "hook_name": saelens_hook(site, layer),
+        "hf_hook_point": hf_hook_point(site, layer),
+    }

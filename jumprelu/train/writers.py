@@ -1,0 +1,288 @@
+"""Where training metrics go: one writer interface, three back-ends.
+
+  JSONL        WORKDIR/metrics.jsonl (jumprelu.train.metrics_log.MetricsLog): one JSON object per
+               log step; on resume, records past the restored step are dropped first. Always on.
+  TensorBoard  event files in WORKDIR (tensorboardX: no TensorFlow), `log.tensorboard` (default
+               on): `tensorboard --logdir WORKDIR`. A resumed run starts its event file with a
+               purge at the restored step, so TensorBoard drops what the interrupted run logged
+               after its last checkpoint and no step appears twice.
+  wandb        `log.wandb_project=NAME` (pip install 'jumprelu[wandb]'); one wandb run per
+               SAE, whose id is fixed by the workdir, so a resumed run continues it.
+
+Every log step writes the scalars of metrics.jsonl; at every checkpoint (the last one is the
+final evaluation's state) the held-out rows are encoded and `eval/*` scalars and the histogram
+of log10 firing frequencies (latents that never fired at -7) are written (`log.firing_histogram`);
+the config goes in once as hyperparameters. Multi-host: only process 0 writes.
+
+gs:// workdirs: objects cannot be appended to. The JSONL back-end keeps the records in memory
+and rewrites metrics.jsonl at each checkpoint and at the end, not at every log step; TensorBoard
+starts a new event file at each checkpoint (TensorBoard reads every file of the directory), so
+no object is rewritten from the start of the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import time
+
+import numpy as np
+
+from jumprelu import fs
+from jumprelu.train.metrics_log import MetricsLog, read_metrics
+
+_FILE_COUNT = itertools.count(1)
+HISTOGRAM_FLOOR = -7.0  # log10 firing frequency given to latents that never fired
+
+
+class MetricWriter:
+    """The interface: every method may be called on any process; only the lead's writers write."""
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None: ...
+
+    def write_eval(self, step: int, scalars: dict[str, float]) -> None:
+        """Held-out metrics at a checkpoint (metrics.jsonl leaves them to report.json)."""
+        self.write_scalars(step, scalars)
+
+    def write_histogram(self, step: int, name: str, values: np.ndarray) -> None: ...
+
+    def write_hparams(self, config: dict) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlWriter(MetricWriter):
+    """metrics.jsonl: through MetricsLog locally; buffered and rewritten at each flush on gs://."""
+
+    def __init__(self, logdir: str, resume_step: int):
+        self.path = fs.join(logdir, "metrics.jsonl")
+        self._remote = fs.is_remote(logdir)
+        if self._remote:
+            self._lines = [json.dumps(r) + "\n" for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self._dirty = True
+            self.flush()
+        else:
+            self._log = MetricsLog(logdir, resume_step=resume_step)
+
+    def write_scalars(self, step, scalars):
+        record = {"step": step, **scalars}
+        if self._remote:
+            self._lines.append(json.dumps(record) + "\n")
+            self._dirty = True
+        else:
+            self._log.write(record)
+
+    def write_eval(self, step, scalars):
+        pass  # the training log only; the held-out evaluation is in report.json
+
+    def flush(self):
+        if self._remote and self._dirty:
+            fs.write_text_atomically(self.path, "".join(self._lines))
+            self._dirty = False
+
+    def close(self):
+        if self._remote:
+            self.flush()
+        else:
+            self._log.close()
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict:
+    """{"sae.width": 64, ...}: scalars as they are, anything else (tuples, None) as a string."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(flat_hparams(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, bool | int | float | str) else str(v)
+    return out
+
+
+class TensorBoardWriter(MetricWriter):
+    """TensorBoard event files in `logdir`, written synchronously with tensorboardX's record writer.
+
+    (tensorboardX's SummaryWriter queues events to a thread whose flush is no barrier: what a
+    checkpoint flushed could still be missing after a crash.) Locally each log step is flushed
+    to the file at once; on gs:// the file is uploaded whole at each flush, so the writer starts
+    a new file after each one.
+    """
+
+    def __init__(self, logdir: str, resume_step: int):
+        self.logdir = logdir
+        self._remote = fs.is_remote(logdir)
+        self._purge = resume_step + 1 if resume_step else None
+        self._events = None
+
+    def _write(self, step: int, summary=None, **fields) -> None:
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.record_writer import directory_check
+
+        if self._events is None:
+            if self._remote:
+                try:
+                    import google.cloud.storage  # noqa: F401  tensorboardX's gs:// writer
+                except ImportError:
+                    from jumprelu.errors import ConfigError
+
+                    raise ConfigError(
+                        f"config field log.tensorboard is true but {self.logdir} needs google-cloud-storage: "
+                        "pip install 'jumprelu[tpu]', or --config.log.tensorboard=False"
+                    ) from None
+            directory_check(self.logdir)
+            # File names hold the time in seconds: pid and count keep two files of one second apart.
+            self._events = EventsWriter(fs.join(self.logdir, "events"), f".{os.getpid()}.{next(_FILE_COUNT):06d}")
+            if self._purge is not None:  # TensorBoard drops every event of earlier files at steps >= this
+                self._events.write_event(Event(step=self._purge, session_log=SessionLog(status=SessionLog.START)))
+                self._purge = None
+        self._events.write_event(Event(step=step, wall_time=time.time(), summary=summary, **fields))
+
+    def write_scalars(self, step, scalars):
+        from tensorboardX import summary
+
+        for name, value in scalars.items():
+            self._write(step, summary.scalar(name, float(value)))
+        if not self._remote:
+            self._events.flush()
+
+    def write_eval(self, step, scalars):
+        self.write_scalars(step, scalars)
+
+    def write_histogram(self, step, name, values):
+        from tensorboardX import summary
+
+        self._write(step, summary.histogram(name, np.asarray(values, np.float64), bins="auto"))
+
+    def write_hparams(self, config):
+        from tensorboardX import summary
+
+        for s in summary.hparams(flat_hparams(config), {}):
+            self._write(0, s)
+        self._write(0, summary.text("config", "```\n" + json.dumps(config, indent=2) + "\n```"))
+
+    def flush(self):
+        if self._events is None:
+            return
+        self._events.flush()
+        if self._remote:  # an object is uploaded whole at each flush: start the next one empty
+            self._events.close()
+            self._events = None
+
+    def close(self):
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+
+
+class WandbWriter(MetricWriter):
+    """A wandb run per SAE; its id is a hash of the workdir, so a resumed run continues it."""
+
+    def __init__(self, logdir: str, project: str, config: dict, name: str | None = None):
+        try:
+            import wandb
+        except ImportError:
+            from jumprelu.errors import ConfigError
+
+            raise ConfigError(
+                f"config field log.wandb_project is {project!r} but wandb is not installed: "
+                "pip install 'jumprelu[wandb]' (or unset it)"
+            ) from None
+        self._wandb = wandb
+        run_id = hashlib.sha1(fs.abspath(logdir).encode()).hexdigest()[:16]
+        kwargs = {} if fs.is_remote(logdir) else {"dir": logdir}
+        self._run = wandb.init(
+            project=project, id=run_id, resume="allow", name=name or fs.abspath(logdir), config=config, **kwargs
+        )
+
+    def write_scalars(self, step, scalars):
+        self._run.log(dict(scalars), step=step)
+
+    def write_histogram(self, step, name, values):
+        self._run.log({name: self._wandb.Histogram(np.asarray(values))}, step=step)
+
+    def close(self):
+        self._run.finish()
+
+
+class Writers(MetricWriter):
+    """Fans every call out to the back-ends (none on processes other than the lead)."""
+
+    def __init__(self, writers: list[MetricWriter]):
+        self.writers = writers
+
+    def write_scalars(self, step, scalars):
+        for w in self.writers:
+            w.write_scalars(step, scalars)
+
+    def write_eval(self, step, scalars):
+        for w in self.writers:
+            w.write_eval(step, scalars)
+
+    def write_histogram(self, step, name, values):
+        for w in self.writers:
+            w.write_histogram(step, name, values)
+
+    def write_hparams(self, config):
+        for w in self.writers:
+            w.write_hparams(config)
+
+    def flush(self):
+        for w in self.writers:
+            w.flush()
+
+    def close(self):
+        for w in self.writers:
+            w.close()
+
+
+def create(log_cfg, logdir: str, resume_step: int, lead: bool, config: dict) -> Writers:
+    """The writers `log_cfg` asks for in `logdir` (none unless `lead`), with the config written once."""
+    if not lead:
+        return Writers([])
+    writers: list[MetricWriter] = [JsonlWriter(logdir, resume_step)]
+    if log_cfg.get("tensorboard", True):
+        writers.append(TensorBoardWriter(logdir, resume_step))
+    if log_cfg.get("wandb_project"):
+        writers.append(WandbWriter(logdir, log_cfg.wandb_project, config))
+    out = Writers(writers)
+    out.write_hparams(config)
+    return out
+
+
+def wants_histograms(log_cfg) -> bool:
+    """Whether checkpoints encode the held-out rows (the same answer on every process)."""
+    return bool(log_cfg.get("firing_histogram", True)) and bool(
+        log_cfg.get("tensorboard", True) or log_cfg.get("wandb_project")
+    )
+
+
+def held_out(cfg, kind, state, eval_rows: np.ndarray) -> list[dict]:
+    """evaluate_rows of each SAE of `state` (one, or K stacked) on the held-out rows.
+
+    Collective on multi-host runs (the params are gathered): call it on every process.
+    """
+    from jumprelu.core.folded import fold
+    from jumprelu.evaluate.metrics import evaluate_rows
+    from jumprelu.train import distributed
+    from jumprelu.train.state import member_of
+
+    params, scale, stats = distributed.to_host((state.params, state.scale, state.stats))
+    members = len(cfg.stack.sparsity_coefficients)
+    out = []
+    for i in range(members) if members else [None]:
+        p, s = (params, stats) if i is None else (member_of(params, i), member_of(stats, i))
+        folded = fold(kind.export(p, s), scale, cfg.sae.pre_encoder_bias)
+        out.append(evaluate_rows({k: np.asarray(v) for k, v in folded.items()}, eval_rows))
+    return out
+
+
+def write_held_out(writers: list[Writers], step: int, metrics: list[dict]) -> None:
+    """eval/* scalars and the log10 firing-frequency histogram, one SAE per writer."""
+    for w, m in zip(writers, metrics, strict=False):
+        freq = np.asarray(m["firing_frequency"])
+        w.write_eval(step, {f"eval/{k}": float(m[k]) for k in ("l0", "fvu", "mse", "dead_fraction", "dense_fraction")})
+        w.write_histogram(step, "eval/log10_firing_frequency", np.log10(np.maximum(freq, 10**HISTOGRAM_FLOOR)))

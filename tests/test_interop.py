@@ -1,0 +1,366 @@
+"""SAELens and Gemma Scope 2 layouts, both ways: bit-exact round trips, hand-made released files,
+one-line errors; the site -> hook names; the Hub directory; the Neuronpedia statistics."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jumprelu
+from jumprelu.export import gemma_scope_2, hooks, hub, neuronpedia, saelens, tensors
+from jumprelu.export.tensors import FormatError
+from jumprelu.train.loop import train
+from tests.test_train import ROOT
+
+
+def _export(workdir, out, *flags):
+    cli = subprocess.run(
+        [sys.executable, "-m", "jumprelu", "export", str(workdir), str(out), *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 0, cli.stderr
+    return cli
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from tests.conftest import make_tiny_config
+
+    cfg = make_tiny_config()
+    wd = tmp_path_factory.mktemp("run")
+    train(cfg, str(wd))
+    return wd
+
+
+def _same_computation(a, b, x):
+    np.testing.assert_array_equal(np.asarray(a.encode(x)), np.asarray(b.encode(x)))
+    np.testing.assert_array_equal(np.asarray(a(x)), np.asarray(b(x)))
+
+
+@pytest.mark.parametrize("fmt", ["saelens", "gemma-scope-2"])
+def test_export_then_load_is_bit_exact(trained, tmp_path, fmt):
+    ours = jumprelu.load(str(trained))
+    out = tmp_path / "out"
+    _export(trained, out, "--format", fmt)
+    theirs = jumprelu.load(str(out))
+    for name in ("W_enc", "b_enc", "threshold", "W_dec", "b_dec"):
+        np.testing.assert_array_equal(np.asarray(getattr(theirs, name)), np.asarray(getattr(ours, name)))
+    x = np.random.default_rng(1).normal(size=(64, ours.d_model)).astype(np.float32) * ours.scale
+    _same_computation(ours, theirs, x)
+    weights = "sae_weights.safetensors" if fmt == "saelens" else "params.safetensors"
+    _same_computation(ours, jumprelu.load(str(out / weights)), x)  # the weights file names its folder
+
+
+def test_saelens_directory_holds_exactly_the_released_layout(trained, tmp_path):
+    from safetensors.numpy import load_file
+
+    sae = jumprelu.load(str(trained))
+    saelens.export(sae, str(tmp_path / "sl"))
+    weights = load_file(str(tmp_path / "sl" / "sae_weights.safetensors"))
+    assert sorted(weights) == ["W_dec", "W_enc", "b_dec", "b_enc", "threshold"]
+    assert weights["W_enc"].shape == (32, 64) and weights["W_dec"].shape == (64, 32)
+    assert all(w.dtype == np.float32 and w.flags.c_contiguous for w in weights.values())
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and (cfg["d_in"], cfg["d_sae"]) == (32, 64)
+    assert cfg["apply_b_dec_to_input"] is False and cfg["normalize_activations"] == "none"
+    assert cfg["dtype"] == "float32" and cfg["metadata"]["sae_lens_version"] >= "6.0.0"
+    for key in ("model_name", "hook_name", "context_size", "prepend_bos", "dataset_path"):
+        assert key in cfg["metadata"]
+    assert cfg["metadata"]["model_name"] == "synthetic"
+    # SAEBench expects unit-norm decoder rows; ours are.
+    np.testing.assert_allclose(np.linalg.norm(weights["W_dec"], axis=1), 1.0, atol=1e-5)
+
+
+def test_gemma_scope_2_folder_holds_exactly_the_released_layout(trained, tmp_path):
+    _export(trained, tmp_path / "gs2", "--format", "gemma-scope-2")
+    weights = tensors.read(str(tmp_path / "gs2" / "params.safetensors"))
+    assert sorted(weights) == ["b_dec", "b_enc", "threshold", "w_dec", "w_enc"]
+    cfg = json.loads((tmp_path / "gs2" / "config.json").read_text())
+    keys = ["hf_hook_point_in", "hf_hook_point_out", "width", "model_name", "architecture", "l0", "affine_connection"]
+    assert sorted(cfg) == sorted([*keys, "type"])
+    report = json.loads((trained / "report.json").read_text())
+    assert cfg["architecture"] == "jump_relu" and cfg["type"] == "sae" and cfg["width"] == 64
+    assert cfg["l0"] == round(report["eval"]["l0"]) and cfg["affine_connection"] is False
+
+
+def _random(rng, d=16, m=48, d_out=None):
+    d_out = d_out or d
+    return {
+        "W_enc": rng.normal(size=(d, m)).astype(np.float32),
+        "W_dec": rng.normal(size=(m, d_out)).astype(np.float32),
+        "b_enc": rng.normal(size=m).astype(np.float32) * 0.1,
+        "b_dec": rng.normal(size=d_out).astype(np.float32),
+        "threshold": np.abs(rng.normal(size=m)).astype(np.float32),
+    }
+
+
+def _saelens_cfg(d, m, **kw):
+    return {"architecture": "jumprelu", "d_in": d, "d_sae": m, "dtype": "float32", **kw}
+
+
+def test_hand_made_saelens_jumprelu_with_b_dec_subtraction(tmp_path):
+    """SAELens's own default: h = (x - b_dec) W_enc + b_enc, f = ReLU(h)·[h > θ]."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    p = _random(rng)
+    p["threshold"][:5] = -0.5  # ReLU still applies below zero
+    save_file(p, str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps(_saelens_cfg(16, 48, apply_b_dec_to_input=True)))
+    sae = jumprelu.load(str(tmp_path))
+    x = rng.normal(size=(32, 16)).astype(np.float32) * 3
+    h = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    f = np.maximum(h, 0) * (h > p["threshold"])
+    np.testing.assert_allclose(np.asarray(sae.encode(x)), f, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(sae(x)), f @ p["W_dec"] + p["b_dec"], rtol=1e-4, atol=1e-3)
+    assert 0 < (f > 0).mean() < 1
+
+
+def test_hand_made_saelens_topk_and_batchtopk(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    p = _random(rng)
+    thr = p.pop("threshold")
+    (tmp_path / "topk").mkdir()
+    save_file(p, str(tmp_path / "topk" / "sae_weights.safetensors"))
+    cfg = _saelens_cfg(16, 48, architecture="topk", k=5, apply_b_dec_to_input=False)
+    (tmp_path / "topk" / "cfg.json").write_text(json.dumps(cfg))
+    sae = jumprelu.load(str(tmp_path / "topk"))
+    assert sae.k == 5
+    x = rng.normal(size=(32, 16)).astype(np.float32)
+    h = x @ p["W_enc"] + p["b_enc"]
+    kth = np.sort(h, axis=1)[:, -5:-4]
+    f = np.where((h >= kth) & (h > 0), h, 0)
+    np.testing.assert_allclose(np.asarray(sae.encode(x)), f, rtol=1e-5, atol=1e-5)
+    # SAELens saves BatchTopK as JumpReLU with one threshold for every latent.
+    (tmp_path / "btk").mkdir()
+    save_file(dict(p, threshold=np.full_like(thr, 0.7)), str(tmp_path / "btk" / "sae_weights.safetensors"))
+    meta = {"sae_lens_version": "6.54.12", "training_architecture": "batchtopk"}
+    (tmp_path / "btk" / "cfg.json").write_text(json.dumps(_saelens_cfg(16, 48, metadata=meta)))
+    btk = jumprelu.load(str(tmp_path / "btk"))
+    h = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    np.testing.assert_allclose(np.asarray(btk.encode(x)), np.where(h > 0.7, h, 0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_hand_made_gemma_scope_2_sae_and_transcoder(tmp_path, affine):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    d_out = 24 if affine else 16
+    p = _random(rng, d_out=d_out)
+    arrays = {k.lower(): v for k, v in p.items()}
+    if affine:
+        arrays["affine_skip_connection"] = rng.normal(size=(16, d_out)).astype(np.float32)
+    save_file(arrays, str(tmp_path / "params.safetensors"))
+    cfg = {
+        "hf_hook_point_in": "model.layers.3.output",
+        "hf_hook_point_out": "model.layers.3.output",
+        "width": 48,
+        "model_name": "google/gemma-3-1b-pt",
+        "architecture": "jump_relu",
+        "l0": 12,
+        "affine_connection": affine,
+        "type": "transcoder" if affine else "sae",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    for path in (tmp_path, tmp_path / "params.safetensors"):
+        sae = jumprelu.load(str(path))
+        x = rng.normal(size=(32, 16)).astype(np.float32) * 3
+        h = x @ p["W_enc"] + p["b_enc"]
+        f = np.maximum(h, 0) * (h > p["threshold"])
+        want = f @ p["W_dec"] + p["b_dec"] + (x @ arrays["affine_skip_connection"] if affine else 0)
+        np.testing.assert_allclose(np.asarray(sae.encode(x)), f, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(sae(x)), want, rtol=1e-4, atol=1e-3)
+
+
+def _one_line(excinfo, *parts):
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    for part in parts:
+        assert part in msg, msg
+
+
+def test_bad_saelens_and_gemma_scope_2_files_give_one_line_errors(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    p = _random(rng)
+
+    def saelens_dir(name, arrays, **cfg):
+        d = tmp_path / name
+        d.mkdir()
+        save_file(arrays, str(d / "sae_weights.safetensors"))
+        (d / "cfg.json").write_text(json.dumps(_saelens_cfg(16, 48, **cfg)))
+        return str(d)
+
+    missing = {k: v for k, v in p.items() if k != "threshold"}
+    with pytest.raises(FormatError) as e:
+        jumprelu.load(saelens_dir("missing", missing))
+    _one_line(e, "missing", "sae_weights.safetensors", "missing keys ['threshold']")
+    with pytest.raises(FormatError) as e:
+        jumprelu.load(saelens_dir("extra", dict(p, W_skip=np.zeros((16, 16), np.float32))))
+    _one_line(e, "unexpected keys ['W_skip']")
+    with pytest.raises(FormatError) as e:
+        jumprelu.load(saelens_dir("shape", dict(p, b_dec=np.zeros(17, np.float32))))
+    _one_line(e, "b_dec has shape [17], expected [16]")
+    with pytest.raises(FormatError) as e:
+        jumprelu.load(saelens_dir("norm", p, normalize_activations="expected_average_only_in"))
+    _one_line(e, "normalize_activations")
+    with pytest.raises(FormatError) as e:
+        jumprelu.load(saelens_dir("arch", p, architecture="gated"))
+    _one_line(e, "architecture 'gated'")
+    bad = tmp_path / "notjson"
+    bad.mkdir()
+    (bad / "cfg.json").write_text("{")
+    save_file(p, str(bad / "sae_weights.safetensors"))
+    with pytest.raises(FormatError) as e:
+        jumprelu.load(str(bad))
+    _one_line(e, "cfg.json: not readable JSON")
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "params.safetensors").write_bytes(b"\x80\x04pickle-ish bytes")
+    with pytest.raises(FormatError) as e:
+        jumprelu.load(str(garbage))
+    _one_line(e, "not a readable .safetensors file")
+
+    gs2 = tmp_path / "gs2"
+    gs2.mkdir()
+    lower = {k.lower(): v for k, v in p.items()}
+    save_file({k: v for k, v in lower.items() if k != "b_enc"}, str(gs2 / "params.safetensors"))
+    with pytest.raises(FormatError) as e:
+        jumprelu.load(str(gs2))
+    _one_line(e, "params.safetensors", "missing keys ['b_enc']")
+    save_file(dict(lower, W_enc=p["W_enc"]), str(gs2 / "params.safetensors"))
+    with pytest.raises(FormatError) as e:
+        jumprelu.load(str(gs2))
+    _one_line(e, "unexpected keys ['W_enc']")
+    save_file(dict(lower, threshold=np.zeros(47, np.float32)), str(gs2 / "params.safetensors"))
+    with pytest.raises(FormatError) as e:
+        jumprelu.load(str(gs2))
+    _one_line(e, "threshold has shape [47], expected [48]")
+
+
+def test_cli_errors_are_one_line(trained, tmp_path):
+    cli = subprocess.run(
+        [sys.executable, "-m", "jumprelu", "export", str(trained), str(tmp_path / "x"), "--format", "npz"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2 and "invalid choice" in cli.stderr
+    cli = subprocess.run(
+        [sys.executable, "-m", "jumprelu.export", str(tmp_path / "none"), str(tmp_path / "x"), "--format", "saelens"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2 and cli.stderr.count("\n") == 1 and "jumprelu: error:" in cli.stderr
+
+
+def test_topk_exports_to_saelens_as_topk(tmp_path, tiny_config):
+    tiny_config.sae.update(kind="topk", k=4)
+    tiny_config.train.steps = 4
+    train(tiny_config, str(tmp_path / "run"))
+    ours = jumprelu.load(str(tmp_path / "run"))
+    cfg = saelens.export(ours, str(tmp_path / "sl"))
+    assert cfg["architecture"] == "topk" and cfg["k"] == 4 and cfg["rescale_acts_by_decoder_norm"] is False
+    theirs = jumprelu.load(str(tmp_path / "sl"))
+    assert theirs.k == 4
+    x = np.random.default_rng(1).normal(size=(64, ours.d_model)).astype(np.float32) * ours.scale
+    _same_computation(ours, theirs, x)
+    with pytest.raises(FormatError, match="TopK"):
+        gemma_scope_2.export(ours, str(tmp_path / "gs2"))
+
+
+def test_site_names_map_to_released_hook_names():
+    assert hooks.saelens_hook("resid", 12) == "blocks.12.hook_resid_post"
+    assert hooks.saelens_hook("mlp", 3) == "blocks.3.hook_mlp_out"
+    assert hooks.saelens_hook("attn", 0) == "blocks.0.attn.hook_z"
+    assert hooks.saelens_hook("resid_post", 20) == "blocks.20.hook_resid_post"
+    assert hooks.hf_hook_point("resid", 12) == "model.layers.12.output"
+    assert hooks.hf_hook_point("mlp", 5) == "model.layers.5.post_feedforward_layernorm.output"
+    assert hooks.hf_hook_point("attn", 7) == "model.layers.7.self_attn.o_proj.input"
+    assert hooks.saelens_hook("synthetic", None) is None and hooks.saelens_hook("logits", 3) is None
+    for site in ("resid", "mlp", "attn"):
+        assert hooks.site_of_hook(hooks.saelens_hook(site, 9)) == (site, 9)
+        assert hooks.site_of_hook(hooks.hf_hook_point(site, 9)) == (site, 9)
+
+
+def test_harvested_store_provenance_reaches_the_saelens_cfg(tmp_path):
+    from jumprelu.store import StoreWriter
+
+    w = StoreWriter(
+        str(tmp_path / "store"), d_model=8, model="gemma2_2b", site="attn", layer=6, extra={"seq_len": 1024}
+    )
+    w.append(np.ones((4, 8), np.float32))
+    w.close()
+    p = hooks.provenance({"data": {"source": str(tmp_path / "store")}})
+    assert p["model_name"] == "gemma-2-2b" and p["hf_model"] == "google/gemma-2-2b"
+    assert p["hook_name"] == "blocks.6.attn.hook_z" and p["context_size"] == 1024
+    sae = jumprelu.SAE(**{k: np.asarray(v) for k, v in _random(np.random.default_rng(0), d=8, m=4).items()})
+    cfg = saelens.config(sae, p)
+    assert cfg["reshape_activations"] == "hook_z" and cfg["metadata"]["hook_name"] == "blocks.6.attn.hook_z"
+    assert gemma_scope_2.config(sae, p)["hf_hook_point_in"] == "model.layers.6.self_attn.o_proj.input"
+
+
+def test_hub_directory_is_a_saelens_release_with_a_model_card(trained, tmp_path):
+    """--hub pushes this directory; without network we test what would be pushed."""
+    sae = jumprelu.load(str(trained))
+    report = json.loads((trained / "report.json").read_text())
+    sid = hub.write_repo_dir(sae, str(tmp_path / "repo"), "someone/my-sae", report)
+    assert sid == "sae"  # synthetic data: no hook name
+    card = (tmp_path / "repo" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: saelens\n")
+    assert 'SAE.from_pretrained(release="someone/my-sae", sae_id="sae")' in card
+    assert f"{report['eval']['l0']:.4g}" in card
+    theirs = jumprelu.load(str(tmp_path / "repo" / sid))
+    _same_computation(sae, theirs, np.random.default_rng(0).normal(size=(8, 32)).astype(np.float32))
+    flags = ["--hub", "a/b", "--format", "gemma-scope"]
+    cli = subprocess.run(
+        [sys.executable, "-m", "jumprelu", "export", str(trained), str(tmp_path / "x"), *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2 and "--hub pushes a SAELens directory" in cli.stderr
+
+
+def test_neuronpedia_statistics(trained, tmp_path):
+    _export(trained, tmp_path / "np", "--format", "neuronpedia", "--top", "5")
+    header = json.loads((tmp_path / "np" / "feature_stats.json").read_text())
+    features = [json.loads(line) for line in (tmp_path / "np" / "features.jsonl").read_text().splitlines()]
+    assert header["width"] == len(features) == 64 and header["eval_rows"] == 512 and header["has_contexts"] is False
+    report = json.loads((trained / "report.json").read_text())
+    freq = np.array([f["firing_frequency"] for f in features])
+    np.testing.assert_allclose(freq.sum(), report["eval"]["l0"], rtol=1e-6)  # mean L0 = sum of frequencies
+    assert header["dead_latents"] == int((freq == 0).sum()) == round(report["eval"]["dead_fraction"] * 64)
+    assert sum(header["log10_frequency_histogram"]["counts"]) == 64
+    # The top rows are the largest activations of each latent on the held-out rows, in order.
+    sae = jumprelu.load(str(trained))
+    rows, coords, _ = neuronpedia.eval_rows(str(trained), sae.config)
+    f = np.asarray(sae.encode(rows))
+    for feat in features:
+        i, top = feat["index"], feat["top"]
+        assert len(top) == min(5, int((f[:, i] > 0).sum()))
+        if top:
+            np.testing.assert_allclose([t["activation"] for t in top], np.sort(f[:, i])[::-1][: len(top)], rtol=1e-5)
+            assert [t["store_row"] for t in top] == [int(coords[t["row"], 1]) for t in top]
+            assert feat["max_activation"] == top[0]["activation"]
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """README "Two commands for a fresh machine": the second is .ci/run's command, verbatim
+    (it makes the SAELens peer environment the real-SAELens test runs in)."""
+    with open(f"{ROOT}/README.md") as f:
+        section = f.read().split("## Two commands for a fresh machine")[1].split("\n## ")[0]
+    commands = [block.strip() for block in section.split("```bash")[1:]]
+    with open(f"{ROOT}/.ci/run") as f:
+        ci = f.read().strip().splitlines()[-1]
+    assert commands[1].split("```")[0].strip() == ci
+    assert "bash benchmarks/peers/setup.sh" in ci
