@@ -102,7 +102,7 @@ def test_init_from_data_sets_b_dec_theta_and_bandwidth_scale(tiny_config):
     kind = jumprelu_kind.build(s, 8)
     params = kind.model.init(jax.random.key(0), jnp.zeros((1, 8)))["params"]
     x = np.random.default_rng(1).normal(size=(512, 8)).astype(np.float32) + 3.0
-    new, stats = jumprelu_kind.init_from_data(params, kind.init_stats(), x, s)
+    new, stats = init_lib.start_from_data(params, kind.init_stats(), x, s)
     np.testing.assert_allclose(new["b_dec"], init_lib.geometric_median(x), rtol=1e-5)
     z = (x - np.asarray(new["b_dec"])) @ np.asarray(params["W_enc"])
     assert np.mean(np.sum(z > np.asarray(new["threshold"]), axis=1)) == pytest.approx(6.0, rel=0.05)

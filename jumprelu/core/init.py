@@ -10,6 +10,7 @@ threshold  "constant" (paper: every θ_i = threshold_init), or set from the samp
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 B_DEC_INITS = ("zeros", "mean", "median")
@@ -49,3 +50,42 @@ def thresholds(z: np.ndarray, how: str, target_l0: float) -> np.ndarray:
     else:
         raise ValueError(f"config field sae.threshold_init_mode must be one of {THRESHOLD_INITS}, found {how!r}")
     return np.maximum(theta, MIN_THRESHOLD).astype(np.float32)
+
+
+def needs_data(s) -> bool:
+    """Whether the start of training needs a sample of rows (data-dependent init or bandwidth)."""
+    return (
+        s.get("b_dec_init", "zeros") != "zeros"
+        or s.get("threshold_init_mode", "constant") != "constant"
+        or s.get("bandwidth_mode", "absolute") == "relative"
+    )
+
+
+def start_from_data(params: dict, stats: dict, x, s) -> tuple[dict, dict]:
+    """Sets b_dec, θ and the bandwidth scale from rows x: [N, d_model] (normalised), once at step 0.
+
+    The pre-activations are computed in slices of latents so a wide SAE needs no [N, M] array.
+    """
+    x = np.asarray(x, np.float32)
+    params, stats = dict(params), dict(stats)
+    b_dec = decoder_bias(x, s.b_dec_init)
+    params["b_dec"] = jnp.asarray(b_dec)
+    centred = jnp.asarray(x - b_dec if s.pre_encoder_bias else x)
+    w_enc, b_enc = params["W_enc"], params["b_enc"]
+    width = w_enc.shape[1]
+    step = max(1, (1 << 24) // max(x.shape[0], 1))
+    thetas, spreads = [], []
+    for lo in range(0, width, step):
+        z = np.asarray(centred @ w_enc[:, lo : lo + step] + b_enc[lo : lo + step])
+        spreads.append(z.std(axis=0))
+        if s.threshold_init_mode != "constant":
+            thetas.append(thresholds(z, s.threshold_init_mode, s.target_l0))
+    if thetas:
+        # Each slice's quantile is per latent (or of its slice for "global_quantile"): the target
+        # rate T/M is the same for every latent, so slicing does not change it.
+        theta = jnp.asarray(np.concatenate(thetas))
+        key = "log_threshold" if "log_threshold" in params else "threshold"
+        params[key] = jnp.log(theta) if key == "log_threshold" else theta
+    if "z_scale" in stats:
+        stats["z_scale"] = jnp.asarray(np.median(np.concatenate(spreads)), jnp.float32)
+    return params, stats

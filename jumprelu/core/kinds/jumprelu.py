@@ -209,47 +209,6 @@ def export(params: dict, stats: dict) -> dict:
     return jumprelu_arrays(params, threshold_of(params))
 
 
-def needs_data(s) -> bool:
-    """Whether the start of training needs a sample of rows (data-dependent init or bandwidth)."""
-    return (
-        s.get("b_dec_init", "zeros") != "zeros"
-        or s.get("threshold_init_mode", "constant") != "constant"
-        or s.get("bandwidth_mode", "absolute") == "relative"
-    )
-
-
-def init_from_data(params: dict, stats: dict, x, s) -> tuple[dict, dict]:
-    """Sets b_dec, θ and the bandwidth scale from rows x: [N, d_model] (normalised), once at step 0.
-
-    The pre-activations are computed in slices of latents so a wide SAE needs no [N, M] array.
-    """
-    import numpy as np
-
-    x = np.asarray(x, np.float32)
-    params, stats = dict(params), dict(stats)
-    b_dec = init_lib.decoder_bias(x, s.b_dec_init)
-    params["b_dec"] = jnp.asarray(b_dec)
-    centred = jnp.asarray(x - b_dec if s.pre_encoder_bias else x)
-    w_enc, b_enc = params["W_enc"], params["b_enc"]
-    width = w_enc.shape[1]
-    step = max(1, (1 << 24) // max(x.shape[0], 1))
-    thetas, spreads = [], []
-    for lo in range(0, width, step):
-        z = np.asarray(centred @ w_enc[:, lo : lo + step] + b_enc[lo : lo + step])
-        spreads.append(z.std(axis=0))
-        if s.threshold_init_mode != "constant":
-            thetas.append(init_lib.thresholds(z, s.threshold_init_mode, s.target_l0))
-    if thetas:
-        # Each slice's quantile is per latent (or of its slice for "global_quantile"): the target
-        # rate T/M is the same for every latent, so slicing does not change it.
-        theta = jnp.asarray(np.concatenate(thetas))
-        key = "log_threshold" if "log_threshold" in params else "threshold"
-        params[key] = jnp.log(theta) if key == "log_threshold" else theta
-    if "z_scale" in stats:
-        stats["z_scale"] = jnp.asarray(np.median(np.concatenate(spreads)), jnp.float32)
-    return params, stats
-
-
 def build(sae_cfg, d_model: int) -> Kind:
     model = JumpReLUSAE(
         **common_module_args(sae_cfg, d_model),
@@ -332,7 +291,7 @@ SPEC = register(
             "tokens_since_fired": layout.THRESHOLD_SPEC,  # [M] stats, with the pre-activation loss
         },
         stackable=True,
-        needs_data=needs_data,
-        init_from_data=init_from_data,
+        needs_data=init_lib.needs_data,
+        init_from_data=init_lib.start_from_data,
     )
 )
