@@ -9,7 +9,8 @@ shuffled with --seed and split: --eval_rows rows (20,000) are held out, the rest
 activation store every trainer reads (SAELens gets the same rows as .npy files). For each target
 L0 (20, 50, 100) every trainer gets the same width (4,096), batch (1,024) and token budget (2M):
   jumprelu     the recommended short-budget recipe (`smollm2_pareto:jumprelu,target_l0=T`)
-  matryoshka   the same recipe with nested prefixes (width/8, width/4, width/2, width)
+  matryoshka   the same recipe with nested prefixes (width/8, width/4, width/2, width);
+               --matryoshka_frequency_penalty adds Gemma Scope 2's penalty on latents above 10%
   topk         k = T;  batchtopk  k = T (same schedule as jumprelu)
   saelens_jumprelu  SAELens 6.x's own trainer: quadratic target-L0 mode, lr 1e-3, bandwidth
                0.01, θ init 0.01, l0 coefficient 5 (benchmarks/peers/saelens_train.py)
@@ -69,9 +70,10 @@ def our_config(trainer: str, target: int, args, store: str):
     cfg.train.batch_size = args.batch
     cfg.train.steps = args.tokens // args.batch
     cfg.log.progress = False
-    if trainer == "matryoshka":
+    if trainer == "matryoshka":  # nested prefixes (Gemma Scope 2 pairs them with a frequency penalty)
         w = args.width
         cfg.sae.matryoshka_widths = (w // 8, w // 4, w // 2, w)
+        cfg.sae.frequency_penalty = args.matryoshka_frequency_penalty
     if kind in ("topk", "batchtopk"):
         cfg.sae.k = target
     return cfg
@@ -125,6 +127,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--eval_rows", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--matryoshka_frequency_penalty", type=float, default=0.0, help="μ for the matryoshka trainer")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     train_npy, eval_npy, store = split(args.data, args.out, args.eval_rows, args.seed)
