@@ -67,6 +67,9 @@ def summary(store) -> dict:
         "bytes": sum(os.path.getsize(f) for f in files),
         "scale": store.scale,
         "nonfinite_rows": int(sum(len(b) for b in store.bad_rows)),
+        "checksums": (
+            f"crc32 per {meta['checksum']['block_rows']} rows" if store.checksummed else "none (format 1, unverified)"
+        ),
         "shuffled_within_shards": meta["shuffle_seed"] is not None,
         "created": meta.get("created"),
     }
