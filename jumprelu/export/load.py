@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
@@ -11,8 +12,12 @@ import ml_collections
 
 from jumprelu.core import kinds
 from jumprelu.core.folded import SAE, fold
+from jumprelu.errors import CheckpointError
 from jumprelu.export import gemma_scope
-from jumprelu.train.checkpoint import MEMBER_FILE, Checkpointer, checkpoint_dir
+from jumprelu.train import guard
+from jumprelu.train.checkpoint import MEMBER_FILE, Checkpointer, checkpoint_dir, reason
+
+log = logging.getLogger("jumprelu")
 
 
 def load(path: str, step: int | None = None, member: int | None = None) -> SAE:
@@ -20,6 +25,9 @@ def load(path: str, step: int | None = None, member: int | None = None) -> SAE:
 
     A run with K stacked SAEs (config `stack`) holds one SAE per λ: pass `member=i`, or load
     its member directory WORKDIR/sae-i directly. A Gemma Scope `params.npz` file loads too.
+    Without `step`, a damaged newest checkpoint (unreadable, or holding NaN/Inf) is skipped
+    with a warning saying why, and the next older one loads; a damaged `step` is a
+    `CheckpointError`.
     """
     if path.endswith(".npz"):
         return gemma_scope.load(path)
@@ -30,11 +38,35 @@ def load(path: str, step: int | None = None, member: int | None = None) -> SAE:
     if "://" not in path and not os.path.isdir(checkpoint_dir(path)):
         raise FileNotFoundError(f"{path}: no checkpoints/ directory; expected a jumprelu training workdir")
     ckpt = Checkpointer(path, keep=1, read_only=True)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{checkpoint_dir(path)}: holds no complete checkpoint")
-    config = ckpt.restore_config(step)
+    steps = ckpt.steps()
     ckpt.close()
+    if step is not None:
+        return _load_step(path, step, member)
+    if not steps:
+        raise FileNotFoundError(f"{checkpoint_dir(path)}: holds no complete checkpoint")
+    damaged = []
+    for candidate in steps:
+        try:
+            return _load_step(path, candidate, member)
+        except CheckpointError as e:
+            damaged.append(str(e))
+            log.warning("%s; trying the previous checkpoint", e)
+    raise CheckpointError(f"{checkpoint_dir(path)}: no intact checkpoint ({'; '.join(damaged)})")
+
+
+def _load_step(path: str, step: int, member: int | None) -> SAE:
+    where = f"{checkpoint_dir(path)}/{step}"
+    ckpt = Checkpointer(path, keep=1, read_only=True)
+    try:
+        if step not in ckpt.steps():
+            raise FileNotFoundError(f"{where}: no such checkpoint (complete ones: {sorted(ckpt.steps())})")
+        config = ckpt.restore_config(step)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {where} is damaged: its config cannot be read ({reason(e)})") from None
+    finally:
+        ckpt.close()
     cfg = ml_collections.ConfigDict(config)
     lams = tuple(config.get("stack", {}).get("sparsity_coefficients", ()))
     if lams and member is None:
@@ -53,7 +85,13 @@ def load(path: str, step: int | None = None, member: int | None = None) -> SAE:
     abstract = on_cpu(jax.eval_shape(kind.model.init, jax.random.key(0), jnp.zeros((1, cfg.data.d_model)))["params"])
     stats = on_cpu(jax.eval_shape(kind.init_stats))
     scale_abstract = jax.ShapeDtypeStruct((), jnp.float32, sharding=cpu)
-    params, scale, stats = ckpt.restore_sae(abstract, scale_abstract, stats, step, member=member)
-    ckpt.close()
+    try:
+        params, scale, stats = ckpt.restore_sae(abstract, scale_abstract, stats, step, member=member)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {where} is damaged: it cannot be read ({reason(e)})") from None
+    finally:
+        ckpt.close()
+    if not bool(guard.all_finite((params, scale, stats))):
+        raise CheckpointError(f"checkpoint {where} is damaged: it holds NaN or Inf")
     folded = fold(kind.export(params, stats), scale, cfg.sae.pre_encoder_bias)
     return SAE(**folded, scale=float(scale), step=int(step), config=config)
