@@ -92,7 +92,14 @@ def quiet_libraries(flag_values) -> None:
 
     if not flag_values["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+        # A failed checkpoint write or read makes orbax log a traceback per thread (16 for one full
+        # disk); jumprelu reports the same failure as one line (train/checkpoint.py), so these go.
+        std_logging.getLogger("absl").addFilter(_no_orbax_tracebacks)
     std_logging.getLogger("jumprelu").setLevel(std_logging.INFO)
+
+
+def _no_orbax_tracebacks(record) -> bool:
+    return not (record.levelno >= 40 and "/orbax/" in record.pathname.replace("\\", "/"))
 
 
 def absl_run(main, argv: list[str], program: str) -> int:
