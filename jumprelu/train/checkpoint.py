@@ -145,10 +145,13 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(data_iterator),
         )
         step = int(state.step)
+        # orbax waits for the previous save before starting this one anyway; waiting here first
+        # makes a failure of that background save name its own step.
+        self.wait()
         try:
-            self._manager.save(step, args=args)  # also raises a failure of the previous, background save
+            self._manager.save(step, args=args)
         except Exception as e:
-            raise self._write_failed(self._in_flight if self._in_flight is not None else step, e) from None
+            raise self._write_failed(step, e) from None
         self._in_flight = step
 
     def restore_config(self, step: int | None = None) -> dict:

@@ -29,8 +29,9 @@ from jumprelu.train.metrics_log import MetricsLog, Progress
 
 log = logging.getLogger("jumprelu")
 
-# Set by the preemption test: the process kills itself (SIGKILL) after this step.
+# Set by the preemption tests: the process sends itself this signal (default SIGKILL) after this step.
 _KILL_AT_STEP = int(os.environ.get("JUMPRELU_KILL_AT_STEP", "-1"))
+_KILL_SIGNAL = getattr(signal, os.environ.get("JUMPRELU_KILL_SIGNAL", "SIGKILL"))
 
 
 def _initial_scale(cfg, store) -> float:
@@ -160,9 +161,10 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start, watch):
             if stop and done < total:
                 ckpt.wait()
                 raise preemption.Preempted(watch.signal_name, done, ckpt.step_dir(done))
-            if done == _KILL_AT_STEP:  # fault injection for the preemption test: die without any cleanup
-                ckpt.wait()
-                os.kill(os.getpid(), signal.SIGKILL)
+            if done == _KILL_AT_STEP:  # fault injection for the preemption tests
+                if _KILL_SIGNAL == signal.SIGKILL:  # die without any cleanup, the last save complete
+                    ckpt.wait()
+                os.kill(os.getpid(), _KILL_SIGNAL)
     finally:
         progress.close()
         for log_file in metrics_logs:
