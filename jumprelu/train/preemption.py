@@ -66,6 +66,10 @@ class Watch:
             signals = [signal.SIGINT] + ([] if self._jax_sigterm else [signal.SIGTERM])
             for s in signals:
                 self._previous[s] = signal.signal(s, self._handler)
+                # Restart system calls the signal interrupts: Python's default (EINTR) reaches C++
+                # threads too, and a collective whose socket read fails with EINTR hangs (seen with
+                # two processes on CPU).
+                signal.siginterrupt(s, False)
         return self
 
     def __exit__(self, *exc) -> None:
