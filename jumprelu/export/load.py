@@ -38,35 +38,32 @@ def load(path: str, step: int | None = None, member: int | None = None) -> SAE:
     if "://" not in path and not os.path.isdir(checkpoint_dir(path)):
         raise FileNotFoundError(f"{path}: no checkpoints/ directory; expected a jumprelu training workdir")
     ckpt = Checkpointer(path, keep=1, read_only=True)
-    steps = ckpt.steps()
-    ckpt.close()
-    if step is not None:
-        return _load_step(path, step, member)
-    if not steps:
-        raise FileNotFoundError(f"{checkpoint_dir(path)}: holds no complete checkpoint")
-    damaged = []
-    for candidate in steps:
-        try:
-            return _load_step(path, candidate, member)
-        except CheckpointError as e:
-            damaged.append(str(e))
-            log.warning("%s; trying the previous checkpoint", e)
-    raise CheckpointError(f"{checkpoint_dir(path)}: no intact checkpoint ({'; '.join(damaged)})")
-
-
-def _load_step(path: str, step: int, member: int | None) -> SAE:
-    where = f"{checkpoint_dir(path)}/{step}"
-    ckpt = Checkpointer(path, keep=1, read_only=True)
     try:
-        if step not in ckpt.steps():
-            raise FileNotFoundError(f"{where}: no such checkpoint (complete ones: {sorted(ckpt.steps())})")
-        config = ckpt.restore_config(step)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {where} is damaged: its config cannot be read ({reason(e)})") from None
+        if step is not None:
+            return _load_step(ckpt, path, step, member)
+        if not ckpt.steps():
+            raise FileNotFoundError(f"{checkpoint_dir(path)}: holds no complete checkpoint")
+        damaged = []
+        for candidate in ckpt.steps():
+            try:
+                return _load_step(ckpt, path, candidate, member)
+            except CheckpointError as e:
+                damaged.append(str(e))
+                log.warning("%s; trying the previous checkpoint", e)
+        raise CheckpointError(f"{checkpoint_dir(path)}: no intact checkpoint ({'; '.join(damaged)})")
     finally:
         ckpt.close()
+
+
+def _load_step(ckpt: Checkpointer, path: str, step: int, member: int | None) -> SAE:
+    """The SAE at `step`; `ckpt` is a read-only Checkpointer of an unstacked layout (enough for the config)."""
+    where = f"{checkpoint_dir(path)}/{step}"
+    if step not in ckpt.steps():
+        raise FileNotFoundError(f"{where}: no such checkpoint (complete ones: {sorted(ckpt.steps())})")
+    try:
+        config = ckpt.restore_config(step)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {where} is damaged: its config cannot be read ({reason(e)})") from None
     cfg = ml_collections.ConfigDict(config)
     lams = tuple(config.get("stack", {}).get("sparsity_coefficients", ()))
     if lams and member is None:
@@ -76,9 +73,9 @@ def _load_step(path: str, step: int, member: int | None) -> SAE:
         )
     if member is not None and not 0 <= member < len(lams):
         raise ValueError(f"{path}: member={member} but the run holds {len(lams)} stacked SAEs")
-    if lams:
+    if lams:  # the stacked layout names its items sae-0 ... sae-{K-1}
         config = dict(config, sae=dict(config["sae"], sparsity_coefficient=lams[member]))
-    ckpt = Checkpointer(path, keep=1, read_only=True, members=len(lams))
+        ckpt = Checkpointer(path, keep=1, read_only=True, members=len(lams))
     kind = kinds.from_config(cfg.sae, cfg.data.d_model)
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     on_cpu = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), tree)  # noqa: E731
@@ -90,7 +87,8 @@ def _load_step(path: str, step: int, member: int | None) -> SAE:
     except Exception as e:
         raise CheckpointError(f"checkpoint {where} is damaged: it cannot be read ({reason(e)})") from None
     finally:
-        ckpt.close()
+        if lams:
+            ckpt.close()
     if not bool(guard.all_finite((params, scale, stats))):
         raise CheckpointError(f"checkpoint {where} is damaged: it holds NaN or Inf")
     folded = fold(kind.export(params, stats), scale, cfg.sae.pre_encoder_bias)

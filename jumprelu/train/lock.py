@@ -143,10 +143,12 @@ class WorkdirLock:
 
     def _acquire_object(self) -> None:
         holder = self._read_object()
-        if holder and time.time() - float(holder.get("heartbeat", 0)) < STALE_AFTER_S:
+        age = time.time() - float(holder.get("heartbeat", 0)) if holder else 0.0
+        if holder and age < STALE_AFTER_S:
             raise WorkdirError(
-                f"workdir {self.workdir} is in use by another run: {_holder(holder)}; "
-                "wait for it to finish or use another --workdir"
+                f"workdir {self.workdir} is in use by another run: {_holder(holder)}, last heartbeat {age:.0f} s "
+                f"ago (a lock silent for {STALE_AFTER_S:.0f} s is taken over); wait for it to finish or use another "
+                "--workdir"
             )
         if holder:
             log.warning(
