@@ -192,6 +192,7 @@ def _damage_newest(wd, step):
                 (lambda p: open(p, "r+b").truncate(10))(os.path.join(root, f))
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's abandoned read coroutine
 def test_damaged_newest_checkpoint_falls_back(tmp_path, tiny_config, caplog):
     """Item 6: load and resume skip the damaged step 40, say so and why, and use step 20."""
     wd = tmp_path / "run"

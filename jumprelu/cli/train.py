@@ -38,6 +38,11 @@ def run(argv: list[str]) -> int:
         except Preempted as e:
             print(f"jumprelu: {e}", file=sys.stderr)
             return EXIT_PREEMPTED
+        except KeyboardInterrupt:  # Ctrl-C outside the loop (start-up, report), or a second one in it
+            print(
+                "jumprelu: interrupted; run the same command again to resume from its last checkpoint", file=sys.stderr
+            )
+            return 128 + 2
         print(report.format_report(result))
         return 0
 
