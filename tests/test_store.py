@@ -346,3 +346,12 @@ def test_full_disk_during_a_write_is_one_line_and_resumes(tmp_path, monkeypatch)
     monkeypatch.setattr(writer_lib.np, "save", real_save)
     convert_lib.convert(str(tmp_path / "acts.npy"), str(out), shard_rows=40, log=lambda *_: None)
     np.testing.assert_array_equal(_sorted(_all_rows(open_store(str(out), verify=True))), _sorted(rows))
+    # Killed after metadata.json but before the progress file went (found by benchmarks/chaos.py):
+    # the same command finishes as a no-op; other settings are still refused.
+    (out / "writing.json").write_text("{}")
+    assert (
+        convert_lib.convert(str(tmp_path / "acts.npy"), str(out), shard_rows=40, log=lambda *_: None)["num_rows"] == 100
+    )
+    assert not (out / "writing.json").exists()
+    with pytest.raises(DataError, match="already complete"):
+        convert_lib.convert(str(tmp_path / "acts.npy"), str(out), shard_rows=40, dtype="bfloat16", log=lambda *_: None)

@@ -70,14 +70,25 @@ def _agree(ok: bool) -> bool:
 
 
 def _set_aside(ckpt: Checkpointer, step: int, why: str) -> None:
+    """Process 0 moves the checkpoint; every process then re-reads the steps (or raises with it)."""
+    error = None
     if distributed.is_lead():
-        where = ckpt.set_aside(step)
-        log.warning("checkpoint %s is damaged (%s): skipped it and moved it to %s", ckpt.step_dir(step), why, where)
+        try:
+            where = ckpt.set_aside(step)
+            log.warning("checkpoint %s is damaged (%s): skipped it and moved it to %s", ckpt.step_dir(step), why, where)
+        except Exception as e:
+            error = reason(e)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(f"jumprelu set aside checkpoint {step}")
+        moved = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))  # also the barrier
+        error = error or (None if moved else "see process 0")
         ckpt.reload()
+    if error is not None:
+        raise CheckpointError(
+            f"checkpoint {ckpt.step_dir(step)} is damaged ({why}) and could not be moved aside ({error}); "
+            "move it out of the checkpoints directory by hand and run again"
+        )
 
 
 def check_latest_config(ckpt: Checkpointer, cfg) -> None:
