@@ -15,7 +15,8 @@ from jumprelu.core.folded import SAE, fold
 from jumprelu.errors import CheckpointError
 from jumprelu.export import gemma_scope
 from jumprelu.train import guard
-from jumprelu.train.checkpoint import MEMBER_FILE, Checkpointer, checkpoint_dir, reason
+from jumprelu.train.checkpoint import MEMBER_FILE, Checkpointer, checkpoint_dir
+from jumprelu.train.failures import reason
 
 log = logging.getLogger("jumprelu")
 

@@ -20,7 +20,6 @@ aside into `checkpoints-damaged/` by a resuming run (`resume.py`); nothing is de
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -35,33 +34,13 @@ from jax.sharding import PartitionSpec as P
 
 from jumprelu import fs
 from jumprelu.errors import CheckpointError
+from jumprelu.train.failures import no_space, reason
 from jumprelu.train.state import TrainState, member_of
 
 log = logging.getLogger("jumprelu")
 
 ITEMS = ("sae", "train", "config", "data")
 SKIPPED = "skipped_batches"  # in the train item since skip_nonfinite_batches; older checkpoints lack it
-
-
-def _no_space(error: BaseException) -> bool:
-    """A full disk, whether Python (OSError ENOSPC) or tensorstore (RESOURCE_EXHAUSTED) reports it."""
-    for e in _chain(error):
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "RESOURCE_EXHAUSTED" in str(e) or "No space left on device" in str(e):
-            return True
-    return False
-
-
-def reason(error: BaseException) -> str:
-    """One line for an exception from orbax or tensorstore: the OSError underneath if there is one."""
-    if _no_space(error):
-        return os.strerror(errno.ENOSPC)
-    for e in _chain(error):
-        if isinstance(e, OSError) and e.strerror:
-            return e.strerror
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
 MEMBER_FILE = "member.json"  # in WORKDIR/sae-i/ of a stacked run: {"member": i, "workdir": ".."}
@@ -121,7 +100,7 @@ class Checkpointer:
         last = f"the last complete checkpoint is {self.step_dir(latest)}" if latest is not None else "none is complete"
         why = reason(error)
         hint = ""
-        if _no_space(error):
+        if no_space(error):
             hint = "; free some space and run the same command again: it resumes from there"
         return CheckpointError(f"cannot write checkpoint {step} in {self.directory}: {why}; {last}{hint}")
 
@@ -257,11 +236,3 @@ class Checkpointer:
             self.wait()
         finally:
             self._manager.close()
-
-
-def _chain(error: BaseException):
-    seen, e = set(), error
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__

@@ -21,7 +21,8 @@ import numpy as np
 
 from jumprelu.errors import CheckpointError, ConfigError
 from jumprelu.train import distributed, guard
-from jumprelu.train.checkpoint import Checkpointer, reason
+from jumprelu.train.checkpoint import Checkpointer
+from jumprelu.train.failures import reason
 
 log = logging.getLogger("jumprelu")
 
