@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_rows = 8192  # held out from training, used for the final report
     c.data.seed = 0  # shuffling and the held-out split
     c.data.nonfinite = "fail"  # rows with NaN/Inf: "fail" at open, or "drop" them
-    c.data.verify = False  # re-read every row at open to count NaN/Inf (else trust the writer's count)
+    c.data.verify = False  # re-read every row at open: checksums and NaN/Inf count (else a few random blocks)
     c.data.block_bytes = 1 << 19  # rows are read in contiguous pieces of about this size
     c.data.read_threads = 2  # background threads reading batches
     c.data.prefetch_batches = 4  # batches read ahead of the step
@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
         clip_grad_norm=0.0,  # 0 = off (the papers clip nothing)
         lr_decay_fraction=0.0,  # > 0: lr falls linearly to 0 over this final share of the run (paper: 0)
         sparsity_warmup_fraction=config_dict.placeholder(float),  # set: λ warm-up over this share of steps
+        # A batch whose loss or update is not finite is dropped (counted in metrics as skipped_batches)
+        # instead of stopping the run at the next log step (see README, "What survives what").
+        skip_nonfinite_batches=False,
     )
 
     # K SAEs in one jitted step on the same batches, one per λ here (same kind, width and init):
@@ -119,8 +122,22 @@ def _check(ok: bool, field: str, expected: str, found) -> None:
         raise ConfigError(f"config field {field} must be {expected}, found {found!r}")
 
 
+def _check_finite(tree: dict, prefix: str = "") -> None:
+    """Every number in the config is finite: inf and NaN pass `> 0`-style checks or slip past them."""
+    for key, value in tree.items():
+        field = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _check_finite(value, f"{field}.")
+            continue
+        numbers = value if isinstance(value, (tuple, list)) else [value]
+        for v in numbers:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"config field {field} must be finite, found {value!r}")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ConfigError on the first field that cannot work."""
+    _check_finite(c.to_dict())
     s, t, d = c.sae, c.train, c.data
     names = kinds.names()
     _check(s.kind in names, "sae.kind", f"one of {names}", s.kind)
@@ -141,6 +158,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(0 <= t.adam_b2 < 1, "train.adam_b2", "in [0, 1)", t.adam_b2)
     _check(t.adam_eps > 0, "train.adam_eps", "> 0", t.adam_eps)
     _check(t.clip_grad_norm >= 0, "train.clip_grad_norm", ">= 0 (0 = off)", t.clip_grad_norm)
+    skip = t.skip_nonfinite_batches
+    _check(isinstance(skip, bool), "train.skip_nonfinite_batches", "True or False", skip)
     _check(d.scale is None or d.scale > 0, "data.scale", "> 0 or unset", d.scale)
     _check(d.nonfinite in ("fail", "drop"), "data.nonfinite", "'fail' or 'drop'", d.nonfinite)
     _check(d.block_bytes > 0, "data.block_bytes", "> 0", d.block_bytes)

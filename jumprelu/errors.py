@@ -1,16 +1,21 @@
 """Errors that reach the user as one line naming the file or field at fault.
 
-Every command catches `UserError` and prints `jumprelu: error: <message>`, exit status 2.
+Every command catches `UserError` and prints `jumprelu: error: <message>`, with the error's
+`exit_status` (2 unless the class says otherwise).
 """
 
 from __future__ import annotations
 
 PREFIX = "jumprelu: error:"
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3  # training stopped at a non-finite loss or state; the good checkpoints are kept
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving; run it again to resume
 
 
 class UserError(ValueError):
     """Input that cannot be used; the message names the file or field and what was expected."""
+
+    exit_status = EXIT_USER_ERROR
 
 
 class ConfigError(UserError):
@@ -19,3 +24,17 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Data that cannot be trained on or written; the message names the file and the problem."""
+
+
+class WorkdirError(UserError):
+    """A workdir that cannot be used: not a directory, not writable, or held by another run."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be written or read; the message names the step and directory."""
+
+
+class Diverged(UserError):
+    """Training reached a non-finite loss or state; the message names the step and the last good checkpoint."""
+
+    exit_status = EXIT_DIVERGED

@@ -71,3 +71,18 @@ def write_bytes_atomically(path: str, data: bytes) -> None:
 
 def write_text_atomically(path: str, text: str) -> None:
     write_bytes_atomically(path, text.encode())
+
+
+def remove(path: str) -> None:
+    if is_remote(path):
+        _epath(path).unlink(missing_ok=True)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def rename(src: str, dst: str) -> None:
+    """Moves a file or directory (in a bucket: copies then deletes, which etils does for directories)."""
+    if is_remote(src):
+        _epath(src).rename(_epath(dst))
+    else:
+        os.replace(src, dst)

@@ -178,22 +178,31 @@ def test_store_source_trains(tmp_path, tiny_config):
 
 
 def test_killed_run_resumes_with_the_same_batches(tmp_path):
-    """SIGKILL at step 30 of 40 (checkpoint at 20); the resumed run ends bit-identical to an unbroken one."""
+    """SIGKILL at step 30 of 40 (checkpoint at 20), and SIGTERM after step 30 (issue 15, item 3: it saves
+    step 31 and exits 75); each resumed run ends bit-identical to an unbroken one."""
     flags = ["--config.train.steps=40", "--config.data.block_bytes=512"]
     straight = run_main(tmp_path / "a", *flags)
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = run_main(tmp_path / "b", *flags, env={"JUMPRELU_KILL_AT_STEP": "30"})
     assert killed.returncode == -signal.SIGKILL
     assert Checkpointer(str(tmp_path / "b"), keep=3, read_only=True).latest_step() == 20
-    resumed = run_main(tmp_path / "b", *flags)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((tmp_path / "b" / "report.json").read_text())["resumed_from_step"] == 20
-    state = json.loads((tmp_path / "b" / "checkpoints" / "40" / "data" / "process_0-of-1.json").read_text())
-    assert state == {"next_index": 40}
-    a, b = jumprelu.load(str(tmp_path / "a")), jumprelu.load(str(tmp_path / "b"))
-    for k, v in a.params().items():
-        np.testing.assert_array_equal(v, b.params()[k], err_msg=k)
-    # The metrics of steps 25..40 (after the resume) match the unbroken run's exactly.
-    after = lambda wd: [r for r in read_jsonl(wd / "metrics.jsonl") if r["step"] > 20]  # noqa: E731
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rs]  # noqa: E731
-    assert strip(after(tmp_path / "a")) == strip(after(tmp_path / "b"))
+    termed = run_main(tmp_path / "c", *flags, env={"JUMPRELU_KILL_AT_STEP": "30", "JUMPRELU_KILL_SIGNAL": "SIGTERM"})
+    assert termed.returncode == 75, termed.stderr[-3000:]
+    assert termed.stderr.strip().splitlines()[-1] == (
+        f"jumprelu: stopped by SIGTERM at step 31: saved {tmp_path / 'c' / 'checkpoints' / '31'}; "
+        "run the same command again to resume"
+    )
+    assert Checkpointer(str(tmp_path / "c"), keep=3, read_only=True).latest_step() == 31
+    for wd, start in (("b", 20), ("c", 31)):
+        resumed = run_main(tmp_path / wd, *flags)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert json.loads((tmp_path / wd / "report.json").read_text())["resumed_from_step"] == start
+        state = json.loads((tmp_path / wd / "checkpoints" / "40" / "data" / "process_0-of-1.json").read_text())
+        assert state == {"next_index": 40}
+        a, b = jumprelu.load(str(tmp_path / "a")), jumprelu.load(str(tmp_path / wd))
+        for k, v in a.params().items():
+            np.testing.assert_array_equal(v, b.params()[k], err_msg=k)
+        # The metrics after the resume match the unbroken run's exactly.
+        after = lambda d: [r for r in read_jsonl(d / "metrics.jsonl") if r["step"] > 20]  # noqa: E731
+        strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rs]  # noqa: E731
+        assert strip(after(tmp_path / "a")) == strip(after(tmp_path / wd))

@@ -8,9 +8,9 @@ from jumprelu.errors import EXIT_USER_ERROR, PREFIX
 
 
 def fail(message) -> int:
-    """Prints the one error line and returns the exit status for it."""
+    """Prints the one error line and returns the exit status for it (the error's own, if it has one)."""
     print(f"{PREFIX} {message}", file=sys.stderr)
-    return EXIT_USER_ERROR
+    return getattr(message, "exit_status", EXIT_USER_ERROR)
 
 
 def underscore_flags(argv: list[str]) -> list[str]:
@@ -61,6 +61,29 @@ def resolve_config_flags(argv: list[str], flags: tuple[str, ...] = ("config",)) 
     return out
 
 
+def config_error_message(error: Exception, argv: list[str]) -> str:
+    """One line for an error raised while the flags load config files and apply overrides.
+
+    ml_collections answers `--config.train.foo=1` with a KeyError inside an AttributeError:
+    that becomes "flag --config.train.foo=1: the config has no field train.foo".
+    """
+    original = error
+    while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError(...))
+        error = error.args[0]
+    key, _, hint = str(error.args[0] if error.args else error).partition("\n")
+    key = key.strip("'\"")
+    for a in argv:
+        name = a[2:].split("=", 1)[0] if a.startswith("--") else ""
+        flag, _, path = name.partition(".")
+        if path and key in path.split("."):
+            hint = f" ({hint[0].lower()}{hint[1:]})" if hint else ""
+            return f"flag {a}: the {flag} has no field {path}{hint}"
+    # The config files given (experiments are resolved to .py paths before parsing).
+    files = " ".join(a for a in argv if a.startswith("--") and a.split("=", 1)[-1].split(":")[0].endswith(".py"))
+    first = str(original).strip().splitlines()[0] if str(original).strip() else ""
+    return f"{files}: {type(original).__name__}: {first}".lstrip(": ")
+
+
 def quiet_libraries(flag_values) -> None:
     """Library INFO logs (orbax's, absl's) off unless --verbosity was given; ours stay on."""
     import logging as std_logging
@@ -69,16 +92,26 @@ def quiet_libraries(flag_values) -> None:
 
     if not flag_values["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+        # A failed checkpoint write or read makes orbax log a traceback per thread (16 for one full
+        # disk); jumprelu reports the same failure as one line (train/checkpoint.py), so these go.
+        std_logging.getLogger("absl").addFilter(_no_orbax_tracebacks)
     std_logging.getLogger("jumprelu").setLevel(std_logging.INFO)
+
+
+def _no_orbax_tracebacks(record) -> bool:
+    return not (record.levelno >= 40 and "/orbax/" in record.pathname.replace("\\", "/"))
 
 
 def absl_run(main, argv: list[str], program: str) -> int:
     """Runs an absl main with our argv (program name first); flag errors become one line."""
     from absl import app, flags
 
+    argv = underscore_flags([program, *argv])
     try:
-        flags.FLAGS(underscore_flags([program, *argv]))
+        flags.FLAGS(argv)
     except flags.Error as e:
         return fail(f"{program}: {e}")
+    except Exception as e:  # loading a config file runs the user's code: its error is theirs, in one line
+        return fail(f"{program}: {config_error_message(e, argv)}")
     app.run(lambda _: main(), argv=[program], flags_parser=lambda a: a)
     return 0

@@ -33,7 +33,7 @@ def run(argv: list[str]) -> int:
     c.add_argument("--no_shuffle", action="store_true", help="keep the input order within shards")
     s = sub.add_parser("summary", help="validate a store and print what it holds")
     s.add_argument("store")
-    s.add_argument("--verify", action="store_true", help="re-read every row to count NaN/Inf")
+    s.add_argument("--verify", action="store_true", help="re-read every row: checksums and NaN/Inf count")
     s.add_argument("--json", action="store_true")
     args = parser.parse_args(common.underscore_flags(argv))
     try:

@@ -1,10 +1,14 @@
 """jumprelu train --config EXPERIMENT[:arg] --workdir DIR [--config.section.field=value ...]
 
 Trains the SAE the experiment describes, or resumes it from DIR's latest checkpoint, and
-prints the held-out report.
+prints the held-out report. Exit status: 0 done, 2 bad input (one line), 3 diverged (one
+line naming the last good checkpoint), 75 stopped by SIGTERM/SIGINT after saving the
+current step (run the same command again to resume).
 """
 
 from __future__ import annotations
+
+import sys
 
 from jumprelu.cli import common
 
@@ -22,14 +26,23 @@ def run(argv: list[str]) -> int:
     flags.mark_flags_as_required(["config", "workdir"])
 
     def main() -> int:
-        from jumprelu.errors import UserError
+        from jumprelu.errors import EXIT_PREEMPTED, UserError
         from jumprelu.train import loop, report
+        from jumprelu.train.preemption import Preempted
 
         common.quiet_libraries(flags.FLAGS)
         try:
             result = loop.train(config.value, workdir.value)
         except UserError as e:
             return common.fail(e)
+        except Preempted as e:
+            print(f"jumprelu: {e}", file=sys.stderr)
+            return EXIT_PREEMPTED
+        except KeyboardInterrupt:  # Ctrl-C outside the loop (start-up, report), or a second one in it
+            print(
+                "jumprelu: interrupted; run the same command again to resume from its last checkpoint", file=sys.stderr
+            )
+            return 128 + 2
         print(report.format_report(result))
         return 0
 

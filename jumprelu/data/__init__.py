@@ -12,9 +12,9 @@ import jax
 from jumprelu.data import synthetic
 from jumprelu.data.stream import BatchStream
 from jumprelu.errors import ConfigError, DataError
-from jumprelu.store import Store, open_store
+from jumprelu.store import Store, checksum, open_store
 from jumprelu.store import format as store_format
-from jumprelu.store.reader import read_metadata
+from jumprelu.store.metadata import read_metadata
 
 __all__ = ["BatchStream", "DataError", "open_source", "make_stream", "ground_truth", "source_d_model"]
 
@@ -44,7 +44,10 @@ def open_source(data_cfg, workdir: str) -> Store:
         )
     else:
         path = data_cfg.source
-    store = open_store(path, nonfinite=data_cfg.nonfinite, verify=data_cfg.verify)
+    # Every open checks a few random blocks against the writer's checksums: changed bytes are
+    # caught before training on them even without data.verify (which re-reads every row).
+    sample = 0 if data_cfg.verify else checksum.START_SAMPLE_BLOCKS
+    store = open_store(path, nonfinite=data_cfg.nonfinite, verify=data_cfg.verify, sample_blocks=sample)
     if data_cfg.d_model is not None and data_cfg.d_model != store.d_model:
         raise ConfigError(
             f"config field data.d_model is {data_cfg.d_model} but data.source {path} has d_model {store.d_model}"

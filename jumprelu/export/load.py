@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
@@ -12,8 +13,13 @@ import ml_collections
 from jumprelu import fs
 from jumprelu.core import kinds
 from jumprelu.core.folded import SAE, fold
+from jumprelu.errors import CheckpointError
 from jumprelu.export import gemma_scope, gemma_scope_2, saelens
+from jumprelu.train import guard
 from jumprelu.train.checkpoint import MEMBER_FILE, Checkpointer, checkpoint_dir, member_dir
+from jumprelu.train.failures import reason
+
+log = logging.getLogger("jumprelu")
 
 
 def load(path: str, step: int | None = None, member: int | None = None) -> SAE:
@@ -23,6 +29,9 @@ def load(path: str, step: int | None = None, member: int | None = None) -> SAE:
     its member directory WORKDIR/sae-i directly. Released layouts load too, by what `path` holds:
     a Gemma Scope `params.npz`, a SAELens directory (cfg.json + sae_weights.safetensors), a
     Gemma Scope 2 folder (params.safetensors + config.json, or the params.safetensors itself).
+    Without `step`, a damaged newest checkpoint (unreadable, or holding NaN/Inf) is skipped
+    with a warning saying why, and the next older one loads; a damaged `step` is a
+    `CheckpointError`.
     """
     released = _released_format(path)
     if released is not None:
@@ -33,11 +42,32 @@ def load(path: str, step: int | None = None, member: int | None = None) -> SAE:
     if "://" not in path and not os.path.isdir(checkpoint_dir(path)):
         raise FileNotFoundError(f"{path}: no checkpoints/ directory; expected a jumprelu training workdir")
     ckpt = Checkpointer(path, keep=1, read_only=True)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{checkpoint_dir(path)}: holds no complete checkpoint")
-    config = ckpt.restore_config(step)
-    ckpt.close()
+    try:
+        if step is not None:
+            return _load_step(ckpt, path, step, member)
+        if not ckpt.steps():
+            raise FileNotFoundError(f"{checkpoint_dir(path)}: holds no complete checkpoint")
+        damaged = []
+        for candidate in ckpt.steps():
+            try:
+                return _load_step(ckpt, path, candidate, member)
+            except CheckpointError as e:
+                damaged.append(str(e))
+                log.warning("%s; trying the previous checkpoint", e)
+        raise CheckpointError(f"{checkpoint_dir(path)}: no intact checkpoint ({'; '.join(damaged)})")
+    finally:
+        ckpt.close()
+
+
+def _load_step(ckpt: Checkpointer, path: str, step: int, member: int | None) -> SAE:
+    """The SAE at `step`; `ckpt` is a read-only Checkpointer of an unstacked layout (enough for the config)."""
+    where = f"{checkpoint_dir(path)}/{step}"
+    if step not in ckpt.steps():
+        raise FileNotFoundError(f"{where}: no such checkpoint (complete ones: {sorted(ckpt.steps())})")
+    try:
+        config = ckpt.restore_config(step)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {where} is damaged: its config cannot be read ({reason(e)})") from None
     cfg = ml_collections.ConfigDict(config)
     lams = tuple(config.get("stack", {}).get("sparsity_coefficients", ()))
     if lams and member is None:
@@ -47,17 +77,24 @@ def load(path: str, step: int | None = None, member: int | None = None) -> SAE:
         )
     if member is not None and not 0 <= member < len(lams):
         raise ValueError(f"{path}: member={member} but the run holds {len(lams)} stacked SAEs")
-    if lams:
+    if lams:  # the stacked layout names its items sae-0 ... sae-{K-1}
         config = dict(config, sae=dict(config["sae"], sparsity_coefficient=lams[member]))
-    ckpt = Checkpointer(path, keep=1, read_only=True, members=len(lams))
+        ckpt = Checkpointer(path, keep=1, read_only=True, members=len(lams))
     kind = kinds.from_config(cfg.sae, cfg.data.d_model)
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     on_cpu = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), tree)  # noqa: E731
     abstract = on_cpu(jax.eval_shape(kind.model.init, jax.random.key(0), jnp.zeros((1, cfg.data.d_model)))["params"])
     stats = on_cpu(jax.eval_shape(kind.init_stats))
     scale_abstract = jax.ShapeDtypeStruct((), jnp.float32, sharding=cpu)
-    params, scale, stats = ckpt.restore_sae(abstract, scale_abstract, stats, step, member=member)
-    ckpt.close()
+    try:
+        params, scale, stats = ckpt.restore_sae(abstract, scale_abstract, stats, step, member=member)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {where} is damaged: it cannot be read ({reason(e)})") from None
+    finally:
+        if lams:
+            ckpt.close()
+    if not bool(guard.all_finite((params, scale, stats))):
+        raise CheckpointError(f"checkpoint {where} is damaged: it holds NaN or Inf")
     folded = fold(kind.export(params, stats), scale, cfg.sae.pre_encoder_bias)
     return SAE(**folded, scale=float(scale), step=int(step), config=config)
 

@@ -70,11 +70,17 @@ def run_one(spec: str, name: str, root: str) -> int:
     experiment, arg = experiments.split(spec)
     runs = {r.name: r for r in experiments.expand(experiments.load(experiment), arg)}
     run = runs[name]
+    from jumprelu.errors import EXIT_PREEMPTED
+    from jumprelu.train.preemption import Preempted
+
     try:
         report = loop.train(run.config, run.workdir(root))
     except UserError as e:
         print(f"{PREFIX} run {name}: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return e.exit_status  # 3 for a diverged run
+    except Preempted as e:
+        print(f"jumprelu: run {name}: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     print(format_report(report))
     return 0
 

@@ -6,8 +6,31 @@ import os
 
 import numpy as np
 
+from jumprelu.store import format as fmt
+from jumprelu.store.metadata import read_metadata
 from jumprelu.store.npy import open_npy
 from jumprelu.store.writer import StoreWriter
+
+
+def _already_converted(output, rows, dtype, model, site, layer, text_source, shuffle_seed, shard_rows):
+    """The metadata of `output` if a conversion with these settings already completed there, else None.
+
+    A process killed after metadata.json was written but before it returned is then rerun
+    as a no-op (removing the progress file it left), so the same command always finishes.
+    """
+    if not os.path.exists(os.path.join(output, fmt.METADATA)):
+        return None
+    meta = read_metadata(output)
+    want = dict(d_model=int(rows.shape[1]), dtype=dtype, model=model, site=site, layer=layer)
+    want.update(text_source=text_source, shuffle_seed=shuffle_seed, num_rows=int(rows.shape[0]))
+    if shard_rows:
+        want["shard_rows"] = int(shard_rows)
+    if any(meta.get(k) != v for k, v in want.items()):
+        return None  # StoreWriter refuses to touch it, saying why
+    leftover = os.path.join(output, fmt.WRITING)
+    if os.path.exists(leftover):
+        os.remove(leftover)
+    return meta
 
 
 def convert(
@@ -28,6 +51,11 @@ def convert(
     shuffle_seed: the seed of the shuffle within each shard; None keeps the input order.
     """
     rows = open_npy(input_path)
+    done = _already_converted(output, rows, dtype, model, site, layer, text_source or os.path.abspath(input_path),
+                              shuffle_seed, shard_rows)  # fmt: skip
+    if done is not None:
+        log(f"{output} already holds these {rows.shape[0]} rows; nothing to do")
+        return done
     writer = StoreWriter(
         output,
         d_model=int(rows.shape[1]),
@@ -67,6 +95,9 @@ def summary(store) -> dict:
         "bytes": sum(os.path.getsize(f) for f in files),
         "scale": store.scale,
         "nonfinite_rows": int(sum(len(b) for b in store.bad_rows)),
+        "checksums": (
+            f"crc32 per {meta['checksum']['block_rows']} rows" if store.checksummed else "none (format 1, unverified)"
+        ),
         "shuffled_within_shards": meta["shuffle_seed"] is not None,
         "created": meta.get("created"),
     }

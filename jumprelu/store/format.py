@@ -7,6 +7,9 @@ A store is a directory:
   shard-00001.npy      ...
   writing.json         only while a write is in progress: what is committed so far
 
+Format 2 adds CRC-32 checksums of each shard's rows, per block (`checksum.py`); format 1
+stores (no checksums) still load, as unverified.
+
 Shards are plain `.npy` files so that they can be memory-mapped: a reader copies
 contiguous blocks of rows straight from the page cache, at memory speed when cached
 and at disk speed when not (see README, "Activation store"). ArrayRecord with one row
@@ -23,7 +26,8 @@ import ml_dtypes
 import numpy as np
 
 FORMAT = "jumprelu-activation-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what the writer writes
+READABLE_VERSIONS = (1, 2)  # 1: no checksums
 METADATA = "metadata.json"
 WRITING = "writing.json"
 DTYPES = ("float32", "bfloat16")

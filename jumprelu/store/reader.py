@@ -1,20 +1,28 @@
-"""`open_store`: checks a store completely before any training work, then memory-maps it.
+"""`open_store`: checks a store before any training work, then memory-maps it.
 
 Every problem is a one-line `DataError` naming the store and the file: an incomplete
 write (and which shard was in flight), a missing or truncated shard, a shard whose
-header disagrees with metadata.json, an unknown format version, rows holding NaN/Inf.
+header disagrees with metadata.json, an unknown format version or a field of the wrong
+type (`metadata.py`), rows holding NaN/Inf, and rows whose bytes no longer match the
+checksums the writer recorded (naming the shard and the row range).
 """
 
 from __future__ import annotations
 
-import glob
-import json
+import logging
 import os
+import random
 
 import numpy as np
 
 from jumprelu.errors import DataError
+from jumprelu.store import checksum
 from jumprelu.store import format as fmt
+from jumprelu.store.metadata import fail as _fail
+from jumprelu.store.metadata import read_metadata
+
+log = logging.getLogger("jumprelu")
+_warned_unverified: set[str] = set()
 
 NONFINITE_POLICIES = ("fail", "drop")
 
@@ -48,6 +56,10 @@ class Store:
     def shard_rows(self) -> list[int]:
         return [int(s["rows"]) for s in self.metadata["shards"]]
 
+    @property
+    def checksummed(self) -> bool:
+        return "checksum" in self.metadata
+
     def shard(self, index: int) -> np.ndarray:
         """Shard `index` as a read-only memory map [rows, d_model] in the store's dtype."""
         if index not in self._maps:
@@ -57,52 +69,6 @@ class Store:
 
     def __getstate__(self):
         return {**self.__dict__, "_maps": {}}
-
-
-def _fail(path: str, message: str):
-    raise DataError(f"store {path}: {message}")
-
-
-def read_metadata(path: str) -> dict:
-    """metadata.json of the store at `path`, checked (format, version, fields), without touching shards."""
-    if not os.path.isdir(path):
-        _fail(path, "no such directory")
-    meta_file = os.path.join(path, fmt.METADATA)
-    if not os.path.exists(meta_file):
-        progress = os.path.join(path, fmt.WRITING)
-        if os.path.exists(progress):
-            with open(progress) as f:
-                done = json.load(f)["shards"]
-            last = done[-1]["file"] if done else "none"
-            in_flight = sorted(glob.glob(os.path.join(path, ".shard-*.tmp")))
-            flight = f"; {os.path.basename(in_flight[0])[1:-4]} was being written" if in_flight else ""
-            _fail(
-                path,
-                f"incomplete: the writer stopped after {len(done)} complete shards (last: {last}){flight}; "
-                "run the writer again on this directory to resume",
-            )
-        _fail(path, f"not an activation store ({fmt.METADATA} missing)")
-    try:
-        with open(meta_file) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        _fail(path, f"{fmt.METADATA} is not readable JSON ({e})")
-    if meta.get("format") != fmt.FORMAT:
-        _fail(path, f"{fmt.METADATA} field format must be {fmt.FORMAT!r}, found {meta.get('format')!r}")
-    if meta.get("format_version") != fmt.FORMAT_VERSION:
-        _fail(
-            path,
-            f"{fmt.METADATA} has format_version {meta.get('format_version')!r}; "
-            f"this jumprelu reads version {fmt.FORMAT_VERSION}",
-        )
-    for field in (*fmt.HEADER_FIELDS, "num_rows", "scale", "shards"):
-        if field not in meta:
-            _fail(path, f"{fmt.METADATA} lacks the field {field!r}")
-    if meta["dtype"] not in fmt.DTYPES:
-        _fail(path, f"{fmt.METADATA} field dtype must be one of {fmt.DTYPES}, found {meta['dtype']!r}")
-    if sum(s["rows"] for s in meta["shards"]) != meta["num_rows"]:
-        _fail(path, f"{fmt.METADATA}: num_rows {meta['num_rows']} is not the sum of the shards' rows")
-    return meta
 
 
 def _check_shard(path: str, meta: dict, shard: dict) -> None:
@@ -133,30 +99,81 @@ def _check_shard(path: str, meta: dict, shard: dict) -> None:
         _fail(path, f"{shard['file']} is truncated or damaged: expected {expected} bytes, found {found}")
 
 
-def _scan_nonfinite(store: Store, index: int, chunk_rows: int = 16384) -> np.ndarray:
+def _verify_shard(store: Store, index: int, chunk_rows: int = 16384) -> np.ndarray:
+    """Re-reads every row of shard `index`: its checksums (if recorded) and its NaN/Inf rows.
+
+    Returns the rows holding NaN/Inf; raises if the bytes or that count disagree with metadata.json.
+    """
+    shard = store.metadata["shards"][index]
+    if store.checksummed:
+        _check_blocks(store, index, range(len(shard["crc32"])))
     rows = store.shard(index)
     bad = [
         start + np.flatnonzero(~np.isfinite(rows[start : start + chunk_rows]).all(axis=1))
         for start in range(0, rows.shape[0], chunk_rows)
     ]
-    return np.concatenate(bad) if bad else np.zeros(0, np.int64)
+    bad = np.concatenate(bad) if bad else np.zeros(0, np.int64)
+    if bad.tolist() != sorted(shard["nonfinite_rows"]):
+        where = f"first: row {int(bad[0])}" if len(bad) else "none"
+        _fail(
+            store.path,
+            f"{shard['file']} holds {len(bad)} rows with NaN or Inf ({where}) where {fmt.METADATA} records "
+            f"{len(shard['nonfinite_rows'])}: the shard changed after it was written",
+        )
+    return bad
 
 
-def open_store(path: str, *, nonfinite: str = "fail", verify: bool = False) -> Store:
+def _check_blocks(store: Store, index: int, blocks) -> None:
+    """Raises on the first block of shard `index` among `blocks` whose CRC-32 disagrees with metadata.json."""
+    shard = store.metadata["shards"][index]
+    per_block = store.metadata["checksum"]["block_rows"]
+    rows = np.load(os.path.join(store.path, shard["file"]), mmap_mode="r")  # the file's own dtype: its bytes
+    bad = checksum.mismatches(rows, shard["crc32"], per_block, blocks)
+    if bad:
+        _, lo, hi, found, expected = bad[0]
+        _fail(
+            store.path,
+            f"{shard['file']} rows {lo}-{hi - 1} do not match their checksum (crc32 {found:08x}, "
+            f"{fmt.METADATA} records {expected:08x}): the shard changed after it was written; "
+            "restore it from a copy or write the store again",
+        )
+
+
+def _sample_blocks(store: Store, count: int) -> None:
+    """Checks `count` blocks drawn at random from the whole store (different ones at each start)."""
+    blocks = [(i, b) for i, s in enumerate(store.metadata["shards"]) for b in range(len(s["crc32"]))]
+    for i, b in sorted(random.sample(blocks, min(count, len(blocks)))):
+        _check_blocks(store, i, [b])
+
+
+def open_store(path: str, *, nonfinite: str = "fail", verify: bool = False, sample_blocks: int = 0) -> Store:
     """Validates the store at `path` and returns it.
 
-    nonfinite: rows holding NaN/Inf (counted by the writer, or by `verify`) either fail
-      the open ("fail") or are left out of training and evaluation ("drop").
-    verify: re-read every row to count NaN/Inf instead of trusting metadata.json.
+    nonfinite: rows holding NaN/Inf (counted by the writer) either fail the open ("fail")
+      or are left out of training and evaluation ("drop").
+    verify: re-read every row: every block's checksum and the NaN/Inf count must agree
+      with metadata.json.
+    sample_blocks: without `verify`, check the checksums of this many random blocks
+      (training does at every start; `checksum.START_SAMPLE_BLOCKS`).
     """
     if nonfinite not in NONFINITE_POLICIES:
         raise DataError(f"store {path}: nonfinite policy must be one of {NONFINITE_POLICIES}, found {nonfinite!r}")
     meta = read_metadata(path)
     for shard in meta["shards"]:
         _check_shard(path, meta, shard)
-    store = Store(path, meta, [np.asarray(s["nonfinite_rows"], np.int64) for s in meta["shards"]])
+    store = Store(path, meta, [np.asarray(sorted(s["nonfinite_rows"]), np.int64) for s in meta["shards"]])
+    if not store.checksummed and (verify or sample_blocks) and path not in _warned_unverified:
+        _warned_unverified.add(path)
+        log.warning(
+            "store %s has format_version %s, which records no checksums: its rows cannot be verified "
+            "(write it again with this jumprelu to protect it)",
+            path,
+            meta["format_version"],
+        )
     if verify:
-        store.bad_rows = [_scan_nonfinite(store, i) for i in range(len(meta["shards"]))]
+        store.bad_rows = [_verify_shard(store, i) for i in range(len(meta["shards"]))]
+    elif sample_blocks and store.checksummed:
+        _sample_blocks(store, sample_blocks)
     counts = [(s["file"], len(b), b) for s, b in zip(meta["shards"], store.bad_rows, strict=False) if len(b)]
     if counts and nonfinite == "fail":
         total = sum(n for _, n, _ in counts)

@@ -3,7 +3,9 @@
 Rows are appended in any chunk size. Each full shard is shuffled (rows of one text
 window are adjacent when they arrive; readers copy blocks of adjacent rows, so the
 mixing has to happen here), written under a temporary name, fsynced and renamed; only
-then is it recorded in `writing.json`. `metadata.json` is written last, by `close`.
+then is it recorded in `writing.json` with the CRC-32 of each block of its rows
+(`checksum.py`). `metadata.json` is written last, by `close`. A failed write (a full
+disk) is a one-line `DataError`; what was committed stays, and the same command resumes.
 
 A producer that was interrupted opens the writer again with the same header: the
 writer reports `rows_written`, the rows safely in complete shards, and the producer
@@ -13,7 +15,9 @@ crash are simply produced again, so no row is lost or duplicated.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import glob
 import json
 import os
@@ -21,6 +25,7 @@ import os
 import numpy as np
 
 from jumprelu.errors import DataError
+from jumprelu.store import checksum
 from jumprelu.store import format as fmt
 
 DEFAULT_SHARD_BYTES = 256 << 20
@@ -31,6 +36,18 @@ def _row_squared_norms(rows: np.ndarray) -> np.ndarray:
     if rows.dtype not in (np.float32, np.float64):
         rows = rows.astype(np.float32)
     return np.einsum("ij,ij->i", rows, rows)
+
+
+@contextlib.contextmanager
+def _writing(store: str, what: str):
+    """An OSError while writing `what` (a full disk, a read-only directory) as one line."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason += "; free some space and run the same command again: it resumes after the last complete shard"
+        raise DataError(f"store {store}: cannot write {what}: {reason}") from None
 
 
 class StoreWriter:
@@ -55,6 +72,7 @@ class StoreWriter:
         self.path = path
         row_bytes = d_model * fmt.file_dtype(dtype).itemsize
         self.shard_rows = int(shard_rows or max(1, DEFAULT_SHARD_BYTES // row_bytes))
+        self.block_rows = checksum.block_rows(row_bytes)
         self.header = dict(
             model=model,
             site=site,
@@ -73,8 +91,9 @@ class StoreWriter:
         self._shards: list[dict] = []
         if os.path.exists(os.path.join(path, fmt.METADATA)):
             raise DataError(f"store {path} is already complete ({fmt.METADATA} exists); write to a new directory")
-        os.makedirs(path, exist_ok=True)
-        self._resume_or_start()
+        with _writing(path, "the directory"):
+            os.makedirs(path, exist_ok=True)
+            self._resume_or_start()
 
     # -- resume ---------------------------------------------------------------------------------
     def _resume_or_start(self) -> None:
@@ -90,6 +109,10 @@ class StoreWriter:
                         "or write to a new directory"
                     )
             self._shards = saved["shards"]
+            for s in self._shards:  # committed by a jumprelu that kept no checksums: take them now
+                if "crc32" not in s:
+                    rows = np.load(os.path.join(self.path, s["file"]), mmap_mode="r")
+                    s["crc32"] = checksum.block_checksums(rows, self.block_rows)
         elif glob.glob(os.path.join(self.path, "shard-*.npy")):
             raise DataError(f"store {self.path}: holds shard files but no {fmt.WRITING}; not a store this writer made")
         # Anything beyond the recorded shards is a leftover of the crash: it will be written again.
@@ -100,7 +123,10 @@ class StoreWriter:
         self._record_progress()
 
     def _record_progress(self) -> None:
-        fmt.write_json_atomically(os.path.join(self.path, fmt.WRITING), {"header": self.header, "shards": self._shards})
+        with _writing(self.path, fmt.WRITING):
+            fmt.write_json_atomically(
+                os.path.join(self.path, fmt.WRITING), {"header": self.header, "shards": self._shards}
+            )
 
     @property
     def rows_written(self) -> int:
@@ -148,14 +174,28 @@ class StoreWriter:
         sum_sq = float(np.sum(sq, dtype=np.float64))
         name = fmt.shard_name(index)
         tmp = os.path.join(self.path, fmt.temporary_name(index))
-        with open(tmp, "wb") as f:
-            np.save(f, rows.view(fmt.file_dtype(self.header["dtype"])), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(self.path, name))
-        fmt.fsync_directory(self.path)
+        file_rows = rows.view(fmt.file_dtype(self.header["dtype"]))
+        crcs = checksum.block_checksums(file_rows, self.block_rows)
+        with _writing(self.path, name):
+            try:
+                with open(tmp, "wb") as f:
+                    np.save(f, file_rows, allow_pickle=False)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError:
+                with contextlib.suppress(OSError):  # give the space back; the shard is written again on resume
+                    os.remove(tmp)
+                raise
+            os.replace(tmp, os.path.join(self.path, name))
+            fmt.fsync_directory(self.path)
         self._shards.append(
-            {"file": name, "rows": n, "sum_sq_norm": sum_sq, "nonfinite_rows": np.flatnonzero(~finite).tolist()}
+            {
+                "file": name,
+                "rows": n,
+                "sum_sq_norm": sum_sq,
+                "nonfinite_rows": np.flatnonzero(~finite).tolist(),
+                "crc32": crcs,
+            }
         )
         self._buffered = 0
         self._record_progress()
@@ -178,10 +218,13 @@ class StoreWriter:
             "num_rows": self.rows_written,
             "scale": scale,  # C with E‖x/C‖² = 1 over all finite rows
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "checksum": {"algorithm": checksum.ALGORITHM, "block_rows": self.block_rows},
             "shards": [
-                {"file": s["file"], "rows": s["rows"], "nonfinite_rows": s["nonfinite_rows"]} for s in self._shards
+                {"file": s["file"], "rows": s["rows"], "nonfinite_rows": s["nonfinite_rows"], "crc32": s["crc32"]}
+                for s in self._shards
             ],
         }
-        fmt.write_json_atomically(os.path.join(self.path, fmt.METADATA), metadata)
+        with _writing(self.path, fmt.METADATA):
+            fmt.write_json_atomically(os.path.join(self.path, fmt.METADATA), metadata)
         os.remove(os.path.join(self.path, fmt.WRITING))
         return metadata

@@ -1,2 +1,3 @@
 """Training: meshes and shardings, the train state, the optimizer, the pure step, the compiled
-program, the loop, checkpoints, multi-host helpers, the metrics log and the final report."""
+program, the loop, checkpoints and resuming, multi-host helpers, the metrics log, the final
+report, and what keeps a run safe: the workdir lock, the divergence guard and preemption."""

@@ -12,10 +12,16 @@ Orbax writes each step to a temporary directory and renames it when complete, so
 crash at any moment leaves the previous checkpoint loadable. Restores always go into
 an abstract target with shardings attached: restoring without one would return the
 saved shardings and turn optax's namedtuples into lists.
+
+A save that fails (a full disk), now or in orbax's background thread, is one line naming
+the step and the last complete checkpoint. A checkpoint that cannot be read back is set
+aside into `checkpoints-damaged/` by a resuming run (`resume.py`); nothing is deleted.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 
 import grain
@@ -27,9 +33,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jumprelu import fs
+from jumprelu.errors import CheckpointError
+from jumprelu.train.failures import no_space, reason
 from jumprelu.train.state import TrainState, member_of
 
+log = logging.getLogger("jumprelu")
+
 ITEMS = ("sae", "train", "config", "data")
+SKIPPED = "skipped_batches"  # in the train item since skip_nonfinite_batches; older checkpoints lack it
 
 
 MEMBER_FILE = "member.json"  # in WORKDIR/sae-i/ of a stacked run: {"member": i, "workdir": ".."}
@@ -68,9 +79,30 @@ class Checkpointer:
         sae_items = tuple(member_item(i) for i in range(members)) if members else ("sae",)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=sae_items + ITEMS[1:])
+        self._in_flight: int | None = None
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def steps(self) -> list[int]:
+        """Complete checkpoints, newest first."""
+        return sorted(self._manager.all_steps(), reverse=True)
+
+    def reload(self) -> None:
+        """Re-reads the list of steps (after another process moved one)."""
+        self._manager.reload()
+
+    def step_dir(self, step: int) -> str:
+        return fs.join(self.directory, str(step))
+
+    def _write_failed(self, step: int, error: BaseException) -> CheckpointError:
+        latest = self.latest_step()
+        last = f"the last complete checkpoint is {self.step_dir(latest)}" if latest is not None else "none is complete"
+        why = reason(error)
+        hint = ""
+        if no_space(error):
+            hint = "; free some space and run the same command again: it resumes from there"
+        return CheckpointError(f"cannot write checkpoint {step} in {self.directory}: {why}; {last}{hint}")
 
     def save(self, state: TrainState, config: dict, data_iterator) -> None:
         """Starts an asynchronous save of `state` at its own step.
@@ -87,11 +119,19 @@ class Checkpointer:
             sae = {"sae": ocp.args.StandardSave({"params": state.params, "scale": state.scale, "stats": state.stats})}
         args = ocp.args.Composite(
             **sae,
-            train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+            train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state, SKIPPED: state.skipped}),
             config=ocp.args.JsonSave(config),
             data=grain.checkpoint.CheckpointSave(data_iterator),
         )
-        self._manager.save(int(state.step), args=args)
+        step = int(state.step)
+        # orbax waits for the previous save before starting this one anyway; waiting here first
+        # makes a failure of that background save name its own step.
+        self.wait()
+        try:
+            self._manager.save(step, args=args)
+        except Exception as e:
+            raise self._write_failed(step, e) from None
+        self._in_flight = step
 
     def restore_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
@@ -106,13 +146,17 @@ class Checkpointer:
             sae = {member_item(i): ocp.args.StandardRestore(one) for i in range(self.members)}
         else:
             sae = {"sae": ocp.args.StandardRestore(target)}
+        train_target = {"step": abstract.step, "opt_state": abstract.opt_state}
+        has_skipped = self._has_skipped(step)
+        if has_skipped:
+            train_target[SKIPPED] = abstract.skipped
         restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **sae, train=ocp.args.StandardRestore({"step": abstract.step, "opt_state": abstract.opt_state})
-            ),
+            step, args=ocp.args.Composite(**sae, train=ocp.args.StandardRestore(train_target))
         )
         train = restored["train"]
+        if not has_skipped:
+            a = abstract.skipped
+            train[SKIPPED] = jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding)
         if self.members:
             parts = [restored[member_item(i)] for i in range(self.members)]
             shardings = jax.tree.map(lambda a: a.sharding, (abstract.params, abstract.stats))
@@ -127,8 +171,34 @@ class Checkpointer:
             params=sae["params"],
             opt_state=train["opt_state"],
             scale=sae["scale"],
+            skipped=train[SKIPPED],
             stats=sae["stats"],
         )
+
+    def _has_skipped(self, step: int) -> bool:
+        meta = epath.Path(self.directory) / str(step) / "train" / "_METADATA"
+        tree = json.loads(meta.read_text()).get("tree_metadata", {})
+        return any(key.startswith(f"('{SKIPPED}'") for key in tree)
+
+    def check_data(self, step: int) -> None:
+        """Reads this process's data item of `step` (if it has one): raises if it is unreadable."""
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        file = epath.Path(self.directory) / str(step) / "data" / name
+        if file.exists():
+            state = json.loads(file.read_text())
+            if not isinstance(state, dict) or "next_index" not in state:
+                raise ValueError(f"{file} holds no pipeline state")
+
+    def set_aside(self, step: int) -> str:
+        """Moves checkpoint `step` to checkpoints-damaged/ (never deleted); returns where it went."""
+        aside = self.directory.rstrip("/") + "-damaged"
+        fs.makedirs(aside)
+        dst, n = fs.join(aside, str(step)), 1
+        while fs.exists(dst):
+            dst, n = fs.join(aside, f"{step}.{n}"), n + 1
+        fs.rename(self.step_dir(step), dst)
+        self._manager.reload()
+        return dst
 
     def restore_data(self, iterator, step: int | None = None) -> bool:
         """Sets `iterator` to the pipeline state saved at `step`; False if this process has none
@@ -152,8 +222,17 @@ class Checkpointer:
         return out["params"], out["scale"], out["stats"]
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits for the in-flight save; its failure is a one-line `CheckpointError`."""
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as e:
+            step, self._in_flight = self._in_flight, None
+            raise self._write_failed(step if step is not None else -1, e) from None
+        self._in_flight = None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()

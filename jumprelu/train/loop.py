@@ -1,7 +1,14 @@
-"""Orchestration only: data -> mesh -> state -> compiled step -> loop -> checkpoints -> report."""
+"""Orchestration only: lock -> data -> mesh -> compiled step -> resume -> loop -> checkpoints -> report.
+
+Everything a user can get wrong (config, workdir, store, resume mismatch) fails as one line
+before the step is compiled. During the loop, `guard` stops a diverging run before it saves
+anything non-finite and `preemption` turns SIGTERM/SIGINT into a saved step; see README,
+"What survives what".
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,43 +23,17 @@ from jumprelu import data as data_lib
 from jumprelu import fs
 from jumprelu.core import kinds
 from jumprelu.data import pipeline
-from jumprelu.train import distributed, program, report, sharding, writers
+from jumprelu.train import distributed, guard, lock, preemption, program, report, resume, sharding, writers
 from jumprelu.train import state as state_lib
 from jumprelu.train.checkpoint import Checkpointer, member_dir
 from jumprelu.train.metrics_log import Progress
 
 log = logging.getLogger("jumprelu")
 
-# Set by the preemption test: the process kills itself (SIGKILL) after this step.
+# Set by the preemption tests: the process sends itself this signal (default SIGKILL) after this step.
 _KILL_AT_STEP = int(os.environ.get("JUMPRELU_KILL_AT_STEP", "-1"))
-
+_KILL_SIGNAL = getattr(signal, os.environ.get("JUMPRELU_KILL_SIGNAL", "SIGKILL"))
 _INIT_ROWS = 8192  # training rows a data-dependent start looks at
-
-# Fields that fix the shapes and meaning of a checkpoint: a resumed run must match them.
-_RESUME_FIELDS = (
-    "sae.kind",
-    "sae.width",
-    "sae.threshold_param",
-    "sae.pre_encoder_bias",
-    "data.d_model",
-    "stack.sparsity_coefficients",
-)
-
-
-def _get(d: dict, dotted: str):
-    for k in dotted.split("."):
-        d = d.get(k) if isinstance(d, dict) else None
-    return json.loads(json.dumps(d))  # tuples and lists compare alike, as they are in the saved JSON
-
-
-def _check_resumable(saved: dict, cfg: ml_collections.ConfigDict, directory: str) -> None:
-    now = cfg.to_dict()
-    for field in _RESUME_FIELDS:
-        if _get(saved, field) != _get(now, field):
-            raise config_lib.ConfigError(
-                f"config field {field} is {_get(now, field)!r} but the checkpoint in {directory} "
-                f"was trained with {_get(saved, field)!r}; use a new --workdir"
-            )
 
 
 def _initial_scale(cfg, store) -> float:
@@ -64,38 +45,52 @@ def _initial_scale(cfg, store) -> float:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (or resumes) the SAE described by `cfg` in `workdir`; returns the report."""
+    """Trains (or resumes) the SAE described by `cfg` in `workdir`; returns the report.
+
+    Raises `errors.Diverged` if the loss or state stops being finite, and
+    `preemption.Preempted` after saving the current step on SIGTERM/SIGINT.
+    """
     config_lib.validate(cfg)
     distributed.maybe_initialize(cfg.mesh)  # before anything touches a device
+    with lock.hold(workdir):  # a second run on this workdir, or an unusable workdir, fails here
+        return _train(cfg, workdir)
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     store = data_lib.open_source(cfg.data, workdir)
     stream = data_lib.make_stream(cfg.data, store)
     cfg = ml_collections.ConfigDict(cfg.to_dict())  # an unlocked copy we may complete
     cfg.data.d_model = store.d_model
     mesh = sharding.make_mesh(cfg.mesh)
-    prog = program.build(cfg, store.d_model, mesh, batch_dtype=store.dtype)
-    log.info("compiled train step on mesh %s; memory: %s", dict(mesh.shape), prog.step.memory_analysis())
-
-    fs.makedirs(workdir)
-    ckpt = Checkpointer(workdir, keep=cfg.ckpt.keep, members=prog.members)
-    if ckpt.latest_step() is not None:
-        _check_resumable(ckpt.restore_config(), cfg, ckpt.directory)
-        state = ckpt.restore_state(prog.abstract_state)  # onto this run's mesh, whatever it was saved from
-        log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
-    else:
-        scale = _initial_scale(cfg, store)
-        key = jax.random.key(cfg.train.seed)
-        state = state_lib.create_state(prog.model, prog.tx, mesh, key, scale, prog.kind.init_stats, prog.members)
-        spec = kinds.spec(cfg.sae.kind)
-        if spec.needs_data(cfg.sae):  # b_dec, θ or the bandwidth from the first training rows
-            rows = stream.read(0, min(_INIT_ROWS, stream.num_train_rows))
-            state = state_lib.start_from_data(state, spec, cfg.sae, rows, prog.members)
-    if distributed.is_lead():
-        fs.write_text_atomically(fs.join(workdir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
-
-    start = int(state.step)
-    batches = _batches(cfg, prog, stream, ckpt, start)
-    eval_rows = stream.eval_set() if writers.wants_histograms(cfg.log) else None
-    state = _loop(cfg, workdir, prog, state, batches, ckpt, start, eval_rows)
+    sharding.check_width(mesh, cfg.sae.width)  # (program.build checks these too, but after the checkpoints exist)
+    sharding.check_batch(mesh, cfg.train.batch_size)
+    ckpt = Checkpointer(workdir, keep=cfg.ckpt.keep, members=len(cfg.stack.sparsity_coefficients))
+    try:
+        resume.check_latest_config(ckpt, cfg)  # a mismatch fails before compiling
+        prog = program.build(cfg, store.d_model, mesh, batch_dtype=store.dtype)
+        log.info("compiled train step on mesh %s; memory: %s", dict(mesh.shape), prog.step.memory_analysis())
+        state = resume.restore_intact(ckpt, cfg, prog.abstract_state)  # onto this mesh, whatever it was saved from
+        if state is not None:
+            log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+        else:
+            scale = _initial_scale(cfg, store)
+            key = jax.random.key(cfg.train.seed)
+            state = state_lib.create_state(prog.model, prog.tx, mesh, key, scale, prog.kind.init_stats, prog.members)
+            spec = kinds.spec(cfg.sae.kind)
+            if spec.needs_data(cfg.sae):  # b_dec, θ or the bandwidth from the first training rows
+                rows = stream.read(0, min(_INIT_ROWS, stream.num_train_rows))
+                state = state_lib.start_from_data(state, spec, cfg.sae, rows, prog.members)
+        if distributed.is_lead():
+            fs.write_text_atomically(fs.join(workdir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
+        start = int(state.step)
+        batches = _batches(cfg, prog, stream, ckpt, start)
+        eval_rows = stream.eval_set() if writers.wants_histograms(cfg.log) else None
+        with preemption.Watch() as watch:
+            state = _loop(cfg, workdir, prog, state, batches, ckpt, start, watch, eval_rows)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error under way is the one to report
+            ckpt.close()
+        raise
     ckpt.close()
     return report.final_report(cfg, workdir, state, stream, start_step=start)
 
@@ -112,7 +107,7 @@ def _batches(cfg, prog, stream, ckpt, start):
         read_threads=cfg.data.read_threads,
         prefetch_batches=cfg.data.prefetch_batches,
     )
-    if start and ckpt.restore_data(batches):
+    if start and ckpt.restore_data(batches, start):
         if pipeline.next_index(batches) != start:
             raise RuntimeError(
                 f"checkpoint {ckpt.directory}/{start}: the data pipeline was saved at batch "
@@ -123,9 +118,19 @@ def _batches(cfg, prog, stream, ckpt, start):
     return batches
 
 
-def _loop(cfg, workdir, prog, state, batches, ckpt, start, eval_rows=None):
+def _last_good(ckpt):
+    def last_good():
+        ckpt.wait()  # every save is of a checked state: once complete, the newest is good
+        step = ckpt.latest_step()
+        return None if step is None else ckpt.step_dir(step)
+
+    return last_good
+
+
+def _loop(cfg, workdir, prog, state, batches, ckpt, start, watch, eval_rows=None):
     total, every_log, every_ckpt = cfg.train.steps, cfg.log.every_steps, cfg.ckpt.every_steps
     batch_size = cfg.train.batch_size
+    skip_batches = bool(cfg.train.skip_nonfinite_batches)
     lead = distributed.is_lead()
     members = prog.members
     # One log per SAE (metrics.jsonl, events): WORKDIR, or WORKDIR/sae-i when stacked.
@@ -135,30 +140,44 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start, eval_rows=None):
     progress = Progress(total, start, batch_size, enabled=cfg.log.progress and lead)
     config_json = cfg.to_dict()
     outs = [writers.create(cfg.log, d, start, lead, config_json) for d in log_dirs]
+    checked = start  # the last step the guard found finite
     t0 = time.perf_counter()
-    for step in range(start, total):
-        local = next(batches)
-        batch = distributed.global_batch(local, prog.batch_sharding, batch_size)
-        state, metrics = prog.step(state, batch)
-        done = step + 1
-        if done % every_log == 0 or done == total:
-            # Metrics leave the device only here; the value is that of step `done`'s batch.
-            host = jax.device_get(metrics)
-            per_sae = [{k: float(v[i] if members else v) for k, v in host.items()} for i in range(max(members, 1))]
-            rate = progress.update(done, per_sae[0])
-            for out, values in zip(outs, per_sae, strict=True):
-                out.write_scalars(done, {**values, "tokens_per_s": rate, "elapsed_s": time.perf_counter() - t0})
-        if done % every_ckpt == 0 or done == total:
-            ckpt.save(state, config_json, pipeline.IteratorSnapshot(batches))  # collective: every process takes part
-            if eval_rows is not None and len(eval_rows):  # collective too
-                writers.write_held_out(outs, done, writers.held_out(cfg, prog.kind, state, eval_rows))
-            for out in outs:
-                out.flush()
-        if done == _KILL_AT_STEP:  # fault injection for the preemption test: die without any cleanup
-            ckpt.wait()
-            os.kill(os.getpid(), signal.SIGKILL)
-    progress.close()
-    for out in outs:
-        out.close()
+    try:
+        for step in range(start, total):
+            local = next(batches)
+            batch = distributed.global_batch(local, prog.batch_sharding, batch_size)
+            state, metrics = prog.step(state, batch)
+            done = step + 1
+            log_step = done % every_log == 0 or done == total
+            save_step = done % every_ckpt == 0 or done == total
+            stop = watch.requested(done, sync_step=log_step or save_step)
+            if log_step or save_step or stop:
+                # Metrics leave the device only here; the value is that of step `done`'s batch.
+                host = jax.device_get(metrics)
+                n = max(members, 1)
+                per_sae = [{k: float(v[i] if members else v) for k, v in host.items()} for i in range(n)]
+                guard.check(state, per_sae, done, checked, skip_batches, _last_good(ckpt))
+                checked = done
+            if log_step:
+                rate = progress.update(done, per_sae[0])
+                for out, values in zip(outs, per_sae, strict=True):
+                    out.write_scalars(done, {**values, "tokens_per_s": rate, "elapsed_s": time.perf_counter() - t0})
+            if save_step or stop:  # a preemption save is of the step reached, checked above
+                ckpt.save(state, config_json, pipeline.IteratorSnapshot(batches))  # collective: every process
+                if save_step and eval_rows is not None and len(eval_rows):  # collective too
+                    writers.write_held_out(outs, done, writers.held_out(cfg, prog.kind, state, eval_rows))
+                for out in outs:
+                    out.flush()
+            if stop and done < total:
+                ckpt.wait()
+                raise preemption.Preempted(watch.signal_name, done, ckpt.step_dir(done))
+            if done == _KILL_AT_STEP:  # fault injection for the preemption tests
+                if _KILL_SIGNAL == signal.SIGKILL:  # die without any cleanup, the last save complete
+                    ckpt.wait()
+                os.kill(os.getpid(), _KILL_SIGNAL)
+    finally:
+        progress.close()
+        for out in outs:
+            out.close()
     ckpt.wait()
     return state

@@ -3,45 +3,108 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 
 from tqdm import tqdm
 
 from jumprelu import fs
 
+log = logging.getLogger("jumprelu")
+
+
+def _parse(text: str) -> tuple[list[dict], int]:
+    """(records, lines dropped): a line that is not a JSON object is a write cut short (full disk, crash)."""
+    records, dropped = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            dropped += 1
+    return records, dropped
+
 
 def read_metrics(path: str) -> list[dict]:
     if not fs.exists(path):
         return []
-    return [json.loads(line) for line in fs.read_text(path).splitlines() if line.strip()]
+    return _parse(fs.read_text(path))[0]
 
 
 class MetricsLog:
     """Appends one JSON object per log step to WORKDIR/metrics.jsonl.
 
     On resume, records past the restored step (written after the last checkpoint by
-    the interrupted run) are dropped first, so the file reads as one clean run.
+    the interrupted run) are dropped first, so the file reads as one clean run, and so is
+    a torn line (half a record, left by a full disk or a crash), with a warning.
+
+    A write that fails (a full disk) never stops training and never leaves half a line:
+    the file is cut back to its last whole line and the records wait in memory until a
+    later write succeeds (a warning says so; `close` says if some never could be written).
     """
 
     def __init__(self, workdir: str, resume_step: int):
         self.path = fs.join(workdir, "metrics.jsonl")
-        self._lines = [json.dumps(r) + "\n" for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        records, dropped = _parse(fs.read_text(self.path)) if fs.exists(self.path) else ([], 0)
+        if dropped:
+            log.warning("%s: dropped %d unreadable line(s), the remains of an interrupted write", self.path, dropped)
+        self._lines = [json.dumps(r) + "\n" for r in records if r.get("step", 0) <= resume_step]
         fs.write_text_atomically(self.path, "".join(self._lines))
+        self._pending: list[str] = []
+        self._failing = False
         # Objects in a bucket cannot be appended to: a remote log is rewritten whole at each write.
-        self._fh = None if fs.is_remote(self.path) else open(self.path, "a")
+        self._fd = None if fs.is_remote(self.path) else os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
     def write(self, record: dict) -> None:
-        line = json.dumps(record) + "\n"
-        if self._fh is None:
-            self._lines.append(line)
-            fs.write_text_atomically(self.path, "".join(self._lines))
+        self._pending.append(json.dumps(record) + "\n")
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
             return
-        self._fh.write(line)
-        self._fh.flush()
+        try:
+            if self._fd is None:
+                fs.write_text_atomically(self.path, "".join(self._lines + self._pending))
+            else:
+                self._append("".join(self._pending).encode())
+        except OSError as e:
+            if not self._failing:
+                log.warning(
+                    "%s: cannot write (%s); keeping the records in memory until a write succeeds",
+                    self.path,
+                    e.strerror or e,
+                )
+            self._failing = True
+            return
+        self._lines += self._pending
+        self._pending = []
+        self._failing = False
+
+    def _append(self, data: bytes) -> None:
+        good = os.fstat(self._fd).st_size
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except OSError:
+            try:  # never leave half a line: whatever of it reached the file goes
+                os.ftruncate(self._fd, good)
+            except OSError:
+                pass  # then the next start drops the torn line (see __init__)
+            raise
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
+        self._flush()
+        if self._pending:
+            log.warning("%s: %d records could not be written", self.path, len(self._pending))
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Progress:

@@ -52,13 +52,13 @@ def build(cfg, d_model: int, mesh: Mesh, batch_dtype: str = "float32") -> Progra
     )
     batch_sharding = sharding.batch_sharding(mesh)
     lr = optim.learning_rate_schedule(cfg.train)
+    skip = bool(cfg.train.get("skip_nonfinite_batches", False))
     if lams:
         unit = optim.sparsity_schedule(cfg.train, 1.0)
-        step_fn = make_stacked_train_step(model, tx, unit, lr, lams, kind.loss)
+        step_fn = make_stacked_train_step(model, tx, unit, lr, lams, kind.loss, skip_nonfinite=skip)
     else:
-        step_fn = make_train_step(
-            model, tx, optim.sparsity_schedule(cfg.train, cfg.sae.sparsity_coefficient), lr, kind.loss
-        )
+        lam = optim.sparsity_schedule(cfg.train, cfg.sae.sparsity_coefficient)
+        step_fn = make_train_step(model, tx, lam, lr, kind.loss, skip_nonfinite=skip)
     state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, d_model), jnp.dtype(batch_dtype), sharding=batch_sharding)
     with jax.set_mesh(mesh):

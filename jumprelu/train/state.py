@@ -18,6 +18,8 @@ class TrainState:
     params: dict  # SAE parameters, normalised units, float32
     opt_state: optax.OptState
     scale: jax.Array  # float32 scalar C: the model sees x / C
+    # int32: batches dropped for a non-finite loss or update (train.skip_nonfinite_batches; see guard.py)
+    skipped: jax.Array
     stats: dict = flax.struct.field(default_factory=dict)  # the kind's non-gradient state (kinds/__init__.py)
 
 
@@ -32,6 +34,7 @@ def init_state(
         params=params,
         opt_state=tx.init(params),
         scale=jnp.asarray(scale, jnp.float32),
+        skipped=jnp.zeros((), jnp.int32),
         stats=init_stats(),
     )
 
@@ -46,15 +49,18 @@ def abstract_state(model: nn.Module, tx: optax.GradientTransformation, init_stat
     return jax.eval_shape(make, jax.random.key(0))
 
 
-# K stacked SAEs (config `stack`): params, optimizer state and stats gain a leading axis of
-# size K; the step counter and the input scale C are shared. This is the vmap axis spec.
-STACK_AXES = TrainState(step=None, params=0, opt_state=0, scale=None, stats=0)
+# K stacked SAEs (config `stack`): params, optimizer state, stats and the skipped-batch count
+# gain a leading axis of size K; the step counter and the input scale C are shared. This is
+# the vmap axis spec.
+STACK_AXES = TrainState(step=None, params=0, opt_state=0, scale=None, skipped=0, stats=0)
 
 
 def stack(state: TrainState, members: int) -> TrainState:
     """K copies of one state along a new leading axis (every member starts from the same init)."""
     rep = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (members, *jnp.shape(a))), t)  # noqa: E731
-    return state.replace(params=rep(state.params), opt_state=rep(state.opt_state), stats=rep(state.stats))
+    return state.replace(
+        params=rep(state.params), opt_state=rep(state.opt_state), stats=rep(state.stats), skipped=rep(state.skipped)
+    )
 
 
 def member_of(tree, i: int):

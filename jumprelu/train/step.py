@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from jumprelu.core import sae
+from jumprelu.train import guard
 from jumprelu.train.optim import Schedule
 from jumprelu.train.state import STACK_AXES, TrainState
 
@@ -22,10 +23,13 @@ def make_train_step(
     sparsity: Schedule,
     learning_rate: Schedule,
     loss: Callable,
+    skip_nonfinite: bool = False,
 ) -> StepFn:
     """batch: [B, d_model] raw activations; normalised by the state's scale inside the step.
 
     loss: the SAE kind's (model, params, stats, x, λ) -> (loss, (metrics, stats)).
+    skip_nonfinite: drop an update whose loss or result is not finite (guard.skip_if_nonfinite);
+      metrics then carry `skipped_batches`, the count so far.
     """
 
     def train_step(state: TrainState, batch: jax.Array):
@@ -35,11 +39,15 @@ def make_train_step(
         def loss_fn(params):
             return loss(model, params, state.stats, x, lam)
 
-        (_, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss_value, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = sae.constrain(optax.apply_updates(state.params, updates))
         metrics = dict(metrics, sparsity_coefficient=lam, lr=learning_rate(state.step))
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats), metrics
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
+        if skip_nonfinite:
+            new = guard.skip_if_nonfinite(new, state, loss_value)
+            metrics["skipped_batches"] = new.skipped
+        return new, metrics
 
     return train_step
 
@@ -51,6 +59,7 @@ def make_stacked_train_step(
     learning_rate: Schedule,
     sparsity_coefficients,
     loss: Callable,
+    skip_nonfinite: bool = False,
 ) -> StepFn:
     """K SAEs, one per λ, updated in one step on the same batch (state stacked, see state.STACK_AXES).
 
@@ -60,7 +69,9 @@ def make_stacked_train_step(
     lams = jnp.asarray(sparsity_coefficients, jnp.float32)
 
     def member_step(state: TrainState, batch: jax.Array, lam_peak: jax.Array):
-        step_fn = make_train_step(model, tx, lambda t: unit_sparsity(t) * lam_peak, learning_rate, loss)
+        step_fn = make_train_step(
+            model, tx, lambda t: unit_sparsity(t) * lam_peak, learning_rate, loss, skip_nonfinite=skip_nonfinite
+        )
         return step_fn(state, batch)
 
     def train_step(state: TrainState, batch: jax.Array):

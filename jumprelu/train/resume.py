@@ -1,0 +1,134 @@
+"""Resuming: is the saved run the same run, and which checkpoint is the newest intact one.
+
+A resumed run must see exactly the rows the unbroken run would have seen at each step, so
+every field that fixes shapes or which rows a step reads must match the checkpoint's
+config (`RESUME_FIELDS`); anything else (learning rate, λ warm-up, steps, logging) may
+change on resume, which is how a diverged run is continued with a lower `train.lr`.
+
+A checkpoint whose config, state or data position cannot be read back, or whose state is
+not finite (saved by a jumprelu without the divergence guard), is damaged: the resuming run
+says which and why, moves it to `checkpoints-damaged/`, and falls back to the next older.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import jax
+import ml_collections
+import numpy as np
+
+from jumprelu.errors import CheckpointError, ConfigError
+from jumprelu.train import distributed, guard
+from jumprelu.train.checkpoint import Checkpointer
+from jumprelu.train.failures import reason
+
+log = logging.getLogger("jumprelu")
+
+RESUME_FIELDS = (
+    # shapes and meaning of the saved arrays
+    "sae.kind",
+    "sae.width",
+    "sae.threshold_param",
+    "sae.pre_encoder_bias",
+    "data.d_model",
+    "stack.sparsity_coefficients",
+    # which rows global batch k holds (data/stream.py), and which rows are held out
+    "train.batch_size",
+    "data.source",
+    "data.synthetic",
+    "data.seed",
+    "data.eval_rows",
+    "data.block_bytes",
+    "data.nonfinite",
+)
+
+
+def _get(d: dict, dotted: str):
+    for k in dotted.split("."):
+        d = d.get(k) if isinstance(d, dict) else None
+    return json.loads(json.dumps(d))  # tuples and lists compare alike, as they are in the saved JSON
+
+
+def check_resumable(saved: dict, cfg: ml_collections.ConfigDict, directory: str) -> None:
+    now = cfg.to_dict()
+    for field in RESUME_FIELDS:
+        if _get(saved, field) != _get(now, field):
+            raise ConfigError(
+                f"config field {field} is {_get(now, field)!r} but the checkpoint in {directory} "
+                f"was trained with {_get(saved, field)!r}; set it back or use a new --workdir"
+            )
+
+
+def _agree(ok: bool) -> bool:
+    """Every process restores the same step: a step is intact only if it is intact on all of them."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _set_aside(ckpt: Checkpointer, step: int, why: str) -> None:
+    """Process 0 moves the checkpoint; every process then re-reads the steps (or raises with it)."""
+    error = None
+    if distributed.is_lead():
+        try:
+            where = ckpt.set_aside(step)
+            log.warning("checkpoint %s is damaged (%s): skipped it and moved it to %s", ckpt.step_dir(step), why, where)
+        except Exception as e:
+            error = reason(e)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        moved = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))  # also the barrier
+        error = error or (None if moved else "see process 0")
+        ckpt.reload()
+    if error is not None:
+        raise CheckpointError(
+            f"checkpoint {ckpt.step_dir(step)} is damaged ({why}) and could not be moved aside ({error}); "
+            "move it out of the checkpoints directory by hand and run again"
+        )
+
+
+def check_latest_config(ckpt: Checkpointer, cfg) -> None:
+    """Before compiling: the newest checkpoint whose config reads back must be of the same run."""
+    for step in ckpt.steps():
+        try:
+            saved = ckpt.restore_config(step)
+        except Exception:  # damaged: restore_intact says so and sets it aside
+            continue
+        check_resumable(saved, cfg, ckpt.directory)
+        return
+
+
+def restore_intact(ckpt: Checkpointer, cfg, abstract_state):
+    """The state of the newest intact checkpoint (damaged newer ones set aside), or None if there is none."""
+    damaged = []
+    for step in ckpt.steps():
+        why = None
+        try:
+            saved = ckpt.restore_config(step)
+        except Exception as e:
+            why = f"its config cannot be read: {reason(e)}"
+        if why is None:
+            check_resumable(saved, cfg, ckpt.directory)
+            try:
+                state = ckpt.restore_state(abstract_state, step)
+                ckpt.check_data(step)
+            except Exception as e:
+                why = f"it cannot be read: {reason(e)}"
+        if why is None and not bool(jax.device_get(guard.all_finite(state))):
+            why = "it holds NaN or Inf"
+        if _agree(why is None):
+            return state
+        why = why or "another process cannot read it"
+        damaged.append(f"{step} ({why})")
+        _set_aside(ckpt, step, why)
+    if damaged:
+        raise CheckpointError(
+            f"no intact checkpoint in {ckpt.directory}: {'; '.join(damaged)}; they were moved to "
+            f"{ckpt.directory}-damaged; run the same command again to start from step 0"
+        )
+    return None

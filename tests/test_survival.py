@@ -1,0 +1,299 @@
+"""Issue 15: never lose a good SAE. Divergence, a locked workdir, torn metrics, damaged checkpoints,
+full disks and signals, each the reproduction of a failure that once lost work or printed a traceback."""
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import jumprelu
+from jumprelu.errors import EXIT_DIVERGED, CheckpointError, ConfigError, Diverged, WorkdirError
+from jumprelu.store import StoreWriter
+from jumprelu.train import lock as lock_lib
+from jumprelu.train import metrics_log
+from jumprelu.train.checkpoint import Checkpointer
+from jumprelu.train.loop import train
+from jumprelu.train.preemption import Watch
+from tests.test_train import ROOT, TINY_FLAGS, read_jsonl, run_main
+
+
+def _steps(wd):
+    return Checkpointer(str(wd), keep=1, read_only=True).steps()
+
+
+def _assert_finite(wd):
+    for k, v in jumprelu.load(str(wd)).params().items():
+        assert np.isfinite(v).all(), k
+
+
+def test_divergence_after_good_checkpoints_keeps_them(tmp_path, tiny_config):
+    """Item 1: 40 good steps, then lr=1e30: the run stops at the first log step with the loss NaN,
+    naming it and the last good checkpoint; nothing is saved, rotation deletes nothing."""
+    wd = tmp_path / "run"
+    tiny_config.ckpt.keep = 2
+    train(tiny_config, str(wd))
+    assert _steps(wd) == [40, 20]
+    tiny_config.train.update(steps=100, lr=1e30)
+    with pytest.raises(Diverged) as e:
+        train(tiny_config, str(wd))
+    assert str(e.value).startswith(
+        f"training diverged by step 45 (finite at step 40): loss is nan; nothing non-finite was saved and the last "
+        f"good checkpoint is {wd / 'checkpoints' / '40'};"
+    )
+    assert e.value.exit_status == EXIT_DIVERGED and "\n" not in str(e.value)
+    assert _steps(wd) == [40, 20]
+    _assert_finite(wd)
+    assert [r["step"] for r in read_jsonl(wd / "metrics.jsonl")] == list(range(5, 41, 5))
+
+
+def _store_with_unrecorded_nan_rows(path):
+    """A store without checksums (format 1) whose shard gained NaN rows its metadata does not know about."""
+    rows = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)
+    w = StoreWriter(str(path), d_model=16, shuffle_seed=None)
+    w.append(rows)
+    w.close()
+    meta = json.loads((path / "metadata.json").read_text())
+    meta["format_version"] = 1
+    del meta["checksum"], meta["shards"][0]["crc32"]
+    (path / "metadata.json").write_text(json.dumps(meta))
+    shard = np.load(path / "shard-00000.npy", mmap_mode="r+")
+    shard[[100, 1500, 2900], 3] = np.nan
+    shard.flush()
+
+
+def test_nan_rows_the_metadata_does_not_know_stop_or_are_skipped(tmp_path, tiny_config):
+    """Item 1: NaN rows that slip past the store's checks; train.skip_nonfinite_batches continues instead."""
+    _store_with_unrecorded_nan_rows(tmp_path / "s")
+    tiny_config.data.update(source=str(tmp_path / "s"), eval_rows=256)
+    tiny_config.train.steps = 30
+    with pytest.raises(Diverged, match="loss is nan"):
+        train(tiny_config, str(tmp_path / "stop"))
+    tiny_config.train.skip_nonfinite_batches = True
+    report = train(tiny_config, str(tmp_path / "skip"))
+    assert report["steps"] == 30
+    skipped = [r["skipped_batches"] for r in read_jsonl(tmp_path / "skip" / "metrics.jsonl")]
+    assert skipped == sorted(skipped) and 1 <= skipped[-1] <= 6  # counted, cumulative; a NaN row spoils a batch
+    _assert_finite(tmp_path / "skip")
+
+
+def test_divergence_from_the_start_saves_nothing(tmp_path, tiny_config):
+    """Item 1: data.scale=1e-20 overflows the first step; no checkpoint is ever written."""
+    tiny_config.data.scale = 1e-20
+    with pytest.raises(Diverged, match="diverged by step 5 .*; nothing non-finite was saved and no checkpoint"):
+        train(tiny_config, str(tmp_path / "run"))
+    assert _steps(tmp_path / "run") == []
+
+
+def test_a_second_run_on_a_locked_workdir_is_refused(tmp_path, tiny_config, caplog, monkeypatch):
+    """Item 4: the second run fails at once (before the store is written), naming the holder."""
+    wd = tmp_path / "run"
+    holder = lock_lib.WorkdirLock(str(wd))
+    holder.acquire()
+    with pytest.raises(WorkdirError) as e:
+        train(tiny_config, str(wd))
+    assert str(e.value).startswith(
+        f"workdir {wd} is in use by another run: pid {os.getpid()} on host {socket.gethostname()} (since "
+    )
+    assert not (wd / "synthetic_store").exists()
+    holder.release()
+    assert not (wd / "lock.json").exists()
+
+    # A holder that died without releasing: the kernel dropped its flock, its name is still in the file.
+    dead = (
+        "import fcntl, os, json, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'h'}).encode()); "
+        "os.kill(os.getpid(), 9)"
+    )
+    subprocess.run([sys.executable, "-c", dead, str(wd / "lock.json")], timeout=60)
+    with caplog.at_level("WARNING", logger="jumprelu"):
+        taker = lock_lib.WorkdirLock(str(wd))
+        taker.acquire()
+    assert "taking over the lock left by pid" in caplog.text and "on host h" in caplog.text
+    assert json.loads((wd / "lock.json").read_text())["pid"] == os.getpid()
+    taker.release()
+
+    # The object-store variant (gs:// workdirs), exercised on a local path.
+    monkeypatch.setattr(lock_lib, "SETTLE_S", 0.0)
+    first = lock_lib.WorkdirLock(str(wd))
+    first.acquire(object_lock=True)
+    with pytest.raises(WorkdirError, match="is in use by another run: pid"):
+        lock_lib.WorkdirLock(str(wd)).acquire(object_lock=True)
+    stale = dict(json.loads((wd / "lock.json").read_text()), heartbeat=0.0)
+    first._stop.set()  # its heartbeat stops, as if its process had died
+    first._beat.join()
+    (wd / "lock.json").write_text(json.dumps(stale))
+    second = lock_lib.WorkdirLock(str(wd))
+    second.acquire(object_lock=True)  # stale: taken over
+    second.release()
+    assert not (wd / "lock.json").exists()
+
+
+def test_unusable_workdir_is_one_line_before_any_work(tmp_path, tiny_config, monkeypatch):
+    """Item 7: a workdir that is a file, or on a read-only file system."""
+    (tmp_path / "file").write_text("")
+    with pytest.raises(WorkdirError, match=f"^workdir {tmp_path / 'file'} is not a directory"):
+        train(tiny_config, str(tmp_path / "file"))
+    real_open = os.open
+
+    def read_only(path, flags, *a):
+        if str(path).endswith("lock.json"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(lock_lib.os, "open", read_only)
+    with pytest.raises(WorkdirError, match=f"^workdir {tmp_path / 'ro'} is not writable: Read-only file system$"):
+        train(tiny_config, str(tmp_path / "ro"))
+    assert not (tmp_path / "ro" / "synthetic_store").exists()
+
+
+def test_torn_metrics_line_resumes(tmp_path, tiny_config, caplog):
+    """Item 5: half a JSON line at the end of metrics.jsonl (a full disk) no longer blocks the resume."""
+    wd = tmp_path / "run"
+    tiny_config.train.steps = 20
+    train(tiny_config, str(wd))
+    with open(wd / "metrics.jsonl", "a") as f:
+        f.write('{"step": 25, "frac_fired": 0.5, "fv')
+    tiny_config.train.steps = 30
+    with caplog.at_level("WARNING", logger="jumprelu"):
+        train(tiny_config, str(wd))
+    assert "metrics.jsonl: dropped 1 unreadable line(s)" in caplog.text
+    assert [r["step"] for r in read_jsonl(wd / "metrics.jsonl")] == [5, 10, 15, 20, 25, 30]
+
+
+def test_metrics_write_on_a_full_disk_leaves_whole_lines(tmp_path, monkeypatch):
+    log = metrics_log.MetricsLog(str(tmp_path), resume_step=0)
+    log.write({"step": 1})
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(metrics_log.os, "write", half_then_full)
+    log.write({"step": 2})  # no exception: training goes on
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    monkeypatch.setattr(metrics_log.os, "write", real_write)
+    log.write({"step": 3})  # space again: the waiting record goes first
+    log.close()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def _damage_newest(wd, step):
+    for root, _, files in os.walk(wd / "checkpoints" / str(step) / "sae"):
+        for f in files:
+            if "ocdbt" in root:
+                (lambda p: open(p, "r+b").truncate(10))(os.path.join(root, f))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's abandoned read coroutine
+def test_damaged_newest_checkpoint_falls_back(tmp_path, tiny_config, caplog):
+    """Item 6: load and resume skip the damaged step 40, say so and why, and use step 20."""
+    wd = tmp_path / "run"
+    train(tiny_config, str(wd))
+    _damage_newest(wd, 40)
+    with caplog.at_level("WARNING", logger="jumprelu"):
+        sae = jumprelu.load(str(wd))
+    assert sae.step == 20
+    assert f"checkpoint {wd / 'checkpoints' / '40'} is damaged: it cannot be read (" in caplog.text
+    with pytest.raises(CheckpointError, match=r"checkpoint .*/40 is damaged: it cannot be read") as e:
+        jumprelu.load(str(wd), step=40)
+    assert "\n" not in str(e.value)
+    caplog.clear()
+    tiny_config.train.steps = 60
+    with caplog.at_level("WARNING", logger="jumprelu"):
+        report = train(tiny_config, str(wd))
+    assert report["resumed_from_step"] == 20 and report["steps"] == 60
+    assert f"checkpoint {wd / 'checkpoints' / '40'} is damaged (it cannot be read: " in caplog.text
+    assert (wd / "checkpoints-damaged" / "40").is_dir()  # set aside, never deleted
+    assert _steps(wd) == [60, 40, 20]
+    _assert_finite(wd)
+
+
+def test_checkpoint_on_a_full_disk_is_one_line(tmp_path, tiny_config, monkeypatch):
+    """Item 7: a save that fails (here the first one after step 20) names the step and the last complete one."""
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *a, **kw):
+        if step == 40:
+            raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "x": No space left on device [OS error]')
+        return real_save(self, step, *a, **kw)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    wd = tmp_path / "run"
+    with pytest.raises(CheckpointError) as e:
+        train(tiny_config, str(wd))
+    assert str(e.value) == (
+        f"cannot write checkpoint 40 in {wd / 'checkpoints'}: No space left on device; the last complete "
+        f"checkpoint is {wd / 'checkpoints' / '20'}; free some space and run the same command again: it resumes "
+        "from there"
+    )
+    assert _steps(wd) == [20] and not (wd / "lock.json").exists()
+
+
+def test_resume_refuses_a_change_in_which_rows_a_step_sees(tmp_path, tiny_config):
+    """Item 8: batch size, data seed, held-out rows and block size are part of the resume guard."""
+    tiny_config.train.steps = 20
+    train(tiny_config, str(tmp_path / "run"))
+    for section, field, value in [("train", "batch_size", 64), ("data", "seed", 1), ("data", "eval_rows", 256)]:
+        changed = tiny_config.copy_and_resolve_references()
+        changed[section][field] = value
+        with pytest.raises(ConfigError, match=f"config field {section}.{field} is {value} but the checkpoint"):
+            train(changed, str(tmp_path / "run"))
+    tiny_config.data.block_bytes = 1024
+    with pytest.raises(ConfigError, match="data.block_bytes is 1024 but the checkpoint .* with 524288; set it back"):
+        train(tiny_config, str(tmp_path / "run"))
+
+
+def test_sigint_sets_the_stop_and_handlers_come_back():
+    before = signal.getsignal(signal.SIGINT)
+    with Watch() as watch:
+        assert not watch.requested(1, sync_step=True)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert watch.requested(2, sync_step=False) and watch.signal_name == "SIGINT"
+        assert signal.getsignal(signal.SIGINT) is before  # a second Ctrl-C interrupts at once
+    assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def _bad_metadata_store(path):
+    w = StoreWriter(str(path), d_model=4)
+    w.append(np.ones((10, 4), np.float32))
+    w.close()
+    meta = json.loads((path / "metadata.json").read_text())
+    (path / "metadata.json").write_text(json.dumps(dict(meta, shards=meta["shards"][0])))
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("--config.train.foo=1", "flag --config.train.foo=1: the config has no field train.foo"),
+        ("--config.train.lr=inf", "config field train.lr must be finite, found inf"),
+        ("missing_config", "no experiment '/nonexistent/exp.py': not a file"),
+        ("workdir_file", "is not a directory (a file is in the way)"),
+        ("bad_metadata", "metadata.json field shards must be a non-empty list, found {"),
+    ],
+)
+def test_each_bad_input_gives_exactly_one_line(tmp_path, case, expected):
+    """Item 7, through the command: exit 2, one line on stderr, nothing else."""
+    wd, extra = tmp_path / "run", [case]
+    if case == "missing_config":
+        cmd = [sys.executable, "-m", "jumprelu", "train", "--config", "/nonexistent/exp.py", "--workdir", str(wd)]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    else:
+        if case == "workdir_file":
+            wd.write_text("")
+            extra = []
+        elif case == "bad_metadata":
+            _bad_metadata_store(tmp_path / "s")
+            extra = [f"--config.data.source={tmp_path / 's'}"]
+        r = run_main(wd, *extra)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jumprelu: error: ") and expected in lines[0], r.stderr[-2000:]
+    assert TINY_FLAGS  # the flags of the tiny run, shared with test_train
