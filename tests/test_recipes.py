@@ -109,6 +109,21 @@ def test_init_from_data_sets_b_dec_theta_and_bandwidth_scale(tiny_config):
     assert float(stats["z_scale"]) == pytest.approx(np.median(z.std(axis=0)), rel=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["latent_quantile", "global_quantile"])
+def test_init_from_data_in_latent_slices_keeps_the_target(tiny_config, monkeypatch, mode):
+    monkeypatch.setattr(init_lib, "SLICE_ENTRIES", 64 * 256)  # 512 rows: 2 slices of 32 latents; global: 256 rows
+    s = tiny_config.sae
+    s.update(threshold_param="raw", threshold_init_mode=mode, target_l0=6.0)
+    kind = jumprelu_kind.build(s, 8)
+    params = kind.model.init(jax.random.key(0), jnp.zeros((1, 8)))["params"]
+    x = np.random.default_rng(1).normal(size=(512, 8)).astype(np.float32)
+    new, _ = init_lib.start_from_data(params, kind.init_stats(), x, s)
+    z = x @ np.asarray(params["W_enc"])
+    assert np.mean(np.sum(z > np.asarray(new["threshold"]), axis=1)) == pytest.approx(6.0, rel=0.1)
+    if mode == "global_quantile":
+        assert np.unique(np.asarray(new["threshold"])).size == 1  # one θ for all, across slices
+
+
 def test_nested_reconstructions_are_the_prefix_decodes():
     rng = np.random.default_rng(0)
     f, w, b = rng.normal(size=(3, 8)), rng.normal(size=(8, 5)), rng.normal(size=5)

@@ -16,6 +16,7 @@ import numpy as np
 B_DEC_INITS = ("zeros", "mean", "median")
 THRESHOLD_INITS = ("constant", "latent_quantile", "global_quantile")
 MIN_THRESHOLD = 1e-4  # a quantile at or below 0 would make the jump a leak of negative z
+SLICE_ENTRIES = 1 << 24  # pre-activations computed at once: [rows, latents] slices of this size
 
 
 def geometric_median(x: np.ndarray, iterations: int = 30) -> np.ndarray:
@@ -39,10 +40,13 @@ def decoder_bias(x: np.ndarray, how: str) -> np.ndarray:
     raise ValueError(f"config field sae.b_dec_init must be one of {B_DEC_INITS}, found {how!r}")
 
 
-def thresholds(z: np.ndarray, how: str, target_l0: float) -> np.ndarray:
-    """θ [M] from pre-activations z: [N, M] so that the mean L0 on these rows is about target_l0."""
+def thresholds(z: np.ndarray, how: str, target_l0: float, width: int | None = None) -> np.ndarray:
+    """θ for the latents of z: [N, m] so that each fires on target_l0 / width of these rows.
+
+    width: the SAE's M when z holds only a slice of its latents (default: z's m).
+    """
     n, m = z.shape
-    q = 1.0 - min(max(target_l0 / m, 0.0), 1.0)
+    q = 1.0 - min(max(target_l0 / (width or m), 0.0), 1.0)
     if how == "latent_quantile":
         theta = np.quantile(z, q, axis=0)
     elif how == "global_quantile":
@@ -72,17 +76,20 @@ def start_from_data(params: dict, stats: dict, x, s) -> tuple[dict, dict]:
     params["b_dec"] = jnp.asarray(b_dec)
     centred = jnp.asarray(x - b_dec if s.pre_encoder_bias else x)
     w_enc, b_enc = params["W_enc"], params["b_enc"]
-    width = w_enc.shape[1]
-    step = max(1, (1 << 24) // max(x.shape[0], 1))
-    thetas, spreads = [], []
+    width, mode = w_enc.shape[1], s.threshold_init_mode
+    step = max(1, SLICE_ENTRIES // max(x.shape[0], 1))
+    global_rows = max(1, SLICE_ENTRIES // width)  # the rows "global_quantile" pools over every latent
+    thetas, spreads, pooled = [], [], []
     for lo in range(0, width, step):
         z = np.asarray(centred @ w_enc[:, lo : lo + step] + b_enc[lo : lo + step])
         spreads.append(z.std(axis=0))
-        if s.threshold_init_mode != "constant":
-            thetas.append(thresholds(z, s.threshold_init_mode, s.target_l0))
+        if mode == "latent_quantile":
+            thetas.append(thresholds(z, mode, s.target_l0, width))
+        elif mode == "global_quantile":
+            pooled.append(z[:global_rows])
+    if mode == "global_quantile":
+        thetas = [thresholds(np.concatenate(pooled, axis=1), mode, s.target_l0)]
     if thetas:
-        # Each slice's quantile is per latent (or of its slice for "global_quantile"): the target
-        # rate T/M is the same for every latent, so slicing does not change it.
         theta = jnp.asarray(np.concatenate(thetas))
         key = "log_threshold" if "log_threshold" in params else "threshold"
         params[key] = jnp.log(theta) if key == "log_threshold" else theta

@@ -81,11 +81,9 @@ def threshold_of(params: dict) -> jax.Array:
 
 
 def jumprelu_loss(model, params: dict, x: jax.Array, sparsity_coefficient) -> tuple[jax.Array, dict]:
-    """The paper's loss. x: [B, d_model] normalised activations. Returns (loss, metrics)."""
-    out = model.apply({"params": params}, x)
-    sq_err, metrics = losses.reconstruction(x, out)
-    loss = jnp.mean(sq_err + sparsity_coefficient * out["l0"])  # l0 trains θ only
-    return loss, dict(metrics, loss=loss)
+    """The paper's loss (`make_loss()` without stats). x: [B, d_model] normalised. Returns (loss, metrics)."""
+    loss, (metrics, _) = make_loss()(model, params, {}, x, sparsity_coefficient)
+    return loss, metrics
 
 
 @dataclasses.dataclass(frozen=True)
