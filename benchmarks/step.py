@@ -1,11 +1,17 @@
-"""Times the jitted train step against the floor of its own dense matmuls; prints JSON.
+"""Times the jitted train step, dense and sparse, against the floor of its dense matmuls; prints JSON.
 
   python benchmarks/step.py --d-model 768 --width 16384 --batch 4096
+  python benchmarks/step.py --data ../shared/data/smollm2_135m_l15_resid_dev.npy --width 16384 --batch 4096 --l0 50
 
-The floor is the five products a step cannot avoid, timed in the same run at the same
+The floor is the five products a dense step cannot avoid, timed in the same run at the same
 shapes: forward z = x W_enc and x̂ = f W_dec; backward ∂W_dec = fᵀ g, ∂f = g W_decᵀ and
 ∂W_enc = xᵀ ∂z (no ∂x: the input needs no gradient). ratio = step / floor; 1.0 would
 mean the nonlinearity, loss, Adam and the decoder projection cost nothing.
+
+With --l0 N the step is the short recipe at target L0 N, and θ is set to the quantile of the
+pre-activations of a batch (real rows with --data, normalised to E‖x‖² = 1) that makes the
+batch's L0 N; the sparse step (core/sparse.py, sae.sparse=on) is timed beside the dense one,
+interleaved. --sparse-only skips the dense step (for widths where it is slow).
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jumprelu.config import base_config
+from jumprelu.config import apply_recipe, base_config
 from jumprelu.core import kinds
+from jumprelu.core.kinds import jumprelu as jumprelu_kind
 from jumprelu.train import optim
 from jumprelu.train.state import init_state
 from jumprelu.train.step import make_train_step
@@ -37,11 +44,31 @@ def _time(fn, args, repeats: int, warmup: int) -> list[float]:
     return times
 
 
-def time_step(d_model: int, width: int, batch: int, repeats: int, warmup: int, dtype: str) -> list[float]:
+def _config(width: int, dtype: str, l0: float | None, sparse: str):
     cfg = base_config()
-    cfg.sae.update(width=width, compute_dtype=dtype)
+    if l0:
+        apply_recipe(cfg, "short", target_l0=l0)
+    cfg.sae.update(width=width, compute_dtype=dtype, sparse=sparse)
+    if l0:
+        cfg.train.lr = 0.0  # the same work per step, and θ stays where the batch's L0 is l0
+    return cfg
+
+
+def _set_thresholds(state, model, x: jax.Array, l0: float):
+    """θ (every latent) at the quantile of z over the batch that fires l0 latents per row."""
+    z = model.apply({"params": state.params}, x, method=type(model).pre_activations)
+    theta = float(jnp.quantile(z.reshape(-1), 1.0 - l0 / z.shape[-1]))
+    params = dict(state.params)
+    key = "threshold" if "threshold" in params else "log_threshold"
+    value = theta if key == "threshold" else np.log(theta)
+    params[key] = jnp.full_like(params[key], value)
+    return state.replace(params=params)
+
+
+def make_step(cfg, d_model: int, x: jax.Array, l0: float | None):
+    """(run(x) -> metrics, the sparse plan) for the config's step, state threaded through calls."""
     kind = kinds.from_config(cfg.sae, d_model)
-    model = kind.model  # the JumpReLU kind; make_train_step's default loss
+    model = kind.model
     tx = optim.make_optimizer(cfg.train)
     step_fn = jax.jit(
         make_train_step(
@@ -49,15 +76,20 @@ def time_step(d_model: int, width: int, batch: int, repeats: int, warmup: int, d
         ),
         donate_argnums=0,
     )
-    state = jax.jit(lambda k: init_state(model, tx, k, 1.0))(jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (batch, d_model), jnp.float32) / np.sqrt(d_model)
+    state = jax.jit(lambda k: init_state(model, tx, k, 1.0, kind.init_stats))(jax.random.key(0))
+    if l0:
+        state = _set_thresholds(state, model, x, l0)
     holder = [state]
 
     def run(x_):  # threads the donated state through repeated calls
         holder[0], metrics = step_fn(holder[0], x_)
-        return metrics["loss"]
+        return metrics
 
-    return _time(run, (x,), repeats, warmup)
+    return run, jumprelu_kind.sparse_plan(cfg.sae)
+
+
+def time_step(run, x, repeats: int, warmup: int) -> list[float]:
+    return _time(lambda x_: run(x_)["loss"], (x,), repeats, warmup)
 
 
 def time_floor(d_model: int, width: int, batch: int, repeats: int, warmup: int, dtype: str) -> list[float]:
@@ -84,44 +116,110 @@ def time_floor(d_model: int, width: int, batch: int, repeats: int, warmup: int, 
     return _time(floor, (x, w_enc, w_dec, f, g, gz), repeats, warmup)
 
 
+# Peak dense bf16 TFLOP/s per chip, from the vendors' spec sheets, for MFU (--peak-tflops overrides).
+PEAK_TFLOPS = {"TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5p": 459, "TPU v6 lite": 918}
+PEAK_TFLOPS.update({"NVIDIA A100": 312, "NVIDIA H100": 989, "NVIDIA H200": 989})
+
+
+def _peak_tflops(device_kind: str) -> float | None:
+    for name, peak in PEAK_TFLOPS.items():
+        if device_kind.startswith(name):
+            return peak
+    return None
+
+
+def _batch(a, d_model: int) -> jax.Array:
+    if a.data:
+        rows = np.load(a.data, mmap_mode="r")
+        if rows.ndim != 2 or rows.shape[0] < a.batch:
+            raise SystemExit(f"--data {a.data}: need a [rows >= {a.batch}, d] array, found {list(rows.shape)}")
+        x = np.asarray(rows[: a.batch], np.float32)
+        return jnp.asarray(x / np.sqrt(np.mean(np.sum(np.square(x), axis=-1))))
+    return jax.random.normal(jax.random.key(1), (a.batch, d_model), jnp.float32) / np.sqrt(d_model)
+
+
+def _peak_bytes(run_cfg, d_model: int, x) -> int | None:
+    """Peak temporary bytes of the compiled step from XLA's memory analysis (None if unavailable)."""
+    kind = kinds.from_config(run_cfg.sae, d_model)
+    tx = optim.make_optimizer(run_cfg.train)
+    lam, lr = optim.sparsity_schedule(run_cfg.train, 1e-3), optim.learning_rate_schedule(run_cfg.train)
+    fn = make_train_step(kind.model, tx, lam, lr, kind.loss)
+    state = jax.eval_shape(lambda k: init_state(kind.model, tx, k, 1.0, kind.init_stats), jax.random.key(0))
+    mem = jax.jit(fn, donate_argnums=0).lower(state, x).compile().memory_analysis()
+    return None if mem is None else int(mem.temp_size_in_bytes)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--d-model", type=int, default=256, help="ignored with --data (its width is used)")
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--l0", type=float, default=None, help="target L0: sets θ and times the sparse step too")
+    p.add_argument("--data", default=None, help="a [rows, d_model] .npy of real activations")
+    p.add_argument("--sparse-only", action="store_true")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: known chips)")
     a = p.parse_args()
-    # Interleave step and floor timings so drifting machine load hits both alike.
-    step_t, floor_t = [], []
+    x = _batch(a, a.d_model)
+    d_model = x.shape[1]
+    dense_cfg = _config(a.width, a.dtype, a.l0, "off")
+    runs = {} if a.sparse_only else {"dense": make_step(dense_cfg, d_model, x, a.l0)[0]}
+    plan = None
+    if a.l0:
+        sparse_cfg = _config(a.width, a.dtype, a.l0, "on")
+        runs["sparse"], plan = make_step(sparse_cfg, d_model, x, a.l0)
+    # Interleave the steps and the floor so drifting machine load hits all alike.
+    times = {name: [] for name in (*runs, "floor")}
     for _ in range(2):
-        step_t += time_step(a.d_model, a.width, a.batch, a.repeats // 2 or 1, a.warmup, a.dtype)
-        floor_t += time_floor(a.d_model, a.width, a.batch, a.repeats // 2 or 1, a.warmup, a.dtype)
-    step_ms, floor_ms = 1e3 * statistics.median(step_t), 1e3 * statistics.median(floor_t)
-    flops = 10 * a.batch * a.d_model * a.width  # the five products, 2·B·d·M each
-    print(
-        json.dumps(
-            {
-                "d_model": a.d_model,
-                "width": a.width,
-                "batch": a.batch,
-                "dtype": a.dtype,
-                "ms_per_step": round(step_ms, 2),
-                "matmul_floor_ms": round(floor_ms, 2),
-                "ratio": round(step_ms / floor_ms, 3),
-                "tokens_per_s": round(a.batch / (step_ms / 1e3)),
-                "matmul_gflop_per_step": round(flops / 1e9, 2),
-                "achieved_gflops": round(flops / (step_ms / 1e3) / 1e9, 1),
-                "ratio_of_minimums": round(min(step_t) / min(floor_t), 3),  # less sensitive to machine noise
-                "step_ms_min_max": [round(1e3 * min(step_t), 2), round(1e3 * max(step_t), 2)],
-                "floor_ms_min_max": [round(1e3 * min(floor_t), 2), round(1e3 * max(floor_t), 2)],
-                "device": str(jax.devices()[0].device_kind),
-                "num_devices": jax.device_count(),
-                "command": f"python benchmarks/step.py --d-model {a.d_model} --width {a.width} --batch {a.batch}",
-            }
+        for name, run in runs.items():
+            times[name] += time_step(run, x, a.repeats // 2 or 1, a.warmup)
+        times["floor"] += time_floor(d_model, a.width, a.batch, a.repeats // 2 or 1, a.warmup, a.dtype)
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    floor_ms = ms["floor"]
+    flops = 10 * a.batch * d_model * a.width  # the five products, 2·B·d·M each
+    out = {
+        "d_model": d_model,
+        "width": a.width,
+        "batch": a.batch,
+        "dtype": a.dtype,
+        "data": a.data or "gaussian",
+        "matmul_floor_ms": round(floor_ms, 2),
+        "matmul_gflop_per_step": round(flops / 1e9, 2),
+    }
+    for name in runs:
+        out[f"{name}_ms_per_step"] = round(ms[name], 2)
+        out[f"{name}_ratio_to_floor"] = round(ms[name] / floor_ms, 3)
+        out[f"{name}_tokens_per_s"] = round(a.batch / (ms[name] / 1e3))
+        out[f"{name}_ratio_of_minimums"] = round(min(times[name]) / min(times["floor"]), 3)
+    if "dense" in runs:  # the keys earlier versions printed
+        out.update(ms_per_step=out["dense_ms_per_step"], ratio=out["dense_ratio_to_floor"])
+        out["achieved_gflops"] = round(flops / (ms["dense"] / 1e3) / 1e9, 1)
+    if a.l0:
+        metrics = jax.device_get(runs["sparse"](x))
+        out.update(
+            l0=round(float(metrics["l0"]), 2),
+            sparse_capacity=plan[0],
+            sparse_path_taken=bool(metrics["sparse_step"] == 1.0),
+            auto_plan=jumprelu_kind.sparse_plan(_config(a.width, a.dtype, a.l0, "auto").sae)[1],
         )
-    )
+        if "dense" in runs:
+            out["sparse_speedup"] = round(ms["dense"] / ms["sparse"], 3)
+        for name, cfg in (("dense", dense_cfg), ("sparse", sparse_cfg)):
+            if name in runs:
+                out[f"{name}_peak_temp_mib"] = round((_peak_bytes(cfg, d_model, x) or 0) / 2**20, 1)
+    cmd = f"python benchmarks/step.py --width {a.width} --batch {a.batch}"
+    cmd += f" --data {a.data}" if a.data else f" --d-model {a.d_model}"
+    cmd += (f" --l0 {a.l0:g}" if a.l0 else "") + (" --sparse-only" if a.sparse_only else "")
+    cmd += f" --dtype {a.dtype}" if a.dtype != "float32" else ""
+    kind = str(jax.devices()[0].device_kind)
+    peak = a.peak_tflops or _peak_tflops(kind)
+    if peak:  # model FLOPs utilisation: the five dense products per step over the devices' peak
+        for name in runs:
+            out[f"{name}_mfu"] = round(flops / (ms[name] / 1e3) / (peak * 1e12 * jax.device_count()), 4)
+    out.update(device=kind, backend=jax.default_backend(), num_devices=jax.device_count(), command=cmd)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

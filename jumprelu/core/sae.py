@@ -69,13 +69,17 @@ class SAEBase(nn.Module):
         [B, M] x [M, d] product (and, sharded, an all-reduce of [d], not of [B, d]).
         """
         w_enc = self.W_enc if w_enc is None else w_enc
-        b_enc = self.b_enc if b_enc is None else b_enc
         dt = self.compute_dtype
         z = jnp.matmul(x.astype(dt), w_enc.astype(dt), preferred_element_type=jnp.float32)
-        bias = b_enc
+        return z + self.encoder_bias(w_enc, b_enc)
+
+    def encoder_bias(self, w_enc: jax.Array | None = None, b_enc: jax.Array | None = None) -> jax.Array:
+        """b_enc - b_dec W_enc (or b_enc without the pre-encoder bias): [width]."""
+        w_enc = self.W_enc if w_enc is None else w_enc
+        bias = self.b_enc if b_enc is None else b_enc
         if self.pre_encoder_bias:
             bias = bias - jnp.matmul(self.b_dec, w_enc, preferred_element_type=jnp.float32)
-        return z + bias
+        return bias
 
     def decode(self, f: jax.Array, w_dec: jax.Array | None = None, b_dec: jax.Array | None = None) -> jax.Array:
         """x̂ = f W_dec + b_dec. f: [..., width] -> [..., d_model]."""

@@ -46,11 +46,28 @@ def tanh_loss(f: jax.Array, decoder_norms: jax.Array, lam, scale: float) -> jax.
 
 def frequency_penalty(z: jax.Array, theta: jax.Array, bandwidth, coefficient: float, limit: float) -> jax.Array:
     """μ · Σ_i relu(p_i - limit) with p_i the share of the batch latent i fires on."""
-    freq = jnp.mean(ops.heaviside(z, theta, bandwidth), axis=0)
-    return coefficient * jnp.sum(jax.nn.relu(freq - limit))
+    counts = jnp.sum(ops.heaviside(z, theta, bandwidth), axis=0)
+    return frequency_penalty_of_counts(counts, z.shape[0], coefficient, limit)
+
+
+def frequency_penalty_of_counts(counts: jax.Array, rows: int, coefficient: float, limit: float) -> jax.Array:
+    """The frequency penalty from counts_i = Σ_b H(z_bi - θ_i) [M] (straight-through w.r.t. θ)."""
+    return coefficient * jnp.sum(jax.nn.relu(counts / rows - limit))
 
 
 def pre_act_loss(z: jax.Array, theta: jax.Array, dead: jax.Array, decoder_norms: jax.Array, coefficient: float):
     """ν · mean_b Σ_i dead_i · relu(θ_i - z_bi) · ‖W_dec,i‖. dead: [M] bool."""
     gap = jax.nn.relu(theta - z) * (dead.astype(z.dtype) * decoder_norms)
     return coefficient * jnp.mean(jnp.sum(gap, axis=-1))
+
+
+def pre_act_loss_of_sums(z_sum, f_sum, counts, theta, dead, decoder_norms, rows: int, coefficient: float):
+    """`pre_act_loss` from per-latent batch sums, for the sparse step (no [B, M] array).
+
+    relu(θ - z) = (θ - z) + (z - θ)·H(z - θ) = (θ - z) + f - θ·H, so Σ_b relu(θ_i - z_bi) =
+    B θ_i - Σ_b z_bi + Σ_b f_bi - θ_i Σ_b H(z_bi - θ_i). With f_sum and counts carrying the
+    straight-through θ-gradients, their kernel terms cancel (-(θ/ε)K from f, +(θ/ε)K from θ·H)
+    and every gradient equals the dense form's. z_sum, f_sum, counts, theta, dead: [M].
+    """
+    gap = rows * theta - z_sum + f_sum - theta * counts
+    return coefficient * jnp.sum(gap * (dead.astype(gap.dtype) * decoder_norms)) / rows

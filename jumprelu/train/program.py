@@ -43,10 +43,16 @@ def build(cfg, d_model: int, mesh: Mesh, batch_dtype: str = "float32") -> Progra
     """
     sharding.check_width(mesh, cfg.sae.width)
     sharding.check_batch(mesh, cfg.train.batch_size)
-    kind = kinds.from_config(cfg.sae, d_model)
+    lams = tuple(float(v) for v in cfg.stack.sparsity_coefficients)
+    sae_cfg = cfg.sae
+    if lams and sae_cfg.get("sparse") == "auto":
+        # vmapped members turn the sparse step's per-batch overflow branch (lax.cond) into a
+        # select that runs both paths, so `auto` keeps stacked SAEs on the dense step.
+        sae_cfg = sae_cfg.copy_and_resolve_references()
+        sae_cfg.sparse = "off"
+    kind = kinds.from_config(sae_cfg, d_model)
     model = kind.model
     tx = optim.make_optimizer(cfg.train)
-    lams = tuple(float(v) for v in cfg.stack.sparsity_coefficients)
     abstract = state_lib.with_shardings(
         mesh, state_lib.abstract_state(model, tx, kind.init_stats, members=len(lams)), stacked=bool(lams)
     )

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from ml_collections import config_dict
 
 from jumprelu.core import init as init_lib
-from jumprelu.core import layout, losses, ops, sparsity
+from jumprelu.core import layout, losses, ops, sparse, sparsity
 from jumprelu.core.kinds import Kind, KindSpec, common_module_args, jumprelu_arrays, register
 from jumprelu.core.sae import SAEBase
 
@@ -72,6 +72,38 @@ class JumpReLUSAE(SAEBase):
             "x_hat": self.decode(f),
         }
 
+    def sparse_outputs(self, x: jax.Array, capacity: int, bandwidth=None, z_squares: bool = False):
+        """What the loss needs, from the sparse step (`core/sparse.py`): x_hat [B, d], l0 [B],
+        counts and f_sum [M] (Σ_b H, Σ_b f, straight-through w.r.t. θ), fired_per_latent [M],
+        overflow [] (1.0: this batch took the dense path), z_sum [M] (Σ_b z, differentiable) and,
+        with z_squares, z_sq [M] (Σ_b z², statistics only). No [B, M] array is returned."""
+        eps = jnp.asarray(self.bandwidth if bandwidth is None else bandwidth, jnp.float32)
+        bias = self.encoder_bias()
+        theta = self.threshold()
+        x_hat, l0, counts, f_sum, overflow = sparse.sparse_forward(
+            x,
+            self.W_enc,
+            bias,
+            theta,
+            self.W_dec,
+            self.b_dec,
+            eps,
+            sparse.Capacity.for_batch(capacity, x.shape[0], self.width),
+            self.compute_dtype,
+        )
+        out = {
+            "x_hat": x_hat,
+            "l0": l0,
+            "counts": counts,
+            "f_sum": f_sum,
+            "fired_per_latent": jax.lax.stop_gradient(counts),
+            "overflow": overflow,
+            "z_sum": jnp.sum(x, axis=0) @ self.W_enc + x.shape[0] * bias,
+        }
+        if z_squares:
+            out["z_sq"] = sparse.z_squares(x, self.W_enc, bias)
+        return out
+
 
 def threshold_of(params: dict) -> jax.Array:
     """θ from a params dict of either parameterisation."""
@@ -102,6 +134,7 @@ class Recipe:
     bandwidth: float = 0.001
     bandwidth_mode: str = "absolute"
     matryoshka_widths: tuple[int, ...] = ()
+    sparse_capacity: int = 0  # > 0: the sparse step keeping this many entries per row (0: dense)
 
     @classmethod
     def from_config(cls, s) -> Recipe:
@@ -118,6 +151,7 @@ class Recipe:
             bandwidth=s.get("bandwidth", 0.001),
             bandwidth_mode=s.get("bandwidth_mode", "absolute"),
             matryoshka_widths=tuple(s.get("matryoshka_widths", ()) or ()),
+            sparse_capacity=sparse_plan(s)[0],
         )
 
 
@@ -155,7 +189,18 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
 
     def loss(model, params, stats, x, sparsity_coefficient):
         eps = r.bandwidth * stats["z_scale"] if r.bandwidth_mode == "relative" else None
-        out = model.apply({"params": params}, x, bandwidth=eps)
+        sparse_step = r.sparse_capacity > 0
+        if sparse_step:
+            out = model.apply(
+                {"params": params},
+                x,
+                r.sparse_capacity,
+                bandwidth=eps,
+                z_squares=r.bandwidth_mode == "relative",
+                method=JumpReLUSAE.sparse_outputs,
+            )
+        else:
+            out = model.apply({"params": params}, x, bandwidth=eps)
         theta = threshold_of(params)
         batch_l0 = jax.lax.stop_gradient(jnp.mean(out["l0"]))
         new_stats, lam = {}, sparsity_coefficient
@@ -180,27 +225,79 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
         else:
             penalty = sparsity.tanh_loss(out["f"], norms, lam, r.tanh_scale)
         eps_now = r.bandwidth if eps is None else eps
-        if r.frequency_penalty:
+        if r.frequency_penalty and sparse_step:
+            rows = x.shape[0]
+            freq = sparsity.frequency_penalty_of_counts(out["counts"], rows, r.frequency_penalty, r.frequency_limit)
+            penalty, metrics = penalty + freq, dict(metrics, frequency_penalty=freq)
+        elif r.frequency_penalty:
             freq = sparsity.frequency_penalty(out["z"], theta, eps_now, r.frequency_penalty, r.frequency_limit)
             penalty, metrics = penalty + freq, dict(metrics, frequency_penalty=freq)
         if r.pre_act_coefficient:
             since = stats["tokens_since_fired"]
             dead = since >= r.dead_window_tokens
-            pre = sparsity.pre_act_loss(out["z"], theta, dead, norms, r.pre_act_coefficient)
+            if sparse_step:
+                sums = (out["z_sum"], out["f_sum"], out["counts"])
+                pre = sparsity.pre_act_loss_of_sums(*sums, theta, dead, norms, x.shape[0], r.pre_act_coefficient)
+            else:
+                pre = sparsity.pre_act_loss(out["z"], theta, dead, norms, r.pre_act_coefficient)
             penalty, metrics = penalty + pre, dict(metrics, pre_act_loss=pre, dead_fraction=jnp.mean(dead))
             fired = out["fired_per_latent"] > 0
             new_stats["tokens_since_fired"] = jnp.where(fired, 0, jnp.minimum(since + x.shape[0], _SINCE_FIRED_CAP))
         if r.bandwidth_mode == "relative":
-            spread = jnp.median(jnp.std(jax.lax.stop_gradient(out["z"]), axis=0))
+            if sparse_step:
+                mean = jax.lax.stop_gradient(out["z_sum"]) / x.shape[0]
+                spread = jnp.median(jnp.sqrt(jnp.maximum(out["z_sq"] / x.shape[0] - mean**2, 0.0)))
+            else:
+                spread = jnp.median(jnp.std(jax.lax.stop_gradient(out["z"]), axis=0))
             new_stats["z_scale"] = _Z_SCALE_DECAY * stats["z_scale"] + (1 - _Z_SCALE_DECAY) * spread
             metrics = dict(metrics, bandwidth=eps)
         total = jnp.mean(sq_err) + penalty
         metrics = dict(metrics, loss=total)
         if r.target_l0 is not None:
             metrics["sparsity_coefficient_adaptive"] = lam
+        if sparse_step:  # 1: this batch took the sparse path; 0: a row overflowed the capacity
+            metrics["sparse_step"] = 1.0 - out["overflow"]
         return total, (metrics, {**stats, **new_stats})
 
     return loss
+
+
+SPARSE_MODES = ("auto", "on", "off")
+# `auto` takes the sparse step where it was measured faster (benchmarks/step.py --l0): on XLA:CPU,
+# with at most this share of the latents kept per row. Elsewhere it stays dense until measured.
+_AUTO_MAX_KEPT_SHARE = 1 / 16
+
+
+def sparse_plan(s) -> tuple[int, str]:
+    """(entries kept per row by the sparse step, or 0 for the dense step; why) from `sae.*`.
+
+    Deterministic: the same config on the same backend always gives the same plan."""
+    mode = s.get("sparse", "off")
+    if mode == "off":
+        return 0, "sae.sparse=off"
+    unsupported = [
+        name
+        for name, on in (
+            ("sae.sparsity_loss=tanh", s.get("sparsity_loss", "step") == "tanh"),
+            ("sae.matryoshka_widths", bool(s.get("matryoshka_widths"))),
+        )
+        if on
+    ]
+    capacity = s.get("sparse_capacity", 0) or (
+        sparse.default_capacity(s.target_l0, s.width) if s.get("target_l0") else 0
+    )
+    if mode == "on":
+        return capacity, "sae.sparse=on"
+    if unsupported:
+        return 0, f"auto: dense ({', '.join(unsupported)} needs f for every latent)"
+    if not capacity:
+        return 0, "auto: dense (no sae.target_l0 or sae.sparse_capacity to size the sparse step)"
+    backend = jax.default_backend()
+    if backend != "cpu":
+        return 0, f"auto: dense (the sparse step is not yet measured on {backend})"
+    if capacity > _AUTO_MAX_KEPT_SHARE * s.width:
+        return 0, f"auto: dense (capacity {capacity} > width/{round(1 / _AUTO_MAX_KEPT_SHARE)})"
+    return capacity, f"auto: sparse, {capacity} entries per row"
 
 
 def export(params: dict, stats: dict) -> dict:
@@ -245,6 +342,17 @@ def validate(s, check) -> None:
     if s.threshold_init_mode != "constant":
         check(s.target_l0 is not None, "sae.target_l0", "set when sae.threshold_init_mode is from data", s.target_l0)
     check(s.encoder_init_scale > 0, "sae.encoder_init_scale", "> 0", s.encoder_init_scale)
+    check(s.sparse in SPARSE_MODES, "sae.sparse", f"one of {SPARSE_MODES}", s.sparse)
+    check(s.sparse_capacity >= 0, "sae.sparse_capacity", ">= 0 (0: 4 × sae.target_l0)", s.sparse_capacity)
+    if s.sparse == "on":
+        check(s.sparsity_loss != "tanh", "sae.sparsity_loss", "'step' or 'quadratic' with sae.sparse=on", "tanh")
+        check(not s.matryoshka_widths, "sae.matryoshka_widths", "empty with sae.sparse=on", s.matryoshka_widths)
+        check(
+            bool(s.sparse_capacity or s.target_l0),
+            "sae.sparse_capacity",
+            "> 0 (or sae.target_l0 set) with sae.sparse=on",
+            s.sparse_capacity,
+        )
     widths = tuple(s.matryoshka_widths or ())
     check(
         not widths or (list(widths) == sorted(set(widths)) and widths[0] > 0 and widths[-1] == s.width),
@@ -274,6 +382,9 @@ def _fields() -> dict:
         threshold_init_mode="constant",  # or "latent_quantile" / "global_quantile": initial L0 = target_l0
         encoder_init_scale=1.0,  # W_enc = scale · W_decᵀ at init
         matryoshka_widths=(),  # nested prefixes, e.g. (1024, 4096, 16384); last = width
+        # The sparse step (core/sparse.py): same numbers, cost ≈ one dense product + O(B·L0·d).
+        sparse="auto",  # "auto" (where measured faster), "on" or "off"
+        sparse_capacity=0,  # entries kept per row (active + lower kernel window); 0: 4 × target_l0
     )
 
 

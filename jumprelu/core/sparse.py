@@ -1,0 +1,298 @@
+"""The sparse JumpReLU SAE forward and backward: one dense product plus O(B·L0·d).
+
+JumpReLU's derivative with respect to z is H(z - θ) and its θ pseudo-derivative lives in the
+kernel window |z - θ| < ε/2, so apart from the encoder product z = x W_enc every term of the
+step touches only the entries of z above θ - ε/2: the active latents and the lower half of
+the window. `sparse_forward` computes z densely in row blocks (no [B, M] array outlives its
+block), keeps each row's candidates (`lax.top_k`, `Capacity.per_row` slots), compacts them
+into one list of (row, latent, z) entries for the batch, and from the entries alone computes
+
+  forward   x̂_b = Σ_e f_e W_dec[i_e] + b_dec      l0_b = Σ_e H_e      counts_i, f_sum_i
+  backward  ∂f_e = ∂x̂_b · W_dec[i_e] + ∂f_sum_i      (a sampled dense-dense product)
+            ∂z_e = H_e · ∂f_e                        (∂z is zero off the active set)
+            ∂W_dec[i] += f_e ∂x̂_b,  ∂W_enc[:, i] += x_b ∂z_e   (segment sums by latent)
+            ∂θ_i += K((z_e-θ_i)/ε) · (-(θ_i/ε) ∂f_e - (∂l0_b + ∂counts_i)/ε)
+
+with exactly the pseudo-derivatives of `ops.jumprelu_l0` / `ops.heaviside`, so the numbers are
+those of the dense step. Rows with more candidates than their slots (the heavy tail of the
+per-row L0) are spilled: up to `Capacity.spill` of them are computed densely beside the
+entries. A batch beyond the capacity (more such rows, or more entries than
+`Capacity.per_batch`) takes the dense computation for that step (`overflow` = 1, counted in
+the metrics as `sparse_step` = 0); nothing is ever truncated. Per-latent outputs are sums
+over the batch (counts, f_sum), which is all the JumpReLU losses need
+(`kinds/jumprelu.make_loss`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jumprelu.core import ops
+
+__all__ = ["Capacity", "sparse_forward", "dense_forward", "row_blocks"]
+
+_BLOCK_ROWS = 256  # rows per block of z on XLA:CPU: every [rows, M] temporary stays small
+_CHUNK = 4096  # entries per chunk of the gathers and scatter-adds
+
+
+def row_blocks(rows: int) -> int:
+    """How many row blocks the CPU path uses (1 on other backends and on multi-device meshes)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if (not mesh.empty and mesh.size > 1) or jax.default_backend() != "cpu":
+        return 1
+    if rows >= 2 * _BLOCK_ROWS and rows % _BLOCK_ROWS == 0:
+        return rows // _BLOCK_ROWS
+    return 1
+
+
+def _pre_acts(x, w_enc, bias, dtype):
+    return jnp.matmul(x.astype(dtype), w_enc.astype(dtype), preferred_element_type=jnp.float32) + bias
+
+
+def _window_coord(z, theta, eps):
+    """(z - θ)/ε, written exactly as `ops.rectangle` sees it, so the candidate set and the
+    kernel window agree with the dense ops bit for bit."""
+    return (z - theta) / eps
+
+
+def dense_forward(x, w_enc, bias, theta, w_dec, b_dec, eps, dtype=jnp.float32):
+    """The reference: the same outputs from dense [B, M] arrays through `ops`."""
+    z = _pre_acts(x, w_enc, bias, dtype)
+    f, l0 = ops.jumprelu_l0(z, theta, eps)
+    counts = jnp.sum(ops.heaviside(z, theta, eps), axis=0)
+    x_hat = jnp.matmul(f.astype(dtype), w_dec.astype(dtype), preferred_element_type=jnp.float32) + b_dec
+    return x_hat, l0, counts, jnp.sum(f, axis=0)
+
+
+def _blocked(n, *arrays):
+    return [a.reshape(n, a.shape[0] // n, *a.shape[1:]) for a in arrays]
+
+
+def _candidates(x, w_enc, bias, theta, eps, row_capacity, dtype):
+    """Per row, the (value, latent) of up to `row_capacity` entries with z > θ - ε/2 (unused
+    slots -inf), and how many candidates the row had. z exists one row block at a time."""
+    n = row_blocks(x.shape[0])
+
+    def blk(x_blk):
+        z = _pre_acts(x_blk, w_enc, bias, dtype)
+        cand = _window_coord(z, theta, eps) > -0.5
+        vals, idx = jax.lax.top_k(jnp.where(cand, z, -jnp.inf), row_capacity)
+        return vals, idx, jnp.sum(cand, axis=-1)
+
+    if n == 1:
+        return blk(x)
+    vals, idx, count = jax.lax.map(blk, _blocked(n, x)[0])
+    return vals.reshape(-1, row_capacity), idx.reshape(-1, row_capacity), count.reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Capacity:
+    """Static sizes of the sparse step. A batch overflows (and takes the dense path) when more
+    than `spill` rows exceed `per_row` candidates or the other rows hold more than `per_batch`."""
+
+    per_row: int  # slots per row of the top-k filter
+    per_batch: int  # entries kept over the batch (rows within per_row)
+    spill: int  # rows beyond per_row, each computed densely
+
+    @classmethod
+    def for_batch(cls, per_row: int, batch: int, width: int) -> Capacity:
+        """per_row slots (≤ width); per_batch: a quarter of the slots, i.e. twice the mean a
+        per_row of 8 × L0 allows; spill: 1/64 of the rows (at least 1)."""
+        per_row = min(per_row, width)
+        return cls(per_row, max(1, batch * per_row // 4), max(1, batch // 64))
+
+
+def _select(x, w_enc, bias, theta, eps, cap: Capacity, dtype):
+    """The entries: (rows, latents, z values) [per_batch], their count, the spill rows [spill]
+    (padded with B) and whether the batch overflows."""
+    batch = x.shape[0]
+    vals, idx, count = _candidates(x, w_enc, bias, theta, eps, cap.per_row, dtype)
+    over = count > cap.per_row
+    spill = jnp.nonzero(over, size=cap.spill, fill_value=batch)[0]
+    keep = (vals > -jnp.inf) & ~over[:, None]
+    kept = jnp.sum(keep)
+    overflow = (jnp.sum(over) > cap.spill) | (kept > cap.per_batch)
+    size = _chunk_size(cap.per_batch)
+    total = size * math.ceil(cap.per_batch / size)  # whole chunks
+    rows, slots = jnp.nonzero(keep, size=total, fill_value=0)  # row-major: rows ascending
+    valid = jnp.arange(total) < kept
+    z = jnp.where(valid, vals[rows, slots], -jnp.inf)
+    return (rows, idx[rows, slots], z, jnp.minimum(kept, cap.per_batch)), spill, overflow
+
+
+def _entries(z, lat, theta, eps):
+    """Masks and values of the kept entries: active (z > θ), window (|z - θ| < ε/2), f."""
+    th = theta[lat]
+    valid = z > -jnp.inf
+    z = jnp.where(valid, z, 0.0)
+    u = _window_coord(z, th, eps)
+    active = valid & (z > th)
+    window = valid & (u > -0.5) & (u < 0.5)
+    return th, active, window, jnp.where(active, z, 0.0)
+
+
+def _scatter_sum(idx, values, width):
+    return jnp.zeros((width,), values.dtype).at[idx].add(values, mode="promise_in_bounds")
+
+
+def _dense_rows(xs, row_mask, w_enc, bias, theta, w_dec, eps, dtype):
+    """The spill rows computed densely: (x̂ - b_dec [R, d], l0 [R], counts [M], f_sum [M]),
+    padding rows (row_mask False) contributing nothing."""
+    z = _pre_acts(xs, w_enc, bias, dtype)
+    f, l0 = ops.jumprelu_l0(z, theta, eps)
+    m = row_mask.astype(jnp.float32)
+    f = f * m[:, None]
+    counts = jnp.sum(ops.heaviside(z, theta, eps) * m[:, None], axis=0)
+    x_hat = jnp.matmul(f.astype(dtype), w_dec.astype(dtype), preferred_element_type=jnp.float32)
+    return x_hat, l0 * m, counts, jnp.sum(f, axis=0)
+
+
+def _spill_inputs(x, spill):
+    return x.at[spill].get(mode="fill", fill_value=0.0), spill < x.shape[0]
+
+
+def _chunk_size(total: int) -> int:
+    return min(_CHUNK, total)
+
+
+def _over_chunks(used, total: int, body, init):
+    """fori_loop of body(start, carry) over the chunks [start, start + chunk) of the first `used`
+    of `total` entries (total a multiple of the chunk): padding beyond `used` costs nothing, and
+    each chunk's [chunk, d] temporaries stay in cache."""
+    size = _chunk_size(total)
+    chunks = jnp.minimum((used + size - 1) // size, total // size)
+    return jax.lax.fori_loop(0, chunks, lambda c, carry: body(c * size, carry), init)
+
+
+def _chunk(start, total: int, *arrays):
+    return [jax.lax.dynamic_slice_in_dim(a, start, _chunk_size(total)) for a in arrays]
+
+
+def _sparse_outputs(x, entries, spill, theta, w_enc, bias, w_dec, b_dec, eps, dtype):
+    batch, width = x.shape[0], w_dec.shape[0]
+    rows, lat, z, used = entries
+    _, active, _, f = _entries(z, lat, theta, eps)
+
+    def decode(start, x_hat):
+        r, i, f_c = _chunk(start, z.shape[0], rows, lat, f)
+        w_rows = w_dec.at[i].get(mode="promise_in_bounds").astype(dtype)  # [chunk, d]
+        contrib = (f_c.astype(dtype)[:, None] * w_rows).astype(jnp.float32)
+        return x_hat.at[r].add(contrib, indices_are_sorted=True, mode="promise_in_bounds")
+
+    x_hat = _over_chunks(used, z.shape[0], decode, jnp.zeros((batch, w_dec.shape[1]), jnp.float32)) + b_dec
+    active_f = active.astype(jnp.float32)
+    l0 = jax.ops.segment_sum(active_f, rows, batch, indices_are_sorted=True)
+    counts, f_sum = _scatter_sum(lat, active_f, width), _scatter_sum(lat, f, width)
+    xs, mask = _spill_inputs(x, spill)
+    s_xhat, s_l0, s_counts, s_fsum = _dense_rows(xs, mask, w_enc, bias, theta, w_dec, eps, dtype)
+    x_hat = x_hat.at[spill].add(s_xhat, mode="drop")
+    l0 = l0.at[spill].add(s_l0, mode="drop")
+    return x_hat, l0, counts + s_counts, f_sum + s_fsum
+
+
+def _sparse_grads(x, entries, spill, theta, w_enc, bias, w_dec, eps, dtype, g_xhat, g_l0, g_counts, g_fsum):
+    """(∂W_enc, ∂bias, ∂θ, ∂W_dec, ∂b_dec) from the kept entries plus the spill rows' dense vjp."""
+    width, d = w_dec.shape
+    rows, lat, z, used = entries
+    total = z.shape[0]
+    th, active, window, f = _entries(z, lat, theta, eps)
+
+    def sampled(start, g_f):  # ∂x̂_b · W_dec[i] for each entry: a sampled dense-dense product
+        r, i = _chunk(start, total, rows, lat)
+        w_rows = w_dec.at[i].get(mode="promise_in_bounds").astype(dtype)
+        g_rows = g_xhat.at[r].get(mode="promise_in_bounds").astype(dtype)  # rows ascending
+        value = jnp.sum((g_rows * w_rows).astype(jnp.float32), axis=-1)
+        return jax.lax.dynamic_update_slice_in_dim(g_f, value, start, 0)
+
+    g_f = _over_chunks(used, total, sampled, jnp.zeros((total,), jnp.float32)) + g_fsum[lat]
+    g_z = jnp.where(active, g_f, 0.0)
+    g_th = jnp.where(window, -(th / eps) * g_f - (g_l0[rows] + g_counts[lat]) / eps, 0.0)
+    # ∂W_dec and ∂W_enc as scatter-adds over the entries sorted by latent (padding last, dropped):
+    # sorted, they are several times faster than in row order on XLA:CPU.
+    order = jnp.argsort(jnp.where(jnp.arange(total) < used, lat, width))
+    s_lat = jnp.where(jnp.arange(total) < used, lat[order], width)
+    s_rows, s_f, s_gz = rows[order], f[order], g_z[order]
+    x_in = x.astype(dtype).astype(jnp.float32)
+
+    def outer(start, acc):
+        d_wdec, d_wenc_t = acc
+        i, r, f_c, gz_c = _chunk(start, total, s_lat, s_rows, s_f, s_gz)
+        d_wdec = d_wdec.at[i].add(f_c[:, None] * g_xhat[r], indices_are_sorted=True, mode="drop")
+        d_wenc_t = d_wenc_t.at[i].add(gz_c[:, None] * x_in[r], indices_are_sorted=True, mode="drop")
+        return d_wdec, d_wenc_t
+
+    zeros = jnp.zeros((width, d), jnp.float32)
+    d_wdec, d_wenc_t = _over_chunks(used, total, outer, (zeros, zeros))
+    d_bias, d_theta = _scatter_sum(lat, g_z, width), _scatter_sum(lat, g_th, width)
+    xs, mask = _spill_inputs(x, spill)
+    _, vjp = jax.vjp(lambda *p: _dense_rows(xs, mask, *p, eps, dtype), w_enc, bias, theta, w_dec)
+    gs = (g_xhat.at[spill].get(mode="fill", fill_value=0.0), g_l0.at[spill].get(mode="fill", fill_value=0.0))
+    s_wenc, s_bias, s_theta, s_wdec = vjp((*gs, g_counts, g_fsum))
+    return d_wenc_t.T + s_wenc, d_bias + s_bias, d_theta + s_theta, d_wdec + s_wdec, jnp.sum(g_xhat, axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def sparse_forward(x, w_enc, bias, theta, w_dec, b_dec, eps, capacity: Capacity, dtype=jnp.float32):
+    """(x̂ [B, d], l0 [B], counts [M], f_sum [M], overflow []) with the dense step's gradients.
+
+    x: [B, d]; w_enc: [d, M]; bias: [M] (b_enc - b_dec W_enc, so ∂b_dec flows through it);
+    theta: [M]; w_dec: [M, d]; b_dec: [d]; eps: [] (ε, may be traced); capacity: the static
+    sizes (`Capacity`); dtype: of the matmuls. counts_i = Σ_b H(z_bi - θ_i) and f_sum_i = Σ_b f_bi
+    carry the straight-through θ-gradient like `ops.heaviside` / `ops.jumprelu`. overflow is
+    1.0 when the batch did not fit `capacity` and every output came from `dense_forward`.
+    """
+    return _forward(x, w_enc, bias, theta, w_dec, b_dec, eps, capacity, dtype)[0]
+
+
+def _forward(x, w_enc, bias, theta, w_dec, b_dec, eps, capacity, dtype):
+    entries, spill, overflow = _select(x, w_enc, bias, theta, eps, capacity, dtype)
+    outs = jax.lax.cond(
+        overflow,
+        lambda: dense_forward(x, w_enc, bias, theta, w_dec, b_dec, eps, dtype),
+        lambda: _sparse_outputs(x, entries, spill, theta, w_enc, bias, w_dec, b_dec, eps, dtype),
+    )
+    res = (x, w_enc, bias, theta, w_dec, b_dec, eps, entries, spill, overflow)
+    return (*outs, overflow.astype(jnp.float32)), res
+
+
+def _fwd(x, w_enc, bias, theta, w_dec, b_dec, eps, capacity, dtype):
+    return _forward(x, w_enc, bias, theta, w_dec, b_dec, eps, capacity, dtype)
+
+
+def _bwd(capacity, dtype, res, g):
+    x, w_enc, bias, theta, w_dec, b_dec, eps, entries, spill, overflow = res
+    g_xhat, g_l0, g_counts, g_fsum, _ = g
+
+    def dense():
+        _, vjp = jax.vjp(lambda *p: dense_forward(x, *p, eps, dtype), w_enc, bias, theta, w_dec, b_dec)
+        return vjp((g_xhat, g_l0, g_counts, g_fsum))
+
+    def sparse():
+        grads = (g_xhat, g_l0, g_counts, g_fsum)
+        return _sparse_grads(x, entries, spill, theta, w_enc, bias, w_dec, eps, dtype, *grads)
+
+    d_wenc, d_bias, d_theta, d_wdec, d_bdec = jax.lax.cond(overflow, dense, sparse)
+    # x is data (no gradient is used); ε is a hyperparameter.
+    return jnp.zeros_like(x), d_wenc, d_bias, d_theta.astype(theta.dtype), d_wdec, d_bdec, jnp.zeros_like(eps)
+
+
+sparse_forward.defvjp(_fwd, _bwd)
+
+
+def z_squares(x, w_enc, bias):
+    """Σ_b z_bi² per latent [M] without forming z, from the [d, d] Gram matrix of the batch (d/B
+    of one batch product); statistics only (no gradient)."""
+    x, w, bias = (jax.lax.stop_gradient(a) for a in (x, w_enc, bias))
+    gram = x.T @ x
+    return jnp.sum(w * (gram @ w), axis=0) + 2 * bias * (jnp.sum(x, axis=0) @ w) + x.shape[0] * bias**2
+
+
+def default_capacity(target_l0: float, width: int) -> int:
+    """Top-k slots per row when sae.sparse_capacity is 0: 8 × the target L0 (rows vary widely
+    around the mean; rows beyond it are spilled to the dense path), a multiple of 8, ≤ width."""
+    return min(width, 8 * math.ceil(8 * target_l0 / 8))

@@ -1,0 +1,261 @@
+"""The sparse JumpReLU step (core/sparse.py) gives the dense step's numbers: outputs, every
+gradient and the updated state, with spilled rows, overflowing batches, rows with no active
+latent and entries inside and at the edge of the kernel window; through the real loop on 1 and
+8 simulated devices; and `sae.sparse=auto` is a deterministic, recorded choice."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jumprelu
+from jumprelu.config import ConfigError, validate
+from jumprelu.core import sparse
+from jumprelu.core.kinds import jumprelu as jumprelu_kind
+from jumprelu.train.loop import train
+
+B, D, M = 512, 16, 256
+EPS = 0.3
+
+
+def _problem(seed=0, big_rows=0.01):
+    k = jax.random.split(jax.random.key(seed), 7)
+    x = jax.random.normal(k[0], (B, D))
+    x = x * (1 + 3 * (jax.random.uniform(k[6], (B, 1)) < big_rows))  # a few rows fire many latents
+    params = (
+        jax.random.normal(k[1], (D, M)) / 4,  # W_enc
+        0.1 * jax.random.normal(k[2], (M,)),  # bias
+        1.5 + 0.5 * jnp.abs(jax.random.normal(k[3], (M,))),  # θ
+        jax.random.normal(k[4], (M, D)) / 4,  # W_dec
+        0.1 * jax.random.normal(k[5], (D,)),  # b_dec
+    )
+    return x, params
+
+
+def _objective(forward, x):
+    """A loss touching every output with distinct weights, so every cotangent is exercised."""
+
+    def fn(*params):
+        x_hat, l0, counts, f_sum = forward(x, *params)[:4]
+        return (
+            jnp.sum(jnp.square(x_hat - x))
+            + 0.3 * jnp.sum(l0 * jnp.cos(jnp.arange(x.shape[0])))
+            + jnp.sum(jnp.sin(jnp.arange(M)) * counts)
+            + jnp.sum(jnp.cos(jnp.arange(M)) * f_sum)
+        )
+
+    return fn
+
+
+def _compare(x, params, capacity, eps=EPS):
+    dense = _objective(lambda x_, *p: sparse.dense_forward(x_, *p, eps), x)
+    sp = _objective(lambda x_, *p: sparse.sparse_forward(x_, *p, jnp.float32(eps), capacity), x)
+    argnums = tuple(range(5))
+    v_dense, g_dense = jax.jit(jax.value_and_grad(dense, argnums=argnums))(*params)
+    v_sparse, g_sparse = jax.jit(jax.value_and_grad(sp, argnums=argnums))(*params)
+    np.testing.assert_allclose(v_sparse, v_dense, rtol=1e-6)
+    for name, a, b in zip(("W_enc", "bias", "theta", "W_dec", "b_dec"), g_dense, g_sparse, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(a))), err_msg=name)
+    outs = jax.jit(lambda: sparse.sparse_forward(x, *params, jnp.float32(eps), capacity))()
+    for a, b in zip(sparse.dense_forward(x, *params, eps), outs[:4], strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    return float(outs[4])
+
+
+def _candidates_per_row(x, params, eps=EPS):
+    w_enc, bias, theta = params[:3]
+    z = x @ w_enc + bias
+    return np.asarray(jnp.sum((z - theta) / eps > -0.5, axis=-1))
+
+
+def test_sparse_equals_dense_when_everything_fits():
+    x, params = _problem()
+    cand = _candidates_per_row(x, params)
+    cap = sparse.Capacity(per_row=int(cand.max()), per_batch=int(cand.sum()), spill=1)
+    assert _compare(x, params, cap) == 0.0
+
+
+def test_rows_beyond_the_row_capacity_are_spilled_not_truncated():
+    x, params = _problem()
+    cand = _candidates_per_row(x, params)
+    per_row = int(np.quantile(cand, 0.98))
+    spilled = int(np.sum(cand > per_row))
+    assert spilled >= 2
+    cap = sparse.Capacity(per_row=per_row, per_batch=int(cand.sum()), spill=spilled)
+    assert _compare(x, params, cap) == 0.0  # sparse path with dense spill rows, same numbers
+
+
+@pytest.mark.parametrize("which", ["rows", "batch"])
+def test_an_overflowing_batch_takes_the_dense_path(which):
+    x, params = _problem()
+    cand = _candidates_per_row(x, params)
+    if which == "rows":  # more rows beyond per_row than spill slots
+        cap = sparse.Capacity(per_row=int(np.median(cand)), per_batch=int(cand.sum()), spill=1)
+    else:  # the entries of the batch exceed per_batch
+        cap = sparse.Capacity(per_row=int(cand.max()), per_batch=int(cand.sum()) - 1, spill=1)
+    assert _compare(x, params, cap) == 1.0
+
+
+def test_rows_with_no_active_latent():
+    x, params = _problem(big_rows=0.0)
+    x = x.at[: B // 2].set(0.0)  # z = bias < θ: these rows fire nothing
+    w_enc, bias, theta, w_dec, b_dec = params
+    params = (w_enc, jnp.minimum(bias, 0.0), theta, w_dec, b_dec)
+    cand = _candidates_per_row(x, params)
+    assert cand[: B // 2].max() == 0 and cand.sum() > 0
+    cap = sparse.Capacity(per_row=int(cand.max()), per_batch=int(cand.sum()), spill=1)
+    assert _compare(x, params, cap) == 0.0
+
+
+def test_theta_gradient_inside_and_at_the_edge_of_the_window():
+    """Row 0's z placed at θ + offset·ε for one latent per offset: the θ-gradient is the dense
+    ops' exactly, inside the window, on its edges and just outside."""
+    x, params = _problem(big_rows=0.0)
+    w_enc, bias, theta, w_dec, b_dec = params
+    z = x @ w_enc + bias
+    offsets = jnp.array([-0.51, -0.5, -0.49, 0.0, 0.49, 0.5, 0.51])
+    theta = theta.at[: len(offsets)].set(z[0, : len(offsets)] - offsets * EPS)
+    params = (w_enc, bias, theta, w_dec, b_dec)
+    cand = _candidates_per_row(x, params)
+    cap = sparse.Capacity(per_row=int(cand.max()), per_batch=int(cand.sum()), spill=1)
+    assert _compare(x, params, cap) == 0.0
+
+
+def test_bfloat16_matmuls_match_the_dense_bfloat16_step():
+    x, params = _problem()
+    cand = _candidates_per_row(x, params)
+    cap = sparse.Capacity(per_row=int(cand.max()), per_batch=int(cand.sum()), spill=1)
+    bf16 = jnp.dtype(jnp.bfloat16)
+    dense = _objective(lambda x_, *p: sparse.dense_forward(x_, *p, EPS, bf16), x)
+    sp = _objective(lambda x_, *p: sparse.sparse_forward(x_, *p, jnp.float32(EPS), cap, bf16), x)
+    g_dense = jax.grad(dense, argnums=(0, 3))(*params)
+    g_sparse = jax.grad(sp, argnums=(0, 3))(*params)
+    for a, b in zip(g_dense, g_sparse, strict=True):  # bf16 products: agreement to bf16 precision
+        np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(a))))
+
+
+def _loss_pair(tiny_config, **sae):
+    cfg = tiny_config
+    cfg.sae.update(width=M, threshold_init=3.0, bandwidth=EPS, **sae)
+    dense = jumprelu_kind.Recipe.from_config(cfg.sae)
+    kind = jumprelu.core.kinds.from_config(cfg.sae, D)
+    params = kind.model.init(jax.random.key(0), jnp.zeros((2, D)))["params"]
+    stats = kind.init_stats()
+    if "tokens_since_fired" in stats:  # every third latent dead
+        stats["tokens_since_fired"] = jnp.where(jnp.arange(M) % 3 == 0, 10**6, 0).astype(jnp.int32)
+    x = 2.0 * jax.random.normal(jax.random.key(1), (B, D))
+    out = {}
+    for name, recipe in (("dense", dense), ("sparse", dataclasses.replace(dense, sparse_capacity=128))):
+        loss = jumprelu_kind.make_loss(recipe=recipe)
+        fn = jax.jit(jax.value_and_grad(lambda p, r=loss: r(kind.model, p, stats, x, 0.1), has_aux=True))
+        out[name] = fn(params)
+    return out
+
+
+@pytest.mark.parametrize("param", ["log", "raw"])
+@pytest.mark.parametrize("loss", ["step", "quadratic"])
+def test_every_supported_option_gives_the_dense_loss_gradients_and_stats(tiny_config, param, loss):
+    out = _loss_pair(
+        tiny_config,
+        threshold_param=param,
+        sparsity_loss=loss,
+        target_l0=8.0,
+        pre_act_coefficient=1e-2,
+        dead_window_tokens=1,
+        frequency_penalty=1.0,
+        frequency_limit=0.02,
+        bandwidth_mode="relative",
+    )
+    (v_d, (m_d, s_d)), g_d = out["dense"]
+    (v_s, (m_s, s_s)), g_s = out["sparse"]
+    assert float(m_s["sparse_step"]) == 1.0 and "sparse_step" not in m_d
+    assert 0 < float(m_d["pre_act_loss"]) and 0 < float(m_d["frequency_penalty"])
+    np.testing.assert_allclose(v_s, v_d, rtol=1e-5)
+    for k in m_d:
+        np.testing.assert_allclose(m_s[k], m_d[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for k in s_d:
+        np.testing.assert_allclose(s_s[k], s_d[k], rtol=1e-5, err_msg=k)
+    for k in g_d:
+        np.testing.assert_allclose(g_s[k], g_d[k], rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(g_d[k]))), err_msg=k)
+
+
+def _sparse_run_config(cfg, sparse_mode):
+    cfg.sae.update(
+        threshold_param="raw",
+        threshold_init=0.3,
+        target_l0=4.0,
+        bandwidth=0.05,
+        pre_act_coefficient=1e-3,
+        dead_window_tokens=1024,
+        sparse=sparse_mode,
+        sparse_capacity=32,
+    )
+    return cfg
+
+
+def test_300_steps_give_the_same_parameters(tmp_path, tiny_config):
+    """The real loop, sparse vs dense: the same parameters after 300 steps; the sparse run took the
+    sparse path (and the dense one for the early high-L0 batches), as its metrics record."""
+    cfg = _sparse_run_config(tiny_config, "on")
+    cfg.sae.threshold_init = 0.05  # the first batches fire too many latents for the capacity
+    cfg.train.update(steps=300)
+    cfg.ckpt.every_steps = 300
+    cfg.log.every_steps = 10
+    saes = {}
+    for mode in ("off", "on"):
+        cfg.sae.sparse = mode
+        train(cfg, str(tmp_path / mode))
+        saes[mode] = jumprelu.load(str(tmp_path / mode)).params()
+    for k, v in saes["off"].items():
+        # float32 sums in another order, compounded over 300 Adam steps
+        np.testing.assert_allclose(saes["on"][k], v, rtol=1e-2, atol=1e-3, err_msg=k)
+    rows = [json.loads(line) for line in open(os.path.join(tmp_path, "on", "metrics.jsonl"))]
+    taken = [r["sparse_step"] for r in rows if "sparse_step" in r]
+    assert taken and taken[-1] == 1.0 and 0.0 in taken  # sparse at the end, dense at the start
+    assert not any("sparse_step" in r for r in open(os.path.join(tmp_path, "off", "metrics.jsonl")))
+
+
+def test_sparse_step_trains_sharded_like_on_one_device(tmp_path, tiny_config):
+    cfg = _sparse_run_config(tiny_config, "on")
+    cfg.train.steps = 30
+    results = {}
+    for shape in [(1, 1), (2, 4)]:
+        cfg.mesh.data, cfg.mesh.model = shape
+        train(cfg, str(tmp_path / f"{shape}"))
+        results[shape] = jumprelu.load(str(tmp_path / f"{shape}")).params()
+    for k, v in results[(1, 1)].items():
+        np.testing.assert_allclose(results[(2, 4)][k], v, rtol=2e-4, atol=2e-5, err_msg=k)
+
+
+def test_auto_is_deterministic_and_explained(tiny_config):
+    s = tiny_config.sae
+    s.update(width=65536, target_l0=50.0, sparse="auto")
+    plans = {jumprelu_kind.sparse_plan(s) for _ in range(3)}
+    assert len(plans) == 1
+    s.update(sparsity_loss="tanh")
+    assert jumprelu_kind.sparse_plan(s) == (0, "auto: dense (sae.sparsity_loss=tanh needs f for every latent)")
+    s.update(sparsity_loss="step", target_l0=None)
+    assert jumprelu_kind.sparse_plan(s)[0] == 0
+    s.update(sparse="off", target_l0=50.0)
+    assert jumprelu_kind.sparse_plan(s) == (0, "sae.sparse=off")
+    s.update(sparse="on", sparse_capacity=24)
+    assert jumprelu_kind.sparse_plan(s) == (24, "sae.sparse=on")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"sparse": "yes"}, r"^config field sae.sparse must be one of \('auto', 'on', 'off'\), found 'yes'$"),
+        ({"sparse": "on", "sparsity_loss": "tanh"}, r"^config field sae.sparsity_loss must be 'step' or 'quadratic'"),
+        ({"sparse": "on"}, r"^config field sae.sparse_capacity must be > 0 \(or sae.target_l0 set\)"),
+        ({"sparse_capacity": -1}, r"^config field sae.sparse_capacity must be >= 0"),
+    ],
+)
+def test_bad_sparse_fields_are_named(tiny_config, fields, message):
+    tiny_config.sae.update(**fields)
+    with pytest.raises(ConfigError, match=message):
+        validate(tiny_config)
