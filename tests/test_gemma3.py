@@ -7,6 +7,7 @@ flat layout, so the real loading, templating, masking, capturing and splicing co
 
 import collections
 import json
+import os
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from jumprelu.errors import DataError  # noqa: E402
+from jumprelu.errors import ConfigError, DataError  # noqa: E402
 from jumprelu.harvest import gemma_model  # noqa: E402
 from jumprelu.harvest import text as text_lib  # noqa: E402
 from jumprelu.store import open_store  # noqa: E402
@@ -218,14 +219,34 @@ def test_chat_template_masks_exactly_the_template_tokens(world, tmp_path):
 
 
 def test_chat_template_needs_the_turn_pieces(tmp_path):
-    from jumprelu.harvest import tiny
+    import sentencepiece as spm
 
-    tiny.make(str(tmp_path), family="gemma2")  # its tokenizer has no chat pieces
+    spm.SentencePieceTrainer.train(  # as the tiny Gemma 2 world's: no chat pieces
+        sentence_iterator=iter(["the cat sat on the mat.", "a dog ran under a tree."] * 20),
+        model_prefix=str(tmp_path / "tok"),
+        vocab_size=60,
+        model_type="bpe",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        minloglevel=2,
+    )
     with pytest.raises(DataError, match=r"tok.model: no <start_of_turn> piece; chat_template needs"):
         text_lib.SentencePieceTokenizer(str(tmp_path / "tok.model"), chat_template=True)
 
 
-def test_harvest_plain_and_chat_store_only_content_tokens(world, tmp_path):
+@pytest.fixture(scope="module")
+def chat_store(world, tmp_path_factory):
+    """The tiny world's conversations harvested through the chat template (resid, layer 1)."""
+    from jumprelu.harvest.run import harvest
+
+    path = tmp_path_factory.mktemp("chat") / "store"
+    result = harvest(_cfg(world, "chat_template=True", store=str(path)))
+    return {"path": path, "rows": result["rows"]}
+
+
+def test_harvest_plain_and_chat_store_only_content_tokens(world, chat_store, tmp_path):
     from jumprelu.harvest.contexts import store_contexts
     from jumprelu.harvest.run import harvest
 
@@ -235,31 +256,31 @@ def test_harvest_plain_and_chat_store_only_content_tokens(world, tmp_path):
     meta = open_store(str(tmp_path / "plain_attn")).metadata
     assert (meta["model"], meta["d_model"], meta["extra"]["chat_template"]) == ("tiny_gemma3", 64, False)
 
-    chat = harvest(_cfg(world, "chat_template=True", store=str(tmp_path / "chat")))
     # Rows: one per content token of the conversations, counted from the tokenizer alone.
     content = collections.Counter()
     with open(world["dir"] / "chat.jsonl") as f:
         for line in f:
             for turn in text_lib._gemma_turns(json.loads(line)["messages"]):
                 content.update(world["tok"].encode(turn[1]))
-    assert chat["rows"] == sum(content.values())
-    store = open_store(str(tmp_path / "chat"))
+    assert chat_store["rows"] == sum(content.values())
+    store = open_store(str(chat_store["path"]))
     assert store.metadata["extra"]["chat_template"] is True
     # The stored rows' tokens, replayed from the metadata (jumprelu.harvest.contexts), are
     # exactly the content tokens: no template piece, BOS or EOS among them.
     coords = np.array([(s, r) for s, n in enumerate(store.shard_rows) for r in range(n)])
-    ctx = store_contexts(str(tmp_path / "chat"), before=0, after=0)(coords)
+    ctx = store_contexts(str(chat_store["path"]), before=0, after=0)(coords)
     assert collections.Counter(c["token_ids"][c["position"]] for c in ctx) == content
 
 
-def test_end_to_end_gemma3_it_harvest_train_evaluate_with_delta_lm_loss(world, tmp_path):
-    from jumprelu.harvest.run import harvest
-
-    harvest(_cfg(world, "chat_template=True", store=str(tmp_path / "store")))
+def test_end_to_end_gemma3_it_harvest_train_evaluate_with_delta_lm_loss(world, chat_store, tmp_path):
+    # The commands run on one CPU device: 8 simulated ones on 2 cores double their time, and the
+    # split LM is exercised in-process (chat_store's harvest, the tests of test_gemma.py).
+    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    env = dict(os.environ, XLA_FLAGS=flags)
     run = tmp_path / "run"
     train = [sys.executable, "-m", "jumprelu", "train", "--config", "quickstart", "--workdir", str(run)]
     train += [
-        f"--config.data.source={tmp_path / 'store'}",
+        f"--config.data.source={chat_store['path']}",
         "--config.data.eval_rows=256",
         "--config.sae.width=128",
         "--config.train.steps=60",
@@ -269,13 +290,13 @@ def test_end_to_end_gemma3_it_harvest_train_evaluate_with_delta_lm_loss(world, t
         "--config.ckpt.every_steps=60",
         "--config.log.progress=False",
     ]
-    out = subprocess.run(train, cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(train, cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     # Evaluated on the chat texts through the template: only content positions are scored.
     ev = [sys.executable, "-m", "jumprelu", "evaluate", "--workdir", str(run)]
     ev += ["--lm", f"harvest/gemma3:tiny={world['dir']},layer=1,site=resid,chat_template=True"]
     ev += [f"--lm.eval.texts=('{world['dir'] / 'chat.jsonl'}',)", "--lm.eval.sequences=8"]
-    out = subprocess.run(ev, cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(ev, cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     with open(run / "eval.json") as f:
         lm = json.load(f)["lm"]
@@ -296,7 +317,9 @@ def test_config_argument():
     assert (c.model, c.chat_template) == ("gemma3_12b_it", True)
     assert harvest_sites(c)[:3] == [("resid", 12), ("mlp", 12), ("attn", 12)]
     assert (get_config("model=gemma3_27b_pt").layer, get_config().layer, get_config("layer=5").layer) == (31, 17, 5)
-    assert get_config().chat_template is False
+    assert get_config().chat_template is False and get_config("chat_template").chat_template is True
+    with pytest.raises(ConfigError, match="chat_template='yes please': expected true or false"):
+        get_config("chat_template=yes please")
     t = get_config("tiny=/w,chat_template=True")
     assert (t.model, t.texts, t.text_field) == ("tiny_gemma3", ("/w/chat.jsonl",), "messages")
     assert (t.dtype, t.layer, t.split_paragraphs) == ("float32", 1, False)

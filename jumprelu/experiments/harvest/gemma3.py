@@ -36,6 +36,7 @@ Argument (comma-separated key=value): model, layer, site, sites=a+b, layers=i+j,
 chat_template=True its texts are DIR/chat.jsonl's conversations).
 """
 
+from jumprelu.errors import ConfigError
 from jumprelu.experiments.harvest import gemma2
 from jumprelu.launch import experiment
 
@@ -51,7 +52,10 @@ def get_config(arg=None):
     if size in LAYERS and "layer" not in args:
         defaults["layer"] = LAYERS[size] // 2
     c = gemma2.get_config(",".join(f"{k}={v}" for k, v in {**args, **defaults}.items() if k != "tiny"))
-    c.chat_template = str(args.get("chat_template", False)).lower() in ("true", "1", "yes")
+    chat = args.get("chat_template", False)
+    if not isinstance(chat, bool):
+        raise ConfigError(f"harvest/gemma3 argument chat_template={chat!r}: expected true or false")
+    c.chat_template = chat
     if "tiny" in args:  # the tiny Gemma 3 world, laid out as the Gemma 2 one
         d = args["tiny"]
         tiny = gemma2.get_config(f"tiny={d}" + (f",layer={args['layer']}" if "layer" in args else ""))
