@@ -1,12 +1,12 @@
 """Token contexts of store rows, by replaying the harvest's tokenization (no model needed).
 
 A harvested store's rows are, before the writer's per-shard shuffle, the kept positions (not
-BOS, EOS or padding) of the packed sequences, sequence by sequence (jumprelu.harvest.collect).
+BOS, EOS, padding or chat template pieces) of the packed sequences, sequence by sequence (jumprelu.harvest.collect).
 The shuffle is seeded by (shuffle_seed, shard index), so store row (s, r) is harvest row
 sum(rows of shards < s) + perm_s[r]; replaying the texts through the tokenizer and packer
 gives that row's sequence and position. The store's metadata records the texts, tokenizer and
 seq_len (and, from this version on, text_field and split_paragraphs; earlier stores used the
-defaults "text" and false).
+defaults "text" and false; chat_template, recorded from Gemma 3 on, defaults to false).
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def store_contexts(store_path: str, before: int = 24, after: int = 8, tokenizer=
     def contexts(coords: np.ndarray) -> list[dict]:
         from jumprelu.harvest import text as text_lib
 
-        tok = tokenizer or text_lib.SentencePieceTokenizer(tokenizer_path)
+        chat = bool(extra.get("chat_template"))  # absent before Gemma 3: no chat template
+        tok = tokenizer or text_lib.SentencePieceTokenizer(tokenizer_path, chat_template=chat)
         wanted = harvest_rows(meta, coords)
         order = np.argsort(wanted)
         found: dict[int, dict] = {}

@@ -1,10 +1,17 @@
-"""Gemma 2 through the `gemma` package: the model, its params, and the paper's three sites.
+"""Gemma 2 and Gemma 3 through the `gemma` package: the model, its params, and the three sites.
 
-Sites of layer L (the module structure of gemma's `Block`):
+Both families are gemma's one `Transformer` with one `Block`; Gemma 3 differs only inside it
+(`use_qk_norm`: RMSNorms on queries and keys before RoPE; no attention or final logit
+soft-caps; 5 sliding-window layers per global one, with separate RoPE bases) and in its 262K
+vocabulary. Sites of layer L, the same module paths in both (gemma's `Block`):
   resid  the block's output (the residual stream after layer L)
   mlp    the MLP output after the post-FFW norm, before it is added to the residual
   attn   the attention output before W_O: the per-head outputs concatenated, [num_heads·head_dim]
-         (the input of `attn_vec_einsum`; 16 × 256 = 4,096 on 9B)
+         (the input of `attn_vec_einsum`; 16 × 256 = 4,096 on Gemma 2 9B). Gemma 3's QK norms
+         act on queries and keys, upstream of this, and its post-attention norm downstream of
+         W_O, so the site is still exactly the input of o_proj (Gemma Scope 2's attn site).
+Gemma 3 4B/12B/27B are multimodal; here they are text only: the config drops the vision
+encoder (gemma's `text_only`), and `load_params` restores only the text weights.
 
 Harvesting runs a truncated forward (embedder and blocks 0..L only: later layers and the 256K
 unembedding are never computed). Evaluation replaces the site's value in the full forward.
@@ -45,13 +52,68 @@ def _import_gm():
 gm = _import_gm()
 
 SITES = ("resid", "mlp", "attn")
-MODELS = {"gemma2_2b": gm.nn.Gemma2_2B, "gemma2_9b": gm.nn.Gemma2_9B, "gemma2_27b": gm.nn.Gemma2_27B}
+FAMILIES = ("gemma2", "gemma3")
+_GEMMA3 = {
+    "270m": gm.nn.Gemma3_270M,
+    "1b": gm.nn.Gemma3_1B,
+    "4b": gm.nn.Gemma3_4B,
+    "12b": gm.nn.Gemma3_12B,
+    "27b": gm.nn.Gemma3_27B,
+}
+# Our model names -> gemma's class. Gemma 3's pt and it checkpoints share an architecture; the
+# name says which one a store was harvested from (it is recorded in the store's metadata).
+MODELS = {
+    "gemma2_2b": gm.nn.Gemma2_2B,
+    "gemma2_9b": gm.nn.Gemma2_9B,
+    "gemma2_27b": gm.nn.Gemma2_27B,
+    **{f"gemma3_{size}_{kind}": cls for size, cls in _GEMMA3.items() for kind in ("pt", "it")},
+}
+# The tiny test models: random weights, vocabulary from the tiny world's tokenizer.
+TINY = {"tiny": "gemma2", "tiny_gemma3": "gemma3"}
 
 
-def tiny_config(vocab_size: int, num_layers: int = 2, embed_dim: int = 64):
-    """A Gemma 2-shaped config small enough for tests: alternating local/global attention, GQA,
-    post-attention and post-FFW norms, logit soft-caps, as in 2B/9B/27B."""
+def family(name: str) -> str:
+    """gemma2 or gemma3, from a model name of MODELS or TINY."""
+    if name in TINY:
+        return TINY[name]
+    if name in MODELS:
+        return name.split("_")[0]
+    raise DataError(f"unknown model {name!r}: expected one of {sorted(MODELS)} or {sorted(TINY)}")
+
+
+def tiny_config(vocab_size: int, num_layers: int = 2, embed_dim: int = 64, family: str = "gemma2"):
+    """A config small enough for tests with its family's features.
+
+    gemma2: alternating local/global attention, GQA, post-attention and post-FFW norms, logit
+    soft-caps, as in 2B/9B/27B. gemma3: QK norm, no soft-caps, transposed gating einsum,
+    local/global RoPE bases 10K/1M with the global scale factor 8 of 4B-27B; its layers
+    alternate local/global too (not 5:1), so that two layers exercise both kinds.
+    """
+    if family not in FAMILIES:
+        raise DataError(f"unknown tiny model family {family!r}: expected one of {FAMILIES}")
     kinds = (gm.nn.AttentionType.LOCAL_SLIDING, gm.nn.AttentionType.GLOBAL)
+    if family == "gemma3":
+        return gm.nn.config.TransformerConfig(
+            num_embed=vocab_size,
+            embed_dim=embed_dim,
+            hidden_dim=2 * embed_dim,
+            num_heads=4,
+            head_dim=16,
+            num_kv_heads=2,
+            final_logit_softcap=None,
+            attention_types=tuple(kinds[i % 2] for i in range(num_layers)),
+            use_post_attn_norm=True,
+            use_post_ffw_norm=True,
+            use_qk_norm=True,
+            query_pre_attn_norm=gm.nn.config.QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_HEAD_DIM,
+            attn_logits_soft_cap=None,
+            sliding_window_size=8,
+            transpose_gating_einsum=True,
+            local_base_frequency=10_000,
+            global_base_frequency=1_000_000,
+            global_scale_factor=8.0,
+            vision_encoder=None,
+        )
     return gm.nn.config.TransformerConfig(
         num_embed=vocab_size,
         embed_dim=embed_dim,
@@ -78,8 +140,9 @@ def _positions_and_mask(tokens, pad_id: int = 0):
     return pos, valid[:, None, :] & jnp.tril(jnp.ones((t, t), bool))[None]
 
 
-class Gemma2(gm.nn.Transformer):
-    """gemma's Transformer with two methods of ours (the params tree is unchanged)."""
+class Gemma(gm.nn.Transformer):
+    """gemma's Transformer with two methods of ours (the params tree is unchanged); Gemma 2 or 3
+    by its config."""
 
     def forward_to_layer(self, tokens, layer: int):
         """The residual stream after block `layer`, computing nothing later."""
@@ -98,6 +161,9 @@ class Gemma2(gm.nn.Transformer):
         out = self.embedder.decode(self.final_norm(x))
         cap = self.config.final_logit_softcap
         return jnp.tanh(out / cap) * cap if cap is not None else out
+
+
+Gemma2 = Gemma  # the name before Gemma 3 (tests and callers use Gemma2.logits etc.)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,14 +218,16 @@ def _interceptor(site: Site, replace=None, captured: dict | None = None):
     return intercept
 
 
-def make_model(name: str, config=None, dtype=jnp.bfloat16) -> Gemma2:
-    if name == "tiny":
+def make_model(name: str, config=None, dtype=jnp.bfloat16) -> Gemma:
+    if name in TINY:
         if config is None:
-            raise DataError("model 'tiny' needs a config (gemma_model.tiny_config)")
-        return Gemma2(config=config, dtype=dtype)
-    if name not in MODELS:
-        raise DataError(f"unknown model {name!r}: expected one of {sorted(MODELS)} or 'tiny'")
-    return Gemma2(config=MODELS[name].config, dtype=dtype)
+            raise DataError(f"model {name!r} needs a config (gemma_model.tiny_config)")
+        return Gemma(config=config, dtype=dtype)
+    family(name)  # the one-line error for an unknown name
+    config = MODELS[name].config
+    if config.vision_encoder is not None:  # Gemma 3 4B/12B/27B: text only (gemma's text_only)
+        config = dataclasses.replace(config, vision_encoder=None)
+    return Gemma(config=config, dtype=dtype)
 
 
 def device_mesh():
@@ -169,7 +237,7 @@ def device_mesh():
     return jax.make_mesh((1, jax.device_count()), layout.AXES, axis_types=(auto, auto))
 
 
-def abstract_params(model: Gemma2, mesh):
+def abstract_params(model: Gemma, mesh):
     """The params' shapes with shardings: each parameter split along its largest axis that the
     device count divides, else replicated.
 
@@ -194,14 +262,15 @@ def abstract_params(model: Gemma2, mesh):
 
 def load_params(path: str, target):
     """Params from a gemma checkpoint directory (official flat layout or nested), local or gs://,
-    restored straight into `target` (abstract_params: shapes, dtypes, shardings)."""
+    restored straight into `target` (abstract_params: shapes, dtypes, shardings). A multimodal
+    Gemma 3 checkpoint's vision weights are skipped: gemma restores what `target` has."""
     if "://" not in path and not os.path.isdir(path):
-        raise DataError(f"checkpoint {path}: no such directory (expected a Gemma 2 orbax checkpoint)")
+        raise DataError(f"checkpoint {path}: no such directory (expected a Gemma orbax checkpoint)")
     path = os.path.abspath(path) if "://" not in path else path
     return gm.ckpts.load_params(path, params=target, donate=False)
 
 
-def sites_fn(model: Gemma2, sites):
+def sites_fn(model: Gemma, sites):
     """jit(params, tokens [B, T]) -> one [B, T, d] float32 array per site, from one truncated
     forward up to the deepest site's layer (so the three sites of a layer, or sites of several
     layers, cost one pass)."""
@@ -212,19 +281,19 @@ def sites_fn(model: Gemma2, sites):
         with contextlib.ExitStack() as stack:
             for site, into in zip(sites, captured, strict=True):
                 stack.enter_context(nn.intercept_methods(_interceptor(site, captured=into)))
-            model.apply({"params": params}, tokens, max(s.layer for s in sites), method=Gemma2.forward_to_layer)
+            model.apply({"params": params}, tokens, max(s.layer for s in sites), method=Gemma.forward_to_layer)
         return tuple(c["x"].astype(jnp.float32) for c in captured)
 
     return run
 
 
-def site_fn(model: Gemma2, site: Site):
+def site_fn(model: Gemma, site: Site):
     """jit(params, tokens [B, T]) -> the site's activations [B, T, d] float32, via a truncated forward."""
     run = sites_fn(model, (site,))
     return jax.jit(lambda params, tokens: run(params, tokens)[0])
 
 
-def token_losses(model: Gemma2, site: Site | None = None, replace=None):
+def token_losses(model: Gemma, site: Site | None = None, replace=None):
     """jit(params, tokens, *replace_args) -> next-token cross-entropy [B, T-1] (float32).
 
     With `site` and `replace(x, *replace_args)`, the site's value is replaced in the forward;
@@ -234,14 +303,14 @@ def token_losses(model: Gemma2, site: Site | None = None, replace=None):
     @jax.jit
     def run(params, tokens, *replace_args):
         if site is None:
-            logits = model.apply({"params": params}, tokens, method=Gemma2.logits)
+            logits = model.apply({"params": params}, tokens, method=Gemma.logits)
         else:
 
             def sub(x):
                 return replace(*replace_args, x)
 
             with nn.intercept_methods(_interceptor(site, replace=sub)):
-                logits = model.apply({"params": params}, tokens, method=Gemma2.logits)
+                logits = model.apply({"params": params}, tokens, method=Gemma.logits)
         logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
         return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 

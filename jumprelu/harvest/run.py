@@ -36,7 +36,7 @@ def load_lm(cfg, pairs=None) -> LanguageModel:
     for field in ("checkpoint", "tokenizer"):
         if not cfg[field]:
             raise DataError(f"config field {field} is empty: set --config.{field}=PATH")
-    tokenizer = text_lib.SentencePieceTokenizer(cfg.tokenizer)
+    tokenizer = text_lib.SentencePieceTokenizer(cfg.tokenizer, chat_template=bool(cfg.get("chat_template", False)))
     model = gemma_model.make_model(cfg.model, model_config(cfg, tokenizer), dtype=jnp.dtype(cfg.dtype))
     sites = []
     for site, layer in pairs or [(cfg.site, cfg.layer)]:
@@ -126,6 +126,7 @@ def harvest(cfg) -> dict:
                 # with text_source, what replays a row's tokens (jumprelu.harvest.contexts)
                 "text_field": cfg.text_field,
                 "split_paragraphs": bool(cfg.split_paragraphs),
+                "chat_template": bool(cfg.get("chat_template", False)),
             },
         )
         for site, path in todo
@@ -157,8 +158,9 @@ def harvest(cfg) -> dict:
 
 def model_config(cfg, tokenizer):
     """The tiny test model's config (vocabulary from the tokenizer); None for the released sizes."""
-    if cfg.model != "tiny":
-        return None
     from jumprelu.harvest import gemma_model
 
-    return gemma_model.tiny_config(tokenizer.vocab_size, cfg.tiny.num_layers, cfg.tiny.embed_dim)
+    if cfg.model not in gemma_model.TINY:
+        return None
+    family = gemma_model.family(cfg.model)
+    return gemma_model.tiny_config(tokenizer.vocab_size, cfg.tiny.num_layers, cfg.tiny.embed_dim, family)

@@ -11,6 +11,15 @@ which is what makes an interrupted harvest resumable row for row.
 
 `keep_mask` marks the positions whose activations are stored: not BOS, EOS or padding
 (Gemma Scope drops them; BOS activations are outliers that would dominate the scale).
+
+Chat template (for instruction-tuned models, `SentencePieceTokenizer(path, chat_template=True)`):
+each document becomes Gemma's turns, `<start_of_turn>user\n{text}<end_of_turn>\n`; a JSONL
+document may instead be a conversation, a list of {"role", "content"} messages under
+`text_field` (roles user, model or assistant, and system, which Gemma folds into the first
+user turn). The template pieces (`<start_of_turn>`, the role, its newline; `<end_of_turn>` and
+its newline) are tokenised apart from the content, so their ids are fixed sequences, and
+`keep_mask` masks them like BOS wherever they occur; `pack` never cuts one in two (it pads the
+sequence instead), so a piece is recognisable in every sequence.
 """
 
 from __future__ import annotations
@@ -30,12 +39,75 @@ class SpecialIds:
     bos: int
     eos: int
     pad: int
+    # Chat template: id sequences masked wherever they occur, and ids masked wherever they occur
+    # (<start_of_turn>, <end_of_turn>: also a literal one in a text is not content).
+    template: tuple[tuple[int, ...], ...] = ()
+    turn: tuple[int, ...] = ()
+
+
+CHAT_ROLES = ("user", "model", "assistant", "system")
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+
+
+class ChatTemplate:
+    """Gemma's chat template as token ids: each turn is header(role) + content + footer."""
+
+    def __init__(self, tokenizer, path: str):
+        ids = {}
+        for piece in (START_OF_TURN, END_OF_TURN):
+            i = tokenizer.piece_id(piece)
+            if i is None:
+                raise DataError(
+                    f"tokenizer {path}: no {piece} piece; chat_template needs Gemma's chat tokens "
+                    "(Gemma 2 and Gemma 3 tokenizers have them)"
+                )
+            ids[piece] = i
+        self.start, self.end = ids[START_OF_TURN], ids[END_OF_TURN]
+        self._encode = tokenizer.encode
+        # The role and its newline are encoded apart from the special id, so the header's ids do
+        # not depend on whether the tokenizer turns the literal "<start_of_turn>" into its id.
+        self.headers = {role: (self.start, *tokenizer.encode(f"{role}\n")) for role in ("user", "model")}
+        self.footer = (self.end, *tokenizer.encode("\n"))
+
+    @property
+    def patterns(self) -> tuple[tuple[int, ...], ...]:
+        return (*self.headers.values(), self.footer)
+
+    def encode(self, document) -> list[int]:
+        """A text (one user turn) or a conversation (list of {role, content}) as ids."""
+        turns = [("user", document)] if isinstance(document, str) else _gemma_turns(document)
+        out: list[int] = []
+        for role, content in turns:
+            out += [*self.headers[role], *self._encode(content), *self.footer]
+        return out
+
+
+def _gemma_turns(messages) -> list[tuple[str, str]]:
+    """(role, content) in Gemma's roles: assistant -> model; a system message is prepended to the
+    next user turn (Gemma has no system role; its chat template does the same)."""
+    turns, system = [], None
+    for m in messages:
+        role = "model" if m["role"] == "assistant" else m["role"]
+        if role == "system":
+            system = m["content"]
+            continue
+        content = m["content"]
+        if system is not None and role == "user":
+            content, system = f"{system}\n\n{content}", None
+        turns.append((role, content))
+    if system is not None:
+        turns.append(("user", system))
+    return turns
 
 
 class SentencePieceTokenizer:
-    """Gemma's tokenizer from a local sentencepiece model file (Gemma: pad 0, eos 1, bos 2)."""
+    """Gemma's tokenizer from a local sentencepiece model file (Gemma: pad 0, eos 1, bos 2).
 
-    def __init__(self, path: str):
+    With `chat_template`, documents are wrapped in Gemma's chat turns (see the module docstring)
+    and `special` lists the template's ids, so `keep_mask` masks them.
+    """
+
+    def __init__(self, path: str, chat_template: bool = False):
         if not os.path.isfile(path):
             raise DataError(f"tokenizer {path}: no such file (expected a sentencepiece .model)")
         import sentencepiece as spm
@@ -48,6 +120,16 @@ class SentencePieceTokenizer:
         pad = self._sp.pad_id()
         self.special = SpecialIds(bos=self._sp.bos_id(), eos=self._sp.eos_id(), pad=pad if pad >= 0 else 0)
         self.vocab_size = self._sp.get_piece_size()
+        self.chat = ChatTemplate(self, path) if chat_template else None
+        if self.chat is not None:
+            self.special = dataclasses.replace(
+                self.special, template=self.chat.patterns, turn=(self.chat.start, self.chat.end)
+            )
+
+    def piece_id(self, piece: str) -> int | None:
+        """The id of a piece, or None when the vocabulary does not have it."""
+        i = self._sp.piece_to_id(piece)
+        return None if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i) else int(i)
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -58,7 +140,8 @@ class SentencePieceTokenizer:
 
 
 def iter_documents(paths: list[str], text_field: str = "text", split_paragraphs: bool = False) -> Iterator:
-    """Yields str documents (text/JSONL) or int arrays (pre-tokenised .npy), in the given order."""
+    """Yields str documents (text/JSONL), conversations (JSONL: a list of {role, content} under
+    `text_field`) or int arrays (pre-tokenised .npy), in the given order."""
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(f"text source {path}: no such file")
@@ -78,19 +161,42 @@ def iter_documents(paths: list[str], text_field: str = "text", split_paragraphs:
                         record = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise DataError(f"text source {path}, line {n}: not JSON ({e.msg})") from None
-                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise DataError(f"text source {path}, line {n}: no string field {text_field!r}")
-                    yield record[text_field]
+                    value = record.get(text_field) if isinstance(record, dict) else None
+                    if isinstance(value, list):
+                        _check_conversation(value, f"text source {path}, line {n}, field {text_field!r}")
+                    elif not isinstance(value, str):
+                        raise DataError(
+                            f"text source {path}, line {n}: no string field {text_field!r} "
+                            "(or conversation: a list of {role, content} messages)"
+                        )
+                    yield value
         else:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
             yield from ([p for p in text.split("\n\n") if p.strip()] if split_paragraphs else [text])
 
 
+def _check_conversation(messages: list, where: str) -> None:
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and m.get("role") in CHAT_ROLES and isinstance(m.get("content"), str)):
+            raise DataError(
+                f"{where}, message {i}: expected {{'role': one of {CHAT_ROLES}, 'content': str}}, found {m!r:.80}"
+            )
+
+
 def token_stream(documents, tokenizer, special: SpecialIds) -> Iterator[np.ndarray]:
-    """Each document's ids followed by EOS (pad ids of pre-tokenised rows dropped)."""
+    """Each document's ids followed by EOS (pad ids of pre-tokenised rows dropped); texts and
+    conversations in the chat template when the tokenizer has one."""
+    chat = getattr(tokenizer, "chat", None)
     for doc in documents:
-        if isinstance(doc, str):
+        if isinstance(doc, list) and chat is None:
+            raise DataError(
+                "a text source has conversations (lists of messages): they need the chat template, "
+                "set --config.chat_template=True"
+            )
+        if chat is not None and isinstance(doc, str | list):
+            ids = np.asarray(chat.encode(doc), np.int32)
+        elif isinstance(doc, str):
             ids = np.asarray(tokenizer.encode(doc), np.int32)
         else:
             ids = np.asarray(doc, np.int32)
@@ -99,24 +205,61 @@ def token_stream(documents, tokenizer, special: SpecialIds) -> Iterator[np.ndarr
 
 
 def pack(stream: Iterator[np.ndarray], seq_len: int, special: SpecialIds) -> Iterator[np.ndarray]:
-    """Sequences [seq_len] of BOS + seq_len-1 stream tokens; the last is padded."""
+    """Sequences [seq_len] of BOS + seq_len-1 stream tokens; the last is padded. A chat template
+    piece that would be cut in two starts the next sequence instead (this one is padded)."""
     if seq_len < 2:
         raise DataError(f"seq_len must be >= 2, found {seq_len}")
     body = seq_len - 1
+    longest = max(map(len, special.template), default=0)
+    if longest > body:
+        raise DataError(f"seq_len {seq_len} is too short for the chat template: it needs >= {longest + 1}")
     pending = np.zeros(0, np.int32)
     for ids in stream:
         pending = np.concatenate([pending, ids])
         while pending.size >= body:
-            yield np.concatenate([[special.bos], pending[:body]]).astype(np.int32)
-            pending = pending[body:]
+            cut = _cut_before_piece(pending, body, special.template)
+            pad = np.full(body - cut, special.pad, np.int32)
+            yield np.concatenate([[special.bos], pending[:cut], pad]).astype(np.int32)
+            pending = pending[cut:]
     if pending.size:
         pad = np.full(body - pending.size, special.pad, np.int32)
         yield np.concatenate([[special.bos], pending, pad]).astype(np.int32)
 
 
+def _cut_before_piece(pending: np.ndarray, body: int, pieces) -> int:
+    """`body`, or the start of a piece that begins before `body` and ends after it. A document's
+    ids enter `pending` whole, so a piece starting before `body` is complete in it."""
+    for piece in pieces:
+        m = len(piece)
+        for s in range(max(0, body - m + 1), body):
+            if s + m <= pending.size and tuple(pending[s : s + m]) == piece:
+                return s
+    return body
+
+
+def template_mask(tokens: np.ndarray, special: SpecialIds) -> np.ndarray:
+    """True at the positions of chat template pieces (and lone turn ids), [..., T] like tokens."""
+    tokens = np.asarray(tokens)
+    out = np.isin(tokens, special.turn) if special.turn else np.zeros(tokens.shape, bool)
+    t = tokens.shape[-1]
+    for piece in special.template:
+        m = len(piece)
+        if m > t:
+            continue
+        hit = np.ones(tokens[..., : t - m + 1].shape, bool)
+        for i, tok in enumerate(piece):
+            hit &= tokens[..., i : t - m + 1 + i] == tok
+        for i in range(m):
+            out[..., i : t - m + 1 + i] |= hit
+    return out
+
+
 def keep_mask(tokens: np.ndarray, special: SpecialIds) -> np.ndarray:
-    """True where a position's activation is stored: not BOS, EOS or padding."""
-    return (tokens != special.bos) & (tokens != special.eos) & (tokens != special.pad)
+    """True where a position's activation is stored: not BOS, EOS, padding or a chat template piece."""
+    keep = (tokens != special.bos) & (tokens != special.eos) & (tokens != special.pad)
+    if special.template or special.turn:
+        keep &= ~template_mask(tokens, special)
+    return keep
 
 
 def sequences(paths, tokenizer, seq_len: int, text_field: str = "text", split_paragraphs: bool = False):

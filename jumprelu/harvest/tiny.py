@@ -1,12 +1,18 @@
-"""A tiny Gemma 2 world for tests and the README's end-to-end: tokenizer, checkpoint, texts.
+"""A tiny Gemma 2 or Gemma 3 world for tests and the README's end-to-end: tokenizer, checkpoint, texts.
 
-  jumprelu harvest.tiny DIR
+  python -m jumprelu.harvest.tiny DIR [--family gemma3]
 
 writes DIR/tok.model (a sentencepiece tokenizer trained here, Gemma's special ids: pad 0,
-eos 1, bos 2, unk 3), DIR/ckpt (a 2-layer Gemma 2-shaped model with random weights, saved in
+eos 1, bos 2, unk 3), DIR/ckpt (a 2-layer model of the family with random weights, saved in
 the official release's flat checkpoint layout), DIR/train.txt and DIR/eval.jsonl (random
-sentences over a small vocabulary). Then `harvest/gemma2:tiny=DIR` points a
-harvest or an LM evaluation at them.
+sentences over a small vocabulary). Then `harvest/gemma2:tiny=DIR` (or `harvest/gemma3:tiny=DIR`)
+points a harvest or an LM evaluation at them.
+
+Gemma 3's world stands in for the real one where it differs: its tokenizer keeps newlines
+(identity normalisation, as Gemma's) and has the chat pieces <start_of_turn> and <end_of_turn>
+as single tokens, its model has QK norm and no soft-caps (gemma_model.tiny_config), and
+DIR/chat.jsonl holds conversations ({"messages": [{role, content}, ...]}) for an `it`-style
+harvest with the chat template.
 """
 
 from __future__ import annotations
@@ -25,7 +31,19 @@ def _paragraphs(seed: int, n: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=rng.integers(5, 30))) + "." for _ in range(n)]
 
 
-def make(directory: str, num_layers: int = 2, embed_dim: int = 64) -> dict:
+def _conversations(seed: int, n: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        turns = [{"role": "system", "content": "be brief."}] if rng.random() < 0.3 else []
+        for i in range(int(rng.integers(1, 4)) * 2):
+            words = " ".join(rng.choice(WORDS, size=rng.integers(3, 12)))
+            turns.append({"role": "user" if i % 2 == 0 else "model", "content": words + "."})
+        out.append({"messages": turns})
+    return out
+
+
+def make(directory: str, num_layers: int = 2, embed_dim: int = 64, family: str = "gemma2") -> dict:
     import jax
     import jax.numpy as jnp
     import sentencepiece as spm
@@ -33,11 +51,22 @@ def make(directory: str, num_layers: int = 2, embed_dim: int = 64) -> dict:
     from jumprelu.harvest import gemma_model
     from jumprelu.harvest import text as text_lib
 
+    if family not in gemma_model.FAMILIES:
+        raise ValueError(f"unknown family {family!r}: expected one of {gemma_model.FAMILIES}")
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "train.txt"), "w") as f:
         f.write("\n\n".join(_paragraphs(0, 300)))
     with open(os.path.join(directory, "eval.jsonl"), "w") as f:
         f.writelines(json.dumps({"text": p}) + "\n" for p in _paragraphs(1, 40))
+    gemma3 = {}
+    if family == "gemma3":
+        with open(os.path.join(directory, "chat.jsonl"), "w") as f:
+            f.writelines(json.dumps(c) + "\n" for c in _conversations(3, 60))
+        gemma3 = dict(
+            user_defined_symbols=[text_lib.START_OF_TURN, text_lib.END_OF_TURN],
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+        )
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_paragraphs(2, 200)),
         model_prefix=os.path.join(directory, "tok"),
@@ -51,10 +80,12 @@ def make(directory: str, num_layers: int = 2, embed_dim: int = 64) -> dict:
         byte_fallback=True,
         add_dummy_prefix=False,
         minloglevel=2,
+        **gemma3,
     )
     tok = text_lib.SentencePieceTokenizer(os.path.join(directory, "tok.model"))
-    config = gemma_model.tiny_config(tok.vocab_size, num_layers, embed_dim)
-    model = gemma_model.make_model("tiny", config, dtype=jnp.float32)
+    config = gemma_model.tiny_config(tok.vocab_size, num_layers, embed_dim, family)
+    name = {v: k for k, v in gemma_model.TINY.items()}[family]
+    model = gemma_model.make_model(name, config, dtype=jnp.float32)
     params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
     ckpt = os.path.join(directory, "ckpt")
     if not os.path.exists(ckpt):
@@ -65,7 +96,12 @@ def make(directory: str, num_layers: int = 2, embed_dim: int = 64) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: jumprelu harvest.tiny DIR")
-    make(sys.argv[1])
-    print(f"tiny Gemma 2 world in {sys.argv[1]}: tok.model, ckpt/, train.txt, eval.jsonl")
+    args = sys.argv[1:]
+    fam = "gemma2"
+    if len(args) == 3 and args[1] == "--family" and args[2] in ("gemma2", "gemma3"):
+        fam, args = args[2], args[:1]
+    if len(args) != 1:
+        sys.exit("usage: python -m jumprelu.harvest.tiny DIR [--family gemma2|gemma3]")
+    make(args[0], family=fam)
+    extra = ", chat.jsonl" if fam == "gemma3" else ""
+    print(f"tiny {fam} world in {args[0]}: tok.model, ckpt/, train.txt, eval.jsonl{extra}")

@@ -26,7 +26,7 @@ resid alone: benchmarks/lm_memory.py.)
 
 Argument (comma-separated key=value): model (gemma2_2b | gemma2_9b | gemma2_27b | tiny),
 layer, site (resid | mlp | attn); sites=a+b and layers=i+j harvest every pair in one pass;
-tiny=DIR uses the tiny world of `jumprelu harvest.tiny DIR` (model, checkpoint,
+tiny=DIR uses the tiny world of `python -m jumprelu.harvest.tiny DIR` (model, checkpoint,
 tokenizer, texts, and DIR/store_{site}_l{layer} as the store).
 """
 
@@ -47,6 +47,9 @@ def get_config(arg=None):
     c.texts = ()  # .txt / .jsonl / token-id .npy files, read in order
     c.text_field = "text"
     c.split_paragraphs = False  # .txt: one document per blank-line-separated paragraph
+    # Gemma's chat turns around each text (instruction-tuned checkpoints; harvest/gemma3.py and
+    # jumprelu.harvest.text): template tokens are masked like BOS.
+    c.chat_template = False
     c.seq_len = 1024
     c.batch_sequences = 8
     c.site = args.get("site", "resid")
