@@ -21,6 +21,13 @@ MODELS = {
     "gemma2_2b": ("gemma-2-2b", "google/gemma-2-2b"),
     "gemma2_9b": ("gemma-2-9b", "google/gemma-2-9b"),
     "gemma2_27b": ("gemma-2-27b", "google/gemma-2-27b"),
+    # Gemma 3 (Gemma Scope 2's models): the Hugging Face ids; the 270M base model has no -pt suffix there.
+    **{
+        f"gemma3_{size}_{kind}": (hf.removeprefix("google/"), hf)
+        for size in ("270m", "1b", "4b", "12b", "27b")
+        for kind in ("pt", "it")
+        for hf in [f"google/gemma-3-{size}" + ("" if (size, kind) == ("270m", "pt") else f"-{kind}")]
+    },
 }
 _SITE_ALIASES = {
     "resid": "resid",
