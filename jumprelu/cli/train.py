@@ -32,7 +32,12 @@ def run(argv: list[str]) -> int:
 
         common.quiet_libraries(flags.FLAGS)
         try:
-            result = loop.train(config.value, workdir.value)
+            if config.value.data.source == "lm":  # rows from the language model: imports gemma
+                from jumprelu.harvest import onthefly
+
+                result = onthefly.train(config.value, workdir.value)
+            else:
+                result = loop.train(config.value, workdir.value)
         except UserError as e:
             return common.fail(e)
         except Preempted as e:
