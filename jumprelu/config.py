@@ -223,10 +223,10 @@ def _validate_lm(d) -> None:
             f"config field data.lm lacks {', '.join(missing)}: data.source 'lm' needs the language model's "
             "harvest fields; use --config onthefly[:model=...,layer=...,site=...] (or onthefly:tiny=DIR)"
         )
-    for field in ("checkpoint", "tokenizer"):
-        _check(bool(d.lm[field]), f"data.lm.{field}", "a path", d.lm[field])
+    # (Empty checkpoint, tokenizer or texts are reported when the LM is opened, as by the harvest:
+    # the packaged experiment leaves them for the command line.)
     texts = d.lm.texts
-    _check(isinstance(texts, (tuple, list)) and len(texts) > 0, "data.lm.texts", "a non-empty tuple of files", texts)
+    _check(isinstance(texts, (tuple, list)), "data.lm.texts", "a tuple of files", texts)
     _check(isinstance(d.lm.seq_len, int) and d.lm.seq_len >= 2, "data.lm.seq_len", "an integer >= 2", d.lm.seq_len)
     b = d.lm.batch_sequences
     _check(isinstance(b, int) and b > 0, "data.lm.batch_sequences", "a positive integer", b)

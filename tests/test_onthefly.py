@@ -206,7 +206,7 @@ def test_cli_trains_from_the_lm_and_resumes_after_kill_9_bit_identically(world, 
     [
         ({"shuffle_buffer_rows": 0}, ConfigError, "config field data.shuffle_buffer_rows must be a positive integer"),
         ({"lm": {}}, ConfigError, "config field data.lm lacks model, checkpoint"),
-        ({"lm.tokenizer": ""}, ConfigError, "config field data.lm.tokenizer must be a path"),
+        ({"lm.tokenizer": ""}, DataError, "config field data.lm.tokenizer is empty"),
         ({"lm.texts": ("/nonexistent.txt",)}, DataError, "config field data.lm.texts: text source /nonexistent.txt"),
         ({"lm.site": "bogus"}, DataError, "data.lm: config fields site/layer: unknown site 'bogus'"),
         ({"lm.layer": 7}, DataError, "layer 7 is out of range"),

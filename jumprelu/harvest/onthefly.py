@@ -43,6 +43,9 @@ class LMRows:
         from jumprelu.harvest import text as text_lib
 
         cfg = data_cfg.lm
+        for field in ("checkpoint", "tokenizer", "texts"):
+            if not cfg[field]:
+                raise DataError(f"config field data.lm.{field} is empty: set --config.data.lm.{field}=...")
         for path in cfg.texts:  # before the model loads: a typo costs seconds
             if not os.path.isfile(path):
                 raise DataError(f"config field data.lm.texts: text source {path}: no such file")
