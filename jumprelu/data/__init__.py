@@ -1,4 +1,4 @@
-"""Activation sources behind the `data.source` config field: the synthetic default or a store."""
+"""Activation sources behind the `data.source` config field: the synthetic default, a store, or "lm"."""
 
 from __future__ import annotations
 
