@@ -33,6 +33,9 @@ def run(argv: list[str]) -> int:
         common.quiet_libraries(flags.FLAGS)
         try:
             if config.value.data.source == "lm":  # rows from the language model: imports gemma
+                from jumprelu import config as config_lib
+
+                config_lib.validate(config.value)  # a bad field is one line before gemma's ~5 s import
                 from jumprelu.harvest import onthefly
 
                 result = onthefly.train(config.value, workdir.value)
