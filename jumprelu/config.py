@@ -31,7 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     )
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # "synthetic" or an activation store directory (jumprelu store)
+    # "synthetic", an activation store directory (jumprelu store), or "lm": rows computed by the language
+    # model during training, no store (experiments/onthefly.py; jumprelu/harvest/onthefly.py)
+    c.data.source = "synthetic"
     c.data.d_model = config_dict.placeholder(int)  # read from the source; set only to assert
     c.data.normalize = True  # divide by C with E‖x/C‖² = 1 (paper)
     c.data.scale = config_dict.placeholder(float)  # fixed C instead of the store's (computed at write time)
@@ -42,6 +44,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.block_bytes = 1 << 19  # rows are read in contiguous pieces of about this size
     c.data.read_threads = 2  # background threads reading batches
     c.data.prefetch_batches = 4  # batches read ahead of the step
+    # data.source "lm" only: the rows one shuffle window mixes (memory: rows × d_model × 4 bytes, twice:
+    # one window trains while the next is computed), the rows C is estimated from, and the language
+    # model (the harvest config's fields, see experiments/onthefly.py).
+    c.data.shuffle_buffer_rows = 1 << 16
+    c.data.scale_rows = 1 << 16
+    c.data.lm = ml_collections.ConfigDict()
     c.data.synthetic = dict(
         d_model=128,
         num_features=256,  # true feature directions
@@ -185,6 +193,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.ckpt.every_steps > 0, "ckpt.every_steps", "> 0", c.ckpt.every_steps)
     _check(c.ckpt.keep > 0, "ckpt.keep", "> 0", c.ckpt.keep)
     _check(c.log.every_steps > 0, "log.every_steps", "> 0", c.log.every_steps)
+    if d.source == "lm":
+        _validate_lm(d)
     if d.source == "synthetic":
         g = d.synthetic
         _check(g.d_model > 0, "data.synthetic.d_model", "> 0", g.d_model)
@@ -197,3 +207,26 @@ def validate(c: ml_collections.ConfigDict) -> None:
             g.features_per_token,
         )
         _check(g.noise_std >= 0, "data.synthetic.noise_std", ">= 0", g.noise_std)
+
+
+# The harvest config's fields that data.lm must hold (experiments/onthefly.py copies them).
+LM_FIELDS = ("model", "checkpoint", "tokenizer", "texts", "site", "layer", "seq_len", "batch_sequences")
+
+
+def _validate_lm(d) -> None:
+    n = d.shuffle_buffer_rows
+    _check(isinstance(n, int) and n > 0, "data.shuffle_buffer_rows", "a positive integer", n)
+    _check(isinstance(d.scale_rows, int) and d.scale_rows > 0, "data.scale_rows", "a positive integer", d.scale_rows)
+    missing = [f for f in LM_FIELDS if f not in d.lm]
+    if missing:
+        raise ConfigError(
+            f"config field data.lm lacks {', '.join(missing)}: data.source 'lm' needs the language model's "
+            "harvest fields; use --config onthefly[:model=...,layer=...,site=...] (or onthefly:tiny=DIR)"
+        )
+    # (Empty checkpoint, tokenizer or texts are reported when the LM is opened, as by the harvest:
+    # the packaged experiment leaves them for the command line.)
+    texts = d.lm.texts
+    _check(isinstance(texts, (tuple, list)), "data.lm.texts", "a tuple of files", texts)
+    _check(isinstance(d.lm.seq_len, int) and d.lm.seq_len >= 2, "data.lm.seq_len", "an integer >= 2", d.lm.seq_len)
+    b = d.lm.batch_sequences
+    _check(isinstance(b, int) and b > 0, "data.lm.batch_sequences", "a positive integer", b)

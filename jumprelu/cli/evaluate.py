@@ -28,8 +28,13 @@ def evaluate_workdir(workdir: str, member: int | None = None, eval_rows: int | N
     cfg = ml_collections.ConfigDict(sae.config)
     if eval_rows is not None:
         cfg.data.eval_rows = eval_rows
-    store = data_lib.open_source(cfg.data, workdir)
-    rows = data_lib.make_stream(cfg.data, store).eval_set()
+    if cfg.data.source == data_lib.LM_SOURCE:  # an on-the-fly run: its held-out rows, recomputed by the LM
+        from jumprelu.harvest import onthefly
+
+        rows = onthefly.held_out_rows(cfg.data)
+    else:
+        store = data_lib.open_source(cfg.data, workdir)
+        rows = data_lib.make_stream(cfg.data, store).eval_set()
     metrics = evaluate_rows(dict(sae.params(), k=sae.k), rows)
     freq = metrics.pop("firing_frequency")
     return sae, {"source": cfg.data.source, "stored": metrics}, freq

@@ -32,7 +32,15 @@ def run(argv: list[str]) -> int:
 
         common.quiet_libraries(flags.FLAGS)
         try:
-            result = loop.train(config.value, workdir.value)
+            if config.value.data.source == "lm":  # rows from the language model: imports gemma
+                from jumprelu import config as config_lib
+
+                config_lib.validate(config.value)  # a bad field is one line before gemma's ~5 s import
+                from jumprelu.harvest import onthefly
+
+                result = onthefly.train(config.value, workdir.value)
+            else:
+                result = loop.train(config.value, workdir.value)
         except UserError as e:
             return common.fail(e)
         except Preempted as e:

@@ -1,4 +1,4 @@
-"""Activation sources behind the `data.source` config field: the synthetic default or a store."""
+"""Activation sources behind the `data.source` config field: the synthetic default, a store, or "lm"."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import hashlib
 import json
 import os
 import tempfile
+from typing import Protocol
 
 import jax
+import numpy as np
 
 from jumprelu.data import synthetic
 from jumprelu.data.stream import BatchStream
@@ -16,7 +18,26 @@ from jumprelu.store import Store, checksum, open_store
 from jumprelu.store import format as store_format
 from jumprelu.store.metadata import read_metadata
 
-__all__ = ["BatchStream", "DataError", "open_source", "make_stream", "ground_truth", "source_d_model"]
+__all__ = ["BatchStream", "DataError", "TrainingRows", "open_source", "make_stream", "ground_truth", "source_d_model"]
+
+LM_SOURCE = "lm"  # data.source: rows computed by the language model during training (jumprelu.harvest.onthefly)
+
+
+class TrainingRows(Protocol):
+    """What the training loop reads rows from: a `BatchStream` over a store, or another source
+    passed to `train.loop.train` (the on-the-fly LM rows of `jumprelu.harvest.onthefly`), whose
+    `batch_iterator` gives an iterator with `get_state` / `set_state` like the store's Grain one."""
+
+    d_model: int
+    dtype: str  # of the batches
+    scale: float  # C with E‖x/C‖² = 1
+    num_train_rows: int  # rows before the stream repeats
+
+    def read(self, position: int, count: int) -> np.ndarray: ...
+
+    def eval_set(self) -> np.ndarray: ...
+
+    def close(self) -> None: ...
 
 
 def _synthetic_store_path(data_cfg, workdir: str) -> str:
@@ -34,6 +55,11 @@ def open_source(data_cfg, workdir: str) -> Store:
     "synthetic" first writes the synthetic rows into a store under `workdir` (once;
     an interrupted write resumes), so the quickstart trains through the same reader.
     """
+    if data_cfg.source == LM_SOURCE:
+        raise ConfigError(
+            f"config field data.source is {LM_SOURCE!r}: those rows come from the language model, which only "
+            "`jumprelu train` (and `jumprelu evaluate`) open; train a store-backed run for this command"
+        )
     if data_cfg.source == "synthetic":
         path = _synthetic_store_path(data_cfg, workdir)
         synthetic.write_store(synthetic.SyntheticSpec.from_config(data_cfg.synthetic), path)
@@ -67,6 +93,8 @@ def source_d_model(data_cfg) -> int:
         return data_cfg.d_model
     if data_cfg.source == "synthetic":
         return data_cfg.synthetic.d_model
+    if data_cfg.source == LM_SOURCE:
+        raise ConfigError(f"config field data.d_model must be set for data.source {LM_SOURCE!r} (the site's width)")
     return int(read_metadata(data_cfg.source)["d_model"])
 
 

@@ -74,6 +74,19 @@ class BatchStream:
     def d_model(self) -> int:
         return self.store.d_model
 
+    @property
+    def dtype(self) -> str:
+        """The dtype batches arrive in: the store's."""
+        return self.store.dtype
+
+    @property
+    def scale(self) -> float:
+        """C with E‖x/C‖² = 1, computed by the writer over every finite row."""
+        return self.store.scale
+
+    def close(self) -> None:
+        """Nothing to release: the store's memory maps close with it."""
+
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(piece order, cumulative row counts with a leading 0) of one epoch."""
         with self._lock:

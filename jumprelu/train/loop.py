@@ -23,6 +23,7 @@ from jumprelu import data as data_lib
 from jumprelu import fs
 from jumprelu.core import kinds
 from jumprelu.data import pipeline
+from jumprelu.errors import ConfigError
 from jumprelu.train import distributed, guard, lock, preemption, program, report, resume, sharding, writers
 from jumprelu.train import state as state_lib
 from jumprelu.train.checkpoint import Checkpointer, member_dir
@@ -36,50 +37,74 @@ _KILL_SIGNAL = getattr(signal, os.environ.get("JUMPRELU_KILL_SIGNAL", "SIGKILL")
 _INIT_ROWS = 8192  # training rows a data-dependent start looks at
 
 
-def _initial_scale(cfg, store) -> float:
+def _initial_scale(cfg, stream) -> float:
     if not cfg.data.normalize:
         return 1.0
     if cfg.data.scale is not None:
         return float(cfg.data.scale)
-    return store.scale  # computed by the writer over every finite row
+    return stream.scale  # a store's: computed by the writer over every finite row
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+def train(cfg: ml_collections.ConfigDict, workdir: str, open_rows=None) -> dict:
     """Trains (or resumes) the SAE described by `cfg` in `workdir`; returns the report.
+
+    open_rows: for `data.source = "lm"`, a function (data config, workdir) -> the rows
+    (`data.TrainingRows` with a `batch_iterator`); `jumprelu.harvest.onthefly` gives it,
+    since the language model lives above this package.
 
     Raises `errors.Diverged` if the loss or state stops being finite, and
     `preemption.Preempted` after saving the current step on SIGTERM/SIGINT.
     """
     config_lib.validate(cfg)
+    if cfg.data.source == data_lib.LM_SOURCE and open_rows is None:
+        raise ConfigError(
+            f"config field data.source is {data_lib.LM_SOURCE!r} (rows from the language model): run it with "
+            "`jumprelu train`, or call jumprelu.harvest.onthefly.train(cfg, workdir)"
+        )
     distributed.maybe_initialize(cfg.mesh)  # before anything touches a device
     with lock.hold(workdir):  # a second run on this workdir, or an unusable workdir, fails here
-        return _train(cfg, workdir)
+        return _train(cfg, workdir, open_rows)
 
 
-def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-    store = data_lib.open_source(cfg.data, workdir)
-    stream = data_lib.make_stream(cfg.data, store)
+def _open_rows(cfg, workdir, open_rows):
+    if cfg.data.source == data_lib.LM_SOURCE:
+        return open_rows(cfg.data, workdir)
+    return data_lib.make_stream(cfg.data, data_lib.open_source(cfg.data, workdir))
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str, open_rows=None) -> dict:
+    stream = _open_rows(cfg, workdir, open_rows)
+    try:
+        return _train_on(cfg, workdir, stream)
+    finally:
+        stream.close()
+
+
+def _train_on(cfg: ml_collections.ConfigDict, workdir: str, stream) -> dict:
     cfg = ml_collections.ConfigDict(cfg.to_dict())  # an unlocked copy we may complete
-    cfg.data.d_model = store.d_model
+    cfg.data.d_model = stream.d_model
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_width(mesh, cfg.sae.width)  # (program.build checks these too, but after the checkpoints exist)
     sharding.check_batch(mesh, cfg.train.batch_size)
     ckpt = Checkpointer(workdir, keep=cfg.ckpt.keep, members=len(cfg.stack.sparsity_coefficients))
     try:
         resume.check_latest_config(ckpt, cfg)  # a mismatch fails before compiling
-        prog = program.build(cfg, store.d_model, mesh, batch_dtype=store.dtype)
+        prog = program.build(cfg, stream.d_model, mesh, batch_dtype=stream.dtype)
         log.info("compiled train step on mesh %s; memory: %s", dict(mesh.shape), prog.step.memory_analysis())
         state = resume.restore_intact(ckpt, cfg, prog.abstract_state)  # onto this mesh, whatever it was saved from
         if state is not None:
             log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
         else:
-            scale = _initial_scale(cfg, store)
+            scale = _initial_scale(cfg, stream)
             key = jax.random.key(cfg.train.seed)
             state = state_lib.create_state(prog.model, prog.tx, mesh, key, scale, prog.kind.init_stats, prog.members)
             spec = kinds.spec(cfg.sae.kind)
             if spec.needs_data(cfg.sae):  # b_dec, θ or the bandwidth from the first training rows
                 rows = stream.read(0, min(_INIT_ROWS, stream.num_train_rows))
                 state = state_lib.start_from_data(state, spec, cfg.sae, rows, prog.members)
+        if cfg.data.source == data_lib.LM_SOURCE and cfg.data.normalize:
+            # C was estimated from the first rows (no store holds it): the config records it too.
+            cfg.data.scale = float(jax.device_get(state.scale))
         if distributed.is_lead():
             fs.write_text_atomically(fs.join(workdir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
         start = int(state.step)
@@ -98,15 +123,20 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 def _batches(cfg, prog, stream, ckpt, start):
     """The Grain iterator over this process's rows of each global batch, positioned at `start`."""
     part = distributed.process_rows(prog.batch_sharding, cfg.train.batch_size, stream.d_model)
-    batches = pipeline.batch_iterator(
-        stream,
-        batch_size=cfg.train.batch_size,
-        part=part,
-        num_batches=cfg.train.steps,
-        start=start,
-        read_threads=cfg.data.read_threads,
-        prefetch_batches=cfg.data.prefetch_batches,
-    )
+    if isinstance(stream, data_lib.BatchStream):
+        batches = pipeline.batch_iterator(
+            stream,
+            batch_size=cfg.train.batch_size,
+            part=part,
+            num_batches=cfg.train.steps,
+            start=start,
+            read_threads=cfg.data.read_threads,
+            prefetch_batches=cfg.data.prefetch_batches,
+        )
+    else:  # rows from another source (data.TrainingRows), e.g. the on-the-fly LM's shuffle buffer
+        batches = stream.batch_iterator(
+            batch_size=cfg.train.batch_size, part=part, num_batches=cfg.train.steps, start=start
+        )
     if start and ckpt.restore_data(batches, start):
         if pipeline.next_index(batches) != start:
             raise RuntimeError(

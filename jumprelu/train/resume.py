@@ -43,6 +43,8 @@ RESUME_FIELDS = (
     "data.block_bytes",
     "data.nonfinite",
 )
+# With data.source "lm" also: which texts, model and site make the rows, and how they are shuffled.
+LM_RESUME_FIELDS = ("data.lm", "data.shuffle_buffer_rows")
 
 
 def _get(d: dict, dotted: str):
@@ -53,7 +55,8 @@ def _get(d: dict, dotted: str):
 
 def check_resumable(saved: dict, cfg: ml_collections.ConfigDict, directory: str) -> None:
     now = cfg.to_dict()
-    for field in RESUME_FIELDS:
+    fields = RESUME_FIELDS + (LM_RESUME_FIELDS if cfg.data.source == "lm" else ())
+    for field in fields:
         if _get(saved, field) != _get(now, field):
             raise ConfigError(
                 f"config field {field} is {_get(now, field)!r} but the checkpoint in {directory} "
