@@ -74,7 +74,12 @@ def run_one(spec: str, name: str, root: str) -> int:
     from jumprelu.train.preemption import Preempted
 
     try:
-        report = loop.train(run.config, run.workdir(root))
+        if run.config.data.source == "lm":  # on-the-fly rows: the LM feeds the loop (harvest/onthefly.py)
+            from jumprelu.harvest import onthefly
+
+            report = onthefly.train(run.config, run.workdir(root))
+        else:
+            report = loop.train(run.config, run.workdir(root))
     except UserError as e:
         print(f"{PREFIX} run {name}: {e}", file=sys.stderr)
         return e.exit_status  # 3 for a diverged run
