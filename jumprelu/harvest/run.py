@@ -1,6 +1,15 @@
 """The harvest: texts -> packed sequences -> Gemma 2 site activations -> an activation store.
 
 The command line is `jumprelu harvest` (harvest/__main__.py); see its docstring.
+
+Multi-host (`JUMPRELU_DISTRIBUTED=1` or `mesh.distributed`, the same switch as training: every
+host runs the same command) is data-parallel across hosts: each host loads the whole LM,
+split over its own chips only (`lm_mesh`), harvests every P-th packed sequence
+(`collect.host_sequences`) into its own part of each store, and process 0 writes
+metadata.json once every part is complete. No collective crosses hosts during the forward, a
+slow or dead host stalls nobody until the end, and each host resumes from its own row count.
+Gemma 2 up to 27B fits on one host of a v5e-8 / v5p slice (benchmarks/lm_memory.py), so a
+global mesh would only add cross-host weight gathers for the same FLOPs per token.
 """
 
 from __future__ import annotations
@@ -45,9 +54,48 @@ def load_lm(cfg, pairs=None) -> LanguageModel:
         except DataError as e:
             fields = "sites/layers" if cfg.get("sites") or cfg.get("layers") else "site/layer"
             raise DataError(f"config fields {fields}: {e}") from None
-    mesh = gemma_model.device_mesh()
+    mesh = lm_mesh()
     params = gemma_model.load_params(cfg.checkpoint, gemma_model.abstract_params(model, mesh))
     return LanguageModel(tokenizer, model, tuple(sites), mesh, params)
+
+
+def lm_mesh():
+    """The devices the LM's params are split over: every device of this process (one host).
+
+    With several processes each holds its own copy of the LM on its own devices and runs its
+    own forwards (data parallel across hosts, see the module docstring).
+    """
+    import jax
+
+    from jumprelu.core import layout
+    from jumprelu.harvest import gemma_model
+
+    if jax.process_count() == 1:
+        return gemma_model.device_mesh()
+    auto = jax.sharding.AxisType.Auto
+    local = jax.local_devices()
+    return jax.make_mesh((1, len(local)), layout.AXES, axis_types=(auto, auto), devices=local)
+
+
+def start_processes(cfg) -> tuple[int, int]:
+    """`jax.distributed.initialize` when asked (as training does); returns (this process, processes)."""
+    import jax
+
+    from jumprelu.train import distributed
+
+    if not jax.distributed.is_initialized():  # (`jumprelu evaluate --lm` starts them before its stored eval)
+        distributed.maybe_initialize(cfg.get("mesh") or {})  # before anything touches a device
+    return jax.process_index(), jax.process_count()
+
+
+def barrier(name: str) -> None:
+    """Every process waits here for every other (a no-op for one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def harvest_sites(cfg) -> list[tuple[str, int]]:
@@ -105,6 +153,8 @@ def harvest(cfg) -> dict:
     if len(complete) == len(paths):
         listed = paths[0] if len(paths) == 1 else f"{len(paths)} stores ({', '.join(paths)})"
         raise DataError(f"store {listed} already complete ({store_format.METADATA} exists); write to a new directory")
+    process, processes = start_processes(cfg)
+    part = dict(part=process, parts=processes) if processes > 1 else {}
     lm = load_lm(cfg, pairs)
     tokenizer, params, config = lm.tokenizer, lm.params, lm.model.config
     todo = [(site, path) for site, path in zip(lm.sites, paths, strict=True) if path not in complete]
@@ -127,11 +177,15 @@ def harvest(cfg) -> dict:
                 "text_field": cfg.text_field,
                 "split_paragraphs": bool(cfg.split_paragraphs),
             },
+            **part,
         )
         for site, path in todo
     ]
     run = gemma_model.sites_fn(lm.model, tuple(site for site, _ in todo))
     seqs = text_lib.sequences(list(cfg.texts), tokenizer, cfg.seq_len, cfg.text_field, cfg.split_paragraphs)
+    max_rows = cfg.max_tokens
+    if processes > 1:  # max_tokens counts the rows of every process: host_sequences cuts there
+        seqs, max_rows = collect_lib.host_sequences(seqs, process, processes, tokenizer.special, max_rows), None
     kill_after = int(os.environ.get("JUMPRELU_HARVEST_KILL_AFTER_BATCHES", "-1"))  # the resume test's crash
     computed = [0]
 
@@ -147,11 +201,21 @@ def harvest(cfg) -> dict:
         writers,
         tokenizer.special,
         cfg.batch_sequences,
-        max_rows=cfg.max_tokens,
-        progress=cfg.progress,
+        max_rows=max_rows,
+        progress=cfg.progress and process == 0,
     )
-    result["stores"] = [path for _, path in todo]
-    result["already_complete"] = complete
+    stores = [path for _, path in todo]
+    committed = stores if processes == 1 else []
+    if processes > 1:  # every part is complete (closed) before one process commits the stores
+        from jumprelu.store.writer import commit_parts
+
+        barrier("jumprelu harvest: every part written")
+        if process == 0:
+            result["num_rows"] = [commit_parts(path, processes)["num_rows"] for path in stores]
+            committed = stores
+        barrier("jumprelu harvest: metadata written")  # every host returns with the stores complete
+    result.update(stores=stores, already_complete=complete, process=process, processes=processes)
+    result["committed"] = committed  # the stores whose metadata.json this process wrote
     return result
 
 
