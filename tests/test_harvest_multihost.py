@@ -30,6 +30,9 @@ from jumprelu.store.writer import commit_parts  # noqa: E402
 from tests.test_store import _all_rows  # noqa: E402
 from tests.test_train import ROOT  # noqa: E402
 
+# The first 3,000 of the tiny texts' ~10,000 rows: the processes cut where one process cuts
+# (in the middle of a sequence, which only one of them holds).
+MAX_TOKENS = 3000
 TOL = 1e-4  # rows within this distance are the same row (distinct rows here are >1e-2 apart)
 
 
@@ -57,7 +60,7 @@ def one_process(world, tmp_path_factory):
     from jumprelu.harvest.run import harvest
 
     template = str(tmp_path_factory.mktemp("one") / "{site}_l{layer}")
-    harvest(_cfg(world, sites=("resid", "mlp"), store=template))
+    harvest(_cfg(world, sites=("resid", "mlp"), store=template, max_tokens=MAX_TOKENS))
     return template
 
 
@@ -98,7 +101,7 @@ def _finish(procs):
 
 def _harvest_cmd(world, template, sites="resid+mlp"):
     cmd = [sys.executable, "-m", "jumprelu", "harvest", "--config", f"harvest/gemma2:tiny={world},sites={sites}"]
-    return cmd + ["--config.progress=False", f"--config.store={template}"]
+    return cmd + ["--config.progress=False", f"--config.store={template}", f"--config.max_tokens={MAX_TOKENS}"]
 
 
 def _assert_same_multiset(a: np.ndarray, b: np.ndarray):
@@ -127,7 +130,7 @@ def test_two_processes_write_the_one_process_store_and_metadata_once(world, tmp_
     # Each process handled its own sequences; process 0 alone wrote both metadata.json files.
     assert [r["process"] for r in results] == [0, 1]
     assert results[0]["committed"] == results[0]["stores"] and results[1]["committed"] == []
-    assert 0 < results[1]["rows"] < results[0]["num_rows"][0] == results[0]["rows"] + results[1]["rows"]
+    assert 0 < results[1]["rows"] < results[0]["num_rows"][0] == results[0]["rows"] + results[1]["rows"] == MAX_TOKENS
     for site in ("resid", "mlp"):
         path = template.format(site=site, layer=1)
         files = sorted(os.listdir(path))
@@ -142,7 +145,7 @@ def test_a_host_killed_mid_harvest_resumes_without_duplicate_or_missing_rows(wor
     template = str(tmp_path / "{site}_l{layer}")
     store = template.format(site="resid", layer=1)
     cmd = _harvest_cmd(world, template, sites="resid")
-    procs = _launch(cmd, ({}, {"JUMPRELU_HARVEST_KILL_AFTER_BATCHES": "20"}))  # process 1 dies like a lost VM
+    procs = _launch(cmd, ({}, {"JUMPRELU_HARVEST_KILL_AFTER_BATCHES": "6"}))  # process 1 dies like a lost VM
     assert procs[1].wait(timeout=300) == -signal.SIGKILL
     # Process 0 finishes its own part (no host waits for another before the end), then waits for
     # process 1 at the barrier: kill it there too, as a slice restart would.
@@ -248,6 +251,8 @@ def test_parts_resume_their_own_files_and_commit_checks_every_part(tmp_path):
         _writer(tmp_path)
     b.append(rows[7:])
     b.close()
+    with pytest.raises(DataError, match="incomplete: a write by several processes is in progress"):
+        open_store(str(tmp_path))
     with pytest.raises(DataError, match="part 0 is not complete"):
         commit_parts(str(tmp_path), 2)
     with pytest.raises(DataError, match="expected the progress files of parts 0..2"):
@@ -260,3 +265,17 @@ def test_parts_resume_their_own_files_and_commit_checks_every_part(tmp_path):
     assert meta["scale"] == pytest.approx(float(np.sqrt(np.mean(np.sum(rows.astype(np.float64) ** 2, axis=1)))))
     got = _all_rows(open_store(str(tmp_path)))
     np.testing.assert_array_equal(got[np.argsort(got[:, 0])], rows)
+
+
+def test_tpu_run_starts_the_harvest_on_every_worker(capsys):
+    from jumprelu.launch import tpu
+
+    common = ["--zone", "us-east5-a", "--project", "proj", "--dry_run"]
+    tpu.main(["setup", "sae-pod", "--mount_bucket", "bkt", "--extras", "tpu,gemma", *common])
+    harvest = "harvest/gemma2:model=gemma2_9b,sites=resid+mlp+attn,layers=9+20+31"
+    tpu.main(["run", "sae-pod", "--harvest", harvest, "--config.store=/gcs/bkt/s/{site}_l{layer}", *common])
+    ssh = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ gcloud compute tpus tpu-vm ssh")]
+    assert "pip install -q -c constraints.txt -e '\"'\"'.[tpu,gemma]'\"'\"'" in ssh[0]
+    assert all("--worker=all" in c for c in ssh)
+    assert f"JUMPRELU_DISTRIBUTED=1 nohup .venv/bin/python -m jumprelu harvest --config={harvest} " in ssh[-1]
+    assert "--config.store=/gcs/bkt/s/{site}_l{layer}" in ssh[-1]
