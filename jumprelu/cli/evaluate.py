@@ -3,6 +3,9 @@
 Metrics of a trained SAE on its run's held-out stored activations (the same rows the training
 report used) and, with --lm, delta LM loss with the SAE spliced into the language model at its
 site. Writes RUN/eval.json and RUN/firing_frequency.png.
+
+With --lm on several hosts (JUMPRELU_DISTRIBUTED=1 or --lm.mesh.distributed=True, run on every
+host), the held-out sequences are split over the hosts and process 0 writes the one report.
 """
 
 from __future__ import annotations
@@ -65,7 +68,12 @@ def run(argv: list[str]) -> int:
         common.quiet_libraries(flags.FLAGS)
         workdir, member = workdir_flag.value, member_flag.value
         out_dir = workdir if member is None else member_dir(workdir, member)
+        lead = True
         try:
+            if lm_flag.value is not None:  # several hosts: started before anything touches a device
+                from jumprelu.harvest.run import start_processes
+
+                lead = start_processes(lm_flag.value)[0] == 0
             sae, result, freq = evaluate_workdir(workdir, member, rows_flag.value)
             if lm_flag.value is not None:
                 from jumprelu.harvest import lm_eval  # imports gemma: only on this path
@@ -74,6 +82,9 @@ def run(argv: list[str]) -> int:
                 freq = result["lm"].pop("firing_frequency")
         except (UserError, FileNotFoundError, ValueError) as e:
             return common.fail(e)
+        if not lead:  # every process computed the same report; process 0 writes it
+            print(f"process {jax_process_index()}: the report is written by process 0")
+            return 0
         freq = np.asarray(freq)
         result.update(
             workdir=fs.abspath(out_dir),
@@ -91,3 +102,9 @@ def run(argv: list[str]) -> int:
         return 0
 
     return common.absl_run(main, argv, "jumprelu evaluate")
+
+
+def jax_process_index() -> int:
+    import jax
+
+    return jax.process_index()

@@ -8,6 +8,10 @@ complete shards hold, the loop skips the batches every store already has (recomp
 one batch), and gives each store only the rows after its own count. Nothing is duplicated or
 lost, whatever the batch size of the resumed run, even when a crash left the stores at
 different points.
+
+A multi-host harvest gives each process `host_sequences`: sequence i goes to process
+i mod P. Each process is then a one-process harvest of its own sequences into its own part
+of the store, resuming from its own row count.
 """
 
 from __future__ import annotations
@@ -21,6 +25,36 @@ from tqdm import tqdm
 from jumprelu.errors import DataError
 from jumprelu.harvest import text as text_lib
 from jumprelu.store import StoreWriter
+
+
+def host_sequences(
+    seqs: Iterator[np.ndarray],
+    process: int,
+    processes: int,
+    special: text_lib.SpecialIds,
+    max_rows: int | None = None,
+) -> Iterator[np.ndarray]:
+    """This process's share of the packed sequences: sequence i belongs to process i mod `processes`.
+
+    Every process walks every sequence (tokenising is cheap next to the forward pass) and
+    counts the kept rows of all of them, so `max_rows` means what it means for one process:
+    the first max_rows rows of the texts in order, whichever processes hold them. The
+    sequence in which that count passes max_rows is cut there, its later positions padded
+    (the model is causal: the positions before the cut keep their activations, and pad
+    positions are never stored), and no sequence after it is taken.
+    """
+    total = 0
+    for i, seq in enumerate(seqs):
+        keep = text_lib.keep_mask(seq, special)
+        n = int(keep.sum())
+        if max_rows is not None and total + n >= max_rows:
+            if i % processes == process and max_rows > total:
+                seq = np.where(np.cumsum(keep) > max_rows - total, special.pad, seq).astype(seq.dtype)
+                yield seq
+            return
+        total += n
+        if i % processes == process:
+            yield seq
 
 
 def collect(

@@ -1,6 +1,15 @@
 """The harvest: texts -> packed sequences -> Gemma 2 site activations -> an activation store.
 
 The command line is `jumprelu harvest` (harvest/__main__.py); see its docstring.
+
+Multi-host (`JUMPRELU_DISTRIBUTED=1` or `mesh.distributed`, the same switch as training: every
+host runs the same command) is data-parallel across hosts: each host loads the whole LM,
+split over its own chips only (`lm_mesh`), harvests every P-th packed sequence
+(`collect.host_sequences`) into its own part of each store, and process 0 writes
+metadata.json once every part is complete. No collective crosses hosts during the forward, a
+slow or dead host stalls nobody until the end, and each host resumes from its own row count.
+Gemma 2 up to 27B fits on one host of a v5e-8 / v5p slice (benchmarks/lm_memory.py), so a
+global mesh would only add cross-host weight gathers for the same FLOPs per token.
 """
 
 from __future__ import annotations
@@ -45,9 +54,67 @@ def load_lm(cfg, pairs=None) -> LanguageModel:
         except DataError as e:
             fields = "sites/layers" if cfg.get("sites") or cfg.get("layers") else "site/layer"
             raise DataError(f"config fields {fields}: {e}") from None
-    mesh = gemma_model.device_mesh()
+    mesh = lm_mesh()
     params = gemma_model.load_params(cfg.checkpoint, gemma_model.abstract_params(model, mesh))
     return LanguageModel(tokenizer, model, tuple(sites), mesh, params)
+
+
+def lm_mesh():
+    """The devices the LM's params are split over: every device of this process (one host).
+
+    With several processes each holds its own copy of the LM on its own devices and runs its
+    own forwards (data parallel across hosts, see the module docstring).
+    """
+    import jax
+
+    from jumprelu.core import layout
+    from jumprelu.harvest import gemma_model
+
+    if jax.process_count() == 1:
+        return gemma_model.device_mesh()
+    auto = jax.sharding.AxisType.Auto
+    local = jax.local_devices()
+    return jax.make_mesh((1, len(local)), layout.AXES, axis_types=(auto, auto), devices=local)
+
+
+def token_sharding(mesh, batch_sequences: int):
+    """Where a batch of tokens [B, T] goes: split by sequence over the LM's devices when they
+    divide B, else replicated.
+
+    Split, each device runs the forward on B/n sequences and XLA gathers each layer's weights
+    as it needs them; replicated, XLA splits the layers' matmuls instead but repeats part of the
+    work on every device. As XLA plans Gemma 2 2B to layer 3 on 8 devices (batch 8 × 1,024):
+    0.083 GFLOP per token per device split, 0.113 replicated (1/8 of one device's 0.659 is
+    0.082), and 0.50 vs 0.93 GiB of temporaries (benchmarks/lm_memory.py).
+    """
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jumprelu.core import layout
+
+    n = mesh.shape[layout.MODEL]
+    return NamedSharding(mesh, P(layout.MODEL, None) if batch_sequences % n == 0 else P())
+
+
+def start_processes(cfg) -> tuple[int, int]:
+    """`jax.distributed.initialize` when asked (as training does); returns (this process, processes)."""
+    import jax
+
+    from jumprelu.train import distributed
+
+    if not jax.distributed.is_initialized():  # (`jumprelu evaluate --lm` starts them before its stored eval)
+        distributed.maybe_initialize(cfg.get("mesh") or {})  # before anything touches a device
+    return jax.process_index(), jax.process_count()
+
+
+def barrier(name: str) -> None:
+    """Every process waits here for every other (a no-op for one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def harvest_sites(cfg) -> list[tuple[str, int]]:
@@ -87,6 +154,7 @@ def store_paths(cfg, pairs) -> list[str]:
 def harvest(cfg) -> dict:
     """Harvests every site of `harvest_sites(cfg)` from one forward pass per batch, each into its
     own store (resumable; stores an earlier run already completed are left as they are)."""
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
@@ -105,6 +173,8 @@ def harvest(cfg) -> dict:
     if len(complete) == len(paths):
         listed = paths[0] if len(paths) == 1 else f"{len(paths)} stores ({', '.join(paths)})"
         raise DataError(f"store {listed} already complete ({store_format.METADATA} exists); write to a new directory")
+    process, processes = start_processes(cfg)
+    part = dict(part=process, parts=processes) if processes > 1 else {}
     lm = load_lm(cfg, pairs)
     tokenizer, params, config = lm.tokenizer, lm.params, lm.model.config
     todo = [(site, path) for site, path in zip(lm.sites, paths, strict=True) if path not in complete]
@@ -128,11 +198,16 @@ def harvest(cfg) -> dict:
                 "split_paragraphs": bool(cfg.split_paragraphs),
                 "chat_template": bool(cfg.get("chat_template", False)),
             },
+            **part,
         )
         for site, path in todo
     ]
     run = gemma_model.sites_fn(lm.model, tuple(site for site, _ in todo))
+    placement = token_sharding(lm.mesh, cfg.batch_sequences)
     seqs = text_lib.sequences(list(cfg.texts), tokenizer, cfg.seq_len, cfg.text_field, cfg.split_paragraphs)
+    max_rows = cfg.max_tokens
+    if processes > 1:  # max_tokens counts the rows of every process: host_sequences cuts there
+        seqs, max_rows = collect_lib.host_sequences(seqs, process, processes, tokenizer.special, max_rows), None
     kill_after = int(os.environ.get("JUMPRELU_HARVEST_KILL_AFTER_BATCHES", "-1"))  # the resume test's crash
     computed = [0]
 
@@ -140,7 +215,7 @@ def harvest(cfg) -> dict:
         if computed[0] == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)  # die like a preempted VM: no cleanup, no close
         computed[0] += 1
-        return [np.asarray(a) for a in run(params, jnp.asarray(tokens))]
+        return [np.asarray(a) for a in run(params, jax.device_put(jnp.asarray(tokens), placement))]
 
     result = collect_lib.collect(
         seqs,
@@ -148,11 +223,21 @@ def harvest(cfg) -> dict:
         writers,
         tokenizer.special,
         cfg.batch_sequences,
-        max_rows=cfg.max_tokens,
-        progress=cfg.progress,
+        max_rows=max_rows,
+        progress=cfg.progress and process == 0,
     )
-    result["stores"] = [path for _, path in todo]
-    result["already_complete"] = complete
+    stores = [path for _, path in todo]
+    committed = stores if processes == 1 else []
+    if processes > 1:  # every part is complete (closed) before one process commits the stores
+        from jumprelu.store.writer import commit_parts
+
+        barrier("jumprelu harvest: every part written")
+        if process == 0:
+            result["num_rows"] = [commit_parts(path, processes)["num_rows"] for path in stores]
+            committed = stores
+        barrier("jumprelu harvest: metadata written")  # every host returns with the stores complete
+    result.update(stores=stores, already_complete=complete, process=process, processes=processes)
+    result["committed"] = committed  # the stores whose metadata.json this process wrote
     return result
 
 

@@ -4,6 +4,7 @@
   jumprelu tpu setup   NAME --zone ... --project ... [--mount_bucket BUCKET]
   jumprelu tpu run     NAME --zone ... --project ... --sweep quickstart --workdir gs://B/runs/q
   jumprelu tpu run     NAME ... --config quickstart --workdir gs://B/runs/one
+  jumprelu tpu run     NAME ... --harvest harvest/gemma2:model=gemma2_9b,... --config.store=/gcs/B/stores/...
   jumprelu tpu status  NAME --zone ... --project ...
   jumprelu tpu logs    NAME --zone ... --project ... [--worker 0]
   jumprelu tpu watch   NAME --accelerator ... --zone ... --project ... --sweep ... --workdir gs://...
@@ -86,7 +87,7 @@ class Gcloud:
         base = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", self.name, *self._where(), f"--worker={worker}"]
         return base + [f"--command={command}"]
 
-    def setup(self, mount_bucket: str | None) -> None:
+    def setup(self, mount_bucket: str | None, extras: str = "tpu") -> None:
         archive = "/tmp/jumprelu-src.tar.gz"
         # The working tree as it is (uncommitted edits included), not HEAD: what you run here is
         # what runs there.
@@ -97,7 +98,7 @@ class Gcloud:
         install = (
             f"mkdir -p {REMOTE_DIR} && tar -xzf ~/jumprelu-src.tar.gz -C {REMOTE_DIR} && cd {REMOTE_DIR} && "
             "python3 -m venv .venv && .venv/bin/pip install -q -U pip && "
-            ".venv/bin/pip install -q -c constraints.txt -e '.[tpu]'"
+            f".venv/bin/pip install -q -c constraints.txt -e '.[{extras}]'"
         )
         self.run(self.ssh(install))
         if mount_bucket:  # stores are memory-mapped: read them through a gcsfuse mount at /gcs/BUCKET
@@ -111,8 +112,12 @@ class Gcloud:
             )
             self.run(self.ssh(mount))
 
-    def start(self, config: str | None, sweep: str | None, workdir: str, extra: list[str]) -> None:
-        if sweep:
+    def start(
+        self, config: str | None, sweep: str | None, workdir: str, extra: list[str], harvest: str | None = None
+    ) -> None:
+        if harvest:  # every host harvests its share into its own part of the stores (jumprelu.harvest.run)
+            job = ["-m", "jumprelu", "harvest", f"--config={harvest}"]
+        elif sweep:
             job = ["-m", "jumprelu", "sweep", sweep, "--local", "--root", workdir]
         else:
             job = ["-m", "jumprelu", "train", f"--config={config}", f"--workdir={workdir}"]
@@ -152,7 +157,9 @@ def main(argv: list[str]) -> int:
     job = p.add_mutually_exclusive_group()
     job.add_argument("--config", help="run: an experiment (name or path, with :arg), run by jumprelu train")
     job.add_argument("--sweep", help="run: an experiment sweep (EXPERIMENT[:arg]), run by jumprelu sweep")
+    job.add_argument("--harvest", help="run: a harvest config (harvest/gemma2:...), run by jumprelu harvest")
     p.add_argument("--workdir", help="run: gs:// workdir (or sweep root)")
+    p.add_argument("--extras", default="tpu", help="setup: the pip extras to install (the harvest: tpu,gemma)")
     p.add_argument("--worker", default="0", help="logs: which worker's log")
     p.add_argument("--poll_s", type=int, default=120, help="watch: seconds between state checks")
     p.add_argument("--dry_run", action="store_true", help="print the gcloud commands instead of running them")
@@ -175,15 +182,16 @@ def main(argv: list[str]) -> int:
         generation, hosts = parse_accelerator(args.accelerator)
         print(f"# {args.accelerator}: {hosts} host{'s' if hosts > 1 else ''}, runtime {RUNTIMES[generation]}")
     if args.command in ("run", "watch"):
-        need("workdir")
-        if not (args.config or args.sweep):
-            p.error(f"{args.command} needs --config or --sweep")
+        if not args.harvest:  # a harvest writes stores named by its config, no workdir
+            need("workdir")
+        if not (args.config or args.sweep or args.harvest):
+            p.error(f"{args.command} needs --config, --sweep or --harvest")
     if args.command == "create":
         g.create(args.accelerator, args.spot, args.reserved, args.runtime)
     elif args.command == "setup":
-        g.setup(args.mount_bucket)
+        g.setup(args.mount_bucket, args.extras)
     elif args.command == "run":
-        g.start(args.config, args.sweep, args.workdir, extra)
+        g.start(args.config, args.sweep, args.workdir, extra, args.harvest)
     elif args.command == "status":
         g.status()
     elif args.command == "logs":
@@ -199,8 +207,8 @@ def main(argv: list[str]) -> int:
                 g.create(args.accelerator, args.spot, args.reserved, args.runtime)
                 state = "WAITING"
             if state == "ACTIVE" and not getattr(g, "_started", False):
-                g.setup(args.mount_bucket)
-                g.start(args.config, args.sweep, args.workdir, extra)
+                g.setup(args.mount_bucket, args.extras)
+                g.start(args.config, args.sweep, args.workdir, extra, args.harvest)
                 g._started = True
             if state != "ACTIVE":
                 g._started = False

@@ -7,6 +7,12 @@ A store is a directory:
   shard-00001.npy      ...
   writing.json         only while a write is in progress: what is committed so far
 
+A store written by several processes at once (a multi-host harvest) has one part per process:
+process k writes shard-p{k:03d}-00000.npy, ... and records them in writing-p{k:03d}.json, so no
+two processes ever touch the same file; when every part is complete one process lists all
+parts' shards in metadata.json (`writer.commit_parts`). Readers only follow metadata.json, so
+they read both layouts alike.
+
 Format 2 adds CRC-32 checksums of each shard's rows, per block (`checksum.py`); format 1
 stores (no checksums) still load, as unverified.
 
@@ -36,12 +42,20 @@ DTYPES = ("float32", "bfloat16")
 HEADER_FIELDS = ("model", "site", "layer", "d_model", "dtype", "text_source", "shuffle_seed")
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.npy"
+def shard_name(index: int, part: int | None = None) -> str:
+    return f"shard-{index:05d}.npy" if part is None else f"shard-p{part:03d}-{index:05d}.npy"
 
 
-def temporary_name(index: int) -> str:
-    return f".{shard_name(index)}.tmp"
+def temporary_name(index: int, part: int | None = None) -> str:
+    return f".{shard_name(index, part)}.tmp"
+
+
+def writing_name(part: int | None = None) -> str:
+    """The progress file of a one-process write, or of part `part` of a multi-process one."""
+    return WRITING if part is None else f"writing-p{part:03d}.json"
+
+
+PART_WRITING_GLOB = "writing-p[0-9][0-9][0-9].json"
 
 
 def numpy_dtype(dtype: str) -> np.dtype:

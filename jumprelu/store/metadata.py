@@ -42,6 +42,13 @@ def _incomplete(path: str):
             f"incomplete: the writer stopped after {len(done)} complete shards (last: {last}){flight}; "
             "run the writer again on this directory to resume",
         )
+    parts = sorted(glob.glob(os.path.join(path, fmt.PART_WRITING_GLOB)))
+    if parts:  # a multi-process write (jumprelu.store.writer.commit_parts writes metadata.json at its end)
+        fail(
+            path,
+            f"incomplete: a write by several processes is in progress ({len(parts)} part progress files, "
+            f"{', '.join(os.path.basename(p) for p in parts)}); run every process again to resume",
+        )
     fail(path, f"not an activation store ({fmt.METADATA} missing)")
 
 

@@ -11,6 +11,12 @@ A producer that was interrupted opens the writer again with the same header: the
 writer reports `rows_written`, the rows safely in complete shards, and the producer
 appends from that row on. Rows that were buffered or in a half-written shard at the
 crash are simply produced again, so no row is lost or duplicated.
+
+Several processes fill one store together (a multi-host harvest) by each opening a writer
+with `part=k, parts=P`: part k has its own shard names and progress file (format.py), so the
+writers never touch each other's files and each resumes from its own row count. `close`
+then only marks the part complete; once every part is, one process calls `commit_parts`,
+which lists every part's shards in metadata.json and computes C over all of their rows.
 """
 
 from __future__ import annotations
@@ -64,7 +70,13 @@ class StoreWriter:
         shuffle_seed: int | None = 0,
         shard_rows: int | None = None,
         extra: dict | None = None,
+        part: int | None = None,
+        parts: int | None = None,
     ):
+        if (part is None) != (parts is None) or (part is not None and not 0 <= part < parts):
+            raise DataError(f"store {path}: part must be in [0, parts), found part={part} parts={parts}")
+        self.part, self.parts = part, parts
+        self._complete = False  # a part that an earlier run already finished
         if dtype not in fmt.DTYPES:
             raise DataError(f"store {path}: dtype must be one of {fmt.DTYPES}, found {dtype!r}")
         if not (isinstance(d_model, int) and d_model > 0):
@@ -96,11 +108,33 @@ class StoreWriter:
             self._resume_or_start()
 
     # -- resume ---------------------------------------------------------------------------------
+    def _own_shards_glob(self, prefix: str = "") -> str:
+        """Only this writer's files: a one-process write's shard-NNNNN, or part k's shard-pKKK-NNNNN."""
+        pattern = "shard-[0-9]*" if self.part is None else f"shard-p{self.part:03d}-*"
+        return os.path.join(self.path, prefix + pattern)
+
     def _resume_or_start(self) -> None:
-        progress = os.path.join(self.path, fmt.WRITING)
+        progress = os.path.join(self.path, fmt.writing_name(self.part))
+        other = (
+            glob.glob(os.path.join(self.path, fmt.PART_WRITING_GLOB))
+            if self.part is None
+            else glob.glob(os.path.join(self.path, fmt.WRITING))
+        )
+        if other:
+            kind = "a multi-process" if self.part is None else "a one-process"
+            raise DataError(
+                f"store {self.path}: {kind} write is in progress here ({os.path.basename(other[0])}); "
+                "resume it with the same number of processes or write to a new directory"
+            )
         if os.path.exists(progress):
             with open(progress) as f:
                 saved = json.load(f)
+            if saved.get("parts") != self.parts:
+                raise DataError(
+                    f"store {self.path}: an interrupted write by {saved.get('parts') or 1} processes is in progress, "
+                    f"this run has {self.parts or 1}; resume with the same number of processes "
+                    "(each process's share of the texts depends on it) or write to a new directory"
+                )
             for field, value in self.header.items():
                 if saved["header"].get(field) != value:
                     raise DataError(
@@ -109,24 +143,33 @@ class StoreWriter:
                         "or write to a new directory"
                     )
             self._shards = saved["shards"]
+            self._complete = bool(saved.get("complete", False))
             for s in self._shards:  # committed by a jumprelu that kept no checksums: take them now
                 if "crc32" not in s:
                     rows = np.load(os.path.join(self.path, s["file"]), mmap_mode="r")
                     s["crc32"] = checksum.block_checksums(rows, self.block_rows)
-        elif glob.glob(os.path.join(self.path, "shard-*.npy")):
-            raise DataError(f"store {self.path}: holds shard files but no {fmt.WRITING}; not a store this writer made")
+        elif glob.glob(
+            self._own_shards_glob() + ".npy" if self.part is not None else os.path.join(self.path, "shard-*.npy")
+        ):
+            raise DataError(
+                f"store {self.path}: holds shard files but no {fmt.writing_name(self.part)}; "
+                "not a store this writer made"
+            )
         # Anything beyond the recorded shards is a leftover of the crash: it will be written again.
+        # (Only this writer's own files: the other parts of the store belong to other processes.)
         recorded = {s["file"] for s in self._shards}
-        for stray in glob.glob(os.path.join(self.path, "shard-*.npy")) + glob.glob(os.path.join(self.path, ".shard-*")):
+        for stray in glob.glob(self._own_shards_glob() + ".npy") + glob.glob(self._own_shards_glob(".")):
             if os.path.basename(stray) not in recorded:
                 os.remove(stray)
         self._record_progress()
 
     def _record_progress(self) -> None:
-        with _writing(self.path, fmt.WRITING):
-            fmt.write_json_atomically(
-                os.path.join(self.path, fmt.WRITING), {"header": self.header, "shards": self._shards}
-            )
+        name = fmt.writing_name(self.part)
+        state = {"header": self.header, "shards": self._shards}
+        if self.part is not None:
+            state.update(part=self.part, parts=self.parts, complete=self._complete)
+        with _writing(self.path, name):
+            fmt.write_json_atomically(os.path.join(self.path, name), state)
 
     @property
     def rows_written(self) -> int:
@@ -142,6 +185,8 @@ class StoreWriter:
     def append(self, rows: np.ndarray) -> None:
         """Adds rows [n, d_model] (any float dtype; converted to the store's dtype)."""
         rows = np.asarray(rows)
+        if self._complete and rows.shape[0]:
+            raise DataError(f"store {self.path}: part {self.part} is already complete; it takes no more rows")
         d = self.header["d_model"]
         if rows.ndim != 2 or rows.shape[1] != d:
             raise DataError(f"store {self.path}: rows must have shape [n, {d}], found {list(rows.shape)}")
@@ -165,15 +210,16 @@ class StoreWriter:
         if seed is not None:
             if self._shuffled.shape[0] < n:
                 self._shuffled = np.empty_like(self._buffer)
-            rows = np.take(rows, np.random.default_rng([seed, index]).permutation(n), axis=0, out=self._shuffled[:n])
+            key = [seed, index] if self.part is None else [seed, self.part, index]
+            rows = np.take(rows, np.random.default_rng(key).permutation(n), axis=0, out=self._shuffled[:n])
         sq = _row_squared_norms(rows)
         finite = np.ones(n, bool)
         if not np.isfinite(sq).all():  # NaN/Inf rows, or a float32 square that overflowed: test exactly
             finite = np.isfinite(rows).all(axis=1)
             sq = _row_squared_norms(np.where(finite[:, None], rows, 0).astype(np.float64))
         sum_sq = float(np.sum(sq, dtype=np.float64))
-        name = fmt.shard_name(index)
-        tmp = os.path.join(self.path, fmt.temporary_name(index))
+        name = fmt.shard_name(index, self.part)
+        tmp = os.path.join(self.path, fmt.temporary_name(index, self.part))
         file_rows = rows.view(fmt.file_dtype(self.header["dtype"]))
         crcs = checksum.block_checksums(file_rows, self.block_rows)
         with _writing(self.path, name):
@@ -201,30 +247,82 @@ class StoreWriter:
         self._record_progress()
 
     def close(self) -> dict:
-        """Writes the last (short) shard and then metadata.json; returns the metadata."""
+        """Writes the last (short) shard and then metadata.json; returns the metadata.
+
+        A part (`part=k`) is only marked complete, and the return value is its progress record:
+        metadata.json is `commit_parts`'s, once every part is complete.
+        """
         if self._buffered:
             self._flush()
+        if self.part is not None:
+            self._complete = True
+            self._record_progress()
+            return {"part": self.part, "rows": self.rows_written, "shards": len(self._shards)}
         if not self._shards:
             raise DataError(f"store {self.path}: no rows were written")
-        finite = sum(s["rows"] - len(s["nonfinite_rows"]) for s in self._shards)
-        total_sq = sum(s["sum_sq_norm"] for s in self._shards)
-        scale = float(np.sqrt(total_sq / finite)) if finite else float("nan")
-        if not (np.isfinite(scale) and scale > 0):
-            raise DataError(f"store {self.path}: cannot compute the scale C (mean squared norm {scale**2})")
-        metadata = {
-            "format": fmt.FORMAT,
-            "format_version": fmt.FORMAT_VERSION,
-            **self.header,
-            "num_rows": self.rows_written,
-            "scale": scale,  # C with E‖x/C‖² = 1 over all finite rows
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "checksum": {"algorithm": checksum.ALGORITHM, "block_rows": self.block_rows},
-            "shards": [
-                {"file": s["file"], "rows": s["rows"], "nonfinite_rows": s["nonfinite_rows"], "crc32": s["crc32"]}
-                for s in self._shards
-            ],
-        }
+        metadata = _metadata(self.path, self.header, self._shards, self.block_rows)
         with _writing(self.path, fmt.METADATA):
             fmt.write_json_atomically(os.path.join(self.path, fmt.METADATA), metadata)
         os.remove(os.path.join(self.path, fmt.WRITING))
         return metadata
+
+
+def _metadata(path: str, header: dict, shards: list[dict], block_rows: int) -> dict:
+    """metadata.json of a store whose complete shards are `shards` (C over all their finite rows)."""
+    finite = sum(s["rows"] - len(s["nonfinite_rows"]) for s in shards)
+    total_sq = sum(s["sum_sq_norm"] for s in shards)
+    scale = float(np.sqrt(total_sq / finite)) if finite else float("nan")
+    if not (np.isfinite(scale) and scale > 0):
+        raise DataError(f"store {path}: cannot compute the scale C (mean squared norm {scale**2})")
+    return {
+        "format": fmt.FORMAT,
+        "format_version": fmt.FORMAT_VERSION,
+        **header,
+        "num_rows": sum(s["rows"] for s in shards),
+        "scale": scale,  # C with E‖x/C‖² = 1 over all finite rows
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "checksum": {"algorithm": checksum.ALGORITHM, "block_rows": block_rows},
+        "shards": [
+            {"file": s["file"], "rows": s["rows"], "nonfinite_rows": s["nonfinite_rows"], "crc32": s["crc32"]}
+            for s in shards
+        ],
+    }
+
+
+def commit_parts(path: str, parts: int) -> dict:
+    """metadata.json of a store that `parts` processes wrote as parts 0..parts-1; returns it.
+
+    Called by one process after every part's writer closed (a barrier). Every part must be
+    there and complete, all with the same header, and no part of another process count may
+    be left over: otherwise a one-line DataError, and nothing is written.
+    """
+    if os.path.exists(os.path.join(path, fmt.METADATA)):
+        raise DataError(f"store {path} is already complete ({fmt.METADATA} exists)")
+    found = sorted(glob.glob(os.path.join(path, fmt.PART_WRITING_GLOB)))
+    expected = [fmt.writing_name(k) for k in range(parts)]
+    if [os.path.basename(f) for f in found] != expected:
+        raise DataError(
+            f"store {path}: expected the progress files of parts 0..{parts - 1} ({', '.join(expected)}), "
+            f"found {[os.path.basename(f) for f in found]}; every process must write to one shared "
+            "directory, with the same number of processes as the write started with"
+        )
+    records = []
+    for name in expected:
+        with open(os.path.join(path, name)) as f:
+            records.append(json.load(f))
+    for k, record in enumerate(records):
+        if not record.get("complete"):
+            raise DataError(f"store {path}: part {k} is not complete ({expected[k]}); run every process again")
+        if record["header"] != records[0]["header"]:
+            raise DataError(f"store {path}: part {k} was written with another header than part 0")
+    shards = [s for record in records for s in record["shards"]]
+    if not shards:
+        raise DataError(f"store {path}: no rows were written")
+    header = records[0]["header"]
+    row_bytes = header["d_model"] * fmt.file_dtype(header["dtype"]).itemsize
+    metadata = _metadata(path, header, shards, checksum.block_rows(row_bytes))
+    with _writing(path, fmt.METADATA):
+        fmt.write_json_atomically(os.path.join(path, fmt.METADATA), metadata)
+    for name in expected:  # metadata.json is the truth from here on: progress files are leftovers
+        os.remove(os.path.join(path, name))
+    return metadata

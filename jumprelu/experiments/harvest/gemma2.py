@@ -64,6 +64,8 @@ def get_config(arg=None):
     c.shuffle_seed = 0
     c.max_tokens = config_dict.placeholder(int)  # stop after this many stored rows
     c.progress = True
+    # Every host of a slice runs the same command (or set $JUMPRELU_DISTRIBUTED=1): see jumprelu.harvest.run.
+    c.mesh = dict(distributed=False)
     # jumprelu evaluate --lm: held-out texts (never the training texts), the paper's 2,048 × 1,024.
     c.eval = dict(texts=(), sequences=2048, batch_sequences=8)
     if "tiny" in args:  # the tiny world for tests and the README's end-to-end
