@@ -172,7 +172,7 @@ def test_every_supported_option_gives_the_dense_loss_gradients_and_stats(tiny_co
     )
     (v_d, (m_d, s_d)), g_d = out["dense"]
     (v_s, (m_s, s_s)), g_s = out["sparse"]
-    assert float(m_s["sparse_step"]) == 1.0 and "sparse_step" not in m_d
+    assert float(m_s["sparse_step"]) == 1.0 and float(m_d.pop("sparse_step")) == 0.0
     assert 0 < float(m_d["pre_act_loss"]) and 0 < float(m_d["frequency_penalty"])
     np.testing.assert_allclose(v_s, v_d, rtol=1e-5)
     for k in m_d:
@@ -216,7 +216,8 @@ def test_300_steps_give_the_same_parameters(tmp_path, tiny_config):
     rows = [json.loads(line) for line in open(os.path.join(tmp_path, "on", "metrics.jsonl"))]
     taken = [r["sparse_step"] for r in rows if "sparse_step" in r]
     assert taken and taken[-1] == 1.0 and 0.0 in taken  # sparse at the end, dense at the start
-    assert not any("sparse_step" in r for r in open(os.path.join(tmp_path, "off", "metrics.jsonl")))
+    dense_rows = [json.loads(line) for line in open(os.path.join(tmp_path, "off", "metrics.jsonl"))]
+    assert {r["sparse_step"] for r in dense_rows if "sparse_step" in r} == {0.0}
 
 
 def test_sparse_step_trains_sharded_like_on_one_device(tmp_path, tiny_config):
@@ -259,3 +260,14 @@ def test_bad_sparse_fields_are_named(tiny_config, fields, message):
     tiny_config.sae.update(**fields)
     with pytest.raises(ConfigError, match=message):
         validate(tiny_config)
+
+
+def test_the_compiled_program_follows_the_plan(tiny_config):
+    from jumprelu.train import program, sharding
+
+    cfg = tiny_config
+    cfg.sae.update(width=16384, target_l0=8.0)  # auto on CPU: sparse from 16K latents
+    mesh = sharding.make_mesh(cfg.mesh)
+    assert program.build(cfg, 32, mesh).step_path == "auto: sparse, 256 entries per row"
+    cfg.stack.sparsity_coefficients = (0.01, 0.02)  # vmapped members: the dense step
+    assert program.build(cfg, 32, mesh).step_path == "auto: dense (stacked SAEs)"

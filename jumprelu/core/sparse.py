@@ -73,6 +73,38 @@ def _blocked(n, *arrays):
     return [a.reshape(n, a.shape[0] // n, *a.shape[1:]) for a in arrays]
 
 
+def _dense_in_blocks(x, w_enc, bias, theta, w_dec, b_dec, eps, dtype):
+    """`dense_forward` one row block at a time, for an overflowing batch: XLA reserves memory for
+    both branches of the overflow `cond`, so the fallback must not need [B, M] arrays either."""
+    n = row_blocks(x.shape[0])
+    if n == 1:
+        return dense_forward(x, w_enc, bias, theta, w_dec, b_dec, eps, dtype)
+    x_hat, l0, counts, f_sum = jax.lax.map(
+        lambda xb: dense_forward(xb, w_enc, bias, theta, w_dec, b_dec, eps, dtype), _blocked(n, x)[0]
+    )
+    return x_hat.reshape(x.shape[0], -1), l0.reshape(-1), jnp.sum(counts, axis=0), jnp.sum(f_sum, axis=0)
+
+
+def _dense_grads_in_blocks(x, params, eps, dtype, g_xhat, g_l0, g_counts, g_fsum):
+    """The vjp of `dense_forward` summed over row blocks (the per-latent sums' cotangents reach
+    every block, since each block's counts and f_sum add into the batch's)."""
+    n = row_blocks(x.shape[0])
+
+    def block_vjp(xb, gx, gl):
+        _, vjp = jax.vjp(lambda *p: dense_forward(xb, *p, eps, dtype), *params)
+        return vjp((gx, gl, g_counts, g_fsum))
+
+    if n == 1:
+        return block_vjp(x, g_xhat, g_l0)
+
+    def body(acc, blk):
+        return jax.tree.map(jnp.add, acc, block_vjp(*blk)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, tuple(params))
+    grads, _ = jax.lax.scan(body, zeros, _blocked(n, x, g_xhat, g_l0))
+    return grads
+
+
 def _candidates(x, w_enc, bias, theta, eps, row_capacity, dtype):
     """Per row, the (value, latent) of up to `row_capacity` entries with z > θ - ε/2 (unused
     slots -inf), and how many candidates the row had. z exists one row block at a time."""
@@ -253,7 +285,7 @@ def _forward(x, w_enc, bias, theta, w_dec, b_dec, eps, capacity, dtype):
     entries, spill, overflow = _select(x, w_enc, bias, theta, eps, capacity, dtype)
     outs = jax.lax.cond(
         overflow,
-        lambda: dense_forward(x, w_enc, bias, theta, w_dec, b_dec, eps, dtype),
+        lambda: _dense_in_blocks(x, w_enc, bias, theta, w_dec, b_dec, eps, dtype),
         lambda: _sparse_outputs(x, entries, spill, theta, w_enc, bias, w_dec, b_dec, eps, dtype),
     )
     res = (x, w_enc, bias, theta, w_dec, b_dec, eps, entries, spill, overflow)
@@ -269,8 +301,8 @@ def _bwd(capacity, dtype, res, g):
     g_xhat, g_l0, g_counts, g_fsum, _ = g
 
     def dense():
-        _, vjp = jax.vjp(lambda *p: dense_forward(x, *p, eps, dtype), w_enc, bias, theta, w_dec, b_dec)
-        return vjp((g_xhat, g_l0, g_counts, g_fsum))
+        params = (w_enc, bias, theta, w_dec, b_dec)
+        return _dense_grads_in_blocks(x, params, eps, dtype, g_xhat, g_l0, g_counts, g_fsum)
 
     def sparse():
         grads = (g_xhat, g_l0, g_counts, g_fsum)
@@ -293,6 +325,7 @@ def z_squares(x, w_enc, bias):
 
 
 def default_capacity(target_l0: float, width: int) -> int:
-    """Top-k slots per row when sae.sparse_capacity is 0: 8 × the target L0 (rows vary widely
-    around the mean; rows beyond it are spilled to the dense path), a multiple of 8, ≤ width."""
-    return min(width, 8 * math.ceil(8 * target_l0 / 8))
+    """Top-k slots per row when sae.sparse_capacity is 0: 8 × the target L0 and at least width/64
+    (the per-row L0 is heavy-tailed, more so the wider the SAE; rows beyond the slots spill to
+    the dense path), a multiple of 8, ≤ width."""
+    return min(width, max(8 * math.ceil(8 * target_l0 / 8), width // 64))

@@ -91,6 +91,7 @@ def _train_on(cfg: ml_collections.ConfigDict, workdir: str, stream) -> dict:
         resume.check_latest_config(ckpt, cfg)  # a mismatch fails before compiling
         prog = program.build(cfg, stream.d_model, mesh, batch_dtype=stream.dtype)
         log.info("compiled train step on mesh %s; memory: %s", dict(mesh.shape), prog.step.memory_analysis())
+        log.info("train step: %s", prog.step_path)
         state = resume.restore_intact(ckpt, cfg, prog.abstract_state)  # onto this mesh, whatever it was saved from
         if state is not None:
             log.info("resumed from %s at step %d", ckpt.directory, int(state.step))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from jumprelu.core import kinds, sae
+from jumprelu.core.kinds import jumprelu as jumprelu_kind
 from jumprelu.train import optim, sharding
 from jumprelu.train import state as state_lib
 from jumprelu.train.step import make_stacked_train_step, make_train_step
@@ -29,6 +30,7 @@ class Program:
     step: jax.stages.Compiled  # (state, batch [B, d]) -> (state, metrics); state donated
     # K stacked SAEs (config `stack`): their λ values; empty for one SAE. Metrics then have a K axis.
     sparsity_coefficients: tuple[float, ...] = ()
+    step_path: str = "dense"  # which step was compiled and why (sae.sparse), for the log
 
     @property
     def members(self) -> int:
@@ -78,4 +80,7 @@ def build(cfg, d_model: int, mesh: Mesh, batch_dtype: str = "float32") -> Progra
             .lower(abstract, batch)
             .compile()
         )
-    return Program(model, kind, tx, mesh, abstract, batch_sharding, compiled, lams)
+    path = jumprelu_kind.sparse_plan(sae_cfg)[1] if sae_cfg.kind == "jumprelu" else "dense"
+    if sae_cfg is not cfg.sae:
+        path = "auto: dense (stacked SAEs)"
+    return Program(model, kind, tx, mesh, abstract, batch_sharding, compiled, lams, path)

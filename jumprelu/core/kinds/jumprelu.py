@@ -255,16 +255,20 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
         metrics = dict(metrics, loss=total)
         if r.target_l0 is not None:
             metrics["sparsity_coefficient_adaptive"] = lam
-        if sparse_step:  # 1: this batch took the sparse path; 0: a row overflowed the capacity
-            metrics["sparse_step"] = 1.0 - out["overflow"]
+        # Recorded in every run: 1 when this batch took the sparse step, 0 when the plan is dense
+        # (sparse_plan) or the batch overflowed the sparse step's capacity.
+        metrics["sparse_step"] = 1.0 - out["overflow"] if sparse_step else jnp.zeros(())
         return total, (metrics, {**stats, **new_stats})
 
     return loss
 
 
 SPARSE_MODES = ("auto", "on", "off")
-# `auto` takes the sparse step where it was measured faster (benchmarks/step.py --l0): on XLA:CPU,
-# with at most this share of the latents kept per row. Elsewhere it stays dense until measured.
+# `auto` takes the sparse step where it was measured faster (benchmarks/step.py --l0, README "Step
+# speed"): on XLA:CPU, from 16K latents (2.4× the dense step at 16K, 5.2× at 64K, L0 50), with at
+# most 1/16 of the latents kept per row; at 4K latents it was 0.87× (batch 1,024) to 1.4× (4,096).
+# Other backends stay dense until measured there.
+_AUTO_MIN_WIDTH = 16384
 _AUTO_MAX_KEPT_SHARE = 1 / 16
 
 
@@ -295,6 +299,8 @@ def sparse_plan(s) -> tuple[int, str]:
     backend = jax.default_backend()
     if backend != "cpu":
         return 0, f"auto: dense (the sparse step is not yet measured on {backend})"
+    if s.width < _AUTO_MIN_WIDTH:
+        return 0, f"auto: dense (width {s.width} < {_AUTO_MIN_WIDTH}, where the sparse step is not faster)"
     if capacity > _AUTO_MAX_KEPT_SHARE * s.width:
         return 0, f"auto: dense (capacity {capacity} > width/{round(1 / _AUTO_MAX_KEPT_SHARE)})"
     return capacity, f"auto: sparse, {capacity} entries per row"
