@@ -3,7 +3,7 @@
   jumprelu train --config onthefly:model=gemma2_9b,layer=20,site=resid --workdir RUN \
       --config.data.lm.checkpoint=gs://BUCKET/gemma2-9b --config.data.lm.tokenizer=/path/tokenizer.model \
       --config.data.lm.texts='("/data/train.jsonl",)'
-  jumprelu train --config onthefly:tiny=DIR --workdir RUN   # the tiny world of `jumprelu harvest.tiny DIR`
+  jumprelu train --config onthefly:tiny=DIR --workdir RUN   # the tiny world of `python -m jumprelu.harvest.tiny DIR`
 
 The language model's fields (data.lm) are the harvest config's (experiments/harvest/gemma2.py,
 same argument: model, layer, site, tiny=DIR); the SAE, schedule and λ are the paper's base config.
