@@ -271,3 +271,45 @@ def test_the_compiled_program_follows_the_plan(tiny_config):
     assert program.build(cfg, 32, mesh).step_path == "auto: sparse, 256 entries per row"
     cfg.stack.sparsity_coefficients = (0.01, 0.02)  # vmapped members: the dense step
     assert program.build(cfg, 32, mesh).step_path == "auto: dense (stacked SAEs)"
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk"])
+def test_topk_sparse_decoder_gives_the_dense_loss_and_gradients(tiny_config, kind):
+    cfg = tiny_config
+    cfg.sae.update(kind=kind, width=M, k=8, aux_k=16, dead_window_tokens=1)
+    results = {}
+    for mode in ("off", "on"):
+        cfg.sae.sparse = mode
+        k = jumprelu.core.kinds.from_config(cfg.sae, D)
+        assert k.model.sparse_decoder == (mode == "on")
+        params = k.model.init(jax.random.key(0), jnp.zeros((2, D)))["params"]
+        stats = k.init_stats()
+        stats["tokens_since_fired"] = jnp.where(jnp.arange(M) % 4 == 0, 10**6, 0).astype(jnp.int32)  # AuxK on
+        x = 2.0 * jax.random.normal(jax.random.key(1), (B, D))
+        fn = jax.jit(jax.value_and_grad(lambda p, k=k, s=stats, x=x: k.loss(k.model, p, s, x, 0.0), has_aux=True))
+        results[mode] = fn(params)
+    (v_d, (m_d, s_d)), g_d = results["off"]
+    (v_s, (m_s, s_s)), g_s = results["on"]
+    assert float(m_d["aux_loss"]) > 0
+    np.testing.assert_allclose(v_s, v_d, rtol=1e-5)
+    for key in m_d:
+        np.testing.assert_allclose(m_s[key], m_d[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for key in s_d:
+        np.testing.assert_allclose(s_s[key], s_d[key], rtol=1e-6, err_msg=key)
+    for key in g_d:
+        scale = float(jnp.max(jnp.abs(g_d[key])))
+        np.testing.assert_allclose(g_s[key], g_d[key], rtol=1e-4, atol=1e-5 * scale, err_msg=key)
+
+
+def test_topk_sparse_decoder_trains_sharded_like_dense(tmp_path, tiny_config):
+    cfg = tiny_config
+    cfg.sae.update(kind="topk", k=4)
+    cfg.train.steps = 20
+    cfg.mesh.data, cfg.mesh.model = 2, 4
+    results = {}
+    for mode in ("off", "on"):
+        cfg.sae.sparse = mode
+        train(cfg, str(tmp_path / mode))
+        results[mode] = jumprelu.load(str(tmp_path / mode)).params()
+    for key, v in results["off"].items():
+        np.testing.assert_allclose(results["on"][key], v, rtol=2e-4, atol=2e-5, err_msg=key)

@@ -51,11 +51,42 @@ def _select_batch(z: jax.Array, k: int) -> jax.Array:
 class TopKSAE(SAEBase):
     k: int = 32
     batch: bool = False  # True: BatchTopK
+    sparse_decoder: bool = False  # decode from the k selected latents per row (sae.sparse=on)
 
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
         z = self.pre_activations(x)
+        if self.sparse_decoder:
+            return self._sparse_outputs(z)
         selected = _select_batch(z, self.k) if self.batch else _select_rows(z, self.k)
         return self.outputs(z, jnp.where(selected, jax.nn.relu(z), 0.0), selected=selected)
+
+    def _sparse_outputs(self, z: jax.Array) -> dict[str, jax.Array]:
+        """The same outputs with x̂ = Σ_selected relu(z_bi) W_dec[i] + b_dec gathered from the
+        selected entries (the same top-k, so the same ties), not a [B, M] x [M, d] product: autodiff
+        then makes ∂W_dec a scatter-add and ∂f a sampled product over the B·k entries too. The
+        encoder's backward stays dense (∂z scatters into [B, M])."""
+        b, m = z.shape
+        if self.batch:
+            vals, flat = jax.lax.top_k(z.reshape(-1), self.k * b)
+            rows, cols = flat // m, flat % m
+        else:
+            vals, cols = jax.lax.top_k(z, self.k)
+            rows = jnp.broadcast_to(jnp.arange(b)[:, None], cols.shape).reshape(-1)
+            vals, cols = vals.reshape(-1), cols.reshape(-1)
+        dt = self.compute_dtype
+        w_rows = self.W_dec.at[cols].get(mode="promise_in_bounds").astype(dt)  # [B·k, d]
+        contrib = (jax.nn.relu(vals).astype(dt)[:, None] * w_rows).astype(jnp.float32)
+        x_hat = jax.ops.segment_sum(contrib, rows, b, indices_are_sorted=not self.batch) + self.b_dec
+        selected = jnp.zeros((b * m,), jnp.bool_).at[rows * m + cols].set(True).reshape(b, m)
+        fired = jax.lax.stop_gradient(jnp.where(selected, jax.nn.relu(z), 0.0)) > 0
+        return {
+            "z": z,
+            "f": jnp.where(selected, jax.nn.relu(z), 0.0),
+            "l0": jnp.sum(fired, axis=-1).astype(jnp.float32),
+            "fired_per_latent": jnp.sum(fired, axis=0),
+            "x_hat": x_hat,
+            "selected": selected,
+        }
 
 
 def init_stats(width: int, batch: bool) -> dict:
@@ -112,7 +143,9 @@ def _build(sae_cfg, d_model: int) -> Kind:
         dead_window=sae_cfg.dead_window_tokens,
         threshold_decay=sae_cfg.batchtopk_threshold_decay,
     )
-    model = TopKSAE(**common_module_args(sae_cfg, d_model), k=sae_cfg.k, batch=batch)
+    # sae.sparse=on: the sparse decoder; "auto" keeps the dense one until it is measured faster.
+    sparse_decoder = sae_cfg.get("sparse", "auto") == "on"
+    model = TopKSAE(**common_module_args(sae_cfg, d_model), k=sae_cfg.k, batch=batch, sparse_decoder=sparse_decoder)
     if batch:  # exactly a JumpReLU SAE with one learned global threshold
         export = lambda p, s: jumprelu_arrays(p, global_threshold(s) * jnp.ones_like(p["b_enc"]))  # noqa: E731
     else:  # ReLU'd pre-activations with θ = 0, plus the k no JumpReLU can express
