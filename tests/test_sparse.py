@@ -132,10 +132,13 @@ def test_bfloat16_matmuls_match_the_dense_bfloat16_step():
     bf16 = jnp.dtype(jnp.bfloat16)
     dense = _objective(lambda x_, *p: sparse.dense_forward(x_, *p, EPS, bf16), x)
     sp = _objective(lambda x_, *p: sparse.sparse_forward(x_, *p, jnp.float32(EPS), cap, bf16), x)
-    g_dense = jax.grad(dense, argnums=(0, 3))(*params)
-    g_sparse = jax.grad(sp, argnums=(0, 3))(*params)
-    for a, b in zip(g_dense, g_sparse, strict=True):  # bf16 products: agreement to bf16 precision
-        np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(a))))
+    g_dense = jax.grad(dense, argnums=(0, 1, 2, 3, 4))(*params)
+    g_sparse = jax.grad(sp, argnums=(0, 1, 2, 3, 4))(*params)
+    # The operands are rounded to bf16 alike, but the dense step's weight gradients come back through
+    # the bf16 cast of W (its cotangent is bf16), so they carry one more bf16 rounding: agreement to
+    # bf16 precision (8 bits of mantissa).
+    for a, b in zip(g_dense, g_sparse, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(a))))
 
 
 def _loss_pair(tiny_config, **sae):

@@ -54,6 +54,12 @@ def _pre_acts(x, w_enc, bias, dtype):
     return jnp.matmul(x.astype(dtype), w_enc.astype(dtype), preferred_element_type=jnp.float32) + bias
 
 
+def _as_operand(a, dtype):
+    """a as a matmul operand of `dtype` (rounded to it), in float32: products of such operands are
+    exact in float32, as in the dense matmuls' float32 accumulation."""
+    return a.astype(dtype).astype(jnp.float32)
+
+
 def _window_coord(z, theta, eps):
     """(z - θ)/ε, written exactly as `ops.rectangle` sees it, so the candidate set and the
     kernel window agree with the dense ops bit for bit."""
@@ -151,7 +157,8 @@ def _select(x, w_enc, bias, theta, eps, cap: Capacity, dtype):
     overflow = (jnp.sum(over) > cap.spill) | (kept > cap.per_batch)
     size = _chunk_size(cap.per_batch)
     total = size * math.ceil(cap.per_batch / size)  # whole chunks
-    rows, slots = jnp.nonzero(keep, size=total, fill_value=0)  # row-major: rows ascending
+    # Row-major, so rows ascend; padding takes the last row, which keeps them ascending.
+    rows, slots = jnp.nonzero(keep, size=total, fill_value=(batch - 1, 0))
     valid = jnp.arange(total) < kept
     z = jnp.where(valid, vals[rows, slots], -jnp.inf)
     return (rows, idx[rows, slots], z, jnp.minimum(kept, cap.per_batch)), spill, overflow
@@ -212,8 +219,8 @@ def _sparse_outputs(x, entries, spill, theta, w_enc, bias, w_dec, b_dec, eps, dt
 
     def decode(start, x_hat):
         r, i, f_c = _chunk(start, z.shape[0], rows, lat, f)
-        w_rows = w_dec.at[i].get(mode="promise_in_bounds").astype(dtype)  # [chunk, d]
-        contrib = (f_c.astype(dtype)[:, None] * w_rows).astype(jnp.float32)
+        w_rows = _as_operand(w_dec.at[i].get(mode="promise_in_bounds"), dtype)  # [chunk, d]
+        contrib = _as_operand(f_c, dtype)[:, None] * w_rows
         return x_hat.at[r].add(contrib, indices_are_sorted=True, mode="promise_in_bounds")
 
     x_hat = _over_chunks(used, z.shape[0], decode, jnp.zeros((batch, w_dec.shape[1]), jnp.float32)) + b_dec
@@ -236,9 +243,9 @@ def _sparse_grads(x, entries, spill, theta, w_enc, bias, w_dec, eps, dtype, g_xh
 
     def sampled(start, g_f):  # ∂x̂_b · W_dec[i] for each entry: a sampled dense-dense product
         r, i = _chunk(start, total, rows, lat)
-        w_rows = w_dec.at[i].get(mode="promise_in_bounds").astype(dtype)
-        g_rows = g_xhat.at[r].get(mode="promise_in_bounds").astype(dtype)  # rows ascending
-        value = jnp.sum((g_rows * w_rows).astype(jnp.float32), axis=-1)
+        w_rows = _as_operand(w_dec.at[i].get(mode="promise_in_bounds"), dtype)
+        g_rows = _as_operand(g_xhat.at[r].get(mode="promise_in_bounds"), dtype)  # rows ascending
+        value = jnp.sum(g_rows * w_rows, axis=-1)
         return jax.lax.dynamic_update_slice_in_dim(g_f, value, start, 0)
 
     g_f = _over_chunks(used, total, sampled, jnp.zeros((total,), jnp.float32)) + g_fsum[lat]
@@ -249,12 +256,14 @@ def _sparse_grads(x, entries, spill, theta, w_enc, bias, w_dec, eps, dtype, g_xh
     order = jnp.argsort(jnp.where(jnp.arange(total) < used, lat, width))
     s_lat = jnp.where(jnp.arange(total) < used, lat[order], width)
     s_rows, s_f, s_gz = rows[order], f[order], g_z[order]
-    x_in = x.astype(dtype).astype(jnp.float32)
+    # The dense ∂W_dec = fᵀ ∂x̂ and ∂W_enc = xᵀ ∂z multiply operands rounded to the matmul dtype.
+    x_in, g_in = _as_operand(x, dtype), _as_operand(g_xhat, dtype)
+    s_f, s_gz = _as_operand(s_f, dtype), _as_operand(s_gz, dtype)
 
     def outer(start, acc):
         d_wdec, d_wenc_t = acc
         i, r, f_c, gz_c = _chunk(start, total, s_lat, s_rows, s_f, s_gz)
-        d_wdec = d_wdec.at[i].add(f_c[:, None] * g_xhat[r], indices_are_sorted=True, mode="drop")
+        d_wdec = d_wdec.at[i].add(f_c[:, None] * g_in[r], indices_are_sorted=True, mode="drop")
         d_wenc_t = d_wenc_t.at[i].add(gz_c[:, None] * x_in[r], indices_are_sorted=True, mode="drop")
         return d_wdec, d_wenc_t
 
@@ -316,12 +325,14 @@ def _bwd(capacity, dtype, res, g):
 sparse_forward.defvjp(_fwd, _bwd)
 
 
-def z_squares(x, w_enc, bias):
-    """Σ_b z_bi² per latent [M] without forming z, from the [d, d] Gram matrix of the batch (d/B
-    of one batch product); statistics only (no gradient)."""
-    x, w, bias = (jax.lax.stop_gradient(a) for a in (x, w_enc, bias))
-    gram = x.T @ x
-    return jnp.sum(w * (gram @ w), axis=0) + 2 * bias * (jnp.sum(x, axis=0) @ w) + x.shape[0] * bias**2
+def z_variance(x, w_enc):
+    """The variance over the batch of each latent's pre-activation [M] without forming z: w_iᵀ Cov(x)
+    w_i from the centred [d, d] Gram matrix (d/B of one batch product; the bias cancels).
+    Statistics only (no gradient)."""
+    x, w = jax.lax.stop_gradient(x), jax.lax.stop_gradient(w_enc)
+    xc = x - jnp.mean(x, axis=0)
+    cov = jnp.matmul(xc.T, xc, precision=jax.lax.Precision.HIGHEST) / x.shape[0]
+    return jnp.maximum(jnp.sum(w * jnp.matmul(cov, w, precision=jax.lax.Precision.HIGHEST), axis=0), 0.0)
 
 
 def default_capacity(target_l0: float, width: int) -> int:

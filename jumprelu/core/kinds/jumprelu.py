@@ -72,11 +72,12 @@ class JumpReLUSAE(SAEBase):
             "x_hat": self.decode(f),
         }
 
-    def sparse_outputs(self, x: jax.Array, capacity: int, bandwidth=None, z_squares: bool = False):
+    def sparse_outputs(self, x: jax.Array, capacity: int, bandwidth=None, z_variance: bool = False):
         """What the loss needs, from the sparse step (`core/sparse.py`): x_hat [B, d], l0 [B],
         counts and f_sum [M] (Σ_b H, Σ_b f, straight-through w.r.t. θ), fired_per_latent [M],
         overflow [] (1.0: this batch took the dense path), z_sum [M] (Σ_b z, differentiable) and,
-        with z_squares, z_sq [M] (Σ_b z², statistics only). No [B, M] array is returned."""
+        with z_variance, z_var [M] (variance of z over the batch, statistics only). No [B, M] array
+        is returned."""
         eps = jnp.asarray(self.bandwidth if bandwidth is None else bandwidth, jnp.float32)
         bias = self.encoder_bias()
         theta = self.threshold()
@@ -100,8 +101,8 @@ class JumpReLUSAE(SAEBase):
             "overflow": overflow,
             "z_sum": jnp.sum(x, axis=0) @ self.W_enc + x.shape[0] * bias,
         }
-        if z_squares:
-            out["z_sq"] = sparse.z_squares(x, self.W_enc, bias)
+        if z_variance:
+            out["z_var"] = sparse.z_variance(x, self.W_enc)
         return out
 
 
@@ -196,7 +197,7 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
                 x,
                 r.sparse_capacity,
                 bandwidth=eps,
-                z_squares=r.bandwidth_mode == "relative",
+                z_variance=r.bandwidth_mode == "relative",
                 method=JumpReLUSAE.sparse_outputs,
             )
         else:
@@ -245,8 +246,7 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
             new_stats["tokens_since_fired"] = jnp.where(fired, 0, jnp.minimum(since + x.shape[0], _SINCE_FIRED_CAP))
         if r.bandwidth_mode == "relative":
             if sparse_step:
-                mean = jax.lax.stop_gradient(out["z_sum"]) / x.shape[0]
-                spread = jnp.median(jnp.sqrt(jnp.maximum(out["z_sq"] / x.shape[0] - mean**2, 0.0)))
+                spread = jnp.median(jnp.sqrt(out["z_var"]))
             else:
                 spread = jnp.median(jnp.std(jax.lax.stop_gradient(out["z"]), axis=0))
             new_stats["z_scale"] = _Z_SCALE_DECAY * stats["z_scale"] + (1 - _Z_SCALE_DECAY) * spread
@@ -349,7 +349,8 @@ def validate(s, check) -> None:
         check(s.target_l0 is not None, "sae.target_l0", "set when sae.threshold_init_mode is from data", s.target_l0)
     check(s.encoder_init_scale > 0, "sae.encoder_init_scale", "> 0", s.encoder_init_scale)
     check(s.sparse in SPARSE_MODES, "sae.sparse", f"one of {SPARSE_MODES}", s.sparse)
-    check(s.sparse_capacity >= 0, "sae.sparse_capacity", ">= 0 (0: 4 × sae.target_l0)", s.sparse_capacity)
+    capacity_rule = ">= 0 (0: 8 × sae.target_l0, at least width/64)"
+    check(s.sparse_capacity >= 0, "sae.sparse_capacity", capacity_rule, s.sparse_capacity)
     if s.sparse == "on":
         check(s.sparsity_loss != "tanh", "sae.sparsity_loss", "'step' or 'quadratic' with sae.sparse=on", "tanh")
         check(not s.matryoshka_widths, "sae.matryoshka_widths", "empty with sae.sparse=on", s.matryoshka_widths)
@@ -390,7 +391,7 @@ def _fields() -> dict:
         matryoshka_widths=(),  # nested prefixes, e.g. (1024, 4096, 16384); last = width
         # The sparse step (core/sparse.py): same numbers, cost ≈ one dense product + O(B·L0·d).
         sparse="auto",  # "auto" (where measured faster), "on" or "off"
-        sparse_capacity=0,  # entries kept per row (active + lower kernel window); 0: 4 × target_l0
+        sparse_capacity=0,  # top-k slots per row (active + lower kernel window); 0: 8 × target_l0, ≥ width/64
     )
 
 

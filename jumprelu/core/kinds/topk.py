@@ -74,10 +74,11 @@ class TopKSAE(SAEBase):
             rows = jnp.broadcast_to(jnp.arange(b)[:, None], cols.shape).reshape(-1)
             vals, cols = vals.reshape(-1), cols.reshape(-1)
         dt = self.compute_dtype
-        w_rows = self.W_dec.at[cols].get(mode="promise_in_bounds").astype(dt)  # [B·k, d]
-        contrib = (jax.nn.relu(vals).astype(dt)[:, None] * w_rows).astype(jnp.float32)
+        # Operands rounded to the matmul dtype, products in float32, as the dense decode's matmul.
+        w_rows = self.W_dec.at[cols].get(mode="promise_in_bounds").astype(dt).astype(jnp.float32)  # [B·k, d]
+        contrib = jax.nn.relu(vals).astype(dt).astype(jnp.float32)[:, None] * w_rows
         x_hat = jax.ops.segment_sum(contrib, rows, b, indices_are_sorted=not self.batch) + self.b_dec
-        selected = jnp.zeros((b * m,), jnp.bool_).at[rows * m + cols].set(True).reshape(b, m)
+        selected = jnp.zeros((b, m), jnp.bool_).at[rows, cols].set(True)
         fired = jax.lax.stop_gradient(jnp.where(selected, jax.nn.relu(z), 0.0)) > 0
         return {
             "z": z,
