@@ -72,10 +72,15 @@ def _candidates_per_row(x, params, eps=EPS):
     return np.asarray(jnp.sum((z - theta) / eps > -0.5, axis=-1))
 
 
+def _fitting(x, params, eps=EPS):
+    """The capacity that holds every candidate of the batch: the sparse path, no spill."""
+    cand = _candidates_per_row(x, params, eps)
+    return sparse.Capacity(per_row=int(cand.max()), per_batch=int(cand.sum()), spill=1)
+
+
 def test_sparse_equals_dense_when_everything_fits():
     x, params = _problem()
-    cand = _candidates_per_row(x, params)
-    cap = sparse.Capacity(per_row=int(cand.max()), per_batch=int(cand.sum()), spill=1)
+    cap = _fitting(x, params)
     assert _compare(x, params, cap) == 0.0
 
 
@@ -120,15 +125,13 @@ def test_theta_gradient_inside_and_at_the_edge_of_the_window():
     offsets = jnp.array([-0.51, -0.5, -0.49, 0.0, 0.49, 0.5, 0.51])
     theta = theta.at[: len(offsets)].set(z[0, : len(offsets)] - offsets * EPS)
     params = (w_enc, bias, theta, w_dec, b_dec)
-    cand = _candidates_per_row(x, params)
-    cap = sparse.Capacity(per_row=int(cand.max()), per_batch=int(cand.sum()), spill=1)
+    cap = _fitting(x, params)
     assert _compare(x, params, cap) == 0.0
 
 
 def test_bfloat16_matmuls_match_the_dense_bfloat16_step():
     x, params = _problem()
-    cand = _candidates_per_row(x, params)
-    cap = sparse.Capacity(per_row=int(cand.max()), per_batch=int(cand.sum()), spill=1)
+    cap = _fitting(x, params)
     bf16 = jnp.dtype(jnp.bfloat16)
     dense = _objective(lambda x_, *p: sparse.dense_forward(x_, *p, EPS, bf16), x)
     sp = _objective(lambda x_, *p: sparse.sparse_forward(x_, *p, jnp.float32(EPS), cap, bf16), x)

@@ -92,43 +92,32 @@ def tiny_config(vocab_size: int, num_layers: int = 2, embed_dim: int = 64, famil
     if family not in FAMILIES:
         raise DataError(f"unknown tiny model family {family!r}: expected one of {FAMILIES}")
     kinds = (gm.nn.AttentionType.LOCAL_SLIDING, gm.nn.AttentionType.GLOBAL)
-    if family == "gemma3":
-        return gm.nn.config.TransformerConfig(
-            num_embed=vocab_size,
-            embed_dim=embed_dim,
-            hidden_dim=2 * embed_dim,
-            num_heads=4,
-            head_dim=16,
-            num_kv_heads=2,
-            final_logit_softcap=None,
-            attention_types=tuple(kinds[i % 2] for i in range(num_layers)),
-            use_post_attn_norm=True,
-            use_post_ffw_norm=True,
-            use_qk_norm=True,
-            query_pre_attn_norm=gm.nn.config.QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_HEAD_DIM,
-            attn_logits_soft_cap=None,
-            sliding_window_size=8,
-            transpose_gating_einsum=True,
-            local_base_frequency=10_000,
-            global_base_frequency=1_000_000,
-            global_scale_factor=8.0,
-            vision_encoder=None,
-        )
-    return gm.nn.config.TransformerConfig(
+    common = dict(
         num_embed=vocab_size,
         embed_dim=embed_dim,
         hidden_dim=2 * embed_dim,
         num_heads=4,
         head_dim=16,
         num_kv_heads=2,
-        final_logit_softcap=30.0,
         attention_types=tuple(kinds[i % 2] for i in range(num_layers)),
         use_post_attn_norm=True,
         use_post_ffw_norm=True,
         query_pre_attn_norm=gm.nn.config.QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_HEAD_DIM,
-        attn_logits_soft_cap=50.0,
         sliding_window_size=8,
     )
+    if family == "gemma3":  # QK norm, no soft-caps, Gemma 3's RoPE bases and gating layout
+        return gm.nn.config.TransformerConfig(
+            **common,
+            final_logit_softcap=None,
+            attn_logits_soft_cap=None,
+            use_qk_norm=True,
+            transpose_gating_einsum=True,
+            local_base_frequency=10_000,
+            global_base_frequency=1_000_000,
+            global_scale_factor=8.0,
+            vision_encoder=None,
+        )
+    return gm.nn.config.TransformerConfig(**common, final_logit_softcap=30.0, attn_logits_soft_cap=50.0)
 
 
 def _positions_and_mask(tokens, pad_id: int = 0):
