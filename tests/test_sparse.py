@@ -203,6 +203,16 @@ def _sparse_run_config(cfg, sparse_mode):
     return cfg
 
 
+def _train_dense_and_sparse(cfg, tmp_path) -> dict:
+    """Params after training cfg with sae.sparse off and on, each in its own workdir."""
+    params = {}
+    for mode in ("off", "on"):
+        cfg.sae.sparse = mode
+        train(cfg, str(tmp_path / mode))
+        params[mode] = jumprelu.load(str(tmp_path / mode)).params()
+    return params
+
+
 def test_300_steps_give_the_same_parameters(tmp_path, tiny_config):
     """The real loop, sparse vs dense: the same parameters after 300 steps; the sparse run took the
     sparse path (and the dense one for the early high-L0 batches), as its metrics record."""
@@ -211,11 +221,7 @@ def test_300_steps_give_the_same_parameters(tmp_path, tiny_config):
     cfg.train.update(steps=300)
     cfg.ckpt.every_steps = 300
     cfg.log.every_steps = 10
-    saes = {}
-    for mode in ("off", "on"):
-        cfg.sae.sparse = mode
-        train(cfg, str(tmp_path / mode))
-        saes[mode] = jumprelu.load(str(tmp_path / mode)).params()
+    saes = _train_dense_and_sparse(cfg, tmp_path)
     for k, v in saes["off"].items():
         # float32 sums in another order, compounded over 300 Adam steps
         np.testing.assert_allclose(saes["on"][k], v, rtol=1e-2, atol=1e-3, err_msg=k)
@@ -312,10 +318,6 @@ def test_topk_sparse_decoder_trains_sharded_like_dense(tmp_path, tiny_config):
     cfg.sae.update(kind="topk", k=4)
     cfg.train.steps = 20
     cfg.mesh.data, cfg.mesh.model = 2, 4
-    results = {}
-    for mode in ("off", "on"):
-        cfg.sae.sparse = mode
-        train(cfg, str(tmp_path / mode))
-        results[mode] = jumprelu.load(str(tmp_path / mode)).params()
+    results = _train_dense_and_sparse(cfg, tmp_path)
     for key, v in results["off"].items():
         np.testing.assert_allclose(results["on"][key], v, rtol=2e-4, atol=2e-5, err_msg=key)

@@ -301,10 +301,6 @@ def _forward(x, w_enc, bias, theta, w_dec, b_dec, eps, capacity, dtype):
     return (*outs, overflow.astype(jnp.float32)), res
 
 
-def _fwd(x, w_enc, bias, theta, w_dec, b_dec, eps, capacity, dtype):
-    return _forward(x, w_enc, bias, theta, w_dec, b_dec, eps, capacity, dtype)
-
-
 def _bwd(capacity, dtype, res, g):
     x, w_enc, bias, theta, w_dec, b_dec, eps, entries, spill, overflow = res
     g_xhat, g_l0, g_counts, g_fsum, _ = g
@@ -322,7 +318,7 @@ def _bwd(capacity, dtype, res, g):
     return jnp.zeros_like(x), d_wenc, d_bias, d_theta.astype(theta.dtype), d_wdec, d_bdec, jnp.zeros_like(eps)
 
 
-sparse_forward.defvjp(_fwd, _bwd)
+sparse_forward.defvjp(_forward, _bwd)  # _forward: (outputs, residuals), the primal's signature
 
 
 def z_variance(x, w_enc):
