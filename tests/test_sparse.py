@@ -116,6 +116,38 @@ def test_rows_with_no_active_latent():
     assert _compare(x, params, cap) == 0.0
 
 
+@pytest.mark.parametrize("width", [64, 100, 1000])
+def test_first_candidates_of_each_row_found_without_a_sort(width):
+    """_first_set returns each row's first candidates in latent order and its count, for widths
+    not a multiple of the 32-bit words, empty rows, full rows and rows beyond the slots."""
+    rng = np.random.default_rng(width)
+    density = rng.choice([0.0, 0.01, 0.1, 1.0], size=(40, 1))
+    cand = rng.random((40, width)) < density
+    slots = 24
+    idx, count = jax.jit(sparse._first_set, static_argnums=1)(jnp.asarray(cand), slots)
+    for row, (c, got, n) in enumerate(zip(cand, np.asarray(idx), np.asarray(count), strict=True)):
+        want = np.flatnonzero(c)
+        assert n == len(want), row
+        used = min(len(want), slots)
+        np.testing.assert_array_equal(got[:used], want[:used])
+
+
+@pytest.mark.parametrize("width", [300, 2**27])  # blocks of chunks sorted by one key; argsort
+def test_entries_ordered_by_latent_within_every_chunk(width, monkeypatch):
+    monkeypatch.setattr(sparse, "_CHUNK", 64)
+    total, used = 512, 450
+    lat = jnp.asarray(np.random.default_rng(0).integers(0, min(width, 300), total), jnp.int32)
+    valid = jnp.arange(total) < used
+    order, s_lat = jax.jit(sparse._by_latent, static_argnums=2)(lat, valid, width)
+    order, s_lat = np.asarray(order), np.asarray(s_lat)
+    assert sorted(order) == list(range(total))  # a permutation
+    assert set(order[:used]) == set(range(used))  # the valid entries stay the prefix
+    np.testing.assert_array_equal(s_lat[:used], np.asarray(lat)[order[:used]])
+    assert (s_lat[used:] == width).all()
+    for start in range(0, total, 64):
+        assert (np.diff(s_lat[start : start + 64]) >= 0).all()
+
+
 def test_theta_gradient_inside_and_at_the_edge_of_the_window():
     """Row 0's z placed at θ + offset·ε for one latent per offset: the θ-gradient is the dense
     ops' exactly, inside the window, on its edges and just outside."""
