@@ -9,6 +9,8 @@ shuffled with --seed and split: --eval_rows rows (20,000) are held out, the rest
 activation store every trainer reads (SAELens gets the same rows as .npy files). For each target
 L0 (20, 50, 100) every trainer gets the same width (4,096), batch (1,024) and token budget (2M):
   jumprelu     the recommended short-budget recipe (`smollm2_pareto:jumprelu,target_l0=T`)
+  jumprelu_refit  that run plus `jumprelu refit` (least-squares decoder on the last --refit_rows
+               training rows, ridge --refit_ridge; no new rows, encoder and L0 unchanged)
   matryoshka   the same recipe with nested prefixes (width/8, width/4, width/2, width);
                --matryoshka_frequency_penalty adds Gemma Scope 2's penalty on latents above 10%
   topk         k = T;  batchtopk  k = T (same schedule as jumprelu)
@@ -37,7 +39,7 @@ from jumprelu.store.convert import convert
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER_PYTHON = os.path.join(HERE, "peers", ".venv", "bin", "python")
-OURS = ("jumprelu", "matryoshka", "topk", "batchtopk")
+OURS = ("jumprelu", "jumprelu_refit", "matryoshka", "topk", "batchtopk")
 PEERS = ("saelens_jumprelu", "saelens_topk")
 FIELDS = ("trainer", "target", "l0", "fvu", "dead_fraction", "dense_fraction", "tokens", "seconds")
 
@@ -45,6 +47,11 @@ FIELDS = ("trainer", "target", "l0", "fvu", "dead_fraction", "dense_fraction", "
 def split(data: str, out: str, eval_rows: int, seed: int) -> tuple[str, str, str]:
     """(train .npy, eval .npy, store dir) under out, written once."""
     train_npy, eval_npy, store = (os.path.join(out, n) for n in ("train.npy", "eval.npy", "store"))
+    made = os.path.join(out, "split.json")
+    if os.path.exists(eval_npy) and os.path.exists(made):
+        was = json.load(open(made))
+        if was != dict(data=os.path.abspath(data), eval_rows=eval_rows, seed=seed):
+            raise SystemExit(f"{out} holds the split {was}; pass another --out for this data, --eval_rows or --seed")
     if not os.path.exists(eval_npy):
         x = np.load(data, mmap_mode="r")
         if x.ndim != 2 or eval_rows >= x.shape[0]:
@@ -53,6 +60,8 @@ def split(data: str, out: str, eval_rows: int, seed: int) -> tuple[str, str, str
         np.save(train_npy, np.asarray(x[np.sort(perm[eval_rows:])], np.float32))
         np.save(eval_npy + ".tmp.npy", np.asarray(x[np.sort(perm[:eval_rows])], np.float32))
         os.replace(eval_npy + ".tmp.npy", eval_npy)
+        with open(made, "w") as f:
+            json.dump(dict(data=os.path.abspath(data), eval_rows=eval_rows, seed=seed), f)
     if not os.path.exists(os.path.join(store, "metadata.json")):
         convert(train_npy, store, shuffle_seed=seed)
     return train_npy, eval_npy, store
@@ -84,9 +93,15 @@ def run_ours(trainer: str, target: int, args, store: str, eval_rows: np.ndarray)
     from jumprelu.evaluate.metrics import evaluate_rows
     from jumprelu.train import loop
 
-    workdir = os.path.join(args.out, "runs", f"{trainer}_l0={target}")
+    # the budget names the run: a rerun with other --tokens must not resume this one
+    base = trainer.removesuffix("_refit")
+    workdir = os.path.join(args.out, "runs", f"{base}_l0={target}_tokens={args.tokens}")
     t0 = time.perf_counter()
-    loop.train(our_config(trainer, target, args, store), workdir)
+    loop.train(our_config(base, target, args, store), workdir)  # a finished run returns at once
+    if trainer.endswith("_refit"):
+        from jumprelu.cli.refit import refit_workdir
+
+        workdir = refit_workdir(workdir, None, args.refit_rows, args.refit_ridge)["params"]
     seconds = time.perf_counter() - t0
     sae = jumprelu.load(workdir)
     m = evaluate_rows(dict(sae.params(), k=sae.k), eval_rows)
@@ -129,6 +144,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--eval_rows", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refit_rows", type=int, default=131072, help="jumprelu_refit: last training rows fitted")
+    p.add_argument("--refit_ridge", type=float, default=0.01, help="jumprelu_refit: ridge ρ")
     p.add_argument("--matryoshka_frequency_penalty", type=float, default=0.0, help="μ for the matryoshka trainer")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)

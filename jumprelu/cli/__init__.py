@@ -5,6 +5,7 @@
   jumprelu harvest   --config harvest/gemma2:tiny=/tmp/tiny,site=resid,layer=1
   jumprelu store     convert ACTS.npy STORE | summary STORE [--verify]
   jumprelu export    WORKDIR OUT [--format gemma-scope] [--member i] [--step N]
+  jumprelu refit     --workdir DIR [--rows N] [--ridge R] [--member i]
   jumprelu plan      --config quickstart --topology v5p-16 [--config.sae.width=131072]
   jumprelu sweep     quickstart --dry_run | --local [--parallel N] [--root DIR]
   jumprelu tpu       create|setup|run|status|logs|watch|delete NAME --zone Z --project P ...
@@ -27,6 +28,7 @@ COMMANDS = {
     "harvest": "Gemma activations at one or more sites into activation stores",
     "store": "convert a .npy into an activation store, or validate and summarise one",
     "export": "write a trained SAE in another format (Gemma Scope params.npz)",
+    "refit": "least-squares decoder for a trained SAE's own codes (encoder, L0 unchanged)",
     "plan": "compile the train step for a TPU slice on fake devices: memory, FLOPs, time",
     "sweep": "expand an experiment's sweep; list, run or summarise its runs",
     "tpu": "Cloud TPU slices: create, set up, run, watch, delete (wraps gcloud)",

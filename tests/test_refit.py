@@ -1,0 +1,88 @@
+"""The least-squares decoder refit (`jumprelu/train/refit.py`, `jumprelu refit`): the ridge
+solution by hand, chunking, latents that never fire, and the command on a trained run."""
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jumprelu
+from jumprelu.core.folded import SAE
+from jumprelu.train import refit as refit_lib
+from jumprelu.train.loop import train
+
+D, M = 8, 16
+
+
+def _sae(k=None):
+    rng = np.random.default_rng(0)
+    threshold = np.full(M, 0.3, np.float32)
+    threshold[:3] = 1e6  # these latents never fire
+    arrays = dict(W_enc=rng.normal(size=(D, M)), b_enc=rng.normal(size=M) * 0.1, threshold=threshold,
+                  W_dec=rng.normal(size=(M, D)), b_dec=rng.normal(size=D))  # fmt: skip
+    return SAE(**{name: jnp.asarray(a, jnp.float32) for name, a in arrays.items()}, k=k)
+
+
+def _rows(n=300):
+    return np.random.default_rng(1).normal(size=(n, D)).astype(np.float32)
+
+
+def test_refit_is_the_ridge_least_squares_decoder_and_keeps_the_encoder():
+    sae, x, ridge = _sae(), _rows(), 0.05
+    refit, used = refit_lib.refit_decoder(sae, [x[:100], x[100:250], x[250:]], ridge)
+    assert used == len(x)
+    f = np.asarray(sae.encode(x), np.float64)
+    fired = f.any(axis=0)
+    assert not fired[:3].any() and fired[3:].all()
+    a = np.concatenate([f[:, fired], np.ones((len(x), 1))], axis=1)
+    g = a.T @ a
+    g[np.arange(fired.sum()), np.arange(fired.sum())] += ridge * np.mean(np.diag(g)[:-1])
+    want = np.linalg.solve(g, a.T @ x)
+    np.testing.assert_allclose(np.asarray(refit.W_dec)[fired], want[:-1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(refit.b_dec, want[-1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(refit.W_dec[~fired], sae.W_dec[~fired])  # never fired: left as trained
+    for name in ("W_enc", "b_enc", "threshold"):
+        np.testing.assert_array_equal(getattr(refit, name), getattr(sae, name))
+
+
+def test_refit_lowers_the_error_on_its_rows():
+    sae, x = _sae(), _rows()
+    refit, _ = refit_lib.refit_decoder(sae, [x], 1e-6)
+    before = np.mean(np.sum((np.asarray(sae(x)) - x) ** 2, axis=1))
+    after = np.mean(np.sum((np.asarray(refit(x)) - x) ** 2, axis=1))
+    assert after < 0.5 * before
+
+
+@pytest.mark.parametrize(
+    "sae, ridge, width_cap, message",
+    [
+        (_sae(k=4), 0.01, None, "TopK"),
+        (_sae(), 0.0, None, "ridge must be > 0"),
+        (_sae(), 0.01, M - 1, "width 16 > 15"),
+    ],
+)
+def test_refit_refuses_what_it_cannot_fit(monkeypatch, sae, ridge, width_cap, message):
+    if width_cap is not None:
+        monkeypatch.setattr(refit_lib, "MAX_WIDTH", width_cap)
+    with pytest.raises(ValueError, match=message):
+        refit_lib.refit_decoder(sae, [_rows()], ridge)
+
+
+def test_refit_command_on_a_trained_run(tmp_path, tiny_config):
+    run = tmp_path / "run"
+    train(tiny_config, str(run))
+    cmd = [sys.executable, "-m", "jumprelu", "refit", "--workdir", str(run), "--rows", "2048"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((run / "refit" / "refit.json").read_text())
+    seen = tiny_config.train.steps * tiny_config.train.batch_size
+    assert report["rows"] == 2048 and report["stream_rows"] == [seen - 2048, seen]
+    assert report["after"]["l0"] == report["before"]["l0"]  # the encoder is unchanged
+    trained, refit = jumprelu.load(str(run)), jumprelu.load(str(run / "refit" / "params.npz"))
+    np.testing.assert_array_equal(refit.W_enc, trained.W_enc)
+    assert not np.array_equal(refit.W_dec, trained.W_dec)
+    bad = subprocess.run(cmd[:-1] + ["0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--rows must be > 0" in bad.stderr
