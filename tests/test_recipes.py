@@ -158,6 +158,24 @@ def test_schedules_decay_and_fraction_warmup(tiny_config):
     assert [float(lam(s)) for s in (0, 25, 50, 90)] == pytest.approx([0.0, 1.0, 2.0, 2.0])
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_encoder_weight_decay_shrinks_w_enc_only(tiny_config, stacked):
+    """With a zero gradient, the update is -lr · decay · W_enc for W_enc and nothing elsewhere."""
+    t = tiny_config.train
+    t.update(lr=0.5, lr_warmup_steps=0, encoder_weight_decay=0.2)
+    lead = (2,) if stacked else ()
+    params = {
+        "W_enc": jnp.full((*lead, 3, 4), 2.0),
+        "W_dec": jnp.full((*lead, 4, 3), 0.5),
+        "b_enc": jnp.ones((*lead, 4)),
+    }
+    tx = optim.make_optimizer(t)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    np.testing.assert_allclose(updates["W_enc"], -0.5 * 0.2 * 2.0, rtol=1e-6)
+    np.testing.assert_allclose(updates["W_dec"], 0.0)
+    np.testing.assert_allclose(updates["b_enc"], 0.0)
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
@@ -166,6 +184,7 @@ def test_schedules_decay_and_fraction_warmup(tiny_config):
         ("sae.threshold_init_mode", "latent_quantile", "sae.target_l0 must be set when sae.threshold_init_mode"),
         ("sae.b_dec_init", "mode", "sae.b_dec_init must be one of"),
         ("train.lr_decay_fraction", 1.5, "train.lr_decay_fraction must be in"),
+        ("train.encoder_weight_decay", -0.1, "train.encoder_weight_decay must be finite and >= 0"),
     ],
 )
 def test_bad_recipe_fields_are_named(tiny_config, field, value, message):
@@ -187,7 +206,9 @@ def _all_options(cfg, loss: str):
         sparsity_loss=loss,
         matryoshka_widths=(16, 64),
     )
-    cfg.train.update(lr_decay_fraction=0.2, sparsity_warmup_fraction=0.25, adam_b1=0.9, clip_grad_norm=1.0)
+    cfg.train.update(
+        lr_decay_fraction=0.2, sparsity_warmup_fraction=0.25, adam_b1=0.9, clip_grad_norm=1.0, encoder_weight_decay=0.1
+    )
     return cfg
 
 

@@ -1,7 +1,8 @@
 """Optimizer, schedules and the decoder-norm gradient projection.
 
 Paper recipe (all config fields under `train`): Adam(β1=0, β2=0.999, eps=1e-8);
-lr 7e-5 with a cosine warm-up from 0.1·lr to lr over 1,000 steps, then constant;
+lr 7e-5 with a cosine warm-up from 0.1·lr to lr over 1,000 steps, then constant; no weight
+decay (`train.encoder_weight_decay` adds AdamW's decoupled decay to W_enc);
 λ warmed up linearly from 0 over 10,000 steps; no gradient clipping. Decoder rows
 are kept at unit norm: before Adam sees the gradient, each row's component parallel
 to the row is projected out; after the update the rows are renormalised
@@ -98,12 +99,24 @@ def sparsity_schedule(train_cfg, sparsity_coefficient: float) -> Schedule:
     return linear_warmup(sparsity_coefficient, sparsity_warmup_steps(train_cfg))
 
 
+def _named(name: str):
+    """An optax mask: True for the leaves called `name` (any nesting, stacked or not)."""
+
+    def mask(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == name, params)
+
+    return mask
+
+
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
     parts = [project_decoder_gradient()]
     if train_cfg.clip_grad_norm > 0:  # off by default: the papers clip nothing
         parts.append(optax.clip_by_global_norm(train_cfg.clip_grad_norm))
     parts += [
         optax.scale_by_adam(b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=train_cfg.adam_eps),
-        optax.scale_by_learning_rate(learning_rate_schedule(train_cfg)),
     ]
+    decay = train_cfg.get("encoder_weight_decay", 0.0)
+    if decay > 0:  # AdamW's decoupled decay, on W_enc only (decoder rows are held at unit norm)
+        parts.append(optax.add_decayed_weights(decay, mask=_named("W_enc")))
+    parts.append(optax.scale_by_learning_rate(learning_rate_schedule(train_cfg)))
     return optax.chain(*parts)
