@@ -85,6 +85,10 @@ def our_config(trainer: str, target: int, args, store: str):
         cfg.sae.frequency_penalty = args.matryoshka_frequency_penalty
     if kind in ("topk", "batchtopk"):
         cfg.sae.k = target
+    for item in args.override:  # FIELD=VALUE, e.g. train.encoder_weight_decay=0.3
+        field, _, value = item.partition("=")
+        section, name = field.split(".")
+        cfg[section][name] = type(cfg[section][name])(value) if cfg[section][name] is not None else float(value)
     return cfg
 
 
@@ -95,7 +99,8 @@ def run_ours(trainer: str, target: int, args, store: str, eval_rows: np.ndarray)
 
     # the budget names the run: a rerun with other --tokens must not resume this one
     base = trainer.removesuffix("_refit")
-    workdir = os.path.join(args.out, "runs", f"{base}_l0={target}_tokens={args.tokens}")
+    tag = "".join(f"_{o}" for o in args.override)  # overrides name the run too
+    workdir = os.path.join(args.out, "runs", f"{base}_l0={target}_tokens={args.tokens}{tag}")
     t0 = time.perf_counter()
     loop.train(our_config(base, target, args, store), workdir)  # a finished run returns at once
     if trainer.endswith("_refit"):
@@ -144,6 +149,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--eval_rows", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--override", action="append", default=[], help="FIELD=VALUE on our configs (repeatable)")
     p.add_argument("--refit_rows", type=int, default=131072, help="jumprelu_refit: last training rows fitted")
     p.add_argument("--refit_ridge", type=float, default=0.01, help="jumprelu_refit: ridge ρ")
     p.add_argument("--matryoshka_frequency_penalty", type=float, default=0.0, help="μ for the matryoshka trainer")
@@ -160,17 +166,17 @@ def main() -> None:
     if os.path.exists(results_path):
         for line in open(results_path):
             r = json.loads(line)
-            done[(r["trainer"], r["target"], r["tokens"])] = r
+            done[(r["trainer"], r["target"], r["tokens"], tuple(r.get("override", ())))] = r
     rows = []
     for target in [int(t) for t in args.targets.split(",")]:
         for trainer in trainers:
-            key = (trainer, target, args.tokens)
+            key = (trainer, target, args.tokens, tuple(args.override) if trainer in OURS else ())
             if key not in done:
                 if trainer in PEERS:
                     r = run_peer(trainer, target, args, train_npy, eval_npy)
                 else:
                     r = run_ours(trainer, target, args, store, eval_rows)
-                done[key] = dict(trainer=trainer, target=target, tokens=args.tokens, **r)
+                done[key] = dict(trainer=trainer, target=target, tokens=args.tokens, override=list(key[3]), **r)
                 with open(results_path, "a") as f:
                     f.write(json.dumps(done[key]) + "\n")
             r = done[key]

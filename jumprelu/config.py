@@ -110,6 +110,7 @@ RECIPES = {
         "train.lr_warmup_steps": 50,
         "train.lr_decay_fraction": 0.2,
         "train.sparsity_warmup_steps": 0,  # the target-L0 controller replaces the λ warm-up
+        "train.encoder_weight_decay": 0.3,  # runs that revisit their rows over-fit the encoder
     },
 }
 
