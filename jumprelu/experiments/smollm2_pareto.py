@@ -20,8 +20,8 @@ Schedule: 512k tokens is 1/8,000 of the paper's budget, so every kind trains at 
 50-step warm-up (ReLU and Gated with a 100-step λ warm-up). JumpReLU is the recommended
 short-budget recipe (`jumprelu.config.RECIPES["short"]`, README "Recipes": raw θ, ε 0.01, a
 target L0 reached by the λ controller, a pre-activation loss on dead latents, lr decaying over
-the last 20%, decoupled weight decay 0.3 on W_enc), swept over its target L0 as TopK is over k. Every kind gets the same data, token
-budget, width and evaluation.
+the last 20%, decoupled weight decay 0.3 on W_enc), swept over its target L0 as TopK is over
+k. Every kind gets the same data, token budget, width and evaluation.
 """
 
 import os
