@@ -85,10 +85,10 @@ def our_config(trainer: str, target: int, args, store: str):
         cfg.sae.frequency_penalty = args.matryoshka_frequency_penalty
     if kind in ("topk", "batchtopk"):
         cfg.sae.k = target
-    for item in args.override:  # FIELD=VALUE, e.g. train.encoder_weight_decay=0.3
-        field, _, value = item.partition("=")
-        section, name = field.split(".")
-        cfg[section][name] = type(cfg[section][name])(value) if cfg[section][name] is not None else float(value)
+    for item in args.override:  # FIELD=VALUE, e.g. train.encoder_weight_decay=0.3, parsed as experiment args are
+        for field, value in experiment.parse_arg(item).items():
+            section, name = field.split(".")
+            cfg[section][name] = value
     return cfg
 
 

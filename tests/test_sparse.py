@@ -194,6 +194,21 @@ def _loss_pair(tiny_config, **sae):
     return out
 
 
+def _assert_same_loss(sparse, dense, stats_rtol: float):
+    """((loss, (metrics, stats)), grads) of the sparse and dense paths agree: loss and metrics to
+    float32 rounding, stats to stats_rtol, gradients relative to their largest entry."""
+    (v_d, (m_d, s_d)), g_d = dense
+    (v_s, (m_s, s_s)), g_s = sparse
+    np.testing.assert_allclose(v_s, v_d, rtol=1e-5)
+    for key in m_d:
+        np.testing.assert_allclose(m_s[key], m_d[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for key in s_d:
+        np.testing.assert_allclose(s_s[key], s_d[key], rtol=stats_rtol, err_msg=key)
+    for key in g_d:
+        scale = float(jnp.max(jnp.abs(g_d[key])))
+        np.testing.assert_allclose(g_s[key], g_d[key], rtol=1e-4, atol=1e-5 * scale, err_msg=key)
+
+
 @pytest.mark.parametrize("param", ["log", "raw"])
 @pytest.mark.parametrize("loss", ["step", "quadratic"])
 def test_every_supported_option_gives_the_dense_loss_gradients_and_stats(tiny_config, param, loss):
@@ -212,13 +227,7 @@ def test_every_supported_option_gives_the_dense_loss_gradients_and_stats(tiny_co
     (v_s, (m_s, s_s)), g_s = out["sparse"]
     assert float(m_s["sparse_step"]) == 1.0 and float(m_d.pop("sparse_step")) == 0.0
     assert 0 < float(m_d["pre_act_loss"]) and 0 < float(m_d["frequency_penalty"])
-    np.testing.assert_allclose(v_s, v_d, rtol=1e-5)
-    for k in m_d:
-        np.testing.assert_allclose(m_s[k], m_d[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    for k in s_d:
-        np.testing.assert_allclose(s_s[k], s_d[k], rtol=1e-5, err_msg=k)
-    for k in g_d:
-        np.testing.assert_allclose(g_s[k], g_d[k], rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(g_d[k]))), err_msg=k)
+    _assert_same_loss(out["sparse"], out["dense"], stats_rtol=1e-5)
 
 
 def _sparse_run_config(cfg, sparse_mode):
@@ -335,14 +344,7 @@ def test_topk_sparse_decoder_gives_the_dense_loss_and_gradients(tiny_config, kin
     (v_d, (m_d, s_d)), g_d = results["off"]
     (v_s, (m_s, s_s)), g_s = results["on"]
     assert float(m_d["aux_loss"]) > 0
-    np.testing.assert_allclose(v_s, v_d, rtol=1e-5)
-    for key in m_d:
-        np.testing.assert_allclose(m_s[key], m_d[key], rtol=1e-5, atol=1e-6, err_msg=key)
-    for key in s_d:
-        np.testing.assert_allclose(s_s[key], s_d[key], rtol=1e-6, err_msg=key)
-    for key in g_d:
-        scale = float(jnp.max(jnp.abs(g_d[key])))
-        np.testing.assert_allclose(g_s[key], g_d[key], rtol=1e-4, atol=1e-5 * scale, err_msg=key)
+    _assert_same_loss(results["on"], results["off"], stats_rtol=1e-6)
 
 
 def test_topk_sparse_decoder_trains_sharded_like_dense(tmp_path, tiny_config):
