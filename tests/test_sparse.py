@@ -84,13 +84,16 @@ def test_sparse_equals_dense_when_everything_fits():
     assert _compare(x, params, cap) == 0.0
 
 
-def test_rows_beyond_the_row_capacity_are_spilled_not_truncated():
+@pytest.mark.parametrize("spare", [1, 5])
+def test_rows_beyond_the_row_capacity_are_spilled_not_truncated(spare):
+    """spare 1: the spill slots are all used; 5: the spilled rows fit the smaller size (a
+    quarter of the slots) the step computes them at."""
     x, params = _problem()
     cand = _candidates_per_row(x, params)
     per_row = int(np.quantile(cand, 0.98))
     spilled = int(np.sum(cand > per_row))
     assert spilled >= 2
-    cap = sparse.Capacity(per_row=per_row, per_batch=int(cand.sum()), spill=spilled)
+    cap = sparse.Capacity(per_row=per_row, per_batch=int(cand.sum()), spill=spare * spilled)
     assert _compare(x, params, cap) == 0.0  # sparse path with dense spill rows, same numbers
 
 
