@@ -116,6 +116,15 @@ def time_floor(d_model: int, width: int, batch: int, repeats: int, warmup: int, 
     return _time(floor, (x, w_enc, w_dec, f, g, gz), repeats, warmup)
 
 
+def time_encoder_product(x: jax.Array, width: int, repeats: int, warmup: int, dtype: str) -> list[float]:
+    """The one dense product the sparse step keeps, z = x W_enc, alone: its share bounds how far
+    the sparse step can fall, and how its cost grows with the width."""
+    dt = jnp.dtype(dtype)
+    w_enc = jax.random.normal(jax.random.key(3), (x.shape[1], width), dt)
+    product = jax.jit(lambda x_, w: jnp.matmul(x_.astype(dt), w, preferred_element_type=jnp.float32))
+    return _time(product, (x, w_enc), repeats, warmup)
+
+
 # Peak dense bf16 TFLOP/s per chip, from the vendors' spec sheets, for MFU (--peak-tflops overrides).
 PEAK_TFLOPS = {"TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5p": 459, "TPU v6 lite": 918}
 PEAK_TFLOPS.update({"NVIDIA A100": 312, "NVIDIA H100": 989, "NVIDIA H200": 989})
@@ -171,11 +180,12 @@ def main() -> None:
         sparse_cfg = _config(a.width, a.dtype, a.l0, "on")
         runs["sparse"], plan = make_step(sparse_cfg, d_model, x, a.l0)
     # Interleave the steps and the floor so drifting machine load hits all alike.
-    times = {name: [] for name in (*runs, "floor")}
+    times = {name: [] for name in (*runs, "floor", "encoder")}
     for _ in range(2):
         for name, run in runs.items():
             times[name] += time_step(run, x, a.repeats // 2 or 1, a.warmup)
         times["floor"] += time_floor(d_model, a.width, a.batch, a.repeats // 2 or 1, a.warmup, a.dtype)
+        times["encoder"] += time_encoder_product(x, a.width, a.repeats // 2 or 1, a.warmup, a.dtype)
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     floor_ms = ms["floor"]
     flops = 10 * a.batch * d_model * a.width  # the five products, 2·B·d·M each
@@ -186,6 +196,7 @@ def main() -> None:
         "dtype": a.dtype,
         "data": a.data or "gaussian",
         "matmul_floor_ms": round(floor_ms, 2),
+        "encoder_product_ms": round(ms["encoder"], 2),  # z = x W_enc alone, one of the floor's five
         "matmul_gflop_per_step": round(flops / 1e9, 2),
     }
     for name in runs:

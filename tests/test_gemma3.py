@@ -275,7 +275,7 @@ def test_harvest_plain_and_chat_store_only_content_tokens(world, chat_store, tmp
 def test_end_to_end_gemma3_it_harvest_train_evaluate_with_delta_lm_loss(world, chat_store, tmp_path):
     # The commands run on one CPU device: 8 simulated ones on 2 cores double their time, and the
     # split LM is exercised in-process (chat_store's harvest, the tests of test_gemma.py).
-    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
     env = dict(os.environ, XLA_FLAGS=flags)
     run = tmp_path / "run"
     train = [sys.executable, "-m", "jumprelu", "train", "--config", "quickstart", "--workdir", str(run)]
