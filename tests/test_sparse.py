@@ -14,7 +14,7 @@ import pytest
 
 import jumprelu
 from jumprelu.config import ConfigError, validate
-from jumprelu.core import sparse
+from jumprelu.core import sparse, sparse_index
 from jumprelu.core.kinds import jumprelu as jumprelu_kind
 from jumprelu.train.loop import train
 
@@ -121,13 +121,13 @@ def test_rows_with_no_active_latent():
 
 @pytest.mark.parametrize("width", [64, 100, 1000])
 def test_first_candidates_of_each_row_found_without_a_sort(width):
-    """_first_set returns each row's first candidates in latent order and its count, for widths
+    """first_set returns each row's first candidates in latent order and its count, for widths
     not a multiple of the 32-bit words, empty rows, full rows and rows beyond the slots."""
     rng = np.random.default_rng(width)
     density = rng.choice([0.0, 0.01, 0.1, 1.0], size=(40, 1))
     cand = rng.random((40, width)) < density
     slots = 24
-    idx, count = jax.jit(sparse._first_set, static_argnums=1)(jnp.asarray(cand), slots)
+    idx, count = jax.jit(sparse_index.first_set, static_argnums=1)(jnp.asarray(cand), slots)
     for row, (c, got, n) in enumerate(zip(cand, np.asarray(idx), np.asarray(count), strict=True)):
         want = np.flatnonzero(c)
         assert n == len(want), row
@@ -136,12 +136,11 @@ def test_first_candidates_of_each_row_found_without_a_sort(width):
 
 
 @pytest.mark.parametrize("width", [300, 2**27])  # blocks of chunks sorted by one key; argsort
-def test_entries_ordered_by_latent_within_every_chunk(width, monkeypatch):
-    monkeypatch.setattr(sparse, "_CHUNK", 64)
+def test_entries_ordered_by_latent_within_every_chunk(width):
     total, used = 512, 450
     lat = jnp.asarray(np.random.default_rng(0).integers(0, min(width, 300), total), jnp.int32)
     valid = jnp.arange(total) < used
-    order, s_lat = jax.jit(sparse._by_latent, static_argnums=2)(lat, valid, width)
+    order, s_lat = jax.jit(sparse_index.by_latent, static_argnums=(2, 3))(lat, valid, width, 64)
     order, s_lat = np.asarray(order), np.asarray(s_lat)
     assert sorted(order) == list(range(total))  # a permutation
     assert set(order[:used]) == set(range(used))  # the valid entries stay the prefix
