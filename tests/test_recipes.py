@@ -44,6 +44,21 @@ def test_quadratic_loss_value_and_gradients():
     np.testing.assert_allclose(gt, slope / B * (-1 / EPS) * IN_WINDOW.sum(0), rtol=1e-6)
 
 
+def test_quadratic_rows_loss_value_and_gradients():
+    """Per row: the rows' L0 are [1, 1] in Z, so each row's slope (2/T)·2·(L0_b - T) sends
+    its own window entries' θ-gradient; a row at the target would send none."""
+    lam, target = 0.5, 3.0
+    fn = lambda z, t: sparsity.quadratic_rows_loss(sparsity.l0_per_row(z, t, EPS), lam, target)  # noqa: E731
+    l0_rows = np.array([1.0, 1.0])
+    assert float(fn(Z, THETA)) == pytest.approx(lam * (2 / target) * np.mean((l0_rows - target) ** 2))
+    gz, gt = _grads(fn)
+    np.testing.assert_allclose(gz, 0.0)
+    slope = lam * (2 / target) * 2 * (l0_rows - target) / B  # d/d L0_b
+    np.testing.assert_allclose(gt, (slope[:, None] * (-1 / EPS) * IN_WINDOW).sum(0), rtol=1e-6)
+    fn_at = lambda z, t: sparsity.quadratic_rows_loss(sparsity.l0_per_row(z, t, EPS), lam, 1.0)  # noqa: E731
+    np.testing.assert_allclose(jax.grad(fn_at, argnums=1)(Z, THETA), 0.0)  # both rows at T: no pull
+
+
 def test_tanh_loss_value_and_gradients():
     lam, c, norms = 0.5, 0.5, jnp.array([1.0, 2.0])  # c·f·‖W_dec‖ ~ 1: tanh far from saturation
     fn = lambda z, t: sparsity.tanh_loss(jumprelu.jumprelu(z, t, EPS), norms, lam, c)  # noqa: E731
@@ -212,7 +227,7 @@ def _all_options(cfg, loss: str):
     return cfg
 
 
-@pytest.mark.parametrize("loss", ["step", "quadratic", "tanh"])
+@pytest.mark.parametrize("loss", ["step", "quadratic", "quadratic_rows", "tanh"])
 def test_every_option_trains_sharded_like_on_one_device(tmp_path, tiny_config, loss):
     cfg = _all_options(tiny_config, loss)
     cfg.sae.update(target_l0=6.0, threshold_init_mode="latent_quantile")

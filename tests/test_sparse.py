@@ -212,7 +212,7 @@ def _assert_same_loss(sparse, dense, stats_rtol: float):
 
 
 @pytest.mark.parametrize("param", ["log", "raw"])
-@pytest.mark.parametrize("loss", ["step", "quadratic"])
+@pytest.mark.parametrize("loss", ["step", "quadratic", "quadratic_rows"])
 def test_every_supported_option_gives_the_dense_loss_gradients_and_stats(tiny_config, param, loss):
     out = _loss_pair(
         tiny_config,
@@ -306,7 +306,7 @@ def test_auto_is_deterministic_and_explained(tiny_config):
     ("fields", "message"),
     [
         ({"sparse": "yes"}, r"^config field sae.sparse must be one of \('auto', 'on', 'off'\), found 'yes'$"),
-        ({"sparse": "on", "sparsity_loss": "tanh"}, r"^config field sae.sparsity_loss must be 'step' or 'quadratic'"),
+        ({"sparse": "on", "sparsity_loss": "tanh"}, r"^config field sae.sparsity_loss must be 'step' or a quadratic"),
         ({"sparse": "on"}, r"^config field sae.sparse_capacity must be > 0 \(or sae.target_l0 set\)"),
         ({"sparse_capacity": -1}, r"^config field sae.sparse_capacity must be >= 0"),
     ],

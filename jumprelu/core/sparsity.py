@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jumprelu.core import ops
 
-LOSSES = ("step", "quadratic", "tanh")
+LOSSES = ("step", "quadratic", "quadratic_rows", "tanh")
 
 
 def l0_per_row(z: jax.Array, theta: jax.Array, bandwidth) -> jax.Array:
@@ -37,6 +37,13 @@ def step_loss(l0_rows: jax.Array, lam) -> jax.Array:
 def quadratic_loss(l0_rows: jax.Array, lam, target: float) -> jax.Array:
     """λ · (2/T) · (mean_b L0_b - T)²: zero at the target, the step loss's slope λ at L0 = 2T."""
     return lam * (2.0 / target) * jnp.square(jnp.mean(l0_rows) - target)
+
+
+def quadratic_rows_loss(l0_rows: jax.Array, lam, target: float) -> jax.Array:
+    """λ · mean_b (2/T) · (L0_b - T)²: the quadratic per row, as SAELens 6.x's quadratic mode
+    computes it. Unlike `quadratic_loss` it pulls every row's L0 toward T: rows above T are
+    pushed down harder, rows below T (few latents for a hard token) are pushed up."""
+    return lam * (2.0 / target) * jnp.mean(jnp.square(l0_rows - target))
 
 
 def tanh_loss(f: jax.Array, decoder_norms: jax.Array, lam, scale: float) -> jax.Array:

@@ -5,7 +5,7 @@
 The paper's sparsity term is λ · mean_b Σ_i H(z_bi - θ_i) through `ops.jumprelu_l0`, which
 trains θ only; there is no L1 term, no auxiliary loss and no resampling. That is the default;
 every other recipe element is an option (see `jumprelu/core/sparsity.py`, `core/init.py`):
-the sparsity loss (`step` | `quadratic` | `tanh`), a target L0 reached by a λ controller, a
+the sparsity loss (`step` | `quadratic` | `quadratic_rows` | `tanh`), a target L0 reached by a λ controller, a
 frequency penalty, a pre-activation loss on dead latents, a bandwidth relative to the spread
 of z, data-dependent init of b_dec and θ, and Matryoshka nested reconstructions.
 """
@@ -223,6 +223,8 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
             sq_err, penalty = sq_err + lam * out["l0"], 0.0
         elif r.sparsity_loss == "quadratic":
             penalty = sparsity.quadratic_loss(out["l0"], lam, r.target_l0)
+        elif r.sparsity_loss == "quadratic_rows":
+            penalty = sparsity.quadratic_rows_loss(out["l0"], lam, r.target_l0)
         else:
             penalty = sparsity.tanh_loss(out["f"], norms, lam, r.tanh_scale)
         eps_now = r.bandwidth if eps is None else eps
@@ -336,8 +338,9 @@ def validate(s, check) -> None:
     )
     check(s.target_l0_gain >= 0, "sae.target_l0_gain", ">= 0", s.target_l0_gain)
     check(s.sparsity_loss in sparsity.LOSSES, "sae.sparsity_loss", f"one of {sparsity.LOSSES}", s.sparsity_loss)
-    if s.sparsity_loss == "quadratic":
-        check(s.target_l0 is not None, "sae.target_l0", "set when sae.sparsity_loss is 'quadratic'", s.target_l0)
+    if s.sparsity_loss in ("quadratic", "quadratic_rows"):
+        needs = f"set when sae.sparsity_loss is {s.sparsity_loss!r}"
+        check(s.target_l0 is not None, "sae.target_l0", needs, s.target_l0)
     check(s.tanh_scale > 0, "sae.tanh_scale", "> 0", s.tanh_scale)
     check(s.frequency_penalty >= 0, "sae.frequency_penalty", ">= 0", s.frequency_penalty)
     check(0 < s.frequency_limit <= 1, "sae.frequency_limit", "in (0, 1]", s.frequency_limit)
@@ -352,7 +355,7 @@ def validate(s, check) -> None:
     capacity_rule = ">= 0 (0: 8 × sae.target_l0, at least width/64)"
     check(s.sparse_capacity >= 0, "sae.sparse_capacity", capacity_rule, s.sparse_capacity)
     if s.sparse == "on":
-        check(s.sparsity_loss != "tanh", "sae.sparsity_loss", "'step' or 'quadratic' with sae.sparse=on", "tanh")
+        check(s.sparsity_loss != "tanh", "sae.sparsity_loss", "'step' or a quadratic with sae.sparse=on", "tanh")
         check(not s.matryoshka_widths, "sae.matryoshka_widths", "empty with sae.sparse=on", s.matryoshka_widths)
         check(
             bool(s.sparse_capacity or s.target_l0),
@@ -380,7 +383,7 @@ def _fields() -> dict:
         target_l0=config_dict.placeholder(float),
         target_l0_rate=0.01,
         target_l0_gain=0.5,
-        sparsity_loss="step",  # "step" (paper), "quadratic" (Gemma Scope 2, needs target_l0), "tanh"
+        sparsity_loss="step",  # "step" (paper), "quadratic" (Gemma Scope 2, needs target_l0), "quadratic_rows", "tanh"
         tanh_scale=4.0,  # c of the tanh loss
         frequency_penalty=0.0,  # μ: penalise latents firing on more than frequency_limit of tokens
         frequency_limit=0.1,
