@@ -57,6 +57,13 @@ def test_quadratic_rows_loss_value_and_gradients():
     np.testing.assert_allclose(gt, (slope[:, None] * (-1 / EPS) * IN_WINDOW).sum(0), rtol=1e-6)
     fn_at = lambda z, t: sparsity.quadratic_rows_loss(sparsity.l0_per_row(z, t, EPS), lam, 1.0)  # noqa: E731
     np.testing.assert_allclose(jax.grad(fn_at, argnums=1)(Z, THETA), 0.0)  # both rows at T: no pull
+    # Rows with different L0 [2, 1] (z[0, 0] = 1.5 now fires, outside the window): the per-row
+    # loss differs from the quadratic of the mean, and θ_0's gradient is row 1's slope alone.
+    z2 = Z.at[0, 0].set(1.5)
+    assert float(fn(z2, THETA)) == pytest.approx(lam * (2 / target) * ((2 - target) ** 2 + (1 - target) ** 2) / 2)
+    assert float(fn(z2, THETA)) != pytest.approx(float(sparsity.quadratic_loss(jnp.array([2.0, 1.0]), lam, target)))
+    g_theta0 = float(jax.grad(fn, argnums=1)(z2, THETA)[0])
+    assert g_theta0 == pytest.approx(lam * (2 / target) * 2 * (1 - target) / B * (-1 / EPS), rel=1e-6)
 
 
 def test_tanh_loss_value_and_gradients():

@@ -249,7 +249,8 @@ def _sparse_outputs(x, entries, spill, theta, w_enc, bias, w_dec, b_dec, eps, dt
 
     def spilled(n):  # the first n slots densely, the padding after them zero
         if n == 0:
-            return jnp.zeros(xs.shape, jnp.float32), jnp.zeros(xs.shape[:1]), jnp.zeros((width,)), jnp.zeros((width,))
+            f32 = jnp.float32
+            return jnp.zeros(xs.shape, f32), jnp.zeros(xs.shape[:1], f32), jnp.zeros(width, f32), jnp.zeros(width, f32)
         s_xhat, s_l0, counts, f_sum = _dense_rows(xs[:n], mask[:n], w_enc, bias, theta, w_dec, eps, dtype)
         pad = xs.shape[0] - n
         return jnp.pad(s_xhat, ((0, pad), (0, 0))), jnp.pad(s_l0, (0, pad)), counts, f_sum

@@ -3,6 +3,7 @@
   step       λ · mean_b Σ_i H(z_bi - θ_i)                         the paper's L0 (θ-gradient only)
   quadratic  λ · (2/T) · (mean_b Σ_i H(z_bi - θ_i) - T)²           Gemma Scope 2's penalty around a
                                                                    target L0 T (θ-gradient only)
+  quadratic_rows  λ · mean_b (2/T) · (Σ_i H(z_bi - θ_i) - T)²      the same per row (SAELens 6.x)
   tanh       λ · mean_b Σ_i tanh(c · f_bi · ‖W_dec,i‖)             Anthropic (Jan 2025): a smooth L0
                                                                    that also trains W_enc, b_enc
 and the optional extras

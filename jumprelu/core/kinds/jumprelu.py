@@ -383,7 +383,8 @@ def _fields() -> dict:
         target_l0=config_dict.placeholder(float),
         target_l0_rate=0.01,
         target_l0_gain=0.5,
-        sparsity_loss="step",  # "step" (paper), "quadratic" (Gemma Scope 2, needs target_l0), "quadratic_rows", "tanh"
+        # "step" (paper), "quadratic" (Gemma Scope 2) or "quadratic_rows" (per row; both need target_l0), "tanh"
+        sparsity_loss="step",
         tanh_scale=4.0,  # c of the tanh loss
         frequency_penalty=0.0,  # μ: penalise latents firing on more than frequency_limit of tokens
         frequency_limit=0.1,
