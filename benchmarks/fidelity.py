@@ -13,7 +13,7 @@ L0 (20, 50, 100) every trainer gets the same width (4,096), batch (1,024) and to
                training rows, ridge --refit_ridge; no new rows, encoder and L0 unchanged)
   matryoshka   the same recipe with nested prefixes (width/8, width/4, width/2, width);
                --matryoshka_frequency_penalty adds Gemma Scope 2's penalty on latents above 10%
-  topk         k = T;  batchtopk  k = T (same schedule as jumprelu)
+  topk         k = T;  batchtopk  k = T (the recipe's lr, lr decay and 50k-token dead window for AuxK)
   saelens_jumprelu  SAELens 6.x's own trainer: quadratic target-L0 mode, lr 1e-3, bandwidth
                0.01, θ init 0.01, l0 coefficient 5 (benchmarks/peers/saelens_train.py)
   saelens_topk SAELens's TopK, lr 1e-3
@@ -35,6 +35,7 @@ import time
 
 import numpy as np
 
+from jumprelu.config import RECIPES
 from jumprelu.store.convert import convert
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,6 +86,10 @@ def our_config(trainer: str, target: int, args, store: str):
         cfg.sae.frequency_penalty = args.matryoshka_frequency_penalty
     if kind in ("topk", "batchtopk"):
         cfg.sae.k = target
+        # The recipe's lr decay and dead window: Gao et al.'s 10M-token window never passes in a
+        # run of a few million tokens, so AuxK never started (k 100 at 2M: 58.7% dead latents).
+        cfg.train.lr_decay_fraction = RECIPES["short"]["train.lr_decay_fraction"]
+        cfg.sae.dead_window_tokens = RECIPES["short"]["sae.dead_window_tokens"]
     for item in args.override:  # FIELD=VALUE, e.g. train.encoder_weight_decay=0.3, parsed as experiment args are
         for field, value in experiment.parse_arg(item).items():
             section, name = field.split(".")
