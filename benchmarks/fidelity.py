@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 
+from jumprelu.config import set_fields
 from jumprelu.store.convert import convert
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -93,9 +94,7 @@ def our_config(trainer: str, target: int, args, store: str):
         # not run here; the recipe's 50k-token window and lr decay (--override) helped k 100 and
         # hurt k 50 (README "The fidelity benchmark"), so the baseline stays as published.
     for item in args.override:  # FIELD=VALUE, e.g. train.encoder_weight_decay=0.3, parsed as experiment args are
-        for field, value in experiment.parse_arg(item).items():
-            section, name = field.split(".")
-            cfg[section][name] = value
+        set_fields(cfg, experiment.parse_arg(item))
     return cfg
 
 

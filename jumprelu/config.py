@@ -115,13 +115,19 @@ RECIPES = {
 }
 
 
+def set_fields(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+    """Sets {"section.field": value, ...} on c (in place; returns c)."""
+    for dotted, value in values.items():
+        section, field = dotted.split(".")
+        c[section][field] = value
+    return c
+
+
 def apply_recipe(c: ml_collections.ConfigDict, name: str, target_l0: float | None = None):
     """Sets recipe `name`'s fields on c (in place; returns c), and the target L0 when given."""
     if name not in RECIPES:
         raise ConfigError(f"recipe must be one of {tuple(RECIPES)}, found {name!r}")
-    for dotted, value in RECIPES[name].items():
-        section, field = dotted.split(".")
-        c[section][field] = value
+    set_fields(c, RECIPES[name])
     if target_l0 is not None:
         c.sae.target_l0 = float(target_l0)
     return c
