@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
         # A batch whose loss or update is not finite is dropped (counted in metrics as skipped_batches)
         # instead of stopping the run at the next log step (see README, "What survives what").
         skip_nonfinite_batches=False,
+        # A finite blow-up stops the run like a NaN does: a logged batch FVU above this (1.0: worse than
+        # predicting the batch mean) after the run had been below half of it. 0 = off.
+        divergence_fvu=1.0,
     )
 
     # K SAEs in one jitted step on the same batches, one per λ here (same kind, width and init):
@@ -176,6 +179,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(t.clip_grad_norm >= 0, "train.clip_grad_norm", ">= 0 (0 = off)", t.clip_grad_norm)
     wd = t.get("encoder_weight_decay", 0.0)
     _check(math.isfinite(wd) and wd >= 0, "train.encoder_weight_decay", "finite and >= 0 (0 = off)", wd)
+    limit = t.get("divergence_fvu", 0.0)
+    _check(limit >= 0, "train.divergence_fvu", ">= 0 (0 = off)", limit)
     skip = t.skip_nonfinite_batches
     _check(isinstance(skip, bool), "train.skip_nonfinite_batches", "True or False", skip)
     _check(d.scale is None or d.scale > 0, "data.scale", "> 0 or unset", d.scale)

@@ -53,6 +53,46 @@ def test_divergence_after_good_checkpoints_keeps_them(tmp_path, tiny_config):
     assert [r["step"] for r in read_jsonl(wd / "metrics.jsonl")] == list(range(5, 41, 5))
 
 
+def test_a_finite_blow_up_stops_the_run_too(tmp_path, tiny_config):
+    """A run resumed at lr 3 stays finite but its reconstruction blows up (batch FVU ~1e10): the guard
+    stops it at the first log step, from the FVU the interrupted run had logged; nothing is saved.
+    With train.divergence_fvu=0 the same run trains on."""
+    wd = tmp_path / "run"
+    train(tiny_config, str(wd))
+    tiny_config.train.update(steps=50, lr=3.0)
+    with pytest.raises(Diverged) as e:
+        train(tiny_config, str(wd))
+    message = str(e.value)
+    assert message.startswith("training diverged by step 45 (checked at step 40): batch FVU ")
+    assert "(train.divergence_fvu=1; L0 " in message and "\n" not in message
+    assert f"the last good checkpoint is {wd / 'checkpoints' / '40'};" in message
+    assert _steps(wd) == [40, 20] and e.value.exit_status == EXIT_DIVERGED
+    _assert_finite(wd)
+    tiny_config.train.divergence_fvu = 0.0
+    assert train(tiny_config, str(wd))["steps"] == 50
+    assert read_jsonl(wd / "metrics.jsonl")[-1]["fvu"] > 1e3  # finite, and no longer an SAE's
+
+
+def test_blow_up_rule():
+    """Counts only after the run has been below half the limit; names the stacked member; history
+    past the resumed step is ignored."""
+    from jumprelu.train.guard import BlowUp
+
+    fresh = BlowUp(1.0, [[], []], start=0)
+    assert fresh.problem([{"fvu": 3.0}, {"fvu": 2.0}]) is None  # an untrained SAE is above 1
+    assert fresh.problem([{"fvu": 0.6}, {"fvu": 0.4}]) is None
+    assert fresh.problem([{"fvu": 1.5}, {"fvu": 0.9}]) is None  # member 0 never went below 0.5
+    assert fresh.problem([{"fvu": 0.3}, {"fvu": 1.2, "l0": 700.0}]) == (
+        "batch FVU 1.2 after reaching 0.4 (stacked SAE 1) (train.divergence_fvu=1; L0 700)"
+    )
+    resumed = BlowUp(1.0, [[{"step": 10, "fvu": 0.9}, {"step": 30, "fvu": 0.2}]], start=20)
+    assert resumed.problem([{"fvu": 1.5}]) is None  # 0.2 was logged after step 20, by a run that was cut short
+    assert BlowUp(1.0, [[{"step": 10, "fvu": 0.4}]], start=10).problem([{"fvu": 1.5}]) == (
+        "batch FVU 1.5 after reaching 0.4 (train.divergence_fvu=1)"
+    )
+    assert BlowUp(0.0, [[{"step": 10, "fvu": 0.1}]], start=10).problem([{"fvu": 1e9}]) is None  # off
+
+
 def _store_with_unrecorded_nan_rows(path):
     """A store without checksums (format 1) whose shard gained NaN rows its metadata does not know about."""
     rows = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)

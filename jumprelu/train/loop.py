@@ -24,7 +24,7 @@ from jumprelu import fs
 from jumprelu.core import kinds
 from jumprelu.data import pipeline
 from jumprelu.errors import ConfigError
-from jumprelu.train import distributed, guard, lock, preemption, program, report, resume, sharding, writers
+from jumprelu.train import distributed, guard, lock, metrics_log, preemption, program, report, resume, sharding, writers
 from jumprelu.train import state as state_lib
 from jumprelu.train.checkpoint import Checkpointer, member_dir
 from jumprelu.train.metrics_log import Progress
@@ -170,6 +170,10 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start, watch, eval_rows=None
         fs.makedirs(d)
     progress = Progress(total, start, batch_size, enabled=cfg.log.progress and lead)
     config_json = cfg.to_dict()
+    # The lowest FVU logged before a resume: records up to `start` (the writers cut the logs back
+    # there), the same on every process, so all of them stop together.
+    history = [metrics_log.read_metrics(fs.join(d, "metrics.jsonl")) for d in log_dirs]
+    blow_up = guard.BlowUp(cfg.train.get("divergence_fvu", 0.0), history, start)
     outs = [writers.create(cfg.log, d, start, lead, config_json) for d in log_dirs]
     checked = start  # the last step the guard found finite
     t0 = time.perf_counter()
@@ -187,7 +191,7 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start, watch, eval_rows=None
                 host = jax.device_get(metrics)
                 n = max(members, 1)
                 per_sae = [{k: float(v[i] if members else v) for k, v in host.items()} for i in range(n)]
-                guard.check(state, per_sae, done, checked, skip_batches, _last_good(ckpt))
+                guard.check(state, per_sae, done, checked, skip_batches, _last_good(ckpt), blow_up)
                 checked = done
             if log_step:
                 rate = progress.update(done, per_sae[0])
