@@ -12,6 +12,10 @@ With --l0 N the step is the short recipe at target L0 N, and θ is set to the qu
 pre-activations of a batch (real rows with --data, normalised to E‖x‖² = 1) that makes the
 batch's L0 N; the sparse step (core/sparse.py, sae.sparse=on) is timed beside the dense one,
 interleaved. --sparse-only skips the dense step (for widths where it is slow).
+
+With --kind topk or batchtopk (and --l0 N as its k) the step is that kind's at k = N, and the
+"sparse" step is its sparse decoder (sae.sparse=on: x̂ from the B·k selected latents); its
+encoder backward stays dense, so its floor is the same five products.
 """
 
 from __future__ import annotations
@@ -44,10 +48,12 @@ def _time(fn, args, repeats: int, warmup: int) -> list[float]:
     return times
 
 
-def _config(width: int, dtype: str, l0: float | None, sparse: str):
+def _config(width: int, dtype: str, l0: float | None, sparse: str, kind: str = "jumprelu"):
     cfg = base_config()
-    if l0:
+    if l0 and kind == "jumprelu":
         apply_recipe(cfg, "short", target_l0=l0)
+    elif kind != "jumprelu":
+        cfg.sae.update(kind=kind, k=int(l0))
     cfg.sae.update(width=width, compute_dtype=dtype, sparse=sparse)
     if l0:
         cfg.train.lr = 0.0  # the same work per step, and θ stays where the batch's L0 is l0
@@ -77,7 +83,7 @@ def make_step(cfg, d_model: int, x: jax.Array, l0: float | None):
         donate_argnums=0,
     )
     state = jax.jit(lambda k: init_state(model, tx, k, 1.0, kind.init_stats))(jax.random.key(0))
-    if l0:
+    if l0 and cfg.sae.kind == "jumprelu":
         state = _set_thresholds(state, model, x, l0)
     holder = [state]
 
@@ -85,7 +91,7 @@ def make_step(cfg, d_model: int, x: jax.Array, l0: float | None):
         holder[0], metrics = step_fn(holder[0], x_)
         return metrics
 
-    return run, jumprelu_kind.sparse_plan(cfg.sae)
+    return run, jumprelu_kind.sparse_plan(cfg.sae) if cfg.sae.kind == "jumprelu" else None
 
 
 def time_step(run, x, repeats: int, warmup: int) -> list[float]:
@@ -169,15 +175,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--kind", default="jumprelu", choices=["jumprelu", "topk", "batchtopk"], help="needs --l0 (k)")
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: known chips)")
     a = p.parse_args()
+    if a.kind != "jumprelu" and not a.l0:
+        raise SystemExit(f"--kind {a.kind}: give its k as --l0")
     x = _batch(a, a.d_model)
     d_model = x.shape[1]
-    dense_cfg = _config(a.width, a.dtype, a.l0, "off")
+    dense_cfg = _config(a.width, a.dtype, a.l0, "off", a.kind)
     runs = {} if a.sparse_only else {"dense": make_step(dense_cfg, d_model, x, a.l0)[0]}
     plan = None
     if a.l0:
-        sparse_cfg = _config(a.width, a.dtype, a.l0, "on")
+        sparse_cfg = _config(a.width, a.dtype, a.l0, "on", a.kind)
         runs["sparse"], plan = make_step(sparse_cfg, d_model, x, a.l0)
     # Interleave the steps and the floor so drifting machine load hits all alike.
     times = {name: [] for name in (*runs, "floor", "encoder")}
@@ -194,6 +203,7 @@ def main() -> None:
         "width": a.width,
         "batch": a.batch,
         "dtype": a.dtype,
+        "kind": a.kind,
         "data": a.data or "gaussian",
         "matmul_floor_ms": round(floor_ms, 2),
         "encoder_product_ms": round(ms["encoder"], 2),  # z = x W_enc alone, one of the floor's five
@@ -209,12 +219,13 @@ def main() -> None:
         out["achieved_gflops"] = round(flops / (ms["dense"] / 1e3) / 1e9, 1)
     if a.l0:
         metrics = jax.device_get(runs["sparse"](x))
-        out.update(
-            l0=round(float(metrics["l0"]), 2),
-            sparse_capacity=plan[0],
-            sparse_path_taken=bool(metrics["sparse_step"] == 1.0),
-            auto_plan=jumprelu_kind.sparse_plan(_config(a.width, a.dtype, a.l0, "auto").sae)[1],
-        )
+        out["l0"] = round(float(metrics["l0"]), 2)
+        if plan is not None:  # JumpReLU's sparse step
+            out.update(
+                sparse_capacity=plan[0],
+                sparse_path_taken=bool(metrics["sparse_step"] == 1.0),
+                auto_plan=jumprelu_kind.sparse_plan(_config(a.width, a.dtype, a.l0, "auto").sae)[1],
+            )
         if "dense" in runs:
             out["sparse_speedup"] = round(ms["dense"] / ms["sparse"], 3)
         for name, cfg in (("dense", dense_cfg), ("sparse", sparse_cfg)):
@@ -224,6 +235,7 @@ def main() -> None:
     cmd += f" --data {a.data}" if a.data else f" --d-model {a.d_model}"
     cmd += (f" --l0 {a.l0:g}" if a.l0 else "") + (" --sparse-only" if a.sparse_only else "")
     cmd += f" --dtype {a.dtype}" if a.dtype != "float32" else ""
+    cmd += f" --kind {a.kind}" if a.kind != "jumprelu" else ""
     kind = str(jax.devices()[0].device_kind)
     peak = a.peak_tflops or _peak_tflops(kind)
     if peak:  # model FLOPs utilisation: the five dense products per step over the devices' peak
