@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
         adam_b2=0.999,
         adam_eps=1e-8,
         clip_grad_norm=0.0,  # 0 = off (the papers clip nothing)
+        adam_update_clip=0.0,  # > 0: each entry of Adam's direction g/√v̂ clipped to ± this, before lr (paper: 0)
         encoder_weight_decay=0.0,  # > 0: AdamW-style decoupled decay of W_enc, × lr per step (paper: 0)
         lr_decay_fraction=0.0,  # > 0: lr falls linearly to 0 over this final share of the run (paper: 0)
         sparsity_warmup_fraction=config_dict.placeholder(float),  # set: λ warm-up over this share of steps
@@ -177,6 +178,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(0 <= t.adam_b2 < 1, "train.adam_b2", "in [0, 1)", t.adam_b2)
     _check(t.adam_eps > 0, "train.adam_eps", "> 0", t.adam_eps)
     _check(t.clip_grad_norm >= 0, "train.clip_grad_norm", ">= 0 (0 = off)", t.clip_grad_norm)
+    uc = t.get("adam_update_clip", 0.0)
+    _check(uc >= 0, "train.adam_update_clip", ">= 0 (0 = off)", uc)
     wd = t.get("encoder_weight_decay", 0.0)
     _check(math.isfinite(wd) and wd >= 0, "train.encoder_weight_decay", "finite and >= 0 (0 = off)", wd)
     limit = t.get("divergence_fvu", 0.0)

@@ -198,6 +198,27 @@ def test_encoder_weight_decay_shrinks_w_enc_only(tiny_config, stacked):
     np.testing.assert_allclose(updates["b_enc"], 0.0)
 
 
+def test_adam_update_clip_bounds_a_long_silent_parameters_first_step(tiny_config):
+    """b_enc[0] gets a gradient only at step 500: with β1 = 0, β2 = 0.999 its Adam direction is
+    g / √(0.001 g² / (1 − 0.999^500)) = √(0.393 / 0.001) ≈ 19.8; adam_update_clip=2 makes it 2.
+    b_enc[1], whose gradient never changed, moves by lr · 1 either way."""
+    t = tiny_config.train
+    t.update(lr=0.1, lr_warmup_steps=0)
+    params = {"W_dec": jnp.eye(2), "b_enc": jnp.zeros(2)}
+    silent, first = (
+        {"W_dec": jnp.zeros((2, 2)), "b_enc": jnp.array([0.0, 1.0])},
+        {"W_dec": jnp.zeros((2, 2)), "b_enc": jnp.array([1.0, 1.0])},
+    )
+    for clip, expected in ((0.0, np.sqrt((1 - 0.999**500) / 0.001)), (2.0, 2.0)):
+        t.adam_update_clip = clip
+        tx = optim.make_optimizer(t)
+        state = tx.init(params)
+        for _ in range(499):
+            _, state = tx.update(silent, state, params)
+        updates, _ = tx.update(first, state, params)
+        np.testing.assert_allclose(updates["b_enc"], [-0.1 * expected, -0.1], rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
@@ -207,6 +228,7 @@ def test_encoder_weight_decay_shrinks_w_enc_only(tiny_config, stacked):
         ("sae.b_dec_init", "mode", "sae.b_dec_init must be one of"),
         ("train.lr_decay_fraction", 1.5, "train.lr_decay_fraction must be in"),
         ("train.encoder_weight_decay", -0.1, "train.encoder_weight_decay must be finite and >= 0"),
+        ("train.adam_update_clip", -1.0, "train.adam_update_clip must be >= 0"),
     ],
 )
 def test_bad_recipe_fields_are_named(tiny_config, field, value, message):
@@ -229,7 +251,12 @@ def _all_options(cfg, loss: str):
         matryoshka_widths=(16, 64),
     )
     cfg.train.update(
-        lr_decay_fraction=0.2, sparsity_warmup_fraction=0.25, adam_b1=0.9, clip_grad_norm=1.0, encoder_weight_decay=0.1
+        lr_decay_fraction=0.2,
+        sparsity_warmup_fraction=0.25,
+        adam_b1=0.9,
+        clip_grad_norm=1.0,
+        encoder_weight_decay=0.1,
+        adam_update_clip=3.0,
     )
     return cfg
 

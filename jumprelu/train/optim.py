@@ -115,6 +115,13 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
     parts += [
         optax.scale_by_adam(b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=train_cfg.adam_eps),
     ]
+    update_clip = train_cfg.get("adam_update_clip", 0.0)
+    if update_clip > 0:
+        # With β1 = 0 a parameter whose gradient was zero for long (a rarely firing or dead latent)
+        # gets |g / √v̂| up to √(1/(1 − β2)) ≈ 32 on its first gradient: a sign-like step of 32·lr
+        # on every entry of its encoder column. Clipping each entry of the Adam direction to
+        # ±adam_update_clip bounds it; a steady gradient's |g / √v̂| is about 1 and passes.
+        parts.append(optax.clip(update_clip))
     decay = train_cfg.get("encoder_weight_decay", 0.0)
     if decay > 0:  # AdamW's decoupled decay, on W_enc only (decoder rows are held at unit norm)
         parts.append(optax.add_decayed_weights(decay, mask=_named("W_enc")))
