@@ -18,15 +18,13 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from ml_collections import config_dict
 
 from jumprelu.core import init as init_lib
 from jumprelu.core import layout, losses, ops, sparse, sparsity
 from jumprelu.core.kinds import Kind, KindSpec, common_module_args, jumprelu_arrays, register
+from jumprelu.core.kinds.jumprelu_options import THRESHOLD_PARAMS, config_fields, sparse_plan, validate
 from jumprelu.core.sae import SAEBase
 
-THRESHOLD_PARAMS = ("log", "raw")
-BANDWIDTH_MODES = ("absolute", "relative")
 _LOG_LAMBDA_MIN, _LOG_LAMBDA_MAX = math.log(1e-9), math.log(10.0)
 _Z_SCALE_DECAY = 0.99  # moving average of the spread of z, for the relative bandwidth
 _SINCE_FIRED_CAP = 2**30
@@ -265,49 +263,6 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
     return loss
 
 
-SPARSE_MODES = ("auto", "on", "off")
-# `auto` takes the sparse step where it was measured faster (benchmarks/step.py --l0, README "Step
-# speed"): on XLA:CPU, from 16K latents (2.4× the dense step at 16K, 5.2× at 64K, L0 50), with at
-# most 1/16 of the latents kept per row; at 4K latents it was 0.87× (batch 1,024) to 1.4× (4,096).
-# Other backends stay dense until measured there.
-_AUTO_MIN_WIDTH = 16384
-_AUTO_MAX_KEPT_SHARE = 1 / 16
-
-
-def sparse_plan(s) -> tuple[int, str]:
-    """(entries kept per row by the sparse step, or 0 for the dense step; why) from `sae.*`.
-
-    Deterministic: the same config on the same backend always gives the same plan."""
-    mode = s.get("sparse", "off")
-    if mode == "off":
-        return 0, "sae.sparse=off"
-    unsupported = [
-        name
-        for name, on in (
-            ("sae.sparsity_loss=tanh", s.get("sparsity_loss", "step") == "tanh"),
-            ("sae.matryoshka_widths", bool(s.get("matryoshka_widths"))),
-        )
-        if on
-    ]
-    capacity = s.get("sparse_capacity", 0) or (
-        sparse.default_capacity(s.target_l0, s.width) if s.get("target_l0") else 0
-    )
-    if mode == "on":
-        return capacity, "sae.sparse=on"
-    if unsupported:
-        return 0, f"auto: dense ({', '.join(unsupported)} needs f for every latent)"
-    if not capacity:
-        return 0, "auto: dense (no sae.target_l0 or sae.sparse_capacity to size the sparse step)"
-    backend = jax.default_backend()
-    if backend != "cpu":
-        return 0, f"auto: dense (the sparse step is not yet measured on {backend})"
-    if s.width < _AUTO_MIN_WIDTH:
-        return 0, f"auto: dense (width {s.width} < {_AUTO_MIN_WIDTH}, where the sparse step is not faster)"
-    if capacity > _AUTO_MAX_KEPT_SHARE * s.width:
-        return 0, f"auto: dense (capacity {capacity} > width/{round(1 / _AUTO_MAX_KEPT_SHARE)})"
-    return capacity, f"auto: sparse, {capacity} entries per row"
-
-
 def export(params: dict, stats: dict) -> dict:
     return jumprelu_arrays(params, threshold_of(params))
 
@@ -324,86 +279,11 @@ def build(sae_cfg, d_model: int) -> Kind:
     return Kind("jumprelu", model, make_loss(recipe=recipe), lambda: init_stats(recipe, width, lam0), export)
 
 
-def validate(s, check) -> None:
-    check(s.bandwidth > 0, "sae.bandwidth", "> 0", s.bandwidth)
-    check(s.bandwidth_mode in BANDWIDTH_MODES, "sae.bandwidth_mode", f"one of {BANDWIDTH_MODES}", s.bandwidth_mode)
-    check(s.threshold_init > 0, "sae.threshold_init", "> 0", s.threshold_init)
-    check(s.threshold_param in THRESHOLD_PARAMS, "sae.threshold_param", "'log' or 'raw'", s.threshold_param)
-    check(s.target_l0 is None or s.target_l0 > 0, "sae.target_l0", "> 0 or unset", s.target_l0)
-    check(
-        math.isfinite(s.target_l0_rate) and s.target_l0_rate > 0,
-        "sae.target_l0_rate",
-        "finite and > 0",
-        s.target_l0_rate,
-    )
-    check(s.target_l0_gain >= 0, "sae.target_l0_gain", ">= 0", s.target_l0_gain)
-    check(s.sparsity_loss in sparsity.LOSSES, "sae.sparsity_loss", f"one of {sparsity.LOSSES}", s.sparsity_loss)
-    if s.sparsity_loss in ("quadratic", "quadratic_rows"):
-        needs = f"set when sae.sparsity_loss is {s.sparsity_loss!r}"
-        check(s.target_l0 is not None, "sae.target_l0", needs, s.target_l0)
-    check(s.tanh_scale > 0, "sae.tanh_scale", "> 0", s.tanh_scale)
-    check(s.frequency_penalty >= 0, "sae.frequency_penalty", ">= 0", s.frequency_penalty)
-    check(0 < s.frequency_limit <= 1, "sae.frequency_limit", "in (0, 1]", s.frequency_limit)
-    check(s.pre_act_coefficient >= 0, "sae.pre_act_coefficient", ">= 0", s.pre_act_coefficient)
-    check(s.b_dec_init in init_lib.B_DEC_INITS, "sae.b_dec_init", f"one of {init_lib.B_DEC_INITS}", s.b_dec_init)
-    modes = init_lib.THRESHOLD_INITS
-    check(s.threshold_init_mode in modes, "sae.threshold_init_mode", f"one of {modes}", s.threshold_init_mode)
-    if s.threshold_init_mode != "constant":
-        check(s.target_l0 is not None, "sae.target_l0", "set when sae.threshold_init_mode is from data", s.target_l0)
-    check(s.encoder_init_scale > 0, "sae.encoder_init_scale", "> 0", s.encoder_init_scale)
-    check(s.sparse in SPARSE_MODES, "sae.sparse", f"one of {SPARSE_MODES}", s.sparse)
-    capacity_rule = ">= 0 (0: 8 × sae.target_l0, at least width/64)"
-    check(s.sparse_capacity >= 0, "sae.sparse_capacity", capacity_rule, s.sparse_capacity)
-    if s.sparse == "on":
-        check(s.sparsity_loss != "tanh", "sae.sparsity_loss", "'step' or a quadratic with sae.sparse=on", "tanh")
-        check(not s.matryoshka_widths, "sae.matryoshka_widths", "empty with sae.sparse=on", s.matryoshka_widths)
-        check(
-            bool(s.sparse_capacity or s.target_l0),
-            "sae.sparse_capacity",
-            "> 0 (or sae.target_l0 set) with sae.sparse=on",
-            s.sparse_capacity,
-        )
-    widths = tuple(s.matryoshka_widths or ())
-    check(
-        not widths or (list(widths) == sorted(set(widths)) and widths[0] > 0 and widths[-1] == s.width),
-        "sae.matryoshka_widths",
-        f"increasing prefix sizes ending at sae.width={s.width}",
-        widths,
-    )
-
-
-def _fields() -> dict:
-    return dict(
-        bandwidth=0.001,  # ε of the rectangle kernel, on the normalised scale
-        bandwidth_mode="absolute",  # "relative": ε = bandwidth × (moving median over latents of std z)
-        threshold_init=0.001,
-        threshold_param="log",  # "log" (paper) or "raw"
-        # A requested mean L0; λ then adapts to reach it (make_loss): log λ = I + gain·clip(log(L0/target),
-        # ±1), I starting at log sparsity_coefficient and moving by rate·log(L0/target) per step.
-        target_l0=config_dict.placeholder(float),
-        target_l0_rate=0.01,
-        target_l0_gain=0.5,
-        # "step" (paper), "quadratic" (Gemma Scope 2) or "quadratic_rows" (per row; both need target_l0), "tanh"
-        sparsity_loss="step",
-        tanh_scale=4.0,  # c of the tanh loss
-        frequency_penalty=0.0,  # μ: penalise latents firing on more than frequency_limit of tokens
-        frequency_limit=0.1,
-        pre_act_coefficient=0.0,  # ν: pre-activation loss on latents dead for dead_window_tokens
-        b_dec_init="zeros",  # "zeros" (paper), "mean", "median" (geometric) of a data sample
-        threshold_init_mode="constant",  # or "latent_quantile" / "global_quantile": initial L0 = target_l0
-        encoder_init_scale=1.0,  # W_enc = scale · W_decᵀ at init
-        matryoshka_widths=(),  # nested prefixes, e.g. (1024, 4096, 16384); last = width
-        # The sparse step (core/sparse.py): same numbers, cost ≈ one dense product + O(B·L0·d).
-        sparse="auto",  # "auto" (where measured faster), "on" or "off"
-        sparse_capacity=0,  # top-k slots per row (active + lower kernel window); 0: 8 × target_l0, ≥ width/64
-    )
-
-
 SPEC = register(
     KindSpec(
         name="jumprelu",
         build=build,
-        config_fields=_fields,
+        config_fields=config_fields,
         validate=validate,
         param_specs={
             "log_threshold": layout.THRESHOLD_SPEC,  # [M]
