@@ -329,6 +329,34 @@ def test_the_compiled_program_follows_the_plan(tiny_config):
 
 
 @pytest.mark.parametrize("kind", ["topk", "batchtopk"])
+def test_topk_auto_decoder_plan_is_deterministic_and_compiled(tiny_config, kind):
+    """auto on CPU: the sparse decoder from 16K latents (measured faster there), dense below."""
+    from jumprelu.core.kinds import topk as topk_kind
+    from jumprelu.train import program, sharding
+
+    cfg = tiny_config
+    cfg.sae.update(kind=kind, k=8, width=16384, sparse="auto")
+    assert {topk_kind.decoder_plan(cfg.sae) for _ in range(3)} == {
+        (True, "auto: sparse decoder (the 8 selected latents of each row)")
+    }
+    mesh = sharding.make_mesh(cfg.mesh)
+    built = program.build(cfg, 32, mesh)
+    assert built.model.sparse_decoder and built.step_path.startswith("auto: sparse decoder")
+    cfg.sae.width = 4096
+    assert topk_kind.decoder_plan(cfg.sae) == (
+        False,
+        "auto: dense decoder (width 4096 < 16384, where it was not measured faster)",
+    )
+    cfg.sae.sparse = "on"
+    assert topk_kind.decoder_plan(cfg.sae) == (True, "sae.sparse=on")
+    cfg.sae.update(width=16384, sparse="off")
+    assert program.build(cfg, 32, mesh).step_path == "sae.sparse=off"
+    cfg.sae.sparse = "yes"
+    with pytest.raises(ConfigError, match=r"^config field sae.sparse must be one of"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk"])
 def test_topk_sparse_decoder_gives_the_dense_loss_and_gradients(tiny_config, kind):
     cfg = tiny_config
     cfg.sae.update(kind=kind, width=M, k=8, aux_k=16, dead_window_tokens=1)

@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jumprelu.core import kinds, sae
 from jumprelu.core.kinds import jumprelu as jumprelu_kind
+from jumprelu.core.kinds import topk as topk_kind
 from jumprelu.train import optim, sharding
 from jumprelu.train import state as state_lib
 from jumprelu.train.step import make_stacked_train_step, make_train_step
@@ -80,7 +81,12 @@ def build(cfg, d_model: int, mesh: Mesh, batch_dtype: str = "float32") -> Progra
             .lower(abstract, batch)
             .compile()
         )
-    path = jumprelu_kind.sparse_plan(sae_cfg)[1] if sae_cfg.kind == "jumprelu" else "dense"
+    if sae_cfg.kind == "jumprelu":
+        path = jumprelu_kind.sparse_plan(sae_cfg)[1]
+    elif sae_cfg.kind in ("topk", "batchtopk"):
+        path = topk_kind.decoder_plan(sae_cfg)[1]
+    else:
+        path = "dense"
     if sae_cfg is not cfg.sae:
         path = "auto: dense (stacked SAEs)"
     return Program(model, kind, tx, mesh, abstract, batch_sharding, compiled, lams, path)

@@ -136,6 +136,27 @@ def make_loss(aux: AuxKConfig):
     return loss
 
 
+# `auto` takes the sparse decoder where it was measured faster (benchmarks/step.py --kind, README
+# "Step speed"): on XLA:CPU at 16K latents, batch 4,096, k 50 it took TopK's step from 3.23 to
+# 2.64 s and BatchTopK's from 4.36 to 3.64 s. Other backends keep the dense decoder until measured.
+_AUTO_MIN_WIDTH = 16384
+
+
+def decoder_plan(s) -> tuple[bool, str]:
+    """(whether the step decodes from the k selected latents only; why) from `sae.*`.
+
+    Deterministic: the same config on the same backend always gives the same plan."""
+    mode = s.get("sparse", "auto")
+    if mode != "auto":
+        return mode == "on", f"sae.sparse={mode}"
+    backend = jax.default_backend()
+    if backend != "cpu":
+        return False, f"auto: dense decoder (the sparse decoder is not yet measured on {backend})"
+    if s.width < _AUTO_MIN_WIDTH:
+        return False, f"auto: dense decoder (width {s.width} < {_AUTO_MIN_WIDTH}, where it was not measured faster)"
+    return True, f"auto: sparse decoder (the {s.k} selected latents of each row)"
+
+
 def _build(sae_cfg, d_model: int) -> Kind:
     batch = sae_cfg.kind == "batchtopk"
     aux = AuxKConfig(
@@ -144,8 +165,7 @@ def _build(sae_cfg, d_model: int) -> Kind:
         dead_window=sae_cfg.dead_window_tokens,
         threshold_decay=sae_cfg.batchtopk_threshold_decay,
     )
-    # sae.sparse=on: the sparse decoder; "auto" keeps the dense one until it is measured faster.
-    sparse_decoder = sae_cfg.get("sparse", "auto") == "on"
+    sparse_decoder = decoder_plan(sae_cfg)[0]
     model = TopKSAE(**common_module_args(sae_cfg, d_model), k=sae_cfg.k, batch=batch, sparse_decoder=sparse_decoder)
     if batch:  # exactly a JumpReLU SAE with one learned global threshold
         export = lambda p, s: jumprelu_arrays(p, global_threshold(s) * jnp.ones_like(p["b_enc"]))  # noqa: E731
@@ -157,6 +177,7 @@ def _build(sae_cfg, d_model: int) -> Kind:
 def _validate(s, check) -> None:
     check(isinstance(s.k, int) and 0 < s.k <= s.width, "sae.k", f"an integer in [1, sae.width={s.width}]", s.k)
     check(s.aux_k > 0, "sae.aux_k", "> 0", s.aux_k)
+    check(s.sparse in ("auto", "on", "off"), "sae.sparse", "one of ('auto', 'on', 'off')", s.sparse)
     check(s.aux_coefficient >= 0, "sae.aux_coefficient", ">= 0", s.aux_coefficient)
     check(s.dead_window_tokens > 0, "sae.dead_window_tokens", "> 0", s.dead_window_tokens)
     check(
