@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import ensure_store, train_run  # noqa: E402
+from jumprelu.errors import Diverged  # noqa: E402
 from jumprelu.evaluate import pareto, plots  # noqa: E402
 from jumprelu.launch import experiment  # noqa: E402
 
@@ -59,7 +60,11 @@ def main() -> None:
     for i, run in enumerate(runs):
         cfg = experiment.apply_overrides(run.config, extra)
         knob, value = next(((k, v) for k, v in run.overrides.items() if k != "sae.kind"), ("", ""))
-        report = train_run(cfg, run.workdir(os.path.join(args.out, "runs")))
+        try:
+            report = train_run(cfg, run.workdir(os.path.join(args.out, "runs")))
+        except Diverged as e:  # a blown-up run is no point of the curve; the others still are
+            print(f"[{i + 1}/{len(runs)}] {run.name}: left out, {e}", flush=True)
+            continue
         e = report["eval"]
         point = dict(kind=cfg.sae.kind, knob=knob, value=value, tokens=report["tokens"], run=run.name)
         point.update({k: e[k] for k in ("l0", "fvu", "mse", "dead_fraction", "dense_fraction")})
