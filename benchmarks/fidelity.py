@@ -22,13 +22,15 @@ L0 (20, 50, 100) every trainer gets the same width (4,096), batch (1,024) and to
   saelens_topk SAELens's TopK, lr 1e-3
 It prints a table of held-out L0, FVU, dead latents and latents firing on > 10% of tokens, and
 writes fidelity.csv, fidelity.png (L0 against FVU) and fidelity.json under --out. Finished runs
-are kept (results.jsonl) and skipped on a rerun.
+are kept (results.jsonl) and skipped on a rerun with the same config (a hash of our trainers'
+configs names each run, so a changed recipe or baseline trains afresh).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import shlex
@@ -104,6 +106,15 @@ def our_config(trainer: str, target: int, args, store: str):
     return cfg
 
 
+def config_sha(trainer: str, target: int, args, store: str) -> str:
+    """A short hash of the config our trainer gets: finished runs are reused only for the same one,
+    so a change of recipe or baseline in the code is trained afresh, not read back."""
+    if trainer in PEERS:
+        return ""
+    cfg = our_config(trainer.removesuffix("_refit"), target, args, store).to_dict()
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def run_ours(trainer: str, target: int, args, store: str, eval_rows: np.ndarray) -> dict:
     import jumprelu
     from jumprelu.evaluate.metrics import evaluate_rows
@@ -111,8 +122,9 @@ def run_ours(trainer: str, target: int, args, store: str, eval_rows: np.ndarray)
 
     # the budget names the run: a rerun with other --tokens must not resume this one
     base = trainer.removesuffix("_refit")
-    tag = "".join(f"_{o}" for o in args.override)  # overrides name the run too
-    workdir = os.path.join(args.out, "runs", f"{base}_l0={target}_tokens={args.tokens}{tag}")
+    tag = "".join(f"_{o}" for o in args.override)  # overrides name the run too, and so does the config
+    sha = config_sha(base, target, args, store)
+    workdir = os.path.join(args.out, "runs", f"{base}_l0={target}_tokens={args.tokens}{tag}_{sha}")
     t0 = time.perf_counter()
     loop.train(our_config(base, target, args, store), workdir)  # a finished run returns at once
     if trainer.endswith("_refit"):
@@ -178,17 +190,20 @@ def main() -> None:
     if os.path.exists(results_path):
         for line in open(results_path):
             r = json.loads(line)
-            done[(r["trainer"], r["target"], r["tokens"], tuple(r.get("override", ())))] = r
+            done[(r["trainer"], r["target"], r["tokens"], tuple(r.get("override", ())), r.get("config_sha", ""))] = r
     rows = []
     for target in [int(t) for t in args.targets.split(",")]:
         for trainer in trainers:
-            key = (trainer, target, args.tokens, tuple(args.override) if trainer in OURS else ())
+            overrides = tuple(args.override) if trainer in OURS else ()
+            key = (trainer, target, args.tokens, overrides, config_sha(trainer, target, args, store))
             if key not in done:
                 if trainer in PEERS:
                     r = run_peer(trainer, target, args, train_npy, eval_npy)
                 else:
                     r = run_ours(trainer, target, args, store, eval_rows)
-                done[key] = dict(trainer=trainer, target=target, tokens=args.tokens, override=list(key[3]), **r)
+                done[key] = dict(
+                    trainer=trainer, target=target, tokens=args.tokens, override=list(key[3]), config_sha=key[4], **r
+                )
                 with open(results_path, "a") as f:
                     f.write(json.dumps(done[key]) + "\n")
             r = done[key]

@@ -56,14 +56,15 @@ def main() -> None:
     if args.steps:
         extra["train.steps"] = args.steps
 
-    points, t0 = [], time.perf_counter()
+    points, diverged, t0 = [], [], time.perf_counter()
     for i, run in enumerate(runs):
         cfg = experiment.apply_overrides(run.config, extra)
         knob, value = next(((k, v) for k, v in run.overrides.items() if k != "sae.kind"), ("", ""))
         try:
             report = train_run(cfg, run.workdir(os.path.join(args.out, "runs")))
-        except Diverged as e:  # a blown-up run is no point of the curve; the others still are
-            print(f"[{i + 1}/{len(runs)}] {run.name}: left out, {e}", flush=True)
+        except Diverged as error:  # a blown-up run is no point of the curve; the others still are
+            print(f"[{i + 1}/{len(runs)}] {run.name}: left out, {error}", flush=True)
+            diverged.append({"run": run.name, "error": str(error)})
             continue
         e = report["eval"]
         point = dict(kind=cfg.sae.kind, knob=knob, value=value, tokens=report["tokens"], run=run.name)
@@ -93,6 +94,7 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - t0, 1),
         "fvu_at_l0": {k: {f"{t:g}": v for t, v in row.items()} for k, row in fvus.items()},
         "points": points,
+        "diverged": diverged,  # runs left out of the curve, with the guard's message
     }
     with open(os.path.join(args.out, "pareto.json"), "w") as f:
         json.dump(summary, f, indent=2)

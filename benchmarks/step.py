@@ -32,6 +32,7 @@ import numpy as np
 from jumprelu.config import apply_recipe, base_config
 from jumprelu.core import kinds
 from jumprelu.core.kinds import jumprelu as jumprelu_kind
+from jumprelu.core.kinds import topk as topk_kind
 from jumprelu.train import optim
 from jumprelu.train.state import init_state
 from jumprelu.train.step import make_train_step
@@ -178,8 +179,8 @@ def main() -> None:
     p.add_argument("--kind", default="jumprelu", choices=["jumprelu", "topk", "batchtopk"], help="needs --l0 (k)")
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: known chips)")
     a = p.parse_args()
-    if a.kind != "jumprelu" and not a.l0:
-        raise SystemExit(f"--kind {a.kind}: give its k as --l0")
+    if a.kind != "jumprelu" and not (a.l0 and a.l0 == int(a.l0)):
+        raise SystemExit(f"--kind {a.kind}: give its k as a whole --l0, found {a.l0}")
     x = _batch(a, a.d_model)
     d_model = x.shape[1]
     dense_cfg = _config(a.width, a.dtype, a.l0, "off", a.kind)
@@ -220,7 +221,10 @@ def main() -> None:
     if a.l0:
         metrics = jax.device_get(runs["sparse"](x))
         out["l0"] = round(float(metrics["l0"]), 2)
-        if plan is not None:  # JumpReLU's sparse step
+        if plan is None:  # TopK's decoder
+            auto = _config(a.width, a.dtype, a.l0, "auto", a.kind).sae
+            out["auto_plan"] = topk_kind.decoder_plan(auto, d_model)[1]
+        else:  # JumpReLU's sparse step
             out.update(
                 sparse_capacity=plan[0],
                 sparse_path_taken=bool(metrics["sparse_step"] == 1.0),

@@ -80,9 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
         # A batch whose loss or update is not finite is dropped (counted in metrics as skipped_batches)
         # instead of stopping the run at the next log step (see README, "What survives what").
         skip_nonfinite_batches=False,
-        # A finite blow-up stops the run like a NaN does: a logged batch FVU above this (1.0: worse than
-        # predicting the batch mean) after the run had been below half of it. 0 = off.
-        divergence_fvu=1.0,
+        # A finite blow-up stops the run like a NaN does: a batch FVU above this (2: twice the error of
+        # predicting the batch mean) after the run's logged FVU had been below a quarter of it. 0 = off.
+        divergence_fvu=2.0,
     )
 
     # K SAEs in one jitted step on the same batches, one per λ here (same kind, width and init):

@@ -56,7 +56,8 @@ def test_divergence_after_good_checkpoints_keeps_them(tmp_path, tiny_config):
 def test_a_finite_blow_up_stops_the_run_too(tmp_path, tiny_config):
     """A run resumed at lr 3 stays finite but its reconstruction blows up (batch FVU ~1e10): the guard
     stops it at the first log step, from the FVU the interrupted run had logged; nothing is saved.
-    With train.divergence_fvu=0 the same run trains on."""
+    With train.divergence_fvu=0 the same run trains on, and saves the blown-up state; resuming from
+    that checkpoint with the check on says the checkpoint itself must go."""
     wd = tmp_path / "run"
     train(tiny_config, str(wd))
     tiny_config.train.update(steps=50, lr=3.0)
@@ -64,31 +65,43 @@ def test_a_finite_blow_up_stops_the_run_too(tmp_path, tiny_config):
         train(tiny_config, str(wd))
     message = str(e.value)
     assert message.startswith("training diverged by step 45 (checked at step 40): batch FVU ")
-    assert "(train.divergence_fvu=1; L0 " in message and "\n" not in message
+    assert "(train.divergence_fvu=2; L0 " in message and "\n" not in message
     assert f"the last good checkpoint is {wd / 'checkpoints' / '40'};" in message
     assert _steps(wd) == [40, 20] and e.value.exit_status == EXIT_DIVERGED
     _assert_finite(wd)
+
     tiny_config.train.divergence_fvu = 0.0
     assert train(tiny_config, str(wd))["steps"] == 50
     assert read_jsonl(wd / "metrics.jsonl")[-1]["fvu"] > 1e3  # finite, and no longer an SAE's
+    tiny_config.train.update(divergence_fvu=2.0, steps=60)
+    with pytest.raises(Diverged) as e:
+        train(tiny_config, str(wd))
+    assert str(e.value).startswith("training diverged by step 55: batch FVU ")
+    assert f"which this run resumed from; that checkpoint ({wd / 'checkpoints' / '50'}) was saved past" in str(e.value)
 
 
 def test_blow_up_rule():
-    """Counts only after the run has been below half the limit; names the stacked member; history
-    past the resumed step is ignored."""
+    """Counts only after the run has been below a quarter of the limit; names the stacked member;
+    history past the resumed step is ignored; only recorded (logged) FVUs count."""
     from jumprelu.train.guard import BlowUp
 
-    fresh = BlowUp(1.0, [[], []], start=0)
-    assert fresh.problem([{"fvu": 3.0}, {"fvu": 2.0}]) is None  # an untrained SAE is above 1
-    assert fresh.problem([{"fvu": 0.6}, {"fvu": 0.4}]) is None
-    assert fresh.problem([{"fvu": 1.5}, {"fvu": 0.9}]) is None  # member 0 never went below 0.5
-    assert fresh.problem([{"fvu": 0.3}, {"fvu": 1.2, "l0": 700.0}]) == (
-        "batch FVU 1.2 after reaching 0.4 (stacked SAE 1) (train.divergence_fvu=1; L0 700)"
+    fresh = BlowUp(2.0, [[], []], start=0)
+    assert fresh.problem([{"fvu": 3.0}, {"fvu": 2.5}]) is None  # an untrained SAE
+    fresh.record([{"fvu": 0.6}, {"fvu": 0.4}])
+    assert fresh.problem([{"fvu": 2.5}, {"fvu": 1.9}]) is None  # member 0 never went below 0.5
+    assert fresh.problem([{"fvu": 0.3}, {"fvu": 2.2, "l0": 700.0}]) == (
+        "batch FVU 2.2 after reaching 0.4 (stacked SAE 1) (train.divergence_fvu=2; L0 700)",
+        False,
     )
-    resumed = BlowUp(1.0, [[{"step": 10, "fvu": 0.9}, {"step": 30, "fvu": 0.2}]], start=20)
-    assert resumed.problem([{"fvu": 1.5}]) is None  # 0.2 was logged after step 20, by a run that was cut short
-    assert BlowUp(1.0, [[{"step": 10, "fvu": 0.4}]], start=10).problem([{"fvu": 1.5}]) == (
-        "batch FVU 1.5 after reaching 0.4 (train.divergence_fvu=1)"
+    assert fresh.problem([{"fvu": 0.3}, {"fvu": 1.05, "l0": 0.0}]) is None  # collapsed (all latents dead): not this
+    unlogged = BlowUp(2.0, [[]], start=0)
+    unlogged.problem([{"fvu": 0.1}])  # a check at a save step only: not recorded
+    assert unlogged.problem([{"fvu": 2.5}]) is None
+    resumed = BlowUp(2.0, [[{"step": 10, "fvu": 0.9}, {"step": 30, "fvu": 0.2}]], start=20)
+    assert resumed.problem([{"fvu": 2.5}]) is None  # 0.2 was logged after step 20, by a run that was cut short
+    assert BlowUp(2.0, [[{"step": 10, "fvu": 0.4}]], start=10).problem([{"fvu": 2.5}]) == (
+        "batch FVU 2.5 after reaching 0.4 (train.divergence_fvu=2)",
+        False,
     )
     assert BlowUp(0.0, [[{"step": 10, "fvu": 0.1}]], start=10).problem([{"fvu": 1e9}]) is None  # off
 

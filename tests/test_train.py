@@ -164,6 +164,23 @@ def test_resume_with_a_different_width_is_refused(tmp_path, tiny_config):
         train(tiny_config, str(tmp_path / "run"))
 
 
+def test_switching_an_option_that_changes_the_saved_state_is_refused(tmp_path, tiny_config):
+    """Switching the update clip on added an optimizer-state entry, and every checkpoint then failed
+    to restore and was set aside as damaged; now it is a one-line refusal, nothing is set aside, and
+    with the option set back the run resumes."""
+    train(tiny_config, str(tmp_path / "run"))
+    tiny_config.train.update(adam_update_clip=3.0, steps=60)
+    with pytest.raises(ConfigError) as e:
+        train(tiny_config, str(tmp_path / "run"))
+    assert str(e.value) == (
+        f"config field train.adam_update_clip is 3.0 but the checkpoint in {tmp_path / 'run' / 'checkpoints'} was "
+        "trained with 0.0: switching it on changes the saved state; set it back or use a new --workdir"
+    )
+    assert not (tmp_path / "run" / "checkpoints-damaged").exists()
+    tiny_config.train.adam_update_clip = 0.0
+    assert train(tiny_config, str(tmp_path / "run"))["steps"] == 60
+
+
 def test_store_source_trains(tmp_path, tiny_config):
     rows = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float16) * 50
     np.save(tmp_path / "acts.npy", rows)

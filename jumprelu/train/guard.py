@@ -12,9 +12,10 @@ With `train.skip_nonfinite_batches` the step itself drops an update whose loss o
 is not finite (`skip_if_nonfinite`), counts it, and the guard checks only the state.
 
 A blow-up can stay finite: a Matryoshka run at lr 3e-3 went from batch FVU 0.19 to 226 within 50
-steps (L0 48 -> 920) and trained on to the end at FVU 4. `BlowUp` catches that from the logged
-batch FVU: above `train.divergence_fvu` (1.0, worse than predicting the batch mean) after the run
-had been below half of it. Early steps, where an untrained SAE's FVU is above 1, do not count.
+steps (L0 48 -> 920) and trained on to the end at FVU 4. `BlowUp` catches that from the batch
+FVU: above `train.divergence_fvu` (2: twice the error of predicting the batch mean; an SAE
+whose latents all died sits near 1) after the run's logged FVU had been below a quarter of it.
+Early steps, where an untrained SAE's FVU is above 1, do not count.
 """
 
 from __future__ import annotations
@@ -60,36 +61,59 @@ def _state_tree(state):
 
 
 class BlowUp:
-    """Tracks each SAE's lowest logged batch FVU over the whole run.
+    """Each SAE's lowest logged batch FVU over the whole run, and the blow-up test against it.
 
-    history: per SAE, the records its metrics.jsonl already holds (a resumed run), so a run
-    resumed into a blow-up is still caught; records past `start` are ignored.
+    history: per SAE, the records its metrics.jsonl holds (read by process 0 only; `share` gives
+    every process its values), so a resumed run keeps the lowest FVU of the interrupted one.
+    Records past `start` (written after the checkpoint resumed from) are ignored. Only logged
+    steps are recorded, so an interrupted run and an unbroken one decide alike.
     """
 
     def __init__(self, limit: float, history: list[list[dict]], start: int):
         self.limit = float(limit)
-        self.best = [
-            min([r["fvu"] for r in records if r.get("step", 0) <= start and _is_number(r.get("fvu"))], default=math.inf)
-            for records in history
-        ]
+        self.start = start
+        kept = [[r for r in records if r.get("step", 0) <= start and _is_number(r.get("fvu"))] for records in history]
+        self.best = [min((r["fvu"] for r in records), default=math.inf) for records in kept]
+        # The FVU logged at the resumed step: above the limit when that checkpoint was saved blown up
+        # (by a run with the check off, or by a jumprelu without it).
+        self.at_start = [next((r["fvu"] for r in records if r.get("step") == start), math.nan) for records in kept]
 
-    def problem(self, per_sae: list[dict]) -> str | None:
-        """The blow-up in these metrics, if any (and records them)."""
+    def share(self) -> None:
+        """Multi-host: every process takes process 0's values (a collective: call it on all)."""
+        if jax.process_count() == 1:
+            return
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        values = multihost_utils.broadcast_one_to_all(np.asarray(self.best + self.at_start, np.float64))
+        n = len(self.best)
+        self.best, self.at_start = [float(v) for v in values[:n]], [float(v) for v in values[n:]]
+
+    def problem(self, per_sae: list[dict]) -> tuple[str, bool] | None:
+        """(what blew up, whether the resumed checkpoint was already past the limit), or None."""
         if not self.limit:
             return None
         for i, m in enumerate(per_sae):
             fvu = m.get("fvu")
-            if not _is_number(fvu):
-                continue  # a non-finite loss is the finite check's to name
-            if fvu > self.limit and self.best[i] <= self.limit / 2:
-                member = f" (stacked SAE {i})" if len(per_sae) > 1 else ""
-                l0 = f"; L0 {m['l0']:.4g}" if _is_number(m.get("l0")) else ""
-                return (
-                    f"batch FVU {fvu:.4g} after reaching {self.best[i]:.4g}{member} "
-                    f"(train.divergence_fvu={self.limit:g}{l0})"
-                )
-            self.best[i] = min(self.best[i], fvu)
+            # A non-finite loss is the finite check's to name; a run that never came below a quarter
+            # of the limit is still learning (an untrained SAE's FVU is above 1).
+            if not _is_number(fvu) or fvu <= self.limit or self.best[i] > self.limit / 4:
+                continue
+            member = f" (stacked SAE {i})" if len(per_sae) > 1 else ""
+            l0 = f"; L0 {m['l0']:.4g}" if _is_number(m.get("l0")) else ""
+            limit = f"train.divergence_fvu={self.limit:g}{l0}"
+            problem = f"batch FVU {fvu:.4g} after reaching {self.best[i]:.4g}{member} ({limit})"
+            resumed_blown = self.at_start[i] > self.limit  # NaN compares False
+            if resumed_blown:
+                problem += f"; FVU {self.at_start[i]:.4g} was logged at step {self.start}, which this run resumed from"
+            return problem, resumed_blown
         return None
+
+    def record(self, per_sae: list[dict]) -> None:
+        """Takes a logged step's FVUs into the lowest ones."""
+        for i, m in enumerate(per_sae):
+            if _is_number(m.get("fvu")):
+                self.best[i] = min(self.best[i], m["fvu"])
 
 
 def _is_number(v) -> bool:
@@ -116,13 +140,21 @@ def check(
         if not flags.all():
             paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
             problem = f"{paths[int(flags.argmin())]} holds NaN or Inf"
-    finite = problem is None
+    finite, resumed_blown = problem is None, False
     if finite and blow_up is not None and per_sae is not None:
-        problem = blow_up.problem(per_sae)
+        found = blow_up.problem(per_sae)
+        if found is not None:
+            problem, resumed_blown = found
     if problem is None:
         return
     good = last_good()
     saved = f"the last good checkpoint is {good}" if good else "no checkpoint was saved before it"
+    if resumed_blown:  # rerunning would resume into the same state: the checkpoint must go
+        raise Diverged(
+            f"training diverged by step {step}: {problem}; that checkpoint ({good}) was saved past the limit "
+            "(with train.divergence_fvu=0 or by a jumprelu without this check): move it aside to resume from an "
+            "older one, or set train.divergence_fvu=0"
+        )
     if finite:  # a blow-up: every value is a number, the reconstruction is not an SAE's any more
         raise Diverged(
             f"training diverged by step {step} (checked at step {last_checked}): {problem}; nothing since was "

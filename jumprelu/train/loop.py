@@ -170,10 +170,10 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start, watch, eval_rows=None
         fs.makedirs(d)
     progress = Progress(total, start, batch_size, enabled=cfg.log.progress and lead)
     config_json = cfg.to_dict()
-    # The lowest FVU logged before a resume: records up to `start` (the writers cut the logs back
-    # there), the same on every process, so all of them stop together.
-    history = [metrics_log.read_metrics(fs.join(d, "metrics.jsonl")) for d in log_dirs]
+    # The lowest FVU logged before a resume: records up to `start` (the writers cut the logs back there).
+    history = [metrics_log.read_metrics(fs.join(d, "metrics.jsonl")) if lead else [] for d in log_dirs]
     blow_up = guard.BlowUp(cfg.train.get("divergence_fvu", 0.0), history, start)
+    blow_up.share()  # process 0's reading on every process, so all of them stop together
     outs = [writers.create(cfg.log, d, start, lead, config_json) for d in log_dirs]
     checked = start  # the last step the guard found finite
     t0 = time.perf_counter()
@@ -193,6 +193,8 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start, watch, eval_rows=None
                 per_sae = [{k: float(v[i] if members else v) for k, v in host.items()} for i in range(n)]
                 guard.check(state, per_sae, done, checked, skip_batches, _last_good(ckpt), blow_up)
                 checked = done
+                if log_step:  # only logged FVUs count, as a resumed run reads them back
+                    blow_up.record(per_sae)
             if log_step:
                 rate = progress.update(done, per_sae[0])
                 for out, values in zip(outs, per_sae, strict=True):

@@ -84,7 +84,7 @@ def build(cfg, d_model: int, mesh: Mesh, batch_dtype: str = "float32") -> Progra
     if sae_cfg.kind == "jumprelu":
         path = jumprelu_kind.sparse_plan(sae_cfg)[1]
     elif sae_cfg.kind in ("topk", "batchtopk"):
-        path = topk_kind.decoder_plan(sae_cfg)[1]
+        path = topk_kind.decoder_plan(sae_cfg, d_model)[1]
     else:
         path = "dense"
     if sae_cfg is not cfg.sae:

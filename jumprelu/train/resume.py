@@ -47,6 +47,19 @@ RESUME_FIELDS = (
 LM_RESUME_FIELDS = ("data.lm", "data.shuffle_buffer_rows")
 
 
+# Options whose being on or off adds or removes arrays of the saved state (optimizer transforms,
+# kind statistics): their values may change on resume, switching them may not, or every
+# checkpoint would fail to restore and be set aside as damaged.
+STATE_SWITCHES = (
+    ("train.clip_grad_norm", lambda v: bool(v)),
+    ("train.encoder_weight_decay", lambda v: bool(v)),
+    ("train.adam_update_clip", lambda v: bool(v)),
+    ("sae.target_l0", lambda v: v is not None),
+    ("sae.bandwidth_mode", lambda v: v == "relative"),
+    ("sae.pre_act_coefficient", lambda v: bool(v)),
+)
+
+
 def _get(d: dict, dotted: str):
     for k in dotted.split("."):
         d = d.get(k) if isinstance(d, dict) else None
@@ -61,6 +74,14 @@ def check_resumable(saved: dict, cfg: ml_collections.ConfigDict, directory: str)
             raise ConfigError(
                 f"config field {field} is {_get(now, field)!r} but the checkpoint in {directory} "
                 f"was trained with {_get(saved, field)!r}; set it back or use a new --workdir"
+            )
+    for field, on in STATE_SWITCHES:
+        was, now_value = _get(saved, field), _get(now, field)
+        if on(was) != on(now_value):
+            raise ConfigError(
+                f"config field {field} is {now_value!r} but the checkpoint in {directory} was trained with "
+                f"{was!r}: switching it {'on' if on(now_value) else 'off'} changes the saved state; set it back "
+                "or use a new --workdir"
             )
 
 

@@ -138,11 +138,15 @@ def make_loss(aux: AuxKConfig):
 
 # `auto` takes the sparse decoder where it was measured faster (benchmarks/step.py --kind, README
 # "Step speed"): on XLA:CPU at 16K latents, batch 4,096, k 50 it took TopK's step from 3.23 to
-# 2.64 s and BatchTopK's from 4.36 to 3.64 s. Other backends keep the dense decoder until measured.
+# 2.64 s and BatchTopK's from 4.36 to 3.64 s (d_model 576), with twice the peak temporaries. Other
+# backends keep the dense decoder until measured. Its gathered rows are [B, k, d_model] where the
+# dense decoder's arrays are [B, width], so auto also stays dense beyond the measured k·d_model of
+# 1.76 × width (50 · 576 / 16,384).
 _AUTO_MIN_WIDTH = 16384
+_AUTO_MAX_GATHER_RATIO = 2.0
 
 
-def decoder_plan(s) -> tuple[bool, str]:
+def decoder_plan(s, d_model: int) -> tuple[bool, str]:
     """(whether the step decodes from the k selected latents only; why) from `sae.*`.
 
     Deterministic: the same config on the same backend always gives the same plan."""
@@ -154,6 +158,9 @@ def decoder_plan(s) -> tuple[bool, str]:
         return False, f"auto: dense decoder (the sparse decoder is not yet measured on {backend})"
     if s.width < _AUTO_MIN_WIDTH:
         return False, f"auto: dense decoder (width {s.width} < {_AUTO_MIN_WIDTH}, where it was not measured faster)"
+    if s.k * d_model > _AUTO_MAX_GATHER_RATIO * s.width:
+        ratio = f"k·d_model = {s.k * d_model} > {_AUTO_MAX_GATHER_RATIO:g} × width"
+        return False, f"auto: dense decoder ({ratio}: its gathered rows would outgrow the dense arrays)"
     return True, f"auto: sparse decoder (the {s.k} selected latents of each row)"
 
 
@@ -165,7 +172,7 @@ def _build(sae_cfg, d_model: int) -> Kind:
         dead_window=sae_cfg.dead_window_tokens,
         threshold_decay=sae_cfg.batchtopk_threshold_decay,
     )
-    sparse_decoder = decoder_plan(sae_cfg)[0]
+    sparse_decoder = decoder_plan(sae_cfg, d_model)[0]
     model = TopKSAE(**common_module_args(sae_cfg, d_model), k=sae_cfg.k, batch=batch, sparse_decoder=sparse_decoder)
     if batch:  # exactly a JumpReLU SAE with one learned global threshold
         export = lambda p, s: jumprelu_arrays(p, global_threshold(s) * jnp.ones_like(p["b_enc"]))  # noqa: E731
