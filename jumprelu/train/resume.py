@@ -51,12 +51,12 @@ LM_RESUME_FIELDS = ("data.lm", "data.shuffle_buffer_rows")
 # kind statistics): their values may change on resume, switching them may not, or every
 # checkpoint would fail to restore and be set aside as damaged.
 STATE_SWITCHES = (
-    ("train.clip_grad_norm", lambda v: bool(v)),
-    ("train.encoder_weight_decay", lambda v: bool(v)),
-    ("train.adam_update_clip", lambda v: bool(v)),
+    ("train.clip_grad_norm", bool),
+    ("train.encoder_weight_decay", bool),
+    ("train.adam_update_clip", bool),
     ("sae.target_l0", lambda v: v is not None),
     ("sae.bandwidth_mode", lambda v: v == "relative"),
-    ("sae.pre_act_coefficient", lambda v: bool(v)),
+    ("sae.pre_act_coefficient", bool),
 )
 
 

@@ -113,6 +113,10 @@ def from_config(sae_cfg, d_model: int) -> Kind:
     return spec(sae_cfg.kind).build(sae_cfg, d_model)
 
 
+# `sae.sparse`, shared by the kinds with a sparse path (JumpReLU's step, TopK's decoder).
+SPARSE_MODES = ("auto", "on", "off")
+
+
 def common_module_args(sae_cfg, d_model: int) -> dict:
     """The SAEBase fields every kind's module takes from the config."""
     import jax.numpy as jnp

@@ -12,11 +12,11 @@ from ml_collections import config_dict
 
 from jumprelu.core import init as init_lib
 from jumprelu.core import sparse, sparsity
+from jumprelu.core.kinds import SPARSE_MODES
 
 THRESHOLD_PARAMS = ("log", "raw")
 BANDWIDTH_MODES = ("absolute", "relative")
 
-SPARSE_MODES = ("auto", "on", "off")
 # `auto` takes the sparse step where it was measured faster (benchmarks/step.py --l0, README "Step
 # speed"): on XLA:CPU, from 16K latents (2.4× the dense step at 16K, 5.2× at 64K, L0 50), with at
 # most 1/16 of the latents kept per row; at 4K latents it was 0.87× (batch 1,024) to 1.4× (4,096).
