@@ -115,15 +115,14 @@ def config_sha(trainer: str, target: int, args, store: str) -> str:
     return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def run_ours(trainer: str, target: int, args, store: str, eval_rows: np.ndarray) -> dict:
+def run_ours(trainer: str, target: int, args, store: str, eval_rows: np.ndarray, sha: str) -> dict:
     import jumprelu
     from jumprelu.evaluate.metrics import evaluate_rows
     from jumprelu.train import loop
 
     # the budget names the run: a rerun with other --tokens must not resume this one
     base = trainer.removesuffix("_refit")
-    tag = "".join(f"_{o}" for o in args.override)  # overrides name the run too, and so does the config
-    sha = config_sha(base, target, args, store)
+    tag = "".join(f"_{o}" for o in args.override)  # overrides name the run too, and so does its config_sha
     workdir = os.path.join(args.out, "runs", f"{base}_l0={target}_tokens={args.tokens}{tag}_{sha}")
     t0 = time.perf_counter()
     loop.train(our_config(base, target, args, store), workdir)  # a finished run returns at once
@@ -200,7 +199,7 @@ def main() -> None:
                 if trainer in PEERS:
                     r = run_peer(trainer, target, args, train_npy, eval_npy)
                 else:
-                    r = run_ours(trainer, target, args, store, eval_rows)
+                    r = run_ours(trainer, target, args, store, eval_rows, key[4])
                 done[key] = dict(
                     trainer=trainer, target=target, tokens=args.tokens, override=list(key[3]), config_sha=key[4], **r
                 )

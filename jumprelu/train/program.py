@@ -13,8 +13,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from jumprelu.core import kinds, sae
-from jumprelu.core.kinds import jumprelu as jumprelu_kind
-from jumprelu.core.kinds import topk as topk_kind
 from jumprelu.train import optim, sharding
 from jumprelu.train import state as state_lib
 from jumprelu.train.step import make_stacked_train_step, make_train_step
@@ -81,12 +79,5 @@ def build(cfg, d_model: int, mesh: Mesh, batch_dtype: str = "float32") -> Progra
             .lower(abstract, batch)
             .compile()
         )
-    if sae_cfg.kind == "jumprelu":
-        path = jumprelu_kind.sparse_plan(sae_cfg)[1]
-    elif sae_cfg.kind in ("topk", "batchtopk"):
-        path = topk_kind.decoder_plan(sae_cfg, d_model)[1]
-    else:
-        path = "dense"
-    if sae_cfg is not cfg.sae:
-        path = "auto: dense (stacked SAEs)"
+    path = kind.step_path if sae_cfg is cfg.sae else "auto: dense (stacked SAEs)"
     return Program(model, kind, tx, mesh, abstract, batch_sharding, compiled, lams, path)

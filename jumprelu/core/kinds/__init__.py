@@ -41,6 +41,7 @@ class Kind:
     loss: Callable
     init_stats: Callable[[], dict]
     export: Callable[[dict, dict], dict]
+    step_path: str = "dense"  # which step this config compiles and why (sae.sparse), for the run's log
 
 
 @dataclasses.dataclass(frozen=True)

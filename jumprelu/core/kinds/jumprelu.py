@@ -276,7 +276,8 @@ def build(sae_cfg, d_model: int) -> Kind:
     )
     recipe = Recipe.from_config(sae_cfg)
     lam0, width = sae_cfg.sparsity_coefficient, sae_cfg.width
-    return Kind("jumprelu", model, make_loss(recipe=recipe), lambda: init_stats(recipe, width, lam0), export)
+    stats = lambda: init_stats(recipe, width, lam0)  # noqa: E731
+    return Kind("jumprelu", model, make_loss(recipe=recipe), stats, export, step_path=sparse_plan(sae_cfg)[1])
 
 
 SPEC = register(

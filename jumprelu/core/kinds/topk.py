@@ -172,13 +172,14 @@ def _build(sae_cfg, d_model: int) -> Kind:
         dead_window=sae_cfg.dead_window_tokens,
         threshold_decay=sae_cfg.batchtopk_threshold_decay,
     )
-    sparse_decoder = decoder_plan(sae_cfg, d_model)[0]
+    sparse_decoder, path = decoder_plan(sae_cfg, d_model)
     model = TopKSAE(**common_module_args(sae_cfg, d_model), k=sae_cfg.k, batch=batch, sparse_decoder=sparse_decoder)
     if batch:  # exactly a JumpReLU SAE with one learned global threshold
         export = lambda p, s: jumprelu_arrays(p, global_threshold(s) * jnp.ones_like(p["b_enc"]))  # noqa: E731
     else:  # ReLU'd pre-activations with θ = 0, plus the k no JumpReLU can express
         export = lambda p, s: dict(jumprelu_arrays(p, jnp.zeros_like(p["b_enc"])), k=sae_cfg.k)  # noqa: E731
-    return Kind(sae_cfg.kind, model, make_loss(aux), lambda: init_stats(sae_cfg.width, batch), export)
+    stats = lambda: init_stats(sae_cfg.width, batch)  # noqa: E731
+    return Kind(sae_cfg.kind, model, make_loss(aux), stats, export, step_path=path)
 
 
 def _validate(s, check) -> None:
