@@ -8,7 +8,7 @@ import pytest
 import jumprelu
 from jumprelu.config import base_config
 from jumprelu.core.kinds import from_config, gated, relu, topk
-from jumprelu.core.kinds.jumprelu import JumpReLUSAE, target_l0_stats
+from jumprelu.core.kinds.jumprelu import JumpReLUSAE, Recipe, init_stats
 from jumprelu.core.kinds.jumprelu import make_loss as make_jumprelu_loss
 from jumprelu.train.loop import train
 from tests.test_train import read_jsonl
@@ -112,7 +112,7 @@ def test_target_l0_mode_adapts_lambda_towards_the_target():
     model = JumpReLUSAE(d_model=2, width=4, threshold_param="raw", bandwidth=0.5)
     params = dict(BASE, threshold=jnp.full((4,), 0.2))
     l0 = float(jnp.mean(model.apply({"params": params}, X)["l0"]))
-    stats = target_l0_stats(0.01)
+    stats = init_stats(Recipe(target_l0=1.0), 4, 0.01)  # the controller's log λ, from λ = 0.01
     for target, sign in ((l0 / 2, 1), (l0 * 2, -1)):  # too many active: λ must rise; too few: fall
         loss_fn = make_jumprelu_loss(target_l0=target, target_rate=0.1, target_gain=0.5)
         total, (_, new) = loss_fn(model, params, stats, X, 123.0)  # the schedule's λ is ignored

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jumprelu.core.ops import fired_per_latent, heaviside, jumprelu, jumprelu_l0, rectangle
+from jumprelu.core.ops import fired_per_latent, heaviside, jumprelu, jumprelu_l0, jumprelu_l0_ste_z, rectangle
 
 # θ = 1, ε = 0.5: the kernel window is the open interval (0.75, 1.25). Every value is
 # exactly representable, so the points on the window's edges are exactly on them.
@@ -126,3 +126,32 @@ def test_chunked_theta_cotangent_matches_hand_sum():
     gth = jax.grad(lambda t: jnp.sum(jumprelu(z, t, EPS) * g))(THETA)
     _, want = hand_grads(z, THETA, g, "jumprelu")
     np.testing.assert_allclose(gth, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [6, 1024])  # 1024 rows takes the chunked path on CPU
+def test_ste_to_pre_activations_adds_the_negated_theta_terms_to_z(rows):
+    """jumprelu_l0_ste_z: same values and θ-gradient as jumprelu_l0; z's gradient gains, inside
+    the window, +(θ/ε)·∂f + (1/ε)·∂l0 (the jump differentiated in z), by hand element by element."""
+    rng = np.random.default_rng(4)
+    z = rng.choice(np.array(Z_VALUES, np.float32), size=(rows, 4))
+    g = rng.standard_normal((rows, 4)).astype(np.float32)
+    lam = 0.3
+
+    def loss(op):
+        def fn(z_, t_):
+            f, l0 = op(z_, t_, EPS)
+            return jnp.sum(f * g) + lam * jnp.sum(l0)
+
+        return fn
+
+    gz, gth = jax.jit(jax.grad(loss(jumprelu_l0_ste_z), argnums=(0, 1)))(z, THETA)
+    _, gth_paper = jax.grad(loss(jumprelu_l0), argnums=(0, 1))(z, THETA)
+    want = np.zeros_like(z)
+    for b, i in np.ndindex(z.shape):
+        k = hand_kernel((z[b, i] - THETA[i]) / EPS)
+        want[b, i] = g[b, i] * (z[b, i] > THETA[i]) + k * (THETA[i] / EPS * g[b, i] + lam / EPS)
+    np.testing.assert_allclose(gz, want, rtol=1e-6)
+    np.testing.assert_allclose(gth, gth_paper, rtol=1e-6)
+    assert np.any(want != g * (z > THETA))  # some rows sit in the window, so the test can fail
+    for a, b in zip(jumprelu_l0_ste_z(z, THETA, EPS), jumprelu_l0(z, THETA, EPS), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -249,6 +249,7 @@ def _all_options(cfg, loss: str):
         frequency_penalty=0.1,
         sparsity_loss=loss,
         matryoshka_widths=(16, 64),
+        ste_pre_activations=True,
     )
     cfg.train.update(
         lr_decay_fraction=0.2,

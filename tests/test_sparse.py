@@ -294,7 +294,9 @@ def test_auto_is_deterministic_and_explained(tiny_config):
     assert len(plans) == 1
     s.update(sparsity_loss="tanh")
     assert jumprelu_kind.sparse_plan(s) == (0, "auto: dense (sae.sparsity_loss=tanh needs f for every latent)")
-    s.update(sparsity_loss="step", target_l0=None)
+    s.update(sparsity_loss="step", ste_pre_activations=True)
+    assert jumprelu_kind.sparse_plan(s) == (0, "auto: dense (sae.ste_pre_activations needs f for every latent)")
+    s.update(ste_pre_activations=False, target_l0=None)
     assert jumprelu_kind.sparse_plan(s)[0] == 0
     s.update(sparse="off", target_l0=50.0)
     assert jumprelu_kind.sparse_plan(s) == (0, "sae.sparse=off")
@@ -308,6 +310,10 @@ def test_auto_is_deterministic_and_explained(tiny_config):
         ({"sparse": "yes"}, r"^config field sae.sparse must be one of \('auto', 'on', 'off'\), found 'yes'$"),
         ({"sparse": "on", "sparsity_loss": "tanh"}, r"^config field sae.sparsity_loss must be 'step' or a quadratic"),
         ({"sparse": "on"}, r"^config field sae.sparse_capacity must be > 0 \(or sae.target_l0 set\)"),
+        (
+            {"sparse": "on", "target_l0": 8.0, "ste_pre_activations": True},
+            r"^config field sae.ste_pre_activations must be False with sae.sparse=on",
+        ),
         ({"sparse_capacity": -1}, r"^config field sae.sparse_capacity must be >= 0"),
     ],
 )

@@ -15,6 +15,12 @@ the θ cotangent is summed here over exactly the axes that θ was broadcast alon
 `jumprelu_l0` returns both f = jumprelu(z) and the per-row count Σ_M heaviside(z) from one
 op, so that the loss's backward pass reads z once for both θ terms; its gradients are
 exactly those of the two separate ops.
+
+`jumprelu_l0_ste_z` is the same op with the straight-through term passed to z as well
+(Anthropic, 2025): the jump at θ is differentiated in z too, so d/dz of jumprelu gains
++(θ/ε) K((z - θ)/ε) and d/dz of heaviside is (1/ε) K((z - θ)/ε): the negative of each
+θ term. The encoder then learns from rows near the threshold what firing there would
+gain in reconstruction and cost in L0, where the paper's gradient trains θ only.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-__all__ = ["jumprelu", "heaviside", "jumprelu_l0", "fired_per_latent", "rectangle"]
+__all__ = ["jumprelu", "heaviside", "jumprelu_l0", "jumprelu_l0_ste_z", "fired_per_latent", "rectangle"]
 
 
 def rectangle(u: jax.Array) -> jax.Array:
@@ -182,3 +188,24 @@ def _jumprelu_l0_bwd(res, g):
 
 
 jumprelu_l0.defvjp(_jumprelu_l0_fwd, _jumprelu_l0_bwd)
+
+
+@jax.custom_vjp
+def jumprelu_l0_ste_z(z: jax.Array, threshold: jax.Array, bandwidth: float) -> tuple[jax.Array, jax.Array]:
+    """`jumprelu_l0` whose straight-through θ terms reach z too (with the opposite sign)."""
+    return jumprelu_l0(z, threshold, bandwidth)
+
+
+def _jumprelu_l0_ste_z_bwd(res, g):
+    z, threshold, eps = res
+    g_f, g_l0 = g
+
+    def blk(z_, t_, gf_, gl0_):
+        g_theta = _kernel_window(z_, t_, eps) * (-(t_ / eps) * gf_ - gl0_ / eps)
+        return _masked(z_, t_, gf_) - g_theta, jnp.sum(g_theta, axis=0)
+
+    g_z, g_theta = _by_row_blocks(blk, z, threshold, g_f, g_l0[..., None].astype(z.dtype))
+    return g_z, g_theta, _zero(eps)
+
+
+jumprelu_l0_ste_z.defvjp(_jumprelu_l0_fwd, _jumprelu_l0_ste_z_bwd)

@@ -7,7 +7,8 @@ trains θ only; there is no L1 term, no auxiliary loss and no resampling. That i
 every other recipe element is an option (see `jumprelu/core/sparsity.py`, `core/init.py`):
 the sparsity loss (`step` | `quadratic` | `quadratic_rows` | `tanh`), a target L0 reached by a λ controller, a
 frequency penalty, a pre-activation loss on dead latents, a bandwidth relative to the spread
-of z, data-dependent init of b_dec and θ, and Matryoshka nested reconstructions.
+of z, the straight-through terms passed to z too (`ste_pre_activations`), data-dependent init
+of b_dec and θ, and Matryoshka nested reconstructions.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class JumpReLUSAE(SAEBase):
     bandwidth: float = 0.001
     threshold_init: float = 0.001
     threshold_param: str = "log"  # "log": train log θ (paper); "raw": train θ directly
+    ste_pre_activations: bool = False  # True: the θ straight-through terms train z too (Anthropic)
 
     def setup(self):
         super().setup()
@@ -61,7 +63,8 @@ class JumpReLUSAE(SAEBase):
         bandwidth: ε of this step when it is not the module's (relative bandwidth)."""
         z = self.pre_activations(x)
         theta = self.threshold()
-        f, l0 = ops.jumprelu_l0(z, theta, self.bandwidth if bandwidth is None else bandwidth)
+        op = ops.jumprelu_l0_ste_z if self.ste_pre_activations else ops.jumprelu_l0
+        f, l0 = op(z, theta, self.bandwidth if bandwidth is None else bandwidth)
         return {
             "z": z,
             "f": f,
@@ -166,11 +169,6 @@ def init_stats(recipe: Recipe, width: int, initial_lambda: float) -> dict:
     return stats
 
 
-def target_l0_stats(initial_lambda: float):
-    """The controller's state for target-L0 mode: log λ, starting at `initial_lambda`."""
-    return {"log_lambda": jnp.asarray(math.log(max(initial_lambda, 1e-9)), jnp.float32)}
-
-
 def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_gain: float = 0.5, recipe=None):
     """The JumpReLU loss in the kinds' interface: (model, params, stats, x, λ) -> (loss, (metrics, stats)).
 
@@ -273,6 +271,7 @@ def build(sae_cfg, d_model: int) -> Kind:
         bandwidth=sae_cfg.bandwidth,
         threshold_init=sae_cfg.threshold_init,
         threshold_param=sae_cfg.threshold_param,
+        ste_pre_activations=sae_cfg.ste_pre_activations,
     )
     recipe = Recipe.from_config(sae_cfg)
     lam0, width = sae_cfg.sparsity_coefficient, sae_cfg.width

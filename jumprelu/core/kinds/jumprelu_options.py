@@ -37,6 +37,7 @@ def sparse_plan(s) -> tuple[int, str]:
         for name, on in (
             ("sae.sparsity_loss=tanh", s.get("sparsity_loss", "step") == "tanh"),
             ("sae.matryoshka_widths", bool(s.get("matryoshka_widths"))),
+            ("sae.ste_pre_activations", bool(s.get("ste_pre_activations"))),
         )
         if on
     ]
@@ -86,12 +87,15 @@ def validate(s, check) -> None:
     if s.threshold_init_mode != "constant":
         check(s.target_l0 is not None, "sae.target_l0", "set when sae.threshold_init_mode is from data", s.target_l0)
     check(s.encoder_init_scale > 0, "sae.encoder_init_scale", "> 0", s.encoder_init_scale)
+    check(isinstance(s.ste_pre_activations, bool), "sae.ste_pre_activations", "True or False", s.ste_pre_activations)
     check(s.sparse in SPARSE_MODES, "sae.sparse", f"one of {SPARSE_MODES}", s.sparse)
     capacity_rule = ">= 0 (0: 8 × sae.target_l0, at least width/64)"
     check(s.sparse_capacity >= 0, "sae.sparse_capacity", capacity_rule, s.sparse_capacity)
     if s.sparse == "on":
         check(s.sparsity_loss != "tanh", "sae.sparsity_loss", "'step' or a quadratic with sae.sparse=on", "tanh")
         check(not s.matryoshka_widths, "sae.matryoshka_widths", "empty with sae.sparse=on", s.matryoshka_widths)
+        ste = s.ste_pre_activations
+        check(not ste, "sae.ste_pre_activations", "False with sae.sparse=on (it trains z outside the active set)", ste)
         check(
             bool(s.sparse_capacity or s.target_l0),
             "sae.sparse_capacity",
@@ -113,6 +117,9 @@ def config_fields() -> dict:
         bandwidth_mode="absolute",  # "relative": ε = bandwidth × (moving median over latents of std z)
         threshold_init=0.001,
         threshold_param="log",  # "log" (paper) or "raw"
+        # True: the straight-through terms at θ also reach z, so W_enc and b_enc learn from rows near
+        # the threshold (Anthropic 2025); paper: False, the jump trains θ only
+        ste_pre_activations=False,
         # A requested mean L0; λ then adapts to reach it (make_loss): log λ = I + gain·clip(log(L0/target),
         # ±1), I starting at log sparsity_coefficient and moving by rate·log(L0/target) per step.
         target_l0=config_dict.placeholder(float),
