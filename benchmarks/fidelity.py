@@ -8,7 +8,8 @@ DATA is a .npy [N, d_model] of activations (float16 or float32, rows in any orde
 shuffled with --seed and split: --eval_rows rows (20,000) are held out, the rest become an
 activation store every trainer reads (SAELens gets the same rows as .npy files). For each target
 L0 (20, 50, 100) every trainer gets the same width (4,096), batch (1,024) and token budget (2M):
-  jumprelu     the recommended short-budget recipe (`smollm2_pareto:jumprelu,target_l0=T`)
+  jumprelu     the recommended short-budget recipe (`smollm2_pareto:jumprelu,target_l0=T`; since
+               2026-12-01 with its BatchTopK phase over the first 80% of the steps)
   jumprelu_refit  that run plus `jumprelu refit` (least-squares decoder on the last --refit_rows
                training rows, ridge --refit_ridge; no new rows, encoder and L0 unchanged)
   matryoshka   the same recipe with nested prefixes (width/8, width/4, width/2, width), without

@@ -115,6 +115,7 @@ RECIPES = {
         "train.lr_decay_fraction": 0.2,
         "train.sparsity_warmup_steps": 0,  # the target-L0 controller replaces the λ warm-up
         "train.encoder_weight_decay": 0.3,  # runs that revisit their rows over-fit the encoder
+        "sae.batchtopk_fraction": 0.8,  # BatchTopK (k = target) trains faster; θ per latent for the rest
     },
 }
 
@@ -134,6 +135,8 @@ def apply_recipe(c: ml_collections.ConfigDict, name: str, target_l0: float | Non
     set_fields(c, RECIPES[name])
     if target_l0 is not None:
         c.sae.target_l0 = float(target_l0)
+    elif c.sae.get("batchtopk_fraction"):
+        c.sae.batchtopk_fraction = 0.0  # the BatchTopK phase takes its k from the target
     return c
 
 

@@ -8,7 +8,7 @@ import pytest
 import jumprelu
 from jumprelu.config import base_config
 from jumprelu.core.kinds import from_config, gated, relu, topk
-from jumprelu.core.kinds.jumprelu import JumpReLUSAE, Recipe, init_stats
+from jumprelu.core.kinds.jumprelu import JumpReLUSAE, Recipe, batchtopk_threshold, init_stats
 from jumprelu.core.kinds.jumprelu import make_loss as make_jumprelu_loss
 from jumprelu.train.loop import train
 from tests.test_train import read_jsonl
@@ -164,3 +164,46 @@ def test_target_l0_mode_moves_l0_to_the_target(tmp_path, tiny_config):
     report = train(tiny_config, str(tmp_path / "run"))
     start = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]["l0"]
     assert abs(report["eval"]["l0"] - 8.0) < abs(start - 8.0) / 2, (start, report["eval"]["l0"])
+
+
+def test_batchtopk_phase_then_hand_over_to_per_latent_thresholds():
+    """In the phase every θ is the batch's BatchTopK threshold (exactly k·B entries fire, θ gets
+    only the pull towards it); from step batchtopk_steps on, the loss is the recipe's own."""
+    model = JumpReLUSAE(d_model=2, width=4, threshold_param="raw", bandwidth=0.5)
+    params = dict(BASE, threshold=jnp.full((4,), 0.2))
+    recipe = Recipe(target_l0=2.0, batchtopk_steps=1)
+    loss_fn = make_jumprelu_loss(recipe=recipe)
+    stats = init_stats(recipe, 4, 0.01)
+    z = _z()
+    top = np.sort(z.ravel())[::-1]
+    t = float(batchtopk_threshold(jnp.asarray(z), 2))
+    assert top[6] <= t < top[5] and top[6] > 0  # exactly the k·B = 2 · 3 = 6 largest are above it
+    f = z * (z > t)
+    err = np.sum((np.asarray(X) - (f @ np.asarray(W_DEC) + np.asarray(BASE["b_dec"]))) ** 2, axis=-1)
+    # L0 is exactly k, so the controller's λ is its starting 0.01
+    want = np.mean(err + 0.01 * 2.0) + np.mean((0.2 - t) ** 2)
+    total, (m, new) = loss_fn(model, params, stats, X, 0.0)
+    np.testing.assert_allclose(total, want, rtol=1e-5)
+    np.testing.assert_allclose(m["l0"], 2.0)
+    assert int(new["steps_seen"]) == 1 and float(m["batchtopk_phase"]) == 1.0
+    g = jax.grad(lambda p: loss_fn(model, p, stats, X, 0.0)[0])(params)
+    np.testing.assert_allclose(g["threshold"], 2 * (0.2 - t) / 4, rtol=1e-5)
+    # after the phase: the recipe without it, value and gradients
+    plain_recipe = Recipe(target_l0=2.0)
+    after = dict(init_stats(plain_recipe, 4, 0.01), steps_seen=jnp.asarray(1, jnp.int32))
+    plain = make_jumprelu_loss(recipe=plain_recipe)
+    total, (m, _) = loss_fn(model, params, after, X, 0.0)
+    np.testing.assert_allclose(total, plain(model, params, init_stats(plain_recipe, 4, 0.01), X, 0.0)[0], rtol=1e-6)
+    assert float(m["batchtopk_phase"]) == 0.0
+    g = jax.grad(lambda p: loss_fn(model, p, after, X, 0.0)[0])(params)
+    g_plain = jax.grad(lambda p: plain(model, p, init_stats(plain_recipe, 4, 0.01), X, 0.0)[0])(params)
+    for k in g:
+        np.testing.assert_allclose(g[k], g_plain[k], rtol=1e-5, atol=1e-8, err_msg=k)
+
+
+def test_batchtopk_threshold_counts_exactly_k_per_row_on_average():
+    z = jax.random.normal(jax.random.key(3), (64, 256))
+    for k in (1, 5, 40):
+        t = batchtopk_threshold(z, k)
+        assert int(jnp.sum(z > t)) == k * 64
+    assert float(batchtopk_threshold(-jnp.abs(z), 5)) == 0.0  # nothing positive: θ stays at 0

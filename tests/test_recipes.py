@@ -229,6 +229,8 @@ def test_adam_update_clip_bounds_a_long_silent_parameters_first_step(tiny_config
         ("train.lr_decay_fraction", 1.5, "train.lr_decay_fraction must be in"),
         ("train.encoder_weight_decay", -0.1, "train.encoder_weight_decay must be finite and >= 0"),
         ("train.adam_update_clip", -1.0, "train.adam_update_clip must be >= 0"),
+        ("sae.batchtopk_fraction", 1.5, r"sae.batchtopk_fraction must be in \[0, 1\]"),
+        ("sae.batchtopk_fraction", 0.5, "sae.target_l0 must be set and below sae.width when sae.batchtopk_fraction"),
     ],
 )
 def test_bad_recipe_fields_are_named(tiny_config, field, value, message):
@@ -265,7 +267,8 @@ def _all_options(cfg, loss: str):
 @pytest.mark.parametrize("loss", ["step", "quadratic", "quadratic_rows", "tanh"])
 def test_every_option_trains_sharded_like_on_one_device(tmp_path, tiny_config, loss):
     cfg = _all_options(tiny_config, loss)
-    cfg.sae.update(target_l0=6.0, threshold_init_mode="latent_quantile")
+    # the first 10 steps as BatchTopK (its top-k over the whole batch, sharded too), then per-latent θ
+    cfg.sae.update(target_l0=6.0, threshold_init_mode="latent_quantile", batchtopk_fraction=0.5)
     cfg.train.steps = 20
     results = {}
     for shape in [(1, 1), (2, 4)]:
@@ -288,3 +291,14 @@ def test_options_train_stacked(tmp_path, tiny_config):
     for i in range(2):
         sae = jumprelu.load(str(tmp_path / "stacked" / f"sae-{i}"))
         assert all(np.all(np.isfinite(v)) for v in sae.params().values())
+
+
+def test_the_short_recipe_hands_over_from_batchtopk_only_with_a_target():
+    from jumprelu.config import apply_recipe, base_config
+
+    with_target = apply_recipe(base_config(), "short", 20)
+    assert with_target.sae.batchtopk_fraction == 0.8 and with_target.sae.target_l0 == 20.0
+    validate(with_target)
+    without = apply_recipe(base_config(), "short")  # λ fixed: no k for a BatchTopK phase
+    assert without.sae.batchtopk_fraction == 0.0
+    validate(without)

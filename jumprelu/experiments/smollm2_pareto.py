@@ -4,9 +4,10 @@
   jumprelu sweep smollm2_pareto --local              # all 23 runs, one after another
   python benchmarks/pareto.py --data ../shared/data/smollm2_135m_l15_resid_dev.npy --out /tmp/pareto
 
-Hardware: any CPU. Expected run time on 2 cores: ~90 s per JumpReLU/ReLU/Gated run and ~150 s
-per TopK/BatchTopK run (500 steps of 1,024 tokens at d_model 576, width 4,096; the planner's
-matmul count is 24 GFLOP per step), ~45 min for the whole sweep.
+Hardware: any CPU. Expected run time on 2 cores: ~90 s per ReLU/Gated run, ~150 s per
+TopK/BatchTopK run and ~1.5 × 90 s per JumpReLU run (its BatchTopK phase counts z > t 32 times
+a step; at 2M tokens 554 s against 370 s without it) (500 steps of 1,024 tokens at d_model 576,
+width 4,096; the planner's matmul count is 24 GFLOP per step), ~50 min for the whole sweep.
 
 Data: residual-stream activations of SmolLM2-135M after block 15 (d_model 576), 120,000 tokens
 of English prose, converted to a store (first command). `data.source` points at the store.
@@ -18,7 +19,8 @@ paper's loss and λ sweep instead of the recipe; `runlocal` shrinks to a smoke t
 
 Schedule: 512k tokens is 1/8,000 of the paper's budget, so every kind trains at lr 3e-3 with a
 50-step warm-up (ReLU and Gated with a 100-step λ warm-up). JumpReLU is the recommended
-short-budget recipe (`jumprelu.config.RECIPES["short"]`, README "Recipes": raw θ, ε 0.01, a
+short-budget recipe (`jumprelu.config.RECIPES["short"]`, README "Recipes": a BatchTopK phase
+with k = target over the first 80% of the steps handing over to per-latent θ, raw θ, ε 0.01, a
 target L0 reached by the λ controller, a pre-activation loss on dead latents, lr decaying over
 the last 20%, decoupled weight decay 0.3 on W_enc), swept over its target L0 as TopK is over
 k. Every kind gets the same data, token budget, width and evaluation.

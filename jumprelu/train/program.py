@@ -51,7 +51,7 @@ def build(cfg, d_model: int, mesh: Mesh, batch_dtype: str = "float32") -> Progra
         # select that runs both paths, so `auto` keeps stacked SAEs on the dense step.
         sae_cfg = sae_cfg.copy_and_resolve_references()
         sae_cfg.sparse = "off"
-    kind = kinds.from_config(sae_cfg, d_model)
+    kind = kinds.from_config(sae_cfg, d_model, cfg.train.steps)
     model = kind.model
     tx = optim.make_optimizer(cfg.train)
     abstract = state_lib.with_shardings(

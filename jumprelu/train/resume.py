@@ -57,6 +57,7 @@ STATE_SWITCHES = (
     ("sae.target_l0", lambda v: v is not None),
     ("sae.bandwidth_mode", lambda v: v == "relative"),
     ("sae.pre_act_coefficient", bool),
+    ("sae.batchtopk_fraction", bool),
 )
 
 

@@ -8,7 +8,8 @@ rest of the framework needs to know about it:
   validate       (sae_cfg, check) -> None: checks those fields, one-line errors naming them
   param_specs    PartitionSpecs of its arrays beyond the shared W_enc/b_enc/W_dec/b_dec,
                  parameters and non-gradient stats alike (`jumprelu.core.layout`)
-  build          (sae_cfg, d_model) -> Kind: the Linen model, the loss, init_stats, export
+  build          (sae_cfg, d_model, train_steps) -> Kind: the Linen model, the loss, init_stats, export
+                 (train_steps: the run's length, for schedules in the loss; 0 outside training)
   stackable      whether K of them can be trained in one vmapped step (a λ sweep)
   needs_data, init_from_data   an optional data-dependent start (b_dec, θ from a sample of rows)
 
@@ -47,7 +48,7 @@ class Kind:
 @dataclasses.dataclass(frozen=True)
 class KindSpec:
     name: str
-    build: Callable[..., Kind]  # (sae_cfg, d_model) -> Kind
+    build: Callable[..., Kind]  # (sae_cfg, d_model, train_steps) -> Kind
     config_fields: Callable[[], dict] = dict
     validate: Callable = lambda sae_cfg, check: None  # noqa: E731
     param_specs: dict[str, PartitionSpec] = dataclasses.field(default_factory=dict)
@@ -109,9 +110,10 @@ def array_specs() -> dict[str, PartitionSpec]:
     return specs
 
 
-def from_config(sae_cfg, d_model: int) -> Kind:
-    """The kind named by `sae.kind`, built from the `sae` config section."""
-    return spec(sae_cfg.kind).build(sae_cfg, d_model)
+def from_config(sae_cfg, d_model: int, train_steps: int = 0) -> Kind:
+    """The kind named by `sae.kind`, built from the `sae` config section (train_steps: the run's
+    length, which a schedule inside a loss needs; 0 where no loss is computed)."""
+    return spec(sae_cfg.kind).build(sae_cfg, d_model, train_steps)
 
 
 # `sae.sparse`, shared by the kinds with a sparse path (JumpReLU's step, TopK's decoder).

@@ -63,7 +63,7 @@ def to_jumprelu(params: dict) -> dict:
 SPEC = register(
     KindSpec(
         name="gated",
-        build=lambda sae_cfg, d_model: Kind(
+        build=lambda sae_cfg, d_model, train_steps=0: Kind(
             "gated", GatedSAE(**common_module_args(sae_cfg, d_model)), loss, dict, lambda p, s: to_jumprelu(p)
         ),
         param_specs={"r_mag": layout.THRESHOLD_SPEC, "b_mag": layout.THRESHOLD_SPEC},  # [M] each

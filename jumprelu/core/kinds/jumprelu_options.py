@@ -1,13 +1,16 @@
-"""The JumpReLU kind's config: its `sae.*` fields with their defaults, their validation, and
-the plan that picks the sparse or the dense step (`sparse_plan`, deterministic per config and
-backend). The module and its loss are in `jumprelu.py`.
+"""The JumpReLU kind's config: its `sae.*` fields with their defaults, their validation, the
+plan that picks the sparse or the dense step (`sparse_plan`, deterministic per config and
+backend), and the loss options they resolve to (`Recipe`, with the state they need). The
+module and its loss are in `jumprelu.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 from ml_collections import config_dict
 
 from jumprelu.core import init as init_lib
@@ -38,6 +41,7 @@ def sparse_plan(s) -> tuple[int, str]:
             ("sae.sparsity_loss=tanh", s.get("sparsity_loss", "step") == "tanh"),
             ("sae.matryoshka_widths", bool(s.get("matryoshka_widths"))),
             ("sae.ste_pre_activations", bool(s.get("ste_pre_activations"))),
+            ("sae.batchtopk_fraction", bool(s.get("batchtopk_fraction"))),
         )
         if on
     ]
@@ -87,6 +91,12 @@ def validate(s, check) -> None:
     if s.threshold_init_mode != "constant":
         check(s.target_l0 is not None, "sae.target_l0", "set when sae.threshold_init_mode is from data", s.target_l0)
     check(s.encoder_init_scale > 0, "sae.encoder_init_scale", "> 0", s.encoder_init_scale)
+    bf = s.batchtopk_fraction
+    check(0 <= bf <= 1, "sae.batchtopk_fraction", "in [0, 1]", bf)
+    if bf:
+        needs = "set and below sae.width when sae.batchtopk_fraction > 0 (k = target_l0)"
+        check(s.target_l0 is not None and s.target_l0 < s.width, "sae.target_l0", needs, s.target_l0)
+        check(s.sparse != "on", "sae.sparse", "'auto' or 'off' with sae.batchtopk_fraction > 0", s.sparse)
     check(isinstance(s.ste_pre_activations, bool), "sae.ste_pre_activations", "True or False", s.ste_pre_activations)
     check(s.sparse in SPARSE_MODES, "sae.sparse", f"one of {SPARSE_MODES}", s.sparse)
     capacity_rule = ">= 0 (0: 8 × sae.target_l0, at least width/64)"
@@ -120,6 +130,9 @@ def config_fields() -> dict:
         # True: the straight-through terms at θ also reach z, so W_enc and b_enc learn from rows near
         # the threshold (Anthropic 2025); paper: False, the jump trains θ only
         ste_pre_activations=False,
+        # > 0: this first share of the steps trains as BatchTopK (k = target_l0: every θ is the batch's
+        # k·B-th largest z), then hands over to per-latent θ (Gemma Scope 2 converted BatchTopK SAEs)
+        batchtopk_fraction=0.0,
         # A requested mean L0; λ then adapts to reach it (make_loss): log λ = I + gain·clip(log(L0/target),
         # ±1), I starting at log sparsity_coefficient and moving by rate·log(L0/target) per step.
         target_l0=config_dict.placeholder(float),
@@ -139,3 +152,57 @@ def config_fields() -> dict:
         sparse="auto",  # "auto" (where measured faster), "on" or "off"
         sparse_capacity=0,  # top-k slots per row (active + lower kernel window); 0: 8 × target_l0, ≥ width/64
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The loss options of the `sae` config section (defaults: the paper's)."""
+
+    sparsity_loss: str = "step"
+    target_l0: float | None = None
+    target_rate: float = 0.01
+    target_gain: float = 0.5
+    tanh_scale: float = 4.0
+    frequency_penalty: float = 0.0
+    frequency_limit: float = 0.1
+    pre_act_coefficient: float = 0.0
+    dead_window_tokens: int = 10_000_000
+    bandwidth: float = 0.001
+    bandwidth_mode: str = "absolute"
+    matryoshka_widths: tuple[int, ...] = ()
+    batchtopk_steps: int = 0  # > 0: the first steps train as BatchTopK with k = target_l0
+    sparse_capacity: int = 0  # > 0: the sparse step keeping this many entries per row (0: dense)
+
+    @classmethod
+    def from_config(cls, s, train_steps: int = 0) -> Recipe:
+        return cls(
+            sparsity_loss=s.get("sparsity_loss", "step"),
+            target_l0=s.get("target_l0"),
+            target_rate=s.get("target_l0_rate", 0.01),
+            target_gain=s.get("target_l0_gain", 0.5),
+            tanh_scale=s.get("tanh_scale", 4.0),
+            frequency_penalty=s.get("frequency_penalty", 0.0),
+            frequency_limit=s.get("frequency_limit", 0.1),
+            pre_act_coefficient=s.get("pre_act_coefficient", 0.0),
+            dead_window_tokens=s.get("dead_window_tokens", 10_000_000),
+            bandwidth=s.get("bandwidth", 0.001),
+            bandwidth_mode=s.get("bandwidth_mode", "absolute"),
+            matryoshka_widths=tuple(s.get("matryoshka_widths", ()) or ()),
+            # at least 1 when on, so the state has its step counter even where train_steps is not given
+            batchtopk_steps=max(1, round(fraction * train_steps)) if (fraction := s.get("batchtopk_fraction")) else 0,
+            sparse_capacity=sparse_plan(s)[0],
+        )
+
+
+def init_stats(recipe: Recipe, width: int, initial_lambda: float) -> dict:
+    """The non-gradient state the options need (none for the paper's recipe)."""
+    stats = {}
+    if recipe.target_l0 is not None:
+        stats["log_lambda"] = jnp.asarray(math.log(max(initial_lambda, 1e-9)), jnp.float32)
+    if recipe.bandwidth_mode == "relative":
+        stats["z_scale"] = jnp.ones((), jnp.float32)  # set from data at the start (init_from_data)
+    if recipe.pre_act_coefficient > 0:
+        stats["tokens_since_fired"] = jnp.zeros((width,), jnp.int32)
+    if recipe.batchtopk_steps:
+        stats["steps_seen"] = jnp.zeros((), jnp.int32)
+    return stats

@@ -36,7 +36,7 @@ def export(params, stats):  # ReLU = JumpReLU with θ = 0
 SPEC = register(
     KindSpec(
         name="relu",
-        build=lambda sae_cfg, d_model: Kind(
+        build=lambda sae_cfg, d_model, train_steps=0: Kind(
             "relu", ReLUSAE(**common_module_args(sae_cfg, d_model)), loss, dict, export
         ),
         stackable=True,

@@ -164,7 +164,7 @@ def decoder_plan(s, d_model: int) -> tuple[bool, str]:
     return True, f"auto: sparse decoder (the {s.k} selected latents of each row)"
 
 
-def _build(sae_cfg, d_model: int) -> Kind:
+def _build(sae_cfg, d_model: int, train_steps: int = 0) -> Kind:
     batch = sae_cfg.kind == "batchtopk"
     aux = AuxKConfig(
         k_aux=sae_cfg.aux_k,
