@@ -116,6 +116,9 @@ RECIPES = {
         "train.sparsity_warmup_steps": 0,  # the target-L0 controller replaces the λ warm-up
         "train.encoder_weight_decay": 0.3,  # runs that revisit their rows over-fit the encoder
         "sae.batchtopk_fraction": 0.8,  # BatchTopK (k = target) trains faster; θ per latent for the rest
+        # a silent latent's first Adam step (β1 0) is up to 32·lr: in the BatchTopK phase at k 100 that
+        # collapsed the SAE (batch FVU 0.14 → 1.05 in 50 steps)
+        "train.adam_update_clip": 3.0,
     },
 }
 
