@@ -69,7 +69,7 @@ class JumpReLUSAE(SAEBase):
         w.r.t. θ); fired_per_latent: [M] counts (metrics only); x_hat: [B, d].
         bandwidth: ε of this step when it is not the module's (relative bandwidth).
         batchtopk_k > 0 and batchtopk_now: every latent's θ is this batch's BatchTopK threshold
-        instead (the k·B-th largest z, no gradient), returned as batchtopk_threshold."""
+        instead (the value with k·B entries of z above it, no gradient), returned as batchtopk_threshold."""
         z = self.pre_activations(x)
         theta = self.threshold()
         extra = {}
