@@ -167,10 +167,11 @@ def test_target_l0_mode_moves_l0_to_the_target(tmp_path, tiny_config):
 
 
 def test_batchtopk_phase_then_hand_over_to_per_latent_thresholds():
-    """In the phase every θ is the batch's BatchTopK threshold (exactly k·B entries fire, θ gets
-    only the pull towards it); from step batchtopk_steps on, the loss is the recipe's own."""
+    """In the phase the latents fire at the batch's BatchTopK threshold t (exactly k·B entries)
+    while θ trains in the shadow: the reconstruction error and L0 of the SAE firing at θ, with the
+    controller on that L0, train θ alone. From step batchtopk_steps on, the loss is the recipe's own."""
     model = JumpReLUSAE(d_model=2, width=4, threshold_param="raw", bandwidth=0.5)
-    params = dict(BASE, threshold=jnp.full((4,), 0.2))
+    params = dict(BASE, threshold=jnp.full((4,), 0.4))
     recipe = Recipe(target_l0=2.0, batchtopk_steps=1)
     loss_fn = make_jumprelu_loss(recipe=recipe)
     stats = init_stats(recipe, 4, 0.01)
@@ -179,15 +180,40 @@ def test_batchtopk_phase_then_hand_over_to_per_latent_thresholds():
     t = float(batchtopk_threshold(jnp.asarray(z), 2))
     assert top[6] <= t < top[5] and top[6] > 0  # exactly the k·B = 2 · 3 = 6 largest are above it
     f = z * (z > t)
-    err = np.sum((np.asarray(X) - (f @ np.asarray(W_DEC) + np.asarray(BASE["b_dec"]))) ** 2, axis=-1)
-    # L0 is exactly k, so the controller's λ is its starting 0.01
-    want = np.mean(err + 0.01 * 2.0) + np.mean((0.2 - t) ** 2)
+    x, w_dec = np.asarray(X), np.asarray(W_DEC)
+    resid = x - (f @ w_dec + np.asarray(BASE["b_dec"]))
+    err = np.sum(resid**2, axis=-1)
+    l0_theta = np.sum(z > 0.4, axis=-1)
+    assert np.mean(l0_theta) != 2.0  # θ's L0 differs from the phase's, so the test can fail
+    error = np.log(np.mean(l0_theta) / 2.0)
+    lam = 0.01 * np.exp(0.5 * np.clip(error, -1, 1))
     total, (m, new) = loss_fn(model, params, stats, X, 0.0)
-    np.testing.assert_allclose(total, want, rtol=1e-5)
-    np.testing.assert_allclose(m["l0"], 2.0)
+    err_theta = np.sum((x - (z * (z > 0.4)) @ w_dec - np.asarray(BASE["b_dec"])) ** 2, axis=-1)
+    np.testing.assert_allclose(total, np.mean(err + lam * l0_theta + err_theta), rtol=1e-5)
+    np.testing.assert_allclose(m["l0"], np.mean(l0_theta), rtol=1e-6)
+    np.testing.assert_allclose(new["log_lambda"], np.log(0.01) + 0.01 * error, rtol=1e-6)
     assert int(new["steps_seen"]) == 1 and float(m["batchtopk_phase"]) == 1.0
     g = jax.grad(lambda p: loss_fn(model, p, stats, X, 0.0)[0])(params)
-    np.testing.assert_allclose(g["threshold"], 2 * (0.2 - t) / 4, rtol=1e-5)
+    # θ's gradient: the paper's, from the reconstruction of the SAE firing at θ (not at t)
+    f_theta = z * (z > 0.4)
+    resid_theta = x - (f_theta @ w_dec + np.asarray(BASE["b_dec"]))
+    g_f = -2 * resid_theta @ w_dec.T / 3  # ∂ mean_b ‖x_b - x̂_θ,b‖² / ∂f_θ
+    want = np.zeros(4)
+    for b, i in np.ndindex(z.shape):
+        if abs(z[b, i] - 0.4) < 0.25:  # the kernel window at θ = 0.4, ε = 0.5
+            want[i] += -(0.4 / 0.5) * g_f[b, i] - lam / 3 / 0.5
+    assert np.any(want != 0)
+    np.testing.assert_allclose(g["threshold"], want, rtol=1e-5, atol=1e-7)
+
+    # the other parameters learn from the t forward alone: its error, not the shadow's
+    def t_forward_error(p):
+        zz = (X - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+        ff = zz * (zz > t)
+        return jnp.mean(jnp.sum((X - (ff @ p["W_dec"] + p["b_dec"])) ** 2, axis=-1))
+
+    g_t = jax.grad(t_forward_error)(params)
+    for k in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        np.testing.assert_allclose(g[k], g_t[k], rtol=1e-5, atol=1e-7, err_msg=k)
     # after the phase: the recipe without it, value and gradients
     plain_recipe = Recipe(target_l0=2.0)
     after = dict(init_stats(plain_recipe, 4, 0.01), steps_seen=jnp.asarray(1, jnp.int32))

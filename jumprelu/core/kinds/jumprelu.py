@@ -68,24 +68,42 @@ class JumpReLUSAE(SAEBase):
         """What the loss needs. x: [B, d] -> z, f: [B, M]; l0: [B] (straight-through
         w.r.t. θ); fired_per_latent: [M] counts (metrics only); x_hat: [B, d].
         bandwidth: ε of this step when it is not the module's (relative bandwidth).
-        batchtopk_k > 0 and batchtopk_now: every latent's θ is this batch's BatchTopK threshold
-        instead (the value with k·B entries of z above it, no gradient), returned as batchtopk_threshold."""
+        batchtopk_k > 0 and batchtopk_now: the latents fire at this batch's BatchTopK threshold
+        instead (the value with k·B entries of z above it, no gradient; returned as
+        batchtopk_threshold) while θ trains in the shadow: l0 counts z > θ, and shadow_error
+        [B] is ‖x - x̂_θ‖² of the SAE firing at θ, with a gradient for θ only."""
         z = self.pre_activations(x)
         theta = self.threshold()
+        eps = self.bandwidth if bandwidth is None else bandwidth
+        paper_op = ops.jumprelu_l0_ste_z if self.ste_pre_activations else ops.jumprelu_l0
         extra = {}
         if batchtopk_k:
             t = jax.lax.cond(
                 batchtopk_now, lambda: batchtopk_threshold(z, batchtopk_k), lambda: jnp.zeros((), jnp.float32)
             )
-            theta = jnp.where(batchtopk_now, jnp.broadcast_to(t, theta.shape), theta)
-            extra["batchtopk_threshold"] = t
-        op = ops.jumprelu_l0_ste_z if self.ste_pre_activations else ops.jumprelu_l0
-        f, l0 = op(z, theta, self.bandwidth if bandwidth is None else bandwidth)
+
+            def phase():
+                f = ops.jumprelu(z, jnp.broadcast_to(t, theta.shape), eps)
+                f_theta, l0 = ops.jumprelu_l0(jax.lax.stop_gradient(z), theta, eps)
+                frozen = jax.lax.stop_gradient((self.W_dec, self.b_dec))
+                shadow_error = losses.squared_error(x, self.decode(f_theta, *frozen))
+                return f, l0, shadow_error
+
+            def after():
+                f, l0 = paper_op(z, theta, eps)
+                return f, l0, jnp.zeros(x.shape[:-1], jnp.float32)
+
+            f, l0, shadow_error = jax.lax.cond(batchtopk_now, phase, after)
+            firing = jnp.where(batchtopk_now, jnp.broadcast_to(t, theta.shape), theta)
+            extra = {"batchtopk_threshold": t, "shadow_error": shadow_error}
+        else:
+            firing = theta
+            f, l0 = paper_op(z, theta, eps)
         return {
             "z": z,
             "f": f,
             "l0": l0,
-            "fired_per_latent": ops.fired_per_latent(z, theta),
+            "fired_per_latent": ops.fired_per_latent(z, firing),
             "x_hat": self.decode(f),
             **extra,
         }
@@ -239,10 +257,11 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
             new_stats["z_scale"] = _Z_SCALE_DECAY * stats["z_scale"] + (1 - _Z_SCALE_DECAY) * spread
             metrics = dict(metrics, bandwidth=eps)
         if r.batchtopk_steps:
-            # θ follows the BatchTopK threshold through the phase (a squared pull; Adam makes its
-            # step ~lr whatever the scale), so the hand-over to per-latent θ starts where the phase ended
-            pull = jnp.where(batchtopk_now, jnp.mean(jnp.square(theta - out["batchtopk_threshold"])), 0.0)
-            penalty = penalty + pull
+            # Through the phase θ trains in the shadow of the BatchTopK forward: the reconstruction
+            # error and L0 of the SAE firing at θ (λ from the controller on that L0), with a gradient
+            # for θ only. At the hand-over θ, its Adam moments and λ are already those of a JumpReLU
+            # SAE at the target L0, instead of jumping from the pull's scale to the step loss's.
+            penalty = penalty + jnp.mean(out["shadow_error"])
             new_stats["steps_seen"] = stats["steps_seen"] + 1
             metrics = dict(metrics, batchtopk_phase=batchtopk_now.astype(jnp.float32))
         total = jnp.mean(sq_err) + penalty
