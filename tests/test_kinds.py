@@ -227,6 +227,30 @@ def test_batchtopk_phase_then_hand_over_to_per_latent_thresholds():
         np.testing.assert_allclose(g[k], g_plain[k], rtol=1e-5, atol=1e-8, err_msg=k)
 
 
+def test_frequency_penalty_waits_for_the_hand_over():
+    """With the BatchTopK phase the frequency penalty is 0 in the phase (value and θ-gradient) and
+    the recipe's own after it."""
+    model = JumpReLUSAE(d_model=2, width=4, threshold_param="raw", bandwidth=0.5)
+    params = dict(BASE, threshold=jnp.full((4,), 0.4))
+    penalised = Recipe(target_l0=2.0, batchtopk_steps=1, frequency_penalty=0.5, frequency_limit=0.2)
+    plain = Recipe(target_l0=2.0, batchtopk_steps=1)
+    stats = init_stats(plain, 4, 0.01)
+    after = dict(stats, steps_seen=jnp.asarray(1, jnp.int32))
+
+    def run(recipe, st):
+        fn = make_jumprelu_loss(recipe=recipe)
+        return jax.value_and_grad(lambda p: fn(model, p, st, X, 0.0)[0])(params)
+
+    (v_pen, g_pen), (v, g) = run(penalised, stats), run(plain, stats)
+    np.testing.assert_allclose(v_pen, v, rtol=1e-6)
+    np.testing.assert_allclose(g_pen["threshold"], g["threshold"], rtol=1e-6)
+    (v_pen, _), (v, _) = run(penalised, after), run(plain, after)
+    z = _z()
+    want = 0.5 * np.sum(np.maximum(np.mean(z > 0.4, axis=0) - 0.2, 0.0))
+    assert want > 0
+    np.testing.assert_allclose(v_pen - v, want, rtol=1e-5)
+
+
 def test_batchtopk_threshold_counts_exactly_k_per_row_on_average():
     z = jax.random.normal(jax.random.key(3), (64, 256))
     for k in (1, 5, 40):

@@ -237,6 +237,11 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
             penalty, metrics = penalty + freq, dict(metrics, frequency_penalty=freq)
         elif r.frequency_penalty:
             freq = sparsity.frequency_penalty(out["z"], theta, eps_now, r.frequency_penalty, r.frequency_limit)
+            if r.batchtopk_steps:
+                # not in the BatchTopK phase: there it would raise the shadow θ of latents the forward
+                # still fires at t, and the controller, lowering λ to make up for it, would start the
+                # hand-over far below the λ that holds L0 (seed 1, target 100: L0 95 → 141 after it)
+                freq = jnp.where(batchtopk_now, 0.0, freq)
             penalty, metrics = penalty + freq, dict(metrics, frequency_penalty=freq)
         if r.pre_act_coefficient:
             since = stats["tokens_since_fired"]
