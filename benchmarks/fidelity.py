@@ -14,7 +14,8 @@ L0 (20, 50, 100) every trainer gets the same width (4,096), batch (1,024) and to
                training rows, ridge --refit_ridge; no new rows, encoder and L0 unchanged)
   matryoshka   the same recipe with nested prefixes (width/8, width/4, width/2, width), without
                the encoder weight decay (with it the nested loss diverged at 2M tokens);
-               --matryoshka_frequency_penalty adds Gemma Scope 2's penalty on latents above 10%
+               --matryoshka_frequency_penalty sets μ of Gemma Scope 2's penalty on latents above 10%
+               (default: the recipe's)
   topk         k = T;  batchtopk  k = T (Adam β1 0.9, lr 1e-3, the recipe's warm-up)
   matryoshka_refit, batchtopk_refit  the same decoder refit of those runs (BatchTopK's SAE is a
                JumpReLU SAE with one threshold)
@@ -89,7 +90,8 @@ def our_config(trainer: str, target: int, args, store: str):
     if trainer == "matryoshka":  # nested prefixes (Gemma Scope 2 pairs them with a frequency penalty)
         w = args.width
         cfg.sae.matryoshka_widths = (w // 8, w // 4, w // 2, w)
-        cfg.sae.frequency_penalty = args.matryoshka_frequency_penalty
+        if args.matryoshka_frequency_penalty is not None:
+            cfg.sae.frequency_penalty = args.matryoshka_frequency_penalty
         # With the recipe's encoder weight decay the nested loss diverged at 2M tokens, L0 50 (FVU
         # 0.186 at step 1,550, then L0 393 and FVU 3.9); without it the run is stable.
         cfg.train.encoder_weight_decay = 0.0
@@ -176,7 +178,9 @@ def main() -> None:
     p.add_argument("--override", action="append", default=[], help="FIELD=VALUE on our configs (repeatable)")
     p.add_argument("--refit_rows", type=int, default=131072, help="jumprelu_refit: last training rows fitted")
     p.add_argument("--refit_ridge", type=float, default=0.01, help="jumprelu_refit: ridge ρ")
-    p.add_argument("--matryoshka_frequency_penalty", type=float, default=0.0, help="μ for the matryoshka trainer")
+    p.add_argument(
+        "--matryoshka_frequency_penalty", type=float, default=None, help="μ for the matryoshka trainer (the recipe's)"
+    )
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     train_npy, eval_npy, store = split(args.data, args.out, args.eval_rows, args.seed)

@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
         adam_update_clip=0.0,  # > 0: each entry of Adam's direction g/√v̂ clipped to ± this, before lr (paper: 0)
         encoder_weight_decay=0.0,  # > 0: AdamW-style decoupled decay of W_enc, × lr per step (paper: 0)
         lr_decay_fraction=0.0,  # > 0: lr falls linearly to 0 over this final share of the run (paper: 0)
+        decay_thresholds=True,  # False: θ keeps its lr through that decay (the L0 controller acts on θ)
         sparsity_warmup_fraction=config_dict.placeholder(float),  # set: λ warm-up over this share of steps
         # A batch whose loss or update is not finite is dropped (counted in metrics as skipped_batches)
         # instead of stopping the run at the next log step (see README, "What survives what").
@@ -178,6 +179,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(0 < t.lr_warmup_start_factor <= 1, "train.lr_warmup_start_factor", "in (0, 1]", t.lr_warmup_start_factor)
     _check(t.sparsity_warmup_steps >= 0, "train.sparsity_warmup_steps", ">= 0", t.sparsity_warmup_steps)
     _check(0 <= t.lr_decay_fraction <= 1, "train.lr_decay_fraction", "in [0, 1]", t.lr_decay_fraction)
+    dt = t.get("decay_thresholds", True)
+    _check(isinstance(dt, bool), "train.decay_thresholds", "True or False", dt)
     frac = t.sparsity_warmup_fraction
     _check(frac is None or 0 <= frac <= 1, "train.sparsity_warmup_fraction", "in [0, 1] or unset", frac)
     _check(0 <= t.adam_b1 < 1, "train.adam_b1", "in [0, 1)", t.adam_b1)

@@ -5,6 +5,7 @@ every option through the real loop, sharded on 8 simulated devices and stacked."
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jumprelu
@@ -178,6 +179,34 @@ def test_schedules_decay_and_fraction_warmup(tiny_config):
     assert [float(lr(s)) for s in (0, 80, 90, 100)] == pytest.approx([1.0, 1.0, 0.5, 0.0])
     lam = optim.sparsity_schedule(t, 2.0)
     assert [float(lam(s)) for s in (0, 25, 50, 90)] == pytest.approx([0.0, 1.0, 2.0, 2.0])
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("name", ["threshold", "log_threshold"])
+def test_thresholds_can_keep_their_lr_through_the_final_decay(tiny_config, stacked, name):
+    """At step 90 of 100 with the decay over the last 20%, the lr is 0.5·lr: θ's Adam step (sign of a
+    steady gradient, ±1 with β1 = 0 on the first step) is scaled by lr itself with
+    decay_thresholds=False and by 0.5·lr with the default; W_enc by 0.5·lr either way. The state is
+    optax.scale_by_learning_rate's, so checkpoints do not depend on the option."""
+    t = tiny_config.train
+    t.update(steps=100, lr=0.2, lr_warmup_steps=0, lr_decay_fraction=0.2)
+    lead = (2,) if stacked else ()
+    params = {
+        "W_enc": jnp.ones((*lead, 3, 4)),
+        "W_dec": jnp.eye(4, 3) + jnp.zeros((*lead, 4, 3)),
+        name: jnp.ones((*lead, 4)),
+    }
+    grads = jax.tree.map(jnp.ones_like, params)
+    for keep, theta_step in ((False, -0.1), (True, -0.2)):
+        t.decay_thresholds = not keep
+        tx = optim.make_optimizer(t)
+        state = tx.init(params)
+        state = (*state[:-1], optax.ScaleByScheduleState(count=jnp.asarray(90, jnp.int32)))  # lr's step 90
+        updates, _ = tx.update(grads, state, params)
+        np.testing.assert_allclose(updates[name], theta_step, rtol=1e-4)
+        np.testing.assert_allclose(updates["W_enc"], -0.1, rtol=1e-4)
+    plain = optax.scale_by_learning_rate(optim.learning_rate_schedule(t)).init(params)
+    assert jax.tree.structure(tx.init(params)[-1]) == jax.tree.structure(plain)
 
 
 @pytest.mark.parametrize("stacked", [False, True])

@@ -89,6 +89,40 @@ def learning_rate_schedule(train_cfg) -> Schedule:
     return linear_decay_tail(warm, train_cfg.steps, train_cfg.get("lr_decay_fraction", 0.0))
 
 
+def threshold_learning_rate_schedule(train_cfg) -> Schedule:
+    """θ's lr: the others' unless `train.decay_thresholds` is False, then without the final decay."""
+    if train_cfg.get("decay_thresholds", True):
+        return learning_rate_schedule(train_cfg)
+    return cosine_warmup(train_cfg.lr, train_cfg.lr_warmup_steps, train_cfg.lr_warmup_start_factor)
+
+
+THRESHOLD_LEAVES = ("threshold", "log_threshold")
+
+
+def scale_by_learning_rates(schedule: Schedule, threshold_schedule: Schedule) -> optax.GradientTransformation:
+    """optax.scale_by_learning_rate(schedule) (same state, so checkpoints are interchangeable),
+    with θ's leaves (any nesting, stacked or not) scaled by threshold_schedule instead."""
+    if threshold_schedule is schedule:
+        return optax.scale_by_learning_rate(schedule)
+
+    def init_fn(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        lr, lr_theta = schedule(state.count), threshold_schedule(state.count)
+
+        def scale(path, u):
+            rate = lr_theta if getattr(path[-1], "key", None) in THRESHOLD_LEAVES else lr
+            return -jnp.asarray(rate, u.dtype) * u
+
+        updates = jax.tree_util.tree_map_with_path(scale, updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def sparsity_warmup_steps(train_cfg) -> int:
     """`train.sparsity_warmup_steps`, or `train.sparsity_warmup_fraction` of `train.steps` when set."""
     fraction = train_cfg.get("sparsity_warmup_fraction")
@@ -125,5 +159,8 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
     decay = train_cfg.get("encoder_weight_decay", 0.0)
     if decay > 0:  # AdamW's decoupled decay, on W_enc only (decoder rows are held at unit norm)
         parts.append(optax.add_decayed_weights(decay, mask=_named("W_enc")))
-    parts.append(optax.scale_by_learning_rate(learning_rate_schedule(train_cfg)))
+    # θ sets L0: with `train.decay_thresholds=False` it keeps its lr through the final decay, so
+    # the target-L0 controller can still move it while the other weights anneal
+    lr, lr_theta = learning_rate_schedule(train_cfg), threshold_learning_rate_schedule(train_cfg)
+    parts.append(scale_by_learning_rates(lr, lr_theta))
     return optax.chain(*parts)
