@@ -120,6 +120,11 @@ RECIPES = {
         # a silent latent's first Adam step (β1 0) is up to 32·lr: in the BatchTopK phase at k 100 that
         # collapsed the SAE (batch FVU 0.14 → 1.05 in 50 steps)
         "train.adam_update_clip": 3.0,
+        # Gemma Scope 2's penalty on latents firing on more than 10% of tokens, from the hand-over on
+        # (see the kind); θ keeps its lr through the final decay, so the controller can make up for
+        # the L0 it removes (without: target 20 ended at L0 22.6, +13%)
+        "sae.frequency_penalty": 0.01,
+        "train.decay_thresholds": False,
     },
 }
 

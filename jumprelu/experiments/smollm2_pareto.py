@@ -20,10 +20,11 @@ paper's loss and λ sweep instead of the recipe; `runlocal` shrinks to a smoke t
 Schedule: 512k tokens is 1/8,000 of the paper's budget, so every kind trains at lr 3e-3 with a
 50-step warm-up (ReLU and Gated with a 100-step λ warm-up). JumpReLU is the recommended
 short-budget recipe (`jumprelu.config.RECIPES["short"]`, README "Recipes": a BatchTopK phase
-with k = target over the first 80% of the steps handing over to per-latent θ, raw θ, ε 0.01, a
-target L0 reached by the λ controller, a pre-activation loss on dead latents, lr decaying over
-the last 20%, decoupled weight decay 0.3 on W_enc), swept over its target L0 as TopK is over
-k. Every kind gets the same data, token budget, width and evaluation.
+with k = target over the first 80% of the steps handing over to per-latent θ trained in its
+shadow, raw θ, ε 0.01, a target L0 reached by the λ controller, a pre-activation loss on dead
+latents, a frequency penalty after the hand-over, lr decaying over the last 20% except θ's,
+decoupled weight decay 0.3 on W_enc), swept over its target L0 as TopK is over k. Every kind
+gets the same data, token budget, width and evaluation.
 """
 
 import os
