@@ -89,10 +89,8 @@ def learning_rate_schedule(train_cfg) -> Schedule:
     return linear_decay_tail(warm, train_cfg.steps, train_cfg.get("lr_decay_fraction", 0.0))
 
 
-def threshold_learning_rate_schedule(train_cfg) -> Schedule:
-    """θ's lr: the others' unless `train.decay_thresholds` is False, then without the final decay."""
-    if train_cfg.get("decay_thresholds", True):
-        return learning_rate_schedule(train_cfg)
+def undecayed_learning_rate_schedule(train_cfg) -> Schedule:
+    """`learning_rate_schedule` without the final decay (θ's, with `train.decay_thresholds=False`)."""
     return cosine_warmup(train_cfg.lr, train_cfg.lr_warmup_steps, train_cfg.lr_warmup_start_factor)
 
 
@@ -102,8 +100,6 @@ THRESHOLD_LEAVES = ("threshold", "log_threshold")
 def scale_by_learning_rates(schedule: Schedule, threshold_schedule: Schedule) -> optax.GradientTransformation:
     """optax.scale_by_learning_rate(schedule) (same state, so checkpoints are interchangeable),
     with θ's leaves (any nesting, stacked or not) scaled by threshold_schedule instead."""
-    if threshold_schedule is schedule:
-        return optax.scale_by_learning_rate(schedule)
 
     def init_fn(params):
         del params
@@ -161,6 +157,9 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
         parts.append(optax.add_decayed_weights(decay, mask=_named("W_enc")))
     # θ sets L0: with `train.decay_thresholds=False` it keeps its lr through the final decay, so
     # the target-L0 controller can still move it while the other weights anneal
-    lr, lr_theta = learning_rate_schedule(train_cfg), threshold_learning_rate_schedule(train_cfg)
-    parts.append(scale_by_learning_rates(lr, lr_theta))
+    lr = learning_rate_schedule(train_cfg)
+    if train_cfg.get("decay_thresholds", True):
+        parts.append(optax.scale_by_learning_rate(lr))
+    else:
+        parts.append(scale_by_learning_rates(lr, undecayed_learning_rate_schedule(train_cfg)))
     return optax.chain(*parts)
