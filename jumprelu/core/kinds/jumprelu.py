@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from jumprelu.core import init as init_lib
 from jumprelu.core import layout, losses, ops, sparse, sparsity
+from jumprelu.core.batch_threshold import batchtopk_threshold
 from jumprelu.core.kinds import Kind, KindSpec, common_module_args, jumprelu_arrays, register
 from jumprelu.core.kinds.jumprelu_options import (
     THRESHOLD_PARAMS,
@@ -142,23 +143,6 @@ class JumpReLUSAE(SAEBase):
         return out
 
 
-def batchtopk_threshold(z: jax.Array, k: int) -> jax.Array:
-    """A t ≥ 0 with exactly k·B entries of z [B, M] above it (ties aside; fewer where fewer are
-    positive): float32, no gradient. Bisection on the value, 32 counts of z > t, because
-    `lax.top_k` over all B·M entries took 1.3 s per batch of 1,024 × 4,096 on XLA:CPU (this: 0.1 s)."""
-    n = k * z.shape[0]
-    z = jax.lax.stop_gradient(z).astype(jnp.float32)
-
-    def halve(_, bracket):  # invariant: at least n entries above lo, fewer than n above hi
-        lo, hi = bracket
-        mid = 0.5 * (lo + hi)
-        enough = jnp.sum(z > mid) >= n
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
-
-    lo, _ = jax.lax.fori_loop(0, 32, halve, (jnp.zeros((), jnp.float32), jnp.maximum(jnp.max(z), 0.0)))
-    return lo
-
-
 def threshold_of(params: dict) -> jax.Array:
     """θ from a params dict of either parameterisation."""
     if "log_threshold" in params:
@@ -238,9 +222,8 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
         elif r.frequency_penalty:
             freq = sparsity.frequency_penalty(out["z"], theta, eps_now, r.frequency_penalty, r.frequency_limit)
             if r.batchtopk_steps:
-                # not in the BatchTopK phase: there it would raise the shadow θ of latents the forward
-                # still fires at t, and the controller, lowering λ to make up for it, would start the
-                # hand-over far below the λ that holds L0 (seed 1, target 100: L0 95 → 141 after it)
+                # not in the phase: it would raise the shadow θ of latents still firing at t, and λ, cut
+                # to make up for it, starts the hand-over too low (seed 1, target 100: L0 95 → 141)
                 freq = jnp.where(batchtopk_now, 0.0, freq)
             penalty, metrics = penalty + freq, dict(metrics, frequency_penalty=freq)
         if r.pre_act_coefficient:
