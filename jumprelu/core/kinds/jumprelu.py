@@ -79,23 +79,21 @@ class JumpReLUSAE(SAEBase):
         paper_op = ops.jumprelu_l0_ste_z if self.ste_pre_activations else ops.jumprelu_l0
         extra = {}
         if batchtopk_k:
-            t = jax.lax.cond(
-                batchtopk_now, lambda: batchtopk_threshold(z, batchtopk_k), lambda: jnp.zeros((), jnp.float32)
-            )
 
             def phase():
-                f = ops.jumprelu(z, jnp.broadcast_to(t, theta.shape), eps)
+                t = batchtopk_threshold(z, batchtopk_k)
+                firing = jnp.broadcast_to(t, theta.shape)
+                f = ops.jumprelu(z, firing, eps)
                 f_theta, l0 = ops.jumprelu_l0(jax.lax.stop_gradient(z), theta, eps)
                 frozen = jax.lax.stop_gradient((self.W_dec, self.b_dec))
                 shadow_error = losses.squared_error(x, self.decode(f_theta, *frozen))
-                return f, l0, shadow_error
+                return f, l0, firing, t, shadow_error
 
             def after():
                 f, l0 = paper_op(z, theta, eps)
-                return f, l0, jnp.zeros(x.shape[:-1], jnp.float32)
+                return f, l0, theta, jnp.zeros((), jnp.float32), jnp.zeros(x.shape[:-1], jnp.float32)
 
-            f, l0, shadow_error = jax.lax.cond(batchtopk_now, phase, after)
-            firing = jnp.where(batchtopk_now, jnp.broadcast_to(t, theta.shape), theta)
+            f, l0, firing, t, shadow_error = jax.lax.cond(batchtopk_now, phase, after)
             extra = {"batchtopk_threshold": t, "shadow_error": shadow_error}
         else:
             firing = theta
