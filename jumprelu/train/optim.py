@@ -82,16 +82,16 @@ def linear_decay_tail(schedule: Schedule, total_steps: int, fraction: float) -> 
     return decayed
 
 
-def learning_rate_schedule(train_cfg) -> Schedule:
-    """Cosine warm-up then constant (paper); `train.lr_decay_fraction` adds a linear decay to 0
-    over that final share of `train.steps`."""
-    warm = cosine_warmup(train_cfg.lr, train_cfg.lr_warmup_steps, train_cfg.lr_warmup_start_factor)
-    return linear_decay_tail(warm, train_cfg.steps, train_cfg.get("lr_decay_fraction", 0.0))
-
-
 def undecayed_learning_rate_schedule(train_cfg) -> Schedule:
     """`learning_rate_schedule` without the final decay (θ's, with `train.decay_thresholds=False`)."""
     return cosine_warmup(train_cfg.lr, train_cfg.lr_warmup_steps, train_cfg.lr_warmup_start_factor)
+
+
+def learning_rate_schedule(train_cfg) -> Schedule:
+    """Cosine warm-up then constant (paper); `train.lr_decay_fraction` adds a linear decay to 0
+    over that final share of `train.steps`."""
+    warm = undecayed_learning_rate_schedule(train_cfg)
+    return linear_decay_tail(warm, train_cfg.steps, train_cfg.get("lr_decay_fraction", 0.0))
 
 
 THRESHOLD_LEAVES = ("threshold", "log_threshold")
@@ -108,12 +108,8 @@ def scale_by_learning_rates(schedule: Schedule, threshold_schedule: Schedule) ->
     def update_fn(updates, state, params=None):
         del params
         lr, lr_theta = schedule(state.count), threshold_schedule(state.count)
-
-        def scale(path, u):
-            rate = lr_theta if getattr(path[-1], "key", None) in THRESHOLD_LEAVES else lr
-            return -jnp.asarray(rate, u.dtype) * u
-
-        updates = jax.tree_util.tree_map_with_path(scale, updates)
+        is_theta = _named(*THRESHOLD_LEAVES)(updates)
+        updates = jax.tree.map(lambda u, th: -jnp.asarray(lr_theta if th else lr, u.dtype) * u, updates, is_theta)
         return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -129,11 +125,11 @@ def sparsity_schedule(train_cfg, sparsity_coefficient: float) -> Schedule:
     return linear_warmup(sparsity_coefficient, sparsity_warmup_steps(train_cfg))
 
 
-def _named(name: str):
-    """An optax mask: True for the leaves called `name` (any nesting, stacked or not)."""
+def _named(*names: str):
+    """An optax mask: True for the leaves called one of `names` (any nesting, stacked or not)."""
 
     def mask(params):
-        return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == name, params)
+        return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) in names, params)
 
     return mask
 
