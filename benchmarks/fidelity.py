@@ -12,7 +12,8 @@ L0 (20, 50, 100) every trainer gets the same width (4,096), batch (1,024) and to
                2026-12-01 with its BatchTopK phase over the first 80% of the steps)
   jumprelu_refit  that run plus `jumprelu refit` (least-squares decoder on the last --refit_rows
                training rows, ridge --refit_ridge; no new rows, encoder and L0 unchanged)
-  matryoshka   the same recipe with nested prefixes (width/8, width/4, width/2, width), without
+  matryoshka   the same recipe with nested prefixes (width/8, width/4, width/2, width; or
+               --matryoshka_divisors) weighted by --matryoshka_weights (default equal), without
                the encoder weight decay (with it the nested loss diverged at 2M tokens);
                --matryoshka_frequency_penalty sets μ of Gemma Scope 2's penalty on latents above 10%
                (default: the recipe's)
@@ -89,7 +90,9 @@ def our_config(trainer: str, target: int, args, store: str):
     cfg.log.progress = False
     if trainer == "matryoshka":  # nested prefixes (Gemma Scope 2 pairs them with a frequency penalty)
         w = args.width
-        cfg.sae.matryoshka_widths = (w // 8, w // 4, w // 2, w)
+        cfg.sae.matryoshka_widths = tuple(w // int(d) for d in args.matryoshka_divisors.split(","))
+        if args.matryoshka_weights:
+            cfg.sae.matryoshka_weights = tuple(float(v) for v in args.matryoshka_weights.split(","))
         if args.matryoshka_frequency_penalty is not None:
             cfg.sae.frequency_penalty = args.matryoshka_frequency_penalty
         # With the recipe's encoder weight decay the nested loss diverged at 2M tokens, L0 50 (FVU
@@ -181,6 +184,8 @@ def main() -> None:
     p.add_argument(
         "--matryoshka_frequency_penalty", type=float, default=None, help="μ for the matryoshka trainer (the recipe's)"
     )
+    p.add_argument("--matryoshka_divisors", default="8,4,2,1", help="matryoshka prefixes: width/8, width/4, ...")
+    p.add_argument("--matryoshka_weights", default="", help="each prefix's loss share, e.g. 1,1,1,3 (default equal)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     train_npy, eval_npy, store = split(args.data, args.out, args.eval_rows, args.seed)

@@ -155,9 +155,10 @@ def test_nested_reconstructions_are_the_prefix_decodes():
         np.testing.assert_allclose(x_hat, f[:, :m] @ w[:m] + b, rtol=1e-5)
 
 
-def test_matryoshka_loss_is_the_mean_of_the_prefix_errors(tiny_config):
+@pytest.mark.parametrize("weights", [(), (1.0, 1.0, 2.0), (0.0, 1.0, 3.0)])
+def test_matryoshka_loss_is_the_weighted_mean_of_the_prefix_errors(tiny_config, weights):
     s = tiny_config.sae
-    s.update(width=8, matryoshka_widths=(2, 4, 8), threshold_init=0.01)
+    s.update(width=8, matryoshka_widths=(2, 4, 8), matryoshka_weights=weights, threshold_init=0.01)
     kind = jumprelu_kind.build(s, 5)
     params = kind.model.init(jax.random.key(0), jnp.zeros((1, 5)))["params"]
     params = dict(params, b_dec=jnp.full((5,), 0.1))
@@ -167,7 +168,8 @@ def test_matryoshka_loss_is_the_mean_of_the_prefix_errors(tiny_config):
     f = np.asarray(kind.model.apply({"params": params}, x)["f"])
     w, b = np.asarray(params["W_dec"]), np.asarray(params["b_dec"])
     errs = [np.sum((np.asarray(x) - (f[:, :m] @ w[:m] + b)) ** 2, axis=1) for m in (2, 4, 8)]
-    want = np.mean(sum(errs) / 3 + lam * np.sum(f != 0, axis=1))
+    shares = np.asarray(weights or (1.0, 1.0, 1.0)) / sum(weights or (1.0, 1.0, 1.0))
+    want = np.mean(sum(p * e for p, e in zip(shares, errs, strict=True)) + lam * np.sum(f != 0, axis=1))
     assert float(total) == pytest.approx(want, rel=1e-5)
     assert float(metrics["mse"]) == pytest.approx(np.mean(errs[-1]), rel=1e-5)  # metrics: the full SAE
 
@@ -253,6 +255,7 @@ def test_adam_update_clip_bounds_a_long_silent_parameters_first_step(tiny_config
     [
         ("sae.sparsity_loss", "l1", "sae.sparsity_loss must be one of"),
         ("sae.matryoshka_widths", (16, 8), "sae.matryoshka_widths must be increasing prefix sizes"),
+        ("sae.matryoshka_weights", (1.0, 2.0), "sae.matryoshka_weights must be empty or 0 weights"),
         ("sae.threshold_init_mode", "latent_quantile", "sae.target_l0 must be set when sae.threshold_init_mode"),
         ("sae.b_dec_init", "mode", "sae.b_dec_init must be one of"),
         ("train.lr_decay_fraction", 1.5, "train.lr_decay_fraction must be in"),
@@ -280,6 +283,7 @@ def _all_options(cfg, loss: str):
         frequency_penalty=0.1,
         sparsity_loss=loss,
         matryoshka_widths=(16, 64),
+        matryoshka_weights=(1.0, 3.0),
         ste_pre_activations=True,
     )
     cfg.train.update(

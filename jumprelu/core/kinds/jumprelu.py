@@ -195,9 +195,9 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
             lam = jnp.exp(stats["log_lambda"] + r.target_gain * jnp.clip(error, -1.0, 1.0))
             integral = jnp.clip(stats["log_lambda"] + r.target_rate * error, _LOG_LAMBDA_MIN, _LOG_LAMBDA_MAX)
             new_stats["log_lambda"] = jax.lax.stop_gradient(integral)
-        if r.matryoshka_widths:  # the mean over nested prefixes of their reconstruction errors
+        if r.matryoshka_widths:  # the weighted mean over nested prefixes of their reconstruction errors
             x_hats = losses.nested_reconstructions(out["f"], params["W_dec"], params["b_dec"], r.matryoshka_widths)
-            sq_err = sum(losses.squared_error(x, h) for h in x_hats) / len(x_hats)
+            sq_err = sum(w * losses.squared_error(x, h) for w, h in zip(r.matryoshka_weights, x_hats, strict=True))
             metrics = losses.reconstruction_metrics(x, out["x_hat"], out["l0"], out["fired_per_latent"])
         else:
             sq_err, metrics = losses.reconstruction(x, out)

@@ -119,6 +119,13 @@ def validate(s, check) -> None:
         f"increasing prefix sizes ending at sae.width={s.width}",
         widths,
     )
+    weights = tuple(s.get("matryoshka_weights", ()) or ())
+    check(
+        not weights or (len(weights) == len(widths) and all(w >= 0 for w in weights) and sum(weights) > 0),
+        "sae.matryoshka_weights",
+        f"empty or {len(widths)} weights >= 0 (one per sae.matryoshka_widths entry) with a positive sum",
+        weights,
+    )
 
 
 def config_fields() -> dict:
@@ -148,6 +155,8 @@ def config_fields() -> dict:
         threshold_init_mode="constant",  # or "latent_quantile" / "global_quantile": initial L0 = target_l0
         encoder_init_scale=1.0,  # W_enc = scale · W_decᵀ at init
         matryoshka_widths=(),  # nested prefixes, e.g. (1024, 4096, 16384); last = width
+        # each prefix's share of the reconstruction loss (normalised to sum 1); empty: equal shares
+        matryoshka_weights=(),
         # The sparse step (core/sparse.py): same numbers, cost ≈ one dense product + O(B·L0·d).
         sparse="auto",  # "auto" (where measured faster), "on" or "off"
         sparse_capacity=0,  # top-k slots per row (active + lower kernel window); 0: 8 × target_l0, ≥ width/64
@@ -170,6 +179,7 @@ class Recipe:
     bandwidth: float = 0.001
     bandwidth_mode: str = "absolute"
     matryoshka_widths: tuple[int, ...] = ()
+    matryoshka_weights: tuple[float, ...] = ()  # normalised, one per width (empty without widths)
     batchtopk_steps: int = 0  # > 0: the first steps train as BatchTopK with k = target_l0
     sparse_capacity: int = 0  # > 0: the sparse step keeping this many entries per row (0: dense)
 
@@ -187,11 +197,17 @@ class Recipe:
             dead_window_tokens=s.get("dead_window_tokens", 10_000_000),
             bandwidth=s.get("bandwidth", 0.001),
             bandwidth_mode=s.get("bandwidth_mode", "absolute"),
-            matryoshka_widths=tuple(s.get("matryoshka_widths", ()) or ()),
+            matryoshka_widths=(widths := tuple(s.get("matryoshka_widths", ()) or ())),
+            matryoshka_weights=_normalised(s.get("matryoshka_weights", ()) or (1.0,) * len(widths)),
             # at least 1 when on, so the state has its step counter even where train_steps is not given
             batchtopk_steps=max(1, round(fraction * train_steps)) if (fraction := s.get("batchtopk_fraction")) else 0,
             sparse_capacity=sparse_plan(s)[0],
         )
+
+
+def _normalised(weights) -> tuple[float, ...]:
+    total = float(sum(weights))
+    return tuple(float(w) / total for w in weights)
 
 
 def init_stats(recipe: Recipe, width: int, initial_lambda: float) -> dict:
