@@ -50,7 +50,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PEER_PYTHON = os.path.join(HERE, "peers", ".venv", "bin", "python")
 OURS = ("jumprelu", "jumprelu_refit", "matryoshka", "matryoshka_refit", "topk", "batchtopk", "batchtopk_refit")
 PEERS = ("saelens_jumprelu", "saelens_topk")
-FIELDS = ("trainer", "target", "l0", "fvu", "dead_fraction", "dense_fraction", "tokens", "seconds")
+FIELDS = ("trainer", "target", "l0", "fvu", "dead_fraction", "dense_fraction", "tokens", "seconds", "prefix_fvu")
 
 
 def split(data: str, out: str, eval_rows: int, seed: int) -> tuple[str, str, str]:
@@ -139,8 +139,19 @@ def run_ours(trainer: str, target: int, args, store: str, eval_rows: np.ndarray,
     seconds = time.perf_counter() - t0
     sae = jumprelu.load(workdir)
     m = evaluate_rows(dict(sae.params(), k=sae.k), eval_rows)
-    return dict(l0=m["l0"], fvu=m["fvu"], dead_fraction=m["dead_fraction"], dense_fraction=m["dense_fraction"],
-                seconds=seconds)  # fmt: skip
+    r = dict(l0=m["l0"], fvu=m["fvu"], dead_fraction=m["dead_fraction"], dense_fraction=m["dense_fraction"],
+             seconds=seconds)  # fmt: skip
+    if sae.k is None:  # what the nested loss buys: the first prefix's latents reconstructing alone
+        r.update(prefix_fvu(sae.params(), args.width // int(args.matryoshka_divisors.split(",")[0]), eval_rows))
+    return r
+
+
+def prefix_fvu(params: dict, width: int, eval_rows: np.ndarray) -> dict:
+    """FVU and L0 of the SAE's first `width` latents alone (for a plain SAE, an arbitrary subset)."""
+    from jumprelu.evaluate.metrics import evaluate_rows, prefix
+
+    m = evaluate_rows(prefix(params, width), eval_rows)
+    return dict(prefix_width=width, prefix_l0=m["l0"], prefix_fvu=m["fvu"])
 
 
 def run_peer(trainer: str, target: int, args, train_npy: str, eval_npy: str) -> dict:
@@ -220,7 +231,12 @@ def main() -> None:
             print(
                 f"{trainer:<17} L0 target {target:>4}: L0 {r['l0']:7.2f}  FVU {r['fvu']:.4f}  "
                 f"dead {100 * r['dead_fraction']:5.1f}%  >10% {100 * r['dense_fraction']:4.1f}%  "
-                f"({r['seconds']:.0f} s)",
+                f"({r['seconds']:.0f} s)"
+                + (
+                    f"  first {r['prefix_width']}: FVU {r['prefix_fvu']:.4f} at L0 {r['prefix_l0']:.2f}"
+                    if "prefix_fvu" in r
+                    else ""
+                ),
                 flush=True,
             )
     with open(os.path.join(args.out, "fidelity.csv"), "w", newline="") as f:

@@ -13,6 +13,8 @@ from jumprelu.config import ConfigError, validate
 from jumprelu.core import init as init_lib
 from jumprelu.core import losses, sparsity
 from jumprelu.core.kinds import jumprelu as jumprelu_kind
+from jumprelu.evaluate import metrics
+from jumprelu.evaluate.metrics import evaluate_rows
 from jumprelu.train import optim
 from jumprelu.train.loop import train
 
@@ -172,6 +174,21 @@ def test_matryoshka_loss_is_the_weighted_mean_of_the_prefix_errors(tiny_config, 
     want = np.mean(sum(p * e for p, e in zip(shares, errs, strict=True)) + lam * np.sum(f != 0, axis=1))
     assert float(total) == pytest.approx(want, rel=1e-5)
     assert float(metrics["mse"]) == pytest.approx(np.mean(errs[-1]), rel=1e-5)  # metrics: the full SAE
+
+
+def test_a_prefix_of_a_folded_sae_reconstructs_with_its_first_latents_alone():
+    rng = np.random.default_rng(3)
+    p = dict(W_enc=rng.normal(size=(5, 8)), b_enc=rng.normal(size=8), threshold=np.full(8, 0.3))
+    p.update(W_dec=rng.normal(size=(8, 5)), b_dec=rng.normal(size=5), k=None)
+    x = rng.normal(size=(64, 5))
+    z = x @ p["W_enc"] + p["b_enc"]
+    f = np.where(z > 0.3, z, 0.0)[:, :3]
+    err = np.sum((x - (f @ p["W_dec"][:3] + p["b_dec"])) ** 2)
+    m = evaluate_rows(metrics.prefix(p, 3), x.astype(np.float32))
+    assert m["l0"] == pytest.approx(np.mean(np.sum(f != 0, axis=1)))
+    assert m["fvu"] == pytest.approx(err / np.sum((x - x.mean(0)) ** 2), rel=1e-4)
+    with pytest.raises(ValueError, match="TopK"):
+        metrics.prefix(dict(p, k=2), 3)
 
 
 def test_schedules_decay_and_fraction_warmup(tiny_config):

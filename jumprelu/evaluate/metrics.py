@@ -60,3 +60,15 @@ def evaluate_rows(sae_params: dict, rows: np.ndarray, chunk_rows: int = 4096) ->
         "dense_fraction": float(np.mean(freq > 0.1)),
         "firing_frequency": freq,
     }
+
+
+def prefix(sae_params: dict, width: int) -> dict:
+    """A folded JumpReLU SAE cut to its first `width` latents. Each latent fires on its own, so the
+    cut SAE's reconstruction is exactly the prefix a Matryoshka loss (`sae.matryoshka_widths`)
+    trains; `evaluate_rows(prefix(p, m), rows)` is that prefix's L0 and FVU."""
+    if sae_params.get("k") is not None:
+        raise ValueError("a TopK SAE's prefix is not a sub-SAE (its top k are chosen over every latent)")
+    cut = {name: sae_params[name] for name in folded.FOLDED_KEYS}
+    cut.update(W_enc=cut["W_enc"][:, :width], b_enc=cut["b_enc"][:width], threshold=cut["threshold"][:width])
+    cut["W_dec"] = cut["W_dec"][:width]
+    return cut
