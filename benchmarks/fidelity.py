@@ -13,8 +13,8 @@ L0 (20, 50, 100) every trainer gets the same width (4,096), batch (1,024) and to
   jumprelu_refit  that run plus `jumprelu refit` (least-squares decoder on the last --refit_rows
                training rows, ridge --refit_ridge; no new rows, encoder and L0 unchanged)
   matryoshka   the same recipe with nested prefixes (width/8, width/4, width/2, width; or
-               --matryoshka_divisors) weighted by --matryoshka_weights (default equal), without
-               the encoder weight decay (with it the nested loss diverged at 2M tokens);
+               --matryoshka_divisors) whose reconstruction errors are weighted 1:1:1:9
+               (--matryoshka_weights; the full SAE has 3/4 of the loss);
                --matryoshka_frequency_penalty sets μ of Gemma Scope 2's penalty on latents above 10%
                (default: the recipe's)
   topk         k = T;  batchtopk  k = T (Adam β1 0.9, lr 1e-3, the recipe's warm-up)
@@ -95,9 +95,6 @@ def our_config(trainer: str, target: int, args, store: str):
             cfg.sae.matryoshka_weights = tuple(float(v) for v in args.matryoshka_weights.split(","))
         if args.matryoshka_frequency_penalty is not None:
             cfg.sae.frequency_penalty = args.matryoshka_frequency_penalty
-        # With the recipe's encoder weight decay the nested loss diverged at 2M tokens, L0 50 (FVU
-        # 0.186 at step 1,550, then L0 393 and FVU 3.9); without it the run is stable.
-        cfg.train.encoder_weight_decay = 0.0
     if kind in ("topk", "batchtopk"):
         cfg.sae.k = target
         # Gao et al.'s Adam (β1 0.9) at SAELens's TopK lr. With the Pareto sweep's lr 3e-3 and β1 0
@@ -196,7 +193,7 @@ def main() -> None:
         "--matryoshka_frequency_penalty", type=float, default=None, help="μ for the matryoshka trainer (the recipe's)"
     )
     p.add_argument("--matryoshka_divisors", default="8,4,2,1", help="matryoshka prefixes: width/8, width/4, ...")
-    p.add_argument("--matryoshka_weights", default="", help="each prefix's loss share, e.g. 1,1,1,3 (default equal)")
+    p.add_argument("--matryoshka_weights", default="1,1,1,9", help="each prefix's loss share ('': equal shares)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     train_npy, eval_npy, store = split(args.data, args.out, args.eval_rows, args.seed)
