@@ -191,6 +191,31 @@ def test_a_prefix_of_a_folded_sae_reconstructs_with_its_first_latents_alone():
         metrics.prefix(dict(p, k=2), 3)
 
 
+def test_evaluate_reports_each_matryoshka_prefix(tmp_path, tiny_config):
+    from jumprelu.cli.evaluate import evaluate_workdir
+
+    tiny_config.sae.update(matryoshka_widths=(8, 32, 64), matryoshka_weights=(1.0, 1.0, 2.0))
+    train(tiny_config, str(tmp_path / "run"))
+    sae, result, _ = evaluate_workdir(str(tmp_path / "run"))
+    prefixes = result["stored"]["prefixes"]
+    assert [p["width"] for p in prefixes] == [8, 32]
+    # the first 8 latents alone, by hand on the same held-out rows the report used
+    rows = np.asarray(jax.device_get(_held_out_rows(tiny_config, str(tmp_path / "run"))), np.float64)
+    p = {k: np.asarray(v, np.float64) for k, v in sae.params().items()}
+    z = rows @ p["W_enc"][:, :8] + p["b_enc"][:8]
+    f = np.where(z > p["threshold"][:8], z, 0.0)
+    err = np.sum((rows - (f @ p["W_dec"][:8] + p["b_dec"])) ** 2)
+    assert prefixes[0]["fvu"] == pytest.approx(err / np.sum((rows - rows.mean(0)) ** 2), rel=1e-3)
+    assert prefixes[0]["l0"] == pytest.approx(np.mean(np.sum(f != 0, axis=1)), rel=1e-3)
+    assert prefixes[0]["l0"] <= prefixes[1]["l0"] <= result["stored"]["l0"]
+
+
+def _held_out_rows(cfg, workdir):
+    from jumprelu import data as data_lib
+
+    return data_lib.make_stream(cfg.data, data_lib.open_source(cfg.data, workdir)).eval_set()
+
+
 def test_schedules_decay_and_fraction_warmup(tiny_config):
     t = tiny_config.train
     t.update(steps=100, lr=1.0, lr_warmup_steps=0, lr_decay_fraction=0.2, sparsity_warmup_fraction=0.5)

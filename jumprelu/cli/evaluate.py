@@ -19,12 +19,13 @@ from jumprelu.cli import common
 def evaluate_workdir(workdir: str, member: int | None = None, eval_rows: int | None = None):
     """Stored-activation metrics of a trained SAE on its run's held-out split (same seed, same rows).
 
-    Returns (sae, {"stored": metrics}, firing frequencies [width]).
+    Returns (sae, {"stored": metrics}, firing frequencies [width]). A Matryoshka run's metrics also
+    hold each nested prefix's own (`prefixes`: width, l0, fvu of its first latents alone).
     """
     import ml_collections
 
     from jumprelu import data as data_lib
-    from jumprelu.evaluate.metrics import evaluate_rows
+    from jumprelu.evaluate.metrics import evaluate_rows, prefix
     from jumprelu.export.load import load
 
     sae = load(workdir, member=member)
@@ -40,6 +41,10 @@ def evaluate_workdir(workdir: str, member: int | None = None, eval_rows: int | N
         rows = data_lib.make_stream(cfg.data, store).eval_set()
     metrics = evaluate_rows(dict(sae.params(), k=sae.k), rows)
     freq = metrics.pop("firing_frequency")
+    widths = tuple(cfg.sae.get("matryoshka_widths", ()) or ())[:-1]  # the last is the whole SAE
+    if widths:
+        cut = [(m, evaluate_rows(prefix(sae.params(), m), rows)) for m in widths]
+        metrics["prefixes"] = [dict(width=m, l0=c["l0"], fvu=c["fvu"]) for m, c in cut]
     return sae, {"source": cfg.data.source, "stored": metrics}, freq
 
 
