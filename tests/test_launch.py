@@ -65,6 +65,16 @@ def test_sweep_expansion_counts_names_and_overrides():
     assert budget[2**14] == 4e9 - 4e9 % 4096 and budget[2**17] == 8e9 - 8e9 % 4096 and budget[2**20] == 16e9
 
 
+def test_recipe_asks_for_matryoshka_at_its_width():
+    c = experiment.load("recipe").get_config("l0=50,width=4096,matryoshka")
+    assert c.sae.matryoshka_widths == (512, 1024, 2048, 4096) and c.sae.matryoshka_weights == (1.0, 1.0, 1.0, 9.0)
+    assert c.sae.target_l0 == 50.0 and c.sae.batchtopk_fraction > 0  # still the short recipe
+    validate(c)
+    c.sae.width = 8192  # a later --config.sae.width that the prefixes do not end at
+    with pytest.raises(ConfigError, match="sae.matryoshka_widths must be increasing prefix sizes ending at"):
+        validate(c)
+
+
 def test_unknown_override_field_is_named():
     base = experiment.load("quickstart").get_config()
     with pytest.raises(ConfigError, match="sae.widht"):
