@@ -33,82 +33,25 @@ import jax
 import jax.numpy as jnp
 
 from jumprelu.core import ops, sparse_index
+from jumprelu.core.dense_blocks import (
+    blocked,
+    dense_forward,
+    dense_grads_in_blocks,
+    dense_in_blocks,
+    pre_acts,
+    row_blocks,
+    window_coord,
+)
 
 __all__ = ["Capacity", "sparse_forward", "dense_forward", "row_blocks"]
 
-_BLOCK_ROWS = 256  # rows per block of z on XLA:CPU: every [rows, M] temporary stays small
 _CHUNK = 4096  # entries per chunk of the gathers and scatter-adds
-
-
-def row_blocks(rows: int) -> int:
-    """How many row blocks the CPU path uses (1 on other backends and on multi-device meshes)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if (not mesh.empty and mesh.size > 1) or jax.default_backend() != "cpu":
-        return 1
-    if rows >= 2 * _BLOCK_ROWS and rows % _BLOCK_ROWS == 0:
-        return rows // _BLOCK_ROWS
-    return 1
-
-
-def _pre_acts(x, w_enc, bias, dtype):
-    return jnp.matmul(x.astype(dtype), w_enc.astype(dtype), preferred_element_type=jnp.float32) + bias
 
 
 def _as_operand(a, dtype):
     """a as a matmul operand of `dtype` (rounded to it), in float32: products of such operands are
     exact in float32, as in the dense matmuls' float32 accumulation."""
     return a.astype(dtype).astype(jnp.float32)
-
-
-def _window_coord(z, theta, eps):
-    """(z - θ)/ε, written exactly as `ops.rectangle` sees it, so the candidate set and the
-    kernel window agree with the dense ops bit for bit."""
-    return (z - theta) / eps
-
-
-def dense_forward(x, w_enc, bias, theta, w_dec, b_dec, eps, dtype=jnp.float32):
-    """The reference: the same outputs from dense [B, M] arrays through `ops`."""
-    z = _pre_acts(x, w_enc, bias, dtype)
-    f, l0 = ops.jumprelu_l0(z, theta, eps)
-    counts = jnp.sum(ops.heaviside(z, theta, eps), axis=0)
-    x_hat = jnp.matmul(f.astype(dtype), w_dec.astype(dtype), preferred_element_type=jnp.float32) + b_dec
-    return x_hat, l0, counts, jnp.sum(f, axis=0)
-
-
-def _blocked(n, *arrays):
-    return [a.reshape(n, a.shape[0] // n, *a.shape[1:]) for a in arrays]
-
-
-def _dense_in_blocks(x, w_enc, bias, theta, w_dec, b_dec, eps, dtype):
-    """`dense_forward` one row block at a time, for an overflowing batch: XLA reserves memory for
-    both branches of the overflow `cond`, so the fallback must not need [B, M] arrays either."""
-    n = row_blocks(x.shape[0])
-    if n == 1:
-        return dense_forward(x, w_enc, bias, theta, w_dec, b_dec, eps, dtype)
-    x_hat, l0, counts, f_sum = jax.lax.map(
-        lambda xb: dense_forward(xb, w_enc, bias, theta, w_dec, b_dec, eps, dtype), _blocked(n, x)[0]
-    )
-    return x_hat.reshape(x.shape[0], -1), l0.reshape(-1), jnp.sum(counts, axis=0), jnp.sum(f_sum, axis=0)
-
-
-def _dense_grads_in_blocks(x, params, eps, dtype, g_xhat, g_l0, g_counts, g_fsum):
-    """The vjp of `dense_forward` summed over row blocks (the per-latent sums' cotangents reach
-    every block, since each block's counts and f_sum add into the batch's)."""
-    n = row_blocks(x.shape[0])
-
-    def block_vjp(xb, gx, gl):
-        _, vjp = jax.vjp(lambda *p: dense_forward(xb, *p, eps, dtype), *params)
-        return vjp((gx, gl, g_counts, g_fsum))
-
-    if n == 1:
-        return block_vjp(x, g_xhat, g_l0)
-
-    def body(acc, blk):
-        return jax.tree.map(jnp.add, acc, block_vjp(*blk)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, tuple(params))
-    grads, _ = jax.lax.scan(body, zeros, _blocked(n, x, g_xhat, g_l0))
-    return grads
 
 
 def _candidates(x, w_enc, bias, theta, eps, row_capacity, dtype):
@@ -118,14 +61,14 @@ def _candidates(x, w_enc, bias, theta, eps, row_capacity, dtype):
     n = row_blocks(x.shape[0])
 
     def blk(x_blk):
-        z = _pre_acts(x_blk, w_enc, bias, dtype)
-        idx, count = sparse_index.first_set(_window_coord(z, theta, eps) > -0.5, row_capacity)
+        z = pre_acts(x_blk, w_enc, bias, dtype)
+        idx, count = sparse_index.first_set(window_coord(z, theta, eps) > -0.5, row_capacity)
         used = jnp.arange(row_capacity) < count[:, None]
         return jnp.where(used, jnp.take_along_axis(z, idx, axis=1), -jnp.inf), idx, count
 
     if n == 1:
         return blk(x)
-    vals, idx, count = jax.lax.map(blk, _blocked(n, x)[0])
+    vals, idx, count = jax.lax.map(blk, blocked(n, x)[0])
     return vals.reshape(-1, row_capacity), idx.reshape(-1, row_capacity), count.reshape(-1)
 
 
@@ -174,7 +117,7 @@ def _entries(z, lat, theta, eps):
     th = theta[lat]
     valid = z > -jnp.inf
     z = jnp.where(valid, z, 0.0)
-    u = _window_coord(z, th, eps)
+    u = window_coord(z, th, eps)
     active = valid & (z > th)
     window = valid & (u > -0.5) & (u < 0.5)
     return th, active, window, jnp.where(active, z, 0.0)
@@ -187,7 +130,7 @@ def _scatter_sum(idx, values, width):
 def _dense_rows(xs, row_mask, w_enc, bias, theta, w_dec, eps, dtype):
     """The spill rows computed densely: (x̂ - b_dec [R, d], l0 [R], counts [M], f_sum [M]),
     padding rows (row_mask False) contributing nothing."""
-    z = _pre_acts(xs, w_enc, bias, dtype)
+    z = pre_acts(xs, w_enc, bias, dtype)
     f, l0 = ops.jumprelu_l0(z, theta, eps)
     m = row_mask.astype(jnp.float32)
     f = f * m[:, None]
@@ -329,7 +272,7 @@ def _forward(x, w_enc, bias, theta, w_dec, b_dec, eps, capacity, dtype):
     entries, spill, overflow = _select(x, w_enc, bias, theta, eps, capacity, dtype)
     outs = jax.lax.cond(
         overflow,
-        lambda: _dense_in_blocks(x, w_enc, bias, theta, w_dec, b_dec, eps, dtype),
+        lambda: dense_in_blocks(x, w_enc, bias, theta, w_dec, b_dec, eps, dtype),
         lambda: _sparse_outputs(x, entries, spill, theta, w_enc, bias, w_dec, b_dec, eps, dtype),
     )
     res = (x, w_enc, bias, theta, w_dec, b_dec, eps, entries, spill, overflow)
@@ -342,7 +285,7 @@ def _bwd(capacity, dtype, res, g):
 
     def dense():
         params = (w_enc, bias, theta, w_dec, b_dec)
-        return _dense_grads_in_blocks(x, params, eps, dtype, g_xhat, g_l0, g_counts, g_fsum)
+        return dense_grads_in_blocks(x, params, eps, dtype, g_xhat, g_l0, g_counts, g_fsum)
 
     def sparse():
         grads = (g_xhat, g_l0, g_counts, g_fsum)
