@@ -14,7 +14,8 @@ L0 (20, 50, 100) every trainer gets the same width (4,096), batch (1,024) and to
                training rows, ridge --refit_ridge; no new rows, encoder and L0 unchanged)
   matryoshka   the same recipe with nested prefixes (width/8, width/4, width/2, width; or
                --matryoshka_divisors) whose reconstruction errors are weighted 1:1:1:9
-               (--matryoshka_weights; the full SAE has 3/4 of the loss);
+               (--matryoshka_weights auto: the whole SAE has 3/4 of the loss, the prefixes
+               share the rest);
                --matryoshka_frequency_penalty sets μ of Gemma Scope 2's penalty on latents above 10%
                (default: the recipe's)
   topk         k = T;  batchtopk  k = T (Adam β1 0.9, lr 1e-3, the recipe's warm-up)
@@ -91,7 +92,10 @@ def our_config(trainer: str, target: int, args, store: str):
     if trainer == "matryoshka":  # nested prefixes (Gemma Scope 2 pairs them with a frequency penalty)
         w = args.width
         cfg.sae.matryoshka_widths = tuple(w // int(d) for d in args.matryoshka_divisors.split(","))
-        if args.matryoshka_weights:
+        n = len(cfg.sae.matryoshka_widths)
+        if args.matryoshka_weights == "auto":  # the whole SAE 3/4 of the loss: 1:1:1:9 for four prefixes
+            cfg.sae.matryoshka_weights = (1.0,) * (n - 1) + (3.0 * (n - 1),)
+        elif args.matryoshka_weights:
             cfg.sae.matryoshka_weights = tuple(float(v) for v in args.matryoshka_weights.split(","))
         if args.matryoshka_frequency_penalty is not None:
             cfg.sae.frequency_penalty = args.matryoshka_frequency_penalty
@@ -193,7 +197,11 @@ def main() -> None:
         "--matryoshka_frequency_penalty", type=float, default=None, help="μ for the matryoshka trainer (the recipe's)"
     )
     p.add_argument("--matryoshka_divisors", default="8,4,2,1", help="matryoshka prefixes: width/8, width/4, ...")
-    p.add_argument("--matryoshka_weights", default="1,1,1,9", help="each prefix's loss share ('': equal shares)")
+    p.add_argument(
+        "--matryoshka_weights",
+        default="auto",
+        help="each prefix's loss share, e.g. 1,1,1,3 ('': equal; auto: the whole SAE 3/4, the rest equal)",
+    )
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     train_npy, eval_npy, store = split(args.data, args.out, args.eval_rows, args.seed)

@@ -314,6 +314,13 @@ def test_bad_recipe_fields_are_named(tiny_config, field, value, message):
         validate(tiny_config)
 
 
+@pytest.mark.parametrize("weights", [(1.0, 2.0), (1.0, -1.0, 2.0), (0.0, 0.0, 0.0), ("a", "b", "c")])
+def test_matryoshka_weights_are_one_per_width_and_not_all_zero(tiny_config, weights):
+    tiny_config.sae.update(matryoshka_widths=(16, 32, 64), matryoshka_weights=weights)
+    with pytest.raises(ConfigError, match=r"sae.matryoshka_weights must be empty or 3 weights >= 0"):
+        validate(tiny_config)
+
+
 def _all_options(cfg, loss: str):
     cfg.sae.update(
         threshold_param="raw",

@@ -41,9 +41,10 @@ def evaluate_workdir(workdir: str, member: int | None = None, eval_rows: int | N
         rows = data_lib.make_stream(cfg.data, store).eval_set()
     metrics = evaluate_rows(dict(sae.params(), k=sae.k), rows)
     freq = metrics.pop("firing_frequency")
-    widths = tuple(cfg.sae.get("matryoshka_widths", ()) or ())[:-1]  # the last is the whole SAE
+    # the nested loss is JumpReLU's (other kinds ignore the field); the last width is the whole SAE
+    widths = tuple(cfg.sae.get("matryoshka_widths", ()) or ())[:-1] if cfg.sae.kind == "jumprelu" else ()
     if widths:
-        cut = [(m, evaluate_rows(prefix(sae.params(), m), rows)) for m in widths]
+        cut = [(m, evaluate_rows(prefix(dict(sae.params(), k=sae.k), m), rows)) for m in widths]
         metrics["prefixes"] = [dict(width=m, l0=c["l0"], fvu=c["fvu"]) for m, c in cut]
     return sae, {"source": cfg.data.source, "stored": metrics}, freq
 

@@ -121,7 +121,12 @@ def validate(s, check) -> None:
     )
     weights = tuple(s.get("matryoshka_weights", ()) or ())
     check(
-        not weights or (len(weights) == len(widths) and all(w >= 0 for w in weights) and sum(weights) > 0),
+        not weights
+        or (
+            len(weights) == len(widths)
+            and all(isinstance(w, (int, float)) and w >= 0 for w in weights)
+            and sum(weights) > 0
+        ),
         "sae.matryoshka_weights",
         f"empty or {len(widths)} weights >= 0 (one per sae.matryoshka_widths entry) with a positive sum",
         weights,
