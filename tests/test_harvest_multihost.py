@@ -26,7 +26,7 @@ import ml_collections  # noqa: E402
 
 from jumprelu.errors import DataError  # noqa: E402
 from jumprelu.store import StoreWriter, open_store  # noqa: E402
-from jumprelu.store.writer import commit_parts  # noqa: E402
+from jumprelu.store.commit import commit_parts  # noqa: E402
 from tests.test_store import _all_rows  # noqa: E402
 from tests.test_train import ROOT  # noqa: E402
 

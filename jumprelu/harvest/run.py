@@ -229,7 +229,7 @@ def harvest(cfg) -> dict:
     stores = [path for _, path in todo]
     committed = stores if processes == 1 else []
     if processes > 1:  # every part is complete (closed) before one process commits the stores
-        from jumprelu.store.writer import commit_parts
+        from jumprelu.store.commit import commit_parts
 
         barrier("jumprelu harvest: every part written")
         if process == 0:

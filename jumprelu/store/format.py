@@ -10,7 +10,7 @@ A store is a directory:
 A store written by several processes at once (a multi-host harvest) has one part per process:
 process k writes shard-p{k:03d}-00000.npy, ... and records them in writing-p{k:03d}.json, so no
 two processes ever touch the same file; when every part is complete one process lists all
-parts' shards in metadata.json (`writer.commit_parts`). Readers only follow metadata.json, so
+parts' shards in metadata.json (`commit.commit_parts`). Readers only follow metadata.json, so
 they read both layouts alike.
 
 Format 2 adds CRC-32 checksums of each shard's rows, per block (`checksum.py`); format 1

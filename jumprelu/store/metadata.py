@@ -43,7 +43,7 @@ def _incomplete(path: str):
             "run the writer again on this directory to resume",
         )
     parts = sorted(glob.glob(os.path.join(path, fmt.PART_WRITING_GLOB)))
-    if parts:  # a multi-process write (jumprelu.store.writer.commit_parts writes metadata.json at its end)
+    if parts:  # a multi-process write (jumprelu.store.commit.commit_parts writes metadata.json at its end)
         fail(
             path,
             f"incomplete: a write by several processes is in progress ({len(parts)} part progress files, "

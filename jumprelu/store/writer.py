@@ -15,15 +15,12 @@ crash are simply produced again, so no row is lost or duplicated.
 Several processes fill one store together (a multi-host harvest) by each opening a writer
 with `part=k, parts=P`: part k has its own shard names and progress file (format.py), so the
 writers never touch each other's files and each resumes from its own row count. `close`
-then only marks the part complete; once every part is, one process calls `commit_parts`,
-which lists every part's shards in metadata.json and computes C over all of their rows.
+then only marks the part complete; once every part is, one process calls `commit.commit_parts`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import errno
 import glob
 import json
 import os
@@ -31,7 +28,7 @@ import os
 import numpy as np
 
 from jumprelu.errors import DataError
-from jumprelu.store import checksum
+from jumprelu.store import checksum, commit
 from jumprelu.store import format as fmt
 
 DEFAULT_SHARD_BYTES = 256 << 20
@@ -42,18 +39,6 @@ def _row_squared_norms(rows: np.ndarray) -> np.ndarray:
     if rows.dtype not in (np.float32, np.float64):
         rows = rows.astype(np.float32)
     return np.einsum("ij,ij->i", rows, rows)
-
-
-@contextlib.contextmanager
-def _writing(store: str, what: str):
-    """An OSError while writing `what` (a full disk, a read-only directory) as one line."""
-    try:
-        yield
-    except OSError as e:
-        reason = e.strerror or str(e)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            reason += "; free some space and run the same command again: it resumes after the last complete shard"
-        raise DataError(f"store {store}: cannot write {what}: {reason}") from None
 
 
 class StoreWriter:
@@ -103,7 +88,7 @@ class StoreWriter:
         self._shards: list[dict] = []
         if os.path.exists(os.path.join(path, fmt.METADATA)):
             raise DataError(f"store {path} is already complete ({fmt.METADATA} exists); write to a new directory")
-        with _writing(path, "the directory"):
+        with commit.writing(path, "the directory"):
             os.makedirs(path, exist_ok=True)
             self._resume_or_start()
 
@@ -168,7 +153,7 @@ class StoreWriter:
         state = {"header": self.header, "shards": self._shards}
         if self.part is not None:
             state.update(part=self.part, parts=self.parts, complete=self._complete)
-        with _writing(self.path, name):
+        with commit.writing(self.path, name):
             fmt.write_json_atomically(os.path.join(self.path, name), state)
 
     @property
@@ -222,7 +207,7 @@ class StoreWriter:
         tmp = os.path.join(self.path, fmt.temporary_name(index, self.part))
         file_rows = rows.view(fmt.file_dtype(self.header["dtype"]))
         crcs = checksum.block_checksums(file_rows, self.block_rows)
-        with _writing(self.path, name):
+        with commit.writing(self.path, name):
             try:
                 with open(tmp, "wb") as f:
                     np.save(f, file_rows, allow_pickle=False)
@@ -260,69 +245,6 @@ class StoreWriter:
             return {"part": self.part, "rows": self.rows_written, "shards": len(self._shards)}
         if not self._shards:
             raise DataError(f"store {self.path}: no rows were written")
-        metadata = _metadata(self.path, self.header, self._shards, self.block_rows)
-        with _writing(self.path, fmt.METADATA):
-            fmt.write_json_atomically(os.path.join(self.path, fmt.METADATA), metadata)
+        metadata = commit.write_metadata(self.path, self.header, self._shards, self.block_rows)
         os.remove(os.path.join(self.path, fmt.WRITING))
         return metadata
-
-
-def _metadata(path: str, header: dict, shards: list[dict], block_rows: int) -> dict:
-    """metadata.json of a store whose complete shards are `shards` (C over all their finite rows)."""
-    finite = sum(s["rows"] - len(s["nonfinite_rows"]) for s in shards)
-    total_sq = sum(s["sum_sq_norm"] for s in shards)
-    scale = float(np.sqrt(total_sq / finite)) if finite else float("nan")
-    if not (np.isfinite(scale) and scale > 0):
-        raise DataError(f"store {path}: cannot compute the scale C (mean squared norm {scale**2})")
-    return {
-        "format": fmt.FORMAT,
-        "format_version": fmt.FORMAT_VERSION,
-        **header,
-        "num_rows": sum(s["rows"] for s in shards),
-        "scale": scale,  # C with E‖x/C‖² = 1 over all finite rows
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "checksum": {"algorithm": checksum.ALGORITHM, "block_rows": block_rows},
-        "shards": [
-            {"file": s["file"], "rows": s["rows"], "nonfinite_rows": s["nonfinite_rows"], "crc32": s["crc32"]}
-            for s in shards
-        ],
-    }
-
-
-def commit_parts(path: str, parts: int) -> dict:
-    """metadata.json of a store that `parts` processes wrote as parts 0..parts-1; returns it.
-
-    Called by one process after every part's writer closed (a barrier). Every part must be
-    there and complete, all with the same header, and no part of another process count may
-    be left over: otherwise a one-line DataError, and nothing is written.
-    """
-    if os.path.exists(os.path.join(path, fmt.METADATA)):
-        raise DataError(f"store {path} is already complete ({fmt.METADATA} exists)")
-    found = sorted(glob.glob(os.path.join(path, fmt.PART_WRITING_GLOB)))
-    expected = [fmt.writing_name(k) for k in range(parts)]
-    if [os.path.basename(f) for f in found] != expected:
-        raise DataError(
-            f"store {path}: expected the progress files of parts 0..{parts - 1} ({', '.join(expected)}), "
-            f"found {[os.path.basename(f) for f in found]}; every process must write to one shared "
-            "directory, with the same number of processes as the write started with"
-        )
-    records = []
-    for name in expected:
-        with open(os.path.join(path, name)) as f:
-            records.append(json.load(f))
-    for k, record in enumerate(records):
-        if not record.get("complete"):
-            raise DataError(f"store {path}: part {k} is not complete ({expected[k]}); run every process again")
-        if record["header"] != records[0]["header"]:
-            raise DataError(f"store {path}: part {k} was written with another header than part 0")
-    shards = [s for record in records for s in record["shards"]]
-    if not shards:
-        raise DataError(f"store {path}: no rows were written")
-    header = records[0]["header"]
-    row_bytes = header["d_model"] * fmt.file_dtype(header["dtype"]).itemsize
-    metadata = _metadata(path, header, shards, checksum.block_rows(row_bytes))
-    with _writing(path, fmt.METADATA):
-        fmt.write_json_atomically(os.path.join(path, fmt.METADATA), metadata)
-    for name in expected:  # metadata.json is the truth from here on: progress files are leftovers
-        os.remove(os.path.join(path, name))
-    return metadata

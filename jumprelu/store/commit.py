@@ -1,0 +1,100 @@
+"""Writing metadata.json, the file that makes a store complete: after one writer's `close`, or
+once every process of a multi-process write has finished its part (`commit_parts`).
+
+A store without metadata.json is incomplete and no reader opens it, so this file is written
+last, atomically, and only from shards that are already fsynced and recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import glob
+import json
+import os
+
+import numpy as np
+
+from jumprelu.errors import DataError
+from jumprelu.store import checksum
+from jumprelu.store import format as fmt
+
+
+@contextlib.contextmanager
+def writing(store: str, what: str):
+    """An OSError while writing `what` (a full disk, a read-only directory) as one line."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason += "; free some space and run the same command again: it resumes after the last complete shard"
+        raise DataError(f"store {store}: cannot write {what}: {reason}") from None
+
+
+def build_metadata(path: str, header: dict, shards: list[dict], block_rows: int) -> dict:
+    """metadata.json of a store whose complete shards are `shards` (C over all their finite rows)."""
+    finite = sum(s["rows"] - len(s["nonfinite_rows"]) for s in shards)
+    total_sq = sum(s["sum_sq_norm"] for s in shards)
+    scale = float(np.sqrt(total_sq / finite)) if finite else float("nan")
+    if not (np.isfinite(scale) and scale > 0):
+        raise DataError(f"store {path}: cannot compute the scale C (mean squared norm {scale**2})")
+    return {
+        "format": fmt.FORMAT,
+        "format_version": fmt.FORMAT_VERSION,
+        **header,
+        "num_rows": sum(s["rows"] for s in shards),
+        "scale": scale,  # C with E‖x/C‖² = 1 over all finite rows
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "checksum": {"algorithm": checksum.ALGORITHM, "block_rows": block_rows},
+        "shards": [
+            {"file": s["file"], "rows": s["rows"], "nonfinite_rows": s["nonfinite_rows"], "crc32": s["crc32"]}
+            for s in shards
+        ],
+    }
+
+
+def write_metadata(path: str, header: dict, shards: list[dict], block_rows: int) -> dict:
+    """Build metadata.json from the complete `shards` and write it atomically; returns it."""
+    metadata = build_metadata(path, header, shards, block_rows)
+    with writing(path, fmt.METADATA):
+        fmt.write_json_atomically(os.path.join(path, fmt.METADATA), metadata)
+    return metadata
+
+
+def commit_parts(path: str, parts: int) -> dict:
+    """metadata.json of a store that `parts` processes wrote as parts 0..parts-1; returns it.
+
+    Called by one process after every part's writer closed (a barrier). Every part must be
+    there and complete, all with the same header, and no part of another process count may
+    be left over: otherwise a one-line DataError, and nothing is written.
+    """
+    if os.path.exists(os.path.join(path, fmt.METADATA)):
+        raise DataError(f"store {path} is already complete ({fmt.METADATA} exists)")
+    found = sorted(glob.glob(os.path.join(path, fmt.PART_WRITING_GLOB)))
+    expected = [fmt.writing_name(k) for k in range(parts)]
+    if [os.path.basename(f) for f in found] != expected:
+        raise DataError(
+            f"store {path}: expected the progress files of parts 0..{parts - 1} ({', '.join(expected)}), "
+            f"found {[os.path.basename(f) for f in found]}; every process must write to one shared "
+            "directory, with the same number of processes as the write started with"
+        )
+    records = []
+    for name in expected:
+        with open(os.path.join(path, name)) as f:
+            records.append(json.load(f))
+    for k, record in enumerate(records):
+        if not record.get("complete"):
+            raise DataError(f"store {path}: part {k} is not complete ({expected[k]}); run every process again")
+        if record["header"] != records[0]["header"]:
+            raise DataError(f"store {path}: part {k} was written with another header than part 0")
+    shards = [s for record in records for s in record["shards"]]
+    if not shards:
+        raise DataError(f"store {path}: no rows were written")
+    header = records[0]["header"]
+    row_bytes = header["d_model"] * fmt.file_dtype(header["dtype"]).itemsize
+    metadata = write_metadata(path, header, shards, checksum.block_rows(row_bytes))
+    for name in expected:  # metadata.json is the truth from here on: progress files are leftovers
+        os.remove(os.path.join(path, name))
+    return metadata
