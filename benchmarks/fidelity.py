@@ -6,7 +6,9 @@ JumpReLU and (when its virtualenv exists) SAELens's JumpReLU and TopK, on one he
 
 DATA is a .npy [N, d_model] of activations (float16 or float32, rows in any order). It is
 shuffled with --seed and split: --eval_rows rows (20,000) are held out, the rest become an
-activation store every trainer reads (SAELens gets the same rows as .npy files). For each target
+activation store every trainer reads (SAELens gets the same rows as .npy files). With
+--window_rows W the held-out rows are whole blocks of W consecutive rows instead (for data stored
+in window order, such as ../shared/data: text the SAEs never saw any token of). For each target
 L0 (20, 50, 100) every trainer gets the same width (4,096), batch (1,024) and token budget (2M):
   jumprelu     the recommended short-budget recipe (`smollm2_pareto:jumprelu,target_l0=T`; since
                2026-12-01 with its BatchTopK phase over the first 80% of the steps)
@@ -54,24 +56,51 @@ PEERS = ("saelens_jumprelu", "saelens_topk")
 FIELDS = ("trainer", "target", "l0", "fvu", "dead_fraction", "dense_fraction", "tokens", "seconds", "prefix_fvu")
 
 
-def split(data: str, out: str, eval_rows: int, seed: int) -> tuple[str, str, str]:
+def held_out(n: int, eval_rows: int, seed: int, window_rows: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(eval row indices, training row indices), each sorted.
+
+    window_rows 0: eval_rows rows drawn at random. window_rows W: whole blocks of W consecutive
+    rows (the data's text windows, when it is stored in window order) are held out, so no eval
+    row's window is also trained on; the rest of the last chosen block beyond eval_rows is dropped
+    from both sides.
+    """
+    rng = np.random.default_rng(seed)
+    if not window_rows:
+        perm = rng.permutation(n)
+        return np.sort(perm[:eval_rows]), np.sort(perm[eval_rows:])
+    blocks = rng.permutation(-(-n // window_rows))
+    chosen = blocks[: -(-eval_rows // window_rows)]
+    rows = np.concatenate([np.arange(b * window_rows, min(n, (b + 1) * window_rows)) for b in chosen])
+    if rows.size < eval_rows:
+        raise SystemExit(f"--window_rows {window_rows}: the held-out blocks give {rows.size} rows < --eval_rows")
+    taken = np.zeros(n, bool)
+    taken[rows] = True
+    return np.sort(rows[:eval_rows]), np.flatnonzero(~taken)
+
+
+def split(data: str, out: str, eval_rows: int, seed: int, window_rows: int = 0) -> tuple[str, str, str]:
     """(train .npy, eval .npy, store dir) under out, written once."""
     train_npy, eval_npy, store = (os.path.join(out, n) for n in ("train.npy", "eval.npy", "store"))
     made = os.path.join(out, "split.json")
+    spec = dict(data=os.path.abspath(data), eval_rows=eval_rows, seed=seed)
+    if window_rows:  # recorded only when set, so splits made before the option still match
+        spec["window_rows"] = window_rows
     if os.path.exists(eval_npy) and os.path.exists(made):
         was = json.load(open(made))
-        if was != dict(data=os.path.abspath(data), eval_rows=eval_rows, seed=seed):
-            raise SystemExit(f"{out} holds the split {was}; pass another --out for this data, --eval_rows or --seed")
+        if was != spec:
+            raise SystemExit(
+                f"{out} holds the split {was}; pass another --out for this data, --eval_rows, --seed or --window_rows"
+            )
     if not os.path.exists(eval_npy):
         x = np.load(data, mmap_mode="r")
         if x.ndim != 2 or eval_rows >= x.shape[0]:
             raise SystemExit(f"{data}: expected [N, d_model] with N > --eval_rows={eval_rows}, found {list(x.shape)}")
-        perm = np.random.default_rng(seed).permutation(x.shape[0])
-        np.save(train_npy, np.asarray(x[np.sort(perm[eval_rows:])], np.float32))
-        np.save(eval_npy + ".tmp.npy", np.asarray(x[np.sort(perm[:eval_rows])], np.float32))
+        eval_idx, train_idx = held_out(x.shape[0], eval_rows, seed, window_rows)
+        np.save(train_npy, np.asarray(x[train_idx], np.float32))
+        np.save(eval_npy + ".tmp.npy", np.asarray(x[eval_idx], np.float32))
         os.replace(eval_npy + ".tmp.npy", eval_npy)
         with open(made, "w") as f:
-            json.dump(dict(data=os.path.abspath(data), eval_rows=eval_rows, seed=seed), f)
+            json.dump(spec, f)
     if not os.path.exists(os.path.join(store, "metadata.json")):
         convert(train_npy, store, shuffle_seed=seed)
     return train_npy, eval_npy, store
@@ -190,6 +219,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--eval_rows", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--window_rows",
+        type=int,
+        default=0,
+        help="hold out whole blocks of this many consecutive rows (256: the shared data's text windows); 0: rows",
+    )
     p.add_argument("--override", action="append", default=[], help="FIELD=VALUE on our configs (repeatable)")
     p.add_argument("--refit_rows", type=int, default=131072, help="jumprelu_refit: last training rows fitted")
     p.add_argument("--refit_ridge", type=float, default=0.01, help="jumprelu_refit: ridge ρ")
@@ -204,7 +239,7 @@ def main() -> None:
     )
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    train_npy, eval_npy, store = split(args.data, args.out, args.eval_rows, args.seed)
+    train_npy, eval_npy, store = split(args.data, args.out, args.eval_rows, args.seed, args.window_rows)
     eval_rows = np.load(eval_npy)
     trainers = [t for t in args.kinds.split(",") if t]
     if any(t in PEERS for t in trainers) and not os.path.exists(PEER_PYTHON):
