@@ -106,6 +106,11 @@ def split(data: str, out: str, eval_rows: int, seed: int, window_rows: int = 0) 
     return train_npy, eval_npy, store
 
 
+def matryoshka_widths(args) -> tuple[int, ...]:
+    """The nested prefixes' widths, smallest first: --width over each of --matryoshka_divisors."""
+    return tuple(args.width // int(d) for d in args.matryoshka_divisors.split(","))
+
+
 def our_config(trainer: str, target: int, args, store: str):
     from jumprelu.launch import experiment
 
@@ -119,8 +124,7 @@ def our_config(trainer: str, target: int, args, store: str):
     cfg.train.steps = args.tokens // args.batch
     cfg.log.progress = False
     if trainer == "matryoshka":  # nested prefixes (Gemma Scope 2 pairs them with a frequency penalty)
-        w = args.width
-        cfg.sae.matryoshka_widths = tuple(w // int(d) for d in args.matryoshka_divisors.split(","))
+        cfg.sae.matryoshka_widths = matryoshka_widths(args)
         n = len(cfg.sae.matryoshka_widths)
         if args.matryoshka_weights == "auto":  # the whole SAE 3/4 of the loss: 1:1:1:9 for four prefixes
             cfg.sae.matryoshka_weights = (1.0,) * (n - 1) + (3.0 * (n - 1),)
@@ -172,7 +176,7 @@ def run_ours(trainer: str, target: int, args, store: str, eval_rows: np.ndarray,
     r = dict(l0=m["l0"], fvu=m["fvu"], dead_fraction=m["dead_fraction"], dense_fraction=m["dense_fraction"],
              seconds=seconds)  # fmt: skip
     if sae.k is None:  # what the nested loss buys: the first prefix's latents reconstructing alone
-        r.update(prefix_fvu(sae.params(), args.width // int(args.matryoshka_divisors.split(",")[0]), eval_rows))
+        r.update(prefix_fvu(sae.params(), matryoshka_widths(args)[0], eval_rows))
     return r
 
 
