@@ -69,7 +69,8 @@ def held_out(n: int, eval_rows: int, seed: int, window_rows: int = 0) -> tuple[n
         perm = rng.permutation(n)
         return np.sort(perm[:eval_rows]), np.sort(perm[eval_rows:])
     blocks = rng.permutation(-(-n // window_rows))
-    chosen = blocks[: -(-eval_rows // window_rows)]
+    sizes = np.minimum(window_rows, n - blocks * window_rows)  # the last block may be short
+    chosen = blocks[: np.searchsorted(np.cumsum(sizes), eval_rows) + 1]
     rows = np.concatenate([np.arange(b * window_rows, min(n, (b + 1) * window_rows)) for b in chosen])
     if rows.size < eval_rows:
         raise SystemExit(f"--window_rows {window_rows}: the held-out blocks give {rows.size} rows < --eval_rows")
@@ -242,6 +243,8 @@ def main() -> None:
         help="each prefix's loss share, e.g. 1,1,1,3 ('': equal; auto: the whole SAE 3/4, the rest equal)",
     )
     args = p.parse_args()
+    if args.window_rows < 0:
+        p.error(f"--window_rows must be >= 0, found {args.window_rows}")
     os.makedirs(args.out, exist_ok=True)
     train_npy, eval_npy, store = split(args.data, args.out, args.eval_rows, args.seed, args.window_rows)
     eval_rows = np.load(eval_npy)
