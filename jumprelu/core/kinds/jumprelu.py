@@ -197,8 +197,7 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
             new_stats["log_lambda"] = jax.lax.stop_gradient(integral)
         if r.matryoshka_widths:  # the weighted mean over nested prefixes of their reconstruction errors
             x_hats = losses.nested_reconstructions(out["f"], params["W_dec"], params["b_dec"], r.matryoshka_widths)
-            shares = r.matryoshka_weights or (1 / len(x_hats),) * len(x_hats)
-            sq_err = sum(w * losses.squared_error(x, h) for w, h in zip(shares, x_hats, strict=True))
+            sq_err = sum(w * losses.squared_error(x, h) for w, h in zip(r.matryoshka_weights, x_hats, strict=True))
             metrics = losses.reconstruction_metrics(x, out["x_hat"], out["l0"], out["fired_per_latent"])
         else:
             sq_err, metrics = losses.reconstruction(x, out)

@@ -184,9 +184,14 @@ class Recipe:
     bandwidth: float = 0.001
     bandwidth_mode: str = "absolute"
     matryoshka_widths: tuple[int, ...] = ()
-    matryoshka_weights: tuple[float, ...] = ()  # normalised, one per width (empty without widths)
+    matryoshka_weights: tuple[float, ...] = ()  # one per width; normalised here, equal shares if empty
     batchtopk_steps: int = 0  # > 0: the first steps train as BatchTopK with k = target_l0
     sparse_capacity: int = 0  # > 0: the sparse step keeping this many entries per row (0: dense)
+
+    def __post_init__(self):
+        # the one place the prefixes' shares are settled, however the Recipe was made
+        weights = self.matryoshka_weights or (1.0,) * len(self.matryoshka_widths)
+        object.__setattr__(self, "matryoshka_weights", _normalised(weights) if weights else ())
 
     @classmethod
     def from_config(cls, s, train_steps: int = 0) -> Recipe:
@@ -202,8 +207,8 @@ class Recipe:
             dead_window_tokens=s.get("dead_window_tokens", 10_000_000),
             bandwidth=s.get("bandwidth", 0.001),
             bandwidth_mode=s.get("bandwidth_mode", "absolute"),
-            matryoshka_widths=(widths := tuple(s.get("matryoshka_widths", ()) or ())),
-            matryoshka_weights=_normalised(s.get("matryoshka_weights", ()) or (1.0,) * len(widths)),
+            matryoshka_widths=tuple(s.get("matryoshka_widths", ()) or ()),
+            matryoshka_weights=tuple(s.get("matryoshka_weights", ()) or ()),
             # at least 1 when on, so the state has its step counter even where train_steps is not given
             batchtopk_steps=max(1, round(fraction * train_steps)) if (fraction := s.get("batchtopk_fraction")) else 0,
             sparse_capacity=sparse_plan(s)[0],
