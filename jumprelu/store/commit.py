@@ -7,9 +7,7 @@ last, atomically, and only from shards that are already fsynced and recorded.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import errno
 import glob
 import json
 import os
@@ -19,18 +17,6 @@ import numpy as np
 from jumprelu.errors import DataError
 from jumprelu.store import checksum
 from jumprelu.store import format as fmt
-
-
-@contextlib.contextmanager
-def writing(store: str, what: str):
-    """An OSError while writing `what` (a full disk, a read-only directory) as one line."""
-    try:
-        yield
-    except OSError as e:
-        reason = e.strerror or str(e)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            reason += "; free some space and run the same command again: it resumes after the last complete shard"
-        raise DataError(f"store {store}: cannot write {what}: {reason}") from None
 
 
 def build_metadata(path: str, header: dict, shards: list[dict], block_rows: int) -> dict:
@@ -58,7 +44,7 @@ def build_metadata(path: str, header: dict, shards: list[dict], block_rows: int)
 def write_metadata(path: str, header: dict, shards: list[dict], block_rows: int) -> dict:
     """Build metadata.json from the complete `shards` and write it atomically; returns it."""
     metadata = build_metadata(path, header, shards, block_rows)
-    with writing(path, fmt.METADATA):
+    with fmt.writing(path, fmt.METADATA):
         fmt.write_json_atomically(os.path.join(path, fmt.METADATA), metadata)
     return metadata
 

@@ -25,11 +25,15 @@ slower here; its zstd saves only ~8% on float activations.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 
 import ml_dtypes
 import numpy as np
+
+from jumprelu.errors import DataError
 
 FORMAT = "jumprelu-activation-store"
 FORMAT_VERSION = 2  # what the writer writes
@@ -84,6 +88,18 @@ def write_json_atomically(path: str, obj: dict) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
+def writing(store: str, what: str):
+    """An OSError while writing `what` (a full disk, a read-only directory) as one line."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason += "; free some space and run the same command again: it resumes after the last complete shard"
+        raise DataError(f"store {store}: cannot write {what}: {reason}") from None
 
 
 # How the stores of one model are named inside a directory of stores: the harvest's default

@@ -88,7 +88,7 @@ class StoreWriter:
         self._shards: list[dict] = []
         if os.path.exists(os.path.join(path, fmt.METADATA)):
             raise DataError(f"store {path} is already complete ({fmt.METADATA} exists); write to a new directory")
-        with commit.writing(path, "the directory"):
+        with fmt.writing(path, "the directory"):
             os.makedirs(path, exist_ok=True)
             self._resume_or_start()
 
@@ -153,7 +153,7 @@ class StoreWriter:
         state = {"header": self.header, "shards": self._shards}
         if self.part is not None:
             state.update(part=self.part, parts=self.parts, complete=self._complete)
-        with commit.writing(self.path, name):
+        with fmt.writing(self.path, name):
             fmt.write_json_atomically(os.path.join(self.path, name), state)
 
     @property
@@ -207,7 +207,7 @@ class StoreWriter:
         tmp = os.path.join(self.path, fmt.temporary_name(index, self.part))
         file_rows = rows.view(fmt.file_dtype(self.header["dtype"]))
         crcs = checksum.block_checksums(file_rows, self.block_rows)
-        with commit.writing(self.path, name):
+        with fmt.writing(self.path, name):
             try:
                 with open(tmp, "wb") as f:
                     np.save(f, file_rows, allow_pickle=False)
