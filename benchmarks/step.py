@@ -8,10 +8,12 @@ shapes: forward z = x W_enc and x̂ = f W_dec; backward ∂W_dec = fᵀ g, ∂f 
 ∂W_enc = xᵀ ∂z (no ∂x: the input needs no gradient). ratio = step / floor; 1.0 would
 mean the nonlinearity, loss, Adam and the decoder projection cost nothing.
 
-With --l0 N the step is the short recipe at target L0 N, and θ is set to the quantile of the
+With --l0 N the step is the short recipe's JumpReLU step at target L0 N (the step after its
+BatchTopK phase, the one a run takes from the hand-over on), and θ is set to the quantile of the
 pre-activations of a batch (real rows with --data, normalised to E‖x‖² = 1) that makes the
 batch's L0 N; the sparse step (core/sparse.py, sae.sparse=on) is timed beside the dense one,
-interleaved. --sparse-only skips the dense step (for widths where it is slow).
+interleaved. --sparse-only skips the dense step (for widths where it is slow). --phase also
+times the step inside the recipe's BatchTopK phase (the first 80% of a run; always dense).
 
 With --kind topk or batchtopk (and --l0 N as its k) the step is that kind's at k = N, and the
 "sparse" step is its sparse decoder (sae.sparse=on: x̂ from the B·k selected latents); its
@@ -49,10 +51,14 @@ def _time(fn, args, repeats: int, warmup: int) -> list[float]:
     return times
 
 
-def _config(width: int, dtype: str, l0: float | None, sparse: str, kind: str = "jumprelu"):
+def _config(width: int, dtype: str, l0: float | None, sparse: str, kind: str = "jumprelu", phase: bool = False):
+    """The timed config. phase: keep the recipe's BatchTopK phase (dense only); otherwise the
+    recipe's step after the hand-over, the one `sae.sparse` applies to."""
     cfg = base_config()
     if l0 and kind == "jumprelu":
         apply_recipe(cfg, "short", target_l0=l0)
+        if not phase:
+            cfg.sae.batchtopk_fraction = 0.0
     elif kind != "jumprelu":
         cfg.sae.update(kind=kind, k=int(l0))
     cfg.sae.update(width=width, compute_dtype=dtype, sparse=sparse)
@@ -72,9 +78,13 @@ def _set_thresholds(state, model, x: jax.Array, l0: float):
     return state.replace(params=params)
 
 
+# A run this long never leaves the BatchTopK phase while it is timed.
+_PHASE_RUN_STEPS = 10**9
+
+
 def make_step(cfg, d_model: int, x: jax.Array, l0: float | None):
     """(run(x) -> metrics, the sparse plan) for the config's step, state threaded through calls."""
-    kind = kinds.from_config(cfg.sae, d_model)
+    kind = kinds.from_config(cfg.sae, d_model, _PHASE_RUN_STEPS if cfg.sae.get("batchtopk_fraction") else 0)
     model = kind.model
     tx = optim.make_optimizer(cfg.train)
     step_fn = jax.jit(
@@ -178,9 +188,12 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--kind", default="jumprelu", choices=["jumprelu", "topk", "batchtopk"], help="needs --l0 (k)")
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: known chips)")
+    p.add_argument("--phase", action="store_true", help="also time the recipe's BatchTopK-phase step (needs --l0)")
     a = p.parse_args()
     if a.kind != "jumprelu" and not (a.l0 and a.l0 == int(a.l0)):
         raise SystemExit(f"--kind {a.kind}: give its k as a whole --l0, found {a.l0}")
+    if a.phase and not (a.l0 and a.kind == "jumprelu"):
+        raise SystemExit("--phase: the BatchTopK phase is the JumpReLU recipe's; give --l0 (and no --kind)")
     x = _batch(a, a.d_model)
     d_model = x.shape[1]
     dense_cfg = _config(a.width, a.dtype, a.l0, "off", a.kind)
@@ -189,6 +202,8 @@ def main() -> None:
     if a.l0:
         sparse_cfg = _config(a.width, a.dtype, a.l0, "on", a.kind)
         runs["sparse"], plan = make_step(sparse_cfg, d_model, x, a.l0)
+    if a.phase:
+        runs["phase"] = make_step(_config(a.width, a.dtype, a.l0, "off", phase=True), d_model, x, a.l0)[0]
     # Interleave the steps and the floor so drifting machine load hits all alike.
     times = {name: [] for name in (*runs, "floor", "encoder")}
     for _ in range(2):
@@ -229,6 +244,8 @@ def main() -> None:
                 sparse_capacity=plan[0],
                 sparse_path_taken=bool(metrics["sparse_step"] == 1.0),
                 auto_plan=jumprelu_kind.sparse_plan(_config(a.width, a.dtype, a.l0, "auto").sae)[1],
+                # what `auto` picks for the recipe as a run uses it, BatchTopK phase included
+                recipe_auto_plan=jumprelu_kind.sparse_plan(_config(a.width, a.dtype, a.l0, "auto", phase=True).sae)[1],
             )
         if "dense" in runs:
             out["sparse_speedup"] = round(ms["dense"] / ms["sparse"], 3)
@@ -240,6 +257,7 @@ def main() -> None:
     cmd += (f" --l0 {a.l0:g}" if a.l0 else "") + (" --sparse-only" if a.sparse_only else "")
     cmd += f" --dtype {a.dtype}" if a.dtype != "float32" else ""
     cmd += f" --kind {a.kind}" if a.kind != "jumprelu" else ""
+    cmd += " --phase" if a.phase else ""
     kind = str(jax.devices()[0].device_kind)
     peak = a.peak_tflops or _peak_tflops(kind)
     if peak:  # model FLOPs utilisation: the five dense products per step over the devices' peak

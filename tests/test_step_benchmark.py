@@ -1,0 +1,29 @@
+"""benchmarks/step.py as a user runs it: the recipe's dense, sparse and BatchTopK-phase steps at a
+target L0 all compile, run and report the keys the README's tables are read from."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def test_step_benchmark_times_the_recipe_dense_sparse_and_in_its_batchtopk_phase():
+    cmd = [sys.executable, "benchmarks/step.py", "--d-model", "16", "--width", "256", "--batch", "64"]
+    cmd += ["--l0", "8", "--repeats", "2", "--warmup", "1", "--phase"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("dense_ms_per_step", "sparse_ms_per_step", "phase_ms_per_step", "matmul_floor_ms"):
+        assert out[key] > 0, key
+    assert out["sparse_path_taken"] is True  # the sparse step ran, not its dense fallback
+    assert abs(out["l0"] - 8) <= 2  # θ set from the batch's quantile
+    assert out["recipe_auto_plan"].startswith("auto: dense")  # the phase needs f for every latent
+    assert out["command"].endswith("--l0 8 --phase")
+
+
+def test_step_benchmark_refuses_phase_without_a_target_l0():
+    cmd = [sys.executable, "benchmarks/step.py", "--width", "256", "--batch", "64", "--phase"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--phase" in proc.stderr.strip().splitlines()[-1]
