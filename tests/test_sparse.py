@@ -232,6 +232,50 @@ def test_every_supported_option_gives_the_dense_loss_gradients_and_stats(tiny_co
     _assert_same_loss(out["sparse"], out["dense"], stats_rtol=1e-5)
 
 
+@pytest.mark.parametrize("steps_seen", [2, 7])  # in the BatchTopK phase (5 steps), then after it
+def test_batchtopk_phase_then_sparse_gives_the_dense_loss(tiny_config, steps_seen):
+    """With the recipe's BatchTopK phase the sparse plan keeps the phase dense and takes the sparse
+    step after the hand-over; both give the dense loss, metrics, stats and gradients."""
+    cfg = tiny_config
+    cfg.sae.update(width=M, threshold_init=3.0, bandwidth=EPS, threshold_param="raw", target_l0=8.0)
+    cfg.sae.update(batchtopk_fraction=0.5, pre_act_coefficient=1e-2, dead_window_tokens=1)
+    cfg.sae.update(frequency_penalty=1.0, frequency_limit=0.02)
+    dense = jumprelu_kind.Recipe.from_config(cfg.sae, train_steps=10)
+    assert dense.batchtopk_steps == 5 and dense.sparse_capacity == 0
+    kind = jumprelu.core.kinds.from_config(cfg.sae, D)
+    params = kind.model.init(jax.random.key(0), jnp.zeros((2, D)))["params"]
+    stats = dict(kind.init_stats(), steps_seen=jnp.asarray(steps_seen, jnp.int32))
+    x = 2.0 * jax.random.normal(jax.random.key(1), (B, D))
+    out = {}
+    for name, recipe in (("dense", dense), ("sparse", dataclasses.replace(dense, sparse_capacity=128))):
+        loss = jumprelu_kind.make_loss(recipe=recipe)
+        out[name] = jax.jit(jax.value_and_grad(lambda p, r=loss: r(kind.model, p, stats, x, 0.1), has_aux=True))(params)
+    (_, (m_d, s_d)), _ = out["dense"]
+    (_, (m_s, s_s)), _ = out["sparse"]
+    in_phase = steps_seen < 5
+    assert float(m_d["batchtopk_phase"]) == float(m_s["batchtopk_phase"]) == float(in_phase)
+    assert float(m_s.pop("sparse_step")) == float(not in_phase) and float(m_d.pop("sparse_step")) == 0.0
+    assert int(s_s["steps_seen"]) == int(s_d["steps_seen"]) == steps_seen + 1
+    assert set(m_s) == set(m_d)
+    _assert_same_loss(out["sparse"], out["dense"], stats_rtol=1e-5)
+
+
+def test_recipe_with_its_phase_trains_sparse_after_the_hand_over_like_dense(tmp_path, tiny_config):
+    """The real loop: the phase's steps dense, the rest sparse, the same parameters as all-dense."""
+    cfg = _sparse_run_config(tiny_config, "on")
+    cfg.sae.batchtopk_fraction = 0.5
+    cfg.train.update(steps=60)
+    cfg.ckpt.every_steps = 60
+    cfg.log.every_steps = 5
+    saes = _train_dense_and_sparse(cfg, tmp_path)
+    for k, v in saes["off"].items():
+        np.testing.assert_allclose(saes["on"][k], v, rtol=1e-3, atol=1e-4, err_msg=k)
+    rows = [json.loads(line) for line in open(os.path.join(tmp_path, "on", "metrics.jsonl"))]
+    rows = [r for r in rows if "sparse_step" in r]
+    assert {r["sparse_step"] for r in rows if r["batchtopk_phase"] == 1.0} == {0.0}
+    assert rows[-1]["batchtopk_phase"] == 0.0 and rows[-1]["sparse_step"] == 1.0
+
+
 def _sparse_run_config(cfg, sparse_mode):
     cfg.sae.update(
         threshold_param="raw",
@@ -275,8 +319,10 @@ def test_300_steps_give_the_same_parameters(tmp_path, tiny_config):
     assert {r["sparse_step"] for r in dense_rows if "sparse_step" in r} == {0.0}
 
 
-def test_sparse_step_trains_sharded_like_on_one_device(tmp_path, tiny_config):
+@pytest.mark.parametrize("phase", [0.0, 0.5])  # 0.5: the recipe's BatchTopK phase (dense), then sparse
+def test_sparse_step_trains_sharded_like_on_one_device(tmp_path, tiny_config, phase):
     cfg = _sparse_run_config(tiny_config, "on")
+    cfg.sae.batchtopk_fraction = phase
     cfg.train.steps = 30
     results = {}
     for shape in [(1, 1), (2, 4)]:
@@ -296,7 +342,10 @@ def test_auto_is_deterministic_and_explained(tiny_config):
     assert jumprelu_kind.sparse_plan(s) == (0, "auto: dense (sae.sparsity_loss=tanh needs f for every latent)")
     s.update(sparsity_loss="step", ste_pre_activations=True)
     assert jumprelu_kind.sparse_plan(s) == (0, "auto: dense (sae.ste_pre_activations needs f for every latent)")
-    s.update(ste_pre_activations=False, target_l0=None)
+    s.update(ste_pre_activations=False, batchtopk_fraction=0.8)
+    phase_plan = "auto: sparse, 1024 entries per row after the BatchTopK phase (dense)"
+    assert jumprelu_kind.sparse_plan(s) == (1024, phase_plan)
+    s.update(batchtopk_fraction=0.0, target_l0=None)
     assert jumprelu_kind.sparse_plan(s)[0] == 0
     s.update(sparse="off", target_l0=50.0)
     assert jumprelu_kind.sparse_plan(s) == (0, "sae.sparse=off")

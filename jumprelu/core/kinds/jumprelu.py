@@ -14,6 +14,7 @@ per-latent θ (`batchtopk_fraction`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -168,6 +169,8 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
     L0 approaches T, and Adam's second-moment memory then freezes θ short of it.)
     """
     r = recipe or Recipe(target_l0=target_l0, target_rate=target_rate, target_gain=target_gain)
+    if r.batchtopk_steps and r.sparse_capacity:
+        return _phase_then_sparse(r)
 
     def loss(model, params, stats, x, sparsity_coefficient):
         eps = r.bandwidth * stats["z_scale"] if r.bandwidth_mode == "relative" else None
@@ -258,6 +261,27 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
         # (sparse_plan) or the batch overflowed the sparse step's capacity.
         metrics["sparse_step"] = 1.0 - out["overflow"] if sparse_step else jnp.zeros(())
         return total, (metrics, {**stats, **new_stats})
+
+    return loss
+
+
+def _phase_then_sparse(r: Recipe):
+    """The BatchTopK phase on the dense path (it fires at the batch's threshold, so it needs z for
+    every latent), then the sparse step from the hand-over on: one lax.cond on the step counter,
+    whose branches give the same metrics and stats as the dense loss with the phase."""
+    in_phase = make_loss(recipe=dataclasses.replace(r, sparse_capacity=0))
+    after = make_loss(recipe=dataclasses.replace(r, batchtopk_steps=0))
+
+    def loss(model, params, stats, x, sparsity_coefficient):
+        def phase_branch(p):
+            return in_phase(model, p, stats, x, sparsity_coefficient)
+
+        def sparse_branch(p):
+            total, (metrics, new) = after(model, p, stats, x, sparsity_coefficient)
+            metrics = dict(metrics, batchtopk_phase=jnp.zeros((), jnp.float32))
+            return total, (metrics, dict(new, steps_seen=stats["steps_seen"] + 1))
+
+        return jax.lax.cond(stats["steps_seen"] < r.batchtopk_steps, phase_branch, sparse_branch, params)
 
     return loss
 

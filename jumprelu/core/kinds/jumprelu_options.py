@@ -41,7 +41,6 @@ def sparse_plan(s) -> tuple[int, str]:
             ("sae.sparsity_loss=tanh", s.get("sparsity_loss", "step") == "tanh"),
             ("sae.matryoshka_widths", bool(s.get("matryoshka_widths"))),
             ("sae.ste_pre_activations", bool(s.get("ste_pre_activations"))),
-            ("sae.batchtopk_fraction", bool(s.get("batchtopk_fraction"))),
         )
         if on
     ]
@@ -61,7 +60,8 @@ def sparse_plan(s) -> tuple[int, str]:
         return 0, f"auto: dense (width {s.width} < {_AUTO_MIN_WIDTH}, where the sparse step is not faster)"
     if capacity > _AUTO_MAX_KEPT_SHARE * s.width:
         return 0, f"auto: dense (capacity {capacity} > width/{round(1 / _AUTO_MAX_KEPT_SHARE)})"
-    return capacity, f"auto: sparse, {capacity} entries per row"
+    phase = " after the BatchTopK phase (dense)" if s.get("batchtopk_fraction") else ""
+    return capacity, f"auto: sparse, {capacity} entries per row{phase}"
 
 
 def validate(s, check) -> None:
@@ -96,7 +96,6 @@ def validate(s, check) -> None:
     if bf:
         needs = "set and below sae.width when sae.batchtopk_fraction > 0 (k = target_l0)"
         check(s.target_l0 is not None and s.target_l0 < s.width, "sae.target_l0", needs, s.target_l0)
-        check(s.sparse != "on", "sae.sparse", "'auto' or 'off' with sae.batchtopk_fraction > 0", s.sparse)
     check(isinstance(s.ste_pre_activations, bool), "sae.ste_pre_activations", "True or False", s.ste_pre_activations)
     check(s.sparse in SPARSE_MODES, "sae.sparse", f"one of {SPARSE_MODES}", s.sparse)
     capacity_rule = ">= 0 (0: 8 × sae.target_l0, at least width/64)"
