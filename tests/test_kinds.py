@@ -257,3 +257,21 @@ def test_batchtopk_threshold_counts_exactly_k_per_row_on_average():
         t = batchtopk_threshold(z, k)
         assert int(jnp.sum(z > t)) == k * 64
     assert float(batchtopk_threshold(-jnp.abs(z), 5)) == 0.0  # nothing positive: θ stays at 0
+
+
+def test_batchtopk_threshold_stops_early_with_the_mask_of_32_halvings():
+    """The early stop (a midpoint with exactly k·B above it) gives the set of entries 32 halvings
+    give, also with ties at the k·B-th value, where no midpoint has exactly k·B above it."""
+    z = jax.random.normal(jax.random.key(4), (64, 256))
+
+    def full_bisection(z, k):
+        n, lo, hi = k * z.shape[0], 0.0, float(jnp.max(z))
+        for _ in range(32):
+            mid = np.float32(0.5) * (np.float32(lo) + np.float32(hi))
+            lo, hi = (mid, hi) if int(jnp.sum(z > mid)) >= n else (lo, mid)
+        return lo
+
+    tied = jnp.where(jnp.abs(z - 1.0) < 0.05, 1.0, z)  # ~400 entries equal the 40·64-th value
+    assert int(jnp.sum(tied > 1.0)) < 40 * 64 <= int(jnp.sum(tied >= 1.0))
+    for zz, k in ((z, 5), (z, 40), (tied, 40)):
+        np.testing.assert_array_equal(zz > batchtopk_threshold(zz, k), zz > full_bisection(zz, k))
