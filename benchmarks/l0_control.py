@@ -4,7 +4,7 @@
 
 Trains the JumpReLU config of experiments/smollm2_pareto.py (width 4,096, raw θ; 500 steps of
 1,024 tokens unless --steps) with `sae.target_l0` = each target instead of a fixed λ (λ then
-follows a controller, see losses.make_jumprelu_loss), and measures L0 on the held-out split. A
+follows a controller, see core/kinds/jumprelu_loss.make_loss), and measures L0 on the held-out split. A
 target is met when the held-out L0 is within ±10% of it. Prints a table and writes
 OUT/l0_control.json; finished runs in OUT/runs/ are reused.
 """

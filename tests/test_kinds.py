@@ -9,7 +9,7 @@ import jumprelu
 from jumprelu.config import base_config
 from jumprelu.core.kinds import from_config, gated, relu, topk
 from jumprelu.core.kinds.jumprelu import JumpReLUSAE, Recipe, batchtopk_threshold, init_stats
-from jumprelu.core.kinds.jumprelu import make_loss as make_jumprelu_loss
+from jumprelu.core.kinds.jumprelu_loss import make_loss as make_jumprelu_loss
 from jumprelu.train.loop import train
 from tests.test_train import read_jsonl
 

@@ -6,7 +6,8 @@ import numpy as np
 import optax
 
 from jumprelu.config import base_config
-from jumprelu.core.kinds.jumprelu import JumpReLUSAE, jumprelu_loss, make_loss
+from jumprelu.core.kinds.jumprelu import JumpReLUSAE
+from jumprelu.core.kinds.jumprelu_loss import jumprelu_loss, make_loss
 from jumprelu.core.sae import constrain
 from jumprelu.train import optim
 from jumprelu.train.state import init_state

@@ -7,7 +7,8 @@ import pytest
 
 from jumprelu.core import ops
 from jumprelu.core.folded import fold
-from jumprelu.core.kinds.jumprelu import JumpReLUSAE, threshold_of
+from jumprelu.core.kinds.jumprelu import JumpReLUSAE
+from jumprelu.core.kinds.jumprelu_loss import threshold_of
 from jumprelu.core.sae import constrain
 
 

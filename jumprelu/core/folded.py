@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jumprelu.core.kinds.jumprelu import threshold_of
+from jumprelu.core.kinds.jumprelu_loss import threshold_of
 
 FOLDED_KEYS = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")
 

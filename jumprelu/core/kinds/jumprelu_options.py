@@ -1,7 +1,7 @@
 """The JumpReLU kind's config: its `sae.*` fields with their defaults, their validation, the
 plan that picks the sparse or the dense step (`sparse_plan`, deterministic per config and
 backend), and the loss options they resolve to (`Recipe`, with the state they need). The
-module and its loss are in `jumprelu.py`.
+module is in `jumprelu.py`, its loss in `jumprelu_loss.py`.
 """
 
 from __future__ import annotations
