@@ -62,7 +62,9 @@ def main() -> None:
         for name, t in times.items():
             out[f"k{k}_{name}_ms"] = round(1e3 * float(np.median(t)), 1)
         out[f"k{k}_same_mask"] = bool(jnp.all((z > ts["early_stop"]) == (z > ts["halvings_32"])))
-    out["command"] = f"python benchmarks/batch_threshold.py --data {a.data} --width {a.width} --batch {a.batch}"
+    cmd = f"python benchmarks/batch_threshold.py --data {a.data} --width {a.width} --batch {a.batch}"
+    cmd += (f" --ks {a.ks}" if a.ks != "20,50,100" else "") + (f" --calls {a.calls}" if a.calls != 25 else "")
+    out["command"] = cmd
     print(json.dumps(out))
 
 

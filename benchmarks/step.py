@@ -9,7 +9,8 @@ shapes: forward z = x W_enc and x̂ = f W_dec; backward ∂W_dec = fᵀ g, ∂f 
 mean the nonlinearity, loss, Adam and the decoder projection cost nothing.
 
 With --l0 N the step is the short recipe's JumpReLU step at target L0 N (the step after its
-BatchTopK phase, the one a run takes from the hand-over on), and θ is set to the quantile of the
+BatchTopK phase: the recipe with the phase switched off, the work a run's step does from the
+hand-over on, without the counter and the switch the phase adds), and θ is set to the quantile of the
 pre-activations of a batch (real rows with --data, normalised to E‖x‖² = 1) that makes the
 batch's L0 N; the sparse step (core/sparse.py, sae.sparse=on) is timed beside the dense one,
 interleaved. --sparse-only skips the dense step (for widths where it is slow). --phase also

@@ -233,11 +233,15 @@ def test_every_supported_option_gives_the_dense_loss_gradients_and_stats(tiny_co
 
 
 @pytest.mark.parametrize("steps_seen", [2, 7])  # in the BatchTopK phase (5 steps), then after it
-def test_batchtopk_phase_then_sparse_gives_the_dense_loss(tiny_config, steps_seen):
+@pytest.mark.parametrize(
+    ("param", "loss", "bandwidth_mode"), [("raw", "step", "absolute"), ("log", "quadratic", "relative")]
+)
+def test_batchtopk_phase_then_sparse_gives_the_dense_loss(tiny_config, steps_seen, param, loss, bandwidth_mode):
     """With the recipe's BatchTopK phase the sparse plan keeps the phase dense and takes the sparse
     step after the hand-over; both give the dense loss, metrics, stats and gradients."""
     cfg = tiny_config
-    cfg.sae.update(width=M, threshold_init=3.0, bandwidth=EPS, threshold_param="raw", target_l0=8.0)
+    cfg.sae.update(width=M, threshold_init=3.0, bandwidth=EPS, threshold_param=param, target_l0=8.0)
+    cfg.sae.update(sparsity_loss=loss, bandwidth_mode=bandwidth_mode)
     cfg.sae.update(batchtopk_fraction=0.5, pre_act_coefficient=1e-2, dead_window_tokens=1)
     cfg.sae.update(frequency_penalty=1.0, frequency_limit=0.02)
     dense = jumprelu_kind.Recipe.from_config(cfg.sae, train_steps=10)

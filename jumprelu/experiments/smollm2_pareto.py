@@ -5,9 +5,10 @@
   python benchmarks/pareto.py --data ../shared/data/smollm2_135m_l15_resid_dev.npy --out /tmp/pareto
 
 Hardware: any CPU. Expected run time on 2 cores: ~90 s per ReLU/Gated run, ~150 s per
-TopK/BatchTopK run and ~1.5 × 90 s per JumpReLU run (its BatchTopK phase counts z > t 32 times
-a step; at 2M tokens 554 s against 370 s without it) (500 steps of 1,024 tokens at d_model 576,
-width 4,096; the planner's matmul count is 24 GFLOP per step), ~50 min for the whole sweep.
+TopK/BatchTopK run and ~1.5 × 90 s per JumpReLU run (its BatchTopK phase counts z > t up to
+32 times a step, 17–25 on real data; at 2M tokens 554 s against 370 s without it) (500 steps of
+1,024 tokens at d_model 576, width 4,096; the planner's matmul count is 24 GFLOP per step),
+~50 min for the whole sweep.
 
 Data: residual-stream activations of SmolLM2-135M after block 15 (d_model 576), 120,000 tokens
 of English prose, converted to a store (first command). `data.source` points at the store.

@@ -47,8 +47,9 @@ def sparse_plan(s) -> tuple[int, str]:
     capacity = s.get("sparse_capacity", 0) or (
         sparse.default_capacity(s.target_l0, s.width) if s.get("target_l0") else 0
     )
+    phase = " after the BatchTopK phase (dense)" if s.get("batchtopk_fraction") else ""
     if mode == "on":
-        return capacity, "sae.sparse=on"
+        return capacity, f"sae.sparse=on{phase}"
     if unsupported:
         return 0, f"auto: dense ({', '.join(unsupported)} needs f for every latent)"
     if not capacity:
@@ -60,7 +61,6 @@ def sparse_plan(s) -> tuple[int, str]:
         return 0, f"auto: dense (width {s.width} < {_AUTO_MIN_WIDTH}, where the sparse step is not faster)"
     if capacity > _AUTO_MAX_KEPT_SHARE * s.width:
         return 0, f"auto: dense (capacity {capacity} > width/{round(1 / _AUTO_MAX_KEPT_SHARE)})"
-    phase = " after the BatchTopK phase (dense)" if s.get("batchtopk_fraction") else ""
     return capacity, f"auto: sparse, {capacity} entries per row{phase}"
 
 
