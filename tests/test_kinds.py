@@ -127,6 +127,60 @@ def test_target_l0_mode_adapts_lambda_towards_the_target():
         assert sign * (float(new["log_lambda"]) - np.log(0.01)) > 0
 
 
+def test_target_l0_controller_reads_the_held_out_to_batch_l0_ratio():
+    """With sae.target_l0_held_out_rows the controller's L0 is the batch's times the ratio of the
+    moving averages of the L0 on held-out rows (the next 128, cycled) and on the batches."""
+    model = JumpReLUSAE(d_model=2, width=4, threshold_param="raw", bandwidth=0.5)
+    params = dict(BASE, threshold=jnp.full((4,), 0.2))
+    recipe = Recipe(target_l0=1.0, target_rate=0.1, held_out_rows=5)
+    stats = init_stats(recipe, 4, 0.01, d_model=2)
+    held = np.random.default_rng(0).standard_normal((5, 2)).astype(np.float32) * 2
+    stats = dict(stats, held_out_rows=jnp.asarray(held), held_out_next=jnp.asarray(3, jnp.int32))
+    stats.update(held_out_l0=jnp.float32(1.5), batch_l0=jnp.float32(2.0))
+    z_held = (held - np.asarray(BASE["b_dec"])) @ np.asarray(W_ENC) + np.asarray(BASE["b_enc"])
+    l0_held = np.mean(np.sum(z_held > 0.2, axis=-1))  # all 5 rows: 128 per step, cycled from row 3
+    l0 = float(jnp.mean(model.apply({"params": params}, X)["l0"]))
+    ema_held, ema_batch = 0.99 * 1.5 + 0.01 * l0_held, 0.99 * 2.0 + 0.01 * l0
+    measured = l0 * ema_held / ema_batch
+    assert abs(measured / l0 - 1) > 0.05  # the correction is large enough for the test to fail
+    total, (m, new) = make_jumprelu_loss(recipe=recipe)(model, params, stats, X, 0.0)
+    error = np.log(measured / 1.0)
+    np.testing.assert_allclose(new["log_lambda"], np.log(0.01) + 0.1 * error, rtol=1e-5)
+    lam = 0.01 * np.exp(0.5 * np.clip(error, -1, 1))
+    plain, _ = make_jumprelu_loss()(model, params, {}, X, lam)
+    np.testing.assert_allclose(total, plain, rtol=1e-5)
+    np.testing.assert_allclose([new["held_out_l0"], new["batch_l0"]], [ema_held, ema_batch], rtol=1e-6)
+    assert int(new["held_out_next"]) == (3 + 5) % 5
+    np.testing.assert_allclose(m["held_out_l0_ratio"], ema_held / ema_batch, rtol=1e-5)
+    # the held-out rows give θ no gradient: only λ moves with them
+    g = jax.grad(lambda p: make_jumprelu_loss(recipe=recipe)(model, p, stats, X, 0.0)[0])(params)
+    g_plain = jax.grad(lambda p: make_jumprelu_loss()(model, p, {}, X, lam)[0])(params)
+    for k in g:
+        np.testing.assert_allclose(g[k], g_plain[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_held_out_rows_cycle_in_slices_of_128():
+    model = JumpReLUSAE(d_model=2, width=4, threshold_param="raw", bandwidth=0.5)
+    params = dict(BASE, threshold=jnp.full((4,), 0.2))
+    recipe = Recipe(target_l0=1.0, held_out_rows=300)
+    rows = np.zeros((300, 2), np.float32)
+    rows[250:] = 5.0  # rows 250..299 fire more latents than the rest
+    stats = dict(init_stats(recipe, 4, 0.01, d_model=2), held_out_rows=jnp.asarray(rows))
+    loss_fn = make_jumprelu_loss(recipe=recipe)
+    seen = []
+    for _ in range(3):  # rows 0-127, 128-255, then 256-299 and 0-83
+        _, (_, stats) = loss_fn(model, params, stats, X, 0.0)
+        seen.append(int(stats["held_out_next"]))
+    assert seen == [128, 256, 84]
+    z = (rows - np.asarray(BASE["b_dec"])) @ np.asarray(W_ENC) + np.asarray(BASE["b_enc"])
+    per_row = np.sum(z > 0.2, axis=-1)
+    slices = [per_row[:128], per_row[128:256], np.concatenate([per_row[256:], per_row[:84]])]
+    ema = 0.0
+    for s in slices:
+        ema = 0.99 * ema + 0.01 * np.mean(s)
+    np.testing.assert_allclose(stats["held_out_l0"], ema, rtol=1e-5)
+
+
 def test_every_kind_builds_from_config():
     for name in ("jumprelu", "relu", "gated", "topk", "batchtopk"):
         c = base_config().sae

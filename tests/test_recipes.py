@@ -17,6 +17,7 @@ from jumprelu.evaluate import metrics
 from jumprelu.evaluate.metrics import evaluate_rows
 from jumprelu.train import optim
 from jumprelu.train.loop import train
+from tests.test_train import read_jsonl
 
 Z = jnp.array([[0.5, 1.2], [1.05, 0.2]])
 THETA = jnp.array([1.0, 1.0])
@@ -305,6 +306,8 @@ def test_adam_update_clip_bounds_a_long_silent_parameters_first_step(tiny_config
         ("train.adam_update_clip", -1.0, "train.adam_update_clip must be >= 0"),
         ("sae.batchtopk_fraction", 1.5, r"sae.batchtopk_fraction must be in \[0, 1\]"),
         ("sae.batchtopk_fraction", 0.5, "sae.target_l0 must be set and below sae.width when sae.batchtopk_fraction"),
+        ("sae.target_l0_held_out_rows", 64, "sae.target_l0 must be set when sae.target_l0_held_out_rows > 0"),
+        ("sae.target_l0_held_out_rows", -1, "sae.target_l0_held_out_rows must be an integer >= 0"),
     ],
 )
 def test_bad_recipe_fields_are_named(tiny_config, field, value, message):
@@ -349,8 +352,11 @@ def _all_options(cfg, loss: str):
 @pytest.mark.parametrize("loss", ["step", "quadratic", "quadratic_rows", "tanh"])
 def test_every_option_trains_sharded_like_on_one_device(tmp_path, tiny_config, loss):
     cfg = _all_options(tiny_config, loss)
-    # the first 10 steps as BatchTopK (its top-k over the whole batch, sharded too), then per-latent θ
-    cfg.sae.update(target_l0=6.0, threshold_init_mode="latent_quantile", batchtopk_fraction=0.5)
+    # the first 10 steps as BatchTopK (its top-k over the whole batch, sharded too), then per-latent θ;
+    # the controller corrected by the L0 on 256 of the store's held-out rows
+    cfg.sae.update(
+        target_l0=6.0, threshold_init_mode="latent_quantile", batchtopk_fraction=0.5, target_l0_held_out_rows=256
+    )
     cfg.train.steps = 20
     results = {}
     for shape in [(1, 1), (2, 4)]:
@@ -380,7 +386,43 @@ def test_the_short_recipe_hands_over_from_batchtopk_only_with_a_target():
 
     with_target = apply_recipe(base_config(), "short", 20)
     assert with_target.sae.batchtopk_fraction == 0.8 and with_target.sae.target_l0 == 20.0
+    assert with_target.sae.target_l0_held_out_rows == 1024
     validate(with_target)
     without = apply_recipe(base_config(), "short")  # λ fixed: no k for a BatchTopK phase
-    assert without.sae.batchtopk_fraction == 0.0
+    assert without.sae.batchtopk_fraction == 0.0 and without.sae.target_l0_held_out_rows == 0
     validate(without)
+
+
+def test_the_controllers_held_out_rows_are_the_stores_held_out_split(tmp_path, tiny_config):
+    """The rows the controller reads are the store's own held-out rows (never trained on), saved
+    with the state; asking for more than data.eval_rows, or changing the count on resume, is a
+    one-line error."""
+    from jumprelu import data as data_lib
+    from jumprelu.core import kinds
+    from jumprelu.train import checkpoint
+
+    tiny_config.sae.update(target_l0=6.0, threshold_param="raw", target_l0_held_out_rows=300)
+    tiny_config.train.steps = 20
+    report = train(tiny_config, str(tmp_path / "run"))
+    assert np.isfinite(report["eval"]["fvu"])
+    stream = data_lib.make_stream(tiny_config.data, data_lib.open_source(tiny_config.data, str(tmp_path / "run")))
+    held = stream.eval_set()[:300] / stream.scale
+    stream.close()
+    kind = kinds.from_config(tiny_config.sae, 32, 20)
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    on_cpu = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), tree)  # noqa: E731
+    abstract = on_cpu(jax.eval_shape(kind.model.init, jax.random.key(0), jnp.zeros((1, 32)))["params"])
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), keep=2, read_only=True)
+    scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=cpu)
+    _, _, saved = ckpt.restore_sae(abstract, scale, on_cpu(jax.eval_shape(kind.init_stats)), 20)
+    ckpt.close()
+    np.testing.assert_allclose(saved["held_out_rows"], held, rtol=1e-6)
+    ratios = [m["held_out_l0_ratio"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert all(np.isfinite(ratios)) and len(set(ratios)) > 1
+    tiny_config.train.steps = 40
+    tiny_config.sae.target_l0_held_out_rows = 128
+    with pytest.raises(ConfigError, match="sae.target_l0_held_out_rows is 128 .* trained with 300: changing it"):
+        train(tiny_config, str(tmp_path / "run"))
+    tiny_config.sae.target_l0_held_out_rows = 1024
+    with pytest.raises(ConfigError, match=r"data.eval_rows must be >= sae.target_l0_held_out_rows \(1024\)"):
+        train(tiny_config, str(tmp_path / "other"))

@@ -243,12 +243,13 @@ def test_batchtopk_phase_then_sparse_gives_the_dense_loss(tiny_config, steps_see
     cfg.sae.update(width=M, threshold_init=3.0, bandwidth=EPS, threshold_param=param, target_l0=8.0)
     cfg.sae.update(sparsity_loss=loss, bandwidth_mode=bandwidth_mode)
     cfg.sae.update(batchtopk_fraction=0.5, pre_act_coefficient=1e-2, dead_window_tokens=1)
-    cfg.sae.update(frequency_penalty=1.0, frequency_limit=0.02)
+    cfg.sae.update(frequency_penalty=1.0, frequency_limit=0.02, target_l0_held_out_rows=16)
     dense = jumprelu_kind.Recipe.from_config(cfg.sae, train_steps=10)
     assert dense.batchtopk_steps == 5 and dense.sparse_capacity == 0
     kind = jumprelu.core.kinds.from_config(cfg.sae, D)
     params = kind.model.init(jax.random.key(0), jnp.zeros((2, D)))["params"]
     stats = dict(kind.init_stats(), steps_seen=jnp.asarray(steps_seen, jnp.int32))
+    stats["held_out_rows"] = 2.0 * jax.random.normal(jax.random.key(2), (16, D))
     x = 2.0 * jax.random.normal(jax.random.key(1), (B, D))
     out = {}
     for name, recipe in (("dense", dense), ("sparse", dataclasses.replace(dense, sparse_capacity=128))):
@@ -267,7 +268,7 @@ def test_batchtopk_phase_then_sparse_gives_the_dense_loss(tiny_config, steps_see
 def test_recipe_with_its_phase_trains_sparse_after_the_hand_over_like_dense(tmp_path, tiny_config):
     """The real loop: the phase's steps dense, the rest sparse, the same parameters as all-dense."""
     cfg = _sparse_run_config(tiny_config, "on")
-    cfg.sae.batchtopk_fraction = 0.5
+    cfg.sae.update(batchtopk_fraction=0.5, target_l0_held_out_rows=256)
     cfg.train.update(steps=60)
     cfg.ckpt.every_steps = 60
     cfg.log.every_steps = 5

@@ -57,21 +57,31 @@ def thresholds(z: np.ndarray, how: str, target_l0: float, width: int | None = No
 
 
 def needs_data(s) -> bool:
-    """Whether the start of training needs a sample of rows (data-dependent init or bandwidth)."""
+    """Whether the start of training needs a sample of rows (data-dependent init or bandwidth, or
+    the held-out rows the target-L0 controller reads)."""
     return (
         s.get("b_dec_init", "zeros") != "zeros"
         or s.get("threshold_init_mode", "constant") != "constant"
         or s.get("bandwidth_mode", "absolute") == "relative"
+        or bool(s.get("target_l0_held_out_rows"))
     )
 
 
-def start_from_data(params: dict, stats: dict, x, s) -> tuple[dict, dict]:
-    """Sets b_dec, θ and the bandwidth scale from rows x: [N, d_model] (normalised), once at step 0.
+def start_from_data(params: dict, stats: dict, x, s, held_out=None) -> tuple[dict, dict]:
+    """Sets b_dec, θ and the bandwidth scale from rows x: [N, d_model] (normalised), once at step 0,
+    and the controller's held-out rows from held_out: [≥ sae.target_l0_held_out_rows, d_model]
+    (normalised; rows never trained on).
 
     The pre-activations are computed in slices of latents so a wide SAE needs no [N, M] array.
     """
     x = np.asarray(x, np.float32)
     params, stats = dict(params), dict(stats)
+    if "held_out_rows" in stats:
+        n = stats["held_out_rows"].shape[0]
+        found = 0 if held_out is None else len(held_out)
+        if found < n:
+            raise ValueError(f"sae.target_l0_held_out_rows={n} needs as many held-out rows, found {found}")
+        stats["held_out_rows"] = jnp.asarray(np.asarray(held_out[:n], np.float32))
     b_dec = decoder_bias(x, s.b_dec_init)
     params["b_dec"] = jnp.asarray(b_dec)
     centred = jnp.asarray(x - b_dec if s.pre_encoder_bias else x)

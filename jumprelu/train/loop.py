@@ -102,7 +102,9 @@ def _train_on(cfg: ml_collections.ConfigDict, workdir: str, stream) -> dict:
             spec = kinds.spec(cfg.sae.kind)
             if spec.needs_data(cfg.sae):  # b_dec, θ or the bandwidth from the first training rows
                 rows = stream.read(0, min(_INIT_ROWS, stream.num_train_rows))
-                state = state_lib.start_from_data(state, spec, cfg.sae, rows, prog.members)
+                # the target-L0 controller's rows come from the store's held-out split (data.eval_rows)
+                held = stream.eval_set() if cfg.sae.get("target_l0_held_out_rows") else None
+                state = state_lib.start_from_data(state, spec, cfg.sae, rows, prog.members, held_out=held)
         if cfg.data.source == data_lib.LM_SOURCE and cfg.data.normalize:
             # C was estimated from the first rows (no store holds it): the config records it too.
             cfg.data.scale = float(jax.device_get(state.scale))

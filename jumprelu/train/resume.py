@@ -58,6 +58,7 @@ STATE_SWITCHES = (
     ("sae.bandwidth_mode", lambda v: v == "relative"),
     ("sae.pre_act_coefficient", bool),
     ("sae.batchtopk_fraction", bool),
+    ("sae.target_l0_held_out_rows", lambda v: v or 0),  # the count is an array's shape
 )
 
 
@@ -79,10 +80,10 @@ def check_resumable(saved: dict, cfg: ml_collections.ConfigDict, directory: str)
     for field, on in STATE_SWITCHES:
         was, now_value = _get(saved, field), _get(now, field)
         if on(was) != on(now_value):
+            change = "changing it" if on(was) and on(now_value) else f"switching it {'on' if on(now_value) else 'off'}"
             raise ConfigError(
                 f"config field {field} is {now_value!r} but the checkpoint in {directory} was trained with "
-                f"{was!r}: switching it {'on' if on(now_value) else 'off'} changes the saved state; set it back "
-                "or use a new --workdir"
+                f"{was!r}: {change} changes the saved state; set it back or use a new --workdir"
             )
 
 

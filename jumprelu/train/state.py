@@ -91,16 +91,21 @@ def create_state(model, tx, mesh: Mesh, key: jax.Array, scale: float, init_stats
         return jax.jit(make, out_shardings=shardings)(key, scale)
 
 
-def start_from_data(state: TrainState, spec, sae_cfg, rows, members: int = 0) -> TrainState:
-    """The kind's data-dependent start (b_dec, θ, bandwidth scale from `rows` [N, d] raw), applied
-    to a fresh state: computed on the host from member 0's params (stacked members share one
-    init, as they do without it) and put back with the state's own shardings."""
+def start_from_data(state: TrainState, spec, sae_cfg, rows, members: int = 0, held_out=None) -> TrainState:
+    """The kind's data-dependent start (b_dec, θ, bandwidth scale from `rows` [N, d] raw; rows held
+    out from training where the kind reads them), applied to a fresh state: computed on the host
+    from member 0's params (stacked members share one init, as they do without it) and put back
+    with the state's own shardings."""
     import numpy as np
 
     host = jax.device_get((state.params, state.stats))
     params, stats = (member_of(t, 0) for t in host) if members else host
     x = np.asarray(rows, np.float32) / float(state.scale)
-    params, stats = spec.init_from_data(params, stats, x, sae_cfg)
+    if held_out is None:
+        params, stats = spec.init_from_data(params, stats, x, sae_cfg)
+    else:
+        held = np.asarray(held_out, np.float32) / float(state.scale)
+        params, stats = spec.init_from_data(params, stats, x, sae_cfg, held_out=held)
     if members:
         params, stats = (
             jax.tree.map(lambda a: np.broadcast_to(a, (members, *np.shape(a))), t) for t in (params, stats)

@@ -153,7 +153,7 @@ def build(sae_cfg, d_model: int, train_steps: int = 0) -> Kind:
     )
     recipe = Recipe.from_config(sae_cfg, train_steps)
     lam0, width = sae_cfg.sparsity_coefficient, sae_cfg.width
-    stats = lambda: init_stats(recipe, width, lam0)  # noqa: E731
+    stats = lambda: init_stats(recipe, width, lam0, d_model)  # noqa: E731
     return Kind("jumprelu", model, make_loss(recipe=recipe), stats, export, step_path=sparse_plan(sae_cfg)[1])
 
 
@@ -167,6 +167,7 @@ SPEC = register(
             "log_threshold": layout.THRESHOLD_SPEC,  # [M]
             "threshold": layout.THRESHOLD_SPEC,  # [M]
             "tokens_since_fired": layout.THRESHOLD_SPEC,  # [M] stats, with the pre-activation loss
+            "held_out_rows": layout.REPLICATED,  # [N, d_model] stats, with sae.target_l0_held_out_rows
         },
         stackable=True,
         needs_data=init_lib.needs_data,

@@ -20,6 +20,8 @@ from jumprelu.core.kinds.jumprelu_options import Recipe
 _LOG_LAMBDA_MIN, _LOG_LAMBDA_MAX = math.log(1e-9), math.log(10.0)
 _Z_SCALE_DECAY = 0.99  # moving average of the spread of z, for the relative bandwidth
 _SINCE_FIRED_CAP = 2**30
+HELD_OUT_ROWS_PER_STEP = 128  # ~1/8 of one of the step's products at batch 1,024
+_HELD_OUT_DECAY = 0.99  # moving averages of the held-out and batch L0 (~100 steps, ~12,800 held-out rows)
 
 
 def threshold_of(params: dict) -> jax.Array:
@@ -74,7 +76,11 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
         batch_l0 = jax.lax.stop_gradient(jnp.mean(out["l0"]))
         new_stats, lam = {}, sparsity_coefficient
         if r.target_l0 is not None:  # this batch's L0 (no gradient through it) sets this step's λ
-            error = jnp.log(jnp.maximum(batch_l0, 1e-3) / r.target_l0)
+            measured = batch_l0
+            if r.held_out_rows:
+                measured, held = _held_out_corrected(model, params, theta, stats, batch_l0)
+                new_stats.update(held)
+            error = jnp.log(jnp.maximum(measured, 1e-3) / r.target_l0)
             lam = jnp.exp(stats["log_lambda"] + r.target_gain * jnp.clip(error, -1.0, 1.0))
             integral = jnp.clip(stats["log_lambda"] + r.target_rate * error, _LOG_LAMBDA_MIN, _LOG_LAMBDA_MAX)
             new_stats["log_lambda"] = jax.lax.stop_gradient(integral)
@@ -137,12 +143,36 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
         metrics = dict(metrics, loss=total)
         if r.target_l0 is not None:
             metrics["sparsity_coefficient_adaptive"] = lam
+        if r.held_out_rows:  # moving averages (same bias from their zero start, so the ratio is unbiased)
+            metrics["held_out_l0_ratio"] = measured / jnp.maximum(batch_l0, 1e-3)
         # Recorded in every run: 1 when this batch took the sparse step, 0 when the plan is dense
         # (sparse_plan) or the batch overflowed the sparse step's capacity.
         metrics["sparse_step"] = 1.0 - out["overflow"] if sparse_step else jnp.zeros(())
         return total, (metrics, {**stats, **new_stats})
 
     return loss
+
+
+def _held_out_corrected(model, params, theta, stats, batch_l0):
+    """(batch L0 × moving held-out/batch L0 ratio, new stats): the L0 the SAE would have on rows it
+    never trains on, from the next HELD_OUT_ROWS_PER_STEP of `stats["held_out_rows"]` (cycled).
+
+    Both moving averages start at 0 and decay alike, so their ratio needs no bias correction.
+    Nothing here has a gradient: it only moves λ.
+    """
+    rows = stats["held_out_rows"]
+    n = rows.shape[0]
+    take = min(HELD_OUT_ROWS_PER_STEP, n)
+    at = stats["held_out_next"]
+    x = jnp.take(rows, (at + jnp.arange(take)) % n, axis=0)
+    frozen = jax.lax.stop_gradient(params)
+    z = model.apply({"params": frozen}, x, method="pre_activations")
+    l0 = jnp.mean(jnp.sum(z > jax.lax.stop_gradient(theta), axis=-1, dtype=jnp.float32))
+    held = _HELD_OUT_DECAY * stats["held_out_l0"] + (1 - _HELD_OUT_DECAY) * l0
+    seen = _HELD_OUT_DECAY * stats["batch_l0"] + (1 - _HELD_OUT_DECAY) * batch_l0
+    measured = batch_l0 * held / jnp.maximum(seen, 1e-3)
+    new = {"held_out_rows": rows, "held_out_next": (at + take) % n, "held_out_l0": held, "batch_l0": seen}
+    return measured, new
 
 
 def _phase_then_sparse(r: Recipe):

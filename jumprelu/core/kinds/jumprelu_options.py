@@ -77,6 +77,10 @@ def validate(s, check) -> None:
         s.target_l0_rate,
     )
     check(s.target_l0_gain >= 0, "sae.target_l0_gain", ">= 0", s.target_l0_gain)
+    held = s.target_l0_held_out_rows
+    check(isinstance(held, int) and held >= 0, "sae.target_l0_held_out_rows", "an integer >= 0 (0 = off)", held)
+    if held:
+        check(s.target_l0 is not None, "sae.target_l0", "set when sae.target_l0_held_out_rows > 0", s.target_l0)
     check(s.sparsity_loss in sparsity.LOSSES, "sae.sparsity_loss", f"one of {sparsity.LOSSES}", s.sparsity_loss)
     if s.sparsity_loss in ("quadratic", "quadratic_rows"):
         needs = f"set when sae.sparsity_loss is {s.sparsity_loss!r}"
@@ -149,6 +153,11 @@ def config_fields() -> dict:
         target_l0=config_dict.placeholder(float),
         target_l0_rate=0.01,
         target_l0_gain=0.5,
+        # > 0: the controller aims the L0 of rows the SAE never trains on at the target: this many of
+        # the store's held-out rows (data.eval_rows), 128 of them a step, give a
+        # moving ratio of held-out to batch L0 that scales the batch L0 it reads. A run that revisits
+        # its rows fits θ to them, and its L0 on new text then lands above the target (README "Recipes").
+        target_l0_held_out_rows=0,
         # "step" (paper), "quadratic" (Gemma Scope 2) or "quadratic_rows" (per row; both need target_l0), "tanh"
         sparsity_loss="step",
         tanh_scale=4.0,  # c of the tanh loss
@@ -175,6 +184,7 @@ class Recipe:
     target_l0: float | None = None
     target_rate: float = 0.01
     target_gain: float = 0.5
+    held_out_rows: int = 0  # > 0: the controller reads the batch L0 times the held-out/batch L0 ratio
     tanh_scale: float = 4.0
     frequency_penalty: float = 0.0
     frequency_limit: float = 0.1
@@ -199,6 +209,7 @@ class Recipe:
             target_l0=s.get("target_l0"),
             target_rate=s.get("target_l0_rate", 0.01),
             target_gain=s.get("target_l0_gain", 0.5),
+            held_out_rows=s.get("target_l0_held_out_rows", 0) if s.get("target_l0") is not None else 0,
             tanh_scale=s.get("tanh_scale", 4.0),
             frequency_penalty=s.get("frequency_penalty", 0.0),
             frequency_limit=s.get("frequency_limit", 0.1),
@@ -219,11 +230,18 @@ def _normalised(weights) -> tuple[float, ...]:
     return tuple(float(w) / total for w in weights)
 
 
-def init_stats(recipe: Recipe, width: int, initial_lambda: float) -> dict:
+def init_stats(recipe: Recipe, width: int, initial_lambda: float, d_model: int = 0) -> dict:
     """The non-gradient state the options need (none for the paper's recipe)."""
     stats = {}
     if recipe.target_l0 is not None:
         stats["log_lambda"] = jnp.asarray(math.log(max(initial_lambda, 1e-9)), jnp.float32)
+    if recipe.held_out_rows:
+        # the rows (normalised; set from the store's held-out split at the start), where the next
+        # slice starts, and moving averages of the held-out and batch L0 (their ratio corrects λ)
+        stats["held_out_rows"] = jnp.zeros((recipe.held_out_rows, d_model), jnp.float32)
+        stats["held_out_next"] = jnp.zeros((), jnp.int32)
+        stats["held_out_l0"] = jnp.zeros((), jnp.float32)
+        stats["batch_l0"] = jnp.zeros((), jnp.float32)
     if recipe.bandwidth_mode == "relative":
         stats["z_scale"] = jnp.ones((), jnp.float32)  # set from data at the start (init_from_data)
     if recipe.pre_act_coefficient > 0:
