@@ -148,10 +148,19 @@ def apply_recipe(c: ml_collections.ConfigDict, name: str, target_l0: float | Non
     set_fields(c, RECIPES[name])
     if target_l0 is not None:
         c.sae.target_l0 = float(target_l0)
-    else:  # the BatchTopK phase takes its k from the target, and without one no controller reads L0
+    elif c.sae.get("target_l0") is None:  # the phase's k is the target; without one no controller reads L0
         c.sae.batchtopk_fraction = 0.0
         c.sae.target_l0_held_out_rows = 0
     return c
+
+
+def controller_rows(c: ml_collections.ConfigDict) -> int:
+    """How many of the held-out rows the target-L0 controller reads (sae.target_l0_held_out_rows of
+    a JumpReLU run with a target): reports leave them out."""
+    s = c.sae
+    if s.kind != "jumprelu" or s.get("target_l0") is None:
+        return 0
+    return int(s.get("target_l0_held_out_rows", 0) or 0)
 
 
 def _check(ok: bool, field: str, expected: str, found) -> None:
@@ -212,7 +221,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(d.prefetch_batches >= 0, "data.prefetch_batches", ">= 0", d.prefetch_batches)
     _check(d.eval_rows >= 0, "data.eval_rows", ">= 0", d.eval_rows)
     held = s.get("target_l0_held_out_rows", 0)
-    if held and isinstance(held, int):
+    if s.kind == "jumprelu" and held and isinstance(held, int):
         _check(d.eval_rows >= held, "data.eval_rows", f">= sae.target_l0_held_out_rows ({held})", d.eval_rows)
     lams = c.stack.sparsity_coefficients
     _check(

@@ -7,6 +7,7 @@ import pytest
 
 import jumprelu
 from jumprelu.config import base_config
+from jumprelu.core import losses as losses_lib
 from jumprelu.core.kinds import from_config, gated, relu, topk
 from jumprelu.core.kinds.jumprelu import JumpReLUSAE, Recipe, batchtopk_threshold, init_stats
 from jumprelu.core.kinds.jumprelu_loss import make_loss as make_jumprelu_loss
@@ -152,11 +153,30 @@ def test_target_l0_controller_reads_the_held_out_to_batch_l0_ratio():
     np.testing.assert_allclose([new["held_out_l0"], new["batch_l0"]], [ema_held, ema_batch], rtol=1e-6)
     assert int(new["held_out_next"]) == (3 + 5) % 5
     np.testing.assert_allclose(m["held_out_l0_ratio"], ema_held / ema_batch, rtol=1e-5)
-    # the held-out rows give θ no gradient: only λ moves with them
-    g = jax.grad(lambda p: make_jumprelu_loss(recipe=recipe)(model, p, stats, X, 0.0)[0])(params)
-    g_plain = jax.grad(lambda p: make_jumprelu_loss()(model, p, {}, X, lam)[0])(params)
-    for k in g:
-        np.testing.assert_allclose(g[k], g_plain[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_quadratic_losses_aim_at_the_corrected_target():
+    """With held-out rows a quadratic loss's target is T / ratio: the batch L0 that puts the held-out
+    rows' L0 at T (a penalty around T itself would hold the batch at T whatever λ does)."""
+    model = JumpReLUSAE(d_model=2, width=4, threshold_param="raw", bandwidth=0.5)
+    params = dict(BASE, threshold=jnp.full((4,), 0.2))
+    l0_rows = np.asarray(model.apply({"params": params}, X)["l0"])
+    for loss in ("quadratic", "quadratic_rows"):
+        recipe = Recipe(target_l0=1.0, sparsity_loss=loss, held_out_rows=3)
+        stats = dict(init_stats(recipe, 4, 0.01, d_model=2), held_out_rows=X * 3.0)
+        stats.update(held_out_l0=jnp.float32(2.0), batch_l0=jnp.float32(1.0))
+        total, (m, new) = make_jumprelu_loss(recipe=recipe)(model, params, stats, X, 0.0)
+        ratio = float(new["held_out_l0"] / new["batch_l0"])
+        assert abs(ratio - 1) > 0.3
+        target = 1.0 / ratio
+        error = np.log(np.mean(l0_rows) / target)
+        lam = 0.01 * np.exp(0.5 * np.clip(error, -1, 1))
+        sq = np.mean(np.asarray(losses_lib.squared_error(X, model.apply({"params": params}, X)["x_hat"])))
+        if loss == "quadratic":
+            penalty = lam * (2 / target) * (np.mean(l0_rows) - target) ** 2
+        else:
+            penalty = lam * (2 / target) * np.mean((l0_rows - target) ** 2)
+        np.testing.assert_allclose(total, sq + penalty, rtol=1e-5)
 
 
 def test_held_out_rows_cycle_in_slices_of_128():

@@ -394,9 +394,9 @@ def test_the_short_recipe_hands_over_from_batchtopk_only_with_a_target():
 
 
 def test_the_controllers_held_out_rows_are_the_stores_held_out_split(tmp_path, tiny_config):
-    """The rows the controller reads are the store's own held-out rows (never trained on), saved
-    with the state; asking for more than data.eval_rows, or changing the count on resume, is a
-    one-line error."""
+    """The rows the controller reads are the store's own held-out rows (never trained on; 300 of
+    512, spread over them), saved with the state; asking for more than data.eval_rows, or changing
+    the count on resume, is a one-line error."""
     from jumprelu import data as data_lib
     from jumprelu.core import kinds
     from jumprelu.train import checkpoint
@@ -406,7 +406,8 @@ def test_the_controllers_held_out_rows_are_the_stores_held_out_split(tmp_path, t
     report = train(tiny_config, str(tmp_path / "run"))
     assert np.isfinite(report["eval"]["fvu"])
     stream = data_lib.make_stream(tiny_config.data, data_lib.open_source(tiny_config.data, str(tmp_path / "run")))
-    held = stream.eval_set()[:300] / stream.scale
+    every = stream.eval_set()
+    held = every[np.linspace(0, len(every) - 1, 300).round().astype(int)] / stream.scale
     stream.close()
     kind = kinds.from_config(tiny_config.sae, 32, 20)
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
@@ -419,6 +420,17 @@ def test_the_controllers_held_out_rows_are_the_stores_held_out_split(tmp_path, t
     np.testing.assert_allclose(saved["held_out_rows"], held, rtol=1e-6)
     ratios = [m["held_out_l0_ratio"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
     assert all(np.isfinite(ratios)) and len(set(ratios)) > 1
+    # the report, `jumprelu evaluate` and `jumprelu refit` measure the other 212 held-out rows
+    from jumprelu.cli.evaluate import evaluate_workdir
+    from jumprelu.cli.refit import refit_workdir
+
+    assert report["eval"]["tokens"] == 512 - 300
+    _, evaluated, _ = evaluate_workdir(str(tmp_path / "run"))
+    assert evaluated["stored"]["tokens"] == 212
+    np.testing.assert_allclose(evaluated["stored"]["l0"], report["eval"]["l0"], rtol=1e-5)
+    _, wider, _ = evaluate_workdir(str(tmp_path / "run"), eval_rows=1024)  # a larger split: the same 300 left out
+    assert wider["stored"]["tokens"] == 1024 - 300
+    assert refit_workdir(str(tmp_path / "run"), None, 1024, 0.01)["held_out_rows"] == 212
     tiny_config.train.steps = 40
     tiny_config.sae.target_l0_held_out_rows = 128
     with pytest.raises(ConfigError, match="sae.target_l0_held_out_rows is 128 .* trained with 300: changing it"):
@@ -426,3 +438,26 @@ def test_the_controllers_held_out_rows_are_the_stores_held_out_split(tmp_path, t
     tiny_config.sae.target_l0_held_out_rows = 1024
     with pytest.raises(ConfigError, match=r"data.eval_rows must be >= sae.target_l0_held_out_rows \(1024\)"):
         train(tiny_config, str(tmp_path / "other"))
+
+
+def test_the_controllers_rows_are_spread_over_the_held_out_split(tiny_config):
+    """The on-the-fly LM's held-out rows come in text order: the controller takes rows spread over
+    all of them, not the first few; too few held-out rows is a one-line error naming the field."""
+    s = tiny_config.sae
+    s.update(target_l0=4.0, target_l0_held_out_rows=4)
+    kind = jumprelu_kind.build(s, 32)
+    params = kind.model.init(jax.random.key(0), jnp.zeros((1, 32)))["params"]
+    rows = np.arange(10, dtype=np.float32)[:, None] * np.ones((1, 32), np.float32)
+    x = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    _, stats = init_lib.start_from_data(params, kind.init_stats(), x, s, held_out=rows)
+    np.testing.assert_array_equal(np.asarray(stats["held_out_rows"])[:, 0], [0, 3, 6, 9])
+    with pytest.raises(ConfigError, match=r"sae.target_l0_held_out_rows=4 needs as many held-out rows .* found 3"):
+        init_lib.start_from_data(params, kind.init_stats(), x, s, held_out=rows[:3])
+
+
+def test_reports_leave_out_the_controllers_rows_of_any_split_size():
+    rows = np.arange(12)[:, None]
+    np.testing.assert_array_equal(init_lib.report_rows(rows[:10], 4)[:, 0], [1, 2, 4, 5, 7, 8])
+    # read with a larger split (a prefix property of the held-out split): the same rows are left out
+    np.testing.assert_array_equal(init_lib.report_rows(rows, 4, split_rows=10)[:, 0], [1, 2, 4, 5, 7, 8, 10, 11])
+    assert init_lib.report_rows(rows[:4], 4).shape == (0, 1) and init_lib.report_rows(rows, 0) is rows

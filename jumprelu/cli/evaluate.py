@@ -25,11 +25,15 @@ def evaluate_workdir(workdir: str, member: int | None = None, eval_rows: int | N
     import ml_collections
 
     from jumprelu import data as data_lib
+    from jumprelu.config import controller_rows
+    from jumprelu.core.init import report_rows
+    from jumprelu.errors import UserError
     from jumprelu.evaluate.metrics import evaluate_rows, prefix
     from jumprelu.export.load import load
 
     sae = load(workdir, member=member)
     cfg = ml_collections.ConfigDict(sae.config)
+    trained_split = cfg.data.eval_rows
     if eval_rows is not None:
         cfg.data.eval_rows = eval_rows
     if cfg.data.source == data_lib.LM_SOURCE:  # an on-the-fly run: its held-out rows, recomputed by the LM
@@ -39,6 +43,13 @@ def evaluate_workdir(workdir: str, member: int | None = None, eval_rows: int | N
     else:
         store = data_lib.open_source(cfg.data, workdir)
         rows = data_lib.make_stream(cfg.data, store).eval_set()
+    # not the rows the target-L0 controller read in training: λ was set from their L0
+    rows = report_rows(rows, controller_rows(cfg), split_rows=trained_split)
+    if not len(rows):
+        raise UserError(
+            f"{workdir}: no held-out rows to evaluate on: data.eval_rows={cfg.data.eval_rows} and the target-L0 "
+            f"controller read {controller_rows(cfg)} of them; pass --eval_rows with more"
+        )
     metrics = evaluate_rows(dict(sae.params(), k=sae.k), rows)
     freq = metrics.pop("firing_frequency")
     # the nested loss is JumpReLU's (other kinds ignore the field); the last width is the whole SAE

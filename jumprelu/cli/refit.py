@@ -22,6 +22,8 @@ def refit_workdir(workdir: str, member: int | None, rows: int, ridge: float) -> 
 
     from jumprelu import data as data_lib
     from jumprelu import fs
+    from jumprelu.config import controller_rows
+    from jumprelu.core.init import report_rows
     from jumprelu.errors import UserError
     from jumprelu.evaluate.metrics import evaluate_rows
     from jumprelu.export import gemma_scope
@@ -44,9 +46,9 @@ def refit_workdir(workdir: str, member: int | None, rows: int, ridge: float) -> 
     start, count = seen - min(rows, seen), min(rows, seen)
     chunks = (stream.read(p, min(CHUNK_ROWS, start + count - p)) for p in range(start, start + count, CHUNK_ROWS))
     refit, used = refit_decoder(sae, chunks, ridge)
-    held_out = stream.eval_set()
+    held_out = report_rows(stream.eval_set(), controller_rows(cfg))  # not the rows λ was set from
     metrics = {}
-    for name, s in (("before", sae), ("after", refit)):
+    for name, s in (("before", sae), ("after", refit)) if len(held_out) else ():
         m = evaluate_rows(s.params(), held_out)
         metrics[name] = {k: m[k] for k in ("l0", "fvu", "mse", "dead_fraction", "dense_fraction") if k in m}
     out_dir = fs.join(workdir if member is None else member_dir(workdir, member), "refit")
@@ -79,8 +81,11 @@ def run(argv: list[str]) -> int:
         except (UserError, FileNotFoundError, ValueError) as e:
             return common.fail(e)
         print(json.dumps(report, indent=2))
-        b, a = report["before"]["fvu"], report["after"]["fvu"]
-        print(f"held-out FVU {b:.4f} -> {a:.4f} (L0 {report['after']['l0']:.2f} unchanged); wrote {report['params']}")
+        if "after" not in report:  # data.eval_rows were all the L0 controller's (or 0)
+            print(f"no held-out rows to measure the refit on; wrote {report['params']}")
+        else:
+            b, a, l0 = report["before"]["fvu"], report["after"]["fvu"], report["after"]["l0"]
+            print(f"held-out FVU {b:.4f} -> {a:.4f} (L0 {l0:.2f} unchanged); wrote {report['params']}")
         return 0
 
     return common.absl_run(main, argv, "jumprelu refit")

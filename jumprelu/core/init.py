@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from jumprelu.errors import ConfigError
+
 B_DEC_INITS = ("zeros", "mean", "median")
 THRESHOLD_INITS = ("constant", "latent_quantile", "global_quantile")
 MIN_THRESHOLD = 1e-4  # a quantile at or below 0 would make the jump a leak of negative z
@@ -67,6 +69,27 @@ def needs_data(s) -> bool:
     )
 
 
+def controller_pick(available: int, count: int) -> np.ndarray:
+    """Which of the `available` held-out rows the target-L0 controller reads: `count` of them spread
+    evenly over the split (the on-the-fly LM's held-out rows come in text order), sorted, distinct."""
+    if not count:
+        return np.zeros(0, np.int64)
+    return np.linspace(0, available - 1, count).round().astype(np.int64)
+
+
+def report_rows(rows: np.ndarray, controller_count: int, split_rows: int | None = None) -> np.ndarray:
+    """The held-out rows a report may be measured on: all but those the controller read.
+
+    split_rows: data.eval_rows when the run trained (the split's rows are a prefix of a larger
+    split's, so the controller's rows are found again when `rows` was read with another count)."""
+    if not controller_count:
+        return rows
+    picked = controller_pick(len(rows) if split_rows is None else split_rows, controller_count)
+    keep = np.ones(len(rows), bool)
+    keep[picked[picked < len(rows)]] = False
+    return rows[keep]
+
+
 def start_from_data(params: dict, stats: dict, x, s, held_out=None) -> tuple[dict, dict]:
     """Sets b_dec, θ and the bandwidth scale from rows x: [N, d_model] (normalised), once at step 0,
     and the controller's held-out rows from held_out: [≥ sae.target_l0_held_out_rows, d_model]
@@ -80,10 +103,15 @@ def start_from_data(params: dict, stats: dict, x, s, held_out=None) -> tuple[dic
         n = stats["held_out_rows"].shape[0]
         found = 0 if held_out is None else len(held_out)
         if found < n:
-            raise ValueError(f"sae.target_l0_held_out_rows={n} needs as many held-out rows, found {found}")
-        stats["held_out_rows"] = jnp.asarray(np.asarray(held_out[:n], np.float32))
+            raise ConfigError(
+                f"config field sae.target_l0_held_out_rows={n} needs as many held-out rows (data.eval_rows), "
+                f"found {found}"
+            )
+        stats["held_out_rows"] = jnp.asarray(np.asarray(held_out, np.float32)[controller_pick(found, n)])
     b_dec = decoder_bias(x, s.b_dec_init)
     params["b_dec"] = jnp.asarray(b_dec)
+    if s.threshold_init_mode == "constant" and "z_scale" not in stats:
+        return params, stats  # nothing below is needed: no pre-activations
     centred = jnp.asarray(x - b_dec if s.pre_encoder_bias else x)
     w_enc, b_enc = params["W_enc"], params["b_enc"]
     width, mode = w_enc.shape[1], s.threshold_init_mode

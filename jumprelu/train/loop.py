@@ -21,6 +21,7 @@ import ml_collections
 from jumprelu import config as config_lib
 from jumprelu import data as data_lib
 from jumprelu import fs
+from jumprelu.core import init as init_lib
 from jumprelu.core import kinds
 from jumprelu.data import pipeline
 from jumprelu.errors import ConfigError
@@ -103,7 +104,7 @@ def _train_on(cfg: ml_collections.ConfigDict, workdir: str, stream) -> dict:
             if spec.needs_data(cfg.sae):  # b_dec, θ or the bandwidth from the first training rows
                 rows = stream.read(0, min(_INIT_ROWS, stream.num_train_rows))
                 # the target-L0 controller's rows come from the store's held-out split (data.eval_rows)
-                held = stream.eval_set() if cfg.sae.get("target_l0_held_out_rows") else None
+                held = stream.eval_set() if config_lib.controller_rows(cfg) else None
                 state = state_lib.start_from_data(state, spec, cfg.sae, rows, prog.members, held_out=held)
         if cfg.data.source == data_lib.LM_SOURCE and cfg.data.normalize:
             # C was estimated from the first rows (no store holds it): the config records it too.
@@ -112,7 +113,9 @@ def _train_on(cfg: ml_collections.ConfigDict, workdir: str, stream) -> dict:
             fs.write_text_atomically(fs.join(workdir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
         start = int(state.step)
         batches = _batches(cfg, prog, stream, ckpt, start)
-        eval_rows = stream.eval_set() if writers.wants_histograms(cfg.log) else None
+        eval_rows = None
+        if writers.wants_histograms(cfg.log):  # without the rows the target-L0 controller reads
+            eval_rows = init_lib.report_rows(stream.eval_set(), config_lib.controller_rows(cfg))
         with preemption.Watch() as watch:
             state = _loop(cfg, workdir, prog, state, batches, ckpt, start, watch, eval_rows)
     except BaseException:

@@ -8,8 +8,10 @@ import json
 import ml_collections
 import numpy as np
 
+from jumprelu import config as config_lib
 from jumprelu import data as data_lib
 from jumprelu import fs
+from jumprelu.core import init as init_lib
 from jumprelu.core import kinds
 from jumprelu.core.folded import fold
 from jumprelu.data import synthetic
@@ -25,7 +27,8 @@ def final_report(cfg, workdir: str, state, stream, start_step: int) -> dict:
     """Evaluates the trained SAE (or each of K stacked ones) on the held-out rows; writes report.json."""
     params, scale, stats = distributed.to_host((state.params, state.scale, state.stats))
     steps = int(state.step)
-    eval_rows = stream.eval_set()
+    # the rows the target-L0 controller read are left out: λ was set from their L0
+    eval_rows = init_lib.report_rows(stream.eval_set(), config_lib.controller_rows(cfg))
     lams = tuple(cfg.stack.sparsity_coefficients)
     if not lams:
         return _sae_report(cfg, workdir, workdir, params, scale, stats, eval_rows, steps, start_step)
@@ -92,6 +95,8 @@ def format_report(r: dict) -> str:
             f"  held-out ({e['tokens']:,} tokens): L0 {e['l0']:.2f}   FVU {e['fvu']:.4f}   "
             f"dead latents {100 * e['dead_fraction']:.1f}%   firing on >10% of tokens {100 * e['dense_fraction']:.1f}%"
         )
+    elif "eval" in r:
+        lines.append("  held-out: no rows left to report on (data.eval_rows is 0, or all are the L0 controller's)")
     if "features_recovered" in r:
         n = r["true_features"]
         k = round(r["features_recovered"] * n)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jumprelu.train import sharding
+from jumprelu.train import distributed, sharding
 
 
 @flax.struct.dataclass
@@ -98,7 +98,7 @@ def start_from_data(state: TrainState, spec, sae_cfg, rows, members: int = 0, he
     with the state's own shardings."""
     import numpy as np
 
-    host = jax.device_get((state.params, state.stats))
+    host = distributed.to_host((state.params, state.stats))  # params split across hosts too
     params, stats = (member_of(t, 0) for t in host) if members else host
     x = np.asarray(rows, np.float32) / float(state.scale)
     if held_out is None:

@@ -54,7 +54,8 @@ class KindSpec:
     param_specs: dict[str, PartitionSpec] = dataclasses.field(default_factory=dict)
     stackable: bool = False
     # Data-dependent start (optional): needs_data(sae_cfg) says whether init_from_data(params,
-    # stats, rows [N, d] normalised, sae_cfg) -> (params, stats) must run once at step 0.
+    # stats, rows [N, d] normalised, sae_cfg) -> (params, stats) must run once at step 0; a kind
+    # that reads held-out rows (JumpReLU's sae.target_l0_held_out_rows) also gets held_out=[N', d].
     needs_data: Callable = lambda sae_cfg: False  # noqa: E731
     init_from_data: Callable | None = None
 

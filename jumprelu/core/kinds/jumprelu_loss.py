@@ -74,13 +74,12 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
             out = model.apply({"params": params}, x, bandwidth=eps)
         theta = threshold_of(params)
         batch_l0 = jax.lax.stop_gradient(jnp.mean(out["l0"]))
-        new_stats, lam = {}, sparsity_coefficient
+        new_stats, lam, target = {}, sparsity_coefficient, r.target_l0
         if r.target_l0 is not None:  # this batch's L0 (no gradient through it) sets this step's λ
-            measured = batch_l0
-            if r.held_out_rows:
-                measured, held = _held_out_corrected(model, params, theta, stats, batch_l0)
-                new_stats.update(held)
-            error = jnp.log(jnp.maximum(measured, 1e-3) / r.target_l0)
+            if r.held_out_rows:  # the batch L0 that puts the held-out rows' L0 at the target
+                ratio, held = _held_out_ratio(model, params, theta, stats, batch_l0)
+                target, new_stats = r.target_l0 / ratio, held
+            error = jnp.log(jnp.maximum(batch_l0, 1e-3) / target)
             lam = jnp.exp(stats["log_lambda"] + r.target_gain * jnp.clip(error, -1.0, 1.0))
             integral = jnp.clip(stats["log_lambda"] + r.target_rate * error, _LOG_LAMBDA_MIN, _LOG_LAMBDA_MAX)
             new_stats["log_lambda"] = jax.lax.stop_gradient(integral)
@@ -96,9 +95,9 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
         if r.sparsity_loss == "step":  # summed per row with the error, exactly as the paper writes it
             sq_err, penalty = sq_err + lam * out["l0"], 0.0
         elif r.sparsity_loss == "quadratic":
-            penalty = sparsity.quadratic_loss(out["l0"], lam, r.target_l0)
+            penalty = sparsity.quadratic_loss(out["l0"], lam, target)
         elif r.sparsity_loss == "quadratic_rows":
-            penalty = sparsity.quadratic_rows_loss(out["l0"], lam, r.target_l0)
+            penalty = sparsity.quadratic_rows_loss(out["l0"], lam, target)
         else:
             penalty = sparsity.tanh_loss(out["f"], norms, lam, r.tanh_scale)
         eps_now = r.bandwidth if eps is None else eps
@@ -143,8 +142,8 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
         metrics = dict(metrics, loss=total)
         if r.target_l0 is not None:
             metrics["sparsity_coefficient_adaptive"] = lam
-        if r.held_out_rows:  # moving averages (same bias from their zero start, so the ratio is unbiased)
-            metrics["held_out_l0_ratio"] = measured / jnp.maximum(batch_l0, 1e-3)
+        if r.held_out_rows:
+            metrics["held_out_l0_ratio"] = ratio
         # Recorded in every run: 1 when this batch took the sparse step, 0 when the plan is dense
         # (sparse_plan) or the batch overflowed the sparse step's capacity.
         metrics["sparse_step"] = 1.0 - out["overflow"] if sparse_step else jnp.zeros(())
@@ -153,12 +152,11 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
     return loss
 
 
-def _held_out_corrected(model, params, theta, stats, batch_l0):
-    """(batch L0 × moving held-out/batch L0 ratio, new stats): the L0 the SAE would have on rows it
-    never trains on, from the next HELD_OUT_ROWS_PER_STEP of `stats["held_out_rows"]` (cycled).
-
-    Both moving averages start at 0 and decay alike, so their ratio needs no bias correction.
-    Nothing here has a gradient: it only moves λ.
+def _held_out_ratio(model, params, theta, stats, batch_l0):
+    """(moving ratio of held-out to batch L0, new stats): how much more often the latents fire on
+    rows the SAE never trains on, from the next HELD_OUT_ROWS_PER_STEP of `stats["held_out_rows"]`
+    (cycled). Both moving averages start at 0 and decay alike, so their ratio needs no bias
+    correction. Nothing here has a gradient: it only moves λ (and the quadratic losses' target).
     """
     rows = stats["held_out_rows"]
     n = rows.shape[0]
@@ -170,9 +168,8 @@ def _held_out_corrected(model, params, theta, stats, batch_l0):
     l0 = jnp.mean(jnp.sum(z > jax.lax.stop_gradient(theta), axis=-1, dtype=jnp.float32))
     held = _HELD_OUT_DECAY * stats["held_out_l0"] + (1 - _HELD_OUT_DECAY) * l0
     seen = _HELD_OUT_DECAY * stats["batch_l0"] + (1 - _HELD_OUT_DECAY) * batch_l0
-    measured = batch_l0 * held / jnp.maximum(seen, 1e-3)
-    new = {"held_out_rows": rows, "held_out_next": (at + take) % n, "held_out_l0": held, "batch_l0": seen}
-    return measured, new
+    new = {"held_out_next": (at + take) % n, "held_out_l0": held, "batch_l0": seen}
+    return held / jnp.maximum(seen, 1e-3), new
 
 
 def _phase_then_sparse(r: Recipe):

@@ -78,7 +78,8 @@ def validate(s, check) -> None:
     )
     check(s.target_l0_gain >= 0, "sae.target_l0_gain", ">= 0", s.target_l0_gain)
     held = s.target_l0_held_out_rows
-    check(isinstance(held, int) and held >= 0, "sae.target_l0_held_out_rows", "an integer >= 0 (0 = off)", held)
+    ok = isinstance(held, int) and not isinstance(held, bool) and held >= 0
+    check(ok, "sae.target_l0_held_out_rows", "an integer >= 0 (0 = off)", held)
     if held:
         check(s.target_l0 is not None, "sae.target_l0", "set when sae.target_l0_held_out_rows > 0", s.target_l0)
     check(s.sparsity_loss in sparsity.LOSSES, "sae.sparsity_loss", f"one of {sparsity.LOSSES}", s.sparsity_loss)
@@ -198,6 +199,8 @@ class Recipe:
     sparse_capacity: int = 0  # > 0: the sparse step keeping this many entries per row (0: dense)
 
     def __post_init__(self):
+        if self.held_out_rows and self.target_l0 is None:
+            raise ValueError("Recipe.held_out_rows > 0 needs a target_l0 (the controller that reads them)")
         # the one place the prefixes' shares are settled, however the Recipe was made
         weights = self.matryoshka_weights or (1.0,) * len(self.matryoshka_widths)
         object.__setattr__(self, "matryoshka_weights", _normalised(weights) if weights else ())
@@ -236,6 +239,8 @@ def init_stats(recipe: Recipe, width: int, initial_lambda: float, d_model: int =
     if recipe.target_l0 is not None:
         stats["log_lambda"] = jnp.asarray(math.log(max(initial_lambda, 1e-9)), jnp.float32)
     if recipe.held_out_rows:
+        if d_model <= 0:
+            raise ValueError("init_stats: d_model is needed for the controller's held-out rows")
         # the rows (normalised; set from the store's held-out split at the start), where the next
         # slice starts, and moving averages of the held-out and batch L0 (their ratio corrects λ)
         stats["held_out_rows"] = jnp.zeros((recipe.held_out_rows, d_model), jnp.float32)
