@@ -120,7 +120,8 @@ def our_config(trainer: str, target: int, args, store: str):
     arg = f"{kind},target_l0={target},tokens={args.tokens}"
     cfg = experiment.load("smollm2_pareto").get_config(arg)
     cfg.data.source = store
-    cfg.data.eval_rows = 1024  # the store's own small split; the reported metrics use eval.npy
+    # the store's own small split, which the recipe's L0 controller reads; the reported metrics use eval.npy
+    cfg.data.eval_rows = 1024
     cfg.sae.width = args.width
     cfg.train.batch_size = args.batch
     cfg.train.steps = args.tokens // args.batch

@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jumprelu.core import losses, sparsity
+from jumprelu.core import layout, losses, sparsity
 from jumprelu.core.kinds.jumprelu_options import Recipe
 
 _LOG_LAMBDA_MIN, _LOG_LAMBDA_MAX = math.log(1e-9), math.log(10.0)
@@ -163,6 +163,11 @@ def _held_out_ratio(model, params, theta, stats, batch_l0):
     take = min(HELD_OUT_ROWS_PER_STEP, n)
     at = stats["held_out_next"]
     x = jnp.take(rows, (at + jnp.arange(take)) % n, axis=0)
+    mesh = jax.sharding.get_abstract_mesh()
+    if layout.DATA in mesh.axis_names and take % mesh.shape[layout.DATA] == 0:
+        # split over 'data' like a batch: replicated, each data-parallel replica would repeat the whole
+        # held-out forward (at 128 rows per device, as much as the batch's own encoder product)
+        x = jax.lax.with_sharding_constraint(x, layout.BATCH_SPEC)
     frozen = jax.lax.stop_gradient(params)
     z = model.apply({"params": frozen}, x, method="pre_activations")
     l0 = jnp.mean(jnp.sum(z > jax.lax.stop_gradient(theta), axis=-1, dtype=jnp.float32))
