@@ -22,7 +22,8 @@ Schedule: 512k tokens is 1/8,000 of the paper's budget, so every kind trains at 
 50-step warm-up (ReLU and Gated with a 100-step λ warm-up). JumpReLU is the recommended
 short-budget recipe (`jumprelu.config.RECIPES["short"]`, README "Recipes": a BatchTopK phase
 with k = target over the first 80% of the steps handing over to per-latent θ trained in its
-shadow, raw θ, ε 0.01, a target L0 reached by the λ controller, a pre-activation loss on dead
+shadow, raw θ, ε 0.01, a target L0 reached by the λ controller reading 1,024 held-out rows
+besides the batch (data.eval_rows 8,192: the report measures the other 7,168), a pre-activation loss on dead
 latents, a frequency penalty after the hand-over, lr decaying over the last 20% except θ's,
 decoupled weight decay 0.3 on W_enc), swept over its target L0 as TopK is over k. Every kind
 gets the same data, token budget, width and evaluation.
