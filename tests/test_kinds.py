@@ -164,7 +164,7 @@ def test_quadratic_losses_aim_at_the_corrected_target():
     for loss in ("quadratic", "quadratic_rows"):
         recipe = Recipe(target_l0=1.0, sparsity_loss=loss, held_out_rows=3)
         stats = dict(init_stats(recipe, 4, 0.01, d_model=2), held_out_rows=X * 3.0)
-        stats.update(held_out_l0=jnp.float32(2.0), batch_l0=jnp.float32(1.0))
+        stats.update(held_out_l0=jnp.float32(1.8), batch_l0=jnp.float32(1.0))
         total, (m, new) = make_jumprelu_loss(recipe=recipe)(model, params, stats, X, 0.0)
         ratio = float(new["held_out_l0"] / new["batch_l0"])
         assert abs(ratio - 1) > 0.3
@@ -177,6 +177,18 @@ def test_quadratic_losses_aim_at_the_corrected_target():
         else:
             penalty = lam * (2 / target) * np.mean((l0_rows - target) ** 2)
         np.testing.assert_allclose(total, sq + penalty, rtol=1e-5)
+
+
+def test_a_held_out_l0_of_zero_does_not_drop_lambda_to_its_floor():
+    """Rows that fire nothing give ratio 0 (an infinite target): the ratio is kept within [0.5, 2]."""
+    model = JumpReLUSAE(d_model=2, width=4, threshold_param="raw", bandwidth=0.5)
+    params = dict(BASE, threshold=jnp.full((4,), 0.2))
+    recipe = Recipe(target_l0=1.0, target_rate=0.1, held_out_rows=4)
+    stats = dict(init_stats(recipe, 4, 0.01, d_model=2), held_out_rows=jnp.tile(jnp.array([[-50.0, -60.0]]), (4, 1)))
+    _, (m, new) = make_jumprelu_loss(recipe=recipe)(model, params, stats, X, 0.0)
+    assert float(new["held_out_l0"]) == 0.0 and float(m["held_out_l0_ratio"]) == 0.5
+    l0 = float(jnp.mean(model.apply({"params": params}, X)["l0"]))
+    np.testing.assert_allclose(new["log_lambda"], np.log(0.01) + 0.1 * np.log(l0 * 0.5), rtol=1e-5)
 
 
 def test_held_out_rows_cycle_in_slices_of_128():
