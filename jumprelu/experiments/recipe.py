@@ -18,7 +18,8 @@ least 1,024; afterwards `jumprelu refit --workdir DIR` fits the decoder by least
 tuned for billions of tokens. Without `l0`, λ is `sae.sparsity_coefficient` as usual.
 `matryoshka` nests prefixes of width/8, width/4, width/2 and width latents, their reconstruction
 errors weighted 1:1:1:9 (README "Recipes": 2.6–3.7% above the plain recipe's FVU at 2M tokens,
-the first eighth of the latents reconstructing alone at FVU 0.27–0.34); give the width here
+both before the held-out L0 reading; the first eighth of the latents reconstructing alone at FVU
+0.27–0.34); give the width here
 (`width=W`), since the prefixes are computed from it.
 """
 
