@@ -62,11 +62,16 @@ def write_bytes_atomically(path: str, data: bytes) -> None:
         _epath(path).write_bytes(data)
         return
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a bad destination leaves no stray temporary behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def write_text_atomically(path: str, text: str) -> None:

@@ -77,6 +77,12 @@ def test_bad_files_give_one_line_errors(tmp_path):
         jumprelu.load(str(tmp_path / "pickled.npz"))
     with pytest.raises(gemma_scope.GemmaScopeError, match="no such file"):
         jumprelu.load(str(tmp_path / "absent.npz"))
+    np.savez(tmp_path / "whole.npz", **p)  # a download cut short
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:1000])
+    with pytest.raises(gemma_scope.GemmaScopeError, match="cut.npz: not a readable .npz") as e:
+        jumprelu.load(tmp_path / "cut.npz")  # a pathlib.Path loads like a str
+    assert "\n" not in str(e.value)
+    assert jumprelu.load(tmp_path / "whole.npz").width == p["W_enc"].shape[1]
 
 
 def test_topk_sae_is_not_exported(tmp_path, tiny_config):

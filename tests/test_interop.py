@@ -263,6 +263,56 @@ def test_cli_errors_are_one_line(trained, tmp_path):
     assert cli.returncode == 2 and cli.stderr.count("\n") == 1 and "jumprelu: error:" in cli.stderr
 
 
+def _export_error(workdir, out, *flags):
+    cli = subprocess.run(
+        [sys.executable, "-m", "jumprelu", "export", str(workdir), str(out), *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode != 0 and cli.stderr.count("\n") == 1, cli.stderr
+    return cli.stderr
+
+
+def test_export_output_mistakes_are_one_line_and_leave_nothing(trained, tmp_path):
+    """OUT checked before any work: a directory for the one-file format, a file for a directory
+    format, a missing parent; a released file cannot give Neuronpedia statistics."""
+    (tmp_path / "dir").mkdir()
+    assert "dir: is a directory; --format gemma-scope writes one file" in _export_error(trained, tmp_path / "dir")
+    assert list((tmp_path / "dir").iterdir()) == []  # no stray temporary file
+    (tmp_path / "file").write_text("x")
+    assert "file: is a file; --format saelens writes a directory" in _export_error(
+        trained, tmp_path / "file", "--format", "saelens"
+    )
+    assert "does not exist" in _export_error(trained, tmp_path / "absent" / "p.npz")
+    _export(trained, tmp_path / "p.npz")
+    assert "needs a training workdir" in _export_error(tmp_path / "p.npz", tmp_path / "np", "--format", "neuronpedia")
+
+
+def test_a_failed_atomic_write_leaves_no_temporary(tmp_path):
+    from jumprelu import fs
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OSError):
+        fs.write_bytes_atomically(str(tmp_path / "taken"), b"data")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"] and not any((tmp_path / "taken").iterdir())
+
+
+def test_gemma_scope_npz_refuses_a_transcoder(tmp_path):
+    from safetensors.numpy import save_file
+
+    from jumprelu.export import gemma_scope
+
+    rng = np.random.default_rng(0)
+    p = _random(rng, d_out=24)
+    arrays = {k.lower(): v for k, v in p.items()}
+    arrays["affine_skip_connection"] = rng.normal(size=(16, 24)).astype(np.float32)
+    save_file(arrays, str(tmp_path / "params.safetensors"))
+    with pytest.raises(gemma_scope.GemmaScopeError, match="transcoder .* export it as gemma-scope-2"):
+        gemma_scope.export(jumprelu.load(str(tmp_path / "params.safetensors")), str(tmp_path / "tc.npz"))
+    assert not (tmp_path / "tc.npz").exists()
+
+
 def test_topk_exports_to_saelens_as_topk(tmp_path, tiny_config):
     tiny_config.sae.update(kind="topk", k=4)
     tiny_config.train.steps = 4

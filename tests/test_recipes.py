@@ -13,6 +13,7 @@ from jumprelu.config import ConfigError, validate
 from jumprelu.core import init as init_lib
 from jumprelu.core import losses, sparsity
 from jumprelu.core.kinds import jumprelu as jumprelu_kind
+from jumprelu.errors import UserError
 from jumprelu.evaluate import metrics
 from jumprelu.evaluate.metrics import evaluate_rows
 from jumprelu.train import optim
@@ -428,8 +429,11 @@ def test_the_controllers_held_out_rows_are_the_stores_held_out_split(tmp_path, t
     _, evaluated, _ = evaluate_workdir(str(tmp_path / "run"))
     assert evaluated["stored"]["tokens"] == 212
     np.testing.assert_allclose(evaluated["stored"]["l0"], report["eval"]["l0"], rtol=1e-5)
-    _, wider, _ = evaluate_workdir(str(tmp_path / "run"), eval_rows=1024)  # a larger split: the same 300 left out
-    assert wider["stored"]["tokens"] == 1024 - 300
+    # a smaller split is a prefix of the run's: the controller's rows among its first 400 are left out
+    _, fewer, _ = evaluate_workdir(str(tmp_path / "run"), eval_rows=400)
+    assert fewer["stored"]["tokens"] == 400 - int((np.linspace(0, 511, 300).round() < 400).sum())
+    with pytest.raises(UserError, match=r"--eval_rows must be between 1 and the run's data.eval_rows \(512\)"):
+        evaluate_workdir(str(tmp_path / "run"), eval_rows=1024)  # rows past the split were trained on
     assert refit_workdir(str(tmp_path / "run"), None, 1024, 0.01)["held_out_rows"] == 212
     tiny_config.train.steps = 40
     tiny_config.sae.target_l0_held_out_rows = 128

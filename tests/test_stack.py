@@ -58,6 +58,18 @@ def test_stacked_run_writes_member_items_metrics_and_resumes(tmp_path, stack_con
     assert straight["members"][1]["eval"] == resumed["members"][1]["eval"]
     with pytest.raises(ValueError, match="holds 2 stacked SAEs"):
         jumprelu.load(str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="sae-1 is member 1 of its stacked run; found member=0"):
+        jumprelu.load(str(tmp_path / "b" / "sae-1"), member=0)
+    # evaluate and refit of a member directory read the run's data (nothing new inside sae-1)
+    from jumprelu.cli.evaluate import evaluate_workdir
+    from jumprelu.cli.refit import refit_workdir
+
+    before = set(os.listdir(tmp_path / "b" / "sae-1"))
+    _, by_dir, _ = evaluate_workdir(str(tmp_path / "b" / "sae-1"))
+    _, by_member, _ = evaluate_workdir(str(tmp_path / "b"), member=1)
+    assert by_dir == by_member
+    assert refit_workdir(str(tmp_path / "b" / "sae-1"), None, 256, 0.01)["params"].endswith("sae-1/refit/params.npz")
+    assert set(os.listdir(tmp_path / "b" / "sae-1")) == before | {"refit"}
 
 
 def test_stack_config_errors(stack_config):

@@ -355,3 +355,13 @@ def test_full_disk_during_a_write_is_one_line_and_resumes(tmp_path, monkeypatch)
     assert not (out / "writing.json").exists()
     with pytest.raises(DataError, match="already complete"):
         convert_lib.convert(str(tmp_path / "acts.npy"), str(out), shard_rows=40, dtype="bfloat16", log=lambda *_: None)
+
+
+def test_convert_names_an_npz_archive(tmp_path):
+    """np.savez's archive is not one array: a one-line error listing its arrays, not a traceback."""
+    from jumprelu.store.npy import open_npy
+
+    np.savez(tmp_path / "acts.npz", acts=np.zeros((4, 8), np.float32))
+    message = r"acts.npz: expected a .npy of one array \[N, d_model\], found a .npz archive of \['acts'\]"
+    with pytest.raises(DataError, match=message):
+        open_npy(str(tmp_path / "acts.npz"))

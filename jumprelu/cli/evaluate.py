@@ -29,12 +29,19 @@ def evaluate_workdir(workdir: str, member: int | None = None, eval_rows: int | N
     from jumprelu.core.init import report_rows
     from jumprelu.errors import UserError
     from jumprelu.evaluate.metrics import evaluate_rows, prefix
-    from jumprelu.export.load import load
+    from jumprelu.export.load import load, resolve
 
+    workdir, member = resolve(workdir, member)  # a stacked member's WORKDIR/sae-i: the run's data, not its own
     sae = load(workdir, member=member)
     cfg = ml_collections.ConfigDict(sae.config)
     trained_split = cfg.data.eval_rows
     if eval_rows is not None:
+        # the held-out split is a prefix: rows past the run's own split were trained on
+        if not 0 < eval_rows <= trained_split:
+            raise UserError(
+                f"--eval_rows must be between 1 and the run's data.eval_rows ({trained_split}): "
+                f"rows beyond its held-out split were trained on; found {eval_rows}"
+            )
         cfg.data.eval_rows = eval_rows
     if cfg.data.source == data_lib.LM_SOURCE:  # an on-the-fly run: its held-out rows, recomputed by the LM
         from jumprelu.harvest import onthefly
@@ -48,7 +55,7 @@ def evaluate_workdir(workdir: str, member: int | None = None, eval_rows: int | N
     if not len(rows):
         raise UserError(
             f"{workdir}: no held-out rows to evaluate on: data.eval_rows={cfg.data.eval_rows} and the target-L0 "
-            f"controller read {controller_rows(cfg)} of them; pass --eval_rows with more"
+            f"controller read {controller_rows(cfg)} of them (a larger data.eval_rows in training leaves some)"
         )
     metrics = evaluate_rows(dict(sae.params(), k=sae.k), rows)
     freq = metrics.pop("firing_frequency")
@@ -80,13 +87,14 @@ def run(argv: list[str]) -> int:
         from jumprelu import fs
         from jumprelu.errors import UserError
         from jumprelu.evaluate.plots import plot_firing_histogram
+        from jumprelu.export.load import resolve
         from jumprelu.train.checkpoint import member_dir
 
         common.quiet_libraries(flags.FLAGS)
-        workdir, member = workdir_flag.value, member_flag.value
-        out_dir = workdir if member is None else member_dir(workdir, member)
         lead = True
         try:
+            workdir, member = resolve(workdir_flag.value, member_flag.value)
+            out_dir = workdir if member is None else member_dir(workdir, member)
             if lm_flag.value is not None:  # several hosts: started before anything touches a device
                 from jumprelu.harvest.run import start_processes
 

@@ -16,10 +16,28 @@ Hub repository REPO (needs huggingface_hub and a token).
 from __future__ import annotations
 
 import argparse
+import os
 
 from jumprelu.cli import common
 
 FORMATS = ("gemma-scope", "saelens", "gemma-scope-2", "neuronpedia")
+FILE_FORMATS = ("gemma-scope",)  # one file; the others write a directory
+
+
+def check_output(path: str, fmt: str) -> None:
+    """A one-line UserError, before any work, when OUT cannot be written in this format."""
+    from jumprelu import fs
+    from jumprelu.errors import UserError
+
+    if fs.is_remote(path):
+        return
+    if fmt in FILE_FORMATS and os.path.isdir(path):
+        raise UserError(f"{path}: is a directory; --format {fmt} writes one file (e.g. {path}/params.npz)")
+    if fmt not in FILE_FORMATS and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{path}: is a file; --format {fmt} writes a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"{path}: its parent directory {parent} does not exist")
 
 
 def run(argv: list[str]) -> int:
@@ -40,6 +58,7 @@ def run(argv: list[str]) -> int:
     try:
         if args.hub and fmt != "saelens":
             raise UserError(f"--hub pushes a SAELens directory; --format {fmt} cannot be pushed")
+        check_output(args.output, fmt)
         sae = load(args.workdir, step=args.step, member=args.member)
         if fmt == "gemma-scope":
             gemma_scope.export(sae, args.output)
@@ -61,6 +80,8 @@ def run(argv: list[str]) -> int:
             print(f"pushed {args.output} to {url}")
     except (UserError, FileNotFoundError, ValueError) as err:
         return common.fail(err)
+    except OSError as err:  # a full disk, no permission: name what could not be written
+        return common.fail(f"{args.output}: could not be written ({err.strerror or err})")
     print(f"wrote {args.output} ({fmt}): d_model {sae.d_model}, width {sae.width}, step {sae.step}")
     return 0
 

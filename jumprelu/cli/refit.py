@@ -27,12 +27,13 @@ def refit_workdir(workdir: str, member: int | None, rows: int, ridge: float) -> 
     from jumprelu.errors import UserError
     from jumprelu.evaluate.metrics import evaluate_rows
     from jumprelu.export import gemma_scope
-    from jumprelu.export.load import load
+    from jumprelu.export.load import load, resolve
     from jumprelu.train.checkpoint import member_dir
     from jumprelu.train.refit import refit_decoder
 
     if rows <= 0:
         raise UserError(f"--rows must be > 0, found {rows}")
+    workdir, member = resolve(workdir, member)  # a stacked member's WORKDIR/sae-i: the run's data, not its own
     sae = load(workdir, member=member)
     if sae.k is not None:
         raise UserError(f"{workdir}: a TopK SAE (k={sae.k}) has no JumpReLU form to refit (BatchTopK, ReLU, Gated do)")

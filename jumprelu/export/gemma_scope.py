@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
 
 import numpy as np
 
@@ -31,7 +32,7 @@ def read_params(path: str) -> dict[str, np.ndarray]:
             found = {k: np.asarray(npz[k]) for k in npz.files}
     except FileNotFoundError:
         raise GemmaScopeError(f"{path}: no such file") from None
-    except (ValueError, OSError) as e:  # not a zip, or an object array that would need pickle
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # not a zip (or cut short), or pickled arrays
         raise GemmaScopeError(f"{path}: not a readable .npz without pickle ({e})") from None
     missing = [k for k in KEYS if k not in found]
     if missing:
@@ -62,6 +63,13 @@ def export(sae, path: str) -> None:
     if sae.k is not None:
         raise GemmaScopeError(
             f"{path}: a TopK SAE (k={sae.k}) has no exact JumpReLU form; BatchTopK, ReLU and Gated SAEs do"
+        )
+    # params.npz holds an SAE's five arrays: a transcoder's skip connection or other output width has no place
+    d_in, d_out = sae.W_enc.shape[0], sae.W_dec.shape[1]
+    if sae.affine_skip is not None or d_out != d_in:
+        raise GemmaScopeError(
+            f"{path}: a transcoder (affine skip, or output width {d_out} against input {d_in}) has no Gemma Scope "
+            "params.npz form; export it as gemma-scope-2"
         )
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v, np.float32) for k, v in sae.params().items()})

@@ -22,7 +22,7 @@ from jumprelu.train.failures import reason
 log = logging.getLogger("jumprelu")
 
 
-def load(path: str, step: int | None = None, member: int | None = None) -> SAE:
+def load(path: str | os.PathLike, step: int | None = None, member: int | None = None) -> SAE:
     """Restores the SAE of a training workdir (latest checkpoint unless `step` is given).
 
     A run with K stacked SAEs (config `stack`) holds one SAE per λ: pass `member=i`, or load
@@ -33,6 +33,7 @@ def load(path: str, step: int | None = None, member: int | None = None) -> SAE:
     with a warning saying why, and the next older one loads; a damaged `step` is a
     `CheckpointError`.
     """
+    path = os.fspath(path)
     released = _released_format(path)
     if released is not None:
         if step is not None or member is not None:
@@ -104,6 +105,8 @@ def resolve(path: str, member: int | None = None) -> tuple[str, int | None]:
     if "://" not in path and os.path.exists(os.path.join(path, MEMBER_FILE)):
         with open(os.path.join(path, MEMBER_FILE)) as f:
             info = json.load(f)
+        if member is not None and member != info["member"]:
+            raise ValueError(f"{path} is member {info['member']} of its stacked run; found member={member}")
         return os.path.normpath(os.path.join(path, info["workdir"])), info["member"]
     return path, member
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jumprelu import fs
+from jumprelu.errors import UserError
 from jumprelu.export import hooks
 
 FORMAT = "jumprelu-feature-stats"
@@ -81,6 +82,8 @@ def eval_rows(workdir: str, config: dict) -> tuple[np.ndarray, np.ndarray, str]:
 
     from jumprelu import data as data_lib
 
+    if "data" not in (config or {}):
+        raise UserError(f"{workdir}: --format neuronpedia needs a training workdir (it reads the run's held-out rows)")
     data_cfg = ml_collections.ConfigDict(config["data"])
     store = data_lib.open_source(data_cfg, workdir)
     stream = data_lib.make_stream(data_cfg, store)

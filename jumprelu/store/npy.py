@@ -17,6 +17,10 @@ def open_npy(path: str) -> np.ndarray:
         rows = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{path}: not a readable .npy file ({e})") from None
+    if isinstance(rows, np.lib.npyio.NpzFile):  # np.savez's archive, not one array
+        keys = list(rows.files)
+        rows.close()
+        raise DataError(f"{path}: expected a .npy of one array [N, d_model], found a .npz archive of {keys}")
     if rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
         raise DataError(f"{path}: expected shape [N, d_model] with N, d_model > 0, found {list(rows.shape)}")
     if not np.issubdtype(rows.dtype, np.floating):
