@@ -75,6 +75,32 @@ def test_recipe_asks_for_matryoshka_at_its_width():
         validate(c)
 
 
+@pytest.mark.parametrize(
+    "name, arg, word",
+    [
+        ("recipe", "target_l0=50", "target_l0"),  # recipe's word is l0: a silent untargeted run before
+        ("recipe", "l0=50,matryoska", "matryoska"),
+        ("quickstart", "runlokal", "runlokal"),
+        ("smollm2_pareto", "jumprelu,l0=20", "l0"),
+        ("harvest/gemma2", "layr=9", "layr"),  # would have harvested layer 20
+        ("harvest/gemma3", "model=gemma3_1b_pt,sites=resid,lyers=3", "lyers"),
+        ("onthefly", "tiny=/w,site=resid,layr=1", "layr"),
+        ("gemma2_9b_comparison", "stores=/x,stacked", "stacked"),
+    ],
+)
+def test_an_experiment_argument_it_does_not_read_is_refused(name, arg, word):
+    module = experiment.load(name)
+    with pytest.raises(ConfigError, match=f"{name} argument '{word}' is not one it reads; expected one of .*runlocal"):
+        experiment.expand(module, arg)
+
+
+def test_experiment_arguments_they_read_still_work():
+    assert experiment.load("recipe").get_config("l0=20,runlocal").sae.target_l0 == 20.0
+    assert experiment.load("harvest/gemma3").get_config("model=gemma3_1b_it,layer=13,chat_template=True").layer == 13
+    assert experiment.load("onthefly").get_config("tiny=/w,site=resid,layer=1,runlocal").data.lm.layer == 1
+    assert len(experiment.expand(experiment.load("quickstart"), "stacked,runlocal")) == 1
+
+
 def test_unknown_override_field_is_named():
     base = experiment.load("quickstart").get_config()
     with pytest.raises(ConfigError, match="sae.widht"):

@@ -39,8 +39,11 @@ SWEEP = {
 DEFAULT_STORES = "/gcs/YOUR_BUCKET/stores/gemma2-9b"
 
 
+ARGS = ("site", "layer", "kind", "stores", "stack")  # what get_config and get_sweep read
+
+
 def get_config(arg=None):
-    args = experiment.parse_arg(arg)
+    args = experiment.parse_arg(arg, ARGS, "gemma2_9b_comparison")
     site, layer = args.get("site", "resid"), int(args.get("layer", 20))
     c = base_config()
     c.sae.kind = args.get("kind", "jumprelu")
@@ -58,7 +61,7 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-    args = experiment.parse_arg(arg)
+    args = experiment.parse_arg(arg, ARGS, "gemma2_9b_comparison")
     sites = [args["site"]] if "site" in args else list(D_MODEL)
     layers = [int(args["layer"])] if "layer" in args else list(LAYERS)
     kinds = [args["kind"]] if "kind" in args else list(SWEEP)

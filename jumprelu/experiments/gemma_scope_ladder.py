@@ -32,8 +32,11 @@ def tokens_for(width: int) -> int:
     return 4_000_000_000 if width <= 2**14 else 16_000_000_000 if width >= 2**20 else 8_000_000_000
 
 
+ARGS = ("width", "stores")
+
+
 def get_config(arg=None):
-    args = experiment.parse_arg(arg)
+    args = experiment.parse_arg(arg, ARGS, "gemma_scope_ladder")
     width = int(args.get("width", 2**14))
     c = base_config()
     c.sae.width = width
@@ -52,7 +55,7 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-    args = experiment.parse_arg(arg)
+    args = experiment.parse_arg(arg, ARGS, "gemma_scope_ladder")
     widths = [int(args["width"])] if "width" in args else list(WIDTHS)
     runs = []
     for width in widths:

@@ -27,7 +27,7 @@ EXTRA_LM_FIELDS = ("tiny", "dtype", "text_field", "split_paragraphs")
 
 
 def get_config(arg=None):
-    args = experiment.parse_arg(arg)
+    args = experiment.parse_arg(arg, gemma2.ARGS, "onthefly")
     lm = gemma2.get_config(arg)
     c = base_config()
     c.data.source = "lm"

@@ -22,8 +22,11 @@ from jumprelu.launch import experiment
 LAMS = (0.003, 0.01, 0.03, 0.1)
 
 
+ARGS = ("stacked",)
+
+
 def get_config(arg=None):
-    args = experiment.parse_arg(arg)
+    args = experiment.parse_arg(arg, ARGS, "quickstart")
     c = base_config()
     c.data.source = "synthetic"
     c.sae.width = 512
@@ -44,6 +47,6 @@ def runlocal(c):
 
 
 def get_sweep(arg=None):
-    if experiment.parse_arg(arg).get("stacked"):
+    if experiment.parse_arg(arg, ARGS, "quickstart").get("stacked"):
         return [{"stack.sparsity_coefficients": LAMS}]
     return [{"sae.sparsity_coefficient": lam} for lam in LAMS]

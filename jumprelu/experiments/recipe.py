@@ -28,7 +28,7 @@ from jumprelu.launch import experiment
 
 
 def get_config(arg=None):
-    args = experiment.parse_arg(arg)
+    args = experiment.parse_arg(arg, ("l0", "width", "paper", "matryoshka"), "recipe")
     c = base_config()
     apply_recipe(c, "paper" if args.get("paper") else "short", args.get("l0"))
     c.sae.width = args.get("width", c.sae.width)

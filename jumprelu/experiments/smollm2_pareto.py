@@ -52,8 +52,11 @@ def _kind(args: dict) -> str | None:
     return chosen[0] if chosen else None
 
 
+ARGS = (*KINDS, "tokens", "target_l0", "paper")
+
+
 def get_config(arg=None):
-    args = experiment.parse_arg(arg)
+    args = experiment.parse_arg(arg, ARGS, "smollm2_pareto")
     c = base_config()
     c.data.source = "stores/smollm2_l15"
     c.data.eval_rows = 8192
@@ -78,7 +81,7 @@ def runlocal(c):
 
 
 def get_sweep(arg=None):
-    args = experiment.parse_arg(arg)
+    args = experiment.parse_arg(arg, ARGS, "smollm2_pareto")
     kinds = [_kind(args)] if _kind(args) else KINDS
     runs = []
     for kind in kinds:

@@ -29,8 +29,13 @@ EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 EXPERIMENTS_DIR_ENV = "JUMPRELU_EXPERIMENTS_DIR"
 
 
-def parse_arg(arg: str | None) -> dict[str, Any]:
-    """'a,b=3,c=x' -> {'a': True, 'b': 3, 'c': 'x'} (numbers parsed, words become flags)."""
+def parse_arg(arg: str | None, known: tuple[str, ...] | None = None, name: str = "experiment") -> dict[str, Any]:
+    """'a,b=3,c=x' -> {'a': True, 'b': 3, 'c': 'x'} (numbers parsed, words become flags).
+
+    known: the words the experiment `name` reads (`runlocal`, which `expand` handles for every
+    experiment, always counts); any other is a ConfigError, so a typo cannot silently fall back to
+    a default (`recipe:target_l0=50` for `recipe:l0=50`). None accepts anything.
+    """
     out: dict[str, Any] = {}
     for part in (arg or "").split(","):
         part = part.strip()
@@ -38,6 +43,10 @@ def parse_arg(arg: str | None) -> dict[str, Any]:
             continue
         key, sep, value = part.partition("=")
         out[key.strip()] = _parse_value(value.strip()) if sep else True
+    unknown = [k for k in out if known is not None and k not in (*known, "runlocal")]
+    if unknown:
+        expected = ", ".join(sorted({*known, "runlocal"}))
+        raise ConfigError(f"{name} argument {unknown[0]!r} is not one it reads; expected one of {expected}")
     return out
 
 

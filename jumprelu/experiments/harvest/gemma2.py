@@ -35,9 +35,11 @@ from ml_collections import config_dict
 from jumprelu.launch import experiment
 from jumprelu.store.format import SITE_STORE_TEMPLATE
 
+ARGS = ("model", "site", "layer", "sites", "layers", "tiny")
+
 
 def get_config(arg=None):
-    args = experiment.parse_arg(arg)
+    args = experiment.parse_arg(arg, ARGS, "harvest/gemma2")
     c = config_dict.ConfigDict()
     c.model = args.get("model", "gemma2_9b")
     c.tiny = dict(num_layers=2, embed_dim=64)  # model=tiny only (tests); vocabulary from the tokenizer

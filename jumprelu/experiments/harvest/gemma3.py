@@ -45,13 +45,14 @@ LAYERS = {"270m": 18, "1b": 26, "4b": 34, "12b": 48, "27b": 62}
 
 
 def get_config(arg=None):
-    args = experiment.parse_arg(arg)
+    args = experiment.parse_arg(arg, (*gemma2.ARGS, "chat_template"), "harvest/gemma3")
     model = args.get("model", "gemma3_4b_pt")
     size = model.split("_")[1] if model.startswith("gemma3_") and model.count("_") == 2 else ""
     defaults = {"model": model}
     if size in LAYERS and "layer" not in args:
         defaults["layer"] = LAYERS[size] // 2
-    c = gemma2.get_config(",".join(f"{k}={v}" for k, v in {**args, **defaults}.items() if k != "tiny"))
+    passed = {k: v for k, v in {**args, **defaults}.items() if k not in ("tiny", "chat_template")}
+    c = gemma2.get_config(",".join(f"{k}={v}" for k, v in passed.items()))
     chat = args.get("chat_template", False)
     if not isinstance(chat, bool):
         raise ConfigError(f"harvest/gemma3 argument chat_template={chat!r}: expected true or false")
