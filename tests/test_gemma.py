@@ -276,3 +276,9 @@ def test_end_to_end_harvest_train_evaluate_with_delta_lm_loss(world, tmp_path):
     assert lm["delta_lm_loss"] == pytest.approx(lm["ce_spliced"] - lm["ce_clean"])
     assert 0 < lm["l0"] < 128 and lm["fvu"] < 1.5
     assert os.path.exists(run / "firing_frequency.png")
+    # every residual layer has the same width: another layer would give a wrong delta LM loss, no error
+    ev[-1] = f"harvest/gemma2:tiny={world['dir']},layer=0,site=resid"
+    out = subprocess.run(ev, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("jumprelu: error: --lm layer is 0 but the SAE was trained on rows of layer 1 (model tiny")

@@ -359,6 +359,37 @@ def test_harvested_store_provenance_reaches_the_saelens_cfg(tmp_path):
     assert gemma_scope_2.config(sae, p)["hf_hook_point_in"] == "model.layers.6.self_attn.o_proj.input"
 
 
+def test_a_run_on_a_relative_store_keeps_its_provenance_from_anywhere(tmp_path, tiny_config, monkeypatch):
+    """data.source as typed (relative) no longer resolves from another directory: the run recorded
+    the store's absolute path and its model, site and layer, so exports still name the hook and
+    evaluate and refit still find the rows; the refit's params.npz carries them too."""
+    from jumprelu.cli.evaluate import evaluate_workdir
+    from jumprelu.cli.refit import refit_workdir
+    from jumprelu.store import StoreWriter
+
+    (tmp_path / "project").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    w = StoreWriter(str(tmp_path / "project" / "acts"), d_model=32, model="gemma2_2b", site="resid", layer=12)
+    w.append(np.random.default_rng(0).normal(size=(4096, 32)).astype(np.float32))
+    w.close()
+    monkeypatch.chdir(tmp_path / "project")
+    tiny_config.data.source = "acts"
+    tiny_config.train.steps = 10
+    train(tiny_config, "run")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run = str(tmp_path / "project" / "run")
+    sae = jumprelu.load(run)
+    assert sae.config["data"]["source"] == "acts"
+    assert sae.config["trained_on"]["path"] == str(tmp_path / "project" / "acts")
+    assert saelens.export(sae, "sl")["metadata"]["hook_name"] == "blocks.12.hook_resid_post"
+    _, evaluated, _ = evaluate_workdir(run)
+    assert evaluated["stored"]["tokens"] == 512
+    params = refit_workdir(run, None, 512, 0.01)["params"]
+    refit = jumprelu.load(params)
+    assert (refit.step, refit.scale) == (sae.step, sae.scale)
+    assert saelens.export(refit, "sl_refit")["metadata"]["model_name"] == "gemma-2-2b"
+
+
 def test_hub_directory_is_a_saelens_release_with_a_model_card(trained, tmp_path):
     """--hub pushes this directory; without network we test what would be pushed."""
     sae = jumprelu.load(str(trained))

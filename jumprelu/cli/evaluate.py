@@ -16,8 +16,11 @@ import json
 from jumprelu.cli import common
 
 
-def evaluate_workdir(workdir: str, member: int | None = None, eval_rows: int | None = None):
+def evaluate_workdir(workdir: str, member: int | None = None, eval_rows: int | None = None, lm_cfg=None):
     """Stored-activation metrics of a trained SAE on its run's held-out split (same seed, same rows).
+
+    lm_cfg: the harvest config `--lm` will splice the SAE into, checked first against the run's
+    recorded model, site and layer.
 
     Returns (sae, {"stored": metrics}, firing frequencies [width]). A Matryoshka run's metrics also
     hold each nested prefix's own (`prefixes`: width, l0, fvu of its first latents alone).
@@ -33,7 +36,10 @@ def evaluate_workdir(workdir: str, member: int | None = None, eval_rows: int | N
 
     workdir, member = resolve(workdir, member)  # a stacked member's WORKDIR/sae-i: the run's data, not its own
     sae = load(workdir, member=member)
+    if lm_cfg is not None:
+        check_lm_site(sae.config, lm_cfg)
     cfg = ml_collections.ConfigDict(sae.config)
+    cfg.data.source = data_lib.recorded_source(sae.config)  # a relative path, from another directory
     trained_split = cfg.data.eval_rows
     if eval_rows is not None:
         # the held-out split is a prefix: rows past the run's own split were trained on
@@ -65,6 +71,29 @@ def evaluate_workdir(workdir: str, member: int | None = None, eval_rows: int | N
         cut = [(m, evaluate_rows(prefix(dict(sae.params(), k=sae.k), m), rows)) for m in widths]
         metrics["prefixes"] = [dict(width=m, l0=c["l0"], fvu=c["fvu"]) for m, c in cut]
     return sae, {"source": cfg.data.source, "stored": metrics}, freq
+
+
+def check_lm_site(config: dict, lm_cfg) -> None:
+    """--lm must name the model, site and layer the SAE's rows were harvested at, where the run
+    recorded them: every residual layer has the same width, so a wrong layer would give a delta LM
+    loss with no error."""
+    from jumprelu.errors import UserError
+    from jumprelu.export import hooks
+
+    trained = hooks.provenance(config)
+    keys = ("model",) if lm_cfg.get("sites") or lm_cfg.get("layers") else ("model", "site", "layer")
+    for key in keys:
+        was, given = trained.get(key), lm_cfg.get(key)
+        same = (
+            (hooks.canonical_site(was) or was) == (hooks.canonical_site(given) or given)
+            if key == "site"
+            else was == given
+        )
+        if was is not None and given is not None and trained["model"] != "synthetic" and not same:
+            raise UserError(
+                f"--lm {key} is {given!r} but the SAE was trained on rows of {key} {was!r} (model {trained['model']}, "
+                f"site {trained['site']}, layer {trained['layer']}); pass the harvest config of its store"
+            )
 
 
 def run(argv: list[str]) -> int:
@@ -99,7 +128,7 @@ def run(argv: list[str]) -> int:
                 from jumprelu.harvest.run import start_processes
 
                 lead = start_processes(lm_flag.value)[0] == 0
-            sae, result, freq = evaluate_workdir(workdir, member, rows_flag.value)
+            sae, result, freq = evaluate_workdir(workdir, member, rows_flag.value, lm_flag.value)
             if lm_flag.value is not None:
                 from jumprelu.harvest import lm_eval  # imports gemma: only on this path
 

@@ -38,6 +38,7 @@ def refit_workdir(workdir: str, member: int | None, rows: int, ridge: float) -> 
     if sae.k is not None:
         raise UserError(f"{workdir}: a TopK SAE (k={sae.k}) has no JumpReLU form to refit (BatchTopK, ReLU, Gated do)")
     cfg = ml_collections.ConfigDict(sae.config)
+    cfg.data.source = data_lib.recorded_source(sae.config)  # a relative path, from another directory
     if cfg.data.source == data_lib.LM_SOURCE:
         raise UserError(f"{workdir}: an on-the-fly run (data.source={data_lib.LM_SOURCE!r}) keeps no rows to refit on")
     stream = data_lib.make_stream(cfg.data, data_lib.open_source(cfg.data, workdir))
@@ -55,6 +56,8 @@ def refit_workdir(workdir: str, member: int | None, rows: int, ridge: float) -> 
     out_dir = fs.join(workdir if member is None else member_dir(workdir, member), "refit")
     fs.makedirs(out_dir)
     gemma_scope.export(refit, fs.join(out_dir, "params.npz"))
+    run = dict(step=sae.step, scale=sae.scale, config=sae.config)  # the refit SAE's provenance on export
+    fs.write_text_atomically(fs.join(out_dir, gemma_scope.RUN_FILE), json.dumps(run, indent=2))
     report = dict(
         workdir=fs.abspath(workdir), step=sae.step, rows=used, stream_rows=[start, start + count], ridge=ridge,
         held_out_rows=int(held_out.shape[0]), **metrics, params=fs.join(out_dir, "params.npz"),

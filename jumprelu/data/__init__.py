@@ -81,6 +81,37 @@ def open_source(data_cfg, workdir: str) -> Store:
     return store
 
 
+def trained_on(data_cfg, rows) -> dict:
+    """What a run's rows are, saved with its config (`trained_on`) so that exports name the model and
+    hook, and evaluate/refit find the store, from any directory and after the store has moved: the
+    store's absolute path and the harvest's model, site, layer, sequence length and texts."""
+    if data_cfg.source == LM_SOURCE:
+        lm = data_cfg.lm
+        return dict(model=lm.model, site=lm.site, layer=lm.layer, seq_len=lm.get("seq_len"), text_source=None)
+    store = getattr(rows, "store", None)
+    if store is None or data_cfg.source == "synthetic":
+        return {}
+    meta = store.metadata
+    return dict(
+        path=store.path if "://" in store.path else os.path.abspath(store.path),
+        model=meta.get("model") or None,
+        site=meta.get("site") or None,
+        layer=meta.get("layer"),
+        seq_len=(meta.get("extra") or {}).get("seq_len"),
+        text_source=meta.get("text_source") or None,
+    )
+
+
+def recorded_source(config: dict) -> str:
+    """`data.source` of a saved run config, or the store's absolute path recorded in training when
+    `data.source` is a relative path that does not resolve from here."""
+    source = str(config["data"]["source"])
+    path = (config.get("trained_on") or {}).get("path")
+    if source in ("synthetic", LM_SOURCE) or "://" in source or os.path.isabs(source) or os.path.exists(source):
+        return source
+    return path if path and os.path.isdir(path) else source
+
+
 def make_stream(data_cfg, store: Store) -> BatchStream:
     row_bytes = store.d_model * store_format.file_dtype(store.dtype).itemsize
     block_rows = max(1, data_cfg.block_bytes // row_bytes)

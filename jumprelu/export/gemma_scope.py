@@ -11,6 +11,7 @@ This is exactly `jumprelu.SAE`, so loading and exporting only check and copy arr
 from __future__ import annotations
 
 import io
+import json
 import os
 import zipfile
 
@@ -48,14 +49,27 @@ def read_params(path: str) -> dict[str, np.ndarray]:
     return {k: found[k].astype(np.float32) for k in KEYS}
 
 
+RUN_FILE = "run.json"  # beside a params.npz that `jumprelu refit` wrote: the run it came from
+
+
 def load(path: str):
-    """A Gemma Scope params.npz as a `jumprelu.SAE` (identical computation)."""
+    """A Gemma Scope params.npz as a `jumprelu.SAE` (identical computation); a refit's carries its
+    run's config, step and scale (from run.json beside it), so its exports name the model and hook."""
     import jax.numpy as jnp
 
     from jumprelu.export.load import SAE
 
     params = read_params(path)
-    return SAE(**{k: jnp.asarray(v) for k, v in params.items()}, config={"source": os.path.abspath(path)})
+    arrays = {k: jnp.asarray(v) for k, v in params.items()}
+    run_file = os.path.join(os.path.dirname(os.path.abspath(path)), RUN_FILE)
+    if not os.path.isfile(run_file):
+        return SAE(**arrays, config={"source": os.path.abspath(path)})
+    try:
+        run = json.loads(fs.read_text(run_file))
+        config, step, scale = dict(run["config"], source=os.path.abspath(path)), int(run["step"]), float(run["scale"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise GemmaScopeError(f"{run_file}: not the run record jumprelu refit writes ({e!r})") from None
+    return SAE(**arrays, config=config, step=step, scale=scale)
 
 
 def export(sae, path: str) -> None:

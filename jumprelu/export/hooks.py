@@ -83,12 +83,18 @@ def provenance(config: dict) -> dict:
     from jumprelu.store.reader import read_metadata
 
     source = str((config.get("data") or {}).get("source") or "")
+    recorded = config.get("trained_on") or {}  # saved in training since 2026-12-01
+    if not recorded and source == "lm":  # an on-the-fly run from before: its harvest config says
+        lm = (config.get("data") or {}).get("lm") or {}
+        recorded = {k: lm.get(k) for k in ("model", "site", "layer", "seq_len")}
     meta: dict = {"model": "synthetic", "site": None, "layer": None} if source == "synthetic" else {}
     if source and source != "synthetic" and os.path.isdir(source):
         try:
             meta = read_metadata(source)
         except UserError:
             meta = {}
+    if not meta.get("model") and recorded:  # run from another directory, or the store moved or is remote
+        meta = dict(recorded, extra={"seq_len": recorded.get("seq_len")})
     model, site, layer = meta.get("model") or None, meta.get("site") or None, meta.get("layer")
     tl_name, hf_name = MODELS.get(model, (model, model))
     extra = meta.get("extra") or {}

@@ -82,9 +82,10 @@ def eval_rows(workdir: str, config: dict) -> tuple[np.ndarray, np.ndarray, str]:
 
     from jumprelu import data as data_lib
 
-    if "data" not in (config or {}):
+    if "data" not in (config or {}) or "source" in config:  # a released file (a refit's carries its run's data)
         raise UserError(f"{workdir}: --format neuronpedia needs a training workdir (it reads the run's held-out rows)")
     data_cfg = ml_collections.ConfigDict(config["data"])
+    data_cfg.source = data_lib.recorded_source(config)  # a relative path, from another directory
     store = data_lib.open_source(data_cfg, workdir)
     stream = data_lib.make_stream(data_cfg, store)
     return stream.eval_set(), stream.eval_index(), store.path

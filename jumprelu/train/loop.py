@@ -84,6 +84,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, open_rows=None) -> dict
 def _train_on(cfg: ml_collections.ConfigDict, workdir: str, stream) -> dict:
     cfg = ml_collections.ConfigDict(cfg.to_dict())  # an unlocked copy we may complete
     cfg.data.d_model = stream.d_model
+    cfg.trained_on = data_lib.trained_on(cfg.data, stream)  # saved with the config: exports name the hook
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_width(mesh, cfg.sae.width)  # (program.build checks these too, but after the checkpoints exist)
     sharding.check_batch(mesh, cfg.train.batch_size)
