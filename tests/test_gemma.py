@@ -281,4 +281,4 @@ def test_end_to_end_harvest_train_evaluate_with_delta_lm_loss(world, tmp_path):
     out = subprocess.run(ev, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("jumprelu: error: --lm layer is 0 but the SAE was trained on rows of layer 1 (model tiny")
+    assert last.startswith("jumprelu: error: --lm site, layer are resid 0 but the SAE was trained on rows of model")

@@ -276,17 +276,28 @@ def _export_error(workdir, out, *flags):
 
 def test_export_output_mistakes_are_one_line_and_leave_nothing(trained, tmp_path):
     """OUT checked before any work: a directory for the one-file format, a file for a directory
-    format, a missing parent; a released file cannot give Neuronpedia statistics."""
+    format; missing parents are made (for every format); a released file cannot give Neuronpedia
+    statistics, nor be evaluated or refitted."""
+    from jumprelu.cli.evaluate import evaluate_workdir
+    from jumprelu.cli.refit import refit_workdir
+    from jumprelu.errors import UserError
+
     (tmp_path / "dir").mkdir()
     assert "dir: is a directory; --format gemma-scope writes one file" in _export_error(trained, tmp_path / "dir")
-    assert list((tmp_path / "dir").iterdir()) == []  # no stray temporary file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"] and not any((tmp_path / "dir").iterdir())
     (tmp_path / "file").write_text("x")
     assert "file: is a file; --format saelens writes a directory" in _export_error(
         trained, tmp_path / "file", "--format", "saelens"
     )
-    assert "does not exist" in _export_error(trained, tmp_path / "absent" / "p.npz")
-    _export(trained, tmp_path / "p.npz")
-    assert "needs a training workdir" in _export_error(tmp_path / "p.npz", tmp_path / "np", "--format", "neuronpedia")
+    _export(trained, tmp_path / "new" / "p.npz")
+    _export(trained, tmp_path / "new2" / "sl", "--format", "saelens")
+    assert jumprelu.load(tmp_path / "new2" / "sl").width == jumprelu.load(tmp_path / "new" / "p.npz").width
+    released = tmp_path / "new" / "p.npz"
+    assert "needs a training workdir" in _export_error(released, tmp_path / "np", "--format", "neuronpedia")
+    for command in (lambda: evaluate_workdir(str(released)), lambda: refit_workdir(str(released), None, 64, 0.01)):
+        with pytest.raises(UserError, match="p.npz: jumprelu (evaluate|refit) needs a training workdir") as e:
+            command()
+        assert "\n" not in str(e.value)
 
 
 def test_a_failed_atomic_write_leaves_no_temporary(tmp_path):
@@ -377,6 +388,10 @@ def test_a_run_on_a_relative_store_keeps_its_provenance_from_anywhere(tmp_path, 
     tiny_config.train.steps = 10
     train(tiny_config, "run")
     monkeypatch.chdir(tmp_path / "elsewhere")
+    # a store of the same relative name here is another one: the run's recorded path wins
+    w = StoreWriter("acts", d_model=32, model="gemma2_9b", site="mlp", layer=20)
+    w.append(np.ones((8, 32), np.float32))
+    w.close()
     run = str(tmp_path / "project" / "run")
     sae = jumprelu.load(run)
     assert sae.config["data"]["source"] == "acts"
@@ -388,6 +403,34 @@ def test_a_run_on_a_relative_store_keeps_its_provenance_from_anywhere(tmp_path, 
     refit = jumprelu.load(params)
     assert (refit.step, refit.scale) == (sae.step, sae.scale)
     assert saelens.export(refit, "sl_refit")["metadata"]["model_name"] == "gemma-2-2b"
+
+
+def test_evaluate_lm_is_checked_against_the_stores_model_site_and_layer():
+    from ml_collections import ConfigDict
+
+    from jumprelu.cli.evaluate import check_lm_site
+    from jumprelu.errors import UserError
+    from jumprelu.launch import experiment
+
+    def trained(model, site, layer):
+        return {"data": {"source": "/nowhere"}, "trained_on": {"model": model, "site": site, "layer": layer}}
+
+    def lm(arg, harvest="harvest/gemma2"):
+        return ConfigDict(experiment.load(harvest).get_config(arg).to_dict())
+
+    many = lm("model=gemma2_9b,sites=resid+mlp+attn,layers=9+20+31")  # the store's multi-site harvest config
+    check_lm_site(trained("gemma2_9b", "mlp", 9), many)
+    assert (many.site, many.layer, many.sites, many.layers) == ("mlp", 9, (), ())  # spliced at the SAE's site
+    check_lm_site(trained("gemma-2-2b", "resid", 12), lm("model=gemma2_2b,layer=12"))  # a converted store's name
+    check_lm_site(trained("gemma3_1b_pt", "resid", 13), lm("model=gemma3_1b_it,layer=13", "harvest/gemma3"))
+    for config, arg, message in [
+        (trained("gemma2_9b", "resid", 20), "model=gemma2_2b,layer=20", "--lm model is 'gemma2_2b' but"),
+        (trained("gemma2_9b", "resid", 20), "model=gemma2_9b,layer=9", "--lm site, layer are resid 9 but"),
+        (trained("gemma2_9b", "mlp", 31), "model=gemma2_9b,sites=resid+mlp,layers=9+20", "site, layer are resid 9,"),
+    ]:
+        with pytest.raises(UserError, match=message) as e:
+            check_lm_site(config, lm(arg))
+        assert "\n" not in str(e.value) and "trained on rows of model gemma2_9b" in str(e.value)
 
 
 def test_hub_directory_is_a_saelens_release_with_a_model_card(trained, tmp_path):

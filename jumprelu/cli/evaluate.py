@@ -32,10 +32,11 @@ def evaluate_workdir(workdir: str, member: int | None = None, eval_rows: int | N
     from jumprelu.core.init import report_rows
     from jumprelu.errors import UserError
     from jumprelu.evaluate.metrics import evaluate_rows, prefix
-    from jumprelu.export.load import load, resolve
+    from jumprelu.export.load import load, require_workdir, resolve
 
     workdir, member = resolve(workdir, member)  # a stacked member's WORKDIR/sae-i: the run's data, not its own
     sae = load(workdir, member=member)
+    require_workdir(sae, workdir, "jumprelu evaluate")
     if lm_cfg is not None:
         check_lm_site(sae.config, lm_cfg)
     cfg = ml_collections.ConfigDict(sae.config)
@@ -76,24 +77,29 @@ def evaluate_workdir(workdir: str, member: int | None = None, eval_rows: int | N
 def check_lm_site(config: dict, lm_cfg) -> None:
     """--lm must name the model, site and layer the SAE's rows were harvested at, where the run
     recorded them: every residual layer has the same width, so a wrong layer would give a delta LM
-    loss with no error."""
+    loss with no error. A multi-site harvest config (`sites`, `layers`) is narrowed to the SAE's
+    own pair. Models compare by size, so a base model's SAE may be scored on its -it model."""
     from jumprelu.errors import UserError
     from jumprelu.export import hooks
+    from jumprelu.harvest.run import harvest_sites
 
     trained = hooks.provenance(config)
-    keys = ("model",) if lm_cfg.get("sites") or lm_cfg.get("layers") else ("model", "site", "layer")
-    for key in keys:
-        was, given = trained.get(key), lm_cfg.get(key)
-        same = (
-            (hooks.canonical_site(was) or was) == (hooks.canonical_site(given) or given)
-            if key == "site"
-            else was == given
+    if trained["model"] == "synthetic":
+        return
+    was_site, was_layer = hooks.canonical_site(trained["site"]) or trained["site"], trained["layer"]
+    pairs = [(hooks.canonical_site(s) or s, int(layer)) for s, layer in harvest_sites(lm_cfg)]
+    mismatch = None
+    if hooks.model_family(trained["model"]) not in (None, hooks.model_family(lm_cfg.model)):
+        mismatch = f"model is {lm_cfg.model!r}"
+    elif was_site is not None and was_layer is not None and (was_site, int(was_layer)) not in pairs:
+        mismatch = "site, layer are " + ", ".join(f"{s} {layer}" for s, layer in pairs)
+    if mismatch:
+        raise UserError(
+            f"--lm {mismatch} but the SAE was trained on rows of model {trained['model']}, site {trained['site']}, "
+            f"layer {trained['layer']}; pass the harvest config of its store"
         )
-        if was is not None and given is not None and trained["model"] != "synthetic" and not same:
-            raise UserError(
-                f"--lm {key} is {given!r} but the SAE was trained on rows of {key} {was!r} (model {trained['model']}, "
-                f"site {trained['site']}, layer {trained['layer']}); pass the harvest config of its store"
-            )
+    if len(pairs) > 1:  # the store's multi-site harvest config: splice at the SAE's own site
+        lm_cfg.site, lm_cfg.layer, lm_cfg.sites, lm_cfg.layers = trained["site"], int(was_layer), (), ()
 
 
 def run(argv: list[str]) -> int:

@@ -35,9 +35,6 @@ def check_output(path: str, fmt: str) -> None:
         raise UserError(f"{path}: is a directory; --format {fmt} writes one file (e.g. {path}/params.npz)")
     if fmt not in FILE_FORMATS and os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{path}: is a file; --format {fmt} writes a directory")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UserError(f"{path}: its parent directory {parent} does not exist")
 
 
 def run(argv: list[str]) -> int:
@@ -51,6 +48,7 @@ def run(argv: list[str]) -> int:
     p.add_argument("--top", type=int, default=20, help="neuronpedia: top activations kept per latent")
     args = p.parse_args(common.underscore_flags(argv))
     fmt = args.format or ("saelens" if args.hub else "gemma-scope")
+    from jumprelu import fs
     from jumprelu.errors import UserError
     from jumprelu.export import gemma_scope, gemma_scope_2, hub, neuronpedia, saelens
     from jumprelu.export.load import load, report_of, resolve
@@ -61,6 +59,7 @@ def run(argv: list[str]) -> int:
         check_output(args.output, fmt)
         sae = load(args.workdir, step=args.step, member=args.member)
         if fmt == "gemma-scope":
+            fs.makedirs(os.path.dirname(fs.abspath(args.output)))  # as the directory formats make theirs
             gemma_scope.export(sae, args.output)
         elif fmt == "saelens" and args.hub:
             hub.write_repo_dir(sae, args.output, args.hub, report_of(args.workdir, args.member))
@@ -75,14 +74,18 @@ def run(argv: list[str]) -> int:
             header = neuronpedia.export(sae, args.output, rows, coords, _contexts(store_path), top=args.top)
             if not header["has_contexts"]:
                 print(f"{store_path}: no harvest to replay, so no token contexts (top rows by index only)")
-        if args.hub:
-            url = hub.push(args.output, args.hub)
-            print(f"pushed {args.output} to {url}")
     except (UserError, FileNotFoundError, ValueError) as err:
         return common.fail(err)
-    except OSError as err:  # a full disk, no permission: name what could not be written
-        return common.fail(f"{args.output}: could not be written ({err.strerror or err})")
+    except OSError as err:  # a full disk, no permission: the error names the file
+        return common.fail(f"{args.output}: not written: {err}")
     print(f"wrote {args.output} ({fmt}): d_model {sae.d_model}, width {sae.width}, step {sae.step}")
+    if args.hub:
+        try:
+            url = hub.push(args.output, args.hub)
+        except Exception as err:  # the Hub's HTTP errors span lines; the first names the status
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            return common.fail(f"{args.output} was written but the push to {args.hub} failed: {first}")
+        print(f"pushed {args.output} to {url}")
     return 0
 
 

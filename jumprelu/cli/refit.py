@@ -27,7 +27,7 @@ def refit_workdir(workdir: str, member: int | None, rows: int, ridge: float) -> 
     from jumprelu.errors import UserError
     from jumprelu.evaluate.metrics import evaluate_rows
     from jumprelu.export import gemma_scope
-    from jumprelu.export.load import load, resolve
+    from jumprelu.export.load import load, require_workdir, resolve
     from jumprelu.train.checkpoint import member_dir
     from jumprelu.train.refit import refit_decoder
 
@@ -35,6 +35,7 @@ def refit_workdir(workdir: str, member: int | None, rows: int, ridge: float) -> 
         raise UserError(f"--rows must be > 0, found {rows}")
     workdir, member = resolve(workdir, member)  # a stacked member's WORKDIR/sae-i: the run's data, not its own
     sae = load(workdir, member=member)
+    require_workdir(sae, workdir, "jumprelu refit")
     if sae.k is not None:
         raise UserError(f"{workdir}: a TopK SAE (k={sae.k}) has no JumpReLU form to refit (BatchTopK, ReLU, Gated do)")
     cfg = ml_collections.ConfigDict(sae.config)
@@ -57,7 +58,7 @@ def refit_workdir(workdir: str, member: int | None, rows: int, ridge: float) -> 
     fs.makedirs(out_dir)
     gemma_scope.export(refit, fs.join(out_dir, "params.npz"))
     run = dict(step=sae.step, scale=sae.scale, config=sae.config)  # the refit SAE's provenance on export
-    fs.write_text_atomically(fs.join(out_dir, gemma_scope.RUN_FILE), json.dumps(run, indent=2))
+    fs.write_text_atomically(gemma_scope.run_file(fs.join(out_dir, "params.npz")), json.dumps(run, indent=2))
     report = dict(
         workdir=fs.abspath(workdir), step=sae.step, rows=used, stream_rows=[start, start + count], ridge=ridge,
         held_out_rows=int(held_out.shape[0]), **metrics, params=fs.join(out_dir, "params.npz"),

@@ -87,7 +87,8 @@ def trained_on(data_cfg, rows) -> dict:
     store's absolute path and the harvest's model, site, layer, sequence length and texts."""
     if data_cfg.source == LM_SOURCE:
         lm = data_cfg.lm
-        return dict(model=lm.model, site=lm.site, layer=lm.layer, seq_len=lm.get("seq_len"), text_source=None)
+        texts = ",".join(lm.get("texts") or ()) or None
+        return dict(model=lm.model, site=lm.site, layer=lm.layer, seq_len=lm.get("seq_len"), text_source=texts)
     store = getattr(rows, "store", None)
     if store is None or data_cfg.source == "synthetic":
         return {}
@@ -103,13 +104,14 @@ def trained_on(data_cfg, rows) -> dict:
 
 
 def recorded_source(config: dict) -> str:
-    """`data.source` of a saved run config, or the store's absolute path recorded in training when
-    `data.source` is a relative path that does not resolve from here."""
+    """The store a saved run config trained on: the absolute path recorded in training
+    (`trained_on.path`) while it is there (a relative `data.source` depends on the directory it is
+    read from), else `data.source`."""
     source = str(config["data"]["source"])
     path = (config.get("trained_on") or {}).get("path")
-    if source in ("synthetic", LM_SOURCE) or "://" in source or os.path.isabs(source) or os.path.exists(source):
+    if source in ("synthetic", LM_SOURCE) or not path:
         return source
-    return path if path and os.path.isdir(path) else source
+    return path if "://" in path or os.path.isdir(path) else source
 
 
 def make_stream(data_cfg, store: Store) -> BatchStream:

@@ -49,26 +49,28 @@ def read_params(path: str) -> dict[str, np.ndarray]:
     return {k: found[k].astype(np.float32) for k in KEYS}
 
 
-RUN_FILE = "run.json"  # beside a params.npz that `jumprelu refit` wrote: the run it came from
+def run_file(params_path: str) -> str:
+    """Beside a params.npz that `jumprelu refit` wrote, the run it came from: params.run.json."""
+    return params_path.removesuffix(".npz") + ".run.json"
 
 
 def load(path: str):
     """A Gemma Scope params.npz as a `jumprelu.SAE` (identical computation); a refit's carries its
-    run's config, step and scale (from run.json beside it), so its exports name the model and hook."""
+    run's config, step and scale (from params.run.json beside it), so its exports name the model and hook."""
     import jax.numpy as jnp
 
     from jumprelu.export.load import SAE
 
     params = read_params(path)
     arrays = {k: jnp.asarray(v) for k, v in params.items()}
-    run_file = os.path.join(os.path.dirname(os.path.abspath(path)), RUN_FILE)
-    if not os.path.isfile(run_file):
+    record = run_file(os.path.abspath(path))
+    if not os.path.isfile(record):
         return SAE(**arrays, config={"source": os.path.abspath(path)})
     try:
-        run = json.loads(fs.read_text(run_file))
+        run = json.loads(fs.read_text(record))
         config, step, scale = dict(run["config"], source=os.path.abspath(path)), int(run["step"]), float(run["scale"])
     except (ValueError, KeyError, TypeError) as e:
-        raise GemmaScopeError(f"{run_file}: not the run record jumprelu refit writes ({e!r})") from None
+        raise GemmaScopeError(f"{record}: not the run record jumprelu refit writes ({e!r})") from None
     return SAE(**arrays, config=config, step=step, scale=scale)
 
 

@@ -45,6 +45,15 @@ _HF = {
 }
 
 
+def model_family(name: str | None) -> str | None:
+    """The model a name means, whichever naming it uses (ours, TransformerLens's, Hugging Face's),
+    without a Gemma 3 -pt/-it suffix; None for a name not in MODELS (a converted store's own)."""
+    for ours, names in MODELS.items():
+        if name == ours or name in names:
+            return ours.removesuffix("_pt").removesuffix("_it")
+    return None
+
+
 def canonical_site(site: str | None) -> str | None:
     """resid / mlp / attn, or None for a site with no known hook."""
     return _SITE_ALIASES.get(str(site or "").lower())
@@ -79,10 +88,11 @@ def provenance(config: dict) -> dict:
     layer, context_size (the harvest's seq_len), dataset (the texts), hook_name, hf_hook_point;
     None where unknown (synthetic data, a converted .npy with no model).
     """
+    from jumprelu.data import recorded_source
     from jumprelu.errors import UserError
     from jumprelu.store.reader import read_metadata
 
-    source = str((config.get("data") or {}).get("source") or "")
+    source = recorded_source(config) if (config.get("data") or {}).get("source") else ""
     recorded = config.get("trained_on") or {}  # saved in training since 2026-12-01
     if not recorded and source == "lm":  # an on-the-fly run from before: its harvest config says
         lm = (config.get("data") or {}).get("lm") or {}

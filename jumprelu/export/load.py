@@ -102,13 +102,24 @@ def _load_step(ckpt: Checkpointer, path: str, step: int, member: int | None) -> 
 
 def resolve(path: str, member: int | None = None) -> tuple[str, int | None]:
     """(training workdir, member): a stacked run's member directory WORKDIR/sae-i names both."""
-    if "://" not in path and os.path.exists(os.path.join(path, MEMBER_FILE)):
-        with open(os.path.join(path, MEMBER_FILE)) as f:
-            info = json.load(f)
+    file = fs.join(path, MEMBER_FILE)
+    if fs.exists(file):
+        info = json.loads(fs.read_text(file))
         if member is not None and member != info["member"]:
             raise ValueError(f"{path} is member {info['member']} of its stacked run; found member={member}")
+        if fs.is_remote(path):  # a bucket has no "..": the member directory's parent (member.json says "..")
+            return path.rstrip("/").rsplit("/", 1)[0], info["member"]
         return os.path.normpath(os.path.join(path, info["workdir"])), info["member"]
     return path, member
+
+
+def require_workdir(sae, path: str, command: str) -> None:
+    """A one-line error when `sae` came from a released file rather than a training workdir:
+    `command` needs the run's own rows."""
+    from jumprelu.errors import UserError
+
+    if "data" not in (sae.config or {}) or "source" in sae.config:
+        raise UserError(f"{path}: {command} needs a training workdir (it reads the run's rows), not a released file")
 
 
 def report_of(path: str, member: int | None = None) -> dict:
