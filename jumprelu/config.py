@@ -191,7 +191,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(isinstance(s.width, int) and s.width > 0, "sae.width", "a positive integer", s.width)
     _check(s.sparsity_coefficient >= 0, "sae.sparsity_coefficient", ">= 0", s.sparsity_coefficient)
     _check(s.compute_dtype in ("float32", "bfloat16"), "sae.compute_dtype", "'float32' or 'bfloat16'", s.compute_dtype)
-    _check(isinstance(t.steps, int) and t.steps >= 0, "train.steps", "an integer >= 0", t.steps)
+    _check(isinstance(t.steps, int) and t.steps > 0, "train.steps", "a positive integer", t.steps)
+    for field, seed in (("train.seed", t.seed), ("data.seed", d.seed), ("data.synthetic.seed", d.synthetic.seed)):
+        _check(isinstance(seed, int) and seed >= 0, field, "an integer >= 0 (numpy's seeds)", seed)
     _check(isinstance(t.batch_size, int) and t.batch_size > 0, "train.batch_size", "a positive integer", t.batch_size)
     _check(math.isfinite(t.lr) and t.lr > 0, "train.lr", "finite and > 0", t.lr)
     _check(t.lr_warmup_steps >= 0, "train.lr_warmup_steps", ">= 0", t.lr_warmup_steps)

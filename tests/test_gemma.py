@@ -232,6 +232,27 @@ def test_config_argument_expands_sites_and_layers():
 @pytest.mark.parametrize(
     "over, message",
     [
+        ({"texts": ("/nope/train.txt",)}, "text source /nope/train.txt: no such file"),
+        ({"texts": ("EVAL",), "text_field": "content"}, "eval.jsonl, line 1: no string field 'content'"),
+        ({"seq_len": 1}, "config field seq_len must be an integer >= 2"),
+        ({"shard_rows": -5}, "config field shard_rows must be a positive integer or unset, found -5"),
+    ],
+)
+def test_texts_and_store_fields_are_checked_before_the_model_loads(world, tmp_path, over, message):
+    """Found after the model loaded, these left in-progress stores naming the bad value, which then
+    refused the corrected rerun; now they fail first (the checkpoint here does not even exist)."""
+    from jumprelu.harvest.run import harvest
+
+    if over.get("texts") == ("EVAL",):
+        over["texts"] = (f"{world['dir']}/eval.jsonl",)
+    with pytest.raises(DataError, match=message) as e:
+        harvest(_cfg(world, store=str(tmp_path / "s"), checkpoint="/nope/ckpt", **over))
+    assert "\n" not in str(e.value) and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
         ({"tokenizer": "/nope/tok.model"}, "tokenizer /nope/tok.model: no such file"),
         ({"checkpoint": "/nope/ckpt"}, "checkpoint /nope/ckpt: no such directory"),
         ({"layer": 7}, "layer 7 is out of range: this model has layers 0..1"),

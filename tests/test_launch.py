@@ -138,6 +138,40 @@ def test_stacked_sweep_summarises_each_member(tmp_path):
     assert all(r["run"].endswith(f"/sae-{i}") for i, r in enumerate(rows))
 
 
+@pytest.mark.parametrize(
+    "describe_error, recreated",
+    [("ERROR: (gcloud) There was a problem refreshing your current auth tokens", False), ("NOT_FOUND: sae-pod", True)],
+)
+def test_tpu_watch_recreates_only_a_slice_that_is_gone(tmp_path, monkeypatch, describe_error, recreated):
+    """A describe that fails for another reason (an expired token, the network) must not delete a
+    healthy slice; a failing gcloud command is retried at the next poll, not a traceback."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "gcloud"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/bin/bash\n"
+        f'echo "$*" >> {calls}\n'
+        f'if [[ "$*" == *describe* ]]; then echo "{describe_error}" >&2; exit 1; fi\n'
+        'if [[ "$*" == *" create "* ]]; then exit 2; fi\n'  # creating fails too (a quota): retried
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    polls = []
+
+    def sleep(seconds):
+        polls.append(seconds)
+        if len(polls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tpu.time, "sleep", sleep)
+    args = ["watch", "sae-pod", "--zone", "z", "--project", "p", "--accelerator", "v5p-16", "--spot"]
+    with pytest.raises(KeyboardInterrupt):
+        tpu.main([*args, "--sweep", "quickstart", "--workdir", "gs://b/r", "--poll_s", "1"])
+    made = calls.read_text().splitlines()
+    assert sum("describe" in c for c in made) == 2
+    assert any(" delete " in c for c in made) == recreated and any(" create " in c for c in made) == recreated
+
+
 def test_tpu_dry_run_for_a_two_host_slice(capsys):
     common = ["--zone", "us-east5-a", "--project", "proj", "--dry_run"]
     tpu.main(["create", "sae-pod", "--accelerator", "v5p-16", "--spot", *common])

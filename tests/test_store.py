@@ -365,3 +365,17 @@ def test_convert_names_an_npz_archive(tmp_path):
     message = r"acts.npz: expected a .npy of one array \[N, d_model\], found a .npz archive of \['acts'\]"
     with pytest.raises(DataError, match=message):
         open_npy(str(tmp_path / "acts.npz"))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("shard_rows", -5, "shard_rows must be a positive integer, found -5"),
+        ("shuffle_seed", -1, "shuffle_seed must be an integer >= 0"),
+    ],
+)
+def test_writer_refuses_bad_shard_rows_and_seed_before_writing(tmp_path, field, value, message):
+    """A numpy traceback before, and a writing.json naming the bad value that refused the rerun."""
+    with pytest.raises(DataError, match=message):
+        StoreWriter(str(tmp_path / "s"), d_model=8, **{field: value})
+    assert not (tmp_path / "s").exists()

@@ -299,6 +299,15 @@ def test_resume_refuses_a_change_in_which_rows_a_step_sees(tmp_path, tiny_config
         changed[section][field] = value
         with pytest.raises(ConfigError, match=f"config field {section}.{field} is {value} but the checkpoint"):
             train(changed, str(tmp_path / "run"))
+    # the input scale is chosen at step 0: a new one on resume was silently ignored (config.json said it)
+    for field, value, message in [
+        ("normalize", False, "config field data.normalize is False but the checkpoint"),
+        ("scale", 100.0, r"data.scale is 100.0 but the checkpoint .* trained with None \(None: the store's C\)"),
+    ]:
+        changed = tiny_config.copy_and_resolve_references()
+        changed.data[field] = value
+        with pytest.raises(ConfigError, match=message):
+            train(changed, str(tmp_path / "run"))
     tiny_config.data.block_bytes = 1024
     with pytest.raises(ConfigError, match="data.block_bytes is 1024 but the checkpoint .* with 524288; set it back"):
         train(tiny_config, str(tmp_path / "run"))

@@ -121,6 +121,9 @@ def test_load_reproduces_training_time_reconstruction(tmp_path, tiny_config):
         ("sae.width", 0, "sae.width must be a positive integer"),
         ("train.batch_size", -4, "train.batch_size must be a positive integer"),
         ("train.batch_size", 0, "train.batch_size must be a positive integer"),
+        ("train.steps", 0, "train.steps must be a positive integer"),  # saved nothing, reported checkpoints/0
+        ("data.seed", -1, "data.seed must be an integer >= 0"),  # numpy's traceback before
+        ("train.seed", -2, "train.seed must be an integer >= 0"),
         ("mesh.data", 16, "exceeds the 8 available devices"),
         ("sae.width", 63, "sae.width=63 is not divisible by mesh.model=2"),
     ],

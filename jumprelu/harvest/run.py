@@ -151,6 +151,27 @@ def store_paths(cfg, pairs) -> list[str]:
     return paths
 
 
+def check_before_loading(cfg) -> None:
+    """What would otherwise fail only after the model loaded, with the stores' in-progress records
+    already naming the bad values (so a corrected rerun would be refused): every text file, the
+    first document of each JSONL (its `text_field`), seq_len, shard_rows and shuffle_seed."""
+    from jumprelu.errors import DataError
+    from jumprelu.harvest import text as text_lib
+
+    for path in cfg.texts:
+        documents = text_lib.iter_documents([path], cfg.text_field)
+        if path.endswith((".jsonl", ".json")):
+            next(documents, None)  # reads one line
+        elif not os.path.isfile(path):
+            raise DataError(f"text source {path}: no such file")
+    if not (isinstance(cfg.seq_len, int) and cfg.seq_len >= 2):
+        raise DataError(f"config field seq_len must be an integer >= 2 (BOS and a token), found {cfg.seq_len!r}")
+    if cfg.shard_rows is not None and not (isinstance(cfg.shard_rows, int) and cfg.shard_rows > 0):
+        raise DataError(f"config field shard_rows must be a positive integer or unset, found {cfg.shard_rows!r}")
+    if not (isinstance(cfg.shuffle_seed, int) and cfg.shuffle_seed >= 0):
+        raise DataError(f"config field shuffle_seed must be an integer >= 0, found {cfg.shuffle_seed!r}")
+
+
 def harvest(cfg) -> dict:
     """Harvests every site of `harvest_sites(cfg)` from one forward pass per batch, each into its
     own store (resumable; stores an earlier run already completed are left as they are)."""
@@ -169,6 +190,7 @@ def harvest(cfg) -> dict:
     paths = store_paths(cfg, pairs)
     if not cfg.texts:
         raise DataError("config field texts is empty: set --config.texts='(\"a.jsonl\", ...)'")
+    check_before_loading(cfg)
     complete = [p for p in paths if os.path.exists(os.path.join(p, store_format.METADATA))]
     if len(complete) == len(paths):
         listed = paths[0] if len(paths) == 1 else f"{len(paths)} stores ({', '.join(paths)})"

@@ -125,9 +125,20 @@ class Gcloud:
         self.run(self.ssh(f"cd {REMOTE_DIR} && JUMPRELU_DISTRIBUTED=1 nohup {job} > {LOG} 2>&1 &"))
 
     def state(self) -> str:
+        """The queued resource's state; NOT_FOUND only when gcloud says so, UNKNOWN when describe
+        failed otherwise (an expired token, the network): the watcher must not delete a healthy slice."""
         cmd = ["gcloud", "compute", "tpus", "queued-resources", "describe", self.name, *self._where()]
-        out = self.run(cmd + ["--format=value(state.state)"], check=False, capture=True)
-        return out.strip() or ("ACTIVE" if self.dry_run else "NOT_FOUND")
+        cmd += ["--format=value(state.state)"]
+        print("$ " + shlex.join(cmd), flush=True)
+        if self.dry_run:
+            return "ACTIVE"
+        out = subprocess.run(cmd, text=True, capture_output=True)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+        if "NOT_FOUND" in out.stderr or "not found" in out.stderr.lower():
+            return "NOT_FOUND"
+        print(f"# describe failed (rc {out.returncode}): {(out.stderr.strip().splitlines() or [''])[-1]}", flush=True)
+        return "UNKNOWN"
 
     def status(self) -> None:
         self.run(["gcloud", "compute", "tpus", "queued-resources", "describe", self.name, *self._where()], check=False)
@@ -200,18 +211,22 @@ def main(argv: list[str]) -> int:
         g.delete()
     elif args.command == "watch":
         while True:
-            state = g.state()
-            if state in ("NOT_FOUND", "SUSPENDED", "FAILED", "SUSPENDING"):
-                print(f"# {args.name} is {state}: recreating it; the run resumes from its gs:// checkpoints")
-                g.delete()
-                g.create(args.accelerator, args.spot, args.reserved, args.runtime)
-                state = "WAITING"
-            if state == "ACTIVE" and not getattr(g, "_started", False):
-                g.setup(args.mount_bucket, args.extras)
-                g.start(args.config, args.sweep, args.workdir, extra, args.harvest)
-                g._started = True
-            if state != "ACTIVE":
-                g._started = False
+            try:
+                state = g.state()
+                if state in ("NOT_FOUND", "SUSPENDED", "FAILED", "SUSPENDING"):
+                    print(f"# {args.name} is {state}: recreating it; the run resumes from its gs:// checkpoints")
+                    g.delete()
+                    g.create(args.accelerator, args.spot, args.reserved, args.runtime)
+                    state = "WAITING"
+                if state == "ACTIVE" and not getattr(g, "_started", False):
+                    g.setup(args.mount_bucket, args.extras)
+                    g.start(args.config, args.sweep, args.workdir, extra, args.harvest)
+                    g._started = True
+                if state not in ("ACTIVE", "UNKNOWN"):  # a failed describe says nothing about the job
+                    g._started = False
+            except subprocess.CalledProcessError as e:  # workers still booting, a quota: try again next poll
+                cmd = shlex.join(e.cmd) if isinstance(e.cmd, list) else str(e.cmd)
+                print(f"# {cmd} failed (rc {e.returncode}); retrying in {args.poll_s} s", flush=True)
             if args.dry_run:
                 break
             time.sleep(args.poll_s)

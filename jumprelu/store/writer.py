@@ -66,6 +66,10 @@ class StoreWriter:
             raise DataError(f"store {path}: dtype must be one of {fmt.DTYPES}, found {dtype!r}")
         if not (isinstance(d_model, int) and d_model > 0):
             raise DataError(f"store {path}: d_model must be a positive integer, found {d_model!r}")
+        if shard_rows is not None and not (isinstance(shard_rows, int) and shard_rows > 0):
+            raise DataError(f"store {path}: shard_rows must be a positive integer, found {shard_rows!r}")
+        if shuffle_seed is not None and not (isinstance(shuffle_seed, int) and shuffle_seed >= 0):
+            raise DataError(f"store {path}: shuffle_seed must be an integer >= 0, found {shuffle_seed!r}")
         self.path = path
         row_bytes = d_model * fmt.file_dtype(dtype).itemsize
         self.shard_rows = int(shard_rows or max(1, DEFAULT_SHARD_BYTES // row_bytes))

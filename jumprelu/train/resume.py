@@ -42,6 +42,8 @@ RESUME_FIELDS = (
     "data.eval_rows",
     "data.block_bytes",
     "data.nonfinite",
+    # the input scale C is chosen once, at step 0, and saved with the state
+    "data.normalize",
 )
 # With data.source "lm" also: which texts, model and site make the rows, and how they are shuffled.
 LM_RESUME_FIELDS = ("data.lm", "data.shuffle_buffer_rows")
@@ -77,6 +79,12 @@ def check_resumable(saved: dict, cfg: ml_collections.ConfigDict, directory: str)
                 f"config field {field} is {_get(now, field)!r} but the checkpoint in {directory} "
                 f"was trained with {_get(saved, field)!r}; set it back or use a new --workdir"
             )
+    scale_now, scale_was = _get(now, "data.scale"), _get(saved, "data.scale")
+    if scale_now is not None and scale_now != scale_was:  # unset: the checkpoint's C, as trained
+        raise ConfigError(
+            f"config field data.scale is {scale_now!r} but the checkpoint in {directory} was trained with "
+            f"{scale_was!r} (None: the store's C); the input scale is fixed at step 0: unset it or use a new --workdir"
+        )
     for field, on in STATE_SWITCHES:
         was, now_value = _get(saved, field), _get(now, field)
         if on(was) != on(now_value):
