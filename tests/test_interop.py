@@ -15,13 +15,13 @@ from jumprelu.train.loop import train
 from tests.test_train import ROOT
 
 
+def _run_export(workdir, out, *flags):
+    cmd = [sys.executable, "-m", "jumprelu", "export", str(workdir), str(out), *flags]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+
 def _export(workdir, out, *flags):
-    cli = subprocess.run(
-        [sys.executable, "-m", "jumprelu", "export", str(workdir), str(out), *flags],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    cli = _run_export(workdir, out, *flags)
     assert cli.returncode == 0, cli.stderr
     return cli
 
@@ -264,12 +264,7 @@ def test_cli_errors_are_one_line(trained, tmp_path):
 
 
 def _export_error(workdir, out, *flags):
-    cli = subprocess.run(
-        [sys.executable, "-m", "jumprelu", "export", str(workdir), str(out), *flags],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    cli = _run_export(workdir, out, *flags)
     assert cli.returncode != 0 and cli.stderr.count("\n") == 1, cli.stderr
     return cli.stderr
 
