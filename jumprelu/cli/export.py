@@ -51,7 +51,7 @@ def run(argv: list[str]) -> int:
     from jumprelu import fs
     from jumprelu.errors import UserError
     from jumprelu.export import gemma_scope, gemma_scope_2, hub, neuronpedia, saelens
-    from jumprelu.export.load import load, report_of, resolve
+    from jumprelu.export.load import load, report_of, require_workdir, resolve
 
     try:
         if args.hub and fmt != "saelens":
@@ -69,6 +69,7 @@ def run(argv: list[str]) -> int:
             l0 = (report_of(args.workdir, args.member).get("eval") or {}).get("l0")
             gemma_scope_2.export(sae, args.output, l0=l0)
         else:
+            require_workdir(sae, args.workdir, "--format neuronpedia")
             workdir, _ = resolve(args.workdir, args.member)
             rows, coords, store_path = neuronpedia.eval_rows(workdir, sae.config)
             header = neuronpedia.export(sae, args.output, rows, coords, _contexts(store_path), top=args.top)

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jumprelu import fs
-from jumprelu.errors import UserError
 from jumprelu.export import hooks
 
 FORMAT = "jumprelu-feature-stats"
@@ -82,8 +81,6 @@ def eval_rows(workdir: str, config: dict) -> tuple[np.ndarray, np.ndarray, str]:
 
     from jumprelu import data as data_lib
 
-    if "data" not in (config or {}) or "source" in config:  # a released file (a refit's carries its run's data)
-        raise UserError(f"{workdir}: --format neuronpedia needs a training workdir (it reads the run's held-out rows)")
     data_cfg = ml_collections.ConfigDict(config["data"])
     data_cfg.source = data_lib.recorded_source(config)  # a relative path, from another directory
     store = data_lib.open_source(data_cfg, workdir)
