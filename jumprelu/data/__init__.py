@@ -11,6 +11,7 @@ from typing import Protocol
 import jax
 import numpy as np
 
+from jumprelu import fs
 from jumprelu.data import synthetic
 from jumprelu.data.stream import BatchStream
 from jumprelu.errors import ConfigError, DataError
@@ -94,7 +95,7 @@ def trained_on(data_cfg, rows) -> dict:
         return {}
     meta = store.metadata
     return dict(
-        path=store.path if "://" in store.path else os.path.abspath(store.path),
+        path=fs.abspath(store.path),
         model=meta.get("model") or None,
         site=meta.get("site") or None,
         layer=meta.get("layer"),
