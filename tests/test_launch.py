@@ -197,3 +197,7 @@ def test_tpu_dry_run_for_a_two_host_slice(capsys):
     assert cmds[-1].startswith("gcloud compute tpus queued-resources delete sae-pod") and "--force" in cmds[-1]
     assert tpu.parse_accelerator("v5litepod-16") == ("v5litepod", 4)
     assert tpu.parse_accelerator("v4-8") == ("v4", 1)
+    assert tpu.parse_accelerator("v5litepod-8") == ("v5litepod", 1)  # one host of 8 chips
+    assert tpu.parse_accelerator("v6e-8") == ("v6e", 1)
+    assert tpu.parse_accelerator("v6e-32") == ("v6e", 8)
+    assert tpu.parse_accelerator("v5p-16") == ("v5p", 2)

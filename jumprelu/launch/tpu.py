@@ -42,6 +42,9 @@ RUNTIMES = {
 # Chips per host and how the slice name counts (TensorCores for v3/v4/v5p, chips for v5e/v6e).
 _CHIPS_PER_HOST = {"v3": 4, "v4": 4, "v5p": 4, "v5litepod": 4, "v6e": 4}
 _NAME_UNITS_PER_CHIP = {"v3": 2, "v4": 2, "v5p": 2, "v5litepod": 1, "v6e": 1}
+# v5e and v6e slices of up to 8 chips (-1, -4, -8) are one host holding all of them; larger ones
+# are made of 4-chip hosts.
+_SINGLE_HOST_CHIPS = {"v5litepod": 8, "v6e": 8}
 REMOTE_DIR = "~/jumprelu"
 LOG = "~/jumprelu.log"
 
@@ -53,6 +56,8 @@ def parse_accelerator(name: str) -> tuple[str, int]:
     if generation not in RUNTIMES or not size.isdigit():
         raise ConfigError(f"--accelerator {name!r}: expected GENERATION-SIZE with generation in {sorted(RUNTIMES)}")
     chips = int(size) // _NAME_UNITS_PER_CHIP[generation]
+    if chips <= _SINGLE_HOST_CHIPS.get(generation, 0):
+        return generation, 1
     return generation, max(1, chips // _CHIPS_PER_HOST[generation])
 
 
