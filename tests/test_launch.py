@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -170,6 +172,59 @@ def test_tpu_watch_recreates_only_a_slice_that_is_gone(tmp_path, monkeypatch, de
     made = calls.read_text().splitlines()
     assert sum("describe" in c for c in made) == 2
     assert any(" delete " in c for c in made) == recreated and any(" create " in c for c in made) == recreated
+
+
+def test_tpu_run_never_starts_a_second_copy_of_a_live_job(tmp_path, monkeypatch):
+    """The remote command `run` sends, executed by bash in a fake home: the first starts the job,
+    the second sees its pid alive and starts nothing."""
+    sent = []
+    monkeypatch.setattr(tpu.Gcloud, "run", lambda self, cmd, check=True, capture=False: sent.append(cmd) or "")
+    job = tmp_path / "jumprelu" / ".venv" / "bin" / "python"
+    job.parent.mkdir(parents=True)
+    job.write_text(f"#!/bin/bash\necho started >> {tmp_path}/starts\nsleep 60\n")
+    job.chmod(0o755)
+    g = tpu.Gcloud("sae-pod", "z", "p")
+    env = {**os.environ, "HOME": str(tmp_path)}
+    outs = []
+    for _ in range(2):
+        g.start(None, "quickstart", "gs://b/r", [])
+        remote = sent[-1][-1].removeprefix("--command=")
+        outs.append(subprocess.run(["bash", "-c", remote], env=env, capture_output=True, text=True, timeout=30))
+    pid = int((tmp_path / "jumprelu.pid").read_text())
+    try:
+        for _ in range(100):
+            if (tmp_path / "starts").exists():
+                break
+            time.sleep(0.05)
+        assert (tmp_path / "starts").read_text() == "started\n"
+        assert "already running" in outs[1].stdout and str(pid) in outs[1].stdout
+    finally:
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("alive", [True, False])
+def test_tpu_watch_leaves_a_slice_whose_job_is_running_alone(tmp_path, monkeypatch, alive):
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "gcloud"
+    fake.parent.mkdir()
+    fake.write_text(
+        f'#!/bin/bash\necho "$*" >> {calls}\nif [[ "$*" == *describe* ]]; then echo ACTIVE; fi\n'
+        f'if [[ "$*" == *"kill -0"* ]]; then exit {0 if alive else 1}; fi\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+
+    def sleep(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tpu.time, "sleep", sleep)
+    args = ["watch", "sae-pod", "--zone", "z", "--project", "p", "--accelerator", "v5p-16"]
+    with pytest.raises(KeyboardInterrupt):
+        tpu.main([*args, "--sweep", "quickstart", "--workdir", "gs://b/r", "--poll_s", "1"])
+    made = calls.read_text().splitlines()
+    assert any("--worker=0" in c and "kill -0" in c for c in made)  # asked whether the job is alive
+    # a live job is neither set up again nor started; a slice without one gets both
+    assert any(" scp " in c for c in made) != alive and any("nohup" in c for c in made) != alive
 
 
 def test_tpu_dry_run_for_a_two_host_slice(capsys):
