@@ -93,6 +93,29 @@ def test_frequency_penalty_value_and_gradients():
     np.testing.assert_allclose(gt, 2.0 / B * (-1 / EPS) * IN_WINDOW.sum(0), rtol=1e-6)
 
 
+def test_frequency_penalty_spares_the_most_frequent_latents():
+    # counts over 10 rows: shares 0.5, 0.3, 0.1, 0.0, 0.4 against the limit 0.1; the first 2 by
+    # count (latents 0 and 4) are spared, so only latent 1's excess 0.2 is penalised
+    counts = jnp.array([5.0, 3.0, 1.0, 0.0, 4.0])
+    fn = lambda c, spared: sparsity.frequency_penalty_of_counts(c, 10, 2.0, 0.1, spared)  # noqa: E731
+    assert float(fn(counts, 0)) == pytest.approx(2.0 * (0.4 + 0.2 + 0.3))
+    assert float(fn(counts, 2)) == pytest.approx(2.0 * 0.2)
+    np.testing.assert_allclose(jax.grad(fn)(counts, 2), [0.0, 0.2, 0.0, 0.0, 0.0])  # μ / rows where penalised
+    # through z and θ: with the most frequent of the two latents spared, latent 0 (in the window) is not
+    # penalised either, since both fire on half the batch and ties go to the lower index
+    spare_one = lambda z, t: sparsity.frequency_penalty(z, t, EPS, 2.0, 0.1, spared=1)  # noqa: E731
+    assert float(spare_one(Z, THETA)) == pytest.approx(2.0 * (0.5 - 0.1))
+    np.testing.assert_allclose(jax.grad(spare_one, argnums=1)(Z, THETA), 0.0)  # spared: no pull on θ_0
+
+
+def test_frequency_allowance_is_a_share_of_the_width(tiny_config):
+    tiny_config.sae.update(frequency_penalty=0.01, frequency_allowance=0.05)  # width 64
+    assert jumprelu_kind.Recipe.from_config(tiny_config.sae).frequency_spared == 3
+    tiny_config.sae.frequency_allowance = 1.0
+    with pytest.raises(ConfigError, match=r"sae.frequency_allowance must be in \[0, 1\), found 1.0"):
+        validate(tiny_config)
+
+
 def test_pre_act_loss_pulls_only_dead_latents_up():
     dead, norms = jnp.array([False, True]), jnp.array([1.0, 2.0])
     fn = lambda z, t: sparsity.pre_act_loss(z, t, dead, norms, coefficient=1.0)  # noqa: E731
@@ -334,6 +357,7 @@ def _all_options(cfg, loss: str):
         pre_act_coefficient=1e-3,
         dead_window_tokens=256,
         frequency_penalty=0.1,
+        frequency_allowance=0.05,
         sparsity_loss=loss,
         matryoshka_widths=(16, 64),
         matryoshka_weights=(1.0, 3.0),

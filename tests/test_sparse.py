@@ -223,6 +223,7 @@ def test_every_supported_option_gives_the_dense_loss_gradients_and_stats(tiny_co
         dead_window_tokens=1,
         frequency_penalty=1.0,
         frequency_limit=0.02,
+        frequency_allowance=0.1,
         bandwidth_mode="relative",
     )
     (v_d, (m_d, s_d)), g_d = out["dense"]

@@ -52,15 +52,28 @@ def tanh_loss(f: jax.Array, decoder_norms: jax.Array, lam, scale: float) -> jax.
     return lam * jnp.mean(jnp.sum(jnp.tanh(scale * f * decoder_norms), axis=-1))
 
 
-def frequency_penalty(z: jax.Array, theta: jax.Array, bandwidth, coefficient: float, limit: float) -> jax.Array:
-    """μ · Σ_i relu(p_i - limit) with p_i the share of the batch latent i fires on."""
+def frequency_penalty(
+    z: jax.Array, theta: jax.Array, bandwidth, coefficient: float, limit: float, spared: int = 0
+) -> jax.Array:
+    """μ · Σ_i relu(p_i - limit) with p_i the share of the batch latent i fires on, leaving out the
+    `spared` latents that fire most often in the batch."""
     counts = jnp.sum(ops.heaviside(z, theta, bandwidth), axis=0)
-    return frequency_penalty_of_counts(counts, z.shape[0], coefficient, limit)
+    return frequency_penalty_of_counts(counts, z.shape[0], coefficient, limit, spared)
 
 
-def frequency_penalty_of_counts(counts: jax.Array, rows: int, coefficient: float, limit: float) -> jax.Array:
-    """The frequency penalty from counts_i = Σ_b H(z_bi - θ_i) [M] (straight-through w.r.t. θ)."""
-    return coefficient * jnp.sum(jax.nn.relu(counts / rows - limit))
+def frequency_penalty_of_counts(
+    counts: jax.Array, rows: int, coefficient: float, limit: float, spared: int = 0
+) -> jax.Array:
+    """The frequency penalty from counts_i = Σ_b H(z_bi - θ_i) [M] (straight-through w.r.t. θ).
+
+    spared > 0: the `spared` most frequent latents of the batch are not penalised (exactly that
+    many, ties broken by index), so a few dense directions may stay dense.
+    """
+    excess = jax.nn.relu(counts / rows - limit)
+    if spared:
+        _, most = jax.lax.top_k(jax.lax.stop_gradient(counts), spared)
+        excess = excess.at[most].set(0.0)
+    return coefficient * jnp.sum(excess)
 
 
 def pre_act_loss(z: jax.Array, theta: jax.Array, dead: jax.Array, decoder_norms: jax.Array, coefficient: float):

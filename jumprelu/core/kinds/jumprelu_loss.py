@@ -106,10 +106,14 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
         eps_now = r.bandwidth if eps is None else eps
         if r.frequency_penalty and sparse_step:
             rows = x.shape[0]
-            freq = sparsity.frequency_penalty_of_counts(out["counts"], rows, r.frequency_penalty, r.frequency_limit)
+            freq = sparsity.frequency_penalty_of_counts(
+                out["counts"], rows, r.frequency_penalty, r.frequency_limit, r.frequency_spared
+            )
             penalty, metrics = penalty + freq, dict(metrics, frequency_penalty=freq)
         elif r.frequency_penalty:
-            freq = sparsity.frequency_penalty(out["z"], theta, eps_now, r.frequency_penalty, r.frequency_limit)
+            freq = sparsity.frequency_penalty(
+                out["z"], theta, eps_now, r.frequency_penalty, r.frequency_limit, r.frequency_spared
+            )
             if r.batchtopk_steps:
                 # not in the phase: it would raise the shadow θ of latents still firing at t, and λ, cut
                 # to make up for it, starts the hand-over too low (seed 1, target 100: L0 95 → 141)

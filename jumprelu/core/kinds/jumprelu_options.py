@@ -89,6 +89,8 @@ def validate(s, check) -> None:
     check(s.tanh_scale > 0, "sae.tanh_scale", "> 0", s.tanh_scale)
     check(s.frequency_penalty >= 0, "sae.frequency_penalty", ">= 0", s.frequency_penalty)
     check(0 < s.frequency_limit <= 1, "sae.frequency_limit", "in (0, 1]", s.frequency_limit)
+    allowance = s.get("frequency_allowance", 0.0)
+    check(0 <= allowance < 1, "sae.frequency_allowance", "in [0, 1)", allowance)
     check(s.pre_act_coefficient >= 0, "sae.pre_act_coefficient", ">= 0", s.pre_act_coefficient)
     check(s.b_dec_init in init_lib.B_DEC_INITS, "sae.b_dec_init", f"one of {init_lib.B_DEC_INITS}", s.b_dec_init)
     modes = init_lib.THRESHOLD_INITS
@@ -164,6 +166,9 @@ def config_fields() -> dict:
         tanh_scale=4.0,  # c of the tanh loss
         frequency_penalty=0.0,  # μ: penalise latents firing on more than frequency_limit of tokens
         frequency_limit=0.1,
+        # share of the width the frequency penalty spares: the batch's most frequent latents, which may
+        # stay dense (0: none, as in Gemma Scope 2)
+        frequency_allowance=0.0,
         pre_act_coefficient=0.0,  # ν: pre-activation loss on latents dead for dead_window_tokens
         b_dec_init="zeros",  # "zeros" (paper), "mean", "median" (geometric) of a data sample
         threshold_init_mode="constant",  # or "latent_quantile" / "global_quantile": initial L0 = target_l0
@@ -189,6 +194,7 @@ class Recipe:
     tanh_scale: float = 4.0
     frequency_penalty: float = 0.0
     frequency_limit: float = 0.1
+    frequency_spared: int = 0  # the batch's most frequent latents left out of the frequency penalty
     pre_act_coefficient: float = 0.0
     dead_window_tokens: int = 10_000_000
     bandwidth: float = 0.001
@@ -216,6 +222,7 @@ class Recipe:
             tanh_scale=s.get("tanh_scale", 4.0),
             frequency_penalty=s.get("frequency_penalty", 0.0),
             frequency_limit=s.get("frequency_limit", 0.1),
+            frequency_spared=int(s.get("frequency_allowance", 0.0) * s.width),
             pre_act_coefficient=s.get("pre_act_coefficient", 0.0),
             dead_window_tokens=s.get("dead_window_tokens", 10_000_000),
             bandwidth=s.get("bandwidth", 0.001),
