@@ -180,6 +180,8 @@ def runlocal(c: ml_collections.ConfigDict, keep_data: bool = False) -> ml_collec
         c.data.source = "synthetic"
         c.data.d_model = None  # taken from the synthetic data
         c.data.synthetic.update(d_model=32, num_features=64, rows=8192)
+    elif c.data.source == "synthetic":  # its shape kept, its rows cut: 20 steps read 5,120 of them
+        c.data.synthetic.rows = min(c.data.synthetic.rows, 8192)
     c.data.eval_rows = 1024
     if c.sae.get("target_l0_held_out_rows"):  # leaves the report most of the 1,024 held-out rows
         c.sae.target_l0_held_out_rows = 256
