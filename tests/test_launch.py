@@ -176,30 +176,53 @@ def test_tpu_watch_recreates_only_a_slice_that_is_gone(tmp_path, monkeypatch, de
 
 def test_tpu_run_never_starts_a_second_copy_of_a_live_job(tmp_path, monkeypatch):
     """The remote command `run` sends, executed by bash in a fake home: the first starts the job,
-    the second sees its pid alive and starts nothing."""
+    the second finds its lock held and starts nothing; once the job is gone a third starts it again."""
     sent = []
     monkeypatch.setattr(tpu.Gcloud, "run", lambda self, cmd, check=True, capture=False: sent.append(cmd) or "")
     job = tmp_path / "jumprelu" / ".venv" / "bin" / "python"
     job.parent.mkdir(parents=True)
-    job.write_text(f"#!/bin/bash\necho started >> {tmp_path}/starts\nsleep 60\n")
+    job.write_text(f"#!/bin/bash\necho $$ >> {tmp_path}/pids\necho started >> {tmp_path}/starts\nexec sleep 60\n")
     job.chmod(0o755)
     g = tpu.Gcloud("sae-pod", "z", "p")
+    g.start(None, "quickstart", "gs://b/r", [])
+    remote = sent[-1][-1].removeprefix("--command=")
     env = {**os.environ, "HOME": str(tmp_path)}
-    outs = []
-    for _ in range(2):
-        g.start(None, "quickstart", "gs://b/r", [])
-        remote = sent[-1][-1].removeprefix("--command=")
-        outs.append(subprocess.run(["bash", "-c", remote], env=env, capture_output=True, text=True, timeout=30))
-    pid = int((tmp_path / "jumprelu.pid").read_text())
-    try:
-        for _ in range(100):
-            if (tmp_path / "starts").exists():
+
+    def starts():
+        return (tmp_path / "starts").read_text().count("started") if (tmp_path / "starts").exists() else 0
+
+    def send():  # each in its own process group, so the job it starts can be killed with it
+        before = starts()
+        out = subprocess.run(["bash", "-c", remote], env=env, capture_output=True, text=True, start_new_session=True)
+        for _ in range(200):  # the job has started when it wrote its line (or did not start)
+            if "already running" in out.stdout or starts() > before:
                 break
             time.sleep(0.05)
-        assert (tmp_path / "starts").read_text() == "started\n"
-        assert "already running" in outs[1].stdout and str(pid) in outs[1].stdout
+        return out
+
+    def kill_jobs():  # with their flock, in the job's process group
+        for pid in (tmp_path / "pids").read_text().split():
+            try:
+                os.killpg(os.getpgid(int(pid)), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    first = send()
+    try:
+        second = send()
+        assert "already running" in second.stdout and starts() == 1
+        assert first.returncode == 0 and second.returncode == 0
     finally:
-        os.kill(pid, signal.SIGKILL)
+        kill_jobs()
+    for _ in range(200):  # the lock goes with the job
+        if subprocess.run(["flock", "-n", str(tmp_path / "jumprelu.lock"), "true"]).returncode == 0:
+            break
+        time.sleep(0.05)
+    third = send()
+    try:
+        assert "already running" not in third.stdout and starts() == 2
+    finally:
+        kill_jobs()
 
 
 @pytest.mark.parametrize("alive", [True, False])
@@ -209,7 +232,7 @@ def test_tpu_watch_leaves_a_slice_whose_job_is_running_alone(tmp_path, monkeypat
     fake.parent.mkdir()
     fake.write_text(
         f'#!/bin/bash\necho "$*" >> {calls}\nif [[ "$*" == *describe* ]]; then echo ACTIVE; fi\n'
-        f'if [[ "$*" == *"kill -0"* ]]; then exit {0 if alive else 1}; fi\n'
+        f'if [[ "$*" == *"flock -n"* && "$*" != *nohup* ]]; then exit {0 if alive else 1}; fi\n'
     )
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
@@ -222,7 +245,7 @@ def test_tpu_watch_leaves_a_slice_whose_job_is_running_alone(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         tpu.main([*args, "--sweep", "quickstart", "--workdir", "gs://b/r", "--poll_s", "1"])
     made = calls.read_text().splitlines()
-    assert any("--worker=0" in c and "kill -0" in c for c in made)  # asked whether the job is alive
+    assert any("--worker=all" in c and "! flock -n" in c for c in made)  # asked whether the job is alive
     # a live job is neither set up again nor started; a slice without one gets both
     assert any(" scp " in c for c in made) != alive and any("nohup" in c for c in made) != alive
 
@@ -246,8 +269,8 @@ def test_tpu_dry_run_for_a_two_host_slice(capsys):
     assert len(ssh) == 3 and all("--worker=all" in c for c in ssh)
     assert "pip install -q -c constraints.txt -e" in ssh[0] and "gcsfuse --implicit-dirs bkt /gcs/bkt" in ssh[1]
     assert (
-        "JUMPRELU_DISTRIBUTED=1 nohup .venv/bin/python -m jumprelu sweep quickstart --local --root gs://bkt/runs/q"
-        in (ssh[2])
+        "JUMPRELU_DISTRIBUTED=1 nohup flock -n ~/jumprelu.lock .venv/bin/python -m jumprelu sweep quickstart "
+        "--local --root gs://bkt/runs/q" in (ssh[2])
     )
     assert cmds[-1].startswith("gcloud compute tpus queued-resources delete sae-pod") and "--force" in cmds[-1]
     assert tpu.parse_accelerator("v5litepod-16") == ("v5litepod", 4)

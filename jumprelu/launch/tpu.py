@@ -15,8 +15,8 @@ Every subcommand wraps `gcloud`; `--dry_run` prints the exact commands instead o
 track, committed or not; what .gitignore excludes stays behind) to every worker and installs it
 with the tested versions (`pip install -c constraints.txt -e '.[tpu]'`). `run` starts the same command on every worker
 (multi-host: JUMPRELU_DISTRIBUTED=1 makes each process call jax.distributed.initialize()),
-in the background, logging to ~/jumprelu.log (its pid in ~/jumprelu.pid: a worker whose job is
-still alive does not start a second copy). Workdirs on gs:// hold the checkpoints, so a
+in the background, logging to ~/jumprelu.log (the job holds ~/jumprelu.lock while it lives: a
+worker whose job is alive does not start a second copy). Workdirs on gs:// hold the checkpoints, so a
 preempted run resumes where it stopped when it is started again; `watch` does that by itself:
 it polls the queued resource and, when a spot slice was preempted, deletes it, creates it
 again, sets it up and restarts the same run (finished sweep runs are skipped, others resume).
@@ -48,9 +48,11 @@ _NAME_UNITS_PER_CHIP = {"v3": 2, "v4": 2, "v5p": 2, "v5litepod": 1, "v6e": 1}
 _SINGLE_HOST_CHIPS = {"v5litepod": 8, "v6e": 8}
 REMOTE_DIR = "~/jumprelu"
 LOG = "~/jumprelu.log"
-PIDFILE = "~/jumprelu.pid"  # the job's pid on each worker: `run` and `watch` never start a second copy
-# true on a worker whose job is alive
-_ALIVE = f'[ -f {PIDFILE} ] && kill -0 "$(cat {PIDFILE})" 2>/dev/null'
+# Each worker's job holds this lock while it lives (flock; released when it exits, whatever the
+# cause), so `run` and `watch` never start a second copy, and a reused pid or a zombie cannot pass
+# for the job.
+LOCK = "~/jumprelu.lock"
+_ALIVE = f"! flock -n {LOCK} true"  # true on a worker whose job holds the lock
 
 
 def parse_accelerator(name: str) -> tuple[str, int]:
@@ -101,7 +103,7 @@ class Gcloud:
         # The working tree as it is (uncommitted edits included), not HEAD: what you run here is
         # what runs there.
         pack = "git ls-files -z --cached --others --exclude-standard | tar --null -T - -czf " + archive
-        self.run(["bash", "-c", f'cd "$(git rev-parse --show-toplevel)" && {pack}'])
+        self.run(["bash", "-c", f'set -o pipefail && cd "$(git rev-parse --show-toplevel)" && {pack}'])
         scp = ["gcloud", "compute", "tpus", "tpu-vm", "scp", archive, f"{self.name}:~/jumprelu-src.tar.gz"]
         self.run(scp + self._where() + ["--worker=all"])
         install = (
@@ -131,16 +133,18 @@ class Gcloud:
         else:
             job = ["-m", "jumprelu", "train", f"--config={config}", f"--workdir={workdir}"]
         job = shlex.join([".venv/bin/python", *job, *extra])
-        launch = f"JUMPRELU_DISTRIBUTED=1 nohup {job} > {LOG} 2>&1 & echo $! > {PIDFILE}"
-        skip = f'echo "# the job is already running on $(hostname) (pid $(cat {PIDFILE})); not starting another"'
-        self.run(self.ssh(f"cd {REMOTE_DIR} && if {_ALIVE}; then {skip}; else {launch}; fi"))
+        # the check only spares the log: of two starts racing past it, the second's flock exits at once
+        launch = f"JUMPRELU_DISTRIBUTED=1 nohup flock -n {LOCK} {job} > {LOG} 2>&1 &"
+        skip = f'echo "# the job is already running on $(hostname) (it holds {LOCK}); not starting another"'
+        self.run(self.ssh(f"cd {REMOTE_DIR} && if {_ALIVE}; then {skip}; else {launch} fi"))  # `&` ends launch
 
     def running(self) -> bool:
-        """Whether worker 0's job is alive (a watcher started on a slice that `run` already started)."""
-        print(f"$ {shlex.join(self.ssh(_ALIVE, worker='0'))}", flush=True)
+        """Whether the job is alive on every worker (ssh --worker=all fails when any command does):
+        a watcher started on a slice that `run` already started leaves it alone."""
+        print(f"$ {shlex.join(self.ssh(_ALIVE))}", flush=True)
         if self.dry_run:
             return False
-        return subprocess.run(self.ssh(_ALIVE, worker="0"), capture_output=True).returncode == 0
+        return subprocess.run(self.ssh(_ALIVE), capture_output=True).returncode == 0
 
     def state(self) -> str:
         """The queued resource's state; NOT_FOUND only when gcloud says so, UNKNOWN when describe
@@ -238,8 +242,8 @@ def main(argv: list[str]) -> int:
                     state = "WAITING"
                 if state == "ACTIVE" and not getattr(g, "_started", False):
                     if g.running():  # set up and started before this watcher: leave its code and job alone
-                        print(f"# {args.name} is ACTIVE with the job running: watching it", flush=True)
-                    else:
+                        print(f"# {args.name} is ACTIVE with the job running on every worker: watching it")
+                    else:  # workers whose job is alive keep it (start skips them); the others start
                         g.setup(args.mount_bucket, args.extras)
                         g.start(args.config, args.sweep, args.workdir, extra, args.harvest)
                     g._started = True

@@ -64,6 +64,11 @@ def sparse_plan(s) -> tuple[int, str]:
     return capacity, f"auto: sparse, {capacity} entries per row{phase}"
 
 
+def spared_latents(allowance: float, width: int) -> int:
+    """⌊allowance · width⌋, the number of latents the frequency penalty spares (0.29 · 100 is 29, not 28)."""
+    return math.floor(allowance * width + 1e-9)
+
+
 def validate(s, check) -> None:
     check(s.bandwidth > 0, "sae.bandwidth", "> 0", s.bandwidth)
     check(s.bandwidth_mode in BANDWIDTH_MODES, "sae.bandwidth_mode", f"one of {BANDWIDTH_MODES}", s.bandwidth_mode)
@@ -91,6 +96,11 @@ def validate(s, check) -> None:
     check(0 < s.frequency_limit <= 1, "sae.frequency_limit", "in (0, 1]", s.frequency_limit)
     allowance = s.get("frequency_allowance", 0.0)
     check(0 <= allowance < 1, "sae.frequency_allowance", "in [0, 1)", allowance)
+    if allowance:
+        needs = "0 unless sae.frequency_penalty > 0 (it spares latents from that penalty)"
+        check(s.frequency_penalty > 0, "sae.frequency_allowance", needs, allowance)
+        needs = f"at least 1 / sae.width ({1 / s.width:.3g}: it spares ⌊allowance · width⌋ latents)"
+        check(spared_latents(allowance, s.width) >= 1, "sae.frequency_allowance", needs, allowance)
     check(s.pre_act_coefficient >= 0, "sae.pre_act_coefficient", ">= 0", s.pre_act_coefficient)
     check(s.b_dec_init in init_lib.B_DEC_INITS, "sae.b_dec_init", f"one of {init_lib.B_DEC_INITS}", s.b_dec_init)
     modes = init_lib.THRESHOLD_INITS
@@ -222,7 +232,7 @@ class Recipe:
             tanh_scale=s.get("tanh_scale", 4.0),
             frequency_penalty=s.get("frequency_penalty", 0.0),
             frequency_limit=s.get("frequency_limit", 0.1),
-            frequency_spared=int(s.get("frequency_allowance", 0.0) * s.width),
+            frequency_spared=spared_latents(s.get("frequency_allowance", 0.0), s.width),
             pre_act_coefficient=s.get("pre_act_coefficient", 0.0),
             dead_window_tokens=s.get("dead_window_tokens", 10_000_000),
             bandwidth=s.get("bandwidth", 0.001),
