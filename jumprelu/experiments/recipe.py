@@ -7,13 +7,14 @@
 
 Hardware: any; run time is that of the step (jumprelu plan prints it for a TPU slice).
 
-`l0=T` asks for a mean L0 of T (the target-L0 controller sets λ). The default recipe is
-"short", the one measured best at budgets of millions of tokens (README "Recipes": the first
-80% of the steps as BatchTopK with k = T while θ trains in its shadow, then per-latent θ; raw θ,
-bandwidth 0.01, a pre-activation loss on dead latents, Gemma Scope 2's frequency penalty after the
-hand-over, lr 3e-3 decaying over the last 20% except θ's, weight decay 0.3 on W_enc, and the
-controller reading the L0 of 1,024 of the store's held-out rows, so `data.eval_rows` must be at
-least 1,024; afterwards `jumprelu refit --workdir DIR` fits the decoder by least squares);
+`l0=T` asks for a mean L0 of T (the target-L0 controller sets λ). The default recipe is "short",
+the one measured best at budgets of millions of tokens (README "Recipes": the first 80% of the
+steps as BatchTopK with k = T while θ trains in its shadow, then per-latent θ; raw θ, bandwidth
+0.01, a pre-activation loss on dead latents, Gemma Scope 2's frequency penalty after the
+hand-over (sparing the 0.5% most frequent latents), lr 3e-3 decaying over the last 20% except
+θ's, weight decay 0.3 on W_enc, and the controller reading the L0 of 1,024 of the store's
+held-out rows, so `data.eval_rows` must be at least 1,024; afterwards `jumprelu refit --workdir
+DIR` fits the decoder by least squares);
 `paper` keeps the paper's recipe (log θ, ε 0.001, lr 7e-5, 10,000-step λ warm-up), which is
 tuned for billions of tokens. Without `l0`, λ is `sae.sparsity_coefficient` as usual.
 `matryoshka` nests prefixes of width/8, width/4, width/2 and width latents, their reconstruction

@@ -65,8 +65,9 @@ def sparse_plan(s) -> tuple[int, str]:
 
 
 def spared_latents(allowance: float, width: int) -> int:
-    """⌊allowance · width⌋, the number of latents the frequency penalty spares (0.29 · 100 is 29, not 28)."""
-    return math.floor(allowance * width + 1e-9)
+    """How many latents the frequency penalty spares: ⌊allowance · width⌋ (0.29 · 100 is 29, not 28),
+    at least 1 when the allowance is set, so a recipe's allowance works at any width."""
+    return max(1, math.floor(allowance * width + 1e-9)) if allowance else 0
 
 
 def validate(s, check) -> None:
@@ -99,8 +100,6 @@ def validate(s, check) -> None:
     if allowance:
         needs = "0 unless sae.frequency_penalty > 0 (it spares latents from that penalty)"
         check(s.frequency_penalty > 0, "sae.frequency_allowance", needs, allowance)
-        needs = f"at least 1 / sae.width ({1 / s.width:.3g}: it spares ⌊allowance · width⌋ latents)"
-        check(spared_latents(allowance, s.width) >= 1, "sae.frequency_allowance", needs, allowance)
     check(s.pre_act_coefficient >= 0, "sae.pre_act_coefficient", ">= 0", s.pre_act_coefficient)
     check(s.b_dec_init in init_lib.B_DEC_INITS, "sae.b_dec_init", f"one of {init_lib.B_DEC_INITS}", s.b_dec_init)
     modes = init_lib.THRESHOLD_INITS
