@@ -171,11 +171,15 @@ def test_several_sites_from_one_pass_equal_separate_harvests_and_resume_per_stor
     template = str(tmp_path / "one_pass" / "{site}_l{layer}")
     one_pass = harvest(_cfg(world, sites=("resid", "mlp", "attn"), layers=(0, 1), store=template))
     assert one_pass["stores"] == [template.format(site=s, layer=l) for s, l in pairs]
+    # each site and each layer against a harvest of its own (all six would double the test's time)
+    alone_pairs = {("resid", 0), ("mlp", 1), ("attn", 0)}
     for (site, layer), path in zip(pairs, one_pass["stores"], strict=True):
-        alone = harvest(_cfg(world, site=site, layer=layer, store=str(tmp_path / f"alone_{site}_{layer}")))
-        assert alone["rows"] == one_pass["rows"]
         meta = open_store(path).metadata
         assert (meta["site"], meta["layer"]) == (site, layer)
+        if (site, layer) not in alone_pairs:
+            continue
+        alone = harvest(_cfg(world, site=site, layer=layer, store=str(tmp_path / f"alone_{site}_{layer}")))
+        assert alone["rows"] == one_pass["rows"]
         want = _store_rows(tmp_path / f"alone_{site}_{layer}")
         np.testing.assert_allclose(_store_rows(path), want, rtol=1e-5, atol=1e-5)
 
