@@ -277,5 +277,6 @@ def test_tpu_run_starts_the_harvest_on_every_worker(capsys):
     ssh = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ gcloud compute tpus tpu-vm ssh")]
     assert "pip install -q -c constraints.txt -e '\"'\"'.[tpu,gemma]'\"'\"'" in ssh[0]
     assert all("--worker=all" in c for c in ssh)
-    assert f"JUMPRELU_DISTRIBUTED=1 nohup .venv/bin/python -m jumprelu harvest --config={harvest} " in ssh[-1]
+    launch = "JUMPRELU_DISTRIBUTED=1 nohup flock -n ~/jumprelu.lock .venv/bin/python -m jumprelu harvest"
+    assert f"{launch} --config={harvest} " in ssh[-1]
     assert "--config.store=/gcs/bkt/s/{site}_l{layer}" in ssh[-1]
