@@ -25,9 +25,8 @@ with k = target over the first 80% of the steps handing over to per-latent θ tr
 shadow, raw θ, ε 0.01, a target L0 reached by the λ controller reading 1,024 held-out rows
 besides the batch (data.eval_rows 8,192: the report measures the other 7,168), a pre-activation loss on dead
 latents, a frequency penalty after the hand-over sparing the 0.5% most frequent latents, lr
-decaying over the last 20% except θ's,
-decoupled weight decay 0.3 on W_enc), swept over its target L0 as TopK is over k. Every kind
-gets the same data, token budget, width and evaluation.
+decaying over the last 20% except θ's, decoupled weight decay 0.3 on W_enc), swept over its
+target L0 as TopK is over k. Every kind gets the same data, token budget, width and evaluation.
 """
 
 import os

@@ -242,7 +242,7 @@ def main(argv: list[str]) -> int:
                     state = "WAITING"
                 if state == "ACTIVE" and not getattr(g, "_started", False):
                     if g.running():  # set up and started before this watcher: leave its code and job alone
-                        print(f"# {args.name} is ACTIVE with the job running on every worker: watching it")
+                        print(f"# {args.name} is ACTIVE with the job running on every worker: watching", flush=True)
                     else:  # workers whose job is alive keep it (start skips them); the others start
                         g.setup(args.mount_bucket, args.extras)
                         g.start(args.config, args.sweep, args.workdir, extra, args.harvest)
