@@ -144,32 +144,41 @@ def test_stacked_sweep_summarises_each_member(tmp_path):
     "describe_error, recreated",
     [("ERROR: (gcloud) There was a problem refreshing your current auth tokens", False), ("NOT_FOUND: sae-pod", True)],
 )
-def test_tpu_watch_recreates_only_a_slice_that_is_gone(tmp_path, monkeypatch, describe_error, recreated):
-    """A describe that fails for another reason (an expired token, the network) must not delete a
-    healthy slice; a failing gcloud command is retried at the next poll, not a traceback."""
+def _watch_with_fake_gcloud(tmp_path, monkeypatch, script: str, polls: int, spot: bool = False) -> list[str]:
+    """Runs `tpu watch` for `polls` polls against a fake gcloud on PATH (bash `script` after it logs
+    its arguments); returns the gcloud commands it was given."""
     calls = tmp_path / "calls"
     fake = tmp_path / "bin" / "gcloud"
     fake.parent.mkdir()
-    fake.write_text(
-        "#!/bin/bash\n"
-        f'echo "$*" >> {calls}\n'
-        f'if [[ "$*" == *describe* ]]; then echo "{describe_error}" >&2; exit 1; fi\n'
-        'if [[ "$*" == *" create "* ]]; then exit 2; fi\n'  # creating fails too (a quota): retried
-    )
+    fake.write_text(f'#!/bin/bash\necho "$*" >> {calls}\n{script}')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
-    polls = []
+    slept = []
 
     def sleep(seconds):
-        polls.append(seconds)
-        if len(polls) == 2:
+        slept.append(seconds)
+        if len(slept) == polls:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(tpu.time, "sleep", sleep)
-    args = ["watch", "sae-pod", "--zone", "z", "--project", "p", "--accelerator", "v5p-16", "--spot"]
+    args = ["watch", "sae-pod", "--zone", "z", "--project", "p", "--accelerator", "v5p-16", *(["--spot"] * spot)]
     with pytest.raises(KeyboardInterrupt):
         tpu.main([*args, "--sweep", "quickstart", "--workdir", "gs://b/r", "--poll_s", "1"])
-    made = calls.read_text().splitlines()
+    return calls.read_text().splitlines()
+
+
+@pytest.mark.parametrize(
+    "describe_error, recreated",
+    [("ERROR: (gcloud) There was a problem refreshing your current auth tokens", False), ("NOT_FOUND: sae-pod", True)],
+)
+def test_tpu_watch_recreates_only_a_slice_that_is_gone(tmp_path, monkeypatch, describe_error, recreated):
+    """A describe that fails for another reason (an expired token, the network) must not delete a
+    healthy slice; a failing gcloud command is retried at the next poll, not a traceback."""
+    script = (
+        f'if [[ "$*" == *describe* ]]; then echo "{describe_error}" >&2; exit 1; fi\n'
+        'if [[ "$*" == *" create "* ]]; then exit 2; fi\n'  # creating fails too (a quota): retried
+    )
+    made = _watch_with_fake_gcloud(tmp_path, monkeypatch, script, polls=2, spot=True)
     assert sum("describe" in c for c in made) == 2
     assert any(" delete " in c for c in made) == recreated and any(" create " in c for c in made) == recreated
 
@@ -227,24 +236,11 @@ def test_tpu_run_never_starts_a_second_copy_of_a_live_job(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("alive", [True, False])
 def test_tpu_watch_leaves_a_slice_whose_job_is_running_alone(tmp_path, monkeypatch, alive):
-    calls = tmp_path / "calls"
-    fake = tmp_path / "bin" / "gcloud"
-    fake.parent.mkdir()
-    fake.write_text(
-        f'#!/bin/bash\necho "$*" >> {calls}\nif [[ "$*" == *describe* ]]; then echo ACTIVE; fi\n'
+    script = (
+        'if [[ "$*" == *describe* ]]; then echo ACTIVE; fi\n'
         f'if [[ "$*" == *"flock -n"* && "$*" != *nohup* ]]; then exit {0 if alive else 1}; fi\n'
     )
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
-
-    def sleep(seconds):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(tpu.time, "sleep", sleep)
-    args = ["watch", "sae-pod", "--zone", "z", "--project", "p", "--accelerator", "v5p-16"]
-    with pytest.raises(KeyboardInterrupt):
-        tpu.main([*args, "--sweep", "quickstart", "--workdir", "gs://b/r", "--poll_s", "1"])
-    made = calls.read_text().splitlines()
+    made = _watch_with_fake_gcloud(tmp_path, monkeypatch, script, polls=1)
     assert any("--worker=all" in c and "! flock -n" in c for c in made)  # asked whether the job is alive
     # a live job is neither set up again nor started; a slice without one gets both
     assert any(" scp " in c for c in made) != alive and any("nohup" in c for c in made) != alive
