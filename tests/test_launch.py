@@ -140,10 +140,6 @@ def test_stacked_sweep_summarises_each_member(tmp_path):
     assert all(r["run"].endswith(f"/sae-{i}") for i, r in enumerate(rows))
 
 
-@pytest.mark.parametrize(
-    "describe_error, recreated",
-    [("ERROR: (gcloud) There was a problem refreshing your current auth tokens", False), ("NOT_FOUND: sae-pod", True)],
-)
 def _watch_with_fake_gcloud(tmp_path, monkeypatch, script: str, polls: int, spot: bool = False) -> list[str]:
     """Runs `tpu watch` for `polls` polls against a fake gcloud on PATH (bash `script` after it logs
     its arguments); returns the gcloud commands it was given."""
