@@ -82,10 +82,12 @@ def test_released_sizes_have_the_papers_site_widths_and_split_params(name, layer
     assert model.config.num_layers == layers
     params = gemma_model.abstract_params(model, gemma_model.device_mesh())
     tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
-    for site, width in (("resid", d_model), ("mlp", d_model), ("attn", attn_width)):
-        assert gemma_model.site_width(model.config, site) == width
-        fn = gemma_model.site_fn(model, gemma_model.check_site(model.config, site, layers - 1))
-        assert jax.eval_shape(fn, params, tokens).shape == (1, 4, width)
+    widths = [d_model, d_model, attn_width]  # resid, mlp, attn
+    assert [gemma_model.site_width(model.config, s) for s in gemma_model.SITES] == widths
+    # One trace of the whole depth for the three sites (each trace of a 42-layer model is ~5 s).
+    sites = tuple(gemma_model.check_site(model.config, s, layers - 1) for s in gemma_model.SITES)
+    shapes = [a.shape for a in jax.eval_shape(gemma_model.sites_fn(model, sites), params, tokens)]
+    assert shapes == [(1, 4, w) for w in widths]
     with pytest.raises(DataError, match=f"layer {layers} is out of range"):
         gemma_model.check_site(model.config, "resid", layers)
     # Every large weight is split over the devices: each holds ~1/n of the bf16 params.
