@@ -1,8 +1,8 @@
 """Our SAELens export, loaded by the real sae_lens package: its encode/decode equal ours.
 
 SAELens (and torch) are never dependencies of jumprelu: they live in the peer virtualenv that
-`bash benchmarks/peers/setup.sh` makes (.ci/run runs it first), and this test drives that
-interpreter in a subprocess. It runs the README's "Using your SAE elsewhere" SAELens snippet
+`bash benchmarks/peers/setup.sh` makes (.ci/run runs it first), and these tests drive that
+interpreter in one subprocess for all their SAEs. It runs the README's "Using your SAE elsewhere" SAELens snippet
 verbatim (only the directory replaced), then encodes inputs of ours with the same SAE.
 Set JUMPRELU_SAELENS_PYTHON to use another interpreter that has sae_lens.
 """
@@ -18,6 +18,7 @@ import pytest
 import jumprelu
 from jumprelu.export import saelens
 from jumprelu.train.loop import train
+from tests.conftest import make_tiny_config
 from tests.test_train import ROOT
 
 PEER = os.environ.get("JUMPRELU_SAELENS_PYTHON") or os.path.join(ROOT, "benchmarks", "peers", ".venv", "bin", "python")
@@ -38,47 +39,99 @@ def readme_snippet() -> str:
     return m.group(1)
 
 
-CHECK = """
-import json, sys
-import numpy as np
-import sae_lens
+KINDS = ("jumprelu", "batchtopk", "topk")
 
+# Run once per exported SAE, after the README's snippet (which made `torch`, `sae`, `x`, `f` and
+# `x_hat`): SAELens's encode/decode of inputs of ours, saved for the test to compare.
+CHECK = """
 out = {"x": x.numpy(), "f": f.detach().numpy(), "x_hat": x_hat.detach().numpy()}
-ours = torch.from_numpy(np.load(sys.argv[1]))
+ours = torch.from_numpy(np.load(X_PATH))
 with torch.no_grad():
     out["our_x_f"] = sae.encode(ours).numpy()
     out["our_x_hat"] = sae.decode(sae.encode(ours)).numpy()
     out["our_x_forward"] = sae(ours).numpy()
-np.savez(sys.argv[2], **out)
-print(json.dumps({"class": type(sae).__name__, "architecture": sae.cfg.architecture(),
-                  "version": sae_lens.__version__, "hook": sae.cfg.metadata.hook_name}))
+np.savez(OUT_PATH, **out)
+return {"class": type(sae).__name__, "architecture": sae.cfg.architecture(),
+        "version": sae_lens.__version__, "hook": sae.cfg.metadata.hook_name}
+"""
+
+SAEBENCH = """
+from sae_lens import SAE
+try:
+    from sae_bench.sae_bench_utils import general_utils
+except ImportError:
+    return {"missing": "sae_bench"}
+sae = SAE.load_from_disk(SAE_DIR)
+with warnings.catch_warnings():
+    warnings.simplefilter("error")  # SAEBench only warns about decoder norms
+    sae_id, sae, sparsity = general_utils.load_and_format_sae("jumprelu", sae, "cpu")
+return {"unit_norm": general_utils.check_decoder_norms(sae.W_dec.data), "hook_layer": sae.cfg.hook_layer,
+        "hook_name": sae.cfg.hook_name, "model_name": sae.cfg.model_name, "context_size": sae.cfg.context_size}
 """
 
 
-def _saelens_outputs(directory, x, tmp_path):
-    script = readme_snippet().replace(README_DIR, str(directory)) + CHECK
-    np.save(tmp_path / "x.npy", x)
+def _job(name: str, body: str, **constants) -> str:
+    """`body` as a function of the peer script whose failure is reported under `name`, not raised,
+    so that one SAE the peer cannot load fails its own test only."""
+    lines = [f"{k} = {v!r}" for k, v in constants.items()] + body.strip("\n").splitlines()
+    return "def job():\n" + "".join(f"    {line}\n" for line in lines) + f"run({name!r}, job)\n"
+
+
+PEER_SCRIPT_HEAD = """
+import json, sys, traceback, warnings
+import numpy as np
+import sae_lens
+
+results = {}
+
+def run(name, job):
+    try:
+        results[name] = job()
+    except Exception:
+        results[name] = {"error": traceback.format_exc()[-3000:]}
+"""
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory):
+    """Trains one tiny SAE of each kind, exports them (the JumpReLU one a second time with the
+    provenance SAEBench reads), and loads them all in one run of the peer interpreter: torch and
+    sae_lens take tens of seconds to import, once is enough. Returns our SAEs, the inputs, and
+    per SAE what the peer computed."""
+    root = tmp_path_factory.mktemp("saelens")
+    jobs, ours, inputs = [PEER_SCRIPT_HEAD], {}, {}
+    for kind in KINDS:
+        config = make_tiny_config()
+        if kind != "jumprelu":
+            config.sae.update(kind=kind, k=4)
+        config.train.steps = 40 if kind == "jumprelu" else 20
+        train(config, str(root / kind))
+        ours[kind] = jumprelu.load(str(root / kind))
+        saelens.export(ours[kind], str(root / f"{kind}_sl"))
+        inputs[kind] = np.random.default_rng(0).normal(size=(256, ours[kind].d_model)).astype(np.float32)
+        inputs[kind] *= ours[kind].scale
+        np.save(root / f"{kind}_x.npy", inputs[kind])
+        snippet = readme_snippet().replace(README_DIR, str(root / f"{kind}_sl"))
+        jobs.append(_job(kind, snippet + CHECK, X_PATH=str(root / f"{kind}_x.npy"), OUT_PATH=str(root / f"{kind}.npz")))
+    provenance = {"model_name": "gemma-2-2b", "hook_name": "blocks.3.hook_resid_post", "context_size": 1024}
+    saelens.export(ours["jumprelu"], str(root / "saebench_sl"), provenance=provenance)
+    jobs.append(_job("saebench", SAEBENCH, SAE_DIR=str(root / "saebench_sl")))
+    jobs.append("print(json.dumps(results))\n")
     run = subprocess.run(
-        [PEER, "-c", script, str(tmp_path / "x.npy"), str(tmp_path / "out.npz")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, TQDM_DISABLE="1"),
+        [PEER, "-c", "".join(jobs)], capture_output=True, text=True, timeout=600, env=dict(os.environ, TQDM_DISABLE="1")
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1]), dict(np.load(tmp_path / "out.npz"))
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    outputs = {k: dict(np.load(root / f"{k}.npz")) for k in KINDS if "error" not in results[k]}
+    return ours, inputs, results, outputs
 
 
-@pytest.mark.parametrize("kind", ["jumprelu", "batchtopk", "topk"])
-def test_real_saelens_loads_our_export_and_computes_the_same(tmp_path, tiny_config, kind):
-    if kind != "jumprelu":
-        tiny_config.sae.update(kind=kind, k=4)
-    tiny_config.train.steps = 40 if kind == "jumprelu" else 20
-    train(tiny_config, str(tmp_path / "run"))
-    ours = jumprelu.load(str(tmp_path / "run"))
-    saelens.export(ours, str(tmp_path / "sl"))
-    x = np.random.default_rng(0).normal(size=(256, ours.d_model)).astype(np.float32) * ours.scale
-    info, got = _saelens_outputs(tmp_path / "sl", x, tmp_path)
+@pytest.mark.parametrize("kind", KINDS)
+def test_real_saelens_loads_our_export_and_computes_the_same(peer, kind):
+    all_ours, inputs, results, outputs = peer
+    info, ours, x = results[kind], all_ours[kind], inputs[kind]
+    assert "error" not in info, info.get("error")
+    got = outputs[kind]
     assert info["architecture"] == ("topk" if kind == "topk" else "jumprelu"), info
     f = np.asarray(ours.encode(x))
     assert 0 < (f != 0).mean() < 1  # the inputs really exercise the threshold / the top-k
@@ -92,33 +145,10 @@ def test_real_saelens_loads_our_export_and_computes_the_same(tmp_path, tiny_conf
     np.testing.assert_allclose(got["x_hat"], np.asarray(ours(got["x"])), rtol=1e-5, atol=1e-5)
 
 
-SAEBENCH = """
-import json, sys, warnings
-from sae_lens import SAE
-try:
-    from sae_bench.sae_bench_utils import general_utils
-except ImportError:
-    print(json.dumps({"missing": "sae_bench"}))
-    sys.exit(0)
-sae = SAE.load_from_disk(sys.argv[1])
-with warnings.catch_warnings():
-    warnings.simplefilter("error")  # SAEBench only warns about decoder norms
-    sae_id, sae, sparsity = general_utils.load_and_format_sae("jumprelu", sae, "cpu")
-print(json.dumps({"unit_norm": general_utils.check_decoder_norms(sae.W_dec.data), "hook_layer": sae.cfg.hook_layer,
-                  "hook_name": sae.cfg.hook_name, "model_name": sae.cfg.model_name,
-                  "context_size": sae.cfg.context_size}))
-"""
-
-
-def test_saebench_accepts_our_export(tmp_path, tiny_config):
+def test_saebench_accepts_our_export(peer):
     """As far as SAEBench runs on a CPU without downloads: its own loader's checks pass."""
-    train(tiny_config, str(tmp_path / "run"))
-    ours = jumprelu.load(str(tmp_path / "run"))
-    provenance = {"model_name": "gemma-2-2b", "hook_name": "blocks.3.hook_resid_post", "context_size": 1024}
-    saelens.export(ours, str(tmp_path / "sl"), provenance=provenance)
-    run = subprocess.run([PEER, "-c", SAEBENCH, str(tmp_path / "sl")], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = json.loads(run.stdout.strip().splitlines()[-1])
+    got = peer[2]["saebench"]
+    assert "error" not in got, got.get("error")
     if got.get("missing"):
         pytest.skip("sae_bench is not in the peer environment: rerun `bash benchmarks/peers/setup.sh`")
     assert got == {
