@@ -7,6 +7,21 @@ if _DEVICES not in os.environ.get("XLA_FLAGS", ""):  # pytest-xdist workers inhe
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _DEVICES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One persistent compilation cache for the whole session, shared by the xdist workers and every
+# command the tests start: most of the suite's time is XLA compiling the same programs again
+# (each resumed, killed or repeated run of a config, each test of the same step). A fresh
+# directory per session (the workers and subprocesses inherit the variable), removed at the end.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="jumprelu-test-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+
 import pytest  # noqa: E402
 
 from jumprelu.config import base_config  # noqa: E402
