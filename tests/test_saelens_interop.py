@@ -2,8 +2,9 @@
 
 SAELens (and torch) are never dependencies of jumprelu: they live in the peer virtualenv that
 `bash benchmarks/peers/setup.sh` makes (.ci/run runs it first), and these tests drive that
-interpreter in one subprocess for all their SAEs. It runs the README's "Using your SAE elsewhere" SAELens snippet
-verbatim (only the directory replaced), then encodes inputs of ours with the same SAE.
+interpreter in one subprocess for all their SAEs. For each SAE it runs the README's "Using your
+SAE elsewhere" SAELens snippet verbatim (only the directory replaced), then encodes inputs of
+ours with the same SAE.
 Set JUMPRELU_SAELENS_PYTHON to use another interpreter that has sae_lens.
 """
 
@@ -78,7 +79,7 @@ def _job(name: str, body: str, **constants) -> str:
 
 
 PEER_SCRIPT_HEAD = """
-import json, sys, traceback, warnings
+import json, traceback, warnings
 import numpy as np
 import sae_lens
 
