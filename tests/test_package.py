@@ -87,6 +87,27 @@ def test_cli_lists_commands_and_refuses_unknown_ones_in_one_line():
     assert out.stderr.startswith("jumprelu: error: unknown command 'trian'")
 
 
+def test_every_command_answers_help_with_its_flags_and_runs_nothing(tmp_path):
+    expected = {
+        "train": ["--config", "--workdir"],
+        "evaluate": ["--workdir", "--member", "--lm"],
+        "harvest": ["--config"],
+        "store": ["convert", "summary"],
+        "export": ["--format", "--member"],
+        "refit": ["--workdir", "--rows", "--ridge"],
+        "plan": ["--config", "--topology", "--peak_tflops"],
+        "sweep": ["--dry_run", "--local"],
+        "tpu": ["--zone", "--project"],
+    }
+    for command, flags in expected.items():
+        out = _cli(command, "--help", cwd=tmp_path)
+        assert out.returncode == 0, (command, out.stderr)
+        assert out.stdout.lstrip().startswith(("usage: jumprelu " + command, "jumprelu " + command)), out.stdout
+        for flag in flags:
+            assert flag in out.stdout, (command, flag, out.stdout)
+    assert list(tmp_path.iterdir()) == []  # nothing ran
+
+
 def test_cli_errors_are_one_line_with_one_prefix(tmp_path):
     cases = [
         ("train", "--config", "no_such_experiment", "--workdir", str(tmp_path / "w")),

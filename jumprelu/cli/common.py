@@ -102,10 +102,38 @@ def _no_orbax_tracebacks(record) -> bool:
     return not (record.levelno >= 40 and "/orbax/" in record.pathname.replace("\\", "/"))
 
 
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+
+
+def wants_help(argv: list[str]) -> bool:
+    return any(a in HELP_FLAGS for a in argv)
+
+
+def flags_help(module_name: str) -> str:
+    """The command's module docstring (its usage) and the flags that module defines, one a line.
+
+    absl's own --help is defined by app.run, after our parse, and would print the usage of
+    whatever `__main__` is, so the absl commands answer --help here instead.
+    """
+    from absl import flags
+
+    doc = (sys.modules[module_name].__doc__ or "").strip()
+    lines = [doc, "", "flags:"]
+    for flag in sorted(flags.FLAGS.get_flags_for_module(module_name), key=lambda f: f.name):
+        default = "" if flag.default is None else f" (default: {flag.default})"
+        lines.append(f"  --{flag.name}: {flag.help}{default}")
+    lines.append("  --verbosity: library logging level (default: warnings only; ours stay on)")
+    return "\n".join(lines)
+
+
 def absl_run(main, argv: list[str], program: str) -> int:
-    """Runs an absl main with our argv (program name first); flag errors become one line."""
+    """Runs an absl main with our argv (program name first); flag errors become one line.
+    `--help` prints the usage of the module that defines `main` and its flags, and runs nothing."""
     from absl import app, flags
 
+    if wants_help(argv):
+        print(flags_help(main.__module__))
+        return 0
     argv = underscore_flags([program, *argv])
     try:
         flags.FLAGS(argv)

@@ -1,4 +1,4 @@
-"""jumprelu harvest --config harvest/gemma2[:model=gemma2_9b,layer=20,site=resid] [--config.field=value ...]
+r"""jumprelu harvest --config harvest/gemma2[:model=gemma2_9b,layer=20,site=resid] [--config.field=value ...]
 
   jumprelu harvest --config harvest/gemma2:model=gemma2_9b,layer=20,site=resid \
       --config.checkpoint=/path/gemma2-9b --config.tokenizer=/path/tokenizer.model \

@@ -36,6 +36,8 @@ def run(argv: list[str]) -> int:
 
     argv = common.underscore_flags(argv)
     _, topology = common.pop_flag(argv, "topology")
+    if common.wants_help(argv):  # the flags below are only defined, for their help
+        topology = topology or "1"
     if topology is None:
         return common.fail("jumprelu plan: flag --topology is required (a TPU slice such as v5p-16, or a count)")
     try:
