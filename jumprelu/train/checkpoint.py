@@ -20,6 +20,7 @@ aside into `checkpoints-damaged/` by a resuming run (`resume.py`); nothing is de
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -72,13 +73,35 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+@contextlib.contextmanager
+def _without_read_only_notice():
+    """orbax logs a warning ("Given directory is read only") for every reader it opens: for
+    `jumprelu.load` and `evaluate` that is the expected case, not something to warn about."""
+    logger = logging.getLogger("absl")
+
+    def keep(record) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 class Checkpointer:
     def __init__(self, workdir: str, keep: int, read_only: bool = False, members: int = 0):
         self.directory = checkpoint_dir(workdir)
         self.members = members
         sae_items = tuple(member_item(i) for i in range(members)) if members else ("sae",)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=sae_items + ITEMS[1:])
+        if read_only:  # orbax would warn that it overrides these for a reader: say them ourselves
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=None, save_interval_steps=0, create=False, read_only=True
+            )
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        with _without_read_only_notice():
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=sae_items + ITEMS[1:])
         self._in_flight: int | None = None
 
     def latest_step(self) -> int | None:
