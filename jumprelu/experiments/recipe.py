@@ -18,9 +18,9 @@ DIR` fits the decoder by least squares);
 `paper` keeps the paper's recipe (log θ, ε 0.001, lr 7e-5, 10,000-step λ warm-up), which is
 tuned for billions of tokens. Without `l0`, λ is `sae.sparsity_coefficient` as usual.
 `matryoshka` nests prefixes of width/8, width/4, width/2 and width latents, their reconstruction
-errors weighted 1:1:1:9 (README "Recipes": 2.6–3.7% above the plain recipe's FVU at 2M tokens,
-both before the held-out L0 reading; the first eighth of the latents reconstructing alone at FVU
-0.27–0.34); give the width here
+errors weighted 1:1:1:9 (README "Recipes": at 2M tokens and L0 50, 1.8% above the plain recipe's
+FVU, 0.9% after both refits; 2.6–3.7% at L0 20/50/100 with the recipe before the held-out L0
+reading; the first eighth of the latents reconstructing alone at FVU 0.27–0.34); give the width here
 (`width=W`), since the prefixes are computed from it.
 """
 
