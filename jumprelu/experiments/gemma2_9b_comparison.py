@@ -25,6 +25,7 @@ grids are a starting point on inputs normalised to E‖x‖² = 1. TopK sweeps k
 """
 
 from jumprelu.config import base_config
+from jumprelu.errors import ConfigError
 from jumprelu.launch import experiment
 from jumprelu.store.format import site_store_name
 
@@ -55,6 +56,10 @@ def get_config(arg=None):
     c.mesh.update(data=1, model=-1)  # split the dictionary: the only reduction is [B, d_model]
     c.ckpt.update(every_steps=10_000, keep=2)
     c.log.every_steps = 1000
+    if args.get("stack"):  # one run: this (site, layer, kind)'s λ sweep as stacked SAEs
+        if c.sae.kind not in ("jumprelu", "gated"):
+            raise ConfigError(f"gemma2_9b_comparison argument 'stack' stacks a λ sweep; kind {c.sae.kind} has none")
+        c.stack.sparsity_coefficients = tuple(SWEEP[c.sae.kind][1])
     if args.get("runlocal"):
         experiment.runlocal(c)
     return c

@@ -3,6 +3,7 @@
   jumprelu train --config quickstart --workdir /tmp/jumprelu_quickstart
   jumprelu sweep quickstart --local            # its λ sweep: 4 runs, one after another
   jumprelu sweep quickstart:stacked --local    # the same 4 λ as 4 stacked SAEs in one run
+  jumprelu train --config quickstart:stacked --workdir DIR   # that one stacked run, directly
 
 Hardware: any CPU (2 cores are enough). Expected run time on 2 cores: ~40 s for one run,
 ~2 min for the sweep (123 s measured), ~3 min for the stacked sweep (182 s: at this toy size
@@ -39,6 +40,8 @@ def get_config(arg=None):
     c.train.sparsity_warmup_steps = 1000
     c.ckpt.every_steps = 1000
     c.log.every_steps = 50
+    if args.get("stacked"):  # `train --config quickstart:stacked`: the stacked sweep's one run
+        c.stack.sparsity_coefficients = LAMS
     return runlocal(c) if args.get("runlocal") else c
 
 
