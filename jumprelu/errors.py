@@ -6,6 +6,9 @@ Every command catches `UserError` and prints `jumprelu: error: <message>`, with 
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 PREFIX = "jumprelu: error:"
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3  # training stopped at a non-finite loss or state; the good checkpoints are kept
@@ -38,3 +41,12 @@ class Diverged(UserError):
     """Training reached a non-finite loss or state; the message names the step and the last good checkpoint."""
 
     exit_status = EXIT_DIVERGED
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the commands, with their one error line: `jumprelu: error: PROG: message`
+    and exit status 2 (argparse's own prints its usage block first, under its own prefix)."""
+
+    def error(self, message):
+        print(f"{PREFIX} {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

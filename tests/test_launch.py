@@ -242,6 +242,30 @@ def test_tpu_watch_leaves_a_slice_whose_job_is_running_alone(tmp_path, monkeypat
     assert any(" scp " in c for c in made) != alive and any("nohup" in c for c in made) != alive
 
 
+def test_tpu_run_checks_the_experiment_here_and_a_failing_gcloud_is_one_line(tmp_path, monkeypatch, capfd):
+    common = ["--zone", "z", "--project", "p", "--workdir", "gs://b/r"]
+    for job, says in (
+        (["--sweep", "nosuch"], "no experiment 'nosuch'"),
+        (["--config", "quickstart:bogus"], "quickstart argument 'bogus' is not one it reads"),
+        (["--sweep", "quickstart:bogus"], "quickstart argument 'bogus' is not one it reads"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            tpu.main(["run", "sae-pod", *job, *common])  # no --dry_run: nothing may reach gcloud
+        out, err = capfd.readouterr()
+        assert stop.value.code == 2 and out == "" and err.strip().count("\n") == 0, err
+        assert err.startswith("jumprelu: error: jumprelu tpu: ") and says in err, err
+    fake = tmp_path / "bin" / "gcloud"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/bash\necho 'ERROR: (gcloud) quota exceeded' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    assert tpu.main(["run", "sae-pod", "--sweep", "quickstart", *common]) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[0] == "ERROR: (gcloud) quota exceeded" and len(err) == 2, err  # gcloud's own line, then ours
+    assert err[1].startswith("jumprelu: error: jumprelu tpu: gcloud compute tpus tpu-vm ssh sae-pod"), err
+    assert err[1].endswith("failed (rc 1); gcloud's output is above"), err
+
+
 def test_tpu_dry_run_for_a_two_host_slice(capsys):
     common = ["--zone", "us-east5-a", "--project", "proj", "--dry_run"]
     tpu.main(["create", "sae-pod", "--accelerator", "v5p-16", "--spot", *common])
@@ -271,3 +295,20 @@ def test_tpu_dry_run_for_a_two_host_slice(capsys):
     assert tpu.parse_accelerator("v6e-8") == ("v6e", 1)
     assert tpu.parse_accelerator("v6e-32") == ("v6e", 8)
     assert tpu.parse_accelerator("v5p-16") == ("v5p", 2)
+
+
+def test_a_word_only_the_sweep_read_also_shapes_the_single_run():
+    """`train --config quickstart:stacked` trains the stacked sweep's one run, not a plain SAE
+    (the word used to be read only by get_sweep, so train accepted it and ignored it)."""
+    quick = experiment.load("quickstart")
+    (stacked_run,) = experiment.expand(quick, "stacked")
+    assert quick.get_config("stacked").stack.sparsity_coefficients == stacked_run.config.stack.sparsity_coefficients
+    assert len(quick.get_config("stacked").stack.sparsity_coefficients) == 4
+    assert quick.get_config(None).stack.sparsity_coefficients == ()
+    comparison = experiment.load("gemma2_9b_comparison")
+    for kind in ("jumprelu", "gated"):
+        arg = f"stack,kind={kind},site=resid,layer=20"
+        (run,) = experiment.expand(comparison, arg)
+        assert comparison.get_config(arg).stack.sparsity_coefficients == run.config.stack.sparsity_coefficients
+    with pytest.raises(ConfigError, match="kind topk has none"):
+        comparison.get_config("stack,kind=topk")

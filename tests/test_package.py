@@ -116,6 +116,15 @@ def test_cli_errors_are_one_line_with_one_prefix(tmp_path):
         ("export", str(tmp_path / "missing"), str(tmp_path / "o.npz")),
         ("sweep", "no_such_experiment", "--dry_run"),
         ("plan", "--config", "quickstart", "--topology", "v9z-8"),
+        ("plan", "--config", "quickstart", "--topology", "0"),
+        # an experiment's own error while its config loads: its message, not the traceback
+        ("train", "--config", "quickstart:bogus", "--workdir", str(tmp_path / "w")),
+        ("plan", "--config", "recipe:target_l0=50", "--topology", "8"),
+        # the argparse commands: the same one line, not a usage block under argparse's prefix
+        ("export", str(tmp_path / "missing"), str(tmp_path / "o.npz"), "--format", "bogus"),
+        ("store", "convert", str(tmp_path / "a.npy"), str(tmp_path / "s"), "--layer", "abc"),
+        ("sweep", "quickstart"),
+        ("sweep", "quickstart", "--summary", "--root", __file__),
     ]
     for args in cases:
         out = _cli(*args)

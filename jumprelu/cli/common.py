@@ -102,6 +102,25 @@ def _no_orbax_tracebacks(record) -> bool:
     return not (record.levelno >= 40 and "/orbax/" in record.pathname.replace("\\", "/"))
 
 
+def flag_error_line(error: Exception) -> str:
+    """absl's flag error as one line.
+
+    ml_collections re-raises a ValueError from an experiment's get_config (a bad `:arg`, say)
+    with the whole traceback in its message; the line that matters is the exception's own, and
+    for this project's errors the message alone (the type is in the module path).
+    """
+    text = str(error)
+    marker = "Error whilst parsing config file:"
+    if marker not in text or "Traceback (most recent call last)" not in text:
+        return text
+    head = text.split(marker, 1)[0].rstrip()
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    kind, sep, message = last.partition(": ")
+    if sep and kind.startswith("jumprelu.errors."):
+        last = message
+    return f"{head} {last}"
+
+
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 
 
@@ -138,7 +157,7 @@ def absl_run(main, argv: list[str], program: str) -> int:
     try:
         flags.FLAGS(argv)
     except flags.Error as e:
-        return fail(f"{program}: {e}")
+        return fail(f"{program}: {flag_error_line(e)}")
     except Exception as e:  # loading a config file runs the user's code: its error is theirs, in one line
         return fail(f"{program}: {config_error_message(e, argv)}")
     app.run(lambda _: main(), argv=[program], flags_parser=lambda a: a)

@@ -15,9 +15,9 @@ Hub repository REPO (needs huggingface_hub and a token).
 
 from __future__ import annotations
 
-import argparse
 import os
 
+from jumprelu import errors
 from jumprelu.cli import common
 
 FORMATS = ("gemma-scope", "saelens", "gemma-scope-2", "neuronpedia")
@@ -38,7 +38,7 @@ def check_output(path: str, fmt: str) -> None:
 
 
 def run(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="jumprelu export", description=__doc__.splitlines()[0])
+    p = errors.ArgumentParser(prog="jumprelu export", description=__doc__.splitlines()[0])
     p.add_argument("workdir", help="training workdir (or a stacked run's WORKDIR/sae-i)")
     p.add_argument("output", help="file or directory to write")
     p.add_argument("--format", choices=FORMATS, default=None, help="default: gemma-scope (saelens with --hub)")

@@ -8,9 +8,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
+from jumprelu import errors
 from jumprelu.cli import common
 from jumprelu.errors import UserError
 from jumprelu.store.convert import convert, summary
@@ -18,7 +18,7 @@ from jumprelu.store.reader import open_store
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jumprelu store", description=__doc__.splitlines()[0])
+    parser = errors.ArgumentParser(prog="jumprelu store", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="write a .npy [N, d_model] file into a new store")
     c.add_argument("input")

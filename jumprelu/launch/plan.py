@@ -35,6 +35,8 @@ CHIPS = {
 def parse_topology(name: str) -> dict:
     """'v5p-16' -> 8 devices of 95 GiB at 459 TFLOP/s; '8' -> 8 devices, chip figures unknown."""
     if name.isdigit():
+        if int(name) < 1:
+            raise ValueError(f"--topology {name!r}: a device count must be at least 1")
         return {"topology": name, "devices": int(name), "hbm_gib": None, "peak_tflops": None, "ici_gbps": None}
     m = re.fullmatch(r"(v\d[a-z]*|v5litepod)-(\d+)", name)
     if not m or m[1] not in CHIPS:

@@ -28,7 +28,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from jumprelu import fs
+from jumprelu import errors, fs
 from jumprelu.errors import EXIT_USER_ERROR, PREFIX, ConfigError
 from jumprelu.launch import experiment as experiments
 
@@ -161,7 +161,7 @@ def write_summary(rows: list[dict], root: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    p = errors.ArgumentParser(
         prog="jumprelu sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("experiment", help="EXPERIMENT[:arg]: a path, a name in --experiments_dir, or a packaged one")
@@ -184,6 +184,9 @@ def main(argv: list[str]) -> int:
         return EXIT_USER_ERROR
     # Absolute, so the per-run processes find the same files wherever they start.
     root = fs.abspath(root)
+    if not fs.is_remote(root) and os.path.exists(root) and not os.path.isdir(root):
+        print(f"{PREFIX} --root {root} is a file; expected a directory for the runs' workdirs", file=sys.stderr)
+        return EXIT_USER_ERROR
     spec = os.path.abspath(path) + (f":{arg}" if arg is not None else "")
     if args.run_one:
         return run_one(spec, args.run_one, root)

@@ -28,8 +28,10 @@ import argparse
 import dataclasses
 import shlex
 import subprocess
+import sys
 import time
 
+from jumprelu import errors
 from jumprelu.errors import ConfigError
 
 # Runtime (TPU VM image) per generation, from the Cloud TPU docs.
@@ -174,7 +176,7 @@ class Gcloud:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    p = errors.ArgumentParser(
         prog="jumprelu tpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("command", choices=("create", "setup", "run", "status", "logs", "watch", "delete"))
@@ -219,6 +221,37 @@ def main(argv: list[str]) -> int:
             need("workdir")
         if not (args.config or args.sweep or args.harvest):
             p.error(f"{args.command} needs --config, --sweep or --harvest")
+        try:  # a misspelt experiment or argument fails here, not on every worker
+            check_job(args.config or args.harvest, args.sweep)
+        except ValueError as e:
+            p.error(str(e))
+    try:
+        return _dispatch(args, g, extra)
+    except subprocess.CalledProcessError as e:
+        cmd = shlex.join(e.cmd) if isinstance(e.cmd, list) else str(e.cmd)
+        print(
+            f"{errors.PREFIX} jumprelu tpu: {cmd} failed (rc {e.returncode}); gcloud's output is above", file=sys.stderr
+        )
+        return 1
+    except FileNotFoundError as e:
+        print(f"{errors.PREFIX} jumprelu tpu: {e.filename} not found: install the Google Cloud SDK", file=sys.stderr)
+        return 1
+
+
+def check_job(config: str | None, sweep: str | None) -> None:
+    """Loads the experiment (or harvest config) a run names and reads its argument, as the
+    workers will: a ValueError (ConfigError) names what is wrong."""
+    from jumprelu.launch import experiment
+
+    name, arg = experiment.split(config or sweep)
+    module = experiment.load(name)
+    if sweep:
+        experiment.expand(module, arg)
+    else:
+        module.get_config(arg)
+
+
+def _dispatch(args, g: Gcloud, extra: list[str]) -> int:
     if args.command == "create":
         g.create(args.accelerator, args.spot, args.reserved, args.runtime)
     elif args.command == "setup":
