@@ -40,6 +40,11 @@ def load(path: str | os.PathLike, step: int | None = None, member: int | None = 
             raise ValueError(f"{path}: step and member apply to training workdirs, not to a released SAE file")
         return released.load(path)
     path, member = resolve(path, member)
+    if os.path.isfile(path):
+        raise ValueError(
+            f"{path}: a file, but not a released SAE (.npz, .safetensors) this can read; "
+            "a training workdir is a directory"
+        )
     if "://" not in path and not os.path.isdir(checkpoint_dir(path)):
         raise FileNotFoundError(f"{path}: no checkpoints/ directory; expected a jumprelu training workdir")
     ckpt = Checkpointer(path, keep=1, read_only=True)
@@ -142,4 +147,13 @@ def _released_format(path: str):
         return saelens
     if gemma_scope_2.is_gemma_scope_2_dir(path):
         return gemma_scope_2
+    if _is_zip(path):  # an npz saved under a name without .npz (`jumprelu export RUN out`)
+        return gemma_scope
     return None
+
+
+def _is_zip(path: str) -> bool:
+    if fs.is_remote(path) or not os.path.isfile(path):
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
