@@ -313,6 +313,22 @@ def test_resume_refuses_a_change_in_which_rows_a_step_sees(tmp_path, tiny_config
         train(tiny_config, str(tmp_path / "run"))
 
 
+def test_resume_knows_the_same_store_by_another_spelling_and_refuses_another_store(tmp_path, tiny_config, monkeypatch):
+    rows = np.random.default_rng(0).standard_normal((3000, 32)).astype(np.float32)
+    for name in ("st", "other"):
+        w = StoreWriter(str(tmp_path / name), d_model=32, shuffle_seed=None)
+        w.append(rows)
+        w.close()
+    monkeypatch.chdir(tmp_path)
+    tiny_config.data.source, tiny_config.train.steps = "st", 20
+    train(tiny_config, str(tmp_path / "run"))
+    tiny_config.data.source, tiny_config.train.steps = str(tmp_path / "st"), 40  # the same store, absolute
+    assert train(tiny_config, str(tmp_path / "run"))["resumed_from_step"] == 20
+    tiny_config.data.source, tiny_config.train.steps = str(tmp_path / "other"), 60  # same rows, another store
+    with pytest.raises(ConfigError, match=f"config field data.source is '{tmp_path / 'other'}' but the checkpoint"):
+        train(tiny_config, str(tmp_path / "run"))
+
+
 def test_sigint_sets_the_stop_and_handlers_come_back():
     before = signal.getsignal(signal.SIGINT)
     with Watch() as watch:

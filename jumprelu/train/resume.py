@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import jax
 import ml_collections
@@ -70,10 +71,25 @@ def _get(d: dict, dotted: str):
     return json.loads(json.dumps(d))  # tuples and lists compare alike, as they are in the saved JSON
 
 
+def _same_store(saved: dict, now: dict) -> bool:
+    """A store named by another spelling of its path (relative then absolute, or through a
+    link) is the same store: compared by the absolute path training recorded (`trained_on.path`)."""
+    from jumprelu.data import LM_SOURCE, recorded_source
+
+    was, is_ = str(saved["data"]["source"]), str(now["data"]["source"])
+    if was == is_:
+        return True
+    if {was, is_} & {"synthetic", LM_SOURCE} or "://" in was or "://" in is_:
+        return False
+    return os.path.realpath(recorded_source(saved)) == os.path.realpath(is_)
+
+
 def check_resumable(saved: dict, cfg: ml_collections.ConfigDict, directory: str) -> None:
     now = cfg.to_dict()
     fields = RESUME_FIELDS + (LM_RESUME_FIELDS if cfg.data.source == "lm" else ())
     for field in fields:
+        if field == "data.source" and _same_store(saved, now):
+            continue
         if _get(saved, field) != _get(now, field):
             raise ConfigError(
                 f"config field {field} is {_get(now, field)!r} but the checkpoint in {directory} "
