@@ -98,6 +98,24 @@ def quiet_libraries(flag_values) -> None:
     std_logging.getLogger("jumprelu").setLevel(std_logging.INFO)
 
 
+def quiet_orbax_teardown() -> None:
+    """A damaged checkpoint makes orbax abandon its other reads, and each abandoned coroutine is
+    reported at garbage collection as "Exception ignored in" with a tensorstore spec (up to ~300
+    lines, after our one error line). Commands drop exactly those reports. (tensorstore's threads
+    may also print a few "Event loop is closed" tracebacks; they bypass Python's hooks.)"""
+    import inspect
+
+    previous = sys.unraisablehook
+
+    def unraisable(report):
+        code = getattr(report.object, "cr_code", None) if inspect.iscoroutine(report.object) else None
+        if code is not None and "/orbax/" in code.co_filename.replace("\\", "/"):
+            return
+        previous(report)
+
+    sys.unraisablehook = unraisable
+
+
 def _no_orbax_tracebacks(record) -> bool:
     return not (record.levelno >= 40 and "/orbax/" in record.pathname.replace("\\", "/"))
 
@@ -160,5 +178,6 @@ def absl_run(main, argv: list[str], program: str) -> int:
         return fail(f"{program}: {flag_error_line(e)}")
     except Exception as e:  # loading a config file runs the user's code: its error is theirs, in one line
         return fail(f"{program}: {config_error_message(e, argv)}")
+    quiet_orbax_teardown()
     app.run(lambda _: main(), argv=[program], flags_parser=lambda a: a)
     return 0

@@ -47,6 +47,7 @@ def run(argv: list[str]) -> int:
     p.add_argument("--hub", metavar="REPO", default=None, help="push the SAELens directory to this Hub repo")
     p.add_argument("--top", type=int, default=20, help="neuronpedia: top activations kept per latent")
     args = p.parse_args(common.underscore_flags(argv))
+    common.quiet_orbax_teardown()
     fmt = args.format or ("saelens" if args.hub else "gemma-scope")
     from jumprelu import fs
     from jumprelu.errors import UserError

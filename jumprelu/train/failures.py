@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 
 def chain(error: BaseException):
@@ -35,5 +36,12 @@ def reason(error: BaseException) -> str:
     for e in chain(error):
         if isinstance(e, OSError) and e.strerror:
             return e.strerror
-    text = str(error).strip().splitlines()
+    for e in chain(error):  # tensorstore's own status ("OUT_OF_RANGE: Error reading ... of size 10")
+        if _STATUS.match(str(e)):
+            return str(e).strip().splitlines()[0][:300]
+    # orbax appends the repr of a tensorstore spec (dozens of lines) to its own message
+    text = str(error).split(" See full TensorStore details:")[0].strip().splitlines()
     return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
+_STATUS = re.compile(r"^[A-Z][A-Z_]{3,}: ")  # absl status codes: DATA_LOSS, OUT_OF_RANGE, NOT_FOUND...
