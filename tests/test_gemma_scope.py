@@ -77,6 +77,9 @@ def test_bad_files_give_one_line_errors(tmp_path):
         jumprelu.load(str(tmp_path / "pickled.npz"))
     with pytest.raises(gemma_scope.GemmaScopeError, match="no such file"):
         jumprelu.load(str(tmp_path / "absent.npz"))
+    (tmp_path / "text.npz").write_text("not an archive")  # NumPy would call it pickled data
+    with pytest.raises(gemma_scope.GemmaScopeError, match=r"text.npz: not an .npz file \(it is not a zip archive\)$"):
+        jumprelu.load(str(tmp_path / "text.npz"))
     np.savez(tmp_path / "whole.npz", **p)  # a download cut short
     (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:1000])
     with pytest.raises(gemma_scope.GemmaScopeError, match="cut.npz: not a readable .npz") as e:

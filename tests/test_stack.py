@@ -58,6 +58,8 @@ def test_stacked_run_writes_member_items_metrics_and_resumes(tmp_path, stack_con
     assert straight["members"][1]["eval"] == resumed["members"][1]["eval"]
     with pytest.raises(ValueError, match="holds 2 stacked SAEs"):
         jumprelu.load(str(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"member=2 but the run holds 2 stacked SAEs \(0..1\)"):
+        jumprelu.load(str(tmp_path / "a"), member=2)
     with pytest.raises(ValueError, match="sae-1 is member 1 of its stacked run; found member=0"):
         jumprelu.load(str(tmp_path / "b" / "sae-1"), member=0)
     # evaluate and refit of a member directory read the run's data (nothing new inside sae-1)

@@ -365,6 +365,9 @@ def test_convert_names_an_npz_archive(tmp_path):
     message = r"acts.npz: expected a .npy of one array \[N, d_model\], found a .npz archive of \['acts'\]"
     with pytest.raises(DataError, match=message):
         open_npy(str(tmp_path / "acts.npz"))
+    (tmp_path / "text.npy").write_text("step,loss\n1,0.5\n")  # NumPy would call it pickled data
+    with pytest.raises(DataError, match=r"text.npy: not a .npy file \(it does not start with the .npy header\)$"):
+        open_npy(str(tmp_path / "text.npy"))
 
 
 @pytest.mark.parametrize(

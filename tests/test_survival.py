@@ -255,6 +255,8 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, tiny_config, caplog):
         sae = jumprelu.load(str(wd))
     assert sae.step == 20
     assert f"checkpoint {wd / 'checkpoints' / '40'} is damaged: it cannot be read (" in caplog.text
+    with pytest.raises(ValueError, match="member=1 given, but this run trained one SAE, not a stack"):
+        jumprelu.load(str(wd), member=1)
     with pytest.raises(CheckpointError, match=r"checkpoint .*/40 is damaged: it cannot be read") as e:
         jumprelu.load(str(wd), step=40)
     assert "\n" not in str(e.value)

@@ -34,6 +34,8 @@ def read_params(path: str) -> dict[str, np.ndarray]:
     except FileNotFoundError:
         raise GemmaScopeError(f"{path}: no such file") from None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # not a zip (or cut short), or pickled arrays
+        if "pickled" in str(e) and not fs.is_remote(path) and not zipfile.is_zipfile(path):
+            raise GemmaScopeError(f"{path}: not an .npz file (it is not a zip archive)") from None
         raise GemmaScopeError(f"{path}: not a readable .npz without pickle ({e})") from None
     missing = [k for k in KEYS if k not in found]
     if missing:

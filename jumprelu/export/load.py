@@ -79,10 +79,12 @@ def _load_step(ckpt: Checkpointer, path: str, step: int, member: int | None) -> 
     if lams and member is None:
         raise ValueError(
             f"{path} holds {len(lams)} stacked SAEs (λ = {list(lams)}): pass member=0..{len(lams) - 1} "
-            f"or load {os.path.join(path, 'sae-0')}"
+            f"(--member in the commands) or load {os.path.join(path, 'sae-0')}"
         )
+    if member is not None and not lams:
+        raise ValueError(f"{path}: member={member} given, but this run trained one SAE, not a stack")
     if member is not None and not 0 <= member < len(lams):
-        raise ValueError(f"{path}: member={member} but the run holds {len(lams)} stacked SAEs")
+        raise ValueError(f"{path}: member={member} but the run holds {len(lams)} stacked SAEs (0..{len(lams) - 1})")
     if lams:  # the stacked layout names its items sae-0 ... sae-{K-1}
         config = dict(config, sae=dict(config["sae"], sparsity_coefficient=lams[member]))
         ckpt = Checkpointer(path, keep=1, read_only=True, members=len(lams))

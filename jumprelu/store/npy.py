@@ -8,6 +8,8 @@ import numpy as np
 
 from jumprelu.errors import DataError
 
+NPY_MAGIC = b"\x93NUMPY"
+
 
 def open_npy(path: str) -> np.ndarray:
     """Opens a `.npy` of shape [N, d] read-only as a memory map and checks shape and dtype."""
@@ -16,6 +18,10 @@ def open_npy(path: str) -> np.ndarray:
     try:
         rows = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
+        with open(path, "rb") as fh:
+            header = fh.read(len(NPY_MAGIC))
+        if header != NPY_MAGIC:  # NumPy takes any other file for a pickle and says so
+            raise DataError(f"{path}: not a .npy file (it does not start with the .npy header)") from None
         raise DataError(f"{path}: not a readable .npy file ({e})") from None
     if isinstance(rows, np.lib.npyio.NpzFile):  # np.savez's archive, not one array
         keys = list(rows.files)
