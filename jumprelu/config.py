@@ -7,7 +7,9 @@ training work and turns a bad value into a one-line `ConfigError` naming the fie
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 
 import ml_collections
 from ml_collections import config_dict
@@ -166,6 +168,12 @@ def controller_rows(c: ml_collections.ConfigDict) -> int:
     return int(s.get("target_l0_held_out_rows", 0) or 0)
 
 
+def _installed(module: str) -> bool:
+    if module in sys.modules:  # imported already (or blocked: None)
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
+
+
 def _check(ok: bool, field: str, expected: str, found) -> None:
     if not ok:
         raise ConfigError(f"config field {field} must be {expected}, found {found!r}")
@@ -184,12 +192,58 @@ def _check_finite(tree: dict, prefix: str = "") -> None:
                 raise ConfigError(f"config field {field} must be finite, found {value!r}")
 
 
+# The `sae` fields only JumpReLU reads (its loss options and the recipe's): set for another kind
+# they would be ignored, and the run would not be the one asked for.
+JUMPRELU_ONLY = (
+    "target_l0",
+    "target_l0_held_out_rows",
+    "sparsity_loss",
+    "batchtopk_fraction",
+    "frequency_penalty",
+    "frequency_allowance",
+    "pre_act_coefficient",
+    "matryoshka_widths",
+    "matryoshka_weights",
+    "threshold_init_mode",
+    "b_dec_init",
+    "ste_pre_activations",
+    "bandwidth_mode",
+)
+
+
+def reset_jumprelu_options(c: ml_collections.ConfigDict, keep=frozenset()) -> None:
+    """Puts the JumpReLU-only fields (but those in `keep`) back to their defaults when c is another
+    kind: a sweep over kinds on a base config made for JumpReLU (its recipe) runs each other kind
+    as that kind, not with options it would refuse."""
+    if c.sae.kind == "jumprelu":
+        return
+    defaults = kinds.spec("jumprelu").config_fields()
+    for field in JUMPRELU_ONLY:
+        if field not in keep:
+            c.sae[field] = defaults[field]
+
+
+def _check_only_jumprelu_reads(s) -> None:
+    if s.kind == "jumprelu":
+        return
+    defaults = kinds.spec("jumprelu").config_fields()
+    for field in JUMPRELU_ONLY:
+        value = s.get(field, defaults[field])
+        if value != defaults[field] and not (isinstance(value, (tuple, list)) and not value):
+            hint = " (TopK's L0 is sae.k)" if field == "target_l0" and s.kind in ("topk", "batchtopk") else ""
+            raise ConfigError(
+                f"config field sae.{field} is {value!r} but only sae.kind 'jumprelu' reads it and sae.kind is "
+                f"{s.kind!r}{hint}; unset it or train a JumpReLU SAE"
+            )
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ConfigError on the first field that cannot work."""
     _check_finite(c.to_dict())
     s, t, d = c.sae, c.train, c.data
     names = kinds.names()
     _check(s.kind in names, "sae.kind", f"one of {names}", s.kind)
+    _check_only_jumprelu_reads(s)
     kinds.spec(s.kind).validate(s, _check)
     _check(isinstance(s.width, int) and s.width > 0, "sae.width", "a positive integer", s.width)
     _check(s.sparsity_coefficient >= 0, "sae.sparsity_coefficient", ">= 0", s.sparsity_coefficient)
@@ -220,6 +274,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     skip = t.skip_nonfinite_batches
     _check(isinstance(skip, bool), "train.skip_nonfinite_batches", "True or False", skip)
     _check(d.scale is None or d.scale > 0, "data.scale", "> 0 or unset", d.scale)
+    if d.scale is not None:
+        _check(d.normalize, "data.scale", "unset when data.normalize is False (the scale C is then 1)", d.scale)
+    window = s.get("dead_window_tokens", 1)
+    _check(isinstance(window, int) and window > 0, "sae.dead_window_tokens", "a positive integer", window)
     _check(d.nonfinite in ("fail", "drop"), "data.nonfinite", "'fail' or 'drop'", d.nonfinite)
     _check(d.block_bytes > 0, "data.block_bytes", "> 0", d.block_bytes)
     _check(d.read_threads >= 0, "data.read_threads", ">= 0", d.read_threads)
@@ -227,7 +285,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(d.eval_rows >= 0, "data.eval_rows", ">= 0", d.eval_rows)
     held = s.get("target_l0_held_out_rows", 0)
     if s.kind == "jumprelu" and held and isinstance(held, int):
-        _check(d.eval_rows >= held, "data.eval_rows", f">= sae.target_l0_held_out_rows ({held})", d.eval_rows)
+        # strictly more: the report reads the held-out rows the controller does not
+        needs = f"> sae.target_l0_held_out_rows ({held}), which the L0 controller reads and reports leave out"
+        _check(d.eval_rows > held, "data.eval_rows", needs, d.eval_rows)
     lams = c.stack.sparsity_coefficients
     _check(
         isinstance(lams, (tuple, list)) and all(isinstance(v, (int, float)) and v >= 0 for v in lams),
@@ -247,11 +307,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(c.ckpt.every_steps > 0, "ckpt.every_steps", "> 0", c.ckpt.every_steps)
     _check(c.ckpt.keep > 0, "ckpt.keep", "> 0", c.ckpt.keep)
     _check(c.log.every_steps > 0, "log.every_steps", "> 0", c.log.every_steps)
+    project = c.log.get("wandb_project", "")
+    if project and not _installed("wandb"):  # before the step compiles, not after
+        raise ConfigError(
+            f"config field log.wandb_project is {project!r} but wandb is not installed: "
+            "pip install 'jumprelu[wandb]' (or unset it)"
+        )
     if d.source == "lm":
         _validate_lm(d)
     if d.source == "synthetic":
         g = d.synthetic
         _check(g.d_model > 0, "data.synthetic.d_model", "> 0", g.d_model)
+        if d.d_model is not None:  # before the synthetic rows are made
+            needs = f"unset or data.synthetic.d_model ({g.d_model}), the width of the synthetic rows"
+            _check(d.d_model == g.d_model, "data.d_model", needs, d.d_model)
         _check(g.num_features > 0, "data.synthetic.num_features", "> 0", g.num_features)
         _check(g.rows > d.eval_rows, "data.synthetic.rows", f"> data.eval_rows ({d.eval_rows})", g.rows)
         _check(

@@ -73,7 +73,7 @@ def test_recipe_asks_for_matryoshka_at_its_width():
     assert c.sae.target_l0 == 50.0 and c.sae.batchtopk_fraction > 0  # still the short recipe
     validate(c)
     c.sae.width = 8192  # a later --config.sae.width that the prefixes do not end at
-    with pytest.raises(ConfigError, match="sae.matryoshka_widths must be increasing prefix sizes ending at"):
+    with pytest.raises(ConfigError, match="sae.matryoshka_widths must be increasing integer prefix sizes ending at"):
         validate(c)
 
 

@@ -125,12 +125,22 @@ def test_cli_errors_are_one_line_with_one_prefix(tmp_path):
         ("store", "convert", str(tmp_path / "a.npy"), str(tmp_path / "s"), "--layer", "abc"),
         ("sweep", "quickstart"),
         ("sweep", "quickstart", "--summary", "--root", __file__),
+        # found by an audit: a traceback from jax.distributed, a float() error not naming l0, a
+        # misspelt source called a missing directory only, a config file that is not Python
+        ("train", "--config", "quickstart", "--workdir", str(tmp_path / "w"), "--config.mesh.distributed=True"),
+        ("train", "--config", "recipe:l0=abc", "--workdir", str(tmp_path / "w")),
+        ("train", "--config", "quickstart", "--workdir", str(tmp_path / "w"), "--config.data.source=synthtic"),
+        ("train", "--config", str(tmp_path / "plain.cfg"), "--workdir", str(tmp_path / "w")),
     ]
+    (tmp_path / "plain.cfg").write_text("width = 512\nsteps: 40\n")
     for args in cases:
         out = _cli(*args)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         lines = [line for line in out.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("jumprelu: error: "), (args, out.stderr)
+        says = {"--config.mesh.distributed=True": "mesh.distributed", "recipe:l0=abc": "argument l0 must be a number"}
+        says |= {"--config.data.source=synthtic": "'synthetic' or 'lm'", str(tmp_path / "plain.cfg"): "plain.cfg"}
+        assert all(text in lines[0] for arg, text in says.items() if arg in args), (args, lines[0])
 
 
 def test_experiments_resolve_from_any_directory_and_from_an_experiments_dir(tmp_path):

@@ -16,6 +16,7 @@ from jumprelu.core.kinds import jumprelu as jumprelu_kind
 from jumprelu.errors import UserError
 from jumprelu.evaluate import metrics
 from jumprelu.evaluate.metrics import evaluate_rows
+from jumprelu.launch import experiment
 from jumprelu.train import optim
 from jumprelu.train.loop import train
 from tests.test_train import read_jsonl
@@ -328,7 +329,7 @@ def test_adam_update_clip_bounds_a_long_silent_parameters_first_step(tiny_config
     "field, value, message",
     [
         ("sae.sparsity_loss", "l1", "sae.sparsity_loss must be one of"),
-        ("sae.matryoshka_widths", (16, 8), "sae.matryoshka_widths must be increasing prefix sizes"),
+        ("sae.matryoshka_widths", (16, 8), "sae.matryoshka_widths must be increasing integer prefix sizes"),
         ("sae.matryoshka_weights", (1.0, 2.0), "sae.matryoshka_weights must be empty or 0 weights"),
         ("sae.threshold_init_mode", "latent_quantile", "sae.target_l0 must be set when sae.threshold_init_mode"),
         ("sae.b_dec_init", "mode", "sae.b_dec_init must be one of"),
@@ -339,9 +340,18 @@ def test_adam_update_clip_bounds_a_long_silent_parameters_first_step(tiny_config
         ("sae.batchtopk_fraction", 0.5, "sae.target_l0 must be set and below sae.width when sae.batchtopk_fraction"),
         ("sae.target_l0_held_out_rows", 64, "sae.target_l0 must be set when sae.target_l0_held_out_rows > 0"),
         ("sae.target_l0_held_out_rows", -1, "sae.target_l0_held_out_rows must be an integer >= 0"),
+        # a comparison of a word with a number (a TypeError), and a float slice after the compile, before
+        ("sae.matryoshka_widths", ("abc",), r"must be increasing integer prefix sizes .* found \('abc',\)"),
+        ("sae.matryoshka_widths", (32.5, 64), r"must be increasing integer prefix sizes .* found \(32.5, 64\)"),
+        ("sae.target_l0", 64.0, r"sae.target_l0 must be in \(0, sae.width=64\) or unset"),  # trained to what it could
+        ("sae.dead_window_tokens", -5, "sae.dead_window_tokens must be a positive integer"),  # every latent dead
+        ("data.scale", 5.0, "data.scale must be unset when data.normalize is False"),
+        ("data.d_model", 16, r"data.d_model must be unset or data.synthetic.d_model \(32\)"),  # before the rows
     ],
 )
 def test_bad_recipe_fields_are_named(tiny_config, field, value, message):
+    if field == "data.scale":
+        tiny_config.data.normalize = False  # C is then 1: a scale would have been ignored
     section, name = field.split(".")
     tiny_config[section][name] = value
     with pytest.raises(ConfigError, match=message):
@@ -470,9 +480,45 @@ def test_the_controllers_held_out_rows_are_the_stores_held_out_split(tmp_path, t
     tiny_config.sae.target_l0_held_out_rows = 128
     with pytest.raises(ConfigError, match="sae.target_l0_held_out_rows is 128 .* trained with 300: changing it"):
         train(tiny_config, str(tmp_path / "run"))
-    tiny_config.sae.target_l0_held_out_rows = 1024
-    with pytest.raises(ConfigError, match=r"data.eval_rows must be >= sae.target_l0_held_out_rows \(1024\)"):
-        train(tiny_config, str(tmp_path / "other"))
+    for held in (1024, 512):  # 512: all of them the controller's, none left for the report
+        tiny_config.sae.target_l0_held_out_rows = held
+        with pytest.raises(ConfigError, match=rf"data.eval_rows must be > sae.target_l0_held_out_rows \({held}\)"):
+            train(tiny_config, str(tmp_path / "other"))
+
+
+@pytest.mark.parametrize(
+    "kind, fields, named",
+    [
+        ("relu", {"target_l0": 5.0}, "target_l0"),
+        ("gated", {"sparsity_loss": "tanh"}, "sparsity_loss"),
+        ("topk", {"matryoshka_widths": (16, 32, 64)}, "matryoshka_widths"),
+        ("batchtopk", {"target_l0": 8.0}, "target_l0"),
+    ],
+)
+def test_a_jumprelu_option_on_another_kind_is_refused_not_ignored(tiny_config, kind, fields, named):
+    tiny_config.sae.kind = kind
+    tiny_config.sae.update(fields)
+    with pytest.raises(ConfigError, match=f"config field sae.{named} is .* only sae.kind 'jumprelu' reads it") as e:
+        validate(tiny_config)
+    assert ("(TopK's L0 is sae.k)" in str(e.value)) == (kind == "batchtopk")
+
+
+def test_a_sweep_over_kinds_on_a_recipe_base_runs_each_kind_with_its_defaults():
+    """smollm2_pareto's base is the JumpReLU recipe; its TopK/ReLU/Gated runs drop the recipe's
+    fields (their names, made from the overrides, are unchanged) and validate."""
+    module = experiment.load("smollm2_pareto")
+    runs = experiment.expand(module, None)
+    by_kind = {}
+    for run in runs:
+        validate(run.config)
+        by_kind.setdefault(run.config.sae.kind, run)
+    assert (
+        by_kind["jumprelu"].config.sae.target_l0 is not None and by_kind["jumprelu"].config.sae.batchtopk_fraction > 0
+    )
+    for kind in ("relu", "gated", "topk", "batchtopk"):
+        s = by_kind[kind].config.sae
+        assert s.target_l0 is None and s.batchtopk_fraction == 0 and s.frequency_penalty == 0, kind
+        assert by_kind[kind].name.startswith(f"kind={kind}_"), by_kind[kind].name
 
 
 def test_the_controllers_rows_are_spread_over_the_held_out_split(tiny_config):

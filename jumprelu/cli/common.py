@@ -78,8 +78,8 @@ def config_error_message(error: Exception, argv: list[str]) -> str:
         if path and key in path.split("."):
             hint = f" ({hint[0].lower()}{hint[1:]})" if hint else ""
             return f"flag {a}: the {flag} has no field {path}{hint}"
-    # The config files given (experiments are resolved to .py paths before parsing).
-    files = " ".join(a for a in argv if a.startswith("--") and a.split("=", 1)[-1].split(":")[0].endswith(".py"))
+    # The config files given (experiments are resolved to paths before parsing; a path need not end in .py).
+    files = " ".join(a for a in argv if a.startswith(("--config=", "--lm=")))
     first = str(original).strip().splitlines()[0] if str(original).strip() else ""
     return f"{files}: {type(original).__name__}: {first}".lstrip(": ")
 

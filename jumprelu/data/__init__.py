@@ -71,6 +71,12 @@ def open_source(data_cfg, workdir: str) -> Store:
         )
     else:
         path = data_cfg.source
+        if "://" not in str(path) and not os.path.isdir(path):
+            what = "a file, not a store directory" if os.path.exists(path) else "no such directory"
+            raise ConfigError(
+                f"config field data.source is {path!r}: {what}; expected an activation store directory, "
+                "'synthetic' or 'lm'"
+            )
     # Every open checks a few random blocks against the writer's checksums: changed bytes are
     # caught before training on them even without data.verify (which re-reads every row).
     sample = 0 if data_cfg.verify else checksum.START_SAMPLE_BLOCKS

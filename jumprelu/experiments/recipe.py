@@ -31,8 +31,8 @@ from jumprelu.launch import experiment
 def get_config(arg=None):
     args = experiment.parse_arg(arg, ("l0", "width", "paper", "matryoshka"), "recipe")
     c = base_config()
-    apply_recipe(c, "paper" if args.get("paper") else "short", args.get("l0"))
-    c.sae.width = args.get("width", c.sae.width)
+    apply_recipe(c, "paper" if args.get("paper") else "short", experiment.number(args, "l0", None, "recipe"))
+    c.sae.width = experiment.number(args, "width", c.sae.width, "recipe", int)
     if args.get("matryoshka"):
         w = c.sae.width
         c.sae.matryoshka_widths = (w // 8, w // 4, w // 2, w)

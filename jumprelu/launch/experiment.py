@@ -22,6 +22,7 @@ from typing import Any
 
 import ml_collections
 
+from jumprelu.config import reset_jumprelu_options
 from jumprelu.errors import ConfigError
 
 # The examples shipped inside the package, so a `pip install .` can run them from any directory.
@@ -48,6 +49,18 @@ def parse_arg(arg: str | None, known: tuple[str, ...] | None = None, name: str =
         expected = ", ".join(sorted({*known, "runlocal"}))
         raise ConfigError(f"{name} argument {unknown[0]!r} is not one it reads; expected one of {expected}")
     return out
+
+
+def number(args: dict[str, Any], key: str, default, name: str = "experiment", cast=float):
+    """args[key] as a number (cast), or default when absent; a word there is a ConfigError naming it."""
+    if key not in args:
+        return default
+    value = args[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} argument {key} must be a number ({key}=N), found {value!r}")
+    if cast is int and value != int(value):
+        raise ConfigError(f"{name} argument {key} must be an integer, found {value!r}")
+    return cast(value)
 
 
 def _parse_value(text: str):
@@ -162,6 +175,8 @@ def expand(module, arg: str | None = None) -> list[Run]:
     runs = []
     for o in sweep:
         cfg = apply_overrides(base, o)
+        if cfg.sae.kind != base.sae.kind:  # the base's JumpReLU recipe is not this run's: that kind's defaults
+            reset_jumprelu_options(cfg, keep={k.removeprefix("sae.") for k in o})
         runs.append(Run(run_name(o), dict(o), shrink(cfg) if shrink else cfg))
     names = [r.name for r in runs]
     duplicates = sorted({n for n in names if names.count(n) > 1})

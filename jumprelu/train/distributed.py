@@ -13,6 +13,8 @@ import os
 import jax
 import numpy as np
 
+from jumprelu.errors import ConfigError
+
 ENV_SWITCH = "JUMPRELU_DISTRIBUTED"
 
 
@@ -34,8 +36,15 @@ def maybe_initialize(mesh_cfg) -> None:
         explicit["num_processes"] = int(explicit["num_processes"])
         explicit["process_id"] = int(explicit["process_id"])
         jax.distributed.initialize(**explicit)
-    else:
-        jax.distributed.initialize()
+        return
+    try:
+        jax.distributed.initialize()  # finds the cluster itself: a Cloud TPU slice, SLURM, ...
+    except ValueError as e:  # e.g. "coordinator_address should be defined": no cluster found
+        raise ConfigError(
+            "config field mesh.distributed is True (or JUMPRELU_DISTRIBUTED=1) but JAX found no cluster to "
+            f"join ({e}); on one machine leave it off, elsewhere set JUMPRELU_COORDINATOR, "
+            "JUMPRELU_NUM_PROCESSES and JUMPRELU_PROCESS_ID"
+        ) from None
 
 
 def is_lead() -> bool:

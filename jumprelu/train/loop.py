@@ -85,6 +85,16 @@ def _train_on(cfg: ml_collections.ConfigDict, workdir: str, stream) -> dict:
     cfg = ml_collections.ConfigDict(cfg.to_dict())  # an unlocked copy we may complete
     cfg.data.d_model = stream.d_model
     cfg.trained_on = data_lib.trained_on(cfg.data, stream)  # saved with the config: exports name the hook
+    # (a store's count is known at open; the LM's would cost a pass over the texts)
+    train_rows = stream.num_train_rows if isinstance(stream, data_lib.BatchStream) else None
+    if train_rows is not None and train_rows < cfg.train.batch_size:
+        log.warning(
+            "the store holds %d training rows (after data.eval_rows=%d held out), fewer than one batch of %d: "
+            "every batch repeats rows",
+            train_rows,
+            cfg.data.eval_rows,
+            cfg.train.batch_size,
+        )
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_width(mesh, cfg.sae.width)  # (program.build checks these too, but after the checkpoints exist)
     sharding.check_batch(mesh, cfg.train.batch_size)

@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jumprelu.config import JUMPRELU_ONLY
 from jumprelu.errors import CheckpointError, ConfigError
 from jumprelu.train import distributed, guard
 from jumprelu.train.checkpoint import Checkpointer
@@ -102,6 +103,8 @@ def check_resumable(saved: dict, cfg: ml_collections.ConfigDict, directory: str)
             f"{scale_was!r} (None: the store's C); the input scale is fixed at step 0: unset it or use a new --workdir"
         )
     for field, on in STATE_SWITCHES:
+        if cfg.sae.kind != "jumprelu" and field.removeprefix("sae.") in JUMPRELU_ONLY:
+            continue  # another kind's state has none of these options' arrays (older runs saved them, unread)
         was, now_value = _get(saved, field), _get(now, field)
         if on(was) != on(now_value):
             change = "changing it" if on(was) and on(now_value) else f"switching it {'on' if on(now_value) else 'off'}"

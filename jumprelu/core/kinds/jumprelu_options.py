@@ -75,7 +75,12 @@ def validate(s, check) -> None:
     check(s.bandwidth_mode in BANDWIDTH_MODES, "sae.bandwidth_mode", f"one of {BANDWIDTH_MODES}", s.bandwidth_mode)
     check(s.threshold_init > 0, "sae.threshold_init", "> 0", s.threshold_init)
     check(s.threshold_param in THRESHOLD_PARAMS, "sae.threshold_param", "'log' or 'raw'", s.threshold_param)
-    check(s.target_l0 is None or s.target_l0 > 0, "sae.target_l0", "> 0 or unset", s.target_l0)
+    check(
+        s.target_l0 is None or 0 < s.target_l0 < s.width,
+        "sae.target_l0",
+        f"in (0, sae.width={s.width}) or unset",
+        s.target_l0,
+    )
     check(
         math.isfinite(s.target_l0_rate) and s.target_l0_rate > 0,
         "sae.target_l0_rate",
@@ -128,10 +133,11 @@ def validate(s, check) -> None:
             s.sparse_capacity,
         )
     widths = tuple(s.matryoshka_widths or ())
+    integers = all(isinstance(w, int) and not isinstance(w, bool) for w in widths)
     check(
-        not widths or (list(widths) == sorted(set(widths)) and widths[0] > 0 and widths[-1] == s.width),
+        not widths or (integers and list(widths) == sorted(set(widths)) and widths[0] > 0 and widths[-1] == s.width),
         "sae.matryoshka_widths",
-        f"increasing prefix sizes ending at sae.width={s.width}",
+        f"increasing integer prefix sizes ending at sae.width={s.width}",
         widths,
     )
     weights = tuple(s.get("matryoshka_weights", ()) or ())
