@@ -310,5 +310,10 @@ def test_a_word_only_the_sweep_read_also_shapes_the_single_run():
         arg = f"stack,kind={kind},site=resid,layer=20"
         (run,) = experiment.expand(comparison, arg)
         assert comparison.get_config(arg).stack.sparsity_coefficients == run.config.stack.sparsity_coefficients
-    with pytest.raises(ConfigError, match="kind topk has none"):
-        comparison.get_config("stack,kind=topk")
+        assert len(run.config.stack.sparsity_coefficients) == 6
+    # the whole stacked sweep: its TopK runs (a sweep over k, not λ) stay unstacked and valid
+    runs = experiment.expand(comparison, "stack,layer=20,site=resid")
+    for run in runs:
+        validate(run.config)
+    assert [len(r.config.stack.sparsity_coefficients) for r in runs] == [6, 6] + [0] * 6
+    assert all(not r.config.stack.sparsity_coefficients for r in experiment.expand(comparison, "stack,kind=topk"))

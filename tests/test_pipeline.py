@@ -101,6 +101,13 @@ def test_open_source_checks_d_model_and_refuses_bare_npy(tmp_path):
     cfg.source, cfg.d_model = str(tmp_path / "acts.npy"), None
     with pytest.raises(ConfigError, match="convert it first: jumprelu store convert .*acts.npy STORE_DIR"):
         open_source(cfg, str(tmp_path))
+    cfg.source, cfg.d_model = "synthtic", None  # misspelt: named with what it could be
+    with pytest.raises(ConfigError, match=r"data.source is 'synthtic': no such directory; .* 'synthetic' or 'lm'"):
+        open_source(cfg, str(tmp_path))
+    cfg.source, cfg.d_model = "synthetic", 7  # refused before the synthetic rows are made, not after
+    with pytest.raises(ConfigError, match=r"data.d_model is 7 but the synthetic rows have data.synthetic.d_model="):
+        open_source(cfg, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
 
 
 def test_synthetic_source_is_written_once_through_the_store(tmp_path):

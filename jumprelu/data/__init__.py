@@ -62,6 +62,12 @@ def open_source(data_cfg, workdir: str) -> Store:
             "`jumprelu train` (and `jumprelu evaluate`) open; train a store-backed run for this command"
         )
     if data_cfg.source == "synthetic":
+        width = data_cfg.synthetic.d_model
+        if data_cfg.d_model is not None and data_cfg.d_model != width:  # before the rows are made
+            raise ConfigError(
+                f"config field data.d_model is {data_cfg.d_model} but the synthetic rows have "
+                f"data.synthetic.d_model={width}; set that instead (or unset data.d_model)"
+            )
         path = _synthetic_store_path(data_cfg, workdir)
         synthetic.write_store(synthetic.SyntheticSpec.from_config(data_cfg.synthetic), path)
     elif str(data_cfg.source).endswith(".npy"):

@@ -18,8 +18,11 @@ def open_npy(path: str) -> np.ndarray:
     try:
         rows = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        with open(path, "rb") as fh:
-            header = fh.read(len(NPY_MAGIC))
+        try:
+            with open(path, "rb") as fh:
+                header = fh.read(len(NPY_MAGIC))
+        except OSError:  # unreadable (permissions): NumPy's own error says so
+            header = NPY_MAGIC
         if header != NPY_MAGIC:  # NumPy takes any other file for a pickle and says so
             raise DataError(f"{path}: not a .npy file (it does not start with the .npy header)") from None
         raise DataError(f"{path}: not a readable .npy file ({e})") from None
