@@ -80,6 +80,9 @@ def test_bad_files_give_one_line_errors(tmp_path):
     (tmp_path / "text.npz").write_text("not an archive")  # NumPy would call it pickled data
     with pytest.raises(gemma_scope.GemmaScopeError, match=r"text.npz: not an .npz file \(it is not a zip archive\)$"):
         jumprelu.load(str(tmp_path / "text.npz"))
+    (tmp_path / "notes.txt").write_text("x")  # neither a released layout nor a workdir
+    with pytest.raises(ValueError, match="a file, but not a released SAE .* a training workdir is a directory"):
+        jumprelu.load(str(tmp_path / "notes.txt"))
     np.savez(tmp_path / "whole.npz", **p)  # a download cut short
     (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:1000])
     with pytest.raises(gemma_scope.GemmaScopeError, match="cut.npz: not a readable .npz") as e:

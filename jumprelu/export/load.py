@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -149,13 +150,6 @@ def _released_format(path: str):
         return saelens
     if gemma_scope_2.is_gemma_scope_2_dir(path):
         return gemma_scope_2
-    if _is_zip(path):  # an npz saved under a name without .npz (`jumprelu export RUN out`)
-        return gemma_scope
+    if not fs.is_remote(path) and os.path.isfile(path) and zipfile.is_zipfile(path):
+        return gemma_scope  # an npz saved under a name without .npz (`jumprelu export RUN out`)
     return None
-
-
-def _is_zip(path: str) -> bool:
-    if fs.is_remote(path) or not os.path.isfile(path):
-        return False
-    with open(path, "rb") as fh:
-        return fh.read(4) == b"PK\x03\x04"
