@@ -228,14 +228,19 @@ def main(argv: list[str]) -> int:
     try:
         return _dispatch(args, g, extra)
     except subprocess.CalledProcessError as e:
-        cmd = shlex.join(e.cmd) if isinstance(e.cmd, list) else str(e.cmd)
         print(
-            f"{errors.PREFIX} jumprelu tpu: {cmd} failed (rc {e.returncode}); gcloud's output is above", file=sys.stderr
+            f"{errors.PREFIX} jumprelu tpu: {_command(e)} failed (rc {e.returncode}); gcloud's output is above",
+            file=sys.stderr,
         )
         return 1
     except FileNotFoundError as e:
         print(f"{errors.PREFIX} jumprelu tpu: {e.filename} not found: install the Google Cloud SDK", file=sys.stderr)
         return 1
+
+
+def _command(error: subprocess.CalledProcessError) -> str:
+    """The failed command as a shell line."""
+    return shlex.join(error.cmd) if isinstance(error.cmd, list) else str(error.cmd)
 
 
 def check_job(config: str | None, sweep: str | None) -> None:
@@ -283,8 +288,7 @@ def _dispatch(args, g: Gcloud, extra: list[str]) -> int:
                 if state not in ("ACTIVE", "UNKNOWN"):  # a failed describe says nothing about the job
                     g._started = False
             except subprocess.CalledProcessError as e:  # workers still booting, a quota: try again next poll
-                cmd = shlex.join(e.cmd) if isinstance(e.cmd, list) else str(e.cmd)
-                print(f"# {cmd} failed (rc {e.returncode}); retrying in {args.poll_s} s", flush=True)
+                print(f"# {_command(e)} failed (rc {e.returncode}); retrying in {args.poll_s} s", flush=True)
             if args.dry_run:
                 break
             time.sleep(args.poll_s)
