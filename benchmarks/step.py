@@ -32,10 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jumprelu.config import apply_recipe, base_config
+from jumprelu.config import base_config
 from jumprelu.core import kinds
 from jumprelu.core.kinds import jumprelu as jumprelu_kind
 from jumprelu.core.kinds import topk as topk_kind
+from jumprelu.recipes import apply_recipe
 from jumprelu.train import optim
 from jumprelu.train.state import init_state
 from jumprelu.train.step import make_train_step

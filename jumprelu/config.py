@@ -2,7 +2,8 @@
 
 Every knob is a field here, nested by concern. Experiment files (`jumprelu/experiments/`)
 start from `base_config()` and change what they need. `validate` runs before any
-training work and turns a bad value into a one-line `ConfigError` naming the field.
+training work and turns a bad value into a one-line `ConfigError` naming the field. The named
+recipes (`jumprelu/recipes.py`) are overrides of this config.
 """
 
 from __future__ import annotations
@@ -101,61 +102,11 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# Named JumpReLU recipes: overrides of the base config. "paper" is the base config itself
-# (Rajamanoharan et al. / Gemma Scope, tuned for billions of tokens); "short" is the recipe
-# measured best at budgets of millions of tokens (README "Recipes"), reached by asking for a
-# target L0. Both are budget-free: schedules are fractions of `train.steps`.
-RECIPES = {
-    "paper": {},
-    "short": {
-        "sae.threshold_param": "raw",  # a log θ moves by only ~lr·θ per Adam step
-        "sae.bandwidth": 0.01,
-        "sae.target_l0_rate": 0.03,
-        "sae.pre_act_coefficient": 1e-3,
-        "sae.dead_window_tokens": 50_000,
-        "train.lr": 3e-3,
-        "train.lr_warmup_steps": 50,
-        "train.lr_decay_fraction": 0.2,
-        "train.sparsity_warmup_steps": 0,  # the target-L0 controller replaces the λ warm-up
-        "train.encoder_weight_decay": 0.3,  # runs that revisit their rows over-fit the encoder
-        "sae.batchtopk_fraction": 0.8,  # BatchTopK (k = target) trains faster; θ per latent for the rest
-        # a silent latent's first Adam step (β1 0) is up to 32·lr: in the BatchTopK phase at k 100 that
-        # collapsed the SAE (batch FVU 0.14 → 1.05 in 50 steps)
-        "train.adam_update_clip": 3.0,
-        # Gemma Scope 2's penalty on latents firing on more than 10% of tokens, from the hand-over on
-        # (see the kind); θ keeps its lr through the final decay, so the controller can make up for
-        # the L0 it removes (without: target 20 ended at L0 22.6, +13%)
-        "sae.frequency_penalty": 0.01,
-        # ...sparing the batch's 0.5% most frequent latents (the goal allows 1% above 10%): taking every
-        # dense latent down to 10% cost 2.7% FVU at target 100 (seed 1, 2M tokens: 0.1060 → 0.1040 with it)
-        "sae.frequency_allowance": 0.005,
-        "train.decay_thresholds": False,
-        # the controller reads the L0 of 1,024 of the store's held-out rows, not only the batch's: a run
-        # that revisits its rows fits θ to them (seed-1 window split, target 20: unseen text at L0
-        # +8.4% → +5.7%)
-        "sae.target_l0_held_out_rows": 1024,
-    },
-}
-
-
 def set_fields(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
     """Sets {"section.field": value, ...} on c (in place; returns c)."""
     for dotted, value in values.items():
         section, field = dotted.split(".")
         c[section][field] = value
-    return c
-
-
-def apply_recipe(c: ml_collections.ConfigDict, name: str, target_l0: float | None = None):
-    """Sets recipe `name`'s fields on c (in place; returns c), and the target L0 when given."""
-    if name not in RECIPES:
-        raise ConfigError(f"recipe must be one of {tuple(RECIPES)}, found {name!r}")
-    set_fields(c, RECIPES[name])
-    if target_l0 is not None:
-        c.sae.target_l0 = float(target_l0)
-    elif c.sae.get("target_l0") is None:  # the phase's k is the target; without one no controller reads L0
-        c.sae.batchtopk_fraction = 0.0
-        c.sae.target_l0_held_out_rows = 0
     return c
 
 

@@ -423,7 +423,8 @@ def test_options_train_stacked(tmp_path, tiny_config):
 
 
 def test_the_short_recipe_hands_over_from_batchtopk_only_with_a_target():
-    from jumprelu.config import apply_recipe, base_config
+    from jumprelu.config import base_config
+    from jumprelu.recipes import apply_recipe
 
     with_target = apply_recipe(base_config(), "short", 20)
     assert with_target.sae.batchtopk_fraction == 0.8 and with_target.sae.target_l0 == 20.0

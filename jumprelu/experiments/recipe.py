@@ -24,8 +24,9 @@ reading; the first eighth of the latents reconstructing alone at FVU 0.27–0.34
 (`width=W`), since the prefixes are computed from it.
 """
 
-from jumprelu.config import apply_recipe, base_config
+from jumprelu.config import base_config
 from jumprelu.launch import experiment
+from jumprelu.recipes import apply_recipe
 
 
 def get_config(arg=None):

@@ -20,7 +20,7 @@ paper's loss and λ sweep instead of the recipe; `runlocal` shrinks to a smoke t
 
 Schedule: 512k tokens is 1/8,000 of the paper's budget, so every kind trains at lr 3e-3 with a
 50-step warm-up (ReLU and Gated with a 100-step λ warm-up). JumpReLU is the recommended
-short-budget recipe (`jumprelu.config.RECIPES["short"]`, README "Recipes": a BatchTopK phase
+short-budget recipe (`jumprelu.recipes.RECIPES["short"]`, README "Recipes": a BatchTopK phase
 with k = target over the first 80% of the steps handing over to per-latent θ trained in its
 shadow, raw θ, ε 0.01, a target L0 reached by the λ controller reading 1,024 held-out rows
 besides the batch (data.eval_rows 8,192: the report measures the other 7,168), a pre-activation loss on dead
@@ -31,8 +31,9 @@ target L0 as TopK is over k. Every kind gets the same data, token budget, width 
 
 import os
 
-from jumprelu.config import apply_recipe, base_config
+from jumprelu.config import base_config
 from jumprelu.launch import experiment
+from jumprelu.recipes import apply_recipe
 
 KINDS = ("jumprelu", "relu", "gated", "topk", "batchtopk")
 
