@@ -119,14 +119,17 @@ def test_rows_with_no_active_latent():
     assert _compare(x, params, cap) == 0.0
 
 
-@pytest.mark.parametrize("width", [64, 100, 1000])
-def test_first_candidates_of_each_row_found_without_a_sort(width):
+@pytest.mark.parametrize("width,slots", [(64, 24), (100, 24), (1000, 24), (1000, 1), (1000, 32), (1000, 33)])
+def test_first_candidates_of_each_row_found_without_a_sort(width, slots):
     """first_set returns each row's first candidates in latent order and its count, for widths
-    not a multiple of the 32-bit words, empty rows, full rows and rows beyond the slots."""
-    rng = np.random.default_rng(width)
+    not a multiple of the 32-bit words, empty rows, full rows, rows beyond the slots, more slots
+    than words, and a word whose first candidate takes the last slot."""
+    rng = np.random.default_rng(width + slots)
     density = rng.choice([0.0, 0.01, 0.1, 1.0], size=(40, 1))
     cand = rng.random((40, width)) < density
-    slots = 24
+    cand[0] = False
+    cand[0, : slots - 1] = True  # slots - 1 candidates in the first words...
+    cand[0, width - 1] = True  # ...and the last word's first candidate at rank slots - 1
     idx, count = jax.jit(sparse_index.first_set, static_argnums=1)(jnp.asarray(cand), slots)
     for row, (c, got, n) in enumerate(zip(cand, np.asarray(idx), np.asarray(count), strict=True)):
         want = np.flatnonzero(c)
