@@ -29,16 +29,14 @@ def first_set(cand, slots: int):
     bit = jnp.uint32(1) << jnp.arange(_WORD, dtype=jnp.uint32)
     mask = jnp.sum(jnp.where(cand, bit, jnp.uint32(0)), axis=-1, dtype=jnp.uint32)  # [rows, words]
     in_word = jax.lax.population_count(mask).astype(jnp.int32)
-    before = jnp.cumsum(in_word, axis=1)  # through word w
-    first = jnp.where(in_word > 0, before - in_word, slots)  # an empty word's mark is dropped
+    before = jnp.cumsum(in_word, axis=1)  # candidates through word w
+    earlier = before - in_word  # candidates before word w: the rank of its first (from 0)
+    first = jnp.where(in_word > 0, earlier, slots)  # an empty word's mark is dropped
     marks = jnp.full((rows, slots), -1, jnp.int32)
     marks = marks.at[jnp.arange(rows)[:, None], first].set(jnp.arange(words, dtype=jnp.int32), mode="drop")
     lo = jnp.maximum(jax.lax.cummax(marks, axis=1), 0)  # the word holding each rank (a row's last past its count)
     rank = jnp.arange(1, slots + 1, dtype=jnp.int32)[None, :]
-    earlier = jnp.take_along_axis(before, lo, axis=1) - jax.lax.population_count(
-        jnp.take_along_axis(mask, lo, axis=1)
-    ).astype(jnp.int32)
-    word, need = jnp.take_along_axis(mask, lo, axis=1), rank - earlier
+    word, need = jnp.take_along_axis(mask, lo, axis=1), rank - jnp.take_along_axis(earlier, lo, axis=1)
     blo, bhi = jnp.zeros_like(need), jnp.full_like(need, _WORD - 1)
     for _ in range(5):  # lowest bit b with popcount(word & bits 0..b) >= need
         mid = (blo + bhi) // 2
