@@ -356,6 +356,16 @@ def test_auto_is_deterministic_and_explained(tiny_config):
     assert jumprelu_kind.sparse_plan(s) == (1024, phase_plan)
     s.update(batchtopk_fraction=0.0, target_l0=None)
     assert jumprelu_kind.sparse_plan(s)[0] == 0
+    # where it was measured (README "Step speed"): 4K latents, dense below and above 1/8 kept per row
+    s.update(width=4096, target_l0=50.0)
+    assert jumprelu_kind.sparse_plan(s) == (400, "auto: sparse, 400 entries per row")
+    s.update(target_l0=100.0)
+    assert jumprelu_kind.sparse_plan(s) == (0, "auto: dense (capacity 800 > width/8)")
+    s.update(width=2048, target_l0=20.0)
+    assert jumprelu_kind.sparse_plan(s) == (
+        0,
+        "auto: dense (width 2048 < 4096, where the sparse step was not measured faster)",
+    )
     s.update(sparse="off", target_l0=50.0)
     assert jumprelu_kind.sparse_plan(s) == (0, "sae.sparse=off")
     s.update(sparse="on", sparse_capacity=24)
@@ -386,7 +396,7 @@ def test_the_compiled_program_follows_the_plan(tiny_config):
     from jumprelu.train import program, sharding
 
     cfg = tiny_config
-    cfg.sae.update(width=16384, target_l0=8.0)  # auto on CPU: sparse from 16K latents
+    cfg.sae.update(width=16384, target_l0=8.0)  # auto on CPU: sparse from 4K latents
     mesh = sharding.make_mesh(cfg.mesh)
     assert program.build(cfg, 32, mesh).step_path == "auto: sparse, 256 entries per row"
     cfg.stack.sparsity_coefficients = (0.01, 0.02)  # vmapped members: the dense step

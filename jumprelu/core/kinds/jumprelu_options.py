@@ -21,11 +21,13 @@ THRESHOLD_PARAMS = ("log", "raw")
 BANDWIDTH_MODES = ("absolute", "relative")
 
 # `auto` takes the sparse step where it was measured faster (benchmarks/step.py --l0, README "Step
-# speed"): on XLA:CPU, from 16K latents (2.4× the dense step at 16K, 5.2× at 64K, L0 50), with at
-# most 1/16 of the latents kept per row; at 4K latents it was 0.87× (batch 1,024) to 1.4× (4,096).
-# Other backends stay dense until measured there.
-_AUTO_MIN_WIDTH = 16384
-_AUTO_MAX_KEPT_SHARE = 1 / 16
+# speed", 2026-12-02): on XLA:CPU, from 4K latents with at most 1/8 of the latents kept per row.
+# At 4K, batch 1,024, the sparse step was 2.18× the dense one at L0 20 (160 slots per row, 1/26
+# of the latents), 1.26× at L0 50 (400, 1/10) and 0.91× at L0 100 (800, 1/5); at 16K, batch
+# 4,096, 2.11× at L0 200 (1,600, 1/10) and ~3× at L0 50. Narrower SAEs were not measured. Other
+# backends stay dense until measured there.
+_AUTO_MIN_WIDTH = 4096
+_AUTO_MAX_KEPT_SHARE = 1 / 8
 
 
 def sparse_plan(s) -> tuple[int, str]:
@@ -58,7 +60,7 @@ def sparse_plan(s) -> tuple[int, str]:
     if backend != "cpu":
         return 0, f"auto: dense (the sparse step is not yet measured on {backend})"
     if s.width < _AUTO_MIN_WIDTH:
-        return 0, f"auto: dense (width {s.width} < {_AUTO_MIN_WIDTH}, where the sparse step is not faster)"
+        return 0, f"auto: dense (width {s.width} < {_AUTO_MIN_WIDTH}, where the sparse step was not measured faster)"
     if capacity > _AUTO_MAX_KEPT_SHARE * s.width:
         return 0, f"auto: dense (capacity {capacity} > width/{round(1 / _AUTO_MAX_KEPT_SHARE)})"
     return capacity, f"auto: sparse, {capacity} entries per row{phase}"
