@@ -297,13 +297,19 @@ def main() -> None:
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     with open(os.path.join(args.out, "fidelity.json"), "w") as f:
         json.dump({"command": command, "rows": rows}, f, indent=1)
-    print("\n| trainer | target L0 | L0 | FVU | dead | >10% |\n|---|---|---|---|---|---|")
+    print()
+    print_table(rows)
+    print(f"reproduce: {command}")
+
+
+def print_table(rows: list[dict]) -> None:
+    """The rows as a markdown table: trainer, target, held-out L0, FVU, dead and >10% latents."""
+    print("| trainer | target L0 | L0 | FVU | dead | >10% |\n|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['trainer']} | {r['target']} | {r['l0']:.1f} | {r['fvu']:.3f} | "
+            f"| {r['trainer']} | {r['target']} | {r['l0']:.1f} | {r['fvu']:.4f} | "
             f"{100 * r['dead_fraction']:.1f}% | {100 * r['dense_fraction']:.2f}% |"
         )
-    print(f"reproduce: {command}")
 
 
 if __name__ == "__main__":

@@ -53,16 +53,12 @@ def main() -> None:
     rows = newest_rows(args.results, args.tokens, kinds)
     if not rows:
         p.error(f"{args.results}: no rows of {', '.join(kinds)} at --tokens {args.tokens}")
-    from jumprelu.evaluate.plots import plot_pareto
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import fidelity  # benchmarks/fidelity.py: its plot and table
 
     title = args.title or f"width 4,096, batch 1,024, {args.tokens:,} tokens; FVU and L0 on held-out rows"
-    plot_pareto([dict(kind=r["trainer"], l0=r["l0"], fvu=r["fvu"]) for r in rows], args.out, title=title)
-    print("| trainer | target L0 | L0 | FVU | dead | >10% |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['trainer']} | {r['target']} | {r['l0']:.1f} | {r['fvu']:.4f} | "
-            f"{100 * r['dead_fraction']:.1f}% | {100 * r['dense_fraction']:.2f}% |"
-        )
+    fidelity.plot(rows, args.out, title)
+    fidelity.print_table(rows)
     print(f"\nwrote {args.out}\ncommand: python " + " ".join(shlex.quote(a) for a in sys.argv))
 
 
