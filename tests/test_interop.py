@@ -246,6 +246,47 @@ def test_bad_saelens_and_gemma_scope_2_files_give_one_line_errors(tmp_path):
     with pytest.raises(FormatError) as e:
         jumprelu.load(str(gs2))
     _one_line(e, "threshold has shape [47], expected [48]")
+    save_file(dict(lower, w_enc=lower["w_enc"].ravel()), str(gs2 / "params.safetensors"))
+    with pytest.raises(FormatError) as e:
+        jumprelu.load(str(gs2))
+    _one_line(e, "w_enc and w_dec must be 2-D, found [768] and [48, 16]")
+    save_file(lower, str(gs2 / "params.safetensors"))
+    for text, part in (
+        ("[1, 2]", "expected a JSON object"),
+        ('{"width": "48"}', "width must be an integer, found '48'"),
+    ):
+        (gs2 / "config.json").write_text(text)
+        with pytest.raises(FormatError) as e:
+            jumprelu.load(str(gs2))
+        _one_line(e, "config.json", part)
+    for i, (cfg, part) in enumerate(
+        (
+            ({"d_in": "16"}, "d_in must be an integer, found '16'"),
+            ({"d_sae": 0}, "d_sae must be positive, found 0"),
+            ({"metadata": {"input_scale": "x"}}, "metadata.input_scale must be a number"),
+            ({"metadata": []}, "metadata must be a JSON object"),
+        )
+    ):
+        d = saelens_dir(f"cfg{i}", p)
+        (tmp_path / d / "cfg.json").write_text(json.dumps(dict(_saelens_cfg(16, 48), **cfg)))
+        with pytest.raises(FormatError) as e:
+            jumprelu.load(d)
+        _one_line(e, "cfg.json", part)
+
+
+def test_a_named_gemma_scope_2_safetensors_file_is_the_one_read(tmp_path):
+    """`jumprelu.load("dir/other.safetensors")` reads that file, not the folder's params.safetensors."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    a, b = ({k.lower(): v for k, v in _random(rng).items()} for _ in range(2))
+    save_file(a, str(tmp_path / "params.safetensors"))
+    save_file(b, str(tmp_path / "other.safetensors"))
+    np.testing.assert_array_equal(np.asarray(jumprelu.load(str(tmp_path / "other.safetensors")).W_enc), b["w_enc"])
+    np.testing.assert_array_equal(np.asarray(jumprelu.load(str(tmp_path)).W_enc), a["w_enc"])
+    save_file({k: v for k, v in b.items() if k != "b_dec"}, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(FormatError, match="broken.safetensors: missing keys"):
+        jumprelu.load(str(tmp_path / "broken.safetensors"))
 
 
 def test_cli_errors_are_one_line(trained, tmp_path):

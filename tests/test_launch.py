@@ -77,6 +77,18 @@ def test_recipe_asks_for_matryoshka_at_its_width():
         validate(c)
 
 
+def test_recipe_runlocal_shrinks_the_run_and_its_matryoshka_prefixes():
+    module = experiment.load("recipe")
+    c = module.get_config("l0=50,runlocal")  # `jumprelu train --config recipe:l0=50,runlocal` reads this
+    assert (c.sae.width, c.train.steps, c.data.source) == (256, 20, "synthetic") and c.sae.target_l0 == 50.0
+    m = module.get_config("l0=50,width=4096,matryoshka,runlocal")
+    assert m.sae.matryoshka_widths == (32, 64, 128, 256)
+    validate(m)
+    (run,) = experiment.expand(module, "l0=50,matryoshka,runlocal")  # the sweep's path: shrunk again
+    assert run.config.sae.matryoshka_widths == (32, 64, 128, 256) and run.config.train.steps == 20
+    validate(run.config)
+
+
 @pytest.mark.parametrize(
     "name, arg, word",
     [

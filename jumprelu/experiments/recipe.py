@@ -22,6 +22,7 @@ errors weighted 1:1:1:9 (README "Recipes": at 2M tokens and L0 50, 1.8% above th
 FVU, 0.9% after both refits; 2.6–3.7% at L0 20/50/100 with the recipe before the held-out L0
 reading; the first eighth of the latents reconstructing alone at FVU 0.27–0.34); give the width here
 (`width=W`), since the prefixes are computed from it.
+`runlocal` shrinks the run to a CPU smoke test (width 256, 20 steps; the Matryoshka prefixes follow).
 """
 
 from jumprelu.config import base_config
@@ -35,7 +36,21 @@ def get_config(arg=None):
     apply_recipe(c, "paper" if args.get("paper") else "short", experiment.number(args, "l0", None, "recipe"))
     c.sae.width = experiment.number(args, "width", c.sae.width, "recipe", int)
     if args.get("matryoshka"):
-        w = c.sae.width
-        c.sae.matryoshka_widths = (w // 8, w // 4, w // 2, w)
         c.sae.matryoshka_weights = (1.0, 1.0, 1.0, 9.0)  # chosen on a seed-1 split (README "Recipes")
+        _nest(c)
+    return runlocal(c) if args.get("runlocal") else c
+
+
+def _nest(c):
+    """The Matryoshka prefixes at width/8, /4, /2 and the whole width."""
+    w = c.sae.width
+    c.sae.matryoshka_widths = (w // 8, w // 4, w // 2, w)
+
+
+def runlocal(c):
+    """The smoke-test sizes; Matryoshka's prefixes recomputed at the shrunk width (a sweep shrinks
+    after its overrides, so they are computed again here rather than kept from get_config)."""
+    c = experiment.runlocal(c)
+    if c.sae.get("matryoshka_widths"):
+        _nest(c)
     return c

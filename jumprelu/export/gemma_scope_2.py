@@ -33,14 +33,25 @@ def is_gemma_scope_2_dir(path: str) -> bool:
     return fs.exists(fs.join(path, PARAMS))
 
 
+def _files(path: str) -> tuple[str, str]:
+    """(the params file, its config.json) for a folder or a named .safetensors file in one."""
+    if path.endswith(".safetensors"):
+        return path, fs.join(os.path.dirname(path) or ".", CONFIG)
+    return fs.join(path, PARAMS), fs.join(path, CONFIG)
+
+
 def read_params(path: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config.json or {} when absent, the checked arrays under their Gemma Scope 2 names)."""
-    file = fs.join(path, PARAMS)
+    """(config.json or {} when absent, the checked arrays under their Gemma Scope 2 names).
+
+    path: a Gemma Scope 2 folder, or a .safetensors file in one (read as named, whatever its name).
+    """
+    file, cfg_file = _files(path)
     found = tensors.read(file)
-    w_enc = found.get("w_enc")
-    w_dec = found.get("w_dec")
-    if w_enc is None or w_dec is None or w_enc.ndim != 2 or w_dec.ndim != 2:
-        tensors.check_exact(file, found, {k: () for k in KEYS}, optional=(SKIP,))  # names the missing keys
+    missing = [k for k in KEYS if k not in found]
+    if missing:
+        raise FormatError(f"{file}: missing keys {missing}; expected {list(KEYS)} (and optionally {SKIP})")
+    w_enc, w_dec = found["w_enc"], found["w_dec"]
+    if w_enc.ndim != 2 or w_dec.ndim != 2:
         raise FormatError(f"{file}: w_enc and w_dec must be 2-D, found {list(w_enc.shape)} and {list(w_dec.shape)}")
     (d_in, width), d_out = w_enc.shape, w_dec.shape[1]
     expected = {"w_enc": (d_in, width), "w_dec": (width, d_out), "b_enc": (width,), "b_dec": (d_out,)}
@@ -48,28 +59,30 @@ def read_params(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     if SKIP in found:
         expected[SKIP] = (d_in, d_out)
     tensors.check_exact(file, found, expected)
-    cfg_file = fs.join(path, CONFIG)
     cfg = {}
     if fs.exists(cfg_file):
         try:
             cfg = json.loads(fs.read_text(cfg_file))
         except ValueError as e:
             raise FormatError(f"{cfg_file}: not readable JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise FormatError(f"{cfg_file}: expected a JSON object of the release's keys, found {type(cfg).__name__}")
         if cfg.get("architecture", "jump_relu") != "jump_relu":
             raise FormatError(f"{cfg_file}: architecture {cfg['architecture']!r}, expected 'jump_relu'")
-        if cfg.get("width", width) != width:
-            raise FormatError(f"{cfg_file}: width {cfg['width']} but {PARAMS} holds {width} latents")
+        found_width = cfg.get("width", width)
+        if isinstance(found_width, bool) or not isinstance(found_width, int):
+            raise FormatError(f"{cfg_file}: width must be an integer, found {found_width!r}")
+        if found_width != width:
+            raise FormatError(f"{cfg_file}: width {found_width} but {os.path.basename(file)} holds {width} latents")
     return cfg, {k: np.asarray(v, np.float32) for k, v in found.items()}
 
 
 def load(path: str):
-    """A Gemma Scope 2 folder (or its params.safetensors) as a `jumprelu.SAE`."""
+    """A Gemma Scope 2 folder (or a .safetensors file in one, read as named) as a `jumprelu.SAE`."""
     import jax.numpy as jnp
 
     from jumprelu.core.folded import SAE
 
-    if path.endswith(".safetensors"):
-        path = os.path.dirname(path) or "."
     cfg, p = read_params(path)
     skip = p.pop(SKIP, None)
     p["threshold"] = np.maximum(p["threshold"], np.float32(0))  # ReLU(h)·[h > θ] = h·[h > max(θ, 0)]

@@ -116,7 +116,26 @@ def read_config(path: str) -> dict:
         )
     if cfg["architecture"] == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
         raise FormatError(f"{file}: rescale_acts_by_decoder_norm=true has no folded form")
+    for key in ("d_in", "d_sae") + (("k",) if "k" in cfg else ()):
+        _require(file, key, cfg[key], int, positive=True)
+    meta = cfg.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise FormatError(f"{file}: metadata must be a JSON object, found {type(meta).__name__}")
+    meta = meta or {}
+    if meta.get("input_scale") is not None:
+        _require(file, "metadata.input_scale", meta["input_scale"], (int, float), positive=True)
+    if meta.get("training_steps") is not None:
+        _require(file, "metadata.training_steps", meta["training_steps"], int)
     return cfg
+
+
+def _require(file: str, key: str, value, types, positive: bool = False) -> None:
+    """A one-line FormatError naming the file and field when value is not of `types` (bools refused)."""
+    kind = "an integer" if types is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise FormatError(f"{file}: {key} must be {kind}, found {value!r}")
+    if positive and not value > 0:
+        raise FormatError(f"{file}: {key} must be positive, found {value!r}")
 
 
 def read_params(path: str) -> tuple[dict, dict[str, np.ndarray]]:
