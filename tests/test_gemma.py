@@ -242,6 +242,8 @@ def test_config_argument_expands_sites_and_layers():
         ({"texts": ("EVAL",), "text_field": "content"}, "eval.jsonl, line 1: no string field 'content'"),
         ({"seq_len": 1}, "config field seq_len must be an integer >= 2"),
         ({"shard_rows": -5}, "config field shard_rows must be a positive integer or unset, found -5"),
+        ({"batch_sequences": 0}, "config field batch_sequences must be a positive integer, found 0"),
+        ({"max_tokens": -1}, "config field max_tokens must be a positive integer or unset, found -1"),
     ],
 )
 def test_texts_and_store_fields_are_checked_before_the_model_loads(world, tmp_path, over, message):
@@ -254,6 +256,16 @@ def test_texts_and_store_fields_are_checked_before_the_model_loads(world, tmp_pa
     with pytest.raises(DataError, match=message) as e:
         harvest(_cfg(world, store=str(tmp_path / "s"), checkpoint="/nope/ckpt", **over))
     assert "\n" not in str(e.value) and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("field, value", [("sequences", 0), ("sequences", -1), ("batch_sequences", -2)])
+def test_lm_evaluation_sizes_are_checked_before_the_model_loads(world, field, value):
+    from jumprelu.cli.evaluate import check_lm_site
+
+    lm = _cfg(world)
+    lm.eval[field] = value
+    with pytest.raises(DataError, match=f"config field eval.{field} must be a positive integer, found {value}$"):
+        check_lm_site({"data": {"source": "synthetic"}}, lm)  # the first check `evaluate --lm` makes
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 one-line errors; the site -> hook names; the Hub directory; the Neuronpedia statistics."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -87,6 +88,33 @@ def test_gemma_scope_2_folder_holds_exactly_the_released_layout(trained, tmp_pat
     report = json.loads((trained / "report.json").read_text())
     assert cfg["architecture"] == "jump_relu" and cfg["type"] == "sae" and cfg["width"] == 64
     assert cfg["l0"] == round(report["eval"]["l0"]) and cfg["affine_connection"] is False
+
+
+def test_gemma_scope_2_l0_and_the_model_card_are_of_the_exported_step_or_refit(trained, tmp_path):
+    """--step N and a refit's params.npz record that SAE's held-out L0, not the final report's."""
+    import shutil
+
+    from jumprelu.cli.evaluate import evaluate_workdir
+    from jumprelu.cli.refit import refit_workdir
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    report = json.loads((run / "report.json").read_text())
+    report["eval"]["l0"] = 999.0  # the final step's L0, marked so that a copy of it shows
+    (run / "report.json").write_text(json.dumps(report))
+    early = evaluate_workdir(str(run), step=20)[1]["stored"]["l0"]
+    for step, want in ((20, round(early)), (report["steps"], 999)):
+        _export(run, tmp_path / f"gs2-{step}", "--format", "gemma-scope-2", "--step", str(step))
+        assert json.loads((tmp_path / f"gs2-{step}" / "config.json").read_text())["l0"] == want
+    from jumprelu.cli.export import held_out_eval
+
+    sae = jumprelu.load(str(run), step=20)  # what `export --step 20 --hub` writes before pushing
+    hub.write_repo_dir(sae, str(tmp_path / "hub"), "user/repo", {"eval": held_out_eval(str(run), sae, None)})
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert f"| held-out L0 | {early:.4g} |" in card and "999" not in card
+    after = refit_workdir(str(run), None, rows=2048, ridge=1e-6)["after"]["l0"]
+    _export(run / "refit" / "params.npz", tmp_path / "refit", "--format", "gemma-scope-2")
+    assert json.loads((tmp_path / "refit" / "config.json").read_text())["l0"] == round(after) > 0
 
 
 def _random(rng, d=16, m=48, d_out=None):
@@ -332,6 +360,10 @@ def test_export_output_mistakes_are_one_line_and_leave_nothing(trained, tmp_path
     assert jumprelu.load(tmp_path / "new2" / "sl").width == jumprelu.load(tmp_path / "new" / "p.npz").width
     released = tmp_path / "new" / "p.npz"
     assert "needs a training workdir" in _export_error(released, tmp_path / "np", "--format", "neuronpedia")
+    for top in ("0", "-1"):  # were silently 1
+        error = _export_error(trained, tmp_path / "np", "--format", "neuronpedia", "--top", top)
+        assert f"--top must be a positive number of activations kept per latent, found {top}" in error
+    assert not (tmp_path / "np").exists()
     for command in (lambda: evaluate_workdir(str(released)), lambda: refit_workdir(str(released), None, 64, 0.01)):
         with pytest.raises(UserError, match="p.npz: jumprelu (evaluate|refit) needs a training workdir") as e:
             command()
@@ -424,8 +456,10 @@ def test_a_run_on_a_relative_store_keeps_its_provenance_from_anywhere(tmp_path, 
     monkeypatch.chdir(tmp_path / "project")
     tiny_config.data.source = "acts"
     tiny_config.train.steps = 10
-    train(tiny_config, "run")
+    report = train(tiny_config, "run")
     monkeypatch.chdir(tmp_path / "elsewhere")
+    for key in ("curves", "checkpoint", "workdir"):  # report.json's paths work from any directory
+        assert os.path.isabs(report[key]) and os.path.exists(report[key]), (key, report[key])
     # a store of the same relative name here is another one: the run's recorded path wins
     w = StoreWriter("acts", d_model=32, model="gemma2_9b", site="mlp", layer=20)
     w.append(np.ones((8, 32), np.float32))

@@ -16,8 +16,12 @@ import json
 from jumprelu.cli import common
 
 
-def evaluate_workdir(workdir: str, member: int | None = None, eval_rows: int | None = None, lm_cfg=None):
+def evaluate_workdir(
+    workdir: str, member: int | None = None, eval_rows: int | None = None, lm_cfg=None, step: int | None = None
+):
     """Stored-activation metrics of a trained SAE on its run's held-out split (same seed, same rows).
+
+    step: that checkpoint's SAE (default: the latest).
 
     lm_cfg: the harvest config `--lm` will splice the SAE into, checked first against the run's
     recorded model, site and layer.
@@ -35,7 +39,7 @@ def evaluate_workdir(workdir: str, member: int | None = None, eval_rows: int | N
     from jumprelu.export.load import load, require_workdir, resolve
 
     workdir, member = resolve(workdir, member)  # a stacked member's WORKDIR/sae-i: the run's data, not its own
-    sae = load(workdir, member=member)
+    sae = load(workdir, step=step, member=member)
     require_workdir(sae, workdir, "jumprelu evaluate")
     if lm_cfg is not None:
         check_lm_site(sae.config, lm_cfg)
@@ -81,8 +85,9 @@ def check_lm_site(config: dict, lm_cfg) -> None:
     own pair. Models compare by size, so a base model's SAE may be scored on its -it model."""
     from jumprelu.errors import UserError
     from jumprelu.export import hooks
-    from jumprelu.harvest.run import harvest_sites
+    from jumprelu.harvest.run import check_eval_sizes, harvest_sites
 
+    check_eval_sizes(lm_cfg)
     trained = hooks.provenance(config)
     if trained["model"] == "synthetic":
         return

@@ -52,23 +52,24 @@ def run(argv: list[str]) -> int:
     from jumprelu import fs
     from jumprelu.errors import UserError
     from jumprelu.export import gemma_scope, gemma_scope_2, hub, neuronpedia, saelens
-    from jumprelu.export.load import load, report_of, require_workdir, resolve
+    from jumprelu.export.load import load, require_workdir, resolve
 
     try:
         if args.hub and fmt != "saelens":
             raise UserError(f"--hub pushes a SAELens directory; --format {fmt} cannot be pushed")
         check_output(args.output, fmt)
+        if args.top <= 0:
+            raise UserError(f"--top must be a positive number of activations kept per latent, found {args.top}")
         sae = load(args.workdir, step=args.step, member=args.member)
         if fmt == "gemma-scope":
             fs.makedirs(os.path.dirname(fs.abspath(args.output)))  # as the directory formats make theirs
             gemma_scope.export(sae, args.output)
         elif fmt == "saelens" and args.hub:
-            hub.write_repo_dir(sae, args.output, args.hub, report_of(args.workdir, args.member))
+            hub.write_repo_dir(sae, args.output, args.hub, {"eval": held_out_eval(args.workdir, sae, args.member)})
         elif fmt == "saelens":
             saelens.export(sae, args.output)
         elif fmt == "gemma-scope-2":
-            l0 = (report_of(args.workdir, args.member).get("eval") or {}).get("l0")
-            gemma_scope_2.export(sae, args.output, l0=l0)
+            gemma_scope_2.export(sae, args.output, l0=held_out_eval(args.workdir, sae, args.member).get("l0"))
         else:
             require_workdir(sae, args.workdir, "--format neuronpedia")
             workdir, _ = resolve(args.workdir, args.member)
@@ -89,6 +90,19 @@ def run(argv: list[str]) -> int:
             return common.fail(f"{args.output} was written but the push to {args.hub} failed: {first}")
         print(f"pushed {args.output} to {url}")
     return 0
+
+
+def held_out_eval(path: str, sae, member: int | None) -> dict:
+    """The held-out metrics of exactly this SAE (its step, refit or not): those recorded when the
+    run's report.json or refit.json is of it, else measured now on the run's held-out rows
+    (`--step N` before the end); {} for a released file, which carries none."""
+    from jumprelu.cli.evaluate import evaluate_workdir
+    from jumprelu.export.load import recorded_eval
+
+    recorded = recorded_eval(path, sae, member)
+    if recorded or "data" not in (sae.config or {}) or "source" in sae.config:
+        return recorded
+    return evaluate_workdir(path, member, step=sae.step)[1]["stored"]
 
 
 def _contexts(store_path: str):

@@ -138,6 +138,23 @@ def report_of(path: str, member: int | None = None) -> dict:
     return json.loads(fs.read_text(file)) if fs.exists(file) else {}
 
 
+def recorded_eval(path: str, sae: SAE, member: int | None = None) -> dict:
+    """The held-out metrics (l0, fvu, ...) recorded for exactly this SAE, or {} when none were:
+    a workdir's report.json when its step is the SAE's, or `jumprelu refit`'s refit.json beside
+    a refit params.npz (its "after" metrics)."""
+    if path.endswith(".npz"):
+        file = fs.join(os.path.dirname(path) or ".", "refit.json")
+        if not fs.exists(file):
+            return {}
+        refit = json.loads(fs.read_text(file))
+        same = os.path.basename(str(refit.get("params", ""))) == os.path.basename(path)
+        return (refit.get("after") or {}) if same and refit.get("step") == sae.step else {}
+    if _released_format(path) is not None:
+        return {}
+    report = report_of(path, member)
+    return (report.get("eval") or {}) if report.get("steps") == sae.step else {}
+
+
 def _released_format(path: str):
     """The module that reads `path` when it holds a released layout, else None (a training workdir)."""
     if path.endswith(".npz"):

@@ -170,6 +170,28 @@ def check_before_loading(cfg) -> None:
         raise DataError(f"config field shard_rows must be a positive integer or unset, found {cfg.shard_rows!r}")
     if not (isinstance(cfg.shuffle_seed, int) and cfg.shuffle_seed >= 0):
         raise DataError(f"config field shuffle_seed must be an integer >= 0, found {cfg.shuffle_seed!r}")
+    # <= 0 would make the whole corpus one batch, or stop at once with a misleading "store full"
+    require_positive_int(cfg.batch_sequences, "batch_sequences")
+    require_positive_int(cfg.get("max_tokens"), "max_tokens", optional=True)
+
+
+def check_eval_sizes(cfg) -> None:
+    """The LM evaluation's sizes (`jumprelu evaluate --lm`), before the model loads."""
+    ev = cfg.get("eval")
+    if ev is None:
+        return
+    require_positive_int(ev.get("sequences"), "eval.sequences")
+    require_positive_int(ev.get("batch_sequences"), "eval.batch_sequences")
+
+
+def require_positive_int(value, field: str, optional: bool = False) -> None:
+    from jumprelu.errors import DataError
+
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        unset = " or unset" if optional else ""
+        raise DataError(f"config field {field} must be a positive integer{unset}, found {value!r}")
 
 
 def harvest(cfg) -> dict:

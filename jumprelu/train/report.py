@@ -64,7 +64,7 @@ def _sae_report(cfg, workdir, report_dir, params, scale, stats, eval_rows, steps
         "resumed_from_step": start_step,
         "scale": float(scale),
         "eval": metrics,
-        "checkpoint": fs.join(checkpoint_dir(workdir), str(steps)),
+        "checkpoint": fs.abspath(fs.join(checkpoint_dir(workdir), str(steps))),  # from any directory
         "workdir": fs.abspath(report_dir),
     }
     truth = data_lib.ground_truth(cfg.data)
@@ -75,7 +75,7 @@ def _sae_report(cfg, workdir, report_dir, params, scale, stats, eval_rows, steps
         return out
     records = read_metrics(fs.join(report_dir, "metrics.jsonl"))
     if records:
-        curves = fs.join(report_dir, "training_curves.png")
+        curves = fs.abspath(fs.join(report_dir, "training_curves.png"))
         title = f"{cfg.data.source}  width {cfg.sae.width}  λ {cfg.sae.sparsity_coefficient:g}"
         buf = io.BytesIO()
         plot_training_curves(records, buf, title=title)
