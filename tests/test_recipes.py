@@ -518,6 +518,11 @@ def test_a_sweep_over_kinds_on_a_recipe_base_runs_each_kind_with_its_defaults():
         s = by_kind[kind].config.sae
         assert s.target_l0 is None and s.batchtopk_fraction == 0 and s.frequency_penalty == 0, kind
         assert by_kind[kind].name.startswith(f"kind={kind}_"), by_kind[kind].name
+        # ...and the recipe's train.* fields too: the run is the one `smollm2_pareto:KIND` gives by that name
+        alone = {r.name: r.config.to_dict() for r in experiment.expand(module, kind)}
+        assert by_kind[kind].config.to_dict() == alone[by_kind[kind].name], kind
+        train = by_kind[kind].config.train
+        assert train.sparsity_warmup_steps == 100 and train.lr_decay_fraction == 0 and train.encoder_weight_decay == 0
 
 
 def test_the_controllers_rows_are_spread_over_the_held_out_split(tiny_config):

@@ -76,6 +76,12 @@ def get_config(arg=None):
     return runlocal(c) if args.get("runlocal") else c
 
 
+def kind_config(arg, kind):
+    """A baseline's run in the sweep over every kind: as `smollm2_pareto:KIND` configures it (its
+    own λ warm-up, no weight decay or update clip), not the JumpReLU recipe's base."""
+    return get_config(",".join(part for part in (arg, kind) if part))
+
+
 def runlocal(c):
     """A smoke test on the store if it exists here, else on synthetic data."""
     return experiment.runlocal(c, keep_data=os.path.isdir(c.data.source))

@@ -5,6 +5,9 @@ in `jumprelu/experiments/`) defines
   get_config(arg)  -> the ml_collections config of one run
   get_sweep(arg)   -> a list of override dicts {"sae.sparsity_coefficient": 1e-3, ...} (optional;
                       without it the experiment is a single run)
+  kind_config(arg, kind) -> the config a run of another `sae.kind` than get_config's starts from,
+                      in a sweep over kinds (optional; without it the base config is used with its
+                      JumpReLU-only fields reset, so a recipe's train.* fields would carry over)
 `arg` is the text after the colon in `EXPERIMENT:arg`: comma-separated words and key=value pairs,
 for example "jumprelu,runlocal" or "site=mlp,layer=20". `parse_arg` turns it into a dict.
 
@@ -175,7 +178,9 @@ def expand(module, arg: str | None = None) -> list[Run]:
     runs = []
     for o in sweep:
         cfg = apply_overrides(base, o)
-        if cfg.sae.kind != base.sae.kind:  # the base's JumpReLU recipe is not this run's: that kind's defaults
+        if cfg.sae.kind != base.sae.kind and hasattr(module, "kind_config"):  # that kind's own config
+            cfg = apply_overrides(module.kind_config(arg, cfg.sae.kind), o)
+        elif cfg.sae.kind != base.sae.kind:  # the base's JumpReLU options are not this run's: their defaults
             reset_jumprelu_options(cfg, keep={k.removeprefix("sae.") for k in o})
         runs.append(Run(run_name(o), dict(o), shrink(cfg) if shrink else cfg))
     names = [r.name for r in runs]
