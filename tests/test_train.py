@@ -170,6 +170,16 @@ def test_resume_with_a_different_width_is_refused(tmp_path, tiny_config):
         train(tiny_config, str(tmp_path / "run"))
 
 
+def test_resuming_with_fewer_steps_than_the_checkpoint_is_refused(tmp_path, tiny_config):
+    """It failed inside the data pipeline (an on-the-fly run silently did nothing)."""
+    train(tiny_config, str(tmp_path / "run"))  # 40 steps
+    tiny_config.train.steps = 30
+    with pytest.raises(ConfigError, match=r"train.steps is 30, but the workdir's newest checkpoint .*/40 is past it"):
+        train(tiny_config, str(tmp_path / "run"))
+    tiny_config.train.steps = 40  # the same length: nothing left to train, the report again
+    assert train(tiny_config, str(tmp_path / "run"))["steps"] == 40
+
+
 def test_switching_an_option_that_changes_the_saved_state_is_refused(tmp_path, tiny_config):
     """Switching the update clip on added an optimizer-state entry, and every checkpoint then failed
     to restore and was set aside as damaged; now it is a one-line refusal, nothing is set aside, and

@@ -153,6 +153,11 @@ def check_latest_config(ckpt: Checkpointer, cfg) -> None:
         except Exception:  # damaged: restore_intact says so and sets it aside
             continue
         check_resumable(saved, cfg, ckpt.directory)
+        if step > cfg.train.steps:  # else the data pipeline fails deep inside (or an LM run does nothing)
+            raise ConfigError(
+                f"config field train.steps is {cfg.train.steps}, but the workdir's newest checkpoint "
+                f"{ckpt.directory}/{step} is past it: resume with train.steps >= {step}, or use a new workdir"
+            )
         return
 
 
