@@ -50,18 +50,19 @@ def test_tensorboard_holds_the_jsonl_scalars_and_resume_does_not_duplicate_steps
     assert "config/text_summary" in acc.Tags()["tensors"]
 
 
-def test_tensorboard_writer_purges_what_an_interrupted_run_logged_past_its_checkpoint(tmp_path):
+@pytest.mark.parametrize("checkpoint", [20, 0])  # 0: killed before its first checkpoint
+def test_tensorboard_writer_purges_what_an_interrupted_run_logged_past_its_checkpoint(tmp_path, checkpoint):
     first = writers.TensorBoardWriter(str(tmp_path), resume_step=0)
     for step in range(1, 31):
         first.write_scalars(step, {"loss": 1.0})
     first.flush()  # on disk, then the process dies without closing
-    second = writers.TensorBoardWriter(str(tmp_path), resume_step=20)
-    for step in range(21, 41):
+    second = writers.TensorBoardWriter(str(tmp_path), resume_step=checkpoint)
+    for step in range(checkpoint + 1, 41):
         second.write_scalars(step, {"loss": 2.0})
     second.close()
     events = _accumulator(tmp_path).Scalars("loss")
     assert [e.step for e in events] == list(range(1, 41))
-    assert [e.value for e in events] == [1.0] * 20 + [2.0] * 20
+    assert [e.value for e in events] == [1.0] * checkpoint + [2.0] * (40 - checkpoint)
 
 
 class _FakeWandb(types.ModuleType):

@@ -114,7 +114,8 @@ class TensorBoardWriter(MetricWriter):
     def __init__(self, logdir: str, resume_step: int):
         self.logdir = logdir
         self._remote = fs.is_remote(logdir)
-        self._purge = resume_step + 1 if resume_step else None
+        # also from step 0: a run killed before its first checkpoint left steps the rerun logs again
+        self._purge = resume_step + 1
         self._events = None
 
     def _write(self, step: int, summary=None, **fields) -> None:
