@@ -54,8 +54,9 @@ def read_jsonl(path):
 
 def test_main_trains_checkpoints_and_resumes(tmp_path, caplog):
     wd = tmp_path / "run"
-    first = run_main(wd, "--config.train.steps=60")
+    first = run_main(wd, "--config.train.steps=60", "--config.train.lr-warmup-steps=7")  # a dashed name too
     assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((wd / "config.json").read_text())["train"]["lr_warmup_steps"] == 7
     assert "checkpoint:" in first.stdout and "true features recovered" in first.stdout
     records = read_jsonl(wd / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(5, 61, 5))

@@ -172,12 +172,17 @@ def absl_run(main, argv: list[str], program: str) -> int:
         print(flags_help(main.__module__))
         return 0
     argv = underscore_flags([program, *argv])
+    # ml_collections reads a config's overrides from sys.argv, not from the argv parsed: it must
+    # see the underscored spellings too (--config.train.lr-warmup-steps=2)
+    was, sys.argv = sys.argv, argv
     try:
         flags.FLAGS(argv)
     except flags.Error as e:
         return fail(f"{program}: {flag_error_line(e)}")
     except Exception as e:  # loading a config file runs the user's code: its error is theirs, in one line
         return fail(f"{program}: {config_error_message(e, argv)}")
+    finally:
+        sys.argv = was
     quiet_orbax_teardown()
     app.run(lambda _: main(), argv=[program], flags_parser=lambda a: a)
     return 0
