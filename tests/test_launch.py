@@ -256,10 +256,19 @@ def test_tpu_watch_leaves_a_slice_whose_job_is_running_alone(tmp_path, monkeypat
 
 def test_tpu_run_checks_the_experiment_here_and_a_failing_gcloud_is_one_line(tmp_path, monkeypatch, capfd):
     common = ["--zone", "z", "--project", "p", "--workdir", "gs://b/r"]
+    (tmp_path / "mine.py").write_text(
+        "from jumprelu.config import base_config\nget_config = lambda arg: base_config()\n"
+    )
     for job, says in (
         (["--sweep", "nosuch"], "no experiment 'nosuch'"),
         (["--config", "quickstart:bogus"], "quickstart argument 'bogus' is not one it reads"),
         (["--sweep", "quickstart:bogus"], "quickstart argument 'bogus' is not one it reads"),
+        (["--config", "quickstart", "--config.train.stepz=3"], "override 'train.stepz': the config has no field"),
+        (["--config", "quickstart", "--config.train.steps=0"], "config field train.steps must be a positive"),
+        (["--sweep", "smollm2_pareto:tokens=100"], "sweep run kind=jumprelu_target_l0=16: config field train.steps"),
+        (["--sweep", "gemma2_9b_comparison:site=resd"], "site must be one of resid, mlp, attn, found 'resd'"),
+        (["--config", "gemma_scope_ladder:width=abc"], "gemma_scope_ladder argument width must be a number"),
+        (["--config", str(tmp_path / "mine.py")], "a path outside this checkout"),
     ):
         with pytest.raises(SystemExit) as stop:
             tpu.main(["run", "sae-pod", *job, *common])  # no --dry_run: nothing may reach gcloud

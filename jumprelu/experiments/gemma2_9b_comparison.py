@@ -40,13 +40,18 @@ DEFAULT_STORES = "/gcs/YOUR_BUCKET/stores/gemma2-9b"
 
 
 ARGS = ("site", "layer", "kind", "stores", "stack")  # what get_config and get_sweep read
+NAME = "gemma2_9b_comparison"
+
+
+def _site(args):
+    return experiment.choice(args, "site", tuple(D_MODEL), "resid", NAME)
 
 
 def get_config(arg=None):
-    args = experiment.parse_arg(arg, ARGS, "gemma2_9b_comparison")
-    site, layer = args.get("site", "resid"), int(args.get("layer", 20))
+    args = experiment.parse_arg(arg, ARGS, NAME)
+    site, layer = _site(args), experiment.number(args, "layer", 20, NAME, int)
     c = base_config()
-    c.sae.kind = args.get("kind", "jumprelu")
+    c.sae.kind = experiment.choice(args, "kind", tuple(SWEEP), "jumprelu", NAME)
     c.sae.width = 131072
     c.data.source = f"{args.get('stores', DEFAULT_STORES)}/{site_store_name(site, layer)}"
     c.data.d_model = D_MODEL[site]
@@ -65,10 +70,10 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-    args = experiment.parse_arg(arg, ARGS, "gemma2_9b_comparison")
-    sites = [args["site"]] if "site" in args else list(D_MODEL)
-    layers = [int(args["layer"])] if "layer" in args else list(LAYERS)
-    kinds = [args["kind"]] if "kind" in args else list(SWEEP)
+    args = experiment.parse_arg(arg, ARGS, NAME)
+    sites = [_site(args)] if "site" in args else list(D_MODEL)
+    layers = [experiment.number(args, "layer", None, NAME, int)] if "layer" in args else list(LAYERS)
+    kinds = [experiment.choice(args, "kind", tuple(SWEEP), None, NAME)] if "kind" in args else list(SWEEP)
     runs = []
     for site in sites:
         for layer in layers:

@@ -20,6 +20,7 @@ Argument: width=2^N restricts to one width (e.g. width=65536); stores=PATH; runl
 """
 
 from jumprelu.config import base_config
+from jumprelu.errors import ConfigError
 from jumprelu.launch import experiment
 
 WIDTHS = tuple(2**n for n in range(14, 21))
@@ -35,9 +36,16 @@ def tokens_for(width: int) -> int:
 ARGS = ("width", "stores")
 
 
+def _width(args, default):
+    width = experiment.number(args, "width", default, "gemma_scope_ladder", int)
+    if width <= 0:
+        raise ConfigError(f"gemma_scope_ladder argument width must be positive, found {width}")
+    return width
+
+
 def get_config(arg=None):
     args = experiment.parse_arg(arg, ARGS, "gemma_scope_ladder")
-    width = int(args.get("width", 2**14))
+    width = _width(args, 2**14)
     c = base_config()
     c.sae.width = width
     c.data.source = f"{args.get('stores', DEFAULT_STORES)}/resid_l20"
@@ -56,7 +64,7 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
     args = experiment.parse_arg(arg, ARGS, "gemma_scope_ladder")
-    widths = [int(args["width"])] if "width" in args else list(WIDTHS)
+    widths = [_width(args, None)] if "width" in args else list(WIDTHS)
     runs = []
     for width in widths:
         size = {"sae.width": width, "train.steps": tokens_for(width) // 4096}

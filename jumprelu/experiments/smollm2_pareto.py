@@ -65,12 +65,12 @@ def get_config(arg=None):
     c.sae.width = 4096
     c.sae.threshold_param = "raw"
     c.train.batch_size = 1024
-    c.train.steps = int(args.get("tokens", 512_000)) // c.train.batch_size
+    c.train.steps = experiment.number(args, "tokens", 512_000, "smollm2_pareto", int) // c.train.batch_size
     c.train.lr = 3e-3
     c.train.lr_warmup_steps = 50
     c.train.sparsity_warmup_steps = 100
     if c.sae.kind == "jumprelu" and not args.get("paper"):
-        apply_recipe(c, "short", args.get("target_l0", 32.0))
+        apply_recipe(c, "short", experiment.number(args, "target_l0", 32.0, "smollm2_pareto"))
     c.ckpt.every_steps = 250
     c.log.every_steps = 50
     return runlocal(c) if args.get("runlocal") else c

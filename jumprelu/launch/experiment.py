@@ -25,7 +25,7 @@ from typing import Any
 
 import ml_collections
 
-from jumprelu.config import reset_jumprelu_options
+from jumprelu.config import reset_jumprelu_options, validate
 from jumprelu.errors import ConfigError
 
 # The examples shipped inside the package, so a `pip install .` can run them from any directory.
@@ -64,6 +64,14 @@ def number(args: dict[str, Any], key: str, default, name: str = "experiment", ca
     if cast is int and value != int(value):
         raise ConfigError(f"{name} argument {key} must be an integer, found {value!r}")
     return cast(value)
+
+
+def choice(args: dict[str, Any], key: str, options, default, name: str = "experiment"):
+    """args[key] when it is one of `options`, default when absent; anything else is a ConfigError."""
+    value = args.get(key, default)
+    if value not in options:
+        raise ConfigError(f"{name} argument {key} must be one of {', '.join(map(str, options))}, found {value!r}")
+    return value
 
 
 def _parse_value(text: str):
@@ -126,10 +134,10 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -
         *path, last = dotted.split(".")
         for part in path:
             if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-                raise ConfigError(f"sweep override {dotted!r}: the config has no section {part!r}")
+                raise ConfigError(f"override {dotted!r}: the config has no section {part!r}")
             node = node[part]
         if last not in node:
-            raise ConfigError(f"sweep override {dotted!r}: the config has no field {last!r}")
+            raise ConfigError(f"override {dotted!r}: the config has no field {last!r}")
         node[last] = value
     return out
 
@@ -182,7 +190,12 @@ def expand(module, arg: str | None = None) -> list[Run]:
             cfg = apply_overrides(module.kind_config(arg, cfg.sae.kind), o)
         elif cfg.sae.kind != base.sae.kind:  # the base's JumpReLU options are not this run's: their defaults
             reset_jumprelu_options(cfg, keep={k.removeprefix("sae.") for k in o})
-        runs.append(Run(run_name(o), dict(o), shrink(cfg) if shrink else cfg))
+        cfg = shrink(cfg) if shrink else cfg
+        try:  # a run that cannot start is named here, not after the sweep's earlier runs trained
+            validate(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"sweep run {run_name(o)}: {e}") from None
+        runs.append(Run(run_name(o), dict(o), cfg))
     names = [r.name for r in runs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import subprocess
 import sys
@@ -222,7 +223,7 @@ def main(argv: list[str]) -> int:
         if not (args.config or args.sweep or args.harvest):
             p.error(f"{args.command} needs --config, --sweep or --harvest")
         try:  # a misspelt experiment or argument fails here, not on every worker
-            check_job(args.config or args.harvest, args.sweep)
+            check_job(args.config or args.harvest, args.sweep, extra, harvest=bool(args.harvest))
         except ValueError as e:
             p.error(str(e))
     try:
@@ -243,17 +244,39 @@ def _command(error: subprocess.CalledProcessError) -> str:
     return shlex.join(error.cmd) if isinstance(error.cmd, list) else str(error.cmd)
 
 
-def check_job(config: str | None, sweep: str | None) -> None:
-    """Loads the experiment (or harvest config) a run names and reads its argument, as the
-    workers will: a ValueError (ConfigError) names what is wrong."""
+def check_job(config: str | None, sweep: str | None, extra: list[str] = (), harvest: bool = False) -> None:
+    """Loads the experiment (or harvest config) a run names, reads its argument, applies the
+    `--config.FIELD=V` overrides and validates each run's config, as the workers will: a
+    ValueError (ConfigError) names what is wrong. An experiment given as a path must lie in this
+    checkout, relative to it: the workers run `tpu setup`'s copy of it, nothing else of this machine."""
+    import ast
+
+    from jumprelu.config import validate
     from jumprelu.launch import experiment
 
     name, arg = experiment.split(config or sweep)
+    if os.path.isfile(name) and (os.path.isabs(name) or os.path.normpath(name).startswith("..")):
+        raise ConfigError(
+            f"experiment {name}: a path outside this checkout; the workers get only the checkout "
+            "`tpu setup` copied: put the file in it and give its path relative to it"
+        )
     module = experiment.load(name)
     if sweep:
-        experiment.expand(module, arg)
-    else:
-        module.get_config(arg)
+        experiment.expand(module, arg)  # validates each run
+        return
+    overrides = {}
+    for a in extra:
+        field, _, text = a.removeprefix("--config.").partition("=")
+        try:
+            overrides[field] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[field] = text  # a string, as ml_collections reads it
+    try:
+        cfg = experiment.apply_overrides(module.get_config(arg), overrides)
+    except TypeError as e:  # ml_collections: a value of another type than the field's
+        raise ConfigError(f"{' '.join(extra)}: {e}") from None
+    if not harvest:  # a harvest config is checked by the harvest itself, before its model loads
+        validate(cfg)
 
 
 def _dispatch(args, g: Gcloud, extra: list[str]) -> int:

@@ -55,7 +55,7 @@ def get_config(arg=None):
     c.seq_len = 1024
     c.batch_sequences = 8
     c.site = args.get("site", "resid")
-    c.layer = int(args.get("layer", 20))
+    c.layer = experiment.number(args, "layer", 20, "harvest/gemma2", int)
     # Several sites from one forward pass: every name of `sites` at every layer of `layers`
     # (empty: `site`, `layer`). The argument sites=resid+mlp+attn,layers=9+20+31 sets them.
     c.sites = tuple(_plus_list(args, "sites"))
@@ -72,7 +72,7 @@ def get_config(arg=None):
     c.eval = dict(texts=(), sequences=2048, batch_sequences=8)
     if "tiny" in args:  # the tiny world for tests and the README's end-to-end
         d = args["tiny"]
-        c.model, c.dtype, c.layer = "tiny", "float32", int(args.get("layer", 1))
+        c.model, c.dtype, c.layer = "tiny", "float32", experiment.number(args, "layer", 1, "harvest/gemma2", int)
         c.checkpoint, c.tokenizer = f"{d}/ckpt", f"{d}/tok.model"
         c.texts, c.split_paragraphs, c.seq_len, c.batch_sequences = (f"{d}/train.txt",), True, 32, 4
         c.store, c.shard_rows = f"{d}/store_" + SITE_STORE_TEMPLATE, 256
