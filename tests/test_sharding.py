@@ -132,6 +132,21 @@ def test_planner_reports_memory_flops_and_collectives(mesh_config):
     assert r["step_ms_estimate"] > 0 and 0 < r["hfu_estimate"] <= 1
 
 
+def test_planner_counts_the_mesh_devices_and_the_stacked_saes(mesh_config):
+    """A 1×1 mesh on an 8-device slice does one device's FLOPs (not 8×) and says the rest idle;
+    K stacked SAEs are K SAEs' model FLOPs."""
+    from jumprelu.launch.plan import summary
+
+    B, d, M = mesh_config.train.batch_size, 32, mesh_config.sae.width
+    r = plan(_set_mesh(mesh_config, (1, 1)), parse_topology("v5p-16"))
+    assert r["mesh_devices"] == 1 and 10 * B * d * M <= r["flops_per_step"] < 20 * B * d * M
+    assert "the mesh spans 1; 7 devices idle" in summary(r)
+    mesh_config.stack.sparsity_coefficients = (1e-3, 2e-3, 4e-3)
+    r = plan(_set_mesh(mesh_config, (1, 8)), parse_topology("v5p-16"))
+    assert r["model_flops_12BdM"] == 12 * B * d * M * 3 and 30 * B * d * M <= r["flops_per_step"] < 60 * B * d * M
+    assert "idle" not in summary(r)
+
+
 def test_planner_reads_d_model_from_a_store_source(tmp_path, mesh_config):
     w = StoreWriter(str(tmp_path / "s"), d_model=24)
     w.append(np.ones((16, 24), np.float32))

@@ -8,7 +8,7 @@ count, then the compiled program's memory analysis (per device), FLOP count and
 collectives are read back. The step time is a roofline estimate: the FLOPs of one
 device at the chip's peak (divided by --matmul-efficiency) plus the ring-algorithm time
 of every collective at the chip's ICI bandwidth, without overlap. MFU is the
-Gemma Scope convention, 12·B·d·M FLOPs per step over (chips × peak × step time);
+Gemma Scope convention, 12·B·d·M FLOPs per step (per stacked SAE) over (chips × peak × step time);
 HFU counts the FLOPs the compiled program performs (about 10·B·d·M).
 The program is compiled by XLA:CPU, whose fusion and temporaries differ from XLA:TPU's:
 treat memory as an estimate with a margin, not a guarantee.
@@ -70,7 +70,9 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
     cost = cost[0] if isinstance(cost, list) else cost
     flops_device = float(cost.get("flops", 0.0))
     colls = hlo_stats.collectives(prog.step.as_text())
-    B, M, n = cfg.train.batch_size, cfg.sae.width, topo["devices"]
+    # the devices the mesh spans: a mesh smaller than the slice leaves the rest idle
+    B, M, n = cfg.train.batch_size, cfg.sae.width, mesh.devices.size
+    members = max(1, len(cfg.stack.sparsity_coefficients))  # K stacked SAEs: K steps' work in one
     out = {
         **topo,
         "d_model": d_model,
@@ -82,8 +84,9 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
             "arguments": mem.argument_size_in_bytes / 2**30,
             "temporaries": mem.temp_size_in_bytes / 2**30,
         },
+        "mesh_devices": n,
         "flops_per_step": flops_device * n,
-        "model_flops_12BdM": 12.0 * B * d_model * M,
+        "model_flops_12BdM": 12.0 * B * d_model * M * members,
         "collectives": [
             {
                 "kind": c.kind,
@@ -109,8 +112,9 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
             # MFU in Gemma Scope's convention (12·B·d·M per step). This step needs only
             # 10·B·d·M (no gradient for the input), so this can pass 100%; hfu counts
             # the FLOPs the compiled program really performs.
-            mfu_estimate=out["model_flops_12BdM"] / (n * topo["peak_tflops"] * 1e12 * step_s),
-            hfu_estimate=out["flops_per_step"] / (n * topo["peak_tflops"] * 1e12 * step_s),
+            # over every chip of the slice, idle ones too
+            mfu_estimate=out["model_flops_12BdM"] / (topo["devices"] * topo["peak_tflops"] * 1e12 * step_s),
+            hfu_estimate=out["flops_per_step"] / (topo["devices"] * topo["peak_tflops"] * 1e12 * step_s),
             input_gb_per_s=B * d_model * 4 / step_s / 1e9,
         )
     return out
@@ -118,9 +122,11 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
 
 def summary(r: dict) -> str:
     gib = r["per_device_gib"]
+    idle = r["devices"] - r["mesh_devices"]
     lines = [
         f"{r['topology']}: {r['devices']} devices, mesh {r['mesh']}, d_model {r['d_model']}, width {r['width']:,}, "
-        f"batch {r['batch']:,}",
+        f"batch {r['batch']:,}"
+        + (f"  (WARNING: the mesh spans {r['mesh_devices']}; {idle} devices idle: set mesh.data/model)" if idle else ""),
         f"  memory per device: {gib['total']:.2f} GiB "
         f"(state {gib['arguments']:.2f}, temporaries {gib['temporaries']:.2f})"
         + (f" of {r['hbm_gib']} GiB HBM -> {'fits' if r['fits_hbm'] else 'DOES NOT FIT'}" if "fits_hbm" in r else ""),
