@@ -171,7 +171,7 @@ def test_plan_compiles_for_the_slice_devices_in_a_fresh_process():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["devices"] == 4
     bad = subprocess.run(
-        [sys.executable, "-m", "jumprelu", "plan", "--config", "quickstart", "--topology", "4", "--matmul_efficiency=0"],
+        [sys.executable, "-m", "jumprelu", "plan", "--config=quickstart", "--topology=4", "--matmul_efficiency=0"],
         capture_output=True,
         text=True,
         env=env,

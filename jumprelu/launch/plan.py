@@ -126,7 +126,7 @@ def summary(r: dict) -> str:
     lines = [
         f"{r['topology']}: {r['devices']} devices, mesh {r['mesh']}, d_model {r['d_model']}, width {r['width']:,}, "
         f"batch {r['batch']:,}"
-        + (f"  (WARNING: the mesh spans {r['mesh_devices']}; {idle} devices idle: set mesh.data/model)" if idle else ""),
+        + (f"  (WARNING: the mesh spans {r['mesh_devices']}; {idle} devices idle: set mesh.*)" if idle else ""),
         f"  memory per device: {gib['total']:.2f} GiB "
         f"(state {gib['arguments']:.2f}, temporaries {gib['temporaries']:.2f})"
         + (f" of {r['hbm_gib']} GiB HBM -> {'fits' if r['fits_hbm'] else 'DOES NOT FIT'}" if "fits_hbm" in r else ""),
