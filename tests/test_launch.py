@@ -301,6 +301,8 @@ def test_tpu_dry_run_for_a_two_host_slice(capsys):
         "--project=proj --accelerator-type=v5p-16 --runtime-version=v2-alpha-tpuv5 --spot"
     )
     assert cmds[1].startswith("bash -c") and "git ls-files -z --cached --others --exclude-standard" in cmds[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(tpu.__file__)))
+    assert f"cd {os.path.dirname(root)} &&" in cmds[1]  # this package's checkout, from any directory
     assert cmds[2].startswith("gcloud compute tpus tpu-vm scp") and "--worker=all" in cmds[2]
     ssh = [c for c in cmds if c.startswith("gcloud compute tpus tpu-vm ssh sae-pod")]
     assert len(ssh) == 3 and all("--worker=all" in c for c in ssh)

@@ -106,7 +106,7 @@ class Gcloud:
         # The working tree as it is (uncommitted edits included), not HEAD: what you run here is
         # what runs there.
         pack = "git ls-files -z --cached --others --exclude-standard | tar --null -T - -czf " + archive
-        self.run(["bash", "-c", f'set -o pipefail && cd "$(git rev-parse --show-toplevel)" && {pack}'])
+        self.run(["bash", "-c", f"set -o pipefail && cd {shlex.quote(checkout())} && {pack}"])
         scp = ["gcloud", "compute", "tpus", "tpu-vm", "scp", archive, f"{self.name}:~/jumprelu-src.tar.gz"]
         self.run(scp + self._where() + ["--worker=all"])
         install = (
@@ -242,6 +242,15 @@ def main(argv: list[str]) -> int:
 def _command(error: subprocess.CalledProcessError) -> str:
     """The failed command as a shell line."""
     return shlex.join(error.cmd) if isinstance(error.cmd, list) else str(error.cmd)
+
+
+def checkout() -> str:
+    """The jumprelu checkout this package runs from (what `setup` copies to the workers, whatever
+    the current directory); a ConfigError when it was installed from a wheel, not a clone."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above jumprelu/
+    if not os.path.isfile(os.path.join(root, "pyproject.toml")):
+        raise ConfigError(f"tpu setup copies the jumprelu checkout, but jumprelu runs from {root}: use a git clone")
+    return root
 
 
 def check_job(config: str | None, sweep: str | None, extra: list[str] = (), harvest: bool = False) -> None:
