@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jumprelu
-from jumprelu.export import gemma_scope_2, hooks, hub, neuronpedia, saelens, tensors
+from jumprelu.export import gemma_scope, gemma_scope_2, hooks, hub, neuronpedia, saelens, tensors
 from jumprelu.export.tensors import FormatError
 from jumprelu.train.loop import train
 from tests.test_train import ROOT
@@ -300,6 +300,29 @@ def test_bad_saelens_and_gemma_scope_2_files_give_one_line_errors(tmp_path):
         with pytest.raises(FormatError) as e:
             jumprelu.load(d)
         _one_line(e, "cfg.json", part)
+
+
+def test_load_arguments_of_the_wrong_type_and_nan_weights_are_one_line(trained, tmp_path):
+    """step=10.0 read as a damaged checkpoint '10.0', member=True as 'sae-True'; a released
+    file holding NaN loaded silently where a checkpoint holding it is refused."""
+    assert jumprelu.load(str(trained), step=np.int64(20)).step == 20
+    for kw, message in (
+        ({"step": 20.0}, "step must be an integer, found 20.0"),
+        ({"step": "20"}, "step must be an integer, found '20'"),
+        ({"member": True}, "member must be an integer, found True"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            jumprelu.load(str(trained), **kw)
+    from safetensors.numpy import save_file
+
+    p = {k: v for k, v in _random(np.random.default_rng(0)).items()}
+    p["threshold"][3] = np.nan
+    np.savez(tmp_path / "p.npz", **p)
+    with pytest.raises(gemma_scope.GemmaScopeError, match="p.npz: threshold holds NaN or Inf"):
+        jumprelu.load(str(tmp_path / "p.npz"))
+    save_file({k.lower(): v for k, v in p.items()}, str(tmp_path / "params.safetensors"))
+    with pytest.raises(FormatError, match="params.safetensors: threshold holds NaN or Inf"):
+        jumprelu.load(str(tmp_path))
 
 
 def test_a_named_gemma_scope_2_safetensors_file_is_the_one_read(tmp_path):

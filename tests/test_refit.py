@@ -60,7 +60,8 @@ def test_refit_lowers_the_error_on_its_rows():
     "sae, ridge, width_cap, message",
     [
         (_sae(k=4), 0.01, None, "TopK"),
-        (_sae(), 0.0, None, "ridge must be > 0"),
+        (_sae(), 0.0, None, "ridge must be finite and > 0"),
+        (_sae(), float("inf"), None, r"ridge must be finite and > 0 .*, found inf"),
         (_sae(), 0.01, M - 1, "width 16 > 15"),
     ],
 )

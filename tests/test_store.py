@@ -113,6 +113,31 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
         StoreWriter(str(tmp_path / "s"), d_model=8, shard_rows=10, dtype="bfloat16")
 
 
+def test_resuming_with_the_same_tuple_and_numpy_settings_works(tmp_path):
+    """writing.json reads tuples back as lists: the same settings were refused as other ones."""
+    settings = dict(d_model=8, shard_rows=10, layer=np.int64(3), extra={"layers": (1, 2)}, shuffle_seed=None)
+    w = StoreWriter(str(tmp_path / "s"), **settings)
+    w.append(_rows(25))
+    del w  # interrupted: 20 rows in two shards
+    w = StoreWriter(str(tmp_path / "s"), **settings)
+    w.append(_rows(25)[20:])
+    w.close()
+    store = open_store(str(tmp_path / "s"))
+    np.testing.assert_array_equal(_all_rows(store), _rows(25))
+    assert store.metadata["layer"] == 3 and store.metadata["extra"]["layers"] == [1, 2]
+    with pytest.raises(DataError, match="store .*t: the writer's settings must be JSON values"):
+        StoreWriter(str(tmp_path / "t"), d_model=8, extra={"x": object()})
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("store_dtype", ["bfloat16", "float32"])
+def test_writer_takes_bfloat16_rows(tmp_path, store_dtype):
+    rows = _rows(12).astype(ml_dtypes.bfloat16)
+    _write(tmp_path / "s", rows, dtype=store_dtype, shuffle_seed=None)
+    got = _all_rows(open_store(str(tmp_path / "s")))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), rows.astype(np.float32))
+
+
 def test_writer_rejects_bad_rows(tmp_path):
     w = StoreWriter(str(tmp_path / "s"), d_model=8)
     with pytest.raises(DataError, match=r"rows must have shape \[n, 8\], found \[3, 7\]"):

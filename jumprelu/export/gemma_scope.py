@@ -48,6 +48,8 @@ def read_params(path: str) -> dict[str, np.ndarray]:
             raise GemmaScopeError(f"{path}: {k} has shape {list(found[k].shape)}, expected {want} (from W_enc)")
         if not np.issubdtype(found[k].dtype, np.floating):
             raise GemmaScopeError(f"{path}: {k} has dtype {found[k].dtype}, expected a float type")
+        if not np.isfinite(found[k]).all():  # as a training checkpoint holding them is refused
+            raise GemmaScopeError(f"{path}: {k} holds NaN or Inf")
     return {k: found[k].astype(np.float32) for k in KEYS}
 
 

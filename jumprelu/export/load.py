@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import zipfile
 
@@ -35,6 +36,7 @@ def load(path: str | os.PathLike, step: int | None = None, member: int | None = 
     `CheckpointError`.
     """
     path = os.fspath(path)
+    step, member = _index(step, "step"), _index(member, "member")
     released = _released_format(path)
     if released is not None:
         if step is not None or member is not None:
@@ -64,6 +66,16 @@ def load(path: str | os.PathLike, step: int | None = None, member: int | None = 
         raise CheckpointError(f"{checkpoint_dir(path)}: no intact checkpoint ({'; '.join(damaged)})")
     finally:
         ckpt.close()
+
+
+def _index(value, name: str) -> int | None:
+    """An integer argument (numpy's too) or None; a bool, float or string is a one-line ValueError
+    (they read as damaged checkpoints, or tracebacks, further in)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValueError(f"{name} must be an integer, found {value!r}")
+    return operator.index(value)
 
 
 def _load_step(ckpt: Checkpointer, path: str, step: int, member: int | None) -> SAE:

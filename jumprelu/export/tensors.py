@@ -61,7 +61,7 @@ def write(path: str, arrays: dict[str, np.ndarray], metadata: dict[str, str] | N
 
 
 def check_exact(path: str, found: dict[str, np.ndarray], expected: dict[str, tuple], optional=()) -> None:
-    """Exactly the `expected` keys (plus any `optional` ones), each of its shape and a float dtype.
+    """Exactly the `expected` keys (plus any `optional` ones), each of its shape, a float dtype, finite.
 
     `expected` maps key -> shape; a shape entry None is free (it is fixed by the first array).
     """
@@ -75,3 +75,5 @@ def check_exact(path: str, found: dict[str, np.ndarray], expected: dict[str, tup
             raise FormatError(f"{path}: {k} has shape {list(found[k].shape)}, expected {list(shape)}")
         if not is_float(found[k].dtype):
             raise FormatError(f"{path}: {k} has dtype {found[k].dtype}, expected a float type")
+        if not np.isfinite(np.asarray(found[k], np.float32)).all():
+            raise FormatError(f"{path}: {k} holds NaN or Inf")

@@ -85,6 +85,10 @@ class StoreWriter:
             shard_rows=self.shard_rows,
             extra=dict(extra or {}),  # producer details (harvest: checkpoint, tokenizer, seq_len, ...)
         )
+        try:  # as writing.json will read back (tuples become lists), so a resume compares like with like
+            self.header = json.loads(json.dumps(self.header, default=_json_number))
+        except TypeError as e:
+            raise DataError(f"store {path}: the writer's settings must be JSON values ({e})") from None
         # One shard's rows are gathered in a buffer allocated once and reused, plus one for the shuffle.
         self._buffer = np.empty((0, d_model), fmt.numpy_dtype(dtype))
         self._shuffled = np.empty((0, d_model), fmt.numpy_dtype(dtype))
@@ -179,7 +183,7 @@ class StoreWriter:
         d = self.header["d_model"]
         if rows.ndim != 2 or rows.shape[1] != d:
             raise DataError(f"store {self.path}: rows must have shape [n, {d}], found {list(rows.shape)}")
-        if not np.issubdtype(rows.dtype, np.floating):
+        if not _is_float(rows.dtype):  # numpy's floats and ml_dtypes' (bfloat16)
             raise DataError(f"store {self.path}: rows must be floating point, found dtype {rows.dtype}")
         if self._buffer.shape[0] == 0:
             self._buffer = np.empty((self.shard_rows, d), self._buffer.dtype)
@@ -252,3 +256,20 @@ class StoreWriter:
         metadata = commit.write_metadata(self.path, self.header, self._shards, self.block_rows)
         os.remove(os.path.join(self.path, fmt.WRITING))
         return metadata
+
+
+def _json_number(value):
+    """numpy integers and floats (a layer read from an array) as JSON numbers; anything else refused."""
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    raise TypeError(f"{value!r} of type {type(value).__name__} is not a JSON value")
+
+
+def _is_float(dtype) -> bool:
+    try:
+        import ml_dtypes
+
+        ml_dtypes.finfo(dtype)
+        return True
+    except (ValueError, TypeError):
+        return False

@@ -14,6 +14,7 @@ their trained decoder rows. The normal equations need the [M+1, M+1] Gram matrix
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 
 import jax
@@ -42,8 +43,10 @@ def refit_decoder(sae: folded.SAE, chunks: Iterable[np.ndarray], ridge: float) -
         raise ValueError(f"the decoder refit takes JumpReLU-form SAEs; this one is TopK (k={sae.k})")
     if width > MAX_WIDTH:
         raise ValueError(f"the decoder refit holds an [M+1]² Gram matrix: width {width} > {MAX_WIDTH}")
-    if not ridge > 0:
-        raise ValueError(f"ridge must be > 0 (rows seen many times are over-fitted without it), found {ridge}")
+    if not (math.isfinite(ridge) and ridge > 0):  # inf would zero every fired decoder row
+        raise ValueError(
+            f"ridge must be finite and > 0 (rows seen many times are over-fitted without it), found {ridge}"
+        )
     gram, cross, rows = np.zeros((width + 1, width + 1)), np.zeros((width + 1, d)), 0
     for x in chunks:
         g, c = jax.device_get(_moments(sae.W_enc, sae.b_enc, sae.threshold, jnp.asarray(x, jnp.float32)))
