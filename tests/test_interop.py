@@ -325,6 +325,36 @@ def test_load_arguments_of_the_wrong_type_and_nan_weights_are_one_line(trained, 
         jumprelu.load(str(tmp_path))
 
 
+def test_a_store_rewritten_at_the_runs_path_is_refused(tmp_path, tiny_config):
+    """evaluate and refit reported on (and fitted to) the new rows as the run's held-out ones;
+    a resume would have continued on them."""
+    import shutil
+
+    from jumprelu.cli.evaluate import evaluate_workdir
+    from jumprelu.cli.refit import refit_workdir
+    from jumprelu.errors import ConfigError, DataError
+    from jumprelu.store import StoreWriter
+
+    def write(seed):
+        w = StoreWriter(str(tmp_path / "acts"), d_model=32)
+        w.append(np.random.default_rng(seed).normal(size=(4096, 32)).astype(np.float32))
+        w.close()
+
+    write(0)
+    tiny_config.data.source, tiny_config.train.steps = str(tmp_path / "acts"), 10
+    run = str(tmp_path / "run")
+    train(tiny_config, run)
+    evaluate_workdir(run)  # the same store: fine
+    shutil.rmtree(tmp_path / "acts")
+    write(1)
+    for command in (lambda: evaluate_workdir(run), lambda: refit_workdir(run, None, 512, 0.01)):
+        with pytest.raises(DataError, match=r"acts: holds other rows than the run trained on \(4096 rows, crc32 "):
+            command()
+    tiny_config.train.steps = 20
+    with pytest.raises(ConfigError, match="acts holds other rows .* than the checkpoint .* was trained on"):
+        train(tiny_config, run)
+
+
 def test_a_named_gemma_scope_2_safetensors_file_is_the_one_read(tmp_path):
     """`jumprelu.load("dir/other.safetensors")` reads that file, not the folder's params.safetensors."""
     from safetensors.numpy import save_file

@@ -60,6 +60,7 @@ def evaluate_workdir(
         rows = onthefly.held_out_rows(cfg.data)
     else:
         store = data_lib.open_source(cfg.data, workdir)
+        data_lib.check_same_store(sae.config, store, "jumprelu evaluate")  # its held-out rows, not others
         rows = data_lib.make_stream(cfg.data, store).eval_set()
     # not the rows the target-L0 controller read in training: λ was set from their L0
     rows = report_rows(rows, controller_rows(cfg), split_rows=trained_split)

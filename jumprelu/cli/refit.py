@@ -42,7 +42,9 @@ def refit_workdir(workdir: str, member: int | None, rows: int, ridge: float) -> 
     cfg.data.source = data_lib.recorded_source(sae.config)  # a relative path, from another directory
     if cfg.data.source == data_lib.LM_SOURCE:
         raise UserError(f"{workdir}: an on-the-fly run (data.source={data_lib.LM_SOURCE!r}) keeps no rows to refit on")
-    stream = data_lib.make_stream(cfg.data, data_lib.open_source(cfg.data, workdir))
+    store = data_lib.open_source(cfg.data, workdir)
+    data_lib.check_same_store(sae.config, store, "jumprelu refit")  # the rows training read, not others
+    stream = data_lib.make_stream(cfg.data, store)
     seen = sae.step * int(cfg.train.batch_size)
     if seen == 0:
         raise UserError(f"{workdir}: the checkpoint is at step 0; the refit uses rows training has read")

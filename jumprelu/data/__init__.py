@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zlib
 from typing import Protocol
 
 import jax
@@ -108,12 +109,34 @@ def trained_on(data_cfg, rows) -> dict:
     meta = store.metadata
     return dict(
         path=fs.abspath(store.path),
+        rows=store_fingerprint(store),
         model=meta.get("model") or None,
         site=meta.get("site") or None,
         layer=meta.get("layer"),
         seq_len=(meta.get("extra") or {}).get("seq_len"),
         text_source=meta.get("text_source") or None,
     )
+
+
+def store_fingerprint(store: Store) -> str:
+    """Which rows a store holds, in a line: its row count and a CRC of its shards' block checksums
+    (of its metadata, for a format-1 store that kept none). A store rewritten at the same path
+    has another."""
+    meta = store.metadata
+    crcs = [s.get("crc32") for s in meta.get("shards", [])]
+    basis = [meta.get("num_rows"), crcs] if crcs and all(crcs) else meta  # format 1: its metadata, creation time too
+    return f"{meta.get('num_rows')} rows, crc32 {zlib.crc32(json.dumps(basis, sort_keys=True).encode()):08x}"
+
+
+def check_same_store(config: dict, store: Store, command: str) -> None:
+    """A DataError when the store now at the run's recorded path is not the one it trained on:
+    `command` would report on (or fit to) other rows as if they were the run's."""
+    recorded = (config.get("trained_on") or {}).get("rows")
+    if recorded is not None and recorded != store_fingerprint(store):
+        raise DataError(
+            f"store {store.path}: holds other rows than the run trained on ({store_fingerprint(store)}; "
+            f"the run recorded {recorded}): it was rewritten since; {command} needs the run's own store"
+        )
 
 
 def recorded_source(config: dict) -> str:

@@ -84,6 +84,7 @@ def eval_rows(workdir: str, config: dict) -> tuple[np.ndarray, np.ndarray, str]:
     data_cfg = ml_collections.ConfigDict(config["data"])
     data_cfg.source = data_lib.recorded_source(config)  # a relative path, from another directory
     store = data_lib.open_source(data_cfg, workdir)
+    data_lib.check_same_store(config, store, "export --format neuronpedia")
     stream = data_lib.make_stream(data_cfg, store)
     return stream.eval_set(), stream.eval_index(), store.path
 

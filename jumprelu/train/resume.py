@@ -96,6 +96,12 @@ def check_resumable(saved: dict, cfg: ml_collections.ConfigDict, directory: str)
                 f"config field {field} is {_get(now, field)!r} but the checkpoint in {directory} "
                 f"was trained with {_get(saved, field)!r}; set it back or use a new --workdir"
             )
+    rows_was, rows_now = _get(saved, "trained_on.rows"), _get(now, "trained_on.rows")
+    if rows_was is not None and rows_now is not None and rows_was != rows_now:  # same path, rewritten store
+        raise ConfigError(
+            f"store {cfg.data.source} holds other rows ({rows_now}) than the checkpoint in {directory} was "
+            f"trained on ({rows_was}): it was rewritten since; resume on that store or use a new --workdir"
+        )
     scale_now, scale_was = _get(now, "data.scale"), _get(saved, "data.scale")
     if scale_now is not None and scale_now != scale_was:  # unset: the checkpoint's C, as trained
         raise ConfigError(
