@@ -380,6 +380,18 @@ def test_full_disk_during_a_write_is_one_line_and_resumes(tmp_path, monkeypatch)
     assert not (out / "writing.json").exists()
     with pytest.raises(DataError, match="already complete"):
         convert_lib.convert(str(tmp_path / "acts.npy"), str(out), shard_rows=40, dtype="bfloat16", log=lambda *_: None)
+    # The input regenerated at the same path (same shape, other rows): not "already converted"...
+    np.save(tmp_path / "acts.npy", rows * 50)
+    with pytest.raises(DataError, match=r"store .*s was converted from another version of this input"):
+        convert_lib.convert(str(tmp_path / "acts.npy"), str(out), shard_rows=40, log=lambda *_: None)
+    # ...and an interrupted conversion does not resume with it
+    monkeypatch.setattr(writer_lib.np, "save", save)
+    with pytest.raises(DataError, match="No space left"):
+        convert_lib.convert(str(tmp_path / "acts.npy"), str(tmp_path / "t"), shard_rows=40, log=lambda *_: None)
+    monkeypatch.setattr(writer_lib.np, "save", real_save)
+    np.save(tmp_path / "acts.npy", rows)
+    with pytest.raises(DataError, match=r"interrupted write with extra=.* is in progress"):
+        convert_lib.convert(str(tmp_path / "acts.npy"), str(tmp_path / "t"), shard_rows=40, log=lambda *_: None)
 
 
 def test_convert_names_an_npz_archive(tmp_path):

@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import numpy as np
 
+from jumprelu.errors import DataError
 from jumprelu.store import format as fmt
 from jumprelu.store.metadata import read_metadata
 from jumprelu.store.npy import open_npy
 from jumprelu.store.writer import StoreWriter
 
 
-def _already_converted(output, rows, dtype, model, site, layer, text_source, shuffle_seed, shard_rows):
+def input_identity(path: str) -> dict:
+    """The .npy's size and CRCs of its first and last MiB: a file regenerated at the same path
+    (same shape, other rows) has others, so neither the no-op rerun nor a resume takes it for
+    the one converted before."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+    return dict(size=size, crc32_head=zlib.crc32(head), crc32_tail=zlib.crc32(tail))
+
+
+def _already_converted(output, rows, dtype, model, site, layer, text_source, shuffle_seed, shard_rows, source):
     """The metadata of `output` if a conversion with these settings already completed there, else None.
 
     A process killed after metadata.json was written but before it returned is then rerun
@@ -27,6 +41,11 @@ def _already_converted(output, rows, dtype, model, site, layer, text_source, shu
         want["shard_rows"] = int(shard_rows)
     if any(meta.get(k) != v for k, v in want.items()):
         return None  # StoreWriter refuses to touch it, saying why
+    if (meta.get("extra") or {}).get("input") != source:
+        raise DataError(
+            f"store {output} was converted from another version of this input (now {source}, then "
+            f"{(meta.get('extra') or {}).get('input')}); convert it into a new directory"
+        )
     leftover = os.path.join(output, fmt.WRITING)
     if os.path.exists(leftover):
         os.remove(leftover)
@@ -51,8 +70,9 @@ def convert(
     shuffle_seed: the seed of the shuffle within each shard; None keeps the input order.
     """
     rows = open_npy(input_path)
+    source = input_identity(input_path)
     done = _already_converted(output, rows, dtype, model, site, layer, text_source or os.path.abspath(input_path),
-                              shuffle_seed, shard_rows)  # fmt: skip
+                              shuffle_seed, shard_rows, source)  # fmt: skip
     if done is not None:
         log(f"{output} already holds these {rows.shape[0]} rows; nothing to do")
         return done
@@ -66,6 +86,7 @@ def convert(
         text_source=text_source or os.path.abspath(input_path),
         shuffle_seed=shuffle_seed,
         shard_rows=shard_rows,
+        extra={"input": source},  # a resume refuses another version of the input (the header must match)
     )
     start = writer.rows_written
     if start:
