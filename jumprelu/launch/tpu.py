@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shlex
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import time
 
 from jumprelu import errors
 from jumprelu.errors import ConfigError
+from jumprelu.launch.preflight import check_job, checkout
 
 # Runtime (TPU VM image) per generation, from the Cloud TPU docs.
 RUNTIMES = {
@@ -242,50 +242,6 @@ def main(argv: list[str]) -> int:
 def _command(error: subprocess.CalledProcessError) -> str:
     """The failed command as a shell line."""
     return shlex.join(error.cmd) if isinstance(error.cmd, list) else str(error.cmd)
-
-
-def checkout() -> str:
-    """The jumprelu checkout this package runs from (what `setup` copies to the workers, whatever
-    the current directory); a ConfigError when it was installed from a wheel, not a clone."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above jumprelu/
-    if not os.path.isfile(os.path.join(root, "pyproject.toml")):
-        raise ConfigError(f"tpu setup copies the jumprelu checkout, but jumprelu runs from {root}: use a git clone")
-    return root
-
-
-def check_job(config: str | None, sweep: str | None, extra: list[str] = (), harvest: bool = False) -> None:
-    """Loads the experiment (or harvest config) a run names, reads its argument, applies the
-    `--config.FIELD=V` overrides and validates each run's config, as the workers will: a
-    ValueError (ConfigError) names what is wrong. An experiment given as a path must lie in this
-    checkout, relative to it: the workers run `tpu setup`'s copy of it, nothing else of this machine."""
-    import ast
-
-    from jumprelu.config import validate
-    from jumprelu.launch import experiment
-
-    name, arg = experiment.split(config or sweep)
-    if os.path.isfile(name) and (os.path.isabs(name) or os.path.normpath(name).startswith("..")):
-        raise ConfigError(
-            f"experiment {name}: a path outside this checkout; the workers get only the checkout "
-            "`tpu setup` copied: put the file in it and give its path relative to it"
-        )
-    module = experiment.load(name)
-    if sweep:
-        experiment.expand(module, arg)  # validates each run
-        return
-    overrides = {}
-    for a in extra:
-        field, _, text = a.removeprefix("--config.").partition("=")
-        try:
-            overrides[field] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            overrides[field] = text  # a string, as ml_collections reads it
-    try:
-        cfg = experiment.apply_overrides(module.get_config(arg), overrides)
-    except TypeError as e:  # ml_collections: a value of another type than the field's
-        raise ConfigError(f"{' '.join(extra)}: {e}") from None
-    if not harvest:  # a harvest config is checked by the harvest itself, before its model loads
-        validate(cfg)
 
 
 def _dispatch(args, g: Gcloud, extra: list[str]) -> int:

@@ -1,0 +1,52 @@
+"""What `jumprelu tpu` checks here before anything reaches gcloud: the job each worker will run
+(its experiment, argument, overrides and every run's config), and the checkout `setup` copies."""
+
+from __future__ import annotations
+
+import os
+
+from jumprelu.errors import ConfigError
+
+
+def checkout() -> str:
+    """The jumprelu checkout this package runs from (what `setup` copies to the workers, whatever
+    the current directory); a ConfigError when it was installed from a wheel, not a clone."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above jumprelu/
+    if not os.path.isfile(os.path.join(root, "pyproject.toml")):
+        raise ConfigError(f"tpu setup copies the jumprelu checkout, but jumprelu runs from {root}: use a git clone")
+    return root
+
+
+def check_job(config: str | None, sweep: str | None, extra: list[str] = (), harvest: bool = False) -> None:
+    """Loads the experiment (or harvest config) a run names, reads its argument, applies the
+    `--config.FIELD=V` overrides and validates each run's config, as the workers will: a
+    ValueError (ConfigError) names what is wrong. An experiment given as a path must lie in this
+    checkout, relative to it: the workers run `tpu setup`'s copy of it, nothing else of this machine."""
+    import ast
+
+    from jumprelu.config import validate
+    from jumprelu.launch import experiment
+
+    name, arg = experiment.split(config or sweep)
+    if os.path.isfile(name) and (os.path.isabs(name) or os.path.normpath(name).startswith("..")):
+        raise ConfigError(
+            f"experiment {name}: a path outside this checkout; the workers get only the checkout "
+            "`tpu setup` copied: put the file in it and give its path relative to it"
+        )
+    module = experiment.load(name)
+    if sweep:
+        experiment.expand(module, arg)  # validates each run
+        return
+    overrides = {}
+    for a in extra:
+        field, _, text = a.removeprefix("--config.").partition("=")
+        try:
+            overrides[field] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[field] = text  # a string, as ml_collections reads it
+    try:
+        cfg = experiment.apply_overrides(module.get_config(arg), overrides)
+    except TypeError as e:  # ml_collections: a value of another type than the field's
+        raise ConfigError(f"{' '.join(extra)}: {e}") from None
+    if not harvest:  # a harvest config is checked by the harvest itself, before its model loads
+        validate(cfg)
