@@ -295,13 +295,13 @@ def test_end_to_end_gemma3_it_harvest_train_evaluate_with_delta_lm_loss(world, c
     # Evaluated on the chat texts through the template: only content positions are scored.
     ev = [sys.executable, "-m", "jumprelu", "evaluate", "--workdir", str(run)]
     ev += ["--lm", f"harvest/gemma3:tiny={world['dir']},layer=1,site=resid,chat_template=True"]
-    ev += [f"--lm.eval.texts=('{world['dir'] / 'chat.jsonl'}',)", "--lm.eval.sequences=8"]
+    ev += ["--lm.eval.sequences=8"]  # the tiny world's held-out conversations (chat_eval.jsonl)
     out = subprocess.run(ev, cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     with open(run / "eval.json") as f:
         lm = json.load(f)["lm"]
     tok = text_lib.SentencePieceTokenizer(str(world["dir"] / "tok.model"), chat_template=True)
-    seqs = list(text_lib.sequences([str(world["dir"] / "chat.jsonl")], tok, 32, "messages"))[:8]
+    seqs = list(text_lib.sequences([str(world["dir"] / "chat_eval.jsonl")], tok, 32, "messages"))[:8]
     scored = sum(int((text_lib.keep_mask(s, tok.special)[:-1] & (s[1:] != tok.special.pad)).sum()) for s in seqs)
     assert lm["scored_tokens"] == scored and lm["sequences"] == 8
     assert lm["ce_zero_ablated"] != lm["ce_clean"]
@@ -322,5 +322,9 @@ def test_config_argument():
         get_config("chat_template=yes please")
     t = get_config("tiny=/w,chat_template=True")
     assert (t.model, t.texts, t.text_field) == ("tiny_gemma3", ("/w/chat.jsonl",), "messages")
+    assert t.eval.texts == ("/w/chat_eval.jsonl",)  # held-out conversations, not the plain eval texts
+    from jumprelu.experiments.harvest import gemma2
+
+    assert gemma2.get_config("model=gemma2_2b,chat_template=True").chat_template is True
     assert (t.dtype, t.layer, t.split_paragraphs) == ("float32", 1, False)
     assert get_config("tiny=/w").texts == ("/w/train.txt",)

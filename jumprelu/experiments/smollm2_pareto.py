@@ -1,7 +1,7 @@
 """The Pareto comparison on real activations: every SAE kind at width 4,096 on a small real model.
 
   jumprelu store convert ../shared/data/smollm2_135m_l15_resid_dev.npy stores/smollm2_l15
-  jumprelu sweep smollm2_pareto --local              # all 23 runs, one after another
+  jumprelu sweep smollm2_pareto --local              # all 22 runs (23 with :paper), one after another
   python benchmarks/pareto.py --data ../shared/data/smollm2_135m_l15_resid_dev.npy --out /tmp/pareto
 
 Hardware: any CPU. Expected run time on 2 cores: ~90 s per ReLU/Gated run, ~150 s per

@@ -12,7 +12,7 @@ Gemma 3's world stands in for the real one where it differs: its tokenizer keeps
 (identity normalisation, as Gemma's) and has the chat pieces <start_of_turn> and <end_of_turn>
 as single tokens, its model has QK norm and no soft-caps (gemma_model.tiny_config), and
 DIR/chat.jsonl holds conversations ({"messages": [{role, content}, ...]}) for an `it`-style
-harvest with the chat template.
+harvest with the chat template, DIR/chat_eval.jsonl other ones for its LM evaluation.
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ def make(directory: str, num_layers: int = 2, embed_dim: int = 64, family: str =
     if family == "gemma3":
         with open(os.path.join(directory, "chat.jsonl"), "w") as f:
             f.writelines(json.dumps(c) + "\n" for c in _conversations(3, 60))
+        with open(os.path.join(directory, "chat_eval.jsonl"), "w") as f:  # held out: the LM evaluation's
+            f.writelines(json.dumps(c) + "\n" for c in _conversations(4, 12))
         gemma3 = dict(
             user_defined_symbols=[text_lib.START_OF_TURN, text_lib.END_OF_TURN],
             normalization_rule_name="identity",
@@ -103,5 +105,5 @@ if __name__ == "__main__":
     if len(args) != 1:
         sys.exit("usage: python -m jumprelu.harvest.tiny DIR [--family gemma2|gemma3]")
     make(args[0], family=fam)
-    extra = ", chat.jsonl" if fam == "gemma3" else ""
+    extra = ", chat.jsonl, chat_eval.jsonl" if fam == "gemma3" else ""
     print(f"tiny {fam} world in {args[0]}: tok.model, ckpt/, train.txt, eval.jsonl{extra}")

@@ -32,10 +32,11 @@ tokenizer, texts, and DIR/store_{site}_l{layer} as the store).
 
 from ml_collections import config_dict
 
+from jumprelu.errors import ConfigError
 from jumprelu.launch import experiment
 from jumprelu.store.format import SITE_STORE_TEMPLATE
 
-ARGS = ("model", "site", "layer", "sites", "layers", "tiny")
+ARGS = ("model", "site", "layer", "sites", "layers", "tiny", "chat_template")
 
 
 def get_config(arg=None):
@@ -51,7 +52,9 @@ def get_config(arg=None):
     c.split_paragraphs = False  # .txt: one document per blank-line-separated paragraph
     # Gemma's chat turns around each text (instruction-tuned checkpoints; harvest/gemma3.py and
     # jumprelu.harvest.text): template tokens are masked like BOS.
-    c.chat_template = False
+    c.chat_template = args.get("chat_template", False)
+    if not isinstance(c.chat_template, bool):
+        raise ConfigError(f"harvest/gemma2 argument chat_template={c.chat_template!r}: expected true or false")
     c.seq_len = 1024
     c.batch_sequences = 8
     c.site = args.get("site", "resid")

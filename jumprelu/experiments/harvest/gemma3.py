@@ -45,7 +45,7 @@ LAYERS = {"270m": 18, "1b": 26, "4b": 34, "12b": 48, "27b": 62}
 
 
 def get_config(arg=None):
-    args = experiment.parse_arg(arg, (*gemma2.ARGS, "chat_template"), "harvest/gemma3")
+    args = experiment.parse_arg(arg, gemma2.ARGS, "harvest/gemma3")
     model = args.get("model", "gemma3_4b_pt")
     size = model.split("_")[1] if model.startswith("gemma3_") and model.count("_") == 2 else ""
     defaults = {"model": model}
@@ -65,6 +65,7 @@ def get_config(arg=None):
         c.batch_sequences, c.store, c.shard_rows = tiny.batch_sequences, tiny.store, tiny.shard_rows
         c.eval = tiny.eval
         c.model = "tiny_gemma3"
-        if c.chat_template:
+        if c.chat_template:  # conversations to harvest, and held-out ones to evaluate on
             c.texts, c.text_field, c.split_paragraphs = (f"{d}/chat.jsonl",), "messages", False
+            c.eval.texts = (f"{d}/chat_eval.jsonl",)
     return c
