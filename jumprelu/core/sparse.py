@@ -25,7 +25,6 @@ over the batch (counts, f_sum), which is all the JumpReLU losses need
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -42,8 +41,9 @@ from jumprelu.core.dense_blocks import (
     row_blocks,
     window_coord,
 )
+from jumprelu.core.sparse_sizes import Capacity, default_capacity
 
-__all__ = ["Capacity", "sparse_forward", "dense_forward", "row_blocks"]
+__all__ = ["Capacity", "default_capacity", "sparse_forward", "dense_forward", "row_blocks"]
 
 _CHUNK = 4096  # entries per chunk of the gathers and scatter-adds
 
@@ -70,23 +70,6 @@ def _candidates(x, w_enc, bias, theta, eps, row_capacity, dtype):
         return blk(x)
     vals, idx, count = jax.lax.map(blk, blocked(n, x)[0])
     return vals.reshape(-1, row_capacity), idx.reshape(-1, row_capacity), count.reshape(-1)
-
-
-@dataclasses.dataclass(frozen=True)
-class Capacity:
-    """Static sizes of the sparse step. A batch overflows (and takes the dense path) when more
-    than `spill` rows exceed `per_row` candidates or the other rows hold more than `per_batch`."""
-
-    per_row: int  # candidate slots per row
-    per_batch: int  # entries kept over the batch (rows within per_row)
-    spill: int  # rows beyond per_row, each computed densely
-
-    @classmethod
-    def for_batch(cls, per_row: int, batch: int, width: int) -> Capacity:
-        """per_row slots (≤ width); per_batch: a quarter of the slots, i.e. twice the mean a
-        per_row of 8 × L0 allows; spill: 1/64 of the rows (at least 1)."""
-        per_row = min(per_row, width)
-        return cls(per_row, max(1, batch * per_row // 4), max(1, batch // 64))
 
 
 def _select(x, w_enc, bias, theta, eps, cap: Capacity, dtype):
@@ -307,10 +290,3 @@ def z_variance(x, w_enc):
     xc = x - jnp.mean(x, axis=0)
     cov = jnp.matmul(xc.T, xc, precision=jax.lax.Precision.HIGHEST) / x.shape[0]
     return jnp.maximum(jnp.sum(w * jnp.matmul(cov, w, precision=jax.lax.Precision.HIGHEST), axis=0), 0.0)
-
-
-def default_capacity(target_l0: float, width: int) -> int:
-    """Top-k slots per row when sae.sparse_capacity is 0: 8 × the target L0 and at least width/64
-    (the per-row L0 is heavy-tailed, more so the wider the SAE; rows beyond the slots spill to
-    the dense path), a multiple of 8, ≤ width."""
-    return min(width, max(8 * math.ceil(8 * target_l0 / 8), width // 64))
