@@ -153,9 +153,12 @@ def our_config(trainer: str, target: int, args, store: str):
 def config_sha(trainer: str, target: int, args, store: str) -> str:
     """A short hash of the config our trainer gets: finished runs are reused only for the same one,
     so a change of recipe or baseline in the code is trained afresh, not read back."""
-    if trainer in PEERS:
-        return ""
-    cfg = our_config(trainer.removesuffix("_refit"), target, args, store).to_dict()
+    if trainer in PEERS:  # its settings: another --width, --batch or --seed is another run
+        cfg = {"peer": peer_arguments(trainer, target, args)}
+    else:
+        cfg = our_config(trainer.removesuffix("_refit"), target, args, store).to_dict()
+    if trainer.endswith("_refit"):
+        cfg["refit"] = [args.refit_rows, args.refit_ridge]
     return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -192,10 +195,10 @@ def prefix_fvu(params: dict, width: int, eval_rows: np.ndarray) -> dict:
     return dict(prefix_width=width, prefix_l0=m["l0"], prefix_fvu=m["fvu"])
 
 
-def run_peer(trainer: str, target: int, args, train_npy: str, eval_npy: str) -> dict:
+def peer_arguments(trainer: str, target: int, args) -> list[str]:
+    """saelens_train.py's arguments for this trainer and target, but the data files."""
     arch = trainer.removeprefix("saelens_")
-    cmd = [PEER_PYTHON, os.path.join(HERE, "peers", "saelens_train.py"), "--train", train_npy, "--eval", eval_npy]
-    cmd += ["--arch", arch, "--width", str(args.width), "--batch", str(args.batch), "--tokens", str(args.tokens)]
+    cmd = ["--arch", arch, "--width", str(args.width), "--batch", str(args.batch), "--tokens", str(args.tokens)]
     # SAELens's own normalisation (mean ‖x‖ = √d): its JumpReLU values below (θ init, bandwidth) are
     # in those units; on our E‖x‖² = 1 scale they left 90% of its latents dead (FVU 0.341 at L0 50).
     cmd += ["--lr", "1e-3", "--seed", str(args.seed), "--normalize", "sae_lens"]
@@ -203,11 +206,30 @@ def run_peer(trainer: str, target: int, args, train_npy: str, eval_npy: str) -> 
         cmd += ["--target-l0", str(target), "--bandwidth", "0.01", "--init-threshold", "0.01", "--l0-coefficient", "5"]
     else:
         cmd += ["--k", str(target)]
+    return cmd
+
+
+def run_peer(trainer: str, target: int, args, train_npy: str, eval_npy: str) -> dict:
+    cmd = [PEER_PYTHON, os.path.join(HERE, "peers", "saelens_train.py"), "--train", train_npy, "--eval", eval_npy]
+    cmd += peer_arguments(trainer, target, args)
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"SAELens run failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
     return dict(l0=r["L0"], fvu=r["FVU"], dead_fraction=r["dead"], dense_fraction=r["dense10"], seconds=r["seconds"])
+
+
+def append_line(path: str, line: str) -> None:
+    """Appends one line, first ending a line a crash left unfinished (so the new one stays whole)."""
+    with open(path, "ab+") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(line.encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -248,6 +270,23 @@ def main() -> None:
     args = p.parse_args()
     if args.window_rows < 0:
         p.error(f"--window_rows must be >= 0, found {args.window_rows}")
+    # checked before the split and the store are written, and before hours of training
+    if not os.path.isfile(args.data):
+        p.error(f"{args.data}: no such file")
+    for name in ("tokens", "width", "batch", "eval_rows", "refit_rows"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be > 0, found {getattr(args, name)}")
+    if args.tokens < args.batch:
+        p.error(f"--tokens {args.tokens} is less than one batch of {args.batch}: no training step")
+    try:
+        targets = [int(t) for t in args.targets.split(",") if t]
+    except ValueError:
+        p.error(f"--targets must be integers separated by commas, found {args.targets!r}")
+    if not targets or not all(0 < t < args.width for t in targets):
+        p.error(f"--targets must be L0s between 1 and the width ({args.width}), found {args.targets!r}")
+    unknown = [t for t in args.kinds.split(",") if t and t not in OURS + PEERS]
+    if unknown:
+        p.error(f"--kinds: unknown trainer {unknown[0]!r}; expected some of {','.join(OURS + PEERS)}")
     os.makedirs(args.out, exist_ok=True)
     train_npy, eval_npy, store = split(args.data, args.out, args.eval_rows, args.seed, args.window_rows)
     eval_rows = np.load(eval_npy)
@@ -258,11 +297,15 @@ def main() -> None:
     results_path = os.path.join(args.out, "results.jsonl")
     done = {}
     if os.path.exists(results_path):
-        for line in open(results_path):
-            r = json.loads(line)
+        for number, line in enumerate(open(results_path), 1):
+            try:
+                r = json.loads(line)
+            except ValueError:  # a line torn by a crash: that run is trained again
+                print(f"{results_path}:{number}: not a JSON line (torn by a crash?); ignored")
+                continue
             done[(r["trainer"], r["target"], r["tokens"], tuple(r.get("override", ())), r.get("config_sha", ""))] = r
     rows = []
-    for target in [int(t) for t in args.targets.split(",")]:
+    for target in targets:
         for trainer in trainers:
             overrides = tuple(args.override) if trainer in OURS else ()
             key = (trainer, target, args.tokens, overrides, config_sha(trainer, target, args, store))
@@ -274,8 +317,7 @@ def main() -> None:
                 done[key] = dict(
                     trainer=trainer, target=target, tokens=args.tokens, override=list(key[3]), config_sha=key[4], **r
                 )
-                with open(results_path, "a") as f:
-                    f.write(json.dumps(done[key]) + "\n")
+                append_line(results_path, json.dumps(done[key]))
             r = done[key]
             rows.append(r)
             print(

@@ -7,6 +7,8 @@ A results file (`benchmarks/fidelity.py`'s results.jsonl, or the rows kept in be
 is appended in the order the runs finished, and a trainer's config changes over time (the
 recipe, the baselines), so for each (trainer, target, tokens) the last row is today's version
 of that trainer: that row is what this plots (L0 against FVU, one curve per trainer) and prints.
+A row trained with `--override` is named under the table with its overrides (an experiment on a
+trainer, or a field since made its default), so it is never taken for the plain trainer unseen.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def main() -> None:
     title = args.title or f"width 4,096, batch 1,024, {args.tokens:,} tokens; FVU and L0 on held-out rows"
     fidelity.plot(rows, args.out, title)
     fidelity.print_table(rows)
+    for r in rows:
+        if r.get("override"):
+            print(f"  {r['trainer']} at L0 target {r['target']}: trained with --override {' '.join(r['override'])}")
     print(f"\nwrote {args.out}\ncommand: python " + " ".join(shlex.quote(a) for a in sys.argv))
 
 

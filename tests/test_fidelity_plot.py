@@ -45,8 +45,15 @@ def test_plot_and_table_from_the_command_line_and_bad_rows_named(tmp_path):
         [sys.executable, SCRIPT, str(path), "--out", str(tmp_path / "f.png")], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
-    assert "| jumprelu | 50 | 50.0 | 0.1500 | 0.0% | 0.00% |" in out.stdout
+    assert "| jumprelu | 50 | 50.0 | 0.1500 | 0.0% | 0.00% |" in out.stdout and "--override" not in out.stdout
     assert (tmp_path / "f.png").stat().st_size > 0
+    tried = dict(_row("topk", 50, 2_000_000, 0.22), override=["sae.dead_window_tokens=50000"])
+    path.write_text(json.dumps(_row("topk", 50, 2_000_000, 0.15)) + "\n" + json.dumps(tried) + "\n")
+    out = subprocess.run(
+        [sys.executable, SCRIPT, str(path), "--out", str(tmp_path / "f.png")], capture_output=True, text=True
+    )
+    # the newest row is shown, and said to be an experiment on the trainer, not the trainer
+    assert "topk at L0 target 50: trained with --override sae.dead_window_tokens=50000" in out.stdout
     path.write_text(json.dumps(_row("jumprelu", 50, 2_000_000, 0.15)) + "\n" + '{"trainer": "topk"}\n')
     with pytest.raises(SystemExit, match=r"results.jsonl:2: not a fidelity result row \(no target, tokens, l0"):
         fidelity_plot.newest_rows(str(path), 2_000_000, ["jumprelu"])

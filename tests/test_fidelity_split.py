@@ -31,3 +31,55 @@ def test_window_split_holds_out_whole_blocks_that_training_never_touches(seed):
     assert np.intersect1d(eval_idx, train_idx).size == 0
     again, _ = fidelity.held_out(n, eval_rows, seed=seed, window_rows=w)
     np.testing.assert_array_equal(eval_idx, again)
+
+
+def _args(**kw):
+    import argparse
+
+    base = dict(width=4096, batch=1024, tokens=2_000_000, seed=0, override=[], refit_rows=131072, refit_ridge=0.01)
+    base.update(matryoshka_frequency_penalty=None, matryoshka_divisors="8,4,2,1", matryoshka_weights="auto")
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_a_finished_run_is_reused_only_with_the_same_settings():
+    """SAELens's rows were keyed without its width, batch or seed, and a refit's without its rows
+    and ridge: a rerun with other ones read the old row back under the new settings."""
+    sha = fidelity.config_sha
+    assert sha("saelens_topk", 50, _args(), "s") == sha("saelens_topk", 50, _args(), "s")
+    for change in ({"width": 2048}, {"batch": 512}, {"seed": 1}):
+        assert sha("saelens_topk", 50, _args(**change), "s") != sha("saelens_topk", 50, _args(), "s"), change
+    assert sha("saelens_topk", 50, _args(), "s") != sha("saelens_jumprelu", 50, _args(), "s")
+    assert sha("jumprelu_refit", 50, _args(refit_ridge=1.0), "s") != sha("jumprelu_refit", 50, _args(), "s")
+    assert sha("jumprelu", 50, _args(refit_ridge=1.0), "s") == sha("jumprelu", 50, _args(), "s")
+
+
+def test_a_line_torn_by_a_crash_is_ended_before_the_next(tmp_path):
+    path = str(tmp_path / "results.jsonl")
+    fidelity.append_line(path, '{"a": 1}')
+    with open(path, "a") as f:
+        f.write('{"b": 2, "tor')  # the crash
+    fidelity.append_line(path, '{"c": 3}')
+    assert open(path).read().splitlines() == ['{"a": 1}', '{"b": 2, "tor', '{"c": 3}']
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tokens", "100"], "--tokens 100 is less than one batch of 1024"),
+        (["--targets", "0"], "--targets must be L0s between 1 and the width"),
+        (["--targets", "20,x"], "--targets must be integers"),
+        (["--eval_rows", "0"], "--eval_rows must be > 0"),
+        (["--kinds", "topk,saelens_batchtopk"], "--kinds: unknown trainer 'saelens_batchtopk'"),
+    ],
+)
+def test_bad_arguments_stop_before_any_work(tmp_path, flags, message, capsys, monkeypatch):
+    np.save(tmp_path / "x.npy", np.zeros((10, 4), np.float16))
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", ["fidelity.py", str(tmp_path / "x.npy"), "--out", str(out), *flags])
+    with pytest.raises(SystemExit) as stop:
+        fidelity.main()
+    assert stop.value.code == 2 and message in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr("sys.argv", ["fidelity.py", str(tmp_path / "none.npy"), "--out", str(out)])
+    with pytest.raises(SystemExit):
+        fidelity.main()
+    assert "none.npy: no such file" in capsys.readouterr().err
