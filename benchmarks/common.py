@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 
+from jumprelu import fs
 from jumprelu.store import open_store
 from jumprelu.store.convert import convert
 
@@ -17,10 +19,17 @@ def ensure_store(data: str, out_dir: str) -> str:
         return data
     if not data.endswith(".npy"):
         raise SystemExit(f"--data {data}: expected an activation store directory or a .npy file")
+    if not os.path.isfile(data):
+        raise SystemExit(f"--data {data}: no such file")
     store_dir = os.path.join(out_dir, "store")
-    if not os.path.exists(os.path.join(store_dir, "metadata.json")):  # absent or interrupted: (re)write
-        convert(data, store_dir)
+    # (a no-op when it holds this .npy already; refused when it was made from another version of it)
+    convert(data, store_dir, log=lambda *_: None)
     return store_dir
+
+
+def config_hash(cfg) -> str:
+    """8 hex digits of a run's whole config: a rerun with other settings is another directory."""
+    return hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def train_run(cfg, workdir: str) -> dict:
@@ -36,6 +45,6 @@ def train_run(cfg, workdir: str) -> dict:
     t0 = time.perf_counter()
     report = loop.train(cfg, workdir)
     report["seconds"] = time.perf_counter() - t0
-    with open(report_path, "w") as f:  # add the timing for reruns of the benchmark
-        json.dump(report, f, indent=2)
+    # the timing, for reruns of the benchmark (atomically: a crash leaves the library's report)
+    fs.write_text_atomically(report_path, json.dumps(report, indent=2))
     return report

@@ -9,7 +9,9 @@ the held-out split, and writes to --out:
   pareto.png   L0 (log axis) against FVU, one curve per kind
   pareto.json  the same plus FVU interpolated at L0 = 20, 50, 100 (log-L0 interpolation, never
                extrapolated: "—" where a kind's curve does not reach that L0)
-Finished runs are kept in OUT/runs/ and not trained again, so an interrupted benchmark resumes.
+Every SAE is measured on the same held-out rows (those a target-L0 controller reads left out of
+every kind's). Finished runs are kept in OUT/runs/ (named by their config's hash too) and not
+trained again, so an interrupted benchmark resumes.
 """
 
 from __future__ import annotations
@@ -24,12 +26,29 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ensure_store, train_run  # noqa: E402
+from benchmarks.common import config_hash, ensure_store, train_run  # noqa: E402
+from jumprelu.config import controller_rows  # noqa: E402
+from jumprelu.core.init import report_rows  # noqa: E402
 from jumprelu.errors import Diverged  # noqa: E402
 from jumprelu.evaluate import pareto, plots  # noqa: E402
 from jumprelu.launch import experiment  # noqa: E402
 
 FIELDS = ("kind", "knob", "value", "l0", "fvu", "mse", "dead_fraction", "dense_fraction", "tokens", "seconds", "run")
+
+
+def held_out_rows(cfg):
+    """The store's held-out split as the runs see it (the same data.eval_rows and seed)."""
+    from jumprelu import data as data_lib
+
+    return data_lib.make_stream(cfg.data, data_lib.open_source(cfg.data, "")).eval_set()
+
+
+def evaluate(workdir: str, rows) -> dict:
+    import jumprelu
+    from jumprelu.evaluate.metrics import evaluate_rows
+
+    sae = jumprelu.load(workdir)
+    return evaluate_rows(dict(sae.params(), k=sae.k), rows)
 
 
 def main() -> None:
@@ -43,30 +62,37 @@ def main() -> None:
     p.add_argument("--targets", default="20,50,100", help="L0 values at which to interpolate FVU")
     args = p.parse_args()
 
-    os.makedirs(args.out, exist_ok=True)
-    store = ensure_store(args.data, args.out)
     name, arg = experiment.split(args.experiment)
-    runs = experiment.expand(experiment.load(name), arg)
+    runs = every_run = experiment.expand(experiment.load(name), arg)
     wanted = set(filter(None, args.kinds.split(",")))
     if wanted:
         runs = [r for r in runs if r.config.sae.kind in wanted]
+    if not runs:  # before anything is written: earlier results stay
+        p.error(f"--kinds {args.kinds}: no run of {args.experiment} has that kind")
+    os.makedirs(args.out, exist_ok=True)
+    store = ensure_store(args.data, args.out)
     extra = {"data.source": store, "log.progress": False}
     if args.width:
         extra["sae.width"] = args.width
     if args.steps:
         extra["train.steps"] = args.steps
 
+    configs = [experiment.apply_overrides(run.config, extra) for run in runs]
+    # every kind on the same held-out rows: all but those a target-L0 controller of the sweep reads
+    # (of the whole sweep, so that --kinds picks the same rows)
+    skip = max(controller_rows(experiment.apply_overrides(r.config, extra)) for r in every_run)
+    held_out = report_rows(held_out_rows(configs[0]), skip)
     points, diverged, t0 = [], [], time.perf_counter()
-    for i, run in enumerate(runs):
-        cfg = experiment.apply_overrides(run.config, extra)
+    for i, (run, cfg) in enumerate(zip(runs, configs, strict=True)):
         knob, value = next(((k, v) for k, v in run.overrides.items() if k != "sae.kind"), ("", ""))
+        workdir = f"{run.workdir(os.path.join(args.out, 'runs'))}_{config_hash(cfg)}"  # other settings: another run
         try:
-            report = train_run(cfg, run.workdir(os.path.join(args.out, "runs")))
+            report = train_run(cfg, workdir)
         except Diverged as error:  # a blown-up run is no point of the curve; the others still are
             print(f"[{i + 1}/{len(runs)}] {run.name}: left out, {error}", flush=True)
             diverged.append({"run": run.name, "error": str(error)})
             continue
-        e = report["eval"]
+        e = evaluate(workdir, held_out)
         point = dict(kind=cfg.sae.kind, knob=knob, value=value, tokens=report["tokens"], run=run.name)
         point.update({k: e[k] for k in ("l0", "fvu", "mse", "dead_fraction", "dense_fraction")})
         point["seconds"] = None if report["seconds"] is None else round(report["seconds"], 1)
