@@ -196,6 +196,8 @@ def main() -> None:
         raise SystemExit(f"--kind {a.kind}: give its k as a whole --l0, found {a.l0}")
     if a.phase and not (a.l0 and a.kind == "jumprelu"):
         raise SystemExit("--phase: the BatchTopK phase is the JumpReLU recipe's; give --l0 (and no --kind)")
+    if a.sparse_only and not a.l0:
+        raise SystemExit("--sparse-only: the sparse step needs --l0 (else no step is timed at all)")
     x = _batch(a, a.d_model)
     d_model = x.shape[1]
     dense_cfg = _config(a.width, a.dtype, a.l0, "off", a.kind)
@@ -264,7 +266,8 @@ def main() -> None:
     peak = a.peak_tflops or _peak_tflops(kind)
     if peak:  # model FLOPs utilisation: the five dense products per step over the devices' peak
         for name in runs:
-            out[f"{name}_mfu"] = round(flops / (ms[name] / 1e3) / (peak * 1e12 * jax.device_count()), 4)
+            # the step runs on one device (the others of a simulated host are idle)
+            out[f"{name}_mfu"] = round(flops / (ms[name] / 1e3) / (peak * 1e12), 4)
     out.update(device=kind, backend=jax.default_backend(), num_devices=jax.device_count(), command=cmd)
     print(json.dumps(out))
 

@@ -27,6 +27,7 @@ if [[ -f "$STAMP" && -z "${FORCE:-}" ]] && "$VENV/bin/python" -c "import sae_len
 fi
 
 t0=$(date +%s)
+[[ -n "${FORCE:-}" ]] && rm -rf "$VENV"  # a reinstall from nothing: pip would keep a broken venv's packages
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
