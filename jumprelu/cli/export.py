@@ -97,10 +97,10 @@ def held_out_eval(path: str, sae, member: int | None) -> dict:
     run's report.json or refit.json is of it, else measured now on the run's held-out rows
     (`--step N` before the end); {} for a released file, which carries none."""
     from jumprelu.cli.evaluate import evaluate_workdir
-    from jumprelu.export.load import recorded_eval
+    from jumprelu.export.load import from_workdir, recorded_eval
 
     recorded = recorded_eval(path, sae, member)
-    if recorded or "data" not in (sae.config or {}) or "source" in sae.config:
+    if recorded or not from_workdir(sae):
         return recorded
     return evaluate_workdir(path, member, step=sae.step)[1]["stored"]
 

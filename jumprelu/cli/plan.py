@@ -70,10 +70,11 @@ def run(argv: list[str]) -> int:
                 f"jumprelu plan: needs {topo['devices']} fake CPU devices but JAX started with "
                 f"{len(devices)} {devices[0].platform} devices; run it in a fresh process"
             )
-        for key, flag in (("peak_tflops", peak), ("hbm_gib", hbm), ("ici_gbps", ici), ("", eff)):
+        for flag in (peak, hbm, ici, eff):
             if flag.value is not None and not flag.value > 0:
                 return common.fail(f"--{flag.name} must be > 0, found {flag.value:g}")
-            if key and flag.value is not None:
+        for key, flag in (("peak_tflops", peak), ("hbm_gib", hbm), ("ici_gbps", ici)):
+            if flag.value is not None:
                 topo[key] = flag.value
         try:
             validate(config.value)

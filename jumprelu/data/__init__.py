@@ -131,10 +131,10 @@ def store_fingerprint(store: Store) -> str:
 def check_same_store(config: dict, store: Store, command: str) -> None:
     """A DataError when the store now at the run's recorded path is not the one it trained on:
     `command` would report on (or fit to) other rows as if they were the run's."""
-    recorded = (config.get("trained_on") or {}).get("rows")
-    if recorded is not None and recorded != store_fingerprint(store):
+    recorded, now = (config.get("trained_on") or {}).get("rows"), store_fingerprint(store)
+    if recorded is not None and recorded != now:
         raise DataError(
-            f"store {store.path}: holds other rows than the run trained on ({store_fingerprint(store)}; "
+            f"store {store.path}: holds other rows than the run trained on ({now}; "
             f"the run recorded {recorded}): it was rewritten since; {command} needs the run's own store"
         )
 

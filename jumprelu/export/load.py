@@ -133,12 +133,17 @@ def resolve(path: str, member: int | None = None) -> tuple[str, int | None]:
     return path, member
 
 
+def from_workdir(sae) -> bool:
+    """Whether `sae` was loaded from a training workdir (it carries the run's config), not a released file."""
+    return "data" in (sae.config or {}) and "source" not in sae.config
+
+
 def require_workdir(sae, path: str, command: str) -> None:
     """A one-line error when `sae` came from a released file rather than a training workdir:
     `command` needs the run's own rows."""
     from jumprelu.errors import UserError
 
-    if "data" not in (sae.config or {}) or "source" in sae.config:
+    if not from_workdir(sae):
         raise UserError(f"{path}: {command} needs a training workdir (it reads the run's rows), not a released file")
 
 
