@@ -11,6 +11,7 @@ import numpy as np
 
 from jumprelu import fs
 from jumprelu.errors import UserError
+from jumprelu.store.format import is_float
 
 _DTYPES = {
     "F64": np.float64,
@@ -26,10 +27,6 @@ _DTYPES = {
 
 class FormatError(UserError):
     """A file in a released SAE layout that does not hold what the layout says; one line naming the file."""
-
-
-def is_float(dtype) -> bool:
-    return np.issubdtype(dtype, np.floating) or np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16)
 
 
 def read(path: str) -> dict[str, np.ndarray]:

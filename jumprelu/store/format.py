@@ -62,6 +62,11 @@ def writing_name(part: int | None = None) -> str:
 PART_WRITING_GLOB = "writing-p[0-9][0-9][0-9].json"
 
 
+def is_float(dtype) -> bool:
+    """numpy's float dtypes and bfloat16 (ml_dtypes', which numpy does not count as floating)."""
+    return np.issubdtype(dtype, np.floating) or np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16)
+
+
 def numpy_dtype(dtype: str) -> np.dtype:
     """The dtype rows have in memory (the file holds bfloat16 as uint16 bits)."""
     return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)

@@ -183,7 +183,7 @@ class StoreWriter:
         d = self.header["d_model"]
         if rows.ndim != 2 or rows.shape[1] != d:
             raise DataError(f"store {self.path}: rows must have shape [n, {d}], found {list(rows.shape)}")
-        if not _is_float(rows.dtype):  # numpy's floats and ml_dtypes' (bfloat16)
+        if not fmt.is_float(rows.dtype):
             raise DataError(f"store {self.path}: rows must be floating point, found dtype {rows.dtype}")
         if self._buffer.shape[0] == 0:
             self._buffer = np.empty((self.shard_rows, d), self._buffer.dtype)
@@ -263,13 +263,3 @@ def _json_number(value):
     if isinstance(value, np.integer | np.floating):
         return value.item()
     raise TypeError(f"{value!r} of type {type(value).__name__} is not a JSON value")
-
-
-def _is_float(dtype) -> bool:
-    try:
-        import ml_dtypes
-
-        ml_dtypes.finfo(dtype)
-        return True
-    except (ValueError, TypeError):
-        return False
