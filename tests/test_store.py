@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import ml_dtypes
 import numpy as np
@@ -351,15 +352,20 @@ def test_full_disk_during_a_write_is_one_line_and_resumes(tmp_path, monkeypatch)
 
     rows = _rows(100)
     np.save(tmp_path / "acts.npy", rows)
-    real_save = np.save
+    real_sink = writer_lib._Sink
 
-    def save(f, arr, **kw):
-        if f.name.endswith(".shard-00001.npy.tmp"):
-            f.write(b"partial")
+    class FullDisk(real_sink):  # the second shard's file fills the disk after a few bytes
+        def __init__(self, f):
+            super().__init__(f)
+            self.file = f
+            if f.name.endswith(".shard-00001.npy.tmp"):
+                self.write = self.fail
+
+        def fail(self, data):
+            self.file.write(b"partial")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_save(f, arr, **kw)
 
-    monkeypatch.setattr(writer_lib.np, "save", save)
+    monkeypatch.setattr(writer_lib, "_Sink", FullDisk)
     out = tmp_path / "s"
     with pytest.raises(
         DataError,
@@ -367,8 +373,9 @@ def test_full_disk_during_a_write_is_one_line_and_resumes(tmp_path, monkeypatch)
     ) as e:
         convert_lib.convert(str(tmp_path / "acts.npy"), str(out), shard_rows=40, log=lambda *_: None)
     assert "\n" not in str(e.value)
-    assert sorted(os.listdir(out)) == ["shard-00000.npy", "writing.json"]  # the partial shard is given back
-    monkeypatch.setattr(writer_lib.np, "save", real_save)
+    # the partial shard is given back (the lock is this process's until its writer is replaced)
+    assert sorted(os.listdir(out)) == [".writer.lock", "shard-00000.npy", "writing.json"]
+    monkeypatch.setattr(writer_lib, "_Sink", real_sink)
     convert_lib.convert(str(tmp_path / "acts.npy"), str(out), shard_rows=40, log=lambda *_: None)
     np.testing.assert_array_equal(_sorted(_all_rows(open_store(str(out), verify=True))), _sorted(rows))
     # Killed after metadata.json but before the progress file went (found by benchmarks/chaos.py):
@@ -385,10 +392,10 @@ def test_full_disk_during_a_write_is_one_line_and_resumes(tmp_path, monkeypatch)
     with pytest.raises(DataError, match=r"store .*s was converted from another version of this input"):
         convert_lib.convert(str(tmp_path / "acts.npy"), str(out), shard_rows=40, log=lambda *_: None)
     # ...and an interrupted conversion does not resume with it
-    monkeypatch.setattr(writer_lib.np, "save", save)
+    monkeypatch.setattr(writer_lib, "_Sink", FullDisk)
     with pytest.raises(DataError, match="No space left"):
         convert_lib.convert(str(tmp_path / "acts.npy"), str(tmp_path / "t"), shard_rows=40, log=lambda *_: None)
-    monkeypatch.setattr(writer_lib.np, "save", real_save)
+    monkeypatch.setattr(writer_lib, "_Sink", real_sink)
     np.save(tmp_path / "acts.npy", rows)
     with pytest.raises(DataError, match=r"interrupted write with extra=.* is in progress"):
         convert_lib.convert(str(tmp_path / "acts.npy"), str(tmp_path / "t"), shard_rows=40, log=lambda *_: None)
@@ -419,3 +426,73 @@ def test_writer_refuses_bad_shard_rows_and_seed_before_writing(tmp_path, field, 
     with pytest.raises(DataError, match=message):
         StoreWriter(str(tmp_path / "s"), d_model=8, **{field: value})
     assert not (tmp_path / "s").exists()
+
+
+def test_a_short_write_of_a_real_file_keeps_its_reason(tmp_path):
+    """A write the kernel cuts short (here RLIMIT_FSIZE, as a full disk does with ENOSPC) names its
+    reason: numpy's tofile path said only "N requested and M written", so the full-disk hint was lost."""
+    np.save(tmp_path / "acts.npy", _rows(200, d=64))  # 25,600-byte shards
+    script = textwrap.dedent(
+        f"""
+        import resource, signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (12_000, 12_000))
+        from jumprelu.errors import DataError
+        from jumprelu.store.convert import convert
+        try:
+            convert({str(tmp_path / "acts.npy")!r}, {str(tmp_path / "s")!r}, shard_rows=100, log=lambda *_: None)
+        except DataError as e:
+            print(e)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "cannot write shard-00000.npy: File too large" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_second_writer_on_one_store_is_refused_until_the_first_is_gone(tmp_path):
+    """Two converts into one directory each deleted the other's new shards as crash leftovers and
+    could mark the store complete with a shard missing: the second one is now refused at once."""
+    from jumprelu.store.convert import convert
+
+    path = str(tmp_path / "s")
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys\nfrom jumprelu.store import StoreWriter\n"
+         f"w = StoreWriter({path!r}, d_model=8, shard_rows=40)\nprint('ready', flush=True)\nsys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        message = rf"store {path}: another process \(pid {holder.pid}\) is writing this store"
+        with pytest.raises(DataError, match=message):
+            StoreWriter(path, d_model=8, shard_rows=40)
+    finally:
+        holder.kill()
+        holder.wait()
+    writer = StoreWriter(path, d_model=8, shard_rows=40)  # the killed holder's lock is free
+    writer.append(_rows(40))
+    writer.close()
+    assert sorted(os.listdir(path)) == ["metadata.json", "shard-00000.npy"]  # the lock file goes with the write
+    np.save(tmp_path / "acts.npy", _rows(100))
+    path = str(tmp_path / "t")
+    convert(str(tmp_path / "acts.npy"), path, shard_rows=40, log=lambda *_: None)
+    # A complete store that lost a shard is not "already converted".
+    os.remove(os.path.join(path, "shard-00001.npy"))
+    with pytest.raises(DataError, match=r"shard-00001.npy is missing \(metadata.json lists 3 shards\)"):
+        convert(str(tmp_path / "acts.npy"), path, shard_rows=40, log=lambda *_: None)
+
+
+def test_a_damaged_progress_record_or_synthetic_metadata_is_one_line(tmp_path):
+    from jumprelu.data.synthetic import SyntheticSpec, write_store
+
+    path = tmp_path / "s"
+    writer = StoreWriter(str(path), d_model=8, shard_rows=40)
+    writer.append(_rows(50))  # one shard committed, then the process "dies"
+    (path / "writing.json").write_text('{"header": {"model": "x", "d_mo')
+    with pytest.raises(DataError, match=r"store .*s: writing.json \(the interrupted write's record\) is damaged"):
+        StoreWriter(str(path), d_model=8, shard_rows=40)
+    spec = SyntheticSpec(d_model=8, num_features=16, rows=64)
+    write_store(spec, str(tmp_path / "syn"))
+    (tmp_path / "syn" / "metadata.json").write_text('{"format": "jumprelu-activation-store", "format_ver')
+    with pytest.raises(DataError, match=r"syn.*metadata.json is not readable JSON"):
+        write_store(spec, str(tmp_path / "syn"))

@@ -134,3 +134,79 @@ def test_remote_jsonl_is_rewritten_at_flushes_not_at_every_log_step(monkeypatch)
     assert len(writes) == 2
     steps = [json.loads(line)["step"] for line in store["gs://b/run/metrics.jsonl"].splitlines()]
     assert steps == [10, *range(11, 31)]
+
+
+def test_a_full_disk_under_tensorboard_ends_its_events_not_the_run(tmp_path, tiny_config, monkeypatch, caplog):
+    """TensorBoard is on by default: its writer hitting a full disk stopped training with a traceback,
+    while metrics.jsonl and the checkpoints are written to survive one."""
+    import errno
+    import os
+
+    from tensorboardX.event_file_writer import EventsWriter
+
+    real = EventsWriter.write_event
+    calls = []
+
+    def fills_the_disk(self, event):
+        calls.append(event.step)
+        if event.step >= 15:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, event)
+
+    monkeypatch.setattr(EventsWriter, "write_event", fills_the_disk)
+    with caplog.at_level("WARNING", logger="jumprelu"):
+        train(tiny_config, str(tmp_path / "run"))
+    assert "TensorBoard events in" in caplog.text and "No space left on device" in caplog.text
+    assert caplog.text.count("TensorBoard events in") == 1  # one warning, then no more attempts
+    assert max(calls) == 15
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == list(range(5, 41, 5))
+
+
+def test_the_train_and_store_commands_report_a_full_disk_and_ctrl_c_in_one_line(tmp_path):
+    """config.json (or the report) on a full disk, and Ctrl-C in `store convert`: one line each with
+    what running the command again does, not a traceback."""
+    import subprocess
+
+    script = """
+import errno, os, sys
+from jumprelu import fs
+real = fs.write_text_atomically
+def full(path, text):
+    if path.endswith("config.json"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return real(path, text)
+fs.write_text_atomically = full
+from jumprelu.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+    wd = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-c", script, "train", "--config=quickstart:runlocal", f"--workdir={wd}",
+         "--config.log.progress=False"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"jumprelu: error: cannot write {wd / 'config.json'}: No space left on device; free some space and run "
+        "the same command again: it resumes from its last checkpoint"
+    ), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+    np.save(tmp_path / "acts.npy", np.ones((64, 8), np.float32))
+    script = """
+import sys
+from jumprelu.store import writer
+def ctrl_c(self, rows):
+    raise KeyboardInterrupt
+writer.StoreWriter.append = ctrl_c
+from jumprelu.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script, "store", "convert", str(tmp_path / "acts.npy"), str(tmp_path / "s")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 130, out.stderr
+    assert out.stderr.strip() == (
+        "jumprelu: interrupted; run the same command again: a conversion resumes after its last complete shard"
+    )

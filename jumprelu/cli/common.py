@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
 from jumprelu.errors import EXIT_USER_ERROR, PREFIX
+
+EXIT_INTERRUPTED = 128 + 2  # the shell's status for a process ended by SIGINT
+# Write failures the user's machine causes (not the program): reported in one line, not a traceback.
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def fail(message) -> int:
     """Prints the one error line and returns the exit status for it (the error's own, if it has one)."""
     print(f"{PREFIX} {message}", file=sys.stderr)
     return getattr(message, "exit_status", EXIT_USER_ERROR)
+
+
+def environment_failure(error: OSError, resume: str) -> int | None:
+    """A full disk, a read-only or forbidden path, as one line naming the file (None for any other
+    OSError, which is a bug to show whole); `resume` says what running the command again does."""
+    if error.errno not in _ENVIRONMENT_ERRNOS:
+        return None
+    where = f"{error.filename}: " if error.filename else ""
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    hint = f"; free some space and run the same command again: {resume}" if full else ""
+    return fail(f"cannot write {where}{error.strerror}{hint}")
+
+
+def interrupted(resume: str) -> int:
+    """Ctrl-C: one line saying how to carry on, and the shell's SIGINT status."""
+    print(f"jumprelu: interrupted; run the same command again: {resume}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def underscore_flags(argv: list[str]) -> list[str]:

@@ -20,6 +20,8 @@ import json
 
 from jumprelu.cli import common
 
+RESUMES = "the harvest resumes after each store's last complete shard"
+
 
 def run(argv: list[str]) -> int:
     from absl import flags
@@ -41,6 +43,13 @@ def run(argv: list[str]) -> int:
             result = harvest(config.value)
         except UserError as e:
             return common.fail(e)
+        except KeyboardInterrupt:
+            return common.interrupted(RESUMES)
+        except OSError as e:
+            status = common.environment_failure(e, RESUMES)
+            if status is None:
+                raise
+            return status
         print(json.dumps(result))
         for path in result["stores"]:
             print(f"store: {path}  (jumprelu store summary {path})")

@@ -16,6 +16,8 @@ from jumprelu.errors import UserError
 from jumprelu.store.convert import convert, summary
 from jumprelu.store.reader import open_store
 
+RESUMES = "a conversion resumes after its last complete shard"
+
 
 def run(argv: list[str]) -> int:
     parser = errors.ArgumentParser(prog="jumprelu store", description=__doc__.splitlines()[0])
@@ -54,6 +56,13 @@ def run(argv: list[str]) -> int:
             out = summary(open_store(args.store, nonfinite="drop", verify=args.verify))
     except UserError as e:
         return common.fail(e)
+    except KeyboardInterrupt:
+        return common.interrupted(RESUMES)
+    except OSError as e:
+        status = common.environment_failure(e, RESUMES)
+        if status is None:
+            raise
+        return status
     if getattr(args, "json", False):
         print(json.dumps(out, indent=1))
     else:

@@ -12,6 +12,8 @@ import sys
 
 from jumprelu.cli import common
 
+RESUMES = "it resumes from its last checkpoint"
+
 
 def run(argv: list[str]) -> int:
     from absl import flags
@@ -47,10 +49,12 @@ def run(argv: list[str]) -> int:
             print(f"jumprelu: {e}", file=sys.stderr)
             return EXIT_PREEMPTED
         except KeyboardInterrupt:  # Ctrl-C outside the loop (start-up, report), or a second one in it
-            print(
-                "jumprelu: interrupted; run the same command again to resume from its last checkpoint", file=sys.stderr
-            )
-            return 128 + 2
+            return common.interrupted(RESUMES)
+        except OSError as e:  # config.json or the report on a full disk (checkpoints say so themselves)
+            status = common.environment_failure(e, RESUMES)
+            if status is None:
+                raise
+            return status
         print(report.format_report(result))
         return 0
 

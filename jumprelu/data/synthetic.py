@@ -22,6 +22,7 @@ import numpy as np
 from jumprelu.errors import DataError
 from jumprelu.store import StoreWriter
 from jumprelu.store import format as store_format
+from jumprelu.store.metadata import read_metadata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +91,7 @@ def write_store(spec: SyntheticSpec, path: str) -> None:
     description = "synthetic " + json.dumps(dataclasses.asdict(spec), sort_keys=True)
     meta_file = os.path.join(path, store_format.METADATA)
     if os.path.exists(meta_file):
-        with open(meta_file) as f:
-            found = json.load(f).get("text_source")
+        found = read_metadata(path).get("text_source")  # damaged: one line naming the file
         if found != description:
             raise DataError(
                 f"store {path} holds synthetic data made from other data.synthetic settings "

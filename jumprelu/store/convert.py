@@ -46,6 +46,12 @@ def _already_converted(output, rows, dtype, model, site, layer, text_source, shu
             f"store {output} was converted from another version of this input (now {source}, then "
             f"{(meta.get('extra') or {}).get('input')}); convert it into a new directory"
         )
+    missing = [s["file"] for s in meta["shards"] if not os.path.exists(os.path.join(output, s["file"]))]
+    if missing:
+        raise DataError(
+            f"store {output}: {missing[0]} is missing ({fmt.METADATA} lists {len(meta['shards'])} shards); "
+            "convert into a new directory"
+        )
     leftover = os.path.join(output, fmt.WRITING)
     if os.path.exists(leftover):
         os.remove(leftover)

@@ -30,6 +30,7 @@ import numpy as np
 from jumprelu.errors import DataError
 from jumprelu.store import checksum, commit
 from jumprelu.store import format as fmt
+from jumprelu.store.lock import WriterLock
 
 DEFAULT_SHARD_BYTES = 256 << 20
 
@@ -98,7 +99,16 @@ class StoreWriter:
             raise DataError(f"store {path} is already complete ({fmt.METADATA} exists); write to a new directory")
         with fmt.writing(path, "the directory"):
             os.makedirs(path, exist_ok=True)
-            self._resume_or_start()
+        self._lock = WriterLock(path, part)
+        self._lock.acquire()
+        try:
+            if os.path.exists(os.path.join(path, fmt.METADATA)):  # another writer finished while we waited
+                raise DataError(f"store {path} is already complete ({fmt.METADATA} exists); write to a new directory")
+            with fmt.writing(path, "the directory"):
+                self._resume_or_start()
+        except BaseException:
+            self._lock.release()
+            raise
 
     # -- resume ---------------------------------------------------------------------------------
     def _own_shards_glob(self, prefix: str = "") -> str:
@@ -120,8 +130,18 @@ class StoreWriter:
                 "resume it with the same number of processes or write to a new directory"
             )
         if os.path.exists(progress):
-            with open(progress) as f:
-                saved = json.load(f)
+            try:
+                with open(progress) as f:
+                    saved = json.load(f)
+                if not (isinstance(saved, dict) and isinstance(saved.get("header"), dict)):
+                    raise ValueError("not the object a writer records")
+                if not isinstance(saved.get("shards"), list):
+                    raise ValueError("no list of shards")
+            except ValueError as e:
+                raise DataError(
+                    f"store {self.path}: {os.path.basename(progress)} (the interrupted write's record) is damaged "
+                    f"({e}); write to a new directory"
+                ) from None
             if saved.get("parts") != self.parts:
                 raise DataError(
                     f"store {self.path}: an interrupted write by {saved.get('parts') or 1} processes is in progress, "
@@ -218,7 +238,8 @@ class StoreWriter:
         with fmt.writing(self.path, name):
             try:
                 with open(tmp, "wb") as f:
-                    np.save(f, file_rows, allow_pickle=False)
+                    # through write(): numpy's tofile path reports a full disk without its errno
+                    np.save(_Sink(f), file_rows, allow_pickle=False)
                     f.flush()
                     os.fsync(f.fileno())
             except OSError:
@@ -250,12 +271,22 @@ class StoreWriter:
         if self.part is not None:
             self._complete = True
             self._record_progress()
+            self._lock.release(remove=True)
             return {"part": self.part, "rows": self.rows_written, "shards": len(self._shards)}
         if not self._shards:
             raise DataError(f"store {self.path}: no rows were written")
         metadata = commit.write_metadata(self.path, self.header, self._shards, self.block_rows)
         os.remove(os.path.join(self.path, fmt.WRITING))
+        self._lock.release(remove=True)
         return metadata
+
+
+class _Sink:
+    """A file as numpy sees a non-file stream: np.save then writes chunks through `write`, whose
+    OSError carries ENOSPC (a real file goes through ndarray.tofile, whose error has no errno)."""
+
+    def __init__(self, f):
+        self.write = f.write
 
 
 def _json_number(value):

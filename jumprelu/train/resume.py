@@ -29,6 +29,8 @@ from jumprelu.train.failures import reason
 log = logging.getLogger("jumprelu")
 
 RESUME_FIELDS = (
+    # first: another store changes d_model too, and the field the user changed is the one to name
+    "data.source",
     # shapes and meaning of the saved arrays
     "sae.kind",
     "sae.width",
@@ -38,7 +40,6 @@ RESUME_FIELDS = (
     "stack.sparsity_coefficients",
     # which rows global batch k holds (data/stream.py), and which rows are held out
     "train.batch_size",
-    "data.source",
     "data.synthetic",
     "data.seed",
     "data.eval_rows",

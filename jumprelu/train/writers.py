@@ -22,9 +22,12 @@ no object is rewritten from the start of the run.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import itertools
 import json
+import logging
 import os
 import time
 
@@ -33,6 +36,7 @@ import numpy as np
 from jumprelu import fs
 from jumprelu.train.metrics_log import MetricsLog, read_metrics
 
+log = logging.getLogger("jumprelu")
 _FILE_COUNT = itertools.count(1)
 HISTOGRAM_FLOOR = -7.0  # log10 firing frequency given to latents that never fired
 
@@ -102,6 +106,33 @@ def flat_hparams(config: dict, prefix: str = "") -> dict:
     return out
 
 
+def _until_a_write_fails(method):
+    """A TensorBoard write that fails (a full disk) ends TensorBoard logging for this run with one
+    warning, as metrics.jsonl and the checkpoints go on: the run is not lost for its event files."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if self._failed:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as e:
+            self._failed = True
+            log.warning(
+                "TensorBoard events in %s: cannot write (%s); no more TensorBoard events this run "
+                "(metrics.jsonl keeps every record; a resumed run writes a new event file)",
+                self.logdir,
+                e.strerror or e,
+            )
+            if self._events is not None:
+                with contextlib.suppress(Exception):
+                    self._events.close()
+                self._events = None
+            return None
+
+    return guarded
+
+
 class TensorBoardWriter(MetricWriter):
     """TensorBoard event files in `logdir`, written synchronously with tensorboardX's record writer.
 
@@ -117,6 +148,7 @@ class TensorBoardWriter(MetricWriter):
         # also from step 0: a run killed before its first checkpoint left steps the rerun logs again
         self._purge = resume_step + 1
         self._events = None
+        self._failed = False
 
     def _write(self, step: int, summary=None, **fields) -> None:
         from tensorboardX.event_file_writer import EventsWriter
@@ -142,6 +174,7 @@ class TensorBoardWriter(MetricWriter):
                 self._purge = None
         self._events.write_event(Event(step=step, wall_time=time.time(), summary=summary, **fields))
 
+    @_until_a_write_fails
     def write_scalars(self, step, scalars):
         from tensorboardX import summary
 
@@ -153,11 +186,13 @@ class TensorBoardWriter(MetricWriter):
     def write_eval(self, step, scalars):
         self.write_scalars(step, scalars)
 
+    @_until_a_write_fails
     def write_histogram(self, step, name, values):
         from tensorboardX import summary
 
         self._write(step, summary.histogram(name, np.asarray(values, np.float64), bins="auto"))
 
+    @_until_a_write_fails
     def write_hparams(self, config):
         from tensorboardX import summary
 
@@ -165,6 +200,7 @@ class TensorBoardWriter(MetricWriter):
             self._write(0, s)
         self._write(0, summary.text("config", "```\n" + json.dumps(config, indent=2) + "\n```"))
 
+    @_until_a_write_fails
     def flush(self):
         if self._events is None:
             return
@@ -173,6 +209,7 @@ class TensorBoardWriter(MetricWriter):
             self._events.close()
             self._events = None
 
+    @_until_a_write_fails
     def close(self):
         if self._events is not None:
             self._events.close()
