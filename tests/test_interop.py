@@ -613,3 +613,106 @@ def test_readme_test_command_is_what_ci_runs():
         ci = f.read().strip().splitlines()[-1]
     assert commands[1].split("```")[0].strip() == ci
     assert "bash benchmarks/peers/setup.sh" in ci
+
+
+def test_an_older_saelens_topk_release_loads_as_topk(tmp_path):
+    """SAELens before 6.0 wrote TopK SAEs as architecture "standard" with activation_fn "topk": read
+    as a ReLU SAE they encoded L0 30 for k 5, silently. Its other legacy spellings load too."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    p = _random(rng)
+    p.pop("threshold")
+    save_file(p, str(tmp_path / "sae_weights.safetensors"))
+    legacy = {"d_in": 16, "d_sae": 48, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 5},
+              "apply_b_dec_to_input": True, "normalize_activations": False, "hook_point": "blocks.3.hook_resid_post",
+              "model_name": "gpt2", "sae_lens_training_version": "4.4.1"}  # fmt: skip
+    (tmp_path / "cfg.json").write_text(json.dumps(legacy))
+    sae = jumprelu.load(str(tmp_path))
+    assert sae.k == 5
+    x = rng.normal(size=(32, 16)).astype(np.float32)
+    h = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    kth = np.sort(h, axis=1)[:, -5:-4]
+    np.testing.assert_allclose(np.asarray(sae.encode(x)), np.where((h >= kth) & (h > 0), h, 0), rtol=1e-4, atol=1e-4)
+    # no architecture at all: a ReLU SAE, as SAELens reads it
+    (tmp_path / "cfg.json").write_text(json.dumps({"d_in": 16, "d_sae": 48, "apply_b_dec_to_input": False}))
+    relu = jumprelu.load(str(tmp_path))
+    assert relu.k is None and float(np.abs(relu.threshold).max()) == 0
+    # an activation function we cannot fold is refused, not read as ReLU
+    (tmp_path / "cfg.json").write_text(json.dumps(dict(legacy, activation_fn_str="tanh-relu")))
+    with pytest.raises(FormatError, match=r"cfg.json: activation_fn 'tanh-relu' \(with architecture 'standard'\)"):
+        jumprelu.load(str(tmp_path))
+
+
+def test_released_saes_keep_their_provenance_across_formats_and_transcoders_stay_out_of_saelens(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    p = _random(rng)
+    save_file({k.lower(): v for k, v in p.items()}, str(tmp_path / "params.safetensors"))
+    released = {"hf_hook_point_in": "model.layers.3.output", "hf_hook_point_out": "model.layers.3.output",
+                "width": 48, "model_name": "google/gemma-2-2b", "architecture": "jump_relu", "l0": 12,
+                "affine_connection": False, "type": "sae"}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(released))
+    sae = jumprelu.load(str(tmp_path))
+    assert gemma_scope_2.config(sae) == released  # re-exported as it was, l0 included
+    cfg = saelens.config(sae)
+    assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post" and cfg["metadata"]["model_name"] == "gemma-2-2b"
+    saelens.export(sae, str(tmp_path / "sl"))
+    back = gemma_scope_2.config(jumprelu.load(str(tmp_path / "sl")))
+    assert back["hf_hook_point_in"] == "model.layers.3.output" and back["model_name"] == "google/gemma-2-2b"
+    assert back["l0"] is None  # SAELens records none: unknown, not 0
+    # a store named in TransformerLens's spelling still gets the Hugging Face id
+    assert hooks.model_names("gemma-2-2b") == ("gemma-2-2b", "google/gemma-2-2b")
+    # an SAE whose decoder writes another width (a transcoder without skip) has no SAELens form
+    tc = tmp_path / "tc"
+    tc.mkdir()
+    save_file({k.lower(): v for k, v in _random(rng, d_out=24).items()}, str(tc / "params.safetensors"))
+    with pytest.raises(FormatError, match="output width 24 against input 16"):
+        saelens.export(jumprelu.load(str(tc)), str(tmp_path / "tc_sl"))
+    assert not (tmp_path / "tc_sl").exists()
+
+
+def test_a_gemma_scope_npz_threshold_below_zero_fires_as_gemma_scope_computes(tmp_path):
+    """Gemma Scope's reference encoder is mask · ReLU(h): a negative θ (a foreign file; ours are
+    clipped positive in training) must not let negative pre-activations through."""
+    rng = np.random.default_rng(0)
+    p = _random(rng)
+    p["threshold"][:8] = -0.5
+    np.savez(tmp_path / "neg.npz", **p)
+    sae = jumprelu.load(str(tmp_path / "neg.npz"))
+    x = rng.normal(size=(32, 16)).astype(np.float32) * 3
+    h = x @ p["W_enc"] + p["b_enc"]
+    np.testing.assert_allclose(np.asarray(sae.encode(x)), np.maximum(h, 0) * (h > p["threshold"]), atol=1e-4)
+
+
+def test_a_loaded_sae_goes_through_jit_and_vmap_as_a_function_and_as_an_argument(trained):
+    """jax.jit(sae) raised "unhashable type: ArrayImpl" (the dataclass hashed its arrays), and an SAE
+    could not be an argument of a jitted function (it was no pytree)."""
+    import jax
+
+    sae = jumprelu.load(str(trained))
+    x = np.random.default_rng(0).normal(size=(8, sae.d_model)).astype(np.float32) * sae.scale
+    want = np.asarray(sae(x))
+    np.testing.assert_allclose(np.asarray(jax.jit(sae)(x)), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda s, x: s(x))(sae, x)), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.vmap(sae.encode)(x)), np.asarray(sae.encode(x)), rtol=1e-6, atol=1e-6)
+    again = jax.tree_util.tree_map(lambda a: a, sae)
+    assert (again.step, again.scale, again.config) == (sae.step, sae.scale, sae.config) and again.k == sae.k
+
+
+def test_neuronpedia_statistics_leave_out_the_rows_the_controller_read(tmp_path, tiny_config):
+    """As report.json and evaluate do: the held-out rows the target-L0 controller read in training
+    are not held out from it, so the export's frequencies and dead count must not count them."""
+    tiny_config.sae.update(target_l0=5.0, target_l0_held_out_rows=128)
+    tiny_config.train.sparsity_warmup_steps = 0
+    run = tmp_path / "run"
+    train(tiny_config, str(run))
+    _export(run, tmp_path / "np", "--format", "neuronpedia", "--top", "3")
+    header = json.loads((tmp_path / "np" / "feature_stats.json").read_text())
+    assert header["eval_rows"] == 512 - 128
+    freq = [
+        json.loads(line)["firing_frequency"] for line in (tmp_path / "np" / "features.jsonl").read_text().splitlines()
+    ]
+    report = json.loads((run / "report.json").read_text())
+    np.testing.assert_allclose(sum(freq), report["eval"]["l0"], rtol=1e-6)

@@ -41,11 +41,20 @@ def test_refit_is_the_ridge_least_squares_decoder_and_keeps_the_encoder():
     g = a.T @ a
     g[np.arange(fired.sum()), np.arange(fired.sum())] += ridge * np.mean(np.diag(g)[:-1])
     want = np.linalg.solve(g, a.T @ x)
-    np.testing.assert_allclose(np.asarray(refit.W_dec)[fired], want[:-1], rtol=1e-4, atol=1e-5)
+    # the least-squares decoder, each fitted row at unit norm and its latent's code scaled by the norm
+    norms = np.linalg.norm(want[:-1], axis=1)
+    np.testing.assert_allclose(np.asarray(refit.W_dec)[fired], want[:-1] / norms[:, None], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(refit.W_dec)[fired], axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(refit.b_dec, want[-1], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(refit.W_dec[~fired], sae.W_dec[~fired])  # never fired: left as trained
-    for name in ("W_enc", "b_enc", "threshold"):
-        np.testing.assert_array_equal(getattr(refit, name), getattr(sae, name))
+    f_refit = np.asarray(refit.encode(x), np.float64)
+    np.testing.assert_array_equal(f_refit != 0, f != 0)  # the same latents fire on the same rows
+    np.testing.assert_allclose(f_refit[:, fired], f[:, fired] * norms, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(refit(x)), f[:, fired] @ want[:-1] + want[-1], rtol=1e-4, atol=1e-4)
+    for name in ("W_enc", "b_enc", "threshold"):  # latents that never fired keep theirs
+        np.testing.assert_array_equal(
+            np.asarray(getattr(refit, name))[..., ~fired], np.asarray(getattr(sae, name))[..., ~fired]
+        )
 
 
 def test_refit_lowers_the_error_on_its_rows():
@@ -83,7 +92,9 @@ def test_refit_command_on_a_trained_run(tmp_path, tiny_config):
     assert report["rows"] == 2048 and report["stream_rows"] == [seen - 2048, seen]
     assert report["after"]["l0"] == report["before"]["l0"]  # the encoder is unchanged
     trained, refit = jumprelu.load(str(run)), jumprelu.load(str(run / "refit" / "params.npz"))
-    np.testing.assert_array_equal(refit.W_enc, trained.W_enc)
+    x = np.random.default_rng(2).normal(size=(64, trained.d_model)).astype(np.float32) * trained.scale
+    np.testing.assert_array_equal(np.asarray(refit.encode(x)) != 0, np.asarray(trained.encode(x)) != 0)
+    np.testing.assert_allclose(np.linalg.norm(refit.W_dec, axis=1), 1.0, rtol=1e-5)  # as SAEBench checks
     assert not np.array_equal(refit.W_dec, trained.W_dec)
     bad = subprocess.run(cmd[:-1] + ["0"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--rows must be > 0" in bad.stderr

@@ -63,12 +63,14 @@ def decode(w_dec, b_dec, f):
     return f @ w_dec + b_dec
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous; identity keeps `jax.jit(sae)` hashable
 class SAE:
     """A JumpReLU SAE in folded form: it takes raw activations x: [..., d_model].
 
     f = JumpReLU_θ(x W_enc + b_enc): [..., width], and x̂ = f W_dec + b_dec. This is
     the Gemma Scope `params.npz` convention; f is C times the training-time features.
+    A pytree of its arrays (k, scale, step and config ride along as static data), so it can be
+    an argument of a jitted or vmapped function: `jax.jit(lambda sae, x: sae(x))(sae, x)`.
     """
 
     W_enc: jax.Array  # [d_model, width]
@@ -108,3 +110,32 @@ class SAE:
 
     def params(self) -> dict[str, np.ndarray]:
         return {k: np.asarray(getattr(self, k)) for k in FOLDED_KEYS}
+
+
+_ARRAYS = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec", "affine_skip")
+
+
+class _Static:
+    """A config dict as pytree static data: compared and hashed by identity (a dict is unhashable),
+    so one SAE's function compiles once and another SAE's compiles anew."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        return isinstance(other, _Static) and other.value is self.value
+
+    def __hash__(self):
+        return id(self.value)
+
+
+jax.tree_util.register_pytree_node(
+    SAE,
+    lambda sae: (
+        tuple(getattr(sae, n) for n in _ARRAYS),
+        (sae.k, sae.scale, sae.step, _Static(sae.config)),
+    ),
+    lambda aux, arrays: SAE(
+        **dict(zip(_ARRAYS, arrays, strict=True)), k=aux[0], scale=aux[1], step=aux[2], config=aux[3].value
+    ),
+)

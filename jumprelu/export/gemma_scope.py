@@ -66,6 +66,8 @@ def load(path: str):
     from jumprelu.export.load import SAE
 
     params = read_params(path)
+    # Gemma Scope's encoder is mask · ReLU(h): ReLU(h)·[h > θ] = h·[h > max(θ, 0)] (ours train θ > 0)
+    params["threshold"] = np.maximum(params["threshold"], np.float32(0))
     arrays = {k: jnp.asarray(v) for k, v in params.items()}
     record = run_file(os.path.abspath(path))
     if not os.path.isfile(record):

@@ -103,10 +103,19 @@ def config(sae, provenance: dict | None = None, l0: float | None = None) -> dict
         "width": sae.width,
         "model_name": p.get("hf_model"),
         "architecture": "jump_relu",
-        "l0": int(round(l0)) if l0 is not None else 0,
+        "l0": int(round(l0)) if l0 is not None else _recorded_l0(sae),
         "affine_connection": sae.affine_skip is not None,
         "type": "sae" if sae.W_dec.shape[1] == sae.d_model and sae.affine_skip is None else "transcoder",
     }
+
+
+def _recorded_l0(sae):
+    """A re-exported release's own l0; else unknown (null), not a wrong 0."""
+    for key in ("gemma_scope_2", "saelens"):
+        cfg = sae.config.get(key)
+        if isinstance(cfg, dict) and isinstance(cfg.get("l0"), int | float) and not isinstance(cfg.get("l0"), bool):
+            return int(round(cfg["l0"]))
+    return None
 
 
 def export(sae, path: str, provenance: dict | None = None, l0: float | None = None) -> dict:

@@ -81,8 +81,48 @@ def site_of_hook(hook: str | None) -> tuple[str, int] | None:
     return None
 
 
+def model_names(model: str | None) -> tuple[str | None, str | None]:
+    """(TransformerLens name, Hugging Face id) of a model named in any of the three namings."""
+    for ours, names in MODELS.items():
+        if model == ours or model in names:
+            return names
+    return model, model
+
+
+def released_provenance(config: dict) -> dict | None:
+    """The provenance a released SAE's own config records (a SAELens cfg.json or a Gemma Scope 2
+    config.json loaded by `jumprelu.load`), so converting it between formats keeps it; None otherwise."""
+    if isinstance(config.get("saelens"), dict):
+        cfg = config["saelens"]
+        meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+        hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
+        model = meta.get("model_name") or cfg.get("model_name")
+        context, dataset = meta.get("context_size") or cfg.get("context_size"), meta.get("dataset_path")
+    elif isinstance(config.get("gemma_scope_2"), dict):
+        cfg = config["gemma_scope_2"]
+        hook, model, context, dataset = cfg.get("hf_hook_point_in"), cfg.get("model_name"), None, None
+    else:
+        return None
+    site, layer = site_of_hook(hook) or (None, None)
+    family = model_family(model)
+    tl_name, hf_name = model_names(model)
+    return {
+        "model": family or model,
+        "model_name": tl_name,
+        "hf_model": hf_name,
+        "site": site,
+        "layer": layer,
+        "context_size": context,
+        "dataset": dataset,
+        # a hook we have no site for is kept as it was written
+        "hook_name": saelens_hook(site, layer) or (hook if "saelens" in config else None),
+        "hf_hook_point": hf_hook_point(site, layer) or (hook if "gemma_scope_2" in config else None),
+    }
+
+
 def provenance(config: dict) -> dict:
-    """What the SAE was trained on, from its training config and its store's metadata.json.
+    """What the SAE was trained on, from its training config and its store's metadata.json
+    (or, for a released SAE loaded from its own format, what its config records).
 
     Returns model (our name), model_name (TransformerLens), hf_model (Hugging Face id), site,
     layer, context_size (the harvest's seq_len), dataset (the texts), hook_name, hf_hook_point;
@@ -92,6 +132,9 @@ def provenance(config: dict) -> dict:
     from jumprelu.errors import UserError
     from jumprelu.store.reader import read_metadata
 
+    released = released_provenance(config)
+    if released is not None:
+        return released
     source = recorded_source(config) if (config.get("data") or {}).get("source") else ""
     recorded = config.get("trained_on") or {}  # saved in training since 2026-12-01
     if not recorded and source == "lm":  # an on-the-fly run from before: its harvest config says
@@ -106,7 +149,7 @@ def provenance(config: dict) -> dict:
     if not meta.get("model") and recorded:  # run from another directory, or the store moved or is remote
         meta = dict(recorded, extra={"seq_len": recorded.get("seq_len")})
     model, site, layer = meta.get("model") or None, meta.get("site") or None, meta.get("layer")
-    tl_name, hf_name = MODELS.get(model, (model, model))
+    tl_name, hf_name = model_names(model)
     extra = meta.get("extra") or {}
     return {
         "model": model,

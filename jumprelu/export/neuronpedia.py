@@ -86,7 +86,12 @@ def eval_rows(workdir: str, config: dict) -> tuple[np.ndarray, np.ndarray, str]:
     store = data_lib.open_source(data_cfg, workdir)
     data_lib.check_same_store(config, store, "export --format neuronpedia")
     stream = data_lib.make_stream(data_cfg, store)
-    return stream.eval_set(), stream.eval_index(), store.path
+    # as the reports: without the rows the target-L0 controller read during training
+    from jumprelu.config import controller_rows
+    from jumprelu.core.init import report_rows
+
+    read = controller_rows(ml_collections.ConfigDict({"sae": config.get("sae") or {}}))
+    return report_rows(stream.eval_set(), read), report_rows(stream.eval_index(), read), store.path
 
 
 ContextsFn = Callable[[np.ndarray], list]  # store coordinates [n, 2] -> per row {tokens, token_ids, position} or None

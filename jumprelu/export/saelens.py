@@ -77,8 +77,11 @@ def export(sae, path: str, provenance: dict | None = None) -> dict:
     threshold = np.asarray(sae.threshold, np.float32)
     if sae.k is None and threshold.size and threshold.min() < 0:
         raise FormatError(f"{path}: a negative threshold ({threshold.min():g}) has no SAELens JumpReLU form")
-    if sae.affine_skip is not None:
-        raise FormatError(f"{path}: an affine transcoder has no SAELens SAE form; export it as gemma-scope-2")
+    if sae.affine_skip is not None or sae.W_dec.shape[1] != sae.d_model:
+        raise FormatError(
+            f"{path}: a transcoder (affine skip, or output width {sae.W_dec.shape[1]} against input {sae.d_model}) "
+            "has no SAELens SAE form; export it as gemma-scope-2"
+        )
     cfg = config(sae, provenance)
     arrays = {
         "W_enc": np.asarray(sae.W_enc, np.float32),
@@ -104,6 +107,7 @@ def read_config(path: str) -> dict:
         raise FormatError(f"{file}: not readable JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise FormatError(f"{file}: expected a JSON object")
+    cfg = _before_6_0(file, cfg)
     for key in ("architecture", "d_in", "d_sae"):
         if key not in cfg:
             raise FormatError(f"{file}: lacks the field {key!r}")
@@ -126,6 +130,29 @@ def read_config(path: str) -> dict:
         _require(file, "metadata.input_scale", meta["input_scale"], (int, float), positive=True)
     if meta.get("training_steps") is not None:
         _require(file, "metadata.training_steps", meta["training_steps"], int)
+    return cfg
+
+
+def _before_6_0(file: str, cfg: dict) -> dict:
+    """A cfg.json as SAELens 6 reads one of its older releases (its `handle_pre_6_0_config`): no
+    architecture means "standard", whose activation_fn "topk" with activation_fn_kwargs.k is a TopK
+    SAE, and normalize_activations false means "none". Any other activation function is refused
+    rather than read as a ReLU SAE."""
+    cfg = dict(cfg)
+    for old, new in (("activation_fn_str", "activation_fn"), ("hook_point", "hook_name")):
+        if old in cfg:
+            cfg.setdefault(new, cfg.pop(old))
+    cfg.setdefault("architecture", "standard")
+    if isinstance(cfg.get("normalize_activations"), bool):
+        cfg["normalize_activations"] = "expected_average_only_in" if cfg["normalize_activations"] else "none"
+    act = cfg.get("activation_fn")
+    if cfg["architecture"] == "standard" and act not in (None, "relu"):
+        kwargs = cfg.get("activation_fn_kwargs")
+        k = kwargs.get("k") if isinstance(kwargs, dict) else None
+        if act != "topk" or k is None:
+            raise FormatError(f"{file}: activation_fn {act!r} (with architecture 'standard'): only relu, and topk with "
+                              "activation_fn_kwargs.k, load")  # fmt: skip
+        cfg.update(architecture="topk", k=k)
     return cfg
 
 

@@ -1,6 +1,7 @@
 """Least-squares decoder refit: the W_dec and b_dec that best reconstruct given rows from the
-SAE's own codes, with ridge regularisation. The encoder is untouched, so every code, L0 and
-firing frequency stays exactly what training produced.
+SAE's own codes, with ridge regularisation. Which latents fire on which rows (every L0 and firing
+frequency) stays exactly what training produced; the refitted rows are rescaled to unit norm,
+their encoder columns and thresholds by the inverse (so a code is measured along its unit row).
 
 At a short budget the trained decoder is far from the best one for its encoder's codes (on the
 shared SmolLM2 activations, 500k tokens, L0 50: the plain least-squares decoder lowers FVU on
@@ -62,7 +63,17 @@ def refit_decoder(sae: folded.SAE, chunks: Iterable[np.ndarray], ridge: float) -
     solution = np.linalg.solve(g, cross[fired])
     w_dec = np.array(sae.W_dec, np.float64)
     w_dec[fired[:-1]] = solution[:-1]
+    # Unit-norm decoder rows, as training keeps them (SAEBench and Neuronpedia read a code as the
+    # length along its row): latent i's row is divided by its norm n_i, and its pre-activation and
+    # θ are multiplied by it, so the same latents fire and every reconstruction is unchanged.
+    norms = np.linalg.norm(w_dec, axis=1)
+    n = np.where(fired[:-1] & (norms > 0), norms, 1.0)
     refit = dataclasses.replace(
-        sae, W_dec=jnp.asarray(w_dec, jnp.float32), b_dec=jnp.asarray(solution[-1], jnp.float32)
+        sae,
+        W_enc=jnp.asarray(np.asarray(sae.W_enc, np.float64) * n, jnp.float32),
+        b_enc=jnp.asarray(np.asarray(sae.b_enc, np.float64) * n, jnp.float32),
+        threshold=jnp.asarray(np.asarray(sae.threshold, np.float64) * n, jnp.float32),
+        W_dec=jnp.asarray(w_dec / n[:, None], jnp.float32),
+        b_dec=jnp.asarray(solution[-1], jnp.float32),
     )
     return refit, rows
