@@ -379,3 +379,18 @@ def test_each_bad_input_gives_exactly_one_line(tmp_path, case, expected):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("jumprelu: error: ") and expected in lines[0], r.stderr[-2000:]
     assert TINY_FLAGS  # the flags of the tiny run, shared with test_train
+
+
+@pytest.mark.parametrize("position", [28, "x"])
+def test_a_data_position_that_disagrees_with_its_step_is_a_damaged_checkpoint(tmp_path, tiny_config, caplog, position):
+    """A data item that parses but holds another position (or not a number) was caught only later,
+    outside the fallback: a RuntimeError or TypeError traceback instead of using step 20."""
+    wd = tmp_path / "run"
+    train(tiny_config, str(wd))
+    (wd / "checkpoints" / "40" / "data" / "process_0-of-1.json").write_text(json.dumps({"next_index": position}))
+    tiny_config.train.steps = 60
+    with caplog.at_level("WARNING", logger="jumprelu"):
+        report = train(tiny_config, str(wd))
+    assert report["resumed_from_step"] == 20
+    assert f"holds the data position {position!r}, not this step's 40" in caplog.text
+    assert (wd / "checkpoints-damaged" / "40").is_dir()

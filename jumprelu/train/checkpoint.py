@@ -211,6 +211,9 @@ class Checkpointer:
             state = json.loads(file.read_text())
             if not isinstance(state, dict) or "next_index" not in state:
                 raise ValueError(f"{file} holds no pipeline state")
+            at = state["next_index"]  # the batch the run goes on with: the step's own number
+            if isinstance(at, bool) or not isinstance(at, int) or at != step:
+                raise ValueError(f"{file} holds the data position {at!r}, not this step's {step}")
 
     def set_aside(self, step: int) -> str:
         """Moves checkpoint `step` to checkpoints-damaged/ (never deleted); returns where it went."""
