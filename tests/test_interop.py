@@ -638,6 +638,9 @@ def test_an_older_saelens_topk_release_loads_as_topk(tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps({"d_in": 16, "d_sae": 48, "apply_b_dec_to_input": False}))
     relu = jumprelu.load(str(tmp_path))
     assert relu.k is None and float(np.abs(relu.threshold).max()) == 0
+    # SAELens 5 wrote TopK as architecture "topk" with k only in activation_fn_kwargs
+    (tmp_path / "cfg.json").write_text(json.dumps(dict(legacy, architecture="topk")))
+    assert jumprelu.load(str(tmp_path)).k == 5
     # an activation function we cannot fold is refused, not read as ReLU
     (tmp_path / "cfg.json").write_text(json.dumps(dict(legacy, activation_fn_str="tanh-relu")))
     with pytest.raises(FormatError, match=r"cfg.json: activation_fn 'tanh-relu' \(with architecture 'standard'\)"):
@@ -662,6 +665,15 @@ def test_released_saes_keep_their_provenance_across_formats_and_transcoders_stay
     back = gemma_scope_2.config(jumprelu.load(str(tmp_path / "sl")))
     assert back["hf_hook_point_in"] == "model.layers.3.output" and back["model_name"] == "google/gemma-2-2b"
     assert back["l0"] is None  # SAELens records none: unknown, not 0
+    # two loads are one pytree structure (config compared by value): they stack and map together
+    import jax
+
+    stacked = jax.tree_util.tree_map(lambda a, b: np.stack([a, b]), sae, jumprelu.load(str(tmp_path)))
+    assert stacked.W_enc.shape == (2, 16, 48)
+    # a transcoder's release keeps its own output hook
+    tc_cfg = dict(released, hf_hook_point_out="model.layers.3.post_feedforward_layernorm.output")
+    (tmp_path / "config.json").write_text(json.dumps(tc_cfg))
+    assert gemma_scope_2.config(jumprelu.load(str(tmp_path)))["hf_hook_point_out"] == tc_cfg["hf_hook_point_out"]
     # a store named in TransformerLens's spelling still gets the Hugging Face id
     assert hooks.model_names("gemma-2-2b") == ("gemma-2-2b", "google/gemma-2-2b")
     # an SAE whose decoder writes another width (a transcoder without skip) has no SAELens form

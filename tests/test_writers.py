@@ -187,7 +187,7 @@ sys.exit(main(sys.argv[1:]))
     )  # fmt: skip
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1] == (
-        f"jumprelu: error: cannot write {wd / 'config.json'}: No space left on device; free some space and run "
+        f"jumprelu: error: {wd / 'config.json'}: No space left on device; free some space and run "
         "the same command again: it resumes from its last checkpoint"
     ), out.stderr[-2000:]
     assert "Traceback" not in out.stderr

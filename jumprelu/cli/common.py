@@ -23,10 +23,10 @@ def environment_failure(error: OSError, resume: str) -> int | None:
     OSError, which is a bug to show whole); `resume` says what running the command again does."""
     if error.errno not in _ENVIRONMENT_ERRNOS:
         return None
-    where = f"{error.filename}: " if error.filename else ""
     full = error.errno in (errno.ENOSPC, errno.EDQUOT)
     hint = f"; free some space and run the same command again: {resume}" if full else ""
-    return fail(f"cannot write {where}{error.strerror}{hint}")
+    where = f"{error.filename}: " if error.filename else ""  # a buffered write's error names no file
+    return fail(f"{where}{error.strerror}{hint}")
 
 
 def interrupted(resume: str) -> int:

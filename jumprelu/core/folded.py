@@ -13,6 +13,7 @@ spliced LM evaluation all use.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -116,17 +117,18 @@ _ARRAYS = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec", "affine_skip")
 
 
 class _Static:
-    """A config dict as pytree static data: compared and hashed by identity (a dict is unhashable),
-    so one SAE's function compiles once and another SAE's compiles anew."""
+    """A config dict as pytree static data (a dict is unhashable): compared and hashed by its
+    canonical JSON, so two loads of one SAE share a tree structure (stack them, tree_map over both)."""
 
     def __init__(self, value):
         self.value = value
+        self._key = json.dumps(value, sort_keys=True, default=repr)
 
     def __eq__(self, other):
-        return isinstance(other, _Static) and other.value is self.value
+        return isinstance(other, _Static) and other._key == self._key
 
     def __hash__(self):
-        return id(self.value)
+        return hash(self._key)
 
 
 jax.tree_util.register_pytree_node(

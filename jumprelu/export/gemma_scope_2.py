@@ -99,7 +99,7 @@ def config(sae, provenance: dict | None = None, l0: float | None = None) -> dict
     hook = p.get("hf_hook_point")
     return {
         "hf_hook_point_in": hook,
-        "hf_hook_point_out": hook,
+        "hf_hook_point_out": p.get("hf_hook_point_out") or hook,
         "width": sae.width,
         "model_name": p.get("hf_model"),
         "architecture": "jump_relu",

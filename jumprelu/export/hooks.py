@@ -101,10 +101,13 @@ def released_provenance(config: dict) -> dict | None:
     elif isinstance(config.get("gemma_scope_2"), dict):
         cfg = config["gemma_scope_2"]
         hook, model, context, dataset = cfg.get("hf_hook_point_in"), cfg.get("model_name"), None, None
+        hook_out = cfg.get("hf_hook_point_out")
     else:
         return None
     site, layer = site_of_hook(hook) or (None, None)
     family = model_family(model)
+    if "gemma_scope_2" not in config:
+        hook_out = None
     tl_name, hf_name = model_names(model)
     return {
         "model": family or model,
@@ -117,6 +120,7 @@ def released_provenance(config: dict) -> dict | None:
         # a hook we have no site for is kept as it was written
         "hook_name": saelens_hook(site, layer) or (hook if "saelens" in config else None),
         "hf_hook_point": hf_hook_point(site, layer) or (hook if "gemma_scope_2" in config else None),
+        "hf_hook_point_out": hook_out,  # a transcoder's output site, as its release records it
     }
 
 

@@ -146,9 +146,11 @@ def _before_6_0(file: str, cfg: dict) -> dict:
     if isinstance(cfg.get("normalize_activations"), bool):
         cfg["normalize_activations"] = "expected_average_only_in" if cfg["normalize_activations"] else "none"
     act = cfg.get("activation_fn")
+    kwargs = cfg.get("activation_fn_kwargs")
+    k = kwargs.get("k") if isinstance(kwargs, dict) else None
+    if act == "topk" and k is not None and "k" not in cfg:  # SAELens 5 wrote "topk" SAEs with k only there
+        cfg["k"] = k
     if cfg["architecture"] == "standard" and act not in (None, "relu"):
-        kwargs = cfg.get("activation_fn_kwargs")
-        k = kwargs.get("k") if isinstance(kwargs, dict) else None
         if act != "topk" or k is None:
             raise FormatError(f"{file}: activation_fn {act!r} (with architecture 'standard'): only relu, and topk with "
                               "activation_fn_kwargs.k, load")  # fmt: skip

@@ -12,11 +12,14 @@ leaves its writer unclosed).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import logging
 import os
 
 from jumprelu.errors import DataError
 
+log = logging.getLogger("jumprelu")
 _HELD: dict[str, tuple[int, object]] = {}  # lock file → (descriptor, the WriterLock owning it)
 
 
@@ -29,7 +32,7 @@ class WriterLock:
     """Held from `acquire` until `release` (or the process's end)."""
 
     def __init__(self, store: str, part: int | None = None):
-        self.store, self.path = store, os.path.join(store, lock_name(part))
+        self.store, self.path = store, os.path.join(os.path.realpath(store), lock_name(part))
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -44,7 +47,16 @@ class WriterLock:
             raise DataError(f"store {self.store}: cannot write {os.path.basename(self.path)}: {e.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # no flock on this mount
+                os.close(fd)
+                log.warning("store %s: this file system has no file locks; a second writer is not detected", self.store)
+                return
+            if not isinstance(e, BlockingIOError):
+                os.close(fd)
+                raise DataError(
+                    f"store {self.store}: cannot lock {os.path.basename(self.path)}: {e.strerror}"
+                ) from None
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise DataError(
