@@ -29,6 +29,14 @@ def environment_failure(error: OSError, resume: str) -> int | None:
     return fail(f"{where}{error.strerror}{hint}")
 
 
+def resumable_failure(error: BaseException, resume: str) -> int | None:
+    """Ctrl-C or a full disk in a command that resumes: its exit status after one line; None for
+    an error that is a bug (the caller re-raises it)."""
+    if isinstance(error, KeyboardInterrupt):
+        return interrupted(resume)
+    return environment_failure(error, resume) if isinstance(error, OSError) else None
+
+
 def interrupted(resume: str) -> int:
     """Ctrl-C: one line saying how to carry on, and the shell's SIGINT status."""
     print(f"jumprelu: interrupted; run the same command again: {resume}", file=sys.stderr)

@@ -43,11 +43,8 @@ def run(argv: list[str]) -> int:
             result = harvest(config.value)
         except UserError as e:
             return common.fail(e)
-        except KeyboardInterrupt:
-            return common.interrupted(RESUMES)
-        except OSError as e:
-            status = common.environment_failure(e, RESUMES)
-            if status is None:
+        except (KeyboardInterrupt, OSError) as e:
+            if (status := common.resumable_failure(e, RESUMES)) is None:
                 raise
             return status
         print(json.dumps(result))

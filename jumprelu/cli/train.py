@@ -48,11 +48,10 @@ def run(argv: list[str]) -> int:
         except Preempted as e:
             print(f"jumprelu: {e}", file=sys.stderr)
             return EXIT_PREEMPTED
-        except KeyboardInterrupt:  # Ctrl-C outside the loop (start-up, report), or a second one in it
-            return common.interrupted(RESUMES)
-        except OSError as e:  # config.json or the report on a full disk (checkpoints say so themselves)
-            status = common.environment_failure(e, RESUMES)
-            if status is None:
+        # Ctrl-C outside the loop (start-up, report) or a second one in it; config.json or the report
+        # on a full disk (checkpoints say so themselves)
+        except (KeyboardInterrupt, OSError) as e:
+            if (status := common.resumable_failure(e, RESUMES)) is None:
                 raise
             return status
         print(report.format_report(result))
