@@ -11,7 +11,7 @@ Hardware: any; run time is that of the step (jumprelu plan prints it for a TPU s
 the one measured best at budgets of millions of tokens (README "Recipes": the first 80% of the
 steps as BatchTopK with k = T while θ trains in its shadow, then per-latent θ; raw θ, bandwidth
 0.01, a pre-activation loss on dead latents, Gemma Scope 2's frequency penalty after the
-hand-over (sparing the 0.5% most frequent latents), lr 3e-3 decaying over the last 20% except
+hand-over (sparing the 0.5% most frequent latents), lr 4e-3 decaying over the last 20% except
 θ's, weight decay 0.3 on W_enc, and the controller reading the L0 of 1,024 of the store's
 held-out rows, so `data.eval_rows` must be at least 1,024; afterwards `jumprelu refit --workdir
 DIR` fits the decoder by least squares);
