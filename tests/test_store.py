@@ -491,6 +491,14 @@ def test_a_damaged_progress_record_or_synthetic_metadata_is_one_line(tmp_path):
     (path / "writing.json").write_text('{"header": {"model": "x", "d_mo')
     with pytest.raises(DataError, match=r"store .*s: writing.json \(the interrupted write's record\) is damaged"):
         StoreWriter(str(path), d_model=8, shard_rows=40)
+    path = tmp_path / "s2"
+    writer = StoreWriter(str(path), d_model=8, shard_rows=40)
+    writer.append(_rows(50))
+    record = json.loads((path / "writing.json").read_text())
+    for entry in (["shard-00000.npy"], {"file": 3, "rows": 40}, {"file": "shard-00000.npy"}):
+        (path / "writing.json").write_text(json.dumps({**record, "shards": [entry]}))
+        with pytest.raises(DataError, match=r"writing.json .*is damaged \(shards\[0\] is not an object"):
+            StoreWriter(str(path), d_model=8, shard_rows=40)
     spec = SyntheticSpec(d_model=8, num_features=16, rows=64)
     write_store(spec, str(tmp_path / "syn"))
     (tmp_path / "syn" / "metadata.json").write_text('{"format": "jumprelu-activation-store", "format_ver')

@@ -137,6 +137,10 @@ class StoreWriter:
                     raise ValueError("not the object a writer records")
                 if not isinstance(saved.get("shards"), list):
                     raise ValueError("no list of shards")
+                for i, shard in enumerate(saved["shards"]):  # hand-edited or from another program
+                    file, rows = (shard.get("file"), shard.get("rows")) if isinstance(shard, dict) else (None, None)
+                    if not (isinstance(file, str) and isinstance(rows, int) and not isinstance(rows, bool)):
+                        raise ValueError(f"shards[{i}] is not an object with a file name and a row count")
             except ValueError as e:
                 raise DataError(
                     f"store {self.path}: {os.path.basename(progress)} (the interrupted write's record) is damaged "
