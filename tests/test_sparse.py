@@ -309,18 +309,22 @@ def _train_dense_and_sparse(cfg, tmp_path) -> dict:
     return params
 
 
-def test_300_steps_give_the_same_parameters(tmp_path, tiny_config):
-    """The real loop, sparse vs dense: the same parameters after 300 steps; the sparse run took the
-    sparse path (and the dense one for the early high-L0 batches), as its metrics record."""
+def test_the_loop_goes_dense_then_sparse_with_the_same_parameters(tmp_path, tiny_config):
+    """The real loop, sparse vs dense: the sparse run takes the dense path for the early high-L0
+    batches (about 85 steps here) and the sparse one after, as its metrics record, and ends with
+    the dense run's parameters. 100 steps, not more: past ~110 a pre-activation within float32
+    rounding of its threshold fires in one run and not the other, and from then on the two runs
+    part as any two summation orders would (at 300 steps sparse-vs-dense moved the parameters by
+    1.5-2.4% (Frobenius), dropping the pre-activation loss altogether by 2.4-3.5%), so a longer
+    comparison cannot tell a bug from rounding, and where the tie falls depends on the CPU."""
     cfg = _sparse_run_config(tiny_config, "on")
     cfg.sae.threshold_init = 0.05  # the first batches fire too many latents for the capacity
-    cfg.train.update(steps=300)
-    cfg.ckpt.every_steps = 300
-    cfg.log.every_steps = 10
+    cfg.train.update(steps=100)
+    cfg.ckpt.every_steps = 100
+    cfg.log.every_steps = 5
     saes = _train_dense_and_sparse(cfg, tmp_path)
     for k, v in saes["off"].items():
-        # float32 sums in another order, compounded over 300 Adam steps
-        np.testing.assert_allclose(saes["on"][k], v, rtol=1e-2, atol=1e-3, err_msg=k)
+        np.testing.assert_allclose(saes["on"][k], v, rtol=1e-3, atol=1e-4, err_msg=k)
     rows = [json.loads(line) for line in open(os.path.join(tmp_path, "on", "metrics.jsonl"))]
     taken = [r["sparse_step"] for r in rows if "sparse_step" in r]
     assert taken and taken[-1] == 1.0 and 0.0 in taken  # sparse at the end, dense at the start
