@@ -495,10 +495,29 @@ def test_a_damaged_progress_record_or_synthetic_metadata_is_one_line(tmp_path):
     writer = StoreWriter(str(path), d_model=8, shard_rows=40)
     writer.append(_rows(50))
     record = json.loads((path / "writing.json").read_text())
-    for entry in (["shard-00000.npy"], {"file": 3, "rows": 40}, {"file": "shard-00000.npy"}):
+    good = record["shards"][0]
+    damaged = [  # (the entry, the field the error names)
+        (["shard-00000.npy"], r"shards\[0\] must be an object"),
+        ({**good, "file": 3}, r"shards\[0\]\.file must be a shard file name"),
+        ({"file": "shard-00000.npy"}, r"shards\[0\]\.rows must be an integer >= 0 and <= 40"),
+        ({**good, "rows": -5}, r"shards\[0\]\.rows must be an integer >= 0 and <= 40, found -5"),
+        ({**good, "rows": 10**6}, r"shards\[0\]\.rows must be"),  # more rows than a shard holds
+        ({**good, "file": "other.npy"}, r"shards\[0\]\.file must be 'shard-00000.npy', found 'other.npy'"),
+        ({**good, "crc32": "x"}, r"shards\[0\]\.crc32 must be a list of 1 CRC-32"),
+        ({k: v for k, v in good.items() if k != "sum_sq_norm"}, r"shards\[0\]\.sum_sq_norm must be a finite number"),
+        ({k: v for k, v in good.items() if k != "nonfinite_rows"}, r"shards\[0\]\.nonfinite_rows must be a list"),
+    ]
+    for entry, field in damaged:
         (path / "writing.json").write_text(json.dumps({**record, "shards": [entry]}))
-        with pytest.raises(DataError, match=r"writing.json .*is damaged \(shards\[0\] is not an object"):
+        with pytest.raises(DataError, match=r"writing.json .*is damaged \(" + field):
             StoreWriter(str(path), d_model=8, shard_rows=40)
+    assert (path / "shard-00000.npy").exists()  # a wrong record never deletes the shard it names
+    # a record from before checksums whose file is not a shard: one line, not numpy's ValueError
+    old_style = {k: v for k, v in good.items() if k != "crc32"}
+    (path / "shard-00000.npy").write_text("not an array")
+    (path / "writing.json").write_text(json.dumps({**record, "shards": [old_style]}))
+    with pytest.raises(DataError, match=r"shard-00000.npy, recorded as written in writing.json, cannot be read"):
+        StoreWriter(str(path), d_model=8, shard_rows=40)
     spec = SyntheticSpec(d_model=8, num_features=16, rows=64)
     write_store(spec, str(tmp_path / "syn"))
     (tmp_path / "syn" / "metadata.json").write_text('{"format": "jumprelu-activation-store", "format_ver')

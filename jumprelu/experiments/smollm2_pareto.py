@@ -18,9 +18,9 @@ restricts the sweep to that kind and sets it in get_config; `target_l0=T` asks J
 `tokens=N` sets the budget (default 512k: 500 steps of 1,024); `paper` trains JumpReLU with the
 paper's loss and λ sweep instead of the recipe; `runlocal` shrinks to a smoke test.
 
-Schedule: 512k tokens is 1/8,000 of the paper's budget, so every kind trains at lr 3e-3 with a
-50-step warm-up (ReLU and Gated with a 100-step λ warm-up). JumpReLU is the recommended
-short-budget recipe (`jumprelu.recipes.RECIPES["short"]`, README "Recipes": a BatchTopK phase
+Schedule: 512k tokens is 1/8,000 of the paper's budget, so every baseline kind trains at lr 3e-3
+with a 50-step warm-up (ReLU and Gated with a 100-step λ warm-up); JumpReLU at the recipe's 4e-3. JumpReLU
+is the recommended short-budget recipe (`jumprelu.recipes.RECIPES["short"]`, README "Recipes": a BatchTopK phase
 with k = target over the first 80% of the steps handing over to per-latent θ trained in its
 shadow, raw θ, ε 0.01, a target L0 reached by the λ controller reading 1,024 held-out rows
 besides the batch (data.eval_rows 8,192: the report measures the other 7,168), a pre-activation loss on dead

@@ -75,23 +75,38 @@ def _check_types(path: str, meta: dict) -> None:
         ok = isinstance(c, dict) and c.get("algorithm") == checksum.ALGORITHM
         check(ok, "checksum", f"an object with algorithm {checksum.ALGORITHM!r} and block_rows", c)
         check(_is_int(c.get("block_rows")) and c["block_rows"] > 0, "checksum.block_rows", "a positive integer", c)
+    block_rows = meta["checksum"]["block_rows"] if versioned else None
     for i, s in enumerate(shards):
-        at = f"shards[{i}]"
-        check(isinstance(s, dict), at, "an object", s)
-        file = s.get("file")
-        # A plain file name: the reader opens path/file and must never leave the store's directory.
-        ok = isinstance(file, str) and file.endswith(".npy") and os.path.basename(file) == file and file[0] != "."
-        check(ok, f"{at}.file", "a shard file name like 'shard-00000.npy'", file)
-        rows = s.get("rows")
-        check(_is_int(rows) and rows >= 0, f"{at}.rows", "an integer >= 0", rows)
-        bad = s.get("nonfinite_rows")
-        ok = isinstance(bad, list) and all(_is_int(r) and 0 <= r < rows for r in bad)
-        check(ok, f"{at}.nonfinite_rows", f"a list of row indices in [0, {rows})", bad)
-        if versioned:
-            n = len(checksum.block_ranges(rows, meta["checksum"]["block_rows"]))
-            crcs = s.get("crc32")
-            ok = isinstance(crcs, list) and len(crcs) == n and all(_is_int(v) and 0 <= v < 1 << 32 for v in crcs)
-            check(ok, f"{at}.crc32", f"a list of {n} CRC-32 values (one per block)", crcs)
+        problem = shard_entry_problem(s, block_rows)
+        if problem:
+            field, expected, found = problem
+            check(False, f"shards[{i}]{field}", expected, found)
+
+
+def shard_entry_problem(s, block_rows: int | None, max_rows: int | None = None) -> tuple[str, str, object] | None:
+    """(".field", what it must be, what was found) for the first wrong field of one shard record,
+    or None. The same record is in metadata.json and in a write's progress file; block_rows None
+    (a store older than checksums) leaves crc32 unchecked, max_rows (the writer's shard_rows) bounds rows."""
+    if not isinstance(s, dict):
+        return "", "an object", s
+    file = s.get("file")
+    # A plain file name: the reader opens path/file and must never leave the store's directory.
+    ok = isinstance(file, str) and file.endswith(".npy") and os.path.basename(file) == file and file[0] != "."
+    if not ok:
+        return ".file", "a shard file name like 'shard-00000.npy'", file
+    rows = s.get("rows")
+    if not (_is_int(rows) and rows >= 0 and (max_rows is None or rows <= max_rows)):
+        bound = f" and <= {max_rows}" if max_rows is not None else ""
+        return ".rows", f"an integer >= 0{bound}", rows
+    bad = s.get("nonfinite_rows")
+    if not (isinstance(bad, list) and all(_is_int(r) and 0 <= r < rows for r in bad)):
+        return ".nonfinite_rows", f"a list of row indices in [0, {rows})", bad
+    if block_rows is not None:
+        n = len(checksum.block_ranges(rows, block_rows))
+        crcs = s.get("crc32")
+        if not (isinstance(crcs, list) and len(crcs) == n and all(_is_int(v) and 0 <= v < 1 << 32 for v in crcs)):
+            return ".crc32", f"a list of {n} CRC-32 values (one per block)", crcs
+    return None
 
 
 def read_metadata(path: str) -> dict:

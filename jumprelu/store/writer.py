@@ -23,12 +23,13 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import math
 import os
 
 import numpy as np
 
 from jumprelu.errors import DataError
-from jumprelu.store import checksum, commit
+from jumprelu.store import checksum, commit, metadata
 from jumprelu.store import format as fmt
 from jumprelu.store.lock import WriterLock
 
@@ -137,10 +138,6 @@ class StoreWriter:
                     raise ValueError("not the object a writer records")
                 if not isinstance(saved.get("shards"), list):
                     raise ValueError("no list of shards")
-                for i, shard in enumerate(saved["shards"]):  # hand-edited or from another program
-                    file, rows = (shard.get("file"), shard.get("rows")) if isinstance(shard, dict) else (None, None)
-                    if not (isinstance(file, str) and isinstance(rows, int) and not isinstance(rows, bool)):
-                        raise ValueError(f"shards[{i}] is not an object with a file name and a row count")
             except ValueError as e:
                 raise DataError(
                     f"store {self.path}: {os.path.basename(progress)} (the interrupted write's record) is damaged "
@@ -159,11 +156,19 @@ class StoreWriter:
                         f"is in progress, this writer has {field}={value!r}; resume with the same settings "
                         "or write to a new directory"
                     )
+            for i, shard in enumerate(saved["shards"]):  # hand-edited or from another program
+                self._check_recorded_shard(i, shard, progress)
             self._shards = saved["shards"]
             self._complete = bool(saved.get("complete", False))
             for s in self._shards:  # committed by a jumprelu that kept no checksums: take them now
                 if "crc32" not in s:
-                    rows = np.load(os.path.join(self.path, s["file"]), mmap_mode="r")
+                    try:
+                        rows = np.load(os.path.join(self.path, s["file"]), mmap_mode="r")
+                    except (OSError, ValueError) as e:
+                        raise DataError(
+                            f"store {self.path}: {s['file']}, recorded as written in "
+                            f"{os.path.basename(progress)}, cannot be read ({e}); write to a new directory"
+                        ) from None
                     s["crc32"] = checksum.block_checksums(rows, self.block_rows)
         elif glob.glob(
             self._own_shards_glob() + ".npy" if self.part is not None else os.path.join(self.path, "shard-*.npy")
@@ -179,6 +184,25 @@ class StoreWriter:
             if os.path.basename(stray) not in recorded:
                 os.remove(stray)
         self._record_progress()
+
+    def _check_recorded_shard(self, i: int, shard, progress: str) -> None:
+        """The one-line 'damaged' error naming the first wrong field of the i-th shard record."""
+        # a record without crc32 is from a jumprelu that kept no checksums (taken on resume)
+        block_rows = self.block_rows if isinstance(shard, dict) and "crc32" in shard else None
+        problem = metadata.shard_entry_problem(shard, block_rows, max_rows=self.shard_rows)
+        if problem is None and shard["file"] != fmt.shard_name(i, self.part):
+            problem = ".file", repr(fmt.shard_name(i, self.part)), shard["file"]
+        sq = shard.get("sum_sq_norm") if problem is None else 0.0
+        if problem is None and not (
+            isinstance(sq, (int, float)) and not isinstance(sq, bool) and math.isfinite(sq) and sq >= 0
+        ):
+            problem = ".sum_sq_norm", "a finite number >= 0", sq
+        if problem:
+            field, expected, found = problem
+            raise DataError(
+                f"store {self.path}: {os.path.basename(progress)} (the interrupted write's record) is damaged "
+                f"(shards[{i}]{field} must be {expected}, found {found!r}); write to a new directory"
+            )
 
     def _record_progress(self) -> None:
         name = fmt.writing_name(self.part)
