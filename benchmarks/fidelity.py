@@ -162,15 +162,23 @@ def config_sha(trainer: str, target: int, args, store: str) -> str:
     return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def run_ours(trainer: str, target: int, args, store: str, eval_rows: np.ndarray, sha: str) -> dict:
+def run_dir(trainer: str, target: int, args, store: str) -> str:
+    """The training run of a trainer; a refit row refits the plain trainer's run (its own row is
+    keyed by --refit_rows/--refit_ridge too, but it must not train the same SAE a second time)."""
+    base = trainer.removesuffix("_refit")
+    # the budget names the run: a rerun with other --tokens must not resume this one
+    tag = "".join(f"_{o}" for o in args.override)  # overrides name the run too, and so does its config_sha
+    sha = config_sha(base, target, args, store)
+    return os.path.join(args.out, "runs", f"{base}_l0={target}_tokens={args.tokens}{tag}_{sha}")
+
+
+def run_ours(trainer: str, target: int, args, store: str, eval_rows: np.ndarray) -> dict:
     import jumprelu
     from jumprelu.evaluate.metrics import evaluate_rows
     from jumprelu.train import loop
 
-    # the budget names the run: a rerun with other --tokens must not resume this one
     base = trainer.removesuffix("_refit")
-    tag = "".join(f"_{o}" for o in args.override)  # overrides name the run too, and so does its config_sha
-    workdir = os.path.join(args.out, "runs", f"{base}_l0={target}_tokens={args.tokens}{tag}_{sha}")
+    workdir = run_dir(trainer, target, args, store)
     t0 = time.perf_counter()
     loop.train(our_config(base, target, args, store), workdir)  # a finished run returns at once
     if trainer.endswith("_refit"):
@@ -313,7 +321,7 @@ def main() -> None:
                 if trainer in PEERS:
                     r = run_peer(trainer, target, args, train_npy, eval_npy)
                 else:
-                    r = run_ours(trainer, target, args, store, eval_rows, key[4])
+                    r = run_ours(trainer, target, args, store, eval_rows)
                 done[key] = dict(
                     trainer=trainer, target=target, tokens=args.tokens, override=list(key[3]), config_sha=key[4], **r
                 )

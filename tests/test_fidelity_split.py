@@ -37,7 +37,7 @@ def _args(**kw):
     import argparse
 
     base = dict(width=4096, batch=1024, tokens=2_000_000, seed=0, override=[], refit_rows=131072, refit_ridge=0.01)
-    base.update(matryoshka_frequency_penalty=None, matryoshka_divisors="8,4,2,1", matryoshka_weights="auto")
+    base.update(out="o", matryoshka_frequency_penalty=None, matryoshka_divisors="8,4,2,1", matryoshka_weights="auto")
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -51,6 +51,10 @@ def test_a_finished_run_is_reused_only_with_the_same_settings():
     assert sha("saelens_topk", 50, _args(), "s") != sha("saelens_jumprelu", 50, _args(), "s")
     assert sha("jumprelu_refit", 50, _args(refit_ridge=1.0), "s") != sha("jumprelu_refit", 50, _args(), "s")
     assert sha("jumprelu", 50, _args(refit_ridge=1.0), "s") == sha("jumprelu", 50, _args(), "s")
+    # the refit row refits the plain run: it trained the same SAE again in a directory of its own
+    for kind in ("jumprelu", "batchtopk", "matryoshka"):
+        assert fidelity.run_dir(f"{kind}_refit", 50, _args(), "s") == fidelity.run_dir(kind, 50, _args(), "s")
+    assert fidelity.run_dir("jumprelu", 50, _args(), "s") != fidelity.run_dir("jumprelu", 20, _args(), "s")
 
 
 def test_a_line_torn_by_a_crash_is_ended_before_the_next(tmp_path):
