@@ -190,13 +190,12 @@ class StoreWriter:
         # a record without crc32 is from a jumprelu that kept no checksums (taken on resume)
         block_rows = self.block_rows if isinstance(shard, dict) and "crc32" in shard else None
         problem = metadata.shard_entry_problem(shard, block_rows, max_rows=self.shard_rows)
-        if problem is None and shard["file"] != fmt.shard_name(i, self.part):
-            problem = ".file", repr(fmt.shard_name(i, self.part)), shard["file"]
-        sq = shard.get("sum_sq_norm") if problem is None else 0.0
-        if problem is None and not (
-            isinstance(sq, (int, float)) and not isinstance(sq, bool) and math.isfinite(sq) and sq >= 0
-        ):
-            problem = ".sum_sq_norm", "a finite number >= 0", sq
+        if problem is None:  # what only a progress record holds: its place in the order, the norm sum
+            name, sq = fmt.shard_name(i, self.part), shard.get("sum_sq_norm")
+            if shard["file"] != name:
+                problem = ".file", repr(name), shard["file"]
+            elif not (isinstance(sq, (int, float)) and not isinstance(sq, bool) and math.isfinite(sq) and sq >= 0):
+                problem = ".sum_sq_norm", "a finite number >= 0", sq
         if problem:
             field, expected, found = problem
             raise DataError(
