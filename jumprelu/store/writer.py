@@ -139,10 +139,7 @@ class StoreWriter:
                 if not isinstance(saved.get("shards"), list):
                     raise ValueError("no list of shards")
             except ValueError as e:
-                raise DataError(
-                    f"store {self.path}: {os.path.basename(progress)} (the interrupted write's record) is damaged "
-                    f"({e}); write to a new directory"
-                ) from None
+                raise self._damaged(progress, str(e)) from None
             if saved.get("parts") != self.parts:
                 raise DataError(
                     f"store {self.path}: an interrupted write by {saved.get('parts') or 1} processes is in progress, "
@@ -198,10 +195,13 @@ class StoreWriter:
                 problem = ".sum_sq_norm", "a finite number >= 0", sq
         if problem:
             field, expected, found = problem
-            raise DataError(
-                f"store {self.path}: {os.path.basename(progress)} (the interrupted write's record) is damaged "
-                f"(shards[{i}]{field} must be {expected}, found {found!r}); write to a new directory"
-            )
+            raise self._damaged(progress, f"shards[{i}]{field} must be {expected}, found {found!r}")
+
+    def _damaged(self, progress: str, detail: str) -> DataError:
+        return DataError(
+            f"store {self.path}: {os.path.basename(progress)} (the interrupted write's record) is damaged "
+            f"({detail}); write to a new directory"
+        )
 
     def _record_progress(self) -> None:
         name = fmt.writing_name(self.part)
