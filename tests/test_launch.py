@@ -121,6 +121,31 @@ def test_unknown_override_field_is_named():
         experiment.apply_overrides(base, {"sae.widht": 3})
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_experiment_number_is_one_line(value):
+    with pytest.raises(ConfigError, match=r"^recipe argument width must be a finite number, found (inf|nan)$"):
+        experiment.number({"width": value}, "width", 4096, name="recipe", cast=int)
+
+
+def test_an_override_of_the_wrong_type_from_get_sweep_is_a_config_error():
+    base = experiment.load("quickstart").get_config()
+    with pytest.raises(ConfigError, match=r"^override 'train.steps': .*steps"):
+        experiment.apply_overrides(base, {"train.steps": "100"})
+
+
+def test_ctrl_c_in_tpu_watch_is_one_line(tmp_path, monkeypatch, capsys):
+    from jumprelu.cli import tpu as tpu_cli
+
+    def interrupt(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tpu, "main", interrupt)
+    assert tpu_cli.run(["watch", "sae-pod"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "jumprelu tpu: stopped (the slice and its runs are not touched)"
+    ]
+
+
 def _sweep(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "jumprelu", "sweep", *args], cwd=cwd, capture_output=True, text=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from jumprelu.cli import common
 
 
@@ -13,3 +15,6 @@ def run(argv: list[str]) -> int:
         return tpu.main(common.underscore_flags(argv))
     except UserError as e:
         return common.fail(e)
+    except KeyboardInterrupt:  # `tpu watch` and `tpu logs` run until Ctrl-C; the slice goes on
+        print("jumprelu tpu: stopped (the slice and its runs are not touched)", file=sys.stderr)
+        return common.EXIT_INTERRUPTED

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import re
 from typing import Any
@@ -61,6 +62,8 @@ def number(args: dict[str, Any], key: str, default, name: str = "experiment", ca
     value = args[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name} argument {key} must be a number ({key}=N), found {value!r}")
+    if not math.isfinite(value):  # int(inf) is an OverflowError, int(nan) a ValueError
+        raise ConfigError(f"{name} argument {key} must be a finite number, found {value!r}")
     if cast is int and value != int(value):
         raise ConfigError(f"{name} argument {key} must be an integer, found {value!r}")
     return cast(value)
@@ -138,7 +141,10 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -
             node = node[part]
         if last not in node:
             raise ConfigError(f"override {dotted!r}: the config has no field {last!r}")
-        node[last] = value
+        try:
+            node[last] = value
+        except TypeError as e:  # ml_collections refuses a value of another type than the field's
+            raise ConfigError(f"override {dotted!r}: {e}") from None
     return out
 
 
