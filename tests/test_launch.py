@@ -312,6 +312,12 @@ def test_tpu_run_checks_the_experiment_here_and_a_failing_gcloud_is_one_line(tmp
     assert err[1].endswith("failed (rc 1); gcloud's output is above"), err
 
 
+def test_a_v5e_slice_is_created_under_gcloud_s_name_for_it(capsys):
+    tpu.main(["create", "sae-pod", "--accelerator", "v5e-8", "--zone", "z", "--project", "p", "--dry_run"])
+    create = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ gcloud")]
+    assert "--accelerator-type=v5litepod-8 --runtime-version=v2-alpha-tpuv5-lite" in create[0], create
+
+
 def test_tpu_dry_run_for_a_two_host_slice(capsys):
     common = ["--zone", "us-east5-a", "--project", "proj", "--dry_run"]
     tpu.main(["create", "sae-pod", "--accelerator", "v5p-16", "--spot", *common])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import shlex
 import subprocess
 import sys
@@ -89,6 +90,8 @@ class Gcloud:
 
     def create(self, accelerator: str, spot: bool, reserved: bool, runtime: str | None) -> None:
         generation, _ = parse_accelerator(accelerator)
+        # gcloud names v5e slices v5litepod-N; the shorter v5e-N is accepted here and translated
+        accelerator = re.sub(r"^v5e-", "v5litepod-", accelerator)
         cmd = ["gcloud", "compute", "tpus", "queued-resources", "create", self.name, f"--node-id={self.name}"]
         cmd += self._where() + [
             f"--accelerator-type={accelerator}",
