@@ -168,6 +168,30 @@ def test_local_sweep_runs_skips_finished_and_summarises(tmp_path):
         assert json.load(f)["resumed_from_step"] == 20  # finished run resumed at its last checkpoint
 
 
+def test_sigterm_to_the_sweep_driver_stops_its_run_with_a_checkpoint(tmp_path):
+    """A scheduler that signals only the driver (a container's PID 1, `timeout`) must reach the run:
+    it saves its step and exits 75, no further run starts, and no run is left running."""
+    root = str(tmp_path / "sweep")
+    cmd = [sys.executable, "-m", "jumprelu", "sweep", "quickstart", "--local", "--root", root]
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(root, "sparsity_coefficient=0.003", "metrics.jsonl")
+    deadline = time.time() + 240
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)) and driver.poll() is None:
+        assert time.time() < deadline, "the first run never logged"
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGTERM)
+    out, err = driver.communicate(timeout=240)
+    assert driver.returncode == 75, (out, err)
+    assert "stopped sparsity_coefficient=0.003 (exit 75)" in out
+    assert out.count("start ") == 1, out
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("jumprelu sweep: stopped by a signal (1 runs saved their step, 3 not started)"), err
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert root not in ps  # the run was not orphaned
+    checkpoints = os.listdir(os.path.join(root, "sparsity_coefficient=0.003", "checkpoints"))
+    assert any(name.isdigit() and int(name) > 0 for name in checkpoints), checkpoints
+
+
 def test_stacked_sweep_summarises_each_member(tmp_path):
     root = str(tmp_path / "stacked")
     out = _sweep("quickstart:runlocal,stacked", "--local", "--root", root)

@@ -24,12 +24,14 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from jumprelu import errors, fs
-from jumprelu.errors import EXIT_USER_ERROR, PREFIX, ConfigError
+from jumprelu.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, PREFIX, ConfigError
 from jumprelu.launch import experiment as experiments
 
 
@@ -70,7 +72,6 @@ def run_one(spec: str, name: str, root: str) -> int:
     experiment, arg = experiments.split(spec)
     runs = {r.name: r for r in experiments.expand(experiments.load(experiment), arg)}
     run = runs[name]
-    from jumprelu.errors import EXIT_PREEMPTED
     from jumprelu.train.preemption import Preempted
 
     try:
@@ -91,24 +92,52 @@ def run_one(spec: str, name: str, root: str) -> int:
 
 
 def run_local(spec: str, runs: list[experiments.Run], root: str, parallel: int) -> list[tuple[str, int | str]]:
-    """Runs every unfinished run as its own process, `parallel` at a time; returns (name, outcome)."""
+    """Runs every unfinished run as its own process, `parallel` at a time; returns (name, outcome).
+
+    SIGTERM to this driver is passed on to the running runs (each saves its step and exits 75) and
+    no further run starts; so is SIGINT, except that Ctrl-C already reached the runs through the
+    terminal's process group (a second one would stop them without saving), so it is not resent."""
+    children: list[subprocess.Popen] = []
+    stopping = threading.Event()
+    lock = threading.Lock()
 
     def launch(run: experiments.Run):
         workdir = run.workdir(root)
         if status(workdir) == "finished":
             print(f"skip    {run.name} (finished)", flush=True)
             return run.name, "skipped"
-        print(f"start   {run.name} -> {workdir}", flush=True)
         cmd = [sys.executable, "-m", "jumprelu", "sweep", spec, "--root", root, "--run_one", run.name]
-        out = subprocess.run(cmd, capture_output=parallel > 1, text=True)
-        if parallel > 1:  # keep each run's output together
-            sys.stdout.write(out.stdout)
-            sys.stderr.write(out.stderr[-4000:] if out.returncode else "")
-        print(f"{'done' if out.returncode == 0 else 'FAILED':<7} {run.name} (exit {out.returncode})", flush=True)
-        return run.name, out.returncode
+        pipe = subprocess.PIPE if parallel > 1 else None  # keep each run's output together
+        with lock:
+            if stopping.is_set():
+                return run.name, "not started"
+            print(f"start   {run.name} -> {workdir}", flush=True)
+            child = subprocess.Popen(cmd, stdout=pipe, stderr=pipe, text=True)
+            children.append(child)
+        stdout, stderr = child.communicate()
+        if parallel > 1:
+            sys.stdout.write(stdout)
+            sys.stderr.write(stderr[-4000:] if child.returncode else "")
+        word = {0: "done", EXIT_PREEMPTED: "stopped"}.get(child.returncode, "FAILED")
+        print(f"{word:<7} {run.name} (exit {child.returncode})", flush=True)
+        return run.name, child.returncode
 
-    with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
-        return list(pool.map(launch, runs))
+    def stop(signum, frame):
+        stopping.set()
+        if signum == signal.SIGTERM:
+            with lock:
+                for child in children:
+                    if child.poll() is None:
+                        child.send_signal(signum)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
+    try:
+        with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
+            return list(pool.map(launch, runs))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def summary_rows(runs: list[experiments.Run], root: str) -> list[dict]:
@@ -196,6 +225,15 @@ def main(argv: list[str]) -> int:
     outcomes = run_local(spec, runs, root, args.parallel) if args.local else []
     print(write_summary(summary_rows(runs, root), root))
     print(f"summary: {fs.join(root, 'sweep_summary.csv')}")
+    saved = sum(code == EXIT_PREEMPTED for _, code in outcomes)
+    not_started = sum(code == "not started" for _, code in outcomes)
+    if saved or not_started:
+        print(
+            f"jumprelu sweep: stopped by a signal ({saved} runs saved their step, {not_started} not started); "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return EXIT_PREEMPTED
     failed = [name for name, code in outcomes if code not in (0, "skipped")]
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(failed)}", file=sys.stderr)
