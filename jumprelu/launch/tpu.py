@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import shlex
 import subprocess
 import sys
@@ -59,10 +58,15 @@ LOCK = "~/jumprelu.lock"
 _ALIVE = f"! flock -n {LOCK} true"  # true on a worker whose job holds the lock
 
 
+def accelerator_type(name: str) -> str:
+    """The slice type as gcloud names it: v5e slices are v5litepod-N there ('v5e-8' -> 'v5litepod-8')."""
+    generation, _, size = name.rpartition("-")
+    return f"v5litepod-{size}" if generation == "v5e" else name
+
+
 def parse_accelerator(name: str) -> tuple[str, int]:
     """'v5p-16' -> ('v5p', 2): the generation and the number of hosts (VMs) of the slice."""
-    generation, _, size = name.rpartition("-")
-    generation = "v5litepod" if generation == "v5e" else generation
+    generation, _, size = accelerator_type(name).rpartition("-")
     if generation not in RUNTIMES or not size.isdigit():
         raise ConfigError(f"--accelerator {name!r}: expected GENERATION-SIZE with generation in {sorted(RUNTIMES)}")
     chips = int(size) // _NAME_UNITS_PER_CHIP[generation]
@@ -90,11 +94,9 @@ class Gcloud:
 
     def create(self, accelerator: str, spot: bool, reserved: bool, runtime: str | None) -> None:
         generation, _ = parse_accelerator(accelerator)
-        # gcloud names v5e slices v5litepod-N; the shorter v5e-N is accepted here and translated
-        accelerator = re.sub(r"^v5e-", "v5litepod-", accelerator)
         cmd = ["gcloud", "compute", "tpus", "queued-resources", "create", self.name, f"--node-id={self.name}"]
         cmd += self._where() + [
-            f"--accelerator-type={accelerator}",
+            f"--accelerator-type={accelerator_type(accelerator)}",
             f"--runtime-version={runtime or RUNTIMES[generation]}",
         ]
         cmd += ["--spot"] if spot else ["--reserved"] if reserved else []
