@@ -398,6 +398,7 @@ def test_export_output_mistakes_are_one_line_and_leave_nothing(trained, tmp_path
     format; missing parents are made (for every format); a released file cannot give Neuronpedia
     statistics, nor be evaluated or refitted."""
     from jumprelu.cli.evaluate import evaluate_workdir
+    from jumprelu.cli.export import check_output
     from jumprelu.cli.refit import refit_workdir
     from jumprelu.errors import UserError
 
@@ -408,6 +409,15 @@ def test_export_output_mistakes_are_one_line_and_leave_nothing(trained, tmp_path
     assert "file: is a file; --format saelens writes a directory" in _export_error(
         trained, tmp_path / "file", "--format", "saelens"
     )
+    config = (trained / "config.json").read_bytes()
+    for fmt in ("gemma-scope-2", "saelens", "neuronpedia"):  # gemma-scope-2 replaced the run's config.json
+        assert "is a training workdir; --format" in _export_error(trained, trained, "--format", fmt)
+    assert (trained / "config.json").read_bytes() == config
+    (tmp_path / "sae-0").mkdir()  # a stacked run's member directory
+    (tmp_path / "sae-0" / "member.json").write_text('{"member": 0, "workdir": ".."}')
+    with pytest.raises(UserError, match="sae-0: is a training workdir"):
+        check_output(str(tmp_path / "sae-0"), "saelens")
+    (tmp_path / "sae-0" / "member.json").unlink()
     _export(trained, tmp_path / "new" / "p.npz")
     _export(trained, tmp_path / "new2" / "sl", "--format", "saelens")
     assert jumprelu.load(tmp_path / "new2" / "sl").width == jumprelu.load(tmp_path / "new" / "p.npz").width

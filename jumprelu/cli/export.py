@@ -35,6 +35,14 @@ def check_output(path: str, fmt: str) -> None:
         raise UserError(f"{path}: is a directory; --format {fmt} writes one file (e.g. {path}/params.npz)")
     if fmt not in FILE_FORMATS and os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{path}: is a file; --format {fmt} writes a directory")
+    if fmt not in FILE_FORMATS and _is_training_dir(path):  # its config.json would be replaced
+        raise UserError(f"{path}: is a training workdir; --format {fmt} writes its files into another directory")
+
+
+def _is_training_dir(path: str) -> bool:
+    from jumprelu.train.checkpoint import MEMBER_FILE
+
+    return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.exists(os.path.join(path, MEMBER_FILE))
 
 
 def run(argv: list[str]) -> int:
