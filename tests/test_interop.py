@@ -167,6 +167,23 @@ def test_hand_made_saelens_topk_and_batchtopk(tmp_path):
     kth = np.sort(h, axis=1)[:, -5:-4]
     f = np.where((h >= kth) & (h > 0), h, 0)
     np.testing.assert_allclose(np.asarray(sae.encode(x)), f, rtol=1e-5, atol=1e-5)
+    # A TopK SAE that ranks by decoder-norm-scaled pre-activations (SAELens's TopK training default;
+    # was refused): h·‖W_dec,i‖ ranked, decoded as f_i/‖W_dec,i‖
+    cfg.update(rescale_acts_by_decoder_norm=True, apply_b_dec_to_input=True)
+    (tmp_path / "topk" / "cfg.json").write_text(json.dumps(cfg))
+    rescaled = jumprelu.load(str(tmp_path / "topk"))
+    norms = np.linalg.norm(p["W_dec"], axis=1)
+    h = ((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]) * norms
+    kth = np.sort(h, axis=1)[:, -5:-4]
+    f = np.where((h >= kth) & (h > 0), h, 0)
+    np.testing.assert_allclose(np.asarray(rescaled.encode(x)), f, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(rescaled(x)), (f / norms) @ p["W_dec"] + p["b_dec"], rtol=1e-4, atol=1e-4)
+    save_file(
+        dict(p, W_dec=np.where(np.arange(48)[:, None] == 3, 0, p["W_dec"])),
+        str(tmp_path / "topk" / "sae_weights.safetensors"),
+    )
+    with pytest.raises(FormatError, match="W_dec has a zero row, which rescale_acts_by_decoder_norm divides by"):
+        jumprelu.load(str(tmp_path / "topk"))
     # SAELens saves BatchTopK as JumpReLU with one threshold for every latent.
     (tmp_path / "btk").mkdir()
     save_file(dict(p, threshold=np.full_like(thr, 0.7)), str(tmp_path / "btk" / "sae_weights.safetensors"))

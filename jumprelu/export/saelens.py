@@ -118,8 +118,6 @@ def read_config(path: str) -> dict:
         raise FormatError(
             f"{file}: normalize_activations is {norm!r}; only 'none' loads (fold the scaling into the weights)"
         )
-    if cfg["architecture"] == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
-        raise FormatError(f"{file}: rescale_acts_by_decoder_norm=true has no folded form")
     for key in ("d_in", "d_sae") + (("k",) if "k" in cfg else ()):
         _require(file, key, cfg[key], int, positive=True)
     meta = cfg.get("metadata")
@@ -189,6 +187,16 @@ def load(path: str):
     if path.endswith(WEIGHTS):
         path = os.path.dirname(path) or "."
     cfg, p = read_params(path)
+    if cfg["architecture"] == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+        # SAELens ranks (x·W_enc + b_enc)·‖W_dec,i‖ and decodes f_i/‖W_dec,i‖: the same SAE with the
+        # norms moved into the encoder and out of the decoder (a no-op on its saved inference files,
+        # whose decoder rows it already normalised)
+        norms = np.linalg.norm(p["W_dec"], axis=1)
+        if not norms.all():
+            raise FormatError(
+                f"{fs.join(path, WEIGHTS)}: W_dec has a zero row, which rescale_acts_by_decoder_norm divides by"
+            )
+        p.update(W_enc=p["W_enc"] * norms, b_enc=p["b_enc"] * norms, W_dec=p["W_dec"] / norms[:, None])
     if cfg.get("apply_b_dec_to_input", True):  # SAELens's default: fold the subtraction into b_enc
         p["b_enc"] = p["b_enc"] - p["b_dec"] @ p["W_enc"]
     k = None
