@@ -710,6 +710,29 @@ def test_released_saes_keep_their_provenance_across_formats_and_transcoders_stay
     with pytest.raises(FormatError, match="output width 24 against input 16"):
         saelens.export(jumprelu.load(str(tc)), str(tmp_path / "tc_sl"))
     assert not (tmp_path / "tc_sl").exists()
+    # a transcoder without skip whose output width is its input's stays one (was re-exported as
+    # type "sae", and SAELens and npz exports wrote it as an SAE)
+    (tmp_path / "config.json").write_text(json.dumps(dict(released, type="transcoder")))
+    tc = jumprelu.load(str(tmp_path))
+    assert gemma_scope_2.config(tc)["type"] == "transcoder"
+    with pytest.raises(FormatError, match="a transcoder \\(its release's type is 'transcoder'\\) has no SAELens"):
+        saelens.export(tc, str(tmp_path / "tc_sl"))
+    with pytest.raises(gemma_scope.GemmaScopeError, match="a transcoder \\(its release's type"):
+        gemma_scope.export(tc, str(tmp_path / "tc.npz"))
+    (tmp_path / "config.json").write_text(json.dumps(tc_cfg))  # written as an SAE, but reads one site, writes another
+    assert gemma_scope_2.config(jumprelu.load(str(tmp_path)))["type"] == "transcoder"
+    assert not (tmp_path / "tc_sl").exists() and not (tmp_path / "tc.npz").exists()
+    # a hook name that is not a string is refused when read (was an AttributeError at export)
+    for bad in ({"hf_hook_point_in": 3}, {"model_name": ["gemma"]}):
+        (tmp_path / "config.json").write_text(json.dumps(dict(released, **bad)))
+        with pytest.raises(FormatError, match=f"config.json: {next(iter(bad))} must be a string, found"):
+            jumprelu.load(str(tmp_path))
+    saelens.export(sae, str(tmp_path / "sl2"))
+    cfg = json.loads((tmp_path / "sl2" / "cfg.json").read_text())
+    cfg["metadata"]["hook_name"] = 12
+    (tmp_path / "sl2" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match="cfg.json: metadata.hook_name must be a string, found 12"):
+        jumprelu.load(str(tmp_path / "sl2"))
 
 
 def test_a_gemma_scope_npz_threshold_below_zero_fires_as_gemma_scope_computes(tmp_path):

@@ -20,6 +20,7 @@ import numpy as np
 from jumprelu import fs
 from jumprelu.core.folded import FOLDED_KEYS as KEYS
 from jumprelu.errors import UserError
+from jumprelu.export import hooks
 
 
 class GemmaScopeError(UserError):
@@ -87,11 +88,10 @@ def export(sae, path: str) -> None:
             f"{path}: a TopK SAE (k={sae.k}) has no exact JumpReLU form; BatchTopK, ReLU and Gated SAEs do"
         )
     # params.npz holds an SAE's five arrays: a transcoder's skip connection or other output width has no place
-    d_in, d_out = sae.W_enc.shape[0], sae.W_dec.shape[1]
-    if sae.affine_skip is not None or d_out != d_in:
+    transcoder = hooks.transcoder_reason(sae)
+    if transcoder:
         raise GemmaScopeError(
-            f"{path}: a transcoder (affine skip, or output width {d_out} against input {d_in}) has no Gemma Scope "
-            "params.npz form; export it as gemma-scope-2"
+            f"{path}: a transcoder ({transcoder}) has no Gemma Scope params.npz form; export it as gemma-scope-2"
         )
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v, np.float32) for k, v in sae.params().items()})

@@ -69,6 +69,9 @@ def read_params(path: str) -> tuple[dict, dict[str, np.ndarray]]:
             raise FormatError(f"{cfg_file}: expected a JSON object of the release's keys, found {type(cfg).__name__}")
         if cfg.get("architecture", "jump_relu") != "jump_relu":
             raise FormatError(f"{cfg_file}: architecture {cfg['architecture']!r}, expected 'jump_relu'")
+        for key in ("hf_hook_point_in", "hf_hook_point_out", "model_name", "type"):  # names: strings or null
+            if cfg.get(key) is not None and not isinstance(cfg[key], str):
+                raise FormatError(f"{cfg_file}: {key} must be a string, found {cfg[key]!r}")
         found_width = cfg.get("width", width)
         if isinstance(found_width, bool) or not isinstance(found_width, int):
             raise FormatError(f"{cfg_file}: width must be an integer, found {found_width!r}")
@@ -105,7 +108,7 @@ def config(sae, provenance: dict | None = None, l0: float | None = None) -> dict
         "architecture": "jump_relu",
         "l0": int(round(l0)) if l0 is not None else _recorded_l0(sae),
         "affine_connection": sae.affine_skip is not None,
-        "type": "sae" if sae.W_dec.shape[1] == sae.d_model and sae.affine_skip is None else "transcoder",
+        "type": "sae" if hooks.transcoder_reason(sae) is None else "transcoder",
     }
 
 

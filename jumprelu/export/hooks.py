@@ -89,6 +89,25 @@ def model_names(model: str | None) -> tuple[str | None, str | None]:
     return model, model
 
 
+def transcoder_reason(sae) -> str | None:
+    """Why `sae` is a transcoder (it reads one site and writes another), or None for an SAE: an
+    affine skip, another output width, or its Gemma Scope 2 release saying so (type "transcoder",
+    or an output hook other than its input's) even when the arrays look like an SAE's."""
+    d_in, d_out = sae.W_enc.shape[-2], sae.W_dec.shape[-1]
+    if sae.affine_skip is not None:
+        return "an affine skip connection"
+    if d_out != d_in:
+        return f"output width {d_out} against input {d_in}"
+    released = (sae.config or {}).get("gemma_scope_2")
+    if isinstance(released, dict):
+        if released.get("type") == "transcoder":
+            return "its release's type is 'transcoder'"
+        hook_in, hook_out = released.get("hf_hook_point_in"), released.get("hf_hook_point_out")
+        if hook_in and hook_out and hook_out != hook_in:
+            return f"it writes {hook_out}, not its input {hook_in}"
+    return None
+
+
 def released_provenance(config: dict) -> dict | None:
     """The provenance a released SAE's own config records (a SAELens cfg.json or a Gemma Scope 2
     config.json loaded by `jumprelu.load`), so converting it between formats keeps it; None otherwise."""

@@ -77,11 +77,9 @@ def export(sae, path: str, provenance: dict | None = None) -> dict:
     threshold = np.asarray(sae.threshold, np.float32)
     if sae.k is None and threshold.size and threshold.min() < 0:
         raise FormatError(f"{path}: a negative threshold ({threshold.min():g}) has no SAELens JumpReLU form")
-    if sae.affine_skip is not None or sae.W_dec.shape[1] != sae.d_model:
-        raise FormatError(
-            f"{path}: a transcoder (affine skip, or output width {sae.W_dec.shape[1]} against input {sae.d_model}) "
-            "has no SAELens SAE form; export it as gemma-scope-2"
-        )
+    transcoder = hooks.transcoder_reason(sae)
+    if transcoder:
+        raise FormatError(f"{path}: a transcoder ({transcoder}) has no SAELens SAE form; export it as gemma-scope-2")
     cfg = config(sae, provenance)
     arrays = {
         "W_enc": np.asarray(sae.W_enc, np.float32),
@@ -124,6 +122,10 @@ def read_config(path: str) -> dict:
     if meta is not None and not isinstance(meta, dict):
         raise FormatError(f"{file}: metadata must be a JSON object, found {type(meta).__name__}")
     meta = meta or {}
+    for where, fields in (("", cfg), ("metadata.", meta)):  # names: strings or null
+        for key in ("hook_name", "model_name", "dataset_path"):
+            if fields.get(key) is not None and not isinstance(fields[key], str):
+                raise FormatError(f"{file}: {where}{key} must be a string, found {fields[key]!r}")
     if meta.get("input_scale") is not None:
         _require(file, "metadata.input_scale", meta["input_scale"], (int, float), positive=True)
     if meta.get("training_steps") is not None:
