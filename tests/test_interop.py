@@ -778,3 +778,10 @@ def test_neuronpedia_statistics_leave_out_the_rows_the_controller_read(tmp_path,
     ]
     report = json.loads((run / "report.json").read_text())
     np.testing.assert_allclose(sum(freq), report["eval"]["l0"], rtol=1e-6)
+    # a run whose controller read every held-out row has none left (was: statistics calling all dead)
+    from jumprelu.errors import UserError
+
+    config = json.loads((run / "config.json").read_text())
+    config["sae"]["target_l0_held_out_rows"] = 512
+    with pytest.raises(UserError, match="no held-out rows for feature statistics: data.eval_rows=512 and the"):
+        neuronpedia.eval_rows(str(run), config)

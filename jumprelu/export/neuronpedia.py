@@ -80,6 +80,7 @@ def eval_rows(workdir: str, config: dict) -> tuple[np.ndarray, np.ndarray, str]:
     import ml_collections
 
     from jumprelu import data as data_lib
+    from jumprelu.errors import UserError
 
     data_cfg = ml_collections.ConfigDict(config["data"])
     data_cfg.source = data_lib.recorded_source(config)  # a relative path, from another directory
@@ -91,7 +92,13 @@ def eval_rows(workdir: str, config: dict) -> tuple[np.ndarray, np.ndarray, str]:
     from jumprelu.core.init import report_rows
 
     read = controller_rows(ml_collections.ConfigDict({"sae": config.get("sae") or {}}))
-    return report_rows(stream.eval_set(), read), report_rows(stream.eval_index(), read), store.path
+    rows = report_rows(stream.eval_set(), read)
+    if not len(rows):  # statistics of no rows would call every latent dead
+        raise UserError(
+            f"{workdir}: no held-out rows for feature statistics: data.eval_rows={data_cfg.eval_rows} and the "
+            f"target-L0 controller read {read} of them (a larger data.eval_rows in training leaves some)"
+        )
+    return rows, report_rows(stream.eval_index(), read), store.path
 
 
 ContextsFn = Callable[[np.ndarray], list]  # store coordinates [n, 2] -> per row {tokens, token_ids, position} or None
