@@ -308,6 +308,7 @@ def test_tpu_run_checks_the_experiment_here_and_a_failing_gcloud_is_one_line(tmp
     (tmp_path / "mine.py").write_text(
         "from jumprelu.config import base_config\nget_config = lambda arg: base_config()\n"
     )
+    monkeypatch.chdir(tmp_path)  # experiment paths are the checkout's, whatever the shell's directory
     for job, says in (
         (["--sweep", "nosuch"], "no experiment 'nosuch'"),
         (["--config", "quickstart:bogus"], "quickstart argument 'bogus' is not one it reads"),
@@ -318,6 +319,8 @@ def test_tpu_run_checks_the_experiment_here_and_a_failing_gcloud_is_one_line(tmp
         (["--sweep", "gemma2_9b_comparison:site=resd"], "site must be one of resid, mlp, attn, found 'resd'"),
         (["--config", "gemma_scope_ladder:width=abc"], "gemma_scope_ladder argument width must be a number"),
         (["--config", str(tmp_path / "mine.py")], "a path outside this checkout"),
+        (["--config", "mine.py"], "mine.py: a file in "),  # a file here, not in the checkout
+        (["--config", "jumprelu/experiments/quickstart.py:bogus"], "argument 'bogus'"),  # the checkout's file
     ):
         with pytest.raises(SystemExit) as stop:
             tpu.main(["run", "sae-pod", *job, *common])  # no --dry_run: nothing may reach gcloud

@@ -17,6 +17,31 @@ def checkout() -> str:
     return root
 
 
+def _as_the_workers_see_it(name: str) -> str:
+    """The experiment file the workers will load for `name`: they run in their copy of the checkout,
+    so a path is read relative to the checkout, whatever this shell's directory."""
+    outside = ConfigError(
+        f"experiment {name}: a path outside this checkout; the workers get only the checkout "
+        "`tpu setup` copied: put the file in it and give its path relative to it"
+    )
+    if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
+        if os.path.isfile(name):
+            raise outside
+        return name  # not a file: a name, which `experiment.load` looks up or refuses
+    try:
+        root = checkout()
+    except ConfigError:  # installed from a wheel: nothing is copied, the name is read as here
+        return name
+    if os.path.isfile(os.path.join(root, name)):
+        return os.path.join(root, name)
+    if os.path.isfile(name):  # a file here, not in the checkout the workers get
+        raise ConfigError(
+            f"experiment {name}: a file in {os.getcwd()} but not in the checkout {root} the workers get; "
+            "put it in the checkout and give its path relative to it"
+        )
+    return name
+
+
 def check_job(config: str | None, sweep: str | None, extra: list[str] = (), harvest: bool = False) -> None:
     """Loads the experiment (or harvest config) a run names, reads its argument, applies the
     `--config.FIELD=V` overrides and validates each run's config, as the workers will: a
@@ -28,12 +53,7 @@ def check_job(config: str | None, sweep: str | None, extra: list[str] = (), harv
     from jumprelu.launch import experiment
 
     name, arg = experiment.split(config or sweep)
-    if os.path.isfile(name) and (os.path.isabs(name) or os.path.normpath(name).startswith("..")):
-        raise ConfigError(
-            f"experiment {name}: a path outside this checkout; the workers get only the checkout "
-            "`tpu setup` copied: put the file in it and give its path relative to it"
-        )
-    module = experiment.load(name)
+    module = experiment.load(_as_the_workers_see_it(name))
     if sweep:
         experiment.expand(module, arg)  # validates each run
         return
