@@ -205,6 +205,10 @@ def _watch_with_fake_gcloud(tmp_path, monkeypatch, script: str, polls: int, spot
     """Runs `tpu watch` for `polls` polls against a fake gcloud on PATH (bash `script` after it logs
     its arguments); returns the gcloud commands it was given."""
     calls = tmp_path / "calls"
+    # what `jumprelu train` accepts passes (were refused: a bool's `false`, dashed names)
+    from jumprelu.launch.preflight import check_job
+
+    check_job("quickstart", None, ["--config.train.decay_thresholds=false", "--config.train.lr-warmup-steps=2"])
     fake = tmp_path / "bin" / "gcloud"
     fake.parent.mkdir()
     fake.write_text(f'#!/bin/bash\necho "$*" >> {calls}\n{script}')
@@ -313,7 +317,8 @@ def test_tpu_run_checks_the_experiment_here_and_a_failing_gcloud_is_one_line(tmp
         (["--sweep", "nosuch"], "no experiment 'nosuch'"),
         (["--config", "quickstart:bogus"], "quickstart argument 'bogus' is not one it reads"),
         (["--sweep", "quickstart:bogus"], "quickstart argument 'bogus' is not one it reads"),
-        (["--config", "quickstart", "--config.train.stepz=3"], "override 'train.stepz': the config has no field"),
+        (["--config", "quickstart", "--config.train.stepz=3"], "the config has no field train.stepz"),
+        (["--config", "quickstart", "--config.data.scale=abc"], "could not convert string to float: 'abc'"),
         (["--config", "quickstart", "--config.train.steps=0"], "config field train.steps must be a positive"),
         (["--sweep", "smollm2_pareto:tokens=100"], "sweep run kind=jumprelu_target_l0=16: config field train.steps"),
         (["--sweep", "gemma2_9b_comparison:site=resd"], "site must be one of resid, mlp, attn, found 'resd'"),
@@ -327,6 +332,10 @@ def test_tpu_run_checks_the_experiment_here_and_a_failing_gcloud_is_one_line(tmp
         out, err = capfd.readouterr()
         assert stop.value.code == 2 and out == "" and err.strip().count("\n") == 0, err
         assert err.startswith("jumprelu: error: jumprelu tpu: ") and says in err, err
+    # what `jumprelu train` accepts passes (were refused: a bool's `false`, dashed names)
+    from jumprelu.launch.preflight import check_job
+
+    check_job("quickstart", None, ["--config.train.decay_thresholds=false", "--config.train.lr-warmup-steps=2"])
     fake = tmp_path / "bin" / "gcloud"
     fake.parent.mkdir()
     fake.write_text("#!/bin/bash\necho 'ERROR: (gcloud) quota exceeded' >&2\nexit 1\n")

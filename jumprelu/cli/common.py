@@ -91,29 +91,6 @@ def resolve_config_flags(argv: list[str], flags: tuple[str, ...] = ("config",)) 
     return out
 
 
-def config_error_message(error: Exception, argv: list[str]) -> str:
-    """One line for an error raised while the flags load config files and apply overrides.
-
-    ml_collections answers `--config.train.foo=1` with a KeyError inside an AttributeError:
-    that becomes "flag --config.train.foo=1: the config has no field train.foo".
-    """
-    original = error
-    while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError(...))
-        error = error.args[0]
-    key, _, hint = str(error.args[0] if error.args else error).partition("\n")
-    key = key.strip("'\"")
-    for a in argv:
-        name = a[2:].split("=", 1)[0] if a.startswith("--") else ""
-        flag, _, path = name.partition(".")
-        if path and key in path.split("."):
-            hint = f" ({hint[0].lower()}{hint[1:]})" if hint else ""
-            return f"flag {a}: the {flag} has no field {path}{hint}"
-    # The config files given (experiments are resolved to paths before parsing; a path need not end in .py).
-    files = " ".join(a for a in argv if a.startswith(("--config=", "--lm=")))
-    first = str(original).strip().splitlines()[0] if str(original).strip() else ""
-    return f"{files}: {type(original).__name__}: {first}".lstrip(": ")
-
-
 def quiet_libraries(flag_values) -> None:
     """Library INFO logs (orbax's, absl's) off unless --verbosity was given; ours stay on."""
     import logging as std_logging
@@ -198,6 +175,8 @@ def absl_run(main, argv: list[str], program: str) -> int:
     `--help` prints the usage of the module that defines `main` and its flags, and runs nothing."""
     from absl import app, flags
 
+    from jumprelu.launch import overrides
+
     if wants_help(argv):
         print(flags_help(main.__module__))
         return 0
@@ -210,7 +189,7 @@ def absl_run(main, argv: list[str], program: str) -> int:
     except flags.Error as e:
         return fail(f"{program}: {flag_error_line(e)}")
     except Exception as e:  # loading a config file runs the user's code: its error is theirs, in one line
-        return fail(f"{program}: {config_error_message(e, argv)}")
+        return fail(f"{program}: {overrides.config_error_message(e, argv)}")
     finally:
         sys.argv = was
     quiet_orbax_teardown()

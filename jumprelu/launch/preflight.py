@@ -47,26 +47,14 @@ def check_job(config: str | None, sweep: str | None, extra: list[str] = (), harv
     `--config.FIELD=V` overrides and validates each run's config, as the workers will: a
     ValueError (ConfigError) names what is wrong. An experiment given as a path must lie in this
     checkout, relative to it: the workers run `tpu setup`'s copy of it, nothing else of this machine."""
-    import ast
-
     from jumprelu.config import validate
-    from jumprelu.launch import experiment
+    from jumprelu.launch import experiment, overrides
 
     name, arg = experiment.split(config or sweep)
     module = experiment.load(_as_the_workers_see_it(name))
     if sweep:
         experiment.expand(module, arg)  # validates each run
         return
-    overrides = {}
-    for a in extra:
-        field, _, text = a.removeprefix("--config.").partition("=")
-        try:
-            overrides[field] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            overrides[field] = text  # a string, as ml_collections reads it
-    try:
-        cfg = experiment.apply_overrides(module.get_config(arg), overrides)
-    except TypeError as e:  # ml_collections: a value of another type than the field's
-        raise ConfigError(f"{' '.join(extra)}: {e}") from None
+    cfg = overrides.apply(module.get_config(arg), list(extra))
     if not harvest:  # a harvest config is checked by the harvest itself, before its model loads
         validate(cfg)
