@@ -1,5 +1,6 @@
 """Experiments, sweep expansion, the local sweep runner and the TPU launcher's dry run."""
 
+import csv
 import json
 import os
 import signal
@@ -190,6 +191,35 @@ def test_sigterm_to_the_sweep_driver_stops_its_run_with_a_checkpoint(tmp_path):
     assert root not in ps  # the run was not orphaned
     checkpoints = os.listdir(os.path.join(root, "sparsity_coefficient=0.003", "checkpoints"))
     assert any(name.isdigit() and int(name) > 0 for name in checkpoints), checkpoints
+
+
+def test_sweeps_sharing_a_root_share_its_summary(tmp_path):
+    """A second sweep (another argument) into the same ROOT keeps the first's rows (they were
+    overwritten); a sweep's own rows replace its earlier ones; a plot of fewer than 2 points goes."""
+    root = str(tmp_path)
+    first = [
+        {"run": "kind=topk_k=20", "kind": "topk", "status": "finished", "tokens": 100, "l0": 20.0, "fvu": 0.2},
+        {"run": "kind=topk_k=50", "kind": "topk", "status": "finished", "tokens": 100, "l0": 50.0, "fvu": 0.15},
+    ]
+    sweep_cli.write_summary(first, root)
+    second = [{"run": "kind=jumprelu_l0=20/sae-0", "kind": "jumprelu", "status": "finished", "l0": 19.5, "fvu": 0.18}]
+    table = sweep_cli.write_summary(second, root)
+    with open(tmp_path / "sweep_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["kind=topk_k=20", "kind=topk_k=50", "kind=jumprelu_l0=20/sae-0"]
+    assert float(rows[1]["fvu"]) == 0.15 and "kind=topk_k=50" in table
+    again = [dict(second[0], fvu=0.17), {"run": "kind=jumprelu_l0=50", "kind": "jumprelu", "status": "running"}]
+    sweep_cli.write_summary(again, root)
+    with open(tmp_path / "sweep_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["fvu"]) for r in rows][2:] == [
+        ("kind=jumprelu_l0=20/sae-0", "0.17"),
+        ("kind=jumprelu_l0=50", ""),
+    ]
+    assert len(rows) == 4 and (tmp_path / "sweep_summary.png").exists()
+    (tmp_path / "sweep_summary.csv").unlink()
+    sweep_cli.write_summary(second, root)  # one point: no plot, and not the old one
+    assert not (tmp_path / "sweep_summary.png").exists()
 
 
 def test_stacked_sweep_summarises_each_member(tmp_path):

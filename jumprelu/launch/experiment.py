@@ -47,7 +47,7 @@ def parse_arg(arg: str | None, known: tuple[str, ...] | None = None, name: str =
         if not part:
             continue
         key, sep, value = part.partition("=")
-        out[key.strip()] = _parse_value(value.strip()) if sep else True
+        out[key.strip()] = parse_value(value.strip()) if sep else True
     unknown = [k for k in out if known is not None and k not in (*known, "runlocal")]
     if unknown:
         expected = ", ".join(sorted({*known, "runlocal"}))
@@ -77,7 +77,8 @@ def choice(args: dict[str, Any], key: str, options, default, name: str = "experi
     return value
 
 
-def _parse_value(text: str):
+def parse_value(text: str):
+    """An int, a float, true/false, or the text itself (an `:arg` value, a summary cell)."""
     for cast in (int, float):
         try:
             return cast(text)

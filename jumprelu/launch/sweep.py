@@ -11,9 +11,10 @@ and get_sweep. Each run gets ROOT/<run name>, a name built from its overrides, s
 finds it: finished runs (report.json present) are skipped, interrupted ones resume from
 their last checkpoint. ROOT defaults to runs/<experiment>[_<arg>] and may be gs://.
 At the end a table of every run's held-out metrics is printed and written to
-ROOT/sweep_summary.csv, with ROOT/sweep_summary.png (L0 against FVU) when there is
-something to plot. On a multi-host TPU slice every host runs the same command (see
-jumprelu tpu); each run then trains on the whole slice.
+ROOT/sweep_summary.csv (after the rows of other sweeps that share ROOT), with
+ROOT/sweep_summary.png (L0 against FVU) when there is something to plot. On a multi-host
+TPU slice every host runs the same command (see jumprelu tpu); each run then trains on the
+whole slice.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from jumprelu import errors, fs
 from jumprelu.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, PREFIX, ConfigError
 from jumprelu.launch import experiment as experiments
+
+SUMMARY_CSV, SUMMARY_PNG = "sweep_summary.csv", "sweep_summary.png"
 
 
 def default_root(experiment: str, arg: str | None) -> str:
@@ -164,7 +167,19 @@ def summary_rows(runs: list[experiments.Run], root: str) -> list[dict]:
     return rows
 
 
+def _with_other_sweeps(rows: list[dict], root: str) -> list[dict]:
+    """The rows other sweeps (another experiment or argument) wrote to ROOT's summary, then this
+    sweep's, which replace its own earlier ones: ROOT's summary is of every run in it."""
+    file = fs.join(root, SUMMARY_CSV)
+    if not fs.exists(file):
+        return rows
+    mine = {r["run"].split("/")[0] for r in rows}  # a stacked member's row is RUN/sae-i
+    kept = [r for r in csv.DictReader(io.StringIO(fs.read_text(file))) if r.get("run", "").split("/")[0] not in mine]
+    return [{k: experiments.parse_value(v) for k, v in r.items() if k and v not in ("", None)} for r in kept] + rows
+
+
 def write_summary(rows: list[dict], root: str) -> str:
+    rows = _with_other_sweeps(rows, root)
     fields = ["run", "kind", "status", "tokens", "l0", "fvu", "dead_fraction", "dense_fraction"]
     fields += sorted({k for r in rows for k in r} - set(fields))
     buf = io.StringIO()
@@ -172,14 +187,16 @@ def write_summary(rows: list[dict], root: str) -> str:
     w.writeheader()
     w.writerows(rows)
     fs.makedirs(root)
-    fs.write_text_atomically(fs.join(root, "sweep_summary.csv"), buf.getvalue())
+    fs.write_text_atomically(fs.join(root, SUMMARY_CSV), buf.getvalue())
     points = [{"kind": r["kind"], "l0": r["l0"], "fvu": r["fvu"]} for r in rows if r.get("l0", 0) > 0 and "fvu" in r]
     if len(points) >= 2:
         from jumprelu.evaluate.plots import plot_pareto
 
         png = io.BytesIO()
         plot_pareto(points, png, title=root)
-        fs.write_bytes_atomically(fs.join(root, "sweep_summary.png"), png.getvalue())
+        fs.write_bytes_atomically(fs.join(root, SUMMARY_PNG), png.getvalue())
+    elif fs.exists(fs.join(root, SUMMARY_PNG)):  # not left to show points the csv no longer has
+        fs.remove(fs.join(root, SUMMARY_PNG))
     lines = [f"{'run':<60} {'status':<11} {'L0':>8} {'FVU':>8} {'dead':>6}"]
     for r in rows:
         l0 = f"{r['l0']:8.2f}" if "l0" in r else f"{'':8}"
@@ -224,7 +241,7 @@ def main(argv: list[str]) -> int:
         return 0
     outcomes = run_local(spec, runs, root, args.parallel) if args.local else []
     print(write_summary(summary_rows(runs, root), root))
-    print(f"summary: {fs.join(root, 'sweep_summary.csv')}")
+    print(f"summary: {fs.join(root, SUMMARY_CSV)}")
     saved = sum(code == EXIT_PREEMPTED for _, code in outcomes)
     not_started = sum(code == "not started" for _, code in outcomes)
     if saved or not_started:
