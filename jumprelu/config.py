@@ -239,7 +239,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(d.prefetch_batches >= 0, "data.prefetch_batches", ">= 0", d.prefetch_batches)
     _check(d.eval_rows >= 0, "data.eval_rows", ">= 0", d.eval_rows)
     held = s.get("target_l0_held_out_rows", 0)
-    if s.kind == "jumprelu" and held and isinstance(held, int):
+    if s.kind == "jumprelu" and held and isinstance(held, int) and s.get("target_l0") is not None:
         _check(d.eval_rows >= held, "data.eval_rows", f">= sae.target_l0_held_out_rows ({held})", d.eval_rows)
     lams = c.stack.sparsity_coefficients
     _check(

@@ -55,7 +55,6 @@ def apply_recipe(c: ml_collections.ConfigDict, name: str, target_l0: float | Non
     set_fields(c, RECIPES[name])
     if target_l0 is not None:
         c.sae.target_l0 = float(target_l0)
-    elif c.sae.get("target_l0") is None:  # the phase's k is the target; without one no controller reads L0
-        c.sae.batchtopk_fraction = 0.0
-        c.sae.target_l0_held_out_rows = 0
+    # without a target the BatchTopK phase and the held-out rows stay set but do nothing (both are
+    # the controller's): a later `--config.sae.target_l0=T` then gets the whole recipe
     return c

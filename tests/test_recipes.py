@@ -337,8 +337,6 @@ def test_adam_update_clip_bounds_a_long_silent_parameters_first_step(tiny_config
         ("train.encoder_weight_decay", -0.1, "train.encoder_weight_decay must be finite and >= 0"),
         ("train.adam_update_clip", -1.0, "train.adam_update_clip must be >= 0"),
         ("sae.batchtopk_fraction", 1.5, r"sae.batchtopk_fraction must be in \[0, 1\]"),
-        ("sae.batchtopk_fraction", 0.5, "sae.target_l0 must be set and below sae.width when sae.batchtopk_fraction"),
-        ("sae.target_l0_held_out_rows", 64, "sae.target_l0 must be set when sae.target_l0_held_out_rows > 0"),
         ("sae.target_l0_held_out_rows", -1, "sae.target_l0_held_out_rows must be an integer >= 0"),
         # a comparison of a word with a number (a TypeError), and a float slice after the compile, before
         ("sae.matryoshka_widths", ("abc",), r"must be increasing integer prefix sizes .* found \('abc',\)"),
@@ -430,9 +428,19 @@ def test_the_short_recipe_hands_over_from_batchtopk_only_with_a_target():
     assert with_target.sae.batchtopk_fraction == 0.8 and with_target.sae.target_l0 == 20.0
     assert with_target.sae.target_l0_held_out_rows == 1024
     validate(with_target)
-    without = apply_recipe(base_config(), "short")  # λ fixed: no k for a BatchTopK phase
-    assert without.sae.batchtopk_fraction == 0.0 and without.sae.target_l0_held_out_rows == 0
+    without = apply_recipe(base_config(), "short")  # λ fixed: no k for a BatchTopK phase, no controller
     validate(without)
+    recipe = jumprelu_kind.Recipe.from_config(without.sae, 1000)
+    assert recipe.batchtopk_steps == 0 and recipe.held_out_rows == 0 and not init_lib.needs_data(without.sae)
+    # ...and a target given later gets the whole recipe (the phase and the held-out rows were dropped)
+    without.sae.target_l0 = 50.0
+    validate(without)
+    recipe = jumprelu_kind.Recipe.from_config(without.sae, 1000)
+    assert recipe.batchtopk_steps == 800 and recipe.held_out_rows == 1024 and init_lib.needs_data(without.sae)
+    from jumprelu.launch import overrides
+
+    c = overrides.apply(experiment.load("recipe").get_config(None), ["--config.sae.target_l0=50"])
+    assert c.sae.batchtopk_fraction == 0.8 and c.sae.target_l0_held_out_rows == 1024 and c.sae.target_l0 == 50
 
 
 def test_the_controllers_held_out_rows_are_the_stores_held_out_split(tmp_path, tiny_config):

@@ -65,7 +65,7 @@ def needs_data(s) -> bool:
         s.get("b_dec_init", "zeros") != "zeros"
         or s.get("threshold_init_mode", "constant") != "constant"
         or s.get("bandwidth_mode", "absolute") == "relative"
-        or bool(s.get("target_l0_held_out_rows"))
+        or (bool(s.get("target_l0_held_out_rows")) and s.get("target_l0") is not None)
     )
 
 

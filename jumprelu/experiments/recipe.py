@@ -16,7 +16,8 @@ hand-over (sparing the 0.5% most frequent latents), lr 4e-3 decaying over the la
 held-out rows, so `data.eval_rows` must be at least 1,024; afterwards `jumprelu refit --workdir
 DIR` fits the decoder by least squares);
 `paper` keeps the paper's recipe (log θ, ε 0.001, lr 7e-5, 10,000-step λ warm-up), which is
-tuned for billions of tokens. Without `l0`, λ is `sae.sparsity_coefficient` as usual.
+tuned for billions of tokens. Without `l0`, λ is `sae.sparsity_coefficient` as usual (the
+BatchTopK phase and the held-out rows wait for a target: `--config.sae.target_l0=T` is `l0=T`).
 `matryoshka` nests prefixes of width/8, width/4, width/2 and width latents, their reconstruction
 errors weighted 1:1:1:9 (README "Recipes": at 2M tokens and L0 50, 1.8% above the plain recipe's
 FVU, 0.9% after both refits; 2.6–3.7% at L0 20/50/100 with the recipe before the held-out L0

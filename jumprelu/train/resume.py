@@ -66,6 +66,8 @@ STATE_SWITCHES = (
     ("sae.target_l0_held_out_rows", lambda v: v or 0),  # the count is an array's shape
 )
 
+CONTROLLER_PARTS = ("sae.batchtopk_fraction", "sae.target_l0_held_out_rows")  # act only with a sae.target_l0
+
 
 def _get(d: dict, dotted: str):
     for k in dotted.split("."):
@@ -112,6 +114,8 @@ def check_resumable(saved: dict, cfg: ml_collections.ConfigDict, directory: str)
     for field, on in STATE_SWITCHES:
         if cfg.sae.kind != "jumprelu" and field.removeprefix("sae.") in JUMPRELU_ONLY:
             continue  # another kind's state has none of these options' arrays (older runs saved them, unread)
+        if field in CONTROLLER_PARTS and _get(saved, "sae.target_l0") is None and _get(now, "sae.target_l0") is None:
+            continue  # neither run has a controller, so neither has these arrays
         was, now_value = _get(saved, field), _get(now, field)
         if on(was) != on(now_value):
             change = "changing it" if on(was) and on(now_value) else f"switching it {'on' if on(now_value) else 'off'}"

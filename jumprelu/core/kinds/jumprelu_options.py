@@ -49,7 +49,7 @@ def sparse_plan(s) -> tuple[int, str]:
     capacity = s.get("sparse_capacity", 0) or (
         sparse.default_capacity(s.target_l0, s.width) if s.get("target_l0") else 0
     )
-    phase = " after the BatchTopK phase (dense)" if s.get("batchtopk_fraction") else ""
+    phase = " after the BatchTopK phase (dense)" if batchtopk_phase(s) else ""
     if mode == "on":
         return capacity, f"sae.sparse=on{phase}"
     if unsupported:
@@ -93,8 +93,6 @@ def validate(s, check) -> None:
     held = s.target_l0_held_out_rows
     ok = isinstance(held, int) and not isinstance(held, bool) and held >= 0
     check(ok, "sae.target_l0_held_out_rows", "an integer >= 0 (0 = off)", held)
-    if held:
-        check(s.target_l0 is not None, "sae.target_l0", "set when sae.target_l0_held_out_rows > 0", s.target_l0)
     check(s.sparsity_loss in sparsity.LOSSES, "sae.sparsity_loss", f"one of {sparsity.LOSSES}", s.sparsity_loss)
     if s.sparsity_loss in ("quadratic", "quadratic_rows"):
         needs = f"set when sae.sparsity_loss is {s.sparsity_loss!r}"
@@ -116,9 +114,10 @@ def validate(s, check) -> None:
     check(s.encoder_init_scale > 0, "sae.encoder_init_scale", "> 0", s.encoder_init_scale)
     bf = s.batchtopk_fraction
     check(0 <= bf <= 1, "sae.batchtopk_fraction", "in [0, 1]", bf)
-    if bf:
-        needs = "set and below sae.width when sae.batchtopk_fraction > 0 (k = target_l0)"
-        check(s.target_l0 is not None and s.target_l0 < s.width, "sae.target_l0", needs, s.target_l0)
+    if bf and s.target_l0 is not None:
+        check(
+            s.target_l0 < s.width, "sae.target_l0", "below sae.width when sae.batchtopk_fraction > 0 (k)", s.target_l0
+        )
     check(isinstance(s.ste_pre_activations, bool), "sae.ste_pre_activations", "True or False", s.ste_pre_activations)
     check(s.sparse in SPARSE_MODES, "sae.sparse", f"one of {SPARSE_MODES}", s.sparse)
     capacity_rule = ">= 0 (0: 8 × sae.target_l0, at least width/64)"
@@ -166,14 +165,15 @@ def config_fields() -> dict:
         # the threshold (Anthropic 2025); paper: False, the jump trains θ only
         ste_pre_activations=False,
         # > 0: this first share of the steps trains as BatchTopK (k = target_l0: every θ is the batch's
-        # k·B-th largest z), then hands over to per-latent θ (Gemma Scope 2 converted BatchTopK SAEs)
+        # k·B-th largest z), then hands over to per-latent θ (Gemma Scope 2 converted BatchTopK SAEs);
+        # part of the target-L0 controller: no phase without a target_l0
         batchtopk_fraction=0.0,
         # A requested mean L0; λ then adapts to reach it (make_loss): log λ = I + gain·clip(log(L0/target),
         # ±1), I starting at log sparsity_coefficient and moving by rate·log(L0/target) per step.
         target_l0=config_dict.placeholder(float),
         target_l0_rate=0.01,
         target_l0_gain=0.5,
-        # > 0: the controller aims the L0 of rows the SAE never trains on at the target: this many of
+        # > 0 (and a target_l0): the controller aims the L0 of rows the SAE never trains on at the target: this many of
         # the store's held-out rows (data.eval_rows), 128 of them a step, give a
         # moving ratio of held-out to batch L0 that scales the batch L0 it reads. A run that revisits
         # its rows fits θ to them, and its L0 on new text then lands above the target (README "Recipes").
@@ -247,9 +247,15 @@ class Recipe:
             matryoshka_widths=tuple(s.get("matryoshka_widths", ()) or ()),
             matryoshka_weights=tuple(s.get("matryoshka_weights", ()) or ()),
             # at least 1 when on, so the state has its step counter even where train_steps is not given
-            batchtopk_steps=max(1, round(fraction * train_steps)) if (fraction := s.get("batchtopk_fraction")) else 0,
+            batchtopk_steps=max(1, round(batchtopk_phase(s) * train_steps)) if batchtopk_phase(s) else 0,
             sparse_capacity=sparse_plan(s)[0],
         )
+
+
+def batchtopk_phase(s) -> float:
+    """The share of the steps trained as BatchTopK: sae.batchtopk_fraction when there is a target
+    L0 (its k), else 0."""
+    return float(s.get("batchtopk_fraction") or 0.0) if s.get("target_l0") is not None else 0.0
 
 
 def _normalised(weights) -> tuple[float, ...]:
