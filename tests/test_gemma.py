@@ -315,6 +315,17 @@ def test_end_to_end_harvest_train_evaluate_with_delta_lm_loss(world, tmp_path):
     assert lm["delta_lm_loss"] == pytest.approx(lm["ce_spliced"] - lm["ce_clean"])
     assert 0 < lm["l0"] < 128 and lm["fvu"] < 1.5
     assert os.path.exists(run / "firing_frequency.png")
+    # an evaluation without --lm keeps the delta LM loss of the same step (it was overwritten)...
+    out = subprocess.run(ev[:-2], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "kept the delta LM loss of step 60" in out.stdout, out.stderr[-2000:]
+    with open(run / "eval.json") as f:
+        plain = json.load(f)
+    assert plain["lm"] == lm and plain["frequencies_from"] == "stored"
+    # ...and one of another step is set aside with it first
+    (run / "eval.json").write_text(json.dumps(dict(result, step=30)))
+    out = subprocess.run(ev[:-2], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "lm" not in json.loads((run / "eval.json").read_text()), out.stderr[-2000:]
+    assert json.loads((run / "eval_step30.json").read_text())["lm"] == lm
     # every residual layer has the same width: another layer would give a wrong delta LM loss, no error
     ev[-1] = f"harvest/gemma2:tiny={world['dir']},layer=0,site=resid"
     out = subprocess.run(ev, cwd=ROOT, capture_output=True, text=True)

@@ -159,6 +159,9 @@ def run(argv: list[str]) -> int:
             dense_fraction=float(np.mean(freq > 0.1)),
             frequencies_from="lm" if "lm" in result else "stored",
         )
+        if "lm" not in result and (earlier := earlier_lm(out_dir, sae.step)) is not None:
+            result["lm"] = earlier
+            print(f"kept the delta LM loss of step {sae.step} from the earlier --lm evaluation")
         png = io.BytesIO()
         plot_firing_histogram(freq, png, title=f"step {sae.step}, {result['frequencies_from']} eval")
         fs.write_bytes_atomically(fs.join(out_dir, "firing_frequency.png"), png.getvalue())
@@ -168,6 +171,30 @@ def run(argv: list[str]) -> int:
         return 0
 
     return common.absl_run(main, argv, "jumprelu evaluate")
+
+
+def earlier_lm(out_dir: str, step: int) -> dict | None:
+    """The delta LM loss section an earlier `--lm` evaluation of this same step wrote to
+    eval.json, which an evaluation without --lm keeps (it can take hours to measure); an eval.json
+    with one of another step is first kept as eval_step<N>.json."""
+    from jumprelu import fs
+
+    file = fs.join(out_dir, "eval.json")
+    if not fs.exists(file):
+        return None
+    text = fs.read_text(file)
+    try:
+        before = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(before, dict) or not isinstance(before.get("lm"), dict):
+        return None
+    if before.get("step") == step:
+        return before["lm"]
+    kept = fs.join(out_dir, f"eval_step{before.get('step')}.json")
+    fs.write_text_atomically(kept, text)
+    print(f"kept {file} of step {before.get('step')} (with its delta LM loss) as {kept}")
+    return None
 
 
 def jax_process_index() -> int:
