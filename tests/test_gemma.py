@@ -326,6 +326,10 @@ def test_end_to_end_harvest_train_evaluate_with_delta_lm_loss(world, tmp_path):
     out = subprocess.run(ev[:-2], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "lm" not in json.loads((run / "eval.json").read_text()), out.stderr[-2000:]
     assert json.loads((run / "eval_step30.json").read_text())["lm"] == lm
+    (run / "eval_step30.json").unlink()  # ...on the --lm path too (it replaced it)
+    (run / "eval.json").write_text(json.dumps(dict(result, step=30)))
+    out = subprocess.run(ev, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and json.loads((run / "eval_step30.json").read_text())["lm"] == lm, out.stderr[-2000:]
     # every residual layer has the same width: another layer would give a wrong delta LM loss, no error
     ev[-1] = f"harvest/gemma2:tiny={world['dir']},layer=0,site=resid"
     out = subprocess.run(ev, cwd=ROOT, capture_output=True, text=True)

@@ -239,6 +239,17 @@ def _watch_with_fake_gcloud(tmp_path, monkeypatch, script: str, polls: int, spot
     from jumprelu.launch.preflight import check_job
 
     check_job("quickstart", None, ["--config.train.decay_thresholds=false", "--config.train.lr-warmup-steps=2"])
+    from jumprelu.launch import overrides
+
+    c = overrides.apply(experiment.load("quickstart").get_config(None), ["--config.train.decay_thresholds=false",
+                                                                      "--config.train.lr-warmup-steps=2"])  # fmt: skip
+    assert c.train.decay_thresholds is False and c.train.lr_warmup_steps == 2
+    # not $JUMPRELU_EXPERIMENTS_DIR's file: the workers' environment does not have it
+    monkeypatch.setenv("JUMPRELU_EXPERIMENTS_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match="no experiment"):
+        check_job("mine", None)
+    with pytest.raises(ConfigError, match="a path in the checkout as jumprelu/experiments/quickstart.py; the workers"):
+        check_job(str(experiment.EXPERIMENTS_DIR) + "/quickstart.py", None)
     fake = tmp_path / "bin" / "gcloud"
     fake.parent.mkdir()
     fake.write_text(f'#!/bin/bash\necho "$*" >> {calls}\n{script}')

@@ -159,7 +159,8 @@ def run(argv: list[str]) -> int:
             dense_fraction=float(np.mean(freq > 0.1)),
             frequencies_from="lm" if "lm" in result else "stored",
         )
-        if "lm" not in result and (earlier := earlier_lm(out_dir, sae.step)) is not None:
+        earlier = earlier_lm(out_dir, sae.step)
+        if "lm" not in result and earlier is not None:
             result["lm"] = earlier
             print(f"kept the delta LM loss of step {sae.step} from the earlier --lm evaluation")
         png = io.BytesIO()
@@ -176,7 +177,7 @@ def run(argv: list[str]) -> int:
 def earlier_lm(out_dir: str, step: int) -> dict | None:
     """The delta LM loss section an earlier `--lm` evaluation of this same step wrote to
     eval.json, which an evaluation without --lm keeps (it can take hours to measure); an eval.json
-    with one of another step is first kept as eval_step<N>.json."""
+    with one of another step (or none recorded) is first kept as eval_step<N>.json (eval_earlier.json)."""
     from jumprelu import fs
 
     file = fs.join(out_dir, "eval.json")
@@ -191,9 +192,10 @@ def earlier_lm(out_dir: str, step: int) -> dict | None:
         return None
     if before.get("step") == step:
         return before["lm"]
-    kept = fs.join(out_dir, f"eval_step{before.get('step')}.json")
+    was = before.get("step")
+    kept = fs.join(out_dir, f"eval_step{was}.json" if isinstance(was, int) else "eval_earlier.json")
     fs.write_text_atomically(kept, text)
-    print(f"kept {file} of step {before.get('step')} (with its delta LM loss) as {kept}")
+    print(f"kept {file} of step {was} (with its delta LM loss) as {kept}")
     return None
 
 

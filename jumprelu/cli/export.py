@@ -29,20 +29,22 @@ def check_output(path: str, fmt: str) -> None:
     from jumprelu import fs
     from jumprelu.errors import UserError
 
+    if fmt not in FILE_FORMATS and _is_training_dir(path):  # its config.json would be replaced
+        raise UserError(f"{path}: is a training workdir; --format {fmt} writes its files into another directory")
     if fs.is_remote(path):
         return
     if fmt in FILE_FORMATS and os.path.isdir(path):
         raise UserError(f"{path}: is a directory; --format {fmt} writes one file (e.g. {path}/params.npz)")
     if fmt not in FILE_FORMATS and os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{path}: is a file; --format {fmt} writes a directory")
-    if fmt not in FILE_FORMATS and _is_training_dir(path):  # its config.json would be replaced
-        raise UserError(f"{path}: is a training workdir; --format {fmt} writes its files into another directory")
 
 
 def _is_training_dir(path: str) -> bool:
+    """Whether `path` (local or gs://) is a run's workdir or a stacked member's directory."""
+    from jumprelu import fs
     from jumprelu.train.checkpoint import MEMBER_FILE
 
-    return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.exists(os.path.join(path, MEMBER_FILE))
+    return fs.exists(fs.join(path, "checkpoints")) or fs.exists(fs.join(path, MEMBER_FILE))
 
 
 def run(argv: list[str]) -> int:

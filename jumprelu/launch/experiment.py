@@ -96,7 +96,9 @@ def resolve(experiment: str, experiments_dir: str | None = None) -> str:
     if os.path.isfile(experiment):
         return experiment
     name = experiment.removesuffix(".py") + ".py"
-    dirs = [d for d in (experiments_dir or os.environ.get(EXPERIMENTS_DIR_ENV), EXPERIMENTS_DIR) if d]
+    dirs = list(
+        dict.fromkeys(d for d in (experiments_dir or os.environ.get(EXPERIMENTS_DIR_ENV), EXPERIMENTS_DIR) if d)
+    )
     for d in dirs:
         candidate = os.path.join(d, name)
         if os.path.isfile(candidate):

@@ -20,26 +20,26 @@ def checkout() -> str:
 def _as_the_workers_see_it(name: str) -> str:
     """The experiment file the workers will load for `name`: they run in their copy of the checkout,
     so a path is read relative to the checkout, whatever this shell's directory."""
-    outside = ConfigError(
-        f"experiment {name}: a path outside this checkout; the workers get only the checkout "
-        "`tpu setup` copied: put the file in it and give its path relative to it"
-    )
-    if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
-        if os.path.isfile(name):
-            raise outside
-        return name  # not a file: a name, which `experiment.load` looks up or refuses
     try:
         root = checkout()
     except ConfigError:  # installed from a wheel: nothing is copied, the name is read as here
         return name
-    if os.path.isfile(os.path.join(root, name)):
+    if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
+        if os.path.isfile(name):
+            inside = os.path.relpath(os.path.realpath(name), os.path.realpath(root))
+            where = "outside this checkout" if inside.split(os.sep)[0] == ".." else f"in the checkout as {inside}"
+            raise ConfigError(
+                f"experiment {name}: a path {where}; the workers run in their copy of the checkout "
+                "`tpu setup` made: put the file in it and give its path relative to it"
+            )
+    elif os.path.isfile(os.path.join(root, name)):
         return os.path.join(root, name)
-    if os.path.isfile(name):  # a file here, not in the checkout the workers get
+    elif os.path.isfile(name):  # a file here, not in the checkout the workers get
         raise ConfigError(
             f"experiment {name}: a file in {os.getcwd()} but not in the checkout {root} the workers get; "
             "put it in the checkout and give its path relative to it"
         )
-    return name
+    return name  # a packaged experiment's name, looked up by check_job
 
 
 def check_job(config: str | None, sweep: str | None, extra: list[str] = (), harvest: bool = False) -> None:
@@ -51,7 +51,8 @@ def check_job(config: str | None, sweep: str | None, extra: list[str] = (), harv
     from jumprelu.launch import experiment, overrides
 
     name, arg = experiment.split(config or sweep)
-    module = experiment.load(_as_the_workers_see_it(name))
+    # a name among the packaged experiments only: the workers' environment has no $JUMPRELU_EXPERIMENTS_DIR
+    module = experiment.load(_as_the_workers_see_it(name), experiments_dir=experiment.EXPERIMENTS_DIR)
     if sweep:
         experiment.expand(module, arg)  # validates each run
         return
