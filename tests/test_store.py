@@ -518,8 +518,24 @@ def test_a_damaged_progress_record_or_synthetic_metadata_is_one_line(tmp_path):
     (path / "writing.json").write_text(json.dumps({**record, "shards": [old_style]}))
     with pytest.raises(DataError, match=r"shard-00000.npy, recorded as written in writing.json, cannot be read"):
         StoreWriter(str(path), d_model=8, shard_rows=40)
+    # ...nor when the store is only read (was a TypeError / KeyError traceback)
+    for shards in ("[1]", '{"a": 1}'):
+        (path / "writing.json").write_text('{"header": {}, "shards": ' + shards + "}")
+        with pytest.raises(DataError, match="incomplete, and its writing.json is unreadable"):
+            open_store(str(path))
+
     spec = SyntheticSpec(d_model=8, num_features=16, rows=64)
     write_store(spec, str(tmp_path / "syn"))
     (tmp_path / "syn" / "metadata.json").write_text('{"format": "jumprelu-activation-store", "format_ver')
     with pytest.raises(DataError, match=r"syn.*metadata.json is not readable JSON"):
         write_store(spec, str(tmp_path / "syn"))
+
+
+@pytest.mark.parametrize(
+    "value, why", [(0.0, "all 60 finite rows are zero"), (np.nan, r"all 60 rows are non-finite \(NaN or Inf")]
+)
+def test_rows_with_no_scale_say_why_not_resume(tmp_path, value, why):
+    writer = StoreWriter(str(tmp_path / "s"), d_model=8, shard_rows=40)
+    writer.append(np.full((60, 8), value, np.float32))
+    with pytest.raises(DataError, match=f"cannot compute the scale C: {why}"):
+        writer.close()

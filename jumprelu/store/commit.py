@@ -24,8 +24,15 @@ def build_metadata(path: str, header: dict, shards: list[dict], block_rows: int)
     finite = sum(s["rows"] - len(s["nonfinite_rows"]) for s in shards)
     total_sq = sum(s["sum_sq_norm"] for s in shards)
     scale = float(np.sqrt(total_sq / finite)) if finite else float("nan")
-    if not (np.isfinite(scale) and scale > 0):
-        raise DataError(f"store {path}: cannot compute the scale C (mean squared norm {scale**2})")
+    if not (np.isfinite(scale) and scale > 0):  # a rerun would resume and end the same way: say why
+        rows = sum(s["rows"] for s in shards)
+        if not finite:
+            why = f"all {rows} rows are non-finite (NaN or Inf, or too large for the store's dtype)"
+        elif total_sq == 0:
+            why = f"all {finite} finite rows are zero"
+        else:
+            why = f"the mean squared norm of its {finite} finite rows overflows ({scale**2})"
+        raise DataError(f"store {path}: cannot compute the scale C: {why}; these activations cannot be trained on")
     return {
         "format": fmt.FORMAT,
         "format_version": fmt.FORMAT_VERSION,

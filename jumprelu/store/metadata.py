@@ -32,9 +32,11 @@ def _incomplete(path: str):
         try:
             with open(progress) as f:
                 done = json.load(f)["shards"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            last = done[-1]["file"] if done else "none"  # a list of shard records, as the writer keeps it
+            if not (isinstance(done, list) and isinstance(last, str)):
+                raise TypeError(f"shards is {type(done).__name__} of {type(done[-1]).__name__ if done else '-'}")
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             fail(path, f"incomplete, and its {fmt.WRITING} is unreadable ({e}); write the store again")
-        last = done[-1]["file"] if done else "none"
         in_flight = sorted(glob.glob(os.path.join(path, ".shard-*.tmp")))
         flight = f"; {os.path.basename(in_flight[0])[1:-4]} was being written" if in_flight else ""
         fail(
