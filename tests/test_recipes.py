@@ -407,6 +407,28 @@ def test_every_option_trains_sharded_like_on_one_device(tmp_path, tiny_config, l
         np.testing.assert_allclose(results[(2, 4)].params()[k], v, rtol=2e-4, atol=2e-5, err_msg=k)
 
 
+def test_training_further_does_not_go_back_into_the_batchtopk_phase(tmp_path, tiny_config):
+    """README: raise train.steps to train further. The phase is a share of train.steps, so a run
+    past its hand-over would silently train as BatchTopK again: refused, with the share that keeps it."""
+    tiny_config.sae.update(target_l0=5.0, threshold_param="raw", batchtopk_fraction=0.5)
+    tiny_config.train.update(steps=20, sparsity_warmup_steps=0)
+    tiny_config.ckpt.every_steps = 10
+    train(tiny_config, str(tmp_path / "run"))
+    tiny_config.train.steps = 60
+    with pytest.raises(ConfigError, match="handed over from the BatchTopK phase at step 10, and sae.batchtopk_fraction"
+                       "=0.5 of 60 steps would take it back into the phase until step 30; set "
+                       "sae.batchtopk_fraction=0.166667 to keep the hand-over at step 10"):  # fmt: skip
+        train(tiny_config, str(tmp_path / "run"))
+    tiny_config.sae.batchtopk_fraction = 0.166667
+    train(tiny_config, str(tmp_path / "run"))
+    phase = {
+        m["step"]: m["batchtopk_phase"]
+        for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")
+        if "batchtopk_phase" in m
+    }
+    assert max(phase) == 60 and {p for s, p in phase.items() if s > 10} == {0.0} and phase[min(phase)] == 1.0
+
+
 def test_options_train_stacked(tmp_path, tiny_config):
     cfg = _all_options(tiny_config, "tanh")
     cfg.stack.sparsity_coefficients = (0.003, 0.03)

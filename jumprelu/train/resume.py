@@ -169,7 +169,28 @@ def check_latest_config(ckpt: Checkpointer, cfg) -> None:
                 f"config field train.steps is {cfg.train.steps}, but the workdir's newest checkpoint "
                 f"{ckpt.directory}/{step} is past it: resume with train.steps >= {step}, or use a new workdir"
             )
+        _check_hand_over(saved, cfg, step, ckpt.directory)
         return
+
+
+def _check_hand_over(saved: dict, cfg, step: int, directory: str) -> None:
+    """A run past its BatchTopK phase must not re-enter it: the phase is a share of train.steps,
+    so training further (a larger train.steps) would move the hand-over past the resumed step."""
+    from jumprelu.core.kinds.jumprelu_options import batchtopk_phase
+
+    def end(s: dict, steps: int) -> int:
+        share = batchtopk_phase(s) if s.get("kind", "jumprelu") == "jumprelu" else 0.0
+        return max(1, round(share * steps)) if share else 0
+
+    was = end(saved.get("sae") or {}, int(_get(saved, "train.steps") or 0))
+    now = end(cfg.sae.to_dict(), cfg.train.steps)
+    if was and was <= step < now:
+        raise ConfigError(
+            f"config field train.steps is {cfg.train.steps}: the checkpoint {directory}/{step} handed over from "
+            f"the BatchTopK phase at step {was}, and sae.batchtopk_fraction={cfg.sae.batchtopk_fraction} of "
+            f"{cfg.train.steps} steps would take it back into the phase until step {now}; set "
+            f"sae.batchtopk_fraction={was / cfg.train.steps:.6g} to keep the hand-over at step {was}"
+        )
 
 
 def restore_intact(ckpt: Checkpointer, cfg, abstract_state):
