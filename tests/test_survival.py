@@ -136,6 +136,36 @@ def test_nan_rows_the_metadata_does_not_know_stop_or_are_skipped(tmp_path, tiny_
     _assert_finite(tmp_path / "skip")
 
 
+def test_a_skipped_batch_keeps_the_state_but_not_the_clocks(tiny_config):
+    """The lr schedule counts its own steps: a skipped batch used to hold that count back, so
+    warm-up and decay ran late and the logged lr was not the applied one."""
+    import jax
+    import jax.numpy as jnp
+
+    from jumprelu.train import optim, program, sharding
+    from jumprelu.train import state as state_lib
+
+    tiny_config.train.update(skip_nonfinite_batches=True, lr_decay_fraction=0.5, steps=10, lr_warmup_steps=0)
+    tiny_config.sae.update(target_l0=5.0, batchtopk_fraction=0.5, threshold_param="raw")
+    d = tiny_config.data.d_model = 32
+    prog = program.build(tiny_config, d, sharding.make_mesh(tiny_config.mesh))
+    state = state_lib.create_state(prog.model, prog.tx, sharding.make_mesh(tiny_config.mesh), jax.random.key(0), 1.0,
+                                   prog.kind.init_stats)  # fmt: skip
+    good = np.random.default_rng(0).normal(size=(tiny_config.train.batch_size, d)).astype(np.float32)
+    bad = good.copy()
+    bad[0, 0] = np.nan
+    for batch in [bad, bad, good, good]:
+        before = jax.tree.map(np.asarray, state.params)
+        state, metrics = prog.step(state, jnp.asarray(batch))
+    assert int(state.step) == 4 and int(state.skipped) == 2
+    counts = {int(x) for x in jax.tree.leaves(state.opt_state) if jnp.issubdtype(x.dtype, jnp.integer)}
+    assert counts == {4} and int(state.stats["steps_seen"]) == 4  # every clock at the step
+    lr = optim.learning_rate_schedule(tiny_config.train)
+    assert float(metrics["lr"]) == pytest.approx(float(lr(3)))  # the logged lr is the applied one
+    applied = np.asarray(state.params["b_dec"]) - before["b_dec"]
+    assert np.any(applied != 0)  # the good batch did update
+
+
 def test_divergence_from_the_start_saves_nothing(tmp_path, tiny_config):
     """Item 1: data.scale=1e-20 overflows the first step; no checkpoint is ever written."""
     tiny_config.data.scale = 1e-20

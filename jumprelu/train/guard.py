@@ -42,13 +42,20 @@ def all_finite(tree) -> jax.Array:
 
 
 def skip_if_nonfinite(new_state, old_state, loss: jax.Array):
-    """Inside the step: keeps `old_state` (but advances the step) when the update is not finite."""
+    """Inside the step: keeps `old_state` when the update is not finite, but advances its clocks
+    with the step: the optimizer's counts (the lr schedule reads its own; kept, each skipped batch
+    delayed warm-up and decay by a step and the logged lr was not the applied one) and the
+    BatchTopK phase's steps_seen."""
     ok = jnp.all(jnp.isfinite(loss)) & all_finite((new_state.params, new_state.opt_state, new_state.stats))
     keep = lambda n, o: jnp.where(ok, n, o)  # noqa: E731
+    clock_or_keep = lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) else keep(n, o)  # noqa: E731
+    stats = jax.tree.map(keep, new_state.stats, old_state.stats)
+    if isinstance(stats, dict) and "steps_seen" in stats:
+        stats = dict(stats, steps_seen=new_state.stats["steps_seen"])
     return new_state.replace(
         params=jax.tree.map(keep, new_state.params, old_state.params),
-        opt_state=jax.tree.map(keep, new_state.opt_state, old_state.opt_state),
-        stats=jax.tree.map(keep, new_state.stats, old_state.stats),
+        opt_state=jax.tree.map(clock_or_keep, new_state.opt_state, old_state.opt_state),
+        stats=stats,
         skipped=old_state.skipped + jnp.where(ok, 0, 1).astype(old_state.skipped.dtype),
     )
 
