@@ -86,7 +86,10 @@ def run(argv: list[str]) -> int:
             rows, coords, store_path = neuronpedia.eval_rows(workdir, sae.config)
             header = neuronpedia.export(sae, args.output, rows, coords, _contexts(store_path), top=args.top)
             if not header["has_contexts"]:
-                print(f"{store_path}: no harvest to replay, so no token contexts (top rows by index only)")
+                print(
+                    f"{store_path}: no harvest this can replay (a converted, synthetic or multi-process store), "
+                    "so no token contexts (top rows by index only)"
+                )
     except (UserError, FileNotFoundError, ValueError) as err:
         return common.fail(err)
     except OSError as err:  # a full disk, no permission: the error names the file

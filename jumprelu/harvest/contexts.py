@@ -35,7 +35,9 @@ def harvest_rows(meta: dict, coords: np.ndarray) -> np.ndarray:
 
 def store_contexts(store_path: str, before: int = 24, after: int = 8, tokenizer=None):
     """A function store coordinates [n, 2] -> [{tokens, token_ids, position}] for a harvested store,
-    or None when the store does not say how it was harvested (converted .npy, synthetic data).
+    or None when the store does not say how it was harvested (converted .npy, synthetic data) or
+    was written by several processes (each shuffled its own share of the sequences, which the
+    replay below does not follow: it would name wrong tokens).
 
     `tokenizer` replaces the store's recorded sentencepiece model (it needs encode, pieces, special).
     """
@@ -47,6 +49,8 @@ def store_contexts(store_path: str, before: int = 24, after: int = 8, tokenizer=
     tokenizer_path = extra.get("tokenizer")
     needed = [*texts, *([tokenizer_path] if tokenizer is None else [])]
     if not (texts and extra.get("seq_len") and (tokenizer or tokenizer_path)) or not all(map(os.path.exists, needed)):
+        return None
+    if any(str(s.get("file", "")).startswith("shard-p") for s in meta.get("shards") or []):  # a multi-process write
         return None
 
     def contexts(coords: np.ndarray) -> list[dict]:
