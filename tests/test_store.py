@@ -428,6 +428,18 @@ def test_writer_refuses_bad_shard_rows_and_seed_before_writing(tmp_path, field, 
     assert not (tmp_path / "s").exists()
 
 
+def test_the_shard_buffer_grows_with_the_rows_not_with_shard_rows(tmp_path):
+    """A huge --shard_rows on a small input allocated the whole shard (a MemoryError traceback,
+    then a write in progress that refused the corrected rerun); the buffer now grows as rows come."""
+    _write(tmp_path / "huge", _rows(3), shard_rows=10**12)
+    np.testing.assert_array_equal(_sorted(_all_rows(open_store(str(tmp_path / "huge")))), _sorted(_rows(3)))
+    rows = _rows(10_000)  # grown past its first 4,096 rows, twice, then flushed at 9,000
+    _write(tmp_path / "grown", rows, shard_rows=9_000, shuffle_seed=None)
+    store = open_store(str(tmp_path / "grown"))
+    assert list(store.shard_rows) == [9_000, 1_000]
+    np.testing.assert_array_equal(_all_rows(store), rows)
+
+
 def test_a_short_write_of_a_real_file_keeps_its_reason(tmp_path):
     """A write the kernel cuts short (here RLIMIT_FSIZE, as a full disk does with ENOSPC) names its
     reason: numpy's tofile path said only "N requested and M written", so the full-disk hint was lost."""

@@ -232,16 +232,27 @@ class StoreWriter:
             raise DataError(f"store {self.path}: rows must have shape [n, {d}], found {list(rows.shape)}")
         if not fmt.is_float(rows.dtype):
             raise DataError(f"store {self.path}: rows must be floating point, found dtype {rows.dtype}")
-        if self._buffer.shape[0] == 0:
-            self._buffer = np.empty((self.shard_rows, d), self._buffer.dtype)
         at = 0
         while at < rows.shape[0]:
             take = min(rows.shape[0] - at, self.shard_rows - self._buffered)
+            self._reserve(self._buffered + take)
             self._buffer[self._buffered : self._buffered + take] = rows[at : at + take]
             self._buffered += take
             at += take
             if self._buffered == self.shard_rows:
                 self._flush()
+
+    def _reserve(self, rows: int) -> None:
+        """A buffer of at least `rows` rows, grown by doubling up to shard_rows: a shard as large as
+        the input is only allocated when that many rows come (a 1-row input with a huge
+        --shard_rows was a MemoryError, and left a write that refused the corrected rerun)."""
+        have = self._buffer.shape[0]
+        if rows > have:
+            grown = np.empty(
+                (min(self.shard_rows, max(rows, 2 * have, 4096)), self._buffer.shape[1]), self._buffer.dtype
+            )
+            grown[: self._buffered] = self._buffer[: self._buffered]
+            self._buffer = grown
 
     def _flush(self) -> None:
         index, n = len(self._shards), self._buffered
