@@ -461,6 +461,42 @@ def test_a_short_write_of_a_real_file_keeps_its_reason(tmp_path):
     assert "cannot write shard-00000.npy: File too large" in out.stdout, out.stdout + out.stderr
 
 
+def test_a_one_process_and_a_part_writer_cannot_both_complete_one_store(tmp_path):
+    """The two kinds of writer hold different locks: both could pass the check for the other's
+    write, and the later metadata.json replaced the earlier, orphaning its committed rows. The
+    check now runs under a lock on the directory, and metadata.json is never replaced."""
+    import threading
+    import time
+
+    from jumprelu.store.lock import layout_lock
+
+    path = tmp_path / "s"
+    path.mkdir()
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with layout_lock(str(path)):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    threading.Timer(0.5, release.set).start()
+    started = time.monotonic()
+    writer = StoreWriter(str(path), d_model=8, shard_rows=40)  # waits for the check to be its own
+    assert time.monotonic() - started >= 0.4
+    holder.join()
+    writer.append(_rows(50))
+    with pytest.raises(DataError, match="a one-process write is in progress here"):
+        StoreWriter(str(path), d_model=8, shard_rows=40, part=0, parts=1)
+    (path / "metadata.json").write_text('{"theirs": true}')  # another writer completed it meanwhile
+    with pytest.raises(DataError, match="another writer completed this store .metadata.json appeared. while this"):
+        writer.close()
+    assert json.loads((path / "metadata.json").read_text()) == {"theirs": True}
+    assert not (path / "metadata.json.tmp").exists()
+
+
 def test_a_second_writer_on_one_store_is_refused_until_the_first_is_gone(tmp_path):
     """Two converts into one directory each deleted the other's new shards as crash leftovers and
     could mark the store complete with a shard missing: the second one is now refused at once."""

@@ -52,7 +52,13 @@ def write_metadata(path: str, header: dict, shards: list[dict], block_rows: int)
     """Build metadata.json from the complete `shards` and write it atomically; returns it."""
     metadata = build_metadata(path, header, shards, block_rows)
     with fmt.writing(path, fmt.METADATA):
-        fmt.write_json_atomically(os.path.join(path, fmt.METADATA), metadata)
+        try:
+            fmt.write_json_atomically(os.path.join(path, fmt.METADATA), metadata, exclusive=True)
+        except FileExistsError:  # never replaced: the rows another writer committed stay the store's
+            raise DataError(
+                f"store {path}: another writer completed this store ({fmt.METADATA} appeared) while this one "
+                "was writing; its shards are not the store's: write to a new directory"
+            ) from None
     return metadata
 
 

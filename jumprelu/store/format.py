@@ -84,14 +84,33 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
-def write_json_atomically(path: str, obj: dict) -> None:
-    """Temporary file, fsync, rename, fsync the directory: readers see the old or the new file."""
+def write_json_atomically(path: str, obj: dict, exclusive: bool = False) -> None:
+    """Temporary file, fsync, rename, fsync the directory: readers see the old or the new file.
+
+    exclusive: publish only if `path` does not exist yet (a hard link, which fails if it does),
+    else FileExistsError; where the file system has no hard links, checked just before the rename.
+    """
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if not exclusive:
+        os.replace(tmp, path)
+    else:
+        try:
+            os.link(tmp, path)
+            os.remove(tmp)
+        except FileExistsError:
+            os.remove(tmp)
+            raise
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                raise
+            if os.path.exists(path):
+                os.remove(tmp)
+                raise FileExistsError(errno.EEXIST, "exists", path) from None
+            os.replace(tmp, path)
     fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 

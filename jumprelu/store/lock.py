@@ -80,3 +80,21 @@ class WriterLock:
             with contextlib.suppress(OSError):
                 os.close(held[0])  # closing the descriptor releases the flock
         self._fd = None
+
+
+@contextlib.contextmanager
+def layout_lock(store: str):
+    """Held briefly by every writer of `store`, of one process or a part, while it checks which
+    kind of write is in progress and records its own: the two kinds hold different writer
+    locks, so without this both could pass the check and one's rows replace the other's. A
+    lock on the directory itself, so it leaves no file."""
+    fd = os.open(store, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits: the other writer holds it for a moment only
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # no flock on this mount
+                raise
+        yield
+    finally:
+        os.close(fd)

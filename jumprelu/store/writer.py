@@ -31,7 +31,7 @@ import numpy as np
 from jumprelu.errors import DataError
 from jumprelu.store import checksum, commit, metadata
 from jumprelu.store import format as fmt
-from jumprelu.store.lock import WriterLock
+from jumprelu.store.lock import WriterLock, layout_lock
 
 DEFAULT_SHARD_BYTES = 256 << 20
 
@@ -105,7 +105,7 @@ class StoreWriter:
         try:
             if os.path.exists(os.path.join(path, fmt.METADATA)):  # another writer finished while we waited
                 raise DataError(f"store {path} is already complete ({fmt.METADATA} exists); write to a new directory")
-            with fmt.writing(path, "the directory"):
+            with fmt.writing(path, "the directory"), layout_lock(path):
                 self._resume_or_start()
         except BaseException:
             self._lock.release()
