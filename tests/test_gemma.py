@@ -193,6 +193,11 @@ def test_several_sites_from_one_pass_equal_separate_harvests_and_resume_per_stor
     cmd += ["--config.progress=False", f"--config.store={resumed}", "--config.site=mlp", "--config.layer=1"]
     env = dict(os.environ, JUMPRELU_HARVEST_KILL_AFTER_BATCHES="3")
     assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True).returncode != 0
+    # a complete store of another harvest is not taken as this one's (was: left as "already complete")
+    with pytest.raises(
+        DataError, match=r"attn_l1: already complete, from another harvest \(extra.seq_len 32, this run's 16\)"
+    ):
+        harvest(_cfg(world, sites=("resid", "mlp", "attn"), layers=(1,), store=resumed, seq_len=16))
     again = harvest(_cfg(world, sites=("resid", "mlp", "attn"), layers=(1,), store=resumed))
     assert again["already_complete"] == [resumed.format(site="attn", layer=1)]
     assert again["resumed_from"][0] == 0 and again["resumed_from"][1] > 0  # resid, mlp

@@ -194,6 +194,36 @@ def require_positive_int(value, field: str, optional: bool = False) -> None:
         raise DataError(f"config field {field} must be a positive integer{unset}, found {value!r}")
 
 
+def check_complete_stores(cfg, complete: list[str]) -> None:
+    """Stores an earlier run completed are left as they are only when that run harvested what
+    this one would (same model, texts, tokenization, shuffle and dtype): else a one-line
+    DataError before the model loads, not a set of stores of two different harvests."""
+    from jumprelu.errors import DataError
+    from jumprelu.store.reader import read_metadata
+
+    want = {
+        "model": cfg.model,
+        "dtype": cfg.store_dtype,
+        "text_source": ",".join(os.path.abspath(p) for p in cfg.texts),
+        "shuffle_seed": cfg.shuffle_seed,
+        "extra.seq_len": cfg.seq_len,
+        "extra.tokenizer": os.path.abspath(cfg.tokenizer),
+        "extra.text_field": cfg.text_field,
+        "extra.split_paragraphs": bool(cfg.split_paragraphs),
+        "extra.chat_template": bool(cfg.get("chat_template", False)),
+    }
+    for path in complete:
+        meta = read_metadata(path)
+        for field, value in want.items():
+            section, _, key = field.rpartition(".")
+            recorded = (meta.get("extra") or {}) if section else meta
+            if key in recorded and recorded[key] != value:  # (older stores may not record every field)
+                raise DataError(
+                    f"store {path}: already complete, from another harvest ({field} {recorded[key]!r}, this "
+                    f"run's {value!r}); harvest into other directories (config field store) or set it back"
+                )
+
+
 def harvest(cfg) -> dict:
     """Harvests every site of `harvest_sites(cfg)` from one forward pass per batch, each into its
     own store (resumable; stores an earlier run already completed are left as they are)."""
@@ -214,6 +244,7 @@ def harvest(cfg) -> dict:
         raise DataError("config field texts is empty: set --config.texts='(\"a.jsonl\", ...)'")
     check_before_loading(cfg)
     complete = [p for p in paths if os.path.exists(os.path.join(p, store_format.METADATA))]
+    check_complete_stores(cfg, complete)
     if len(complete) == len(paths):
         listed = paths[0] if len(paths) == 1 else f"{len(paths)} stores ({', '.join(paths)})"
         raise DataError(f"store {listed} already complete ({store_format.METADATA} exists); write to a new directory")
