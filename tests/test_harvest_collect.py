@@ -65,6 +65,34 @@ def test_bad_jsonl_is_named(tmp_path, content, message):
         list(text_lib.iter_documents([str(tmp_path / "absent.txt")]))
 
 
+def test_bad_token_id_files_are_named_before_the_model_loads(tmp_path):
+    """A pre-tokenised .npy was only read after the model loaded: a non-.npy was numpy's traceback,
+    ids out of range were harvested (2**33 + 5 wrapped to 5 in int32)."""
+    from jumprelu.experiments.harvest.gemma2 import get_config
+    from jumprelu.harvest.run import check_before_loading
+
+    (tmp_path / "pickled.npy").write_bytes(b"not an array at all")
+    np.save(tmp_path / "floats.npy", np.ones(5, np.float32))
+    np.save(tmp_path / "negative.npy", np.array([5, -3, 8]))
+    np.save(tmp_path / "huge.npy", np.array([5, 2**33 + 5, 8]))
+    cfg = get_config("tiny=/unused,layer=1,site=resid")
+    for name, message in [
+        ("pickled.npy", r"pickled.npy: not a readable .npy of token ids \("),
+        ("floats.npy", r"floats.npy: expected 1-D or 2-D integer token ids, found float32"),
+        ("negative.npy", r"negative.npy: token ids must be in \[0, 2\^31\), found -3..8"),
+        ("huge.npy", r"huge.npy: token ids must be in \[0, 2\^31\), found 5..8589934597"),
+    ]:
+        cfg.texts = (str(tmp_path / name),)
+        with pytest.raises(DataError, match=message):
+            check_before_loading(cfg)
+    # in range for int32 but not for the tokenizer: named when it is reached
+    np.save(tmp_path / "big.npy", np.array([5, 400, 8]))
+    tok = CharTokenizer()
+    tok.vocab_size = 320
+    with pytest.raises(DataError, match="holds token id 400, outside the tokenizer's 320 ids"):
+        list(text_lib.token_stream(text_lib.iter_documents([str(tmp_path / "big.npy")]), tok, SPECIAL))
+
+
 def _fake_site(tokens):
     """A deterministic 'model': each position's activation depends on its token and position."""
     t = tokens.astype(np.float32)[..., None]

@@ -160,8 +160,8 @@ def check_before_loading(cfg) -> None:
 
     for path in cfg.texts:
         documents = text_lib.iter_documents([path], cfg.text_field)
-        if path.endswith((".jsonl", ".json")):
-            next(documents, None)  # reads one line
+        if path.endswith((".jsonl", ".json", ".npy")):
+            next(documents, None)  # reads one line, or checks the token ids' dtype and range
         elif not os.path.isfile(path):
             raise DataError(f"text source {path}: no such file")
     if not (isinstance(cfg.seq_len, int) and cfg.seq_len >= 2):

@@ -146,12 +146,19 @@ def iter_documents(paths: list[str], text_field: str = "text", split_paragraphs:
         if not os.path.isfile(path):
             raise DataError(f"text source {path}: no such file")
         if path.endswith(".npy"):
-            ids = np.load(path, allow_pickle=False)
+            try:
+                ids = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:  # not an .npy, or pickled objects
+                raise DataError(f"text source {path}: not a readable .npy of token ids ({e})") from None
             if not np.issubdtype(ids.dtype, np.integer) or ids.ndim not in (1, 2):
                 raise DataError(
                     f"text source {path}: expected 1-D or 2-D integer token ids, found {ids.dtype} {ids.shape}"
                 )
-            yield from ([ids] if ids.ndim == 1 else list(ids))
+            if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= 2**31):  # the harvest's ids are int32
+                raise DataError(
+                    f"text source {path}: token ids must be in [0, 2^31), found {int(ids.min())}..{int(ids.max())}"
+                )
+            yield from ([np.asarray(ids)] if ids.ndim == 1 else (np.asarray(row) for row in ids))
         elif path.endswith((".jsonl", ".json")):
             with open(path) as f:
                 for n, line in enumerate(f, 1):
@@ -201,6 +208,12 @@ def token_stream(documents, tokenizer, special: SpecialIds) -> Iterator[np.ndarr
         else:
             ids = np.asarray(doc, np.int32)
             ids = ids[ids != special.pad]
+            vocab = getattr(tokenizer, "vocab_size", None)
+            if vocab and ids.size and int(ids.max()) >= vocab:  # the model would embed a wrong or no row
+                raise DataError(
+                    f"a pre-tokenised text source holds token id {int(ids.max())}, outside the tokenizer's "
+                    f"{vocab} ids: tokenised for another model?"
+                )
         yield np.concatenate([ids, np.asarray([special.eos], np.int32)])
 
 
