@@ -407,6 +407,21 @@ def test_every_option_trains_sharded_like_on_one_device(tmp_path, tiny_config, l
         np.testing.assert_allclose(results[(2, 4)].params()[k], v, rtol=2e-4, atol=2e-5, err_msg=k)
 
 
+@pytest.mark.parametrize("kind", ["relu", "gated"])
+def test_kinds_without_a_sparse_path_still_check_sae_sparse(kind):
+    from jumprelu.config import base_config
+
+    c = base_config()
+    c.sae.kind = kind
+    validate(c)
+    c.sae.sparse = "bogus"  # was accepted, and the run silently dense
+    with pytest.raises(ConfigError, match=r"sae.sparse must be one of \('auto', 'on', 'off'\), found 'bogus'"):
+        validate(c)
+    c.sae.sparse = "on"
+    with pytest.raises(ConfigError, match=f"sae.sparse must be 'auto' or 'off' .sae.kind '{kind}' has no sparse path"):
+        validate(c)
+
+
 def test_training_further_does_not_go_back_into_the_batchtopk_phase(tmp_path, tiny_config):
     """README: raise train.steps to train further. The phase is a share of train.steps, so a run
     past its hand-over would silently train as BatchTopK again: refused, with the share that keeps it."""
