@@ -87,6 +87,17 @@ def test_cli_lists_commands_and_refuses_unknown_ones_in_one_line():
     assert out.stderr.startswith("jumprelu: error: unknown command 'trian'")
 
 
+def test_a_reader_that_leaves_the_pipe_early_is_no_traceback():
+    """`jumprelu sweep quickstart --dry_run | head -1`: BrokenPipeError was a traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jumprelu", "sweep", "quickstart", "--dry_run"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    proc.stdout.close()  # before the command prints anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_every_command_answers_help_with_its_flags_and_runs_nothing(tmp_path):
     expected = {
         "train": ["--config", "--workdir"],

@@ -20,6 +20,7 @@ exit status 2.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -51,4 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jumprelu: error: unknown command {command!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"jumprelu.cli.{command}")
-    return module.run(rest) or 0
+    try:
+        return module.run(rest) or 0
+    except BrokenPipeError:  # `jumprelu store summary S | head -1`: the reader left, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
+        return 141  # 128 + SIGPIPE, as a shell reports a command its pipe stopped
