@@ -497,6 +497,36 @@ def test_a_one_process_and_a_part_writer_cannot_both_complete_one_store(tmp_path
     assert not (path / "metadata.json.tmp").exists()
 
 
+def test_runs_of_one_synthetic_spec_wait_for_the_run_writing_its_store(tmp_path):
+    """gs:// workdirs share one temporary synthetic store per spec: a second run (a parallel
+    sweep) failed on the writer lock; it now waits, then resumes or reuses the store."""
+    import dataclasses
+    import threading
+
+    from jumprelu.data.synthetic import SyntheticSpec, write_store
+
+    spec = SyntheticSpec(d_model=8, num_features=16, rows=64)
+    description = "synthetic " + json.dumps(dataclasses.asdict(spec), sort_keys=True)  # its header, as write_store's
+    path = str(tmp_path / "syn")
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys\nfrom jumprelu.store import StoreWriter\n"
+         f"w = StoreWriter({path!r}, d_model=8, model='synthetic', site='synthetic', text_source={description!r})\n"
+         "print('ready', flush=True)\nsys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(DataError, match="another process .* is writing this store"):
+            write_store(spec, path, wait_s=0.5)  # a bounded wait
+        threading.Timer(1.0, holder.kill).start()  # the writer dies: the waiting run takes over
+        write_store(spec, path, wait_s=60)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert open_store(path).num_rows == 64
+
+
 def test_a_second_writer_on_one_store_is_refused_until_the_first_is_gone(tmp_path):
     """Two converts into one directory each deleted the other's new shards as crash leftovers and
     could mark the store complete with a shard missing: the second one is now refused at once."""

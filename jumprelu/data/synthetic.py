@@ -16,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 import numpy as np
 
 from jumprelu.errors import DataError
 from jumprelu.store import StoreWriter
 from jumprelu.store import format as store_format
+from jumprelu.store.lock import StoreBusy
 from jumprelu.store.metadata import read_metadata
 
 
@@ -83,22 +85,36 @@ def generate(spec: SyntheticSpec) -> np.ndarray:
     return np.concatenate([rows for _, rows in generate_chunks(spec)])
 
 
-def write_store(spec: SyntheticSpec, path: str) -> None:
+def write_store(spec: SyntheticSpec, path: str, wait_s: float = 600.0) -> None:
     """Writes the spec's rows into a store at `path` through `StoreWriter` (resuming if interrupted).
 
-    A complete store made from the same spec is reused; one from another spec is an error.
+    A complete store made from the same spec is reused; one from another spec is an error. While
+    another process writes it (runs of one spec share a temporary store), waits up to wait_s for it.
     """
     description = "synthetic " + json.dumps(dataclasses.asdict(spec), sort_keys=True)
     meta_file = os.path.join(path, store_format.METADATA)
-    if os.path.exists(meta_file):
-        found = read_metadata(path).get("text_source")  # damaged: one line naming the file
-        if found != description:
-            raise DataError(
-                f"store {path} holds synthetic data made from other data.synthetic settings "
-                f"({found}); use a new --workdir"
+    deadline = time.monotonic() + wait_s
+    while True:
+        if os.path.exists(meta_file):
+            found = read_metadata(path).get("text_source")  # damaged: one line naming the file
+            if found != description:
+                raise DataError(
+                    f"store {path} holds synthetic data made from other data.synthetic settings "
+                    f"({found}); use a new --workdir"
+                )
+            return
+        try:
+            writer = StoreWriter(
+                path, d_model=spec.d_model, model="synthetic", site="synthetic", text_source=description
             )
-        return
-    writer = StoreWriter(path, d_model=spec.d_model, model="synthetic", site="synthetic", text_source=description)
+            break
+        except StoreBusy:  # runs of one spec share its store (gs:// workdirs): the writing one finishes it
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+        except DataError:
+            if not os.path.exists(meta_file):  # (completed between the check and the lock: reused above)
+                raise
     done = writer.rows_written
     for start, rows in generate_chunks(spec):
         if start + len(rows) > done:

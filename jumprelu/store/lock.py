@@ -23,6 +23,10 @@ log = logging.getLogger("jumprelu")
 _HELD: dict[str, tuple[int, object]] = {}  # lock file → (descriptor, the WriterLock owning it)
 
 
+class StoreBusy(DataError):
+    """Another live process holds this store's writer lock."""
+
+
 def lock_name(part: int | None) -> str:
     """A one-process write's lock, or part k's: the parts of one store write side by side."""
     return ".writer.lock" if part is None else f".writer-p{part:03d}.lock"
@@ -59,7 +63,7 @@ class WriterLock:
                 ) from None
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise DataError(
+            raise StoreBusy(
                 f"store {self.store}: another process (pid {holder}) is writing this store; "
                 "wait for it to finish or write to a new directory"
             ) from None
