@@ -284,6 +284,15 @@ def test_flipped_byte_is_caught_by_verify_and_at_open(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(DataError, match=message):
         open_store(str(path), sample_blocks=3)  # the start-up check: 3 blocks is all of them here
+    # ...and when training reads the rows, whatever the start's sample drew (it was only by chance)
+    from jumprelu.data.stream import BatchStream
+
+    store = open_store(str(path), sample_blocks=0)
+    np.testing.assert_array_equal(store.rows(0, 3, 7), store.shard(0)[3:7])  # an intact block reads
+    stream = BatchStream(store, eval_rows=10, seed=0, block_rows=10)
+    with pytest.raises(DataError, match=message):
+        for step in range(10):  # the 90 training rows: shard 1's come within the first batches
+            stream.batch(step, 9)
     cmd = [sys.executable, "-m", "jumprelu", "store", "summary", str(path), "--verify"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr

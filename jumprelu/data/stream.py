@@ -107,8 +107,7 @@ class BatchStream:
         while lo < hi:
             p = order[i]
             a, b = lo - ends[i], min(hi, ends[i + 1]) - ends[i]
-            rows = self.store.shard(int(shard[p]))
-            out[at : at + b - a] = rows[start[p] + a : start[p] + b]
+            out[at : at + b - a] = self.store.rows(int(shard[p]), start[p] + a, start[p] + b)
             at, lo, i = at + b - a, ends[i] + b, i + 1
 
     def read(self, position: int, count: int) -> np.ndarray:
@@ -141,6 +140,6 @@ class BatchStream:
         out = np.empty((int(size.sum()), self.d_model), np.float32)
         at = 0
         for s, a, n in zip(shard, start, size, strict=False):
-            out[at : at + n] = self.store.shard(int(s))[a : a + n]
+            out[at : at + n] = self.store.rows(int(s), a, a + n)
             at += n
         return out

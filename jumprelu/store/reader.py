@@ -35,6 +35,7 @@ class Store:
         self.metadata = metadata
         self.bad_rows = bad_rows  # per shard: sorted indices of rows to leave out
         self._maps: dict[int, np.ndarray] = {}
+        self._verified: set[tuple[int, int]] = set()  # (shard, block) whose CRC this process checked
 
     @property
     def d_model(self) -> int:
@@ -66,6 +67,19 @@ class Store:
             file = os.path.join(self.path, self.metadata["shards"][index]["file"])
             self._maps[index] = np.load(file, mmap_mode="r").view(fmt.numpy_dtype(self.dtype))
         return self._maps[index]
+
+    def rows(self, index: int, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) of shard `index`. Each checksum block they touch is checked against
+        metadata.json the first time this process reads it, so a shard damaged or replaced after
+        it was written is found when its rows are read, not only if the start's sample hits it
+        (one more read of each block per process)."""
+        if self.checksummed and hi > lo:
+            per_block = int(self.metadata["checksum"]["block_rows"])
+            blocks = [b for b in range(lo // per_block, (hi - 1) // per_block + 1) if (index, b) not in self._verified]
+            if blocks:
+                _check_blocks(self, index, blocks)
+                self._verified.update((index, b) for b in blocks)
+        return self.shard(index)[lo:hi]
 
     def __getstate__(self):
         return {**self.__dict__, "_maps": {}}
