@@ -43,7 +43,16 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _run(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:  # `jumprelu store summary S | head -1`: the reader left, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
+        return 141  # 128 + SIGPIPE, as a shell reports a command its pipe stopped
+
+
+def _run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -52,8 +61,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jumprelu: error: unknown command {command!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"jumprelu.cli.{command}")
-    try:
-        return module.run(rest) or 0
-    except BrokenPipeError:  # `jumprelu store summary S | head -1`: the reader left, which is no error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
-        return 141  # 128 + SIGPIPE, as a shell reports a command its pipe stopped
+    return module.run(rest) or 0
