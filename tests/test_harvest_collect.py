@@ -69,7 +69,7 @@ def test_bad_token_id_files_are_named_before_the_model_loads(tmp_path):
     """A pre-tokenised .npy was only read after the model loaded: a non-.npy was numpy's traceback,
     ids out of range were harvested (2**33 + 5 wrapped to 5 in int32)."""
     from jumprelu.experiments.harvest.gemma2 import get_config
-    from jumprelu.harvest.run import check_before_loading
+    from jumprelu.harvest.checks import check_before_loading
 
     (tmp_path / "pickled.npy").write_bytes(b"not an array at all")
     np.save(tmp_path / "floats.npy", np.ones(5, np.float32))

@@ -86,7 +86,8 @@ def check_lm_site(config: dict, lm_cfg) -> None:
     own pair. Models compare by size, so a base model's SAE may be scored on its -it model."""
     from jumprelu.errors import UserError
     from jumprelu.export import hooks
-    from jumprelu.harvest.run import check_eval_sizes, harvest_sites
+    from jumprelu.harvest.checks import check_eval_sizes
+    from jumprelu.harvest.run import harvest_sites
 
     check_eval_sizes(lm_cfg)
     trained = hooks.provenance(config)
