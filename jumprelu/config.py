@@ -166,6 +166,11 @@ JUMPRELU_ONLY = (
 )
 
 
+# The JumpReLU fields that belong to the target-L0 controller: set without sae.target_l0 (the short
+# recipe asked for without a target) they do nothing, so the same config takes a target later.
+CONTROLLER_PARTS = ("batchtopk_fraction", "target_l0_held_out_rows")
+
+
 def reset_jumprelu_options(c: ml_collections.ConfigDict, keep=frozenset()) -> None:
     """Puts the JumpReLU-only fields (but those in `keep`) back to their defaults when c is another
     kind: a sweep over kinds on a base config made for JumpReLU (its recipe) runs each other kind
@@ -199,11 +204,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     names = kinds.names()
     _check(s.kind in names, "sae.kind", f"one of {names}", s.kind)
     _check_only_jumprelu_reads(s)
-    kinds.spec(s.kind).validate(s, _check)
     # every kind reads sae.sparse (those without a sparse path as off): a typo is not silently dense
     _check(s.get("sparse", "auto") in kinds.SPARSE_MODES, "sae.sparse", f"one of {kinds.SPARSE_MODES}", s.get("sparse"))
     if s.get("sparse") == "on" and s.kind not in ("jumprelu", "topk", "batchtopk"):
         _check(False, "sae.sparse", f"'auto' or 'off' (sae.kind {s.kind!r} has no sparse path)", "on")
+    kinds.spec(s.kind).validate(s, _check)
     _check(isinstance(s.width, int) and s.width > 0, "sae.width", "a positive integer", s.width)
     _check(s.sparsity_coefficient >= 0, "sae.sparsity_coefficient", ">= 0", s.sparsity_coefficient)
     _check(s.compute_dtype in ("float32", "bfloat16"), "sae.compute_dtype", "'float32' or 'bfloat16'", s.compute_dtype)

@@ -41,6 +41,7 @@ def store_contexts(store_path: str, before: int = 24, after: int = 8, tokenizer=
 
     `tokenizer` replaces the store's recorded sentencepiece model (it needs encode, pieces, special).
     """
+    from jumprelu.store import format as store_format
     from jumprelu.store.reader import read_metadata
 
     meta = read_metadata(store_path)
@@ -50,7 +51,7 @@ def store_contexts(store_path: str, before: int = 24, after: int = 8, tokenizer=
     needed = [*texts, *([tokenizer_path] if tokenizer is None else [])]
     if not (texts and extra.get("seq_len") and (tokenizer or tokenizer_path)) or not all(map(os.path.exists, needed)):
         return None
-    if any(str(s.get("file", "")).startswith("shard-p") for s in meta.get("shards") or []):  # a multi-process write
+    if store_format.written_by_parts(meta):
         return None
 
     def contexts(coords: np.ndarray) -> list[dict]:

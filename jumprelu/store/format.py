@@ -50,6 +50,11 @@ def shard_name(index: int, part: int | None = None) -> str:
     return f"shard-{index:05d}.npy" if part is None else f"shard-p{part:03d}-{index:05d}.npy"
 
 
+def written_by_parts(metadata: dict) -> bool:
+    """Whether several processes wrote the store (its shards are shard-pKKK-NNNNN.npy)."""
+    return any(str(s.get("file", "")).startswith("shard-p") for s in metadata.get("shards") or [])
+
+
 def temporary_name(index: int, part: int | None = None) -> str:
     return f".{shard_name(index, part)}.tmp"
 

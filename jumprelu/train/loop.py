@@ -105,7 +105,7 @@ def _train_on(cfg: ml_collections.ConfigDict, workdir: str, stream) -> dict:
         log.info("compiled train step on mesh %s; memory: %s", dict(mesh.shape), prog.step.memory_analysis())
         log.info("train step: %s", prog.step_path)
         if cfg.sae.kind == "jumprelu" and cfg.sae.get("target_l0") is None:  # set (a recipe's), so say so
-            idle = [f"sae.{k}" for k in ("batchtopk_fraction", "target_l0_held_out_rows") if cfg.sae.get(k)]
+            idle = [f"sae.{k}" for k in config_lib.CONTROLLER_PARTS if cfg.sae.get(k)]
             if idle:
                 log.info("%s: inactive without sae.target_l0 (parts of the target-L0 controller)", ", ".join(idle))
         state = resume.restore_intact(ckpt, cfg, prog.abstract_state)  # onto this mesh, whatever it was saved from

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jumprelu.config import JUMPRELU_ONLY
+from jumprelu.config import CONTROLLER_PARTS, JUMPRELU_ONLY
 from jumprelu.errors import CheckpointError, ConfigError
 from jumprelu.train import distributed, guard
 from jumprelu.train.checkpoint import Checkpointer
@@ -65,8 +65,6 @@ STATE_SWITCHES = (
     ("sae.batchtopk_fraction", bool),
     ("sae.target_l0_held_out_rows", lambda v: v or 0),  # the count is an array's shape
 )
-
-CONTROLLER_PARTS = ("sae.batchtopk_fraction", "sae.target_l0_held_out_rows")  # act only with a sae.target_l0
 
 
 def _get(d: dict, dotted: str):
@@ -114,7 +112,11 @@ def check_resumable(saved: dict, cfg: ml_collections.ConfigDict, directory: str)
     for field, on in STATE_SWITCHES:
         if cfg.sae.kind != "jumprelu" and field.removeprefix("sae.") in JUMPRELU_ONLY:
             continue  # another kind's state has none of these options' arrays (older runs saved them, unread)
-        if field in CONTROLLER_PARTS and _get(saved, "sae.target_l0") is None and _get(now, "sae.target_l0") is None:
+        if (
+            field.removeprefix("sae.") in CONTROLLER_PARTS
+            and _get(saved, "sae.target_l0") is None
+            and _get(now, "sae.target_l0") is None
+        ):
             continue  # neither run has a controller, so neither has these arrays
         was, now_value = _get(saved, field), _get(now, field)
         if on(was) != on(now_value):
@@ -176,11 +178,10 @@ def check_latest_config(ckpt: Checkpointer, cfg) -> None:
 def _check_hand_over(saved: dict, cfg, step: int, directory: str) -> None:
     """A run past its BatchTopK phase must not re-enter it: the phase is a share of train.steps,
     so training further (a larger train.steps) would move the hand-over past the resumed step."""
-    from jumprelu.core.kinds.jumprelu_options import batchtopk_phase
+    from jumprelu.core.kinds.jumprelu_options import batchtopk_steps
 
     def end(s: dict, steps: int) -> int:
-        share = batchtopk_phase(s) if s.get("kind", "jumprelu") == "jumprelu" else 0.0
-        return max(1, round(share * steps)) if share else 0
+        return batchtopk_steps(s, steps) if s.get("kind", "jumprelu") == "jumprelu" else 0
 
     was = end(saved.get("sae") or {}, int(_get(saved, "train.steps") or 0))
     now = end(cfg.sae.to_dict(), cfg.train.steps)

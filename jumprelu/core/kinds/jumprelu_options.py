@@ -15,7 +15,6 @@ from ml_collections import config_dict
 
 from jumprelu.core import init as init_lib
 from jumprelu.core import sparse, sparsity
-from jumprelu.core.kinds import SPARSE_MODES
 
 THRESHOLD_PARAMS = ("log", "raw")
 BANDWIDTH_MODES = ("absolute", "relative")
@@ -119,7 +118,6 @@ def validate(s, check) -> None:
             s.target_l0 < s.width, "sae.target_l0", "below sae.width when sae.batchtopk_fraction > 0 (k)", s.target_l0
         )
     check(isinstance(s.ste_pre_activations, bool), "sae.ste_pre_activations", "True or False", s.ste_pre_activations)
-    check(s.sparse in SPARSE_MODES, "sae.sparse", f"one of {SPARSE_MODES}", s.sparse)
     capacity_rule = ">= 0 (0: 8 × sae.target_l0, at least width/64)"
     check(s.sparse_capacity >= 0, "sae.sparse_capacity", capacity_rule, s.sparse_capacity)
     if s.sparse == "on":
@@ -246,8 +244,7 @@ class Recipe:
             bandwidth_mode=s.get("bandwidth_mode", "absolute"),
             matryoshka_widths=tuple(s.get("matryoshka_widths", ()) or ()),
             matryoshka_weights=tuple(s.get("matryoshka_weights", ()) or ()),
-            # at least 1 when on, so the state has its step counter even where train_steps is not given
-            batchtopk_steps=max(1, round(batchtopk_phase(s) * train_steps)) if batchtopk_phase(s) else 0,
+            batchtopk_steps=batchtopk_steps(s, train_steps),
             sparse_capacity=sparse_plan(s)[0],
         )
 
@@ -256,6 +253,13 @@ def batchtopk_phase(s) -> float:
     """The share of the steps trained as BatchTopK: sae.batchtopk_fraction when there is a target
     L0 (its k), else 0."""
     return float(s.get("batchtopk_fraction") or 0.0) if s.get("target_l0") is not None else 0.0
+
+
+def batchtopk_steps(s, train_steps: int) -> int:
+    """How many steps train as BatchTopK (0: no phase); at least 1 when on, so the state has its
+    step counter even where train_steps is not given."""
+    share = batchtopk_phase(s)
+    return max(1, round(share * train_steps)) if share else 0
 
 
 def _normalised(weights) -> tuple[float, ...]:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jumprelu.core import layout, losses
-from jumprelu.core.kinds import SPARSE_MODES, Kind, KindSpec, common_module_args, jumprelu_arrays, register
+from jumprelu.core.kinds import Kind, KindSpec, common_module_args, jumprelu_arrays, register
 from jumprelu.core.sae import SAEBase
 
 _SINCE_FIRED_CAP = 2**30  # keeps the int32 counters from overflowing
@@ -186,7 +186,6 @@ def _build(sae_cfg, d_model: int, train_steps: int = 0) -> Kind:
 def _validate(s, check) -> None:
     check(isinstance(s.k, int) and 0 < s.k <= s.width, "sae.k", f"an integer in [1, sae.width={s.width}]", s.k)
     check(s.aux_k > 0, "sae.aux_k", "> 0", s.aux_k)
-    check(s.sparse in SPARSE_MODES, "sae.sparse", f"one of {SPARSE_MODES}", s.sparse)
     check(s.aux_coefficient >= 0, "sae.aux_coefficient", ">= 0", s.aux_coefficient)
     check(s.dead_window_tokens > 0, "sae.dead_window_tokens", "> 0", s.dead_window_tokens)
     check(
