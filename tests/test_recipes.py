@@ -530,21 +530,51 @@ def test_the_controllers_held_out_rows_are_the_stores_held_out_split(tmp_path, t
         train(tiny_config, str(tmp_path / "other"))
 
 
+JUMPRELU_READS, TOPK_READS = "only sae.kind 'jumprelu' reads it", "only sae.kind 'topk' and 'batchtopk' read it"
+
+
 @pytest.mark.parametrize(
-    "kind, fields, named",
+    "kind, fields, readers, hint",
     [
-        ("relu", {"target_l0": 5.0}, "target_l0"),
-        ("gated", {"sparsity_loss": "tanh"}, "sparsity_loss"),
-        ("topk", {"matryoshka_widths": (16, 32, 64)}, "matryoshka_widths"),
-        ("batchtopk", {"target_l0": 8.0}, "target_l0"),
+        ("relu", {"target_l0": 5.0}, JUMPRELU_READS, None),
+        ("gated", {"sparsity_loss": "tanh"}, JUMPRELU_READS, None),
+        ("topk", {"matryoshka_widths": (16, 32, 64)}, JUMPRELU_READS, None),
+        ("batchtopk", {"target_l0": 8.0}, JUMPRELU_READS, "(TopK's L0 is sae.k)"),
+        # `--config.sae.k=50` on a JumpReLU run would train to whatever L0 λ gives, not 50
+        ("jumprelu", {"k": 50}, TOPK_READS, "(JumpReLU's L0 is sae.target_l0)"),
+        ("relu", {"aux_k": 64}, TOPK_READS, None),
+        ("gated", {"batchtopk_threshold_decay": 0.9}, TOPK_READS, None),
+        ("jumprelu", {"aux_coefficient": 0.1}, TOPK_READS, None),
     ],
 )
-def test_a_jumprelu_option_on_another_kind_is_refused_not_ignored(tiny_config, kind, fields, named):
+def test_another_kinds_option_is_refused_not_ignored(tiny_config, kind, fields, readers, hint):
     tiny_config.sae.kind = kind
     tiny_config.sae.update(fields)
-    with pytest.raises(ConfigError, match=f"config field sae.{named} is .* only sae.kind 'jumprelu' reads it") as e:
+    (named,) = fields
+    with pytest.raises(ConfigError, match=f"config field sae.{named} is .* {readers}") as e:
         validate(tiny_config)
-    assert ("(TopK's L0 is sae.k)" in str(e.value)) == (kind == "batchtopk")
+    assert ("L0 is" in str(e.value)) == (hint is not None) and (hint is None or hint in str(e.value))
+
+
+def test_a_sweep_from_a_topk_base_runs_jumprelu_without_the_topk_fields():
+    """The reset works both ways: a TopK base's k and aux_k go back to their defaults for the sweep's
+    JumpReLU run (and stay for its TopK runs), while a field the sweep itself sets is kept."""
+    from types import SimpleNamespace
+
+    from jumprelu.config import base_config
+
+    def get_config(arg=None):
+        c = base_config()
+        c.sae.update(kind="topk", k=20, aux_k=64)
+        return c
+
+    module = SimpleNamespace(
+        get_config=get_config,
+        get_sweep=lambda arg=None: [{"sae.kind": "jumprelu"}, {"sae.kind": "batchtopk"}, {"sae.k": 40}],
+    )
+    runs = {r.name: r.config.sae for r in experiment.expand(module, None)}
+    assert runs["kind=jumprelu"].k == 32 and runs["kind=jumprelu"].aux_k == 512
+    assert runs["kind=batchtopk"].k == 20 and runs["k=40"].k == 40
 
 
 def test_a_sweep_over_kinds_on_a_recipe_base_runs_each_kind_with_its_defaults():

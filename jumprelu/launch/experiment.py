@@ -26,7 +26,7 @@ from typing import Any
 
 import ml_collections
 
-from jumprelu.config import reset_jumprelu_options, validate
+from jumprelu.config import TOPK_KINDS, reset_other_kinds_options, validate
 from jumprelu.errors import ConfigError
 
 # The examples shipped inside the package, so a `pip install .` can run them from any directory.
@@ -197,8 +197,8 @@ def expand(module, arg: str | None = None) -> list[Run]:
         cfg = apply_overrides(base, o)
         if cfg.sae.kind != base.sae.kind and hasattr(module, "kind_config"):  # that kind's own config
             cfg = apply_overrides(module.kind_config(arg, cfg.sae.kind), o)
-        elif cfg.sae.kind != base.sae.kind:  # the base's JumpReLU options are not this run's: their defaults
-            reset_jumprelu_options(cfg, keep={k.removeprefix("sae.") for k in o})
+        elif cfg.sae.kind != base.sae.kind:  # the base kind's own options are not this run's: their defaults
+            reset_other_kinds_options(cfg, keep={k.removeprefix("sae.") for k in o})
         cfg = shrink(cfg) if shrink else cfg
         try:  # a run that cannot start is named here, not after the sweep's earlier runs trained
             validate(cfg)
@@ -228,8 +228,9 @@ def runlocal(c: ml_collections.ConfigDict, keep_data: bool = False) -> ml_collec
     if c.sae.get("target_l0_held_out_rows"):  # leaves the report most of the 1,024 held-out rows
         c.sae.target_l0_held_out_rows = 256
     c.sae.width = 256
-    c.sae.k = min(c.sae.k, 16)
-    c.sae.aux_k = min(c.sae.aux_k, 64)
+    if c.sae.kind in TOPK_KINDS:  # the other kinds refuse a k they would not read
+        c.sae.k = min(c.sae.k, 16)
+        c.sae.aux_k = min(c.sae.aux_k, 64)
     c.train.update(steps=20, batch_size=256, lr_warmup_steps=5, sparsity_warmup_steps=10)
     c.ckpt.keep = 2
     c.mesh.update(data=1, model=1, distributed=False)
