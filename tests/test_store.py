@@ -423,6 +423,18 @@ def test_convert_names_an_npz_archive(tmp_path):
         open_npy(str(tmp_path / "text.npy"))
 
 
+def test_convert_names_a_bfloat16_npy_that_lost_its_dtype(tmp_path):
+    """np.save writes ml_dtypes' bfloat16 as raw 2-byte values ('<V2'): the error says so and how to
+    save it, rather than calling the activations a dtype nobody wrote."""
+    import ml_dtypes
+
+    from jumprelu.store.npy import open_npy
+
+    np.save(tmp_path / "acts.npy", np.ones((4, 8), ml_dtypes.bfloat16))
+    with pytest.raises(DataError, match=r"acts.npy: .*raw 2-byte values .*bfloat16 array; save it as float32"):
+        open_npy(str(tmp_path / "acts.npy"))
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [

@@ -32,6 +32,12 @@ def open_npy(path: str) -> np.ndarray:
         raise DataError(f"{path}: expected a .npy of one array [N, d_model], found a .npz archive of {keys}")
     if rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
         raise DataError(f"{path}: expected shape [N, d_model] with N, d_model > 0, found {list(rows.shape)}")
+    if rows.dtype.kind == "V" and rows.dtype.itemsize == 2 and rows.dtype.names is None:
+        # np.save writes a bfloat16 (ml_dtypes) array as raw 2-byte values: its header no longer says bfloat16
+        raise DataError(
+            f"{path}: expected float activations, found raw 2-byte values (dtype {rows.dtype.str}), which is how "
+            "np.save writes a bfloat16 array; save it as float32 (x.astype(np.float32)), convert with --dtype bfloat16"
+        )
     if not np.issubdtype(rows.dtype, np.floating):
         raise DataError(f"{path}: expected float activations, found dtype {rows.dtype}")
     return rows
