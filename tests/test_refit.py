@@ -98,3 +98,26 @@ def test_refit_command_on_a_trained_run(tmp_path, tiny_config):
     assert not np.array_equal(refit.W_dec, trained.W_dec)
     bad = subprocess.run(cmd[:-1] + ["0"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--rows must be > 0" in bad.stderr
+
+
+def test_an_interrupted_refit_leaves_no_other_steps_provenance(tmp_path, tiny_config, monkeypatch):
+    """A refit killed after writing params.npz must not leave the previous refit's run file (its
+    step, config) or report beside the new parameters."""
+    from jumprelu.cli.refit import refit_workdir
+    from jumprelu.export import gemma_scope
+
+    run = tmp_path / "run"
+    train(tiny_config, str(run))
+    refit_workdir(str(run), None, 1024, 0.01)
+    assert (run / "refit" / "refit.json").exists() and (run / "refit" / "params.run.json").exists()
+    real_export = gemma_scope.export
+
+    def export_then_die(sae, path):
+        real_export(sae, path)
+        raise KeyboardInterrupt  # the kill lands between params.npz and its run file
+
+    monkeypatch.setattr(gemma_scope, "export", export_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        refit_workdir(str(run), None, 512, 0.01)
+    assert sorted(p.name for p in (run / "refit").iterdir()) == ["params.npz"]
+    assert jumprelu.load(str(run / "refit" / "params.npz")).W_dec.shape[0] == tiny_config.sae.width

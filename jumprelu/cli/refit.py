@@ -58,6 +58,11 @@ def refit_workdir(workdir: str, member: int | None, rows: int, ridge: float) -> 
         metrics[name] = {k: m[k] for k in ("l0", "fvu", "mse", "dead_fraction", "dense_fraction") if k in m}
     out_dir = fs.join(workdir if member is None else member_dir(workdir, member), "refit")
     fs.makedirs(out_dir)
+    # Three files, each written atomically: an earlier refit's provenance and report go first, so a
+    # kill between them never leaves this fit's params.npz beside another step's run file or report
+    # (refit.json, written last, marks a complete refit).
+    for stale in (fs.join(out_dir, "refit.json"), gemma_scope.run_file(fs.join(out_dir, "params.npz"))):
+        fs.remove(stale)
     gemma_scope.export(refit, fs.join(out_dir, "params.npz"))
     run = dict(step=sae.step, scale=sae.scale, config=sae.config)  # the refit SAE's provenance on export
     fs.write_text_atomically(gemma_scope.run_file(fs.join(out_dir, "params.npz")), json.dumps(run, indent=2))
