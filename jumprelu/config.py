@@ -16,6 +16,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jumprelu.core import kinds
+from jumprelu.core.kinds import ownership
 from jumprelu.errors import ConfigError
 
 
@@ -143,80 +144,9 @@ def _check_finite(tree: dict, prefix: str = "") -> None:
                 raise ConfigError(f"config field {field} must be finite, found {value!r}")
 
 
-# The `sae` fields only JumpReLU reads (its loss options and the recipe's): set for another kind
-# they would be ignored, and the run would not be the one asked for.
-JUMPRELU_ONLY = (
-    "target_l0",
-    "target_l0_rate",
-    "target_l0_gain",
-    "target_l0_held_out_rows",
-    "sparsity_loss",
-    "tanh_scale",
-    "batchtopk_fraction",
-    "frequency_penalty",
-    "frequency_limit",
-    "frequency_allowance",
-    "pre_act_coefficient",
-    "matryoshka_widths",
-    "matryoshka_weights",
-    "threshold_init_mode",
-    "b_dec_init",
-    "ste_pre_activations",
-    "bandwidth_mode",
-)
-
-
 # The JumpReLU fields that belong to the target-L0 controller: set without sae.target_l0 (the short
 # recipe asked for without a target) they do nothing, so the same config takes a target later.
 CONTROLLER_PARTS = ("batchtopk_fraction", "target_l0_held_out_rows")
-
-
-# The `sae` fields only TopK and BatchTopK read: `sae.k` set on a JumpReLU run would otherwise
-# be ignored while the run trains to another L0. (JumpReLU's threshold_init, bandwidth and
-# threshold_param are left out of JUMPRELU_ONLY on purpose: base configs such as the quickstart set
-# them, no other kind trains differently for them, and refusing them would make every kind switch
-# from such a base on the command line name three fields to put back.)
-TOPK_ONLY = ("k", "aux_k", "aux_coefficient", "batchtopk_threshold_decay")
-TOPK_KINDS = ("topk", "batchtopk")
-
-
-def other_kinds_fields(kind: str) -> tuple[tuple[str, str, dict], ...]:
-    """(field, owner, defaults) for every `sae` field that only another kind than `kind` reads."""
-    groups = []
-    if kind != "jumprelu":
-        groups.append(("jumprelu", JUMPRELU_ONLY))
-    if kind not in TOPK_KINDS:
-        groups.append(("topk", TOPK_ONLY))
-    out = []
-    for owner, fields in groups:
-        defaults = kinds.spec(owner).config_fields()
-        out.extend((field, owner, defaults) for field in fields)
-    return tuple(out)
-
-
-def reset_other_kinds_options(c: ml_collections.ConfigDict, keep=frozenset()) -> None:
-    """Puts the fields only other kinds read (but those in `keep`) back to their defaults: a sweep
-    over kinds on a base config made for one kind (e.g. the JumpReLU recipe) runs each other kind as
-    that kind, not with options it would refuse."""
-    for field, _owner, defaults in other_kinds_fields(c.sae.kind):
-        if field not in keep:
-            c.sae[field] = defaults[field]
-
-
-def _check_only_own_fields(s) -> None:
-    for field, owner, defaults in other_kinds_fields(s.kind):
-        value = s.get(field, defaults[field])
-        if value != defaults[field] and not (isinstance(value, (tuple, list)) and not value):
-            if owner == "jumprelu":
-                readers = "only sae.kind 'jumprelu' reads it"
-                hint = " (TopK's L0 is sae.k)" if field == "target_l0" and s.kind in TOPK_KINDS else ""
-            else:
-                readers = "only sae.kind 'topk' and 'batchtopk' read it"
-                hint = " (JumpReLU's L0 is sae.target_l0)" if field == "k" and s.kind == "jumprelu" else ""
-            raise ConfigError(
-                f"config field sae.{field} is {value!r} but {readers} and sae.kind is {s.kind!r}{hint}; "
-                f"unset it, or take the experiment's config for that kind (e.g. smollm2_pareto:{s.kind})"
-            )
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -225,7 +155,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     s, t, d = c.sae, c.train, c.data
     names = kinds.names()
     _check(s.kind in names, "sae.kind", f"one of {names}", s.kind)
-    _check_only_own_fields(s)
+    ownership.check_own_fields(s)
     # every kind reads sae.sparse (those without a sparse path as off): a typo is not silently dense
     _check(s.get("sparse", "auto") in kinds.SPARSE_MODES, "sae.sparse", f"one of {kinds.SPARSE_MODES}", s.get("sparse"))
     if s.get("sparse") == "on" and s.kind not in ("jumprelu", "topk", "batchtopk"):

@@ -26,7 +26,8 @@ from typing import Any
 
 import ml_collections
 
-from jumprelu.config import TOPK_KINDS, reset_other_kinds_options, validate
+from jumprelu.config import validate
+from jumprelu.core.kinds.ownership import TOPK_KINDS, reset_other_kinds_options
 from jumprelu.errors import ConfigError
 
 # The examples shipped inside the package, so a `pip install .` can run them from any directory.

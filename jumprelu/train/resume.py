@@ -20,7 +20,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from jumprelu.config import CONTROLLER_PARTS, JUMPRELU_ONLY
+from jumprelu.config import CONTROLLER_PARTS
+from jumprelu.core.kinds.ownership import JUMPRELU_ONLY
 from jumprelu.errors import CheckpointError, ConfigError
 from jumprelu.train import distributed, guard
 from jumprelu.train.checkpoint import Checkpointer
