@@ -25,7 +25,19 @@ from jumprelu.core import init as init_lib
 from jumprelu.core import kinds
 from jumprelu.data import pipeline
 from jumprelu.errors import ConfigError
-from jumprelu.train import distributed, guard, lock, metrics_log, preemption, program, report, resume, sharding, writers
+from jumprelu.train import (
+    distributed,
+    guard,
+    held_out,
+    lock,
+    metrics_log,
+    preemption,
+    program,
+    report,
+    resume,
+    sharding,
+    writers,
+)
 from jumprelu.train import state as state_lib
 from jumprelu.train.checkpoint import Checkpointer, member_dir
 from jumprelu.train.metrics_log import Progress
@@ -129,7 +141,7 @@ def _train_on(cfg: ml_collections.ConfigDict, workdir: str, stream) -> dict:
         start = int(state.step)
         batches = _batches(cfg, prog, stream, ckpt, start)
         eval_rows = None
-        if writers.wants_histograms(cfg.log):  # without the rows the target-L0 controller reads
+        if held_out.wants_histograms(cfg.log):  # without the rows the target-L0 controller reads
             eval_rows = init_lib.report_rows(stream.eval_set(), config_lib.controller_rows(cfg))
         with preemption.Watch() as watch:
             state = _loop(cfg, workdir, prog, state, batches, ckpt, start, watch, eval_rows)
@@ -222,7 +234,7 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start, watch, eval_rows=None
             if save_step or stop:  # a preemption save is of the step reached, checked above
                 ckpt.save(state, config_json, pipeline.IteratorSnapshot(batches))  # collective: every process
                 if save_step and eval_rows is not None and len(eval_rows):  # collective too
-                    writers.write_held_out(outs, done, writers.held_out(cfg, prog.kind, state, eval_rows))
+                    held_out.write(outs, done, held_out.metrics(cfg, prog.kind, state, eval_rows))
                 for out in outs:
                     out.flush()
             if stop and done < total:
