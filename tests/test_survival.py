@@ -303,6 +303,19 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, tiny_config, caplog):
     _assert_finite(wd)
 
 
+def test_a_save_killed_mid_write_leaves_no_folder_behind_after_resume(tmp_path, tiny_config):
+    """The temporary folder of a save that a kill interrupted is removed when training reopens the
+    checkpoints, not kept beside them for good (it is never read, nor reused: each save names its own)."""
+    wd = tmp_path / "run"
+    train(tiny_config, str(wd))
+    orphan = wd / "checkpoints" / "60.orbax-checkpoint-tmp-1764835200000000"
+    (orphan / "sae").mkdir(parents=True)
+    (orphan / "sae" / "part").write_bytes(b"\0" * 1024)
+    tiny_config.train.steps = 60
+    assert train(tiny_config, str(wd))["resumed_from_step"] == 40
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["20", "40", "60"]
+
+
 def test_checkpoint_on_a_full_disk_is_one_line(tmp_path, tiny_config, monkeypatch):
     """Item 7: a save that fails (here the first one after step 20) names the step and the last complete one."""
     real_save = ocp.CheckpointManager.save

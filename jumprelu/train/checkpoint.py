@@ -99,7 +99,10 @@ class Checkpointer:
                 max_to_keep=None, save_interval_steps=0, create=False, read_only=True
             )
         else:
-            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+            # A save killed mid-write leaves its `<step>.orbax-checkpoint-tmp-<time>` folder, never
+            # read and never reused (the next save of that step gets another name): the writer, which
+            # holds the workdir lock, removes them when it opens
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
         with _without_read_only_notice():
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=sae_items + ITEMS[1:])
         self._in_flight: int | None = None
