@@ -144,43 +144,78 @@ def test_a_store_past_max_rows_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "part" / "metadata.json").exists()  # still resumable
 
 
+class PieceTokenizer(CharTokenizer):
+    def pieces(self, ids):
+        return [chr(i - 4) if i >= 4 else f"<{i}>" for i in ids]
+
+
+def _token_and_position(tokens):
+    """A stand-in site whose activation row is (token id, position in its sequence)."""
+    pos = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+    return [np.stack([tokens, pos], -1).astype(np.float32)]
+
+
 def test_store_rows_replay_to_their_token_contexts(tmp_path):
     """Neuronpedia contexts: a harvested store's row (shard, row) maps back, through the writer's
     shuffle and the packing, to the token it was computed at (here the activation is the token id)."""
     from jumprelu.harvest.contexts import harvest_rows, store_contexts
     from jumprelu.store.reader import read_metadata
 
-    class Tok(CharTokenizer):
-        def pieces(self, ids):
-            return [chr(i - 4) if i >= 4 else f"<{i}>" for i in ids]
-
     sources = _sources(tmp_path)
     store = str(tmp_path / "store")
     extra = {"tokenizer": "unused", "seq_len": 8, "text_field": "text", "split_paragraphs": False}
     writer = StoreWriter(store, d_model=2, shard_rows=7, text_source=",".join(sources), extra=extra)
-
-    def activations(tokens):  # row = (token id, position in its sequence)
-        pos = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
-        return [np.stack([tokens, pos], -1).astype(np.float32)]
-
-    collect_lib.collect(text_lib.sequences(sources, Tok(), 8), activations, [writer], SPECIAL, 3, progress=False)
+    seqs = text_lib.sequences(sources, PieceTokenizer(), 8)
+    collect_lib.collect(seqs, _token_and_position, [writer], SPECIAL, 3, progress=False)
     meta = read_metadata(store)
     coords = np.array([(s, r) for s, shard in enumerate(meta["shards"]) for r in range(shard["rows"])])
     assert len(meta["shards"]) > 2
     # Every store row is one harvest row, once.
     assert sorted(harvest_rows(meta, coords)) == list(range(len(coords)))
     rows = _all_rows(open_store(store))
-    contexts = store_contexts(store, before=3, after=2, tokenizer=Tok())(coords)
+    contexts = store_contexts(store, before=3, after=2, tokenizer=PieceTokenizer())(coords)
     for row, ctx in zip(rows, contexts, strict=True):
         assert ctx["token_ids"][ctx["position"]] == row[0]
         assert ctx["position"] == min(int(row[1]), 3) and len(ctx["tokens"]) == len(ctx["token_ids"])
     assert store_contexts(store) is None  # the recorded tokenizer file does not exist
-    # a store written by several processes: each shuffled its own sequences, which the replay does
-    # not follow (it named the wrong tokens for 95% of the rows)
+
+
+@pytest.mark.parametrize("max_rows", [None, 40])
+def test_a_store_harvested_by_several_processes_replays_to_its_token_contexts(tmp_path, max_rows):
+    """Three processes, as `jumprelu harvest` runs them on a pod slice: each takes every third
+    sequence (cut at max_rows as one process would be) into its own shuffled part; every row of
+    the committed store maps back to the token it was computed at. Without the recorded number of
+    processes (stores committed before it was) there are no contexts rather than wrong ones."""
+    from jumprelu.harvest.contexts import part_rows, store_contexts
+    from jumprelu.store.commit import commit_parts
+    from jumprelu.store.reader import read_metadata
+
+    sources = _sources(tmp_path)
+    store = str(tmp_path / "store")
+    extra = {"tokenizer": "unused", "seq_len": 8, "text_field": "text", "split_paragraphs": False}
+    for part in range(3):
+        writer = StoreWriter(
+            store, d_model=2, shard_rows=5, text_source=",".join(sources), extra=extra, part=part, parts=3
+        )
+        seqs = collect_lib.host_sequences(text_lib.sequences(sources, PieceTokenizer(), 8), part, 3, SPECIAL, max_rows)
+        collect_lib.collect(seqs, _token_and_position, [writer], SPECIAL, 2, progress=False)
+    commit_parts(store, 3)
+    meta = read_metadata(store)
+    assert meta["parts"] == 3 and len({s["file"][:10] for s in meta["shards"]}) == 3
+    coords = np.array([(s, r) for s, shard in enumerate(meta["shards"]) for r in range(shard["rows"])])
+    assert max_rows is None or len(coords) == max_rows
+    parts, rows = part_rows(meta, coords)
+    for k in range(3):  # every row of a part is one of its harvest rows, once
+        assert sorted(rows[parts == k]) == list(range(int((parts == k).sum())))
+    stored = _all_rows(open_store(store))
+    contexts = store_contexts(store, before=3, after=2, tokenizer=PieceTokenizer())(coords)
+    for row, ctx in zip(stored, contexts, strict=True):
+        assert ctx["token_ids"][ctx["position"]] == row[0]
+        assert ctx["position"] == min(int(row[1]), 3)
     meta_file = os.path.join(store, "metadata.json")
     with open(meta_file) as f:
         meta = json.load(f)
-    meta["shards"][0]["file"] = "shard-p000-00000.npy"
+    del meta["parts"]
     with open(meta_file, "w") as f:
         json.dump(meta, f)
-    assert store_contexts(store, tokenizer=Tok()) is None
+    assert store_contexts(store, tokenizer=PieceTokenizer()) is None

@@ -139,6 +139,28 @@ def test_two_processes_write_the_one_process_store_and_metadata_once(world, tmp_
         _assert_same_store(path, one_process.format(site=site, layer=1))
         with pytest.raises(DataError, match="already complete"):  # a second commit is refused
             commit_parts(path, 2)
+    _assert_same_contexts(template.format(site="resid", layer=1), one_process.format(site="resid", layer=1))
+
+
+def _assert_same_contexts(path, reference):
+    """Each row's Neuronpedia token context is the one the same activation has in the one-process
+    store (rows paired by nearest activation: the two harvests' float sums differ in the last bits)."""
+    from jumprelu.harvest.contexts import store_contexts
+
+    def rows_and_contexts(p):
+        store = open_store(p)
+        coords = np.concatenate([np.stack([np.full(r, s), np.arange(r)], 1) for s, r in enumerate(store.shard_rows)])
+        return _all_rows(store), store_contexts(p, before=4, after=0)(coords)
+
+    got_rows, got = rows_and_contexts(path)
+    want_rows, want = rows_and_contexts(reference)
+    assert all(c is not None for c in got)
+    sq = (want_rows**2).sum(1)
+    for start in range(0, len(got_rows), 500):
+        block = got_rows[start : start + 500]
+        nearest = np.argmin(sq[None, :] - 2 * block @ want_rows.T, axis=1)
+        for i, j in enumerate(nearest):
+            assert got[start + i]["token_ids"] == want[j]["token_ids"], (start + i, j)
 
 
 def test_a_host_killed_mid_harvest_resumes_without_duplicate_or_missing_rows(world, tmp_path, one_process):

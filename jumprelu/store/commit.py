@@ -93,7 +93,8 @@ def commit_parts(path: str, parts: int) -> dict:
         raise DataError(f"store {path}: no rows were written")
     header = records[0]["header"]
     row_bytes = header["d_model"] * fmt.file_dtype(header["dtype"]).itemsize
-    metadata = write_metadata(path, header, shards, checksum.block_rows(row_bytes))
+    # how many processes wrote it: which sequences each part holds (jumprelu/harvest/contexts.py)
+    metadata = write_metadata(path, dict(header, parts=parts), shards, checksum.block_rows(row_bytes))
     for name in expected:  # metadata.json is the truth from here on: progress files are leftovers
         os.remove(os.path.join(path, name))
     return metadata
