@@ -189,6 +189,23 @@ def test_a_host_killed_mid_harvest_resumes_without_duplicate_or_missing_rows(wor
     _assert_same_store(store, one_process.format(site="resid", layer=1))
 
 
+def test_a_commit_that_fails_on_process_0_stops_every_process(world, tmp_path):
+    """A progress file left by an earlier attempt with 3 processes: process 0's commit refuses the
+    store, and process 1, which used to wait at the barrier for a process that had exited, stops
+    too, each with one line."""
+    template = str(tmp_path / "{site}_l{layer}")
+    store = template.format(site="resid", layer=1)
+    os.makedirs(store)
+    with open(os.path.join(store, "writing-p002.json"), "w") as f:
+        json.dump({"complete": False, "shards": []}, f)
+    procs = _launch(_harvest_cmd(world, template, sites="resid"))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], [err[-2000:] for _, err in outs]
+    assert "expected the progress files of parts 0..1" in outs[0][1].strip().splitlines()[-1]
+    assert "process 0 could not write metadata.json" in outs[1][1].strip().splitlines()[-1]
+    assert not os.path.exists(os.path.join(store, "metadata.json"))
+
+
 def random_sae(d: int = 64, width: int = 128):
     """A fixed SAE with latents that fire on the tiny model's layer-1 residual stream."""
     from jumprelu.core.folded import SAE

@@ -119,6 +119,19 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def everyone_agrees(ok: bool) -> bool:
+    """A barrier that tells every process whether process 0 was `ok` (no process leaves it before
+    process 0 has entered it)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
 def harvest_sites(cfg) -> list[tuple[str, int]]:
     """The (site, layer) pairs to harvest: every name of `cfg.sites` (else `cfg.site`) at every
     layer of `cfg.layers` (else `cfg.layer`), layer by layer."""
@@ -236,10 +249,22 @@ def harvest(cfg) -> dict:
         from jumprelu.store.commit import commit_parts
 
         barrier("jumprelu harvest: every part written")
+        failure = None
         if process == 0:
-            result["num_rows"] = [commit_parts(path, processes)["num_rows"] for path in stores]
-            committed = stores
-        barrier("jumprelu harvest: metadata written")  # every host returns with the stores complete
+            try:
+                result["num_rows"] = [commit_parts(path, processes)["num_rows"] for path in stores]
+                committed = stores
+            except (DataError, OSError) as e:
+                failure = e
+        # every host returns with the stores complete, or fails with process 0 (a plain barrier here
+        # left the others waiting for a process that had already exited)
+        if not everyone_agrees(failure is None):
+            if failure is not None:
+                raise failure
+            raise DataError(
+                f"jumprelu harvest: process 0 could not write metadata.json of {', '.join(stores)} (its log says "
+                "why); every part is complete: fix that and run the same command on every process again"
+            )
     result.update(stores=stores, already_complete=complete, process=process, processes=processes)
     result["committed"] = committed  # the stores whose metadata.json this process wrote
     return result
