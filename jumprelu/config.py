@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = dict(data=1, model=1, distributed=False)
     c.ckpt = dict(every_steps=1000, keep=3)
     # Metrics: metrics.jsonl always; TensorBoard event files in the workdir; wandb when a project is
-    # named; firing_histogram: encode the held-out rows at each checkpoint (jumprelu/train/writers.py).
+    # named; firing_histogram: encode the held-out rows at each checkpoint (jumprelu/train/held_out.py).
     c.log = dict(every_steps=50, progress=True, tensorboard=True, wandb_project="", firing_histogram=True)
     return c
 

@@ -554,6 +554,26 @@ def test_another_kinds_option_is_refused_not_ignored(tiny_config, kind, fields, 
     with pytest.raises(ConfigError, match=f"config field sae.{named} is .* {readers}") as e:
         validate(tiny_config)
     assert ("L0 is" in str(e.value)) == (hint is not None) and (hint is None or hint in str(e.value))
+    owner = "jumprelu" if readers == JUMPRELU_READS else "topk"
+    assert str(e.value).endswith(f"e.g. smollm2_pareto:{kind}, leaves it unset), or set sae.kind={owner!r}")
+
+
+def test_a_registered_kind_reads_the_fields_it_declares(tiny_config):
+    """A kind registered with its own `k` (as the README's guide to a new kind does) is not told
+    that only TopK reads it."""
+    from jumprelu.core import kinds
+
+    topk = kinds.spec("topk")
+    custom = kinds.KindSpec("custom_topk_test", topk.build, lambda: {"k": 32}, lambda s, check: None)
+    kinds.register(custom)
+    try:
+        tiny_config.sae.update(kind="custom_topk_test", k=50)
+        validate(tiny_config)
+        tiny_config.sae.aux_k = 64  # ...but not TopK's other fields
+        with pytest.raises(ConfigError, match="sae.aux_k is 64 but only sae.kind 'topk' and 'batchtopk' read it"):
+            validate(tiny_config)
+    finally:
+        kinds._REGISTRY.pop("custom_topk_test")
 
 
 def test_a_sweep_from_a_topk_base_runs_jumprelu_without_the_topk_fields():

@@ -254,7 +254,7 @@ def harvest(cfg) -> dict:
             try:
                 result["num_rows"] = [commit_parts(path, processes)["num_rows"] for path in stores]
                 committed = stores
-            except (DataError, OSError) as e:
+            except Exception as e:  # any failure: re-raised below, once the others know
                 failure = e
         # every host returns with the stores complete, or fails with process 0 (a plain barrier here
         # left the others waiting for a process that had already exited)
@@ -263,7 +263,7 @@ def harvest(cfg) -> dict:
                 raise failure
             raise DataError(
                 f"jumprelu harvest: process 0 could not write metadata.json of {', '.join(stores)} (its log says "
-                "why); every part is complete: fix that and run the same command on every process again"
+                "why); this process's part is complete: fix that and run the same command on every process again"
             )
     result.update(stores=stores, already_complete=complete, process=process, processes=processes)
     result["committed"] = committed  # the stores whose metadata.json this process wrote

@@ -27,7 +27,8 @@ from typing import Any
 import ml_collections
 
 from jumprelu.config import validate
-from jumprelu.core.kinds.ownership import TOPK_KINDS, reset_other_kinds_options
+from jumprelu.core import kinds
+from jumprelu.core.kinds.ownership import reset_other_kinds_options
 from jumprelu.errors import ConfigError
 
 # The examples shipped inside the package, so a `pip install .` can run them from any directory.
@@ -229,7 +230,7 @@ def runlocal(c: ml_collections.ConfigDict, keep_data: bool = False) -> ml_collec
     if c.sae.get("target_l0_held_out_rows"):  # leaves the report most of the 1,024 held-out rows
         c.sae.target_l0_held_out_rows = 256
     c.sae.width = 256
-    if c.sae.kind in TOPK_KINDS:  # the other kinds refuse a k they would not read
+    if c.sae.kind in kinds.names() and "k" in kinds.spec(c.sae.kind).config_fields():  # others refuse a k
         c.sae.k = min(c.sae.k, 16)
         c.sae.aux_k = min(c.sae.aux_k, 64)
     c.train.update(steps=20, batch_size=256, lr_warmup_steps=5, sparsity_warmup_steps=10)

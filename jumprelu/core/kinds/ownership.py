@@ -36,10 +36,13 @@ JUMPRELU_ONLY = (
 # from such a base on the command line name three fields to put back.)
 TOPK_ONLY = ("k", "aux_k", "aux_coefficient", "batchtopk_threshold_decay")
 TOPK_KINDS = ("topk", "batchtopk")
+BUILT_IN_KINDS = ("jumprelu", "relu", "gated", "topk", "batchtopk")  # (each has its smollm2_pareto config)
 
 
 def other_kinds_fields(kind: str) -> tuple[tuple[str, str, dict], ...]:
-    """(field, owner, defaults) for every `sae` field that only another kind than `kind` reads."""
+    """(field, owner, defaults) for every `sae` field that only another kind than `kind` reads (a
+    registered kind that declares the field itself, e.g. its own `k`, reads it)."""
+    own = set(kinds.spec(kind).config_fields()) if kind in kinds.names() else set()
     groups = []
     if kind != "jumprelu":
         groups.append(("jumprelu", JUMPRELU_ONLY))
@@ -48,7 +51,7 @@ def other_kinds_fields(kind: str) -> tuple[tuple[str, str, dict], ...]:
     out = []
     for owner, fields in groups:
         defaults = kinds.spec(owner).config_fields()
-        out.extend((field, owner, defaults) for field in fields)
+        out.extend((field, owner, defaults) for field in fields if field not in own)
     return tuple(out)
 
 
@@ -72,7 +75,9 @@ def check_own_fields(s) -> None:
             else:
                 readers = "only sae.kind 'topk' and 'batchtopk' read it"
                 hint = " (JumpReLU's L0 is sae.target_l0)" if field == "k" and s.kind == "jumprelu" else ""
+            # the usual cause: a kind switched on the command line from a base config made for another
+            example = f" (an experiment's config for that kind, e.g. smollm2_pareto:{s.kind}, leaves it unset)"
             raise ConfigError(
                 f"config field sae.{field} is {value!r} but {readers} and sae.kind is {s.kind!r}{hint}; "
-                f"unset it, or take the experiment's config for that kind (e.g. smollm2_pareto:{s.kind})"
+                f"unset it{example if s.kind in BUILT_IN_KINDS else ''}, or set sae.kind={owner!r}"
             )
