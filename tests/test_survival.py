@@ -67,6 +67,9 @@ def test_a_finite_blow_up_stops_the_run_too(tmp_path, tiny_config):
     assert message.startswith("training diverged by step 45 (checked at step 40): batch FVU ")
     assert "(train.divergence_fvu=2; L0 " in message and "\n" not in message
     assert f"the last good checkpoint is {wd / 'checkpoints' / '40'};" in message
+    # the first check after a resume: the checkpoint's own last update is one no FVU had seen
+    assert message.endswith(f"if it diverges again at its first log step, {wd / 'checkpoints' / '40'} may hold the "
+                            "update that blew up: move it aside")  # fmt: skip
     assert _steps(wd) == [40, 20] and e.value.exit_status == EXIT_DIVERGED
     _assert_finite(wd)
 

@@ -163,10 +163,17 @@ def check(
             "older one, or set train.divergence_fvu=0"
         )
     if finite:  # a blow-up: every value is a number, the reconstruction is not an SAE's any more
+        # A batch FVU is read before its step's update, so a checkpoint can hold one update no FVU has
+        # seen: at the first check after resuming from it, that update may be the one that blew up.
+        again = (
+            f"; if it diverges again at its first log step, {good} may hold the update that blew up: move it aside"
+            if good and blow_up is not None and last_checked == blow_up.start > 0
+            else ""
+        )
         raise Diverged(
             f"training diverged by step {step} (checked at step {last_checked}): {problem}; nothing since was "
             f"saved and {saved}; rerun with a lower train.lr (it resumes there) or, if such an FVU is expected, "
-            "a higher train.divergence_fvu (0 = off)"
+            f"a higher train.divergence_fvu (0 = off){again}"
         )
     raise Diverged(
         f"training diverged by step {step} (finite at step {last_checked}): {problem}; nothing non-finite was "
