@@ -16,13 +16,10 @@ shard-pKKK-NNNNN.npy, each shuffled with the seed (shuffle_seed, k, N).
 from __future__ import annotations
 
 import os
-import re
 
 import numpy as np
 
 from jumprelu.store import format as store_format
-
-_PART_SHARD = re.compile(r"shard-p(\d+)-(\d+)\.npy")  # store.format.shard_name of a part's shard
 
 
 def part_rows(meta: dict, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -33,8 +30,7 @@ def part_rows(meta: dict, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     written = {}  # rows of the shards already listed, per part
     for i, shard in enumerate(meta["shards"]):
         name = str(shard.get("file", ""))
-        numbers = _PART_SHARD.fullmatch(name)
-        part, index = (int(numbers[1]), int(numbers[2])) if numbers else (None, i)
+        part, index = store_format.part_shard(name) or (None, i)
         shard_part.append(part)
         shard_index.append(index)
         shard_first.append(written.get(part, 0))

@@ -29,6 +29,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 
 import ml_dtypes
 import numpy as np
@@ -48,6 +49,15 @@ HEADER_FIELDS = ("model", "site", "layer", "d_model", "dtype", "text_source", "s
 
 def shard_name(index: int, part: int | None = None) -> str:
     return f"shard-{index:05d}.npy" if part is None else f"shard-p{part:03d}-{index:05d}.npy"
+
+
+_PART_SHARD = re.compile(r"shard-p(\d+)-(\d+)\.npy")
+
+
+def part_shard(name: str) -> tuple[int, int] | None:
+    """(part, index) of a part's shard file name (`shard_name(index, part)`), else None."""
+    found = _PART_SHARD.fullmatch(name)
+    return (int(found[1]), int(found[2])) if found else None
 
 
 def written_by_parts(metadata: dict) -> bool:
