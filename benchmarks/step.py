@@ -53,10 +53,15 @@ def _time(fn, args, repeats: int, warmup: int) -> list[float]:
     return times
 
 
+# --matmul-precision, set once in main(): every config of the run carries it (the plans read it).
+_PRECISION = {"matmul_precision": "default"}
+
+
 def _config(width: int, dtype: str, l0: float | None, sparse: str, kind: str = "jumprelu", phase: bool = False):
     """The timed config. phase: keep the recipe's BatchTopK phase (dense only); otherwise the
     recipe's step after the hand-over, the one `sae.sparse` applies to."""
     cfg = base_config()
+    cfg.sae.matmul_precision = _PRECISION["matmul_precision"]
     if l0 and kind == "jumprelu":
         apply_recipe(cfg, "short", target_l0=l0)
         if not phase:
@@ -191,6 +196,12 @@ def main() -> None:
     p.add_argument("--kind", default="jumprelu", choices=["jumprelu", "topk", "batchtopk"], help="needs --l0 (k)")
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: known chips)")
     p.add_argument("--phase", action="store_true", help="also time the recipe's BatchTopK-phase step (needs --l0)")
+    p.add_argument(
+        "--matmul-precision",
+        default="default",
+        choices=kinds.MATMUL_PRECISIONS,
+        help="sae.matmul_precision: 'default' is the backend's (TF32 on NVIDIA GPUs), 'highest' float32",
+    )
     a = p.parse_args()
     if a.kind != "jumprelu" and not (a.l0 and a.l0 == int(a.l0)):
         raise SystemExit(f"--kind {a.kind}: give its k as a whole --l0, found {a.l0}")
@@ -198,6 +209,12 @@ def main() -> None:
         raise SystemExit("--phase: the BatchTopK phase is the JumpReLU recipe's; give --l0 (and no --kind)")
     if a.sparse_only and not a.l0:
         raise SystemExit("--sparse-only: the sparse step needs --l0 (else no step is timed at all)")
+    _PRECISION["matmul_precision"] = a.matmul_precision
+    with kinds.matmul_precision(_PRECISION):  # the steps, the floor and the encoder product alike
+        print(json.dumps(_measure(a)))
+
+
+def _measure(a) -> dict:
     x = _batch(a, a.d_model)
     d_model = x.shape[1]
     dense_cfg = _config(a.width, a.dtype, a.l0, "off", a.kind)
@@ -262,6 +279,7 @@ def main() -> None:
     cmd += f" --dtype {a.dtype}" if a.dtype != "float32" else ""
     cmd += f" --kind {a.kind}" if a.kind != "jumprelu" else ""
     cmd += " --phase" if a.phase else ""
+    cmd += f" --matmul-precision {a.matmul_precision}" if a.matmul_precision != "default" else ""
     kind = str(jax.devices()[0].device_kind)
     peak = a.peak_tflops or _peak_tflops(kind)
     if peak:  # model FLOPs utilisation: the five dense products per step over the devices' peak
@@ -269,7 +287,8 @@ def main() -> None:
             # the step runs on one device (the others of a simulated host are idle)
             out[f"{name}_mfu"] = round(flops / (ms[name] / 1e3) / (peak * 1e12), 4)
     out.update(device=kind, backend=jax.default_backend(), num_devices=jax.device_count(), command=cmd)
-    print(json.dumps(out))
+    out["matmul_precision"] = a.matmul_precision
+    return out
 
 
 if __name__ == "__main__":

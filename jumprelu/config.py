@@ -29,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
         sparsity_coefficient=1e-3,  # λ; paper sweeps it per site
         pre_encoder_bias=True,
         compute_dtype="float32",  # matmul dtype; params and θ always float32
+        # The SAE's products at the backend's own precision ("default": float32 on CPU, TF32 on
+        # NVIDIA GPUs, bf16 passes on TPU) or at "high"/"highest" (jax.default_matmul_precision).
+        matmul_precision="default",
         # Each kind's own fields (jumprelu/core/kinds/<kind>.py), e.g. JumpReLU's bandwidth,
         # threshold_init, threshold_param, target_l0; TopK's k, aux_k.
         **kinds.config_fields(),
@@ -164,6 +167,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(isinstance(s.width, int) and s.width > 0, "sae.width", "a positive integer", s.width)
     _check(s.sparsity_coefficient >= 0, "sae.sparsity_coefficient", ">= 0", s.sparsity_coefficient)
     _check(s.compute_dtype in ("float32", "bfloat16"), "sae.compute_dtype", "'float32' or 'bfloat16'", s.compute_dtype)
+    precision = s.get("matmul_precision", "default")
+    _check(precision in kinds.MATMUL_PRECISIONS, "sae.matmul_precision", f"one of {kinds.MATMUL_PRECISIONS}", precision)
     _check(isinstance(t.steps, int) and t.steps > 0, "train.steps", "a positive integer", t.steps)
     for field, seed in (("train.seed", t.seed), ("data.seed", d.seed), ("data.synthetic.seed", d.synthetic.seed)):
         _check(isinstance(seed, int) and seed >= 0, field, "an integer >= 0 (numpy's seeds)", seed)

@@ -376,6 +376,28 @@ def test_auto_is_deterministic_and_explained(tiny_config):
     assert jumprelu_kind.sparse_plan(s) == (24, "sae.sparse=on")
 
 
+def test_auto_on_gpu_is_sparse_only_where_it_was_measured_faster(tiny_config, monkeypatch):
+    """On an H200 the sparse step lost with the dense step's TF32 products and won with float32
+    ones from 16K latents (README "Step speed", accelerators); TPU is not measured."""
+    s = tiny_config.sae
+    s.update(width=16384, target_l0=50.0, sparse="auto")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    why = "on gpu the sparse step was measured faster only with sae.compute_dtype=float32 with"
+    assert jumprelu_kind.sparse_plan(s) == (0, f"auto: dense ({why} sae.matmul_precision=highest)")
+    s.update(matmul_precision="highest")
+    assert jumprelu_kind.sparse_plan(s) == (400, "auto: sparse, 400 entries per row")
+    s.update(compute_dtype="bfloat16")
+    assert jumprelu_kind.sparse_plan(s)[0] == 0
+    s.update(compute_dtype="float32", width=8192)
+    assert jumprelu_kind.sparse_plan(s) == (
+        0,
+        "auto: dense (width 8192 < 16384, where the sparse step was not measured faster)",
+    )
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    s.update(width=16384)
+    assert jumprelu_kind.sparse_plan(s) == (0, "auto: dense (the sparse step is not yet measured on tpu)")
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

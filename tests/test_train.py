@@ -240,3 +240,23 @@ def test_killed_run_resumes_with_the_same_batches(tmp_path):
         after = lambda d: [r for r in read_jsonl(d / "metrics.jsonl") if r["step"] > 20]  # noqa: E731
         strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rs]  # noqa: E731
         assert strip(after(tmp_path / "a")) == strip(after(tmp_path / wd))
+
+
+@pytest.mark.parametrize("precision", ["default", "highest"])
+def test_the_run_is_traced_at_its_matmul_precision(tmp_path, tiny_config, monkeypatch, precision):
+    """sae.matmul_precision holds while the run builds and traces its programs, and only then."""
+    from jumprelu.train import loop
+
+    seen = []
+    monkeypatch.setattr(loop, "_train_on", lambda *args: seen.append(jax.config.jax_default_matmul_precision) or {})
+    tiny_config.sae.matmul_precision = precision
+    train(tiny_config, str(tmp_path / "run"))
+    assert seen == [None if precision == "default" else precision]
+    assert jax.config.jax_default_matmul_precision is None
+
+
+def test_an_unknown_matmul_precision_is_named(tmp_path, tiny_config):
+    tiny_config.sae.matmul_precision = "fast"
+    expected = r"^config field sae.matmul_precision must be one of \('default', 'high', 'highest'\), found 'fast'$"
+    with pytest.raises(ConfigError, match=expected):
+        train(tiny_config, str(tmp_path / "run"))

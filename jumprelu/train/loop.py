@@ -87,8 +87,9 @@ def _open_rows(cfg, workdir, open_rows):
 
 def _train(cfg: ml_collections.ConfigDict, workdir: str, open_rows=None) -> dict:
     stream = _open_rows(cfg, workdir, open_rows)
-    try:
-        return _train_on(cfg, workdir, stream)
+    try:  # every SAE program of the run is traced at sae.matmul_precision (the LM's are not)
+        with kinds.matmul_precision(cfg.sae):
+            return _train_on(cfg, workdir, stream)
     finally:
         stream.close()
 

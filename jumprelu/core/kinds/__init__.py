@@ -121,6 +121,21 @@ def from_config(sae_cfg, d_model: int, train_steps: int = 0) -> Kind:
 SPARSE_MODES = ("auto", "on", "off")
 
 
+# `sae.matmul_precision`: "default" leaves the backend's own precision for float32 products.
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
+def matmul_precision(sae_cfg):
+    """The context the SAE's programs are traced in: jax.default_matmul_precision of
+    `sae.matmul_precision`, or nothing for "default" (configs saved before the field included)."""
+    import contextlib
+
+    import jax
+
+    precision = sae_cfg.get("matmul_precision", "default")
+    return contextlib.nullcontext() if precision == "default" else jax.default_matmul_precision(precision)
+
+
 def common_module_args(sae_cfg, d_model: int) -> dict:
     """The SAEBase fields every kind's module takes from the config."""
     import jax.numpy as jnp

@@ -23,10 +23,14 @@ BANDWIDTH_MODES = ("absolute", "relative")
 # speed", 2026-12-02): on XLA:CPU, from 4K latents with at most 1/8 of the latents kept per row.
 # At 4K, batch 1,024, the sparse step was 2.18× the dense one at L0 20 (160 slots per row, 1/26
 # of the latents), 1.26× at L0 50 (400, 1/10) and 0.91× at L0 100 (800, 1/5); at 16K, batch
-# 4,096, 2.11× at L0 200 (1,600, 1/10) and ~3× at L0 50. Narrower SAEs were not measured. Other
-# backends stay dense until measured there.
+# 4,096, 2.11× at L0 200 (1,600, 1/10) and ~3× at L0 50. Narrower SAEs were not measured.
 _AUTO_MIN_WIDTH = 4096
 _AUTO_MAX_KEPT_SHARE = 1 / 8
+# On an NVIDIA H200 (benchmarks/step_accelerator.sh, 2026-12-04; batch 4,096, L0 50) the sparse
+# step lost at the default precision, where the dense step's products run in TF32: 0.44× the dense
+# step's speed at 16K, 0.82× at 64K, 1.01× at 131K (bfloat16: 0.40×, 1.01×). With float32 products
+# (sae.matmul_precision=highest) it won: 1.21× at 16K, 2.32× at 131K. TPUs are not measured.
+_AUTO_MIN_WIDTH_GPU = 16384
 
 
 def sparse_plan(s) -> tuple[int, str]:
@@ -56,10 +60,18 @@ def sparse_plan(s) -> tuple[int, str]:
     if not capacity:
         return 0, "auto: dense (no sae.target_l0 or sae.sparse_capacity to size the sparse step)"
     backend = jax.default_backend()
-    if backend != "cpu":
+    if backend == "gpu":
+        precision = s.get("matmul_precision", "default")
+        if s.get("compute_dtype", "float32") != "float32" or precision != "highest":
+            why = "sae.compute_dtype=float32 with sae.matmul_precision=highest"
+            return 0, f"auto: dense (on gpu the sparse step was measured faster only with {why})"
+        min_width = _AUTO_MIN_WIDTH_GPU
+    elif backend == "cpu":
+        min_width = _AUTO_MIN_WIDTH
+    else:
         return 0, f"auto: dense (the sparse step is not yet measured on {backend})"
-    if s.width < _AUTO_MIN_WIDTH:
-        return 0, f"auto: dense (width {s.width} < {_AUTO_MIN_WIDTH}, where the sparse step was not measured faster)"
+    if s.width < min_width:
+        return 0, f"auto: dense (width {s.width} < {min_width}, where the sparse step was not measured faster)"
     if capacity > _AUTO_MAX_KEPT_SHARE * s.width:
         return 0, f"auto: dense (capacity {capacity} > width/{round(1 / _AUTO_MAX_KEPT_SHARE)})"
     return capacity, f"auto: sparse, {capacity} entries per row{phase}"

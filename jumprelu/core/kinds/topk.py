@@ -138,8 +138,9 @@ def make_loss(aux: AuxKConfig):
 
 # `auto` takes the sparse decoder where it was measured faster (benchmarks/step.py --kind, README
 # "Step speed"): on XLA:CPU at 16K latents, batch 4,096, k 50 it took TopK's step from 3.23 to
-# 2.64 s and BatchTopK's from 4.36 to 3.64 s (d_model 576), with twice the peak temporaries. Other
-# backends keep the dense decoder until measured. Its gathered rows are [B, k, d_model] where the
+# 2.64 s and BatchTopK's from 4.36 to 3.64 s (d_model 576), with twice the peak temporaries. On an
+# NVIDIA H200 (2026-12-04) TopK's was 1.05× at that shape (11.8 → 11.3 ms), within the run's noise, so
+# other backends keep the dense decoder. Its gathered rows are [B, k, d_model] where the
 # dense decoder's arrays are [B, width], so auto also stays dense beyond the measured k·d_model of
 # 1.76 × width (50 · 576 / 16,384). At 4K latents, batch 1,024 it was 1.04–1.11× at k 20 (with 2.4×
 # the temporaries) and 0.72× / 0.51× at k 50 / 100, so the threshold stays at 16K.
@@ -156,7 +157,8 @@ def decoder_plan(s, d_model: int) -> tuple[bool, str]:
         return mode == "on", f"sae.sparse={mode}"
     backend = jax.default_backend()
     if backend != "cpu":
-        return False, f"auto: dense decoder (the sparse decoder is not yet measured on {backend})"
+        measured = "measured no faster on gpu" if backend == "gpu" else f"not yet measured on {backend}"
+        return False, f"auto: dense decoder (the sparse decoder is {measured})"
     if s.width < _AUTO_MIN_WIDTH:
         return False, f"auto: dense decoder (width {s.width} < {_AUTO_MIN_WIDTH}, where it was not measured faster)"
     if s.k * d_model > _AUTO_MAX_GATHER_RATIO * s.width:
