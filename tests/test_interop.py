@@ -551,6 +551,12 @@ def test_a_run_on_a_relative_store_keeps_its_provenance_from_anywhere(tmp_path, 
     assert saelens.export(sae, "sl")["metadata"]["hook_name"] == "blocks.12.hook_resid_post"
     _, evaluated, _ = evaluate_workdir(run)
     assert evaluated["stored"]["tokens"] == 512
+    from jumprelu.errors import WorkdirError
+    from jumprelu.train import lock
+
+    with lock.hold(os.path.join(run, "refit")):  # another refit of this run under way: this one stops at once
+        with pytest.raises(WorkdirError, match=r"refit is in use by another run: pid \d+"):
+            refit_workdir(run, None, 512, 0.01)
     params = refit_workdir(run, None, 512, 0.01)["params"]
     refit = jumprelu.load(params)
     assert (refit.step, refit.scale) == (sae.step, sae.scale)

@@ -18,6 +18,27 @@ CHUNK_ROWS = 4096
 
 def refit_workdir(workdir: str, member: int | None, rows: int, ridge: float) -> dict:
     """Fits, evaluates and writes the refit SAE of a training workdir; returns the report."""
+    from jumprelu import fs
+    from jumprelu.errors import UserError
+    from jumprelu.export.load import load, require_workdir, resolve
+    from jumprelu.train import lock
+    from jumprelu.train.checkpoint import member_dir
+
+    if rows <= 0:
+        raise UserError(f"--rows must be > 0, found {rows}")
+    workdir, member = resolve(workdir, member)  # a stacked member's WORKDIR/sae-i: the run's data, not its own
+    sae = load(workdir, member=member)
+    require_workdir(sae, workdir, "jumprelu refit")
+    if sae.k is not None:
+        raise UserError(f"{workdir}: a TopK SAE (k={sae.k}) has no JumpReLU form to refit (BatchTopK, ReLU, Gated do)")
+    out_dir = fs.join(workdir if member is None else member_dir(workdir, member), "refit")
+    # One refit of a run at a time: two would interleave their three files. Taken before the long work,
+    # on RUN/refit only, so a refit of a checkpoint can run while training goes on.
+    with lock.hold(out_dir):
+        return _refit(sae, workdir, out_dir, rows, ridge)
+
+
+def _refit(sae, workdir: str, out_dir: str, rows: int, ridge: float) -> dict:
     import ml_collections
 
     from jumprelu import data as data_lib
@@ -27,17 +48,8 @@ def refit_workdir(workdir: str, member: int | None, rows: int, ridge: float) -> 
     from jumprelu.errors import UserError
     from jumprelu.evaluate.metrics import evaluate_rows
     from jumprelu.export import gemma_scope
-    from jumprelu.export.load import load, require_workdir, resolve
-    from jumprelu.train.checkpoint import member_dir
     from jumprelu.train.refit import refit_decoder
 
-    if rows <= 0:
-        raise UserError(f"--rows must be > 0, found {rows}")
-    workdir, member = resolve(workdir, member)  # a stacked member's WORKDIR/sae-i: the run's data, not its own
-    sae = load(workdir, member=member)
-    require_workdir(sae, workdir, "jumprelu refit")
-    if sae.k is not None:
-        raise UserError(f"{workdir}: a TopK SAE (k={sae.k}) has no JumpReLU form to refit (BatchTopK, ReLU, Gated do)")
     cfg = ml_collections.ConfigDict(sae.config)
     cfg.data.source = data_lib.recorded_source(sae.config)  # a relative path, from another directory
     if cfg.data.source == data_lib.LM_SOURCE:
@@ -56,8 +68,6 @@ def refit_workdir(workdir: str, member: int | None, rows: int, ridge: float) -> 
     for name, s in (("before", sae), ("after", refit)) if len(held_out) else ():
         m = evaluate_rows(s.params(), held_out)
         metrics[name] = {k: m[k] for k in ("l0", "fvu", "mse", "dead_fraction", "dense_fraction") if k in m}
-    out_dir = fs.join(workdir if member is None else member_dir(workdir, member), "refit")
-    fs.makedirs(out_dir)
     # Three files, each written atomically: an earlier refit's provenance and report go first, so a
     # kill between them never leaves this fit's params.npz beside another step's run file or report
     # (refit.json, written last, marks a complete refit).
