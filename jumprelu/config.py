@@ -161,7 +161,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     ownership.check_own_fields(s)
     # every kind reads sae.sparse (those without a sparse path as off): a typo is not silently dense
     _check(s.get("sparse", "auto") in kinds.SPARSE_MODES, "sae.sparse", f"one of {kinds.SPARSE_MODES}", s.get("sparse"))
-    if s.get("sparse") == "on" and s.kind not in ("jumprelu", "topk", "batchtopk"):
+    if s.get("sparse") == "on" and s.kind not in ("jumprelu", *ownership.TOPK_KINDS):  # the kinds with a sparse path
         _check(False, "sae.sparse", f"'auto' or 'off' (sae.kind {s.kind!r} has no sparse path)", "on")
     kinds.spec(s.kind).validate(s, _check)
     _check(isinstance(s.width, int) and s.width > 0, "sae.width", "a positive integer", s.width)
