@@ -157,6 +157,9 @@ def config_sha(trainer: str, target: int, args, store: str) -> str:
         cfg = {"peer": peer_arguments(trainer, target, args)}
     else:
         cfg = our_config(trainer.removesuffix("_refit"), target, args, store).to_dict()
+        # a field added with a default that changes nothing keeps earlier runs' hashes (and rows)
+        if cfg["sae"].get("matmul_precision") == "default":
+            del cfg["sae"]["matmul_precision"]
     if trainer.endswith("_refit"):
         cfg["refit"] = [args.refit_rows, args.refit_ridge]
     return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]

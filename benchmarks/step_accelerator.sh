@@ -3,7 +3,8 @@
 # 16K, 64K and 131K latents (batch 4,096, target L0 50) in float32 at the backend's default precision
 # (TF32 products on NVIDIA GPUs) and at "highest" (float32 products), in bfloat16, and TopK's sparse
 # decoder, one JSON line per run of benchmarks/step.py appended to OUT. Unchanged on GPU, TPU or CPU
-# (CPU takes hours at 131K); each line names the device and its MFU where the chip's peak is known.
+# (on CPU the 64K and 131K runs outlast the default STEP_TIMEOUT: raise it to hours); each line names
+# the device and its MFU where the chip's peak is known.
 #
 #   bash benchmarks/step_accelerator.sh ../shared/data/smollm2_135m_l15_resid_dev.npy step_gpu.jsonl
 #

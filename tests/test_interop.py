@@ -555,7 +555,8 @@ def test_a_run_on_a_relative_store_keeps_its_provenance_from_anywhere(tmp_path, 
     from jumprelu.train import lock
 
     with lock.hold(os.path.join(run, "refit")):  # another refit of this run under way: this one stops at once
-        with pytest.raises(WorkdirError, match=r"refit is in use by another run: pid \d+"):
+        busy = r"refit is in use by another run: pid \d+ .*; wait for that refit to finish$"
+        with pytest.raises(WorkdirError, match=busy):
             refit_workdir(run, None, 512, 0.01)
     params = refit_workdir(run, None, 512, 0.01)["params"]
     refit = jumprelu.load(params)

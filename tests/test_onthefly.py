@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -149,6 +150,29 @@ def test_rows_are_the_harvests_rows_and_c_is_from_the_first_training_rows(world,
             n - 100 :
         ]  # the texts again, held-out rows again left out
         np.testing.assert_array_equal(second_pass, first)
+    finally:
+        rows.close()
+
+
+def test_the_lm_keeps_its_precision_on_every_thread_whatever_the_sae_s(world):
+    """A run traces its SAE at sae.matmul_precision (thread-local, jumprelu.train.loop); the model's
+    rows, computed on the main thread (C, held-out rows) and the shuffle worker (training rows) alike,
+    keep the precision in force where the rows were opened."""
+    from jumprelu.harvest import onthefly
+
+    rows = onthefly.open_rows(_cfg(world, eval_rows=100, scale_rows=500, shuffle_buffer_rows=1000).data)
+    try:
+        seen, run = [], rows.producer._run
+
+        def recording(*args):
+            seen.append(jax.config.jax_default_matmul_precision)
+            return run(*args)
+
+        rows.producer._run = recording
+        with jax.default_matmul_precision("highest"):  # as the training loop holds it
+            rows.eval_set()
+            rows.read(0, 1000)
+        assert len(seen) > 2 and set(seen) == {None}, seen
     finally:
         rows.close()
 

@@ -388,7 +388,11 @@ def test_auto_on_gpu_is_sparse_only_where_it_was_measured_faster(tiny_config, mo
     assert jumprelu_kind.sparse_plan(s) == (400, "auto: sparse, 400 entries per row")
     s.update(compute_dtype="bfloat16")
     assert jumprelu_kind.sparse_plan(s)[0] == 0
-    s.update(compute_dtype="float32", width=8192)
+    s.update(matmul_precision="high", compute_dtype="float32")  # JAX's high is TF32 on GPU
+    assert jumprelu_kind.sparse_plan(s)[0] == 0
+    s.update(matmul_precision="highest", target_l0=100.0)  # 800 kept of 16K: more than was measured there
+    assert jumprelu_kind.sparse_plan(s) == (0, "auto: dense (capacity 800 > width/32)")
+    s.update(target_l0=50.0, width=8192)
     assert jumprelu_kind.sparse_plan(s) == (
         0,
         "auto: dense (width 8192 < 16384, where the sparse step was not measured faster)",

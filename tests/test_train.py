@@ -247,12 +247,12 @@ def test_the_run_is_traced_at_its_matmul_precision(tmp_path, tiny_config, monkey
     """sae.matmul_precision holds while the run builds and traces its programs, and only then."""
     from jumprelu.train import loop
 
-    seen = []
+    seen, outside = [], jax.config.jax_default_matmul_precision  # JAX_DEFAULT_MATMUL_PRECISION, if set
     monkeypatch.setattr(loop, "_train_on", lambda *args: seen.append(jax.config.jax_default_matmul_precision) or {})
     tiny_config.sae.matmul_precision = precision
     train(tiny_config, str(tmp_path / "run"))
-    assert seen == [None if precision == "default" else precision]
-    assert jax.config.jax_default_matmul_precision is None
+    assert seen == [outside if precision == "default" else precision]
+    assert jax.config.jax_default_matmul_precision == outside
 
 
 def test_an_unknown_matmul_precision_is_named(tmp_path, tiny_config):

@@ -4,7 +4,7 @@ A least-squares decoder for a trained SAE's own codes (`jumprelu/train/refit.py`
 last N rows of the run's training stream: rows training already read, so no new data. The
 encoder, and so every code, L0 and firing frequency, is unchanged. Writes RUN/refit/params.npz
 (Gemma Scope layout: `jumprelu.load` and the exporters read it) and RUN/refit/refit.json with the
-held-out metrics before and after.
+held-out metrics before and after. One refit of a run at a time (RUN/refit/lock.json).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def refit_workdir(workdir: str, member: int | None, rows: int, ridge: float) -> 
     out_dir = fs.join(workdir if member is None else member_dir(workdir, member), "refit")
     # One refit of a run at a time: two would interleave their three files. Taken before the long work,
     # on RUN/refit only, so a refit of a checkpoint can run while training goes on.
-    with lock.hold(out_dir):
+    with lock.hold(out_dir, advice="wait for that refit to finish"):
         return _refit(sae, workdir, out_dir, rows, ridge)
 
 

@@ -36,6 +36,7 @@ class LMRows:
     """The row producer (`data.shuffle.RowProducer`): chunk g = the training rows of LM batch g."""
 
     def __init__(self, data_cfg):
+        import jax
         import jax.numpy as jnp
 
         from jumprelu.harvest import gemma_model
@@ -59,6 +60,12 @@ class LMRows:
         self._cfg, self._text = cfg, text_lib
         self._run = gemma_model.site_fn(self.lm.model, self.site)
         self._jnp = jnp
+        # The model's products keep the precision in force where the rows are opened, on every thread:
+        # the run traces its SAE at sae.matmul_precision (a thread-local setting) while the shuffle
+        # worker computes training rows on its own thread, and the held-out rows and C must come from
+        # the same forward pass as the training rows (and one compiled program, not two).
+        self._precision = jax.config.jax_default_matmul_precision
+        self._precision_scope = jax.default_matmul_precision
         self.tokens_computed = 0  # tokens through the LM (benchmarks read it)
 
     def _batches(self):
@@ -83,7 +90,8 @@ class LMRows:
 
     def _forward(self, tokens: np.ndarray) -> np.ndarray:
         self.tokens_computed += int(tokens.size)
-        return np.asarray(self._run(self.lm.params, self._jnp.asarray(tokens)))
+        with self._precision_scope(self._precision):
+            return np.asarray(self._run(self.lm.params, self._jnp.asarray(tokens)))
 
     def chunks(self, start: int):
         for _, g, tokens, train, _ in self._batches():

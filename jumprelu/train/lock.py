@@ -3,7 +3,7 @@
 Two runs on one workdir overwrite each other's checkpoints and metrics, and the first one
 reports weights the second one wrote. So `train` takes this lock first (which also finds a
 workdir that is a file or not writable, before any long work) and a second run fails at
-once, naming the holder's pid and host.
+once, naming the holder's pid and host. `jumprelu refit` holds the same kind of lock on RUN/refit.
 
 Local (and NFS) workdirs: an exclusive `flock` on lock.json, which the kernel releases
 when the holder dies however it dies, so a lock left by a dead process is taken over
@@ -44,6 +44,7 @@ LOCK_FILE = "lock.json"
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0
 SETTLE_S = 2.0
+TRAIN_ADVICE = "wait for it to finish or use another --workdir"
 
 
 def _holder(info: dict | None) -> str:
@@ -63,8 +64,9 @@ def _prepare(workdir: str) -> None:
 
 
 class WorkdirLock:
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, advice: str = TRAIN_ADVICE):
         self.workdir = workdir
+        self.advice = advice  # what the refused one should do, ending its error
         self.path = fs.join(workdir, LOCK_FILE)
         self.info = {
             "pid": os.getpid(),
@@ -91,8 +93,7 @@ class WorkdirLock:
                 holder = self._read_fd(fd, wait=True)
                 os.close(fd)
                 raise WorkdirError(
-                    f"workdir {self.workdir} is in use by another run: {_holder(holder)}; "
-                    "wait for it to finish or use another --workdir"
+                    f"workdir {self.workdir} is in use by another run: {_holder(holder)}; {self.advice}"
                 ) from None
             except OSError:
                 os.close(fd)
@@ -147,8 +148,7 @@ class WorkdirLock:
         if holder and age < STALE_AFTER_S:
             raise WorkdirError(
                 f"workdir {self.workdir} is in use by another run: {_holder(holder)}, last heartbeat {age:.0f} s "
-                f"ago (a lock silent for {STALE_AFTER_S:.0f} s is taken over); wait for it to finish or use another "
-                "--workdir"
+                f"ago (a lock silent for {STALE_AFTER_S:.0f} s is taken over); {self.advice}"
             )
         if holder:
             log.warning(
@@ -166,7 +166,7 @@ class WorkdirLock:
         if not now or now.get("token") != self.info["token"]:
             raise WorkdirError(
                 f"workdir {self.workdir} is in use by another run that started at the same moment: "
-                f"{_holder(now)}; use another --workdir"
+                f"{_holder(now)}; {self.advice}"
             )
         self._beat = threading.Thread(target=self._heartbeat, name="jumprelu-lock-heartbeat", daemon=True)
         self._beat.start()
@@ -213,9 +213,10 @@ class WorkdirLock:
 
 
 @contextlib.contextmanager
-def hold(workdir: str):
-    """Holds the workdir's lock for the block; process 0 takes it and every process raises if it could not."""
-    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+def hold(workdir: str, advice: str = TRAIN_ADVICE):
+    """Holds the workdir's lock for the block; process 0 takes it and every process raises if it could not.
+    advice: what a refused caller should do (ends its error)."""
+    lock = WorkdirLock(workdir, advice) if jax.process_index() == 0 else None
     error = None
     if lock is not None:
         try:

@@ -29,8 +29,10 @@ _AUTO_MAX_KEPT_SHARE = 1 / 8
 # On an NVIDIA H200 (benchmarks/step_accelerator.sh, 2026-12-04; batch 4,096, L0 50) the sparse
 # step lost at the default precision, where the dense step's products run in TF32: 0.44× the dense
 # step's speed at 16K, 0.82× at 64K, 1.01× at 131K (bfloat16: 0.40×, 1.01×). With float32 products
-# (sae.matmul_precision=highest) it won: 1.21× at 16K, 2.32× at 131K. TPUs are not measured.
+# (sae.matmul_precision=highest) it won: 1.21× at 16K, 2.32× at 131K, keeping 1/41 and 1/64 of the
+# latents per row; more kept entries were not measured there. TPUs are not measured.
 _AUTO_MIN_WIDTH_GPU = 16384
+_AUTO_MAX_KEPT_SHARE_GPU = 1 / 32
 
 
 def sparse_plan(s) -> tuple[int, str]:
@@ -65,15 +67,15 @@ def sparse_plan(s) -> tuple[int, str]:
         if s.get("compute_dtype", "float32") != "float32" or precision != "highest":
             why = "sae.compute_dtype=float32 with sae.matmul_precision=highest"
             return 0, f"auto: dense (on gpu the sparse step was measured faster only with {why})"
-        min_width = _AUTO_MIN_WIDTH_GPU
+        min_width, max_share = _AUTO_MIN_WIDTH_GPU, _AUTO_MAX_KEPT_SHARE_GPU
     elif backend == "cpu":
-        min_width = _AUTO_MIN_WIDTH
+        min_width, max_share = _AUTO_MIN_WIDTH, _AUTO_MAX_KEPT_SHARE
     else:
         return 0, f"auto: dense (the sparse step is not yet measured on {backend})"
     if s.width < min_width:
         return 0, f"auto: dense (width {s.width} < {min_width}, where the sparse step was not measured faster)"
-    if capacity > _AUTO_MAX_KEPT_SHARE * s.width:
-        return 0, f"auto: dense (capacity {capacity} > width/{round(1 / _AUTO_MAX_KEPT_SHARE)})"
+    if capacity > max_share * s.width:
+        return 0, f"auto: dense (capacity {capacity} > width/{round(1 / max_share)})"
     return capacity, f"auto: sparse, {capacity} entries per row{phase}"
 
 

@@ -157,8 +157,8 @@ def decoder_plan(s, d_model: int) -> tuple[bool, str]:
         return mode == "on", f"sae.sparse={mode}"
     backend = jax.default_backend()
     if backend != "cpu":
-        measured = "measured no faster on gpu" if backend == "gpu" else f"not yet measured on {backend}"
-        return False, f"auto: dense decoder (the sparse decoder is {measured})"
+        measured = "TopK's measured no faster on gpu" if backend == "gpu" else f"not yet measured on {backend}"
+        return False, f"auto: dense decoder (the sparse decoder: {measured})"
     if s.width < _AUTO_MIN_WIDTH:
         return False, f"auto: dense decoder (width {s.width} < {_AUTO_MIN_WIDTH}, where it was not measured faster)"
     if s.k * d_model > _AUTO_MAX_GATHER_RATIO * s.width:
