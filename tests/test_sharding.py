@@ -130,6 +130,11 @@ def test_planner_reports_memory_flops_and_collectives(mesh_config):
     assert 10 * B * d * M <= r["flops_per_step"] < 20 * B * d * M  # five [B,d,M] products + elementwise
     assert any(c["kind"] == "all-reduce" and c["shapes"] == [f"f32[{B}, {d}]"] for c in r["collectives"])
     assert r["step_ms_estimate"] > 0 and 0 < r["hfu_estimate"] <= 1
+    # float32 products at sae.matmul_precision=highest take six bf16 passes on a TPU
+    mesh_config.sae.matmul_precision = "highest"
+    r6 = plan(mesh_config, topo)
+    assert (r["matmul_passes"], r6["matmul_passes"]) == (1, 6)
+    assert r6["compute_ms"] == pytest.approx(6 * r["compute_ms"], rel=0.01)
 
 
 def test_planner_counts_the_mesh_devices_and_the_stacked_saes(mesh_config):

@@ -6,7 +6,8 @@
 Nothing executes: the step is lowered and compiled ahead of time for the slice's device
 count, then the compiled program's memory analysis (per device), FLOP count and
 collectives are read back. The step time is a roofline estimate: the FLOPs of one
-device at the chip's peak (divided by --matmul-efficiency) plus the ring-algorithm time
+device at the chip's peak (divided by --matmul-efficiency; times the bf16 passes of each float32
+product at sae.matmul_precision: 3 for high, 6 for highest) plus the ring-algorithm time
 of every collective at the chip's ICI bandwidth, without overlap. MFU is the
 Gemma Scope convention, 12·B·d·M FLOPs per step (per stacked SAE) over (chips × peak × step time);
 HFU counts the FLOPs the compiled program performs (about 10·B·d·M).
@@ -30,6 +31,11 @@ CHIPS = {
     "v5litepod": (1.0, 16, 197, 1600),
     "v6e": (1.0, 32, 918, 3584),
 }
+
+
+# bf16 passes a TPU makes per float32 product at each sae.matmul_precision (JAX's Precision: DEFAULT
+# one pass, HIGH three, HIGHEST six); bfloat16 products take one pass at any precision.
+TPU_F32_PASSES = {"default": 1, "high": 3, "highest": 6}
 
 
 def parse_topology(name: str) -> dict:
@@ -102,8 +108,12 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
         comm_s = sum(hlo_stats.ring_bytes_per_device(c) for c in colls) / (topo["ici_gbps"] * 1e9 / 8)
     if topo.get("hbm_gib"):
         out["fits_hbm"] = per_device <= topo["hbm_gib"] * 2**30
+    passes = 1
+    if cfg.sae.get("compute_dtype", "float32") == "float32":
+        passes = TPU_F32_PASSES[cfg.sae.get("matmul_precision", "default")]
+    out["matmul_passes"] = passes
     if topo.get("peak_tflops"):
-        compute_s = flops_device / (topo["peak_tflops"] * 1e12 * matmul_efficiency)
+        compute_s = passes * flops_device / (topo["peak_tflops"] * 1e12 * matmul_efficiency)
         step_s = compute_s + comm_s
         out.update(
             compute_ms=1e3 * compute_s,
@@ -140,7 +150,9 @@ def summary(r: dict) -> str:
         lines.append("  no collectives")
     if "step_ms_estimate" in r:
         lines.append(
-            f"  step ≈ {r['step_ms_estimate']:.1f} ms (compute {r['compute_ms']:.1f} + collectives "
+            f"  step ≈ {r['step_ms_estimate']:.1f} ms (compute {r['compute_ms']:.1f}"
+            + (f" at {r['matmul_passes']} bf16 passes per float32 product" if r.get("matmul_passes", 1) > 1 else "")
+            + f" + collectives "
             f"{r['collective_ms']:.1f}), MFU(12BdM) ≈ {100 * r['mfu_estimate']:.0f}%, "
             f"HFU ≈ {100 * r['hfu_estimate']:.0f}%, input {r['input_gb_per_s']:.2f} GB/s"
         )
