@@ -21,15 +21,13 @@ then only marks the part complete; once every part is, one process calls `commit
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
-import math
 import os
 
 import numpy as np
 
 from jumprelu.errors import DataError
-from jumprelu.store import checksum, commit, metadata
+from jumprelu.store import checksum, commit, progress
 from jumprelu.store import format as fmt
 from jumprelu.store.lock import WriterLock, layout_lock
 
@@ -106,110 +104,16 @@ class StoreWriter:
             if os.path.exists(os.path.join(path, fmt.METADATA)):  # another writer finished while we waited
                 raise DataError(f"store {path} is already complete ({fmt.METADATA} exists); write to a new directory")
             with fmt.writing(path, "the directory"), layout_lock(path):
-                self._resume_or_start()
+                self._shards, self._complete = progress.resume(
+                    path, self.header, part, parts, self.block_rows, self.shard_rows
+                )
+                self._record_progress()
         except BaseException:
             self._lock.release()
             raise
 
-    # -- resume ---------------------------------------------------------------------------------
-    def _own_shards_glob(self, prefix: str = "") -> str:
-        """Only this writer's files: a one-process write's shard-NNNNN, or part k's shard-pKKK-NNNNN."""
-        pattern = "shard-[0-9]*" if self.part is None else f"shard-p{self.part:03d}-*"
-        return os.path.join(self.path, prefix + pattern)
-
-    def _resume_or_start(self) -> None:
-        progress = os.path.join(self.path, fmt.writing_name(self.part))
-        other = (
-            glob.glob(os.path.join(self.path, fmt.PART_WRITING_GLOB))
-            if self.part is None
-            else glob.glob(os.path.join(self.path, fmt.WRITING))
-        )
-        if other:
-            kind = "a multi-process" if self.part is None else "a one-process"
-            raise DataError(
-                f"store {self.path}: {kind} write is in progress here ({os.path.basename(other[0])}); "
-                "resume it with the same number of processes or write to a new directory"
-            )
-        if os.path.exists(progress):
-            try:
-                with open(progress) as f:
-                    saved = json.load(f)
-                if not (isinstance(saved, dict) and isinstance(saved.get("header"), dict)):
-                    raise ValueError("not the object a writer records")
-                if not isinstance(saved.get("shards"), list):
-                    raise ValueError("no list of shards")
-            except ValueError as e:
-                raise self._damaged(progress, str(e)) from None
-            if saved.get("parts") != self.parts:
-                raise DataError(
-                    f"store {self.path}: an interrupted write by {saved.get('parts') or 1} processes is in progress, "
-                    f"this run has {self.parts or 1}; resume with the same number of processes "
-                    "(each process's share of the texts depends on it) or write to a new directory"
-                )
-            for field, value in self.header.items():
-                if saved["header"].get(field) != value:
-                    raise DataError(
-                        f"store {self.path}: an interrupted write with {field}={saved['header'].get(field)!r} "
-                        f"is in progress, this writer has {field}={value!r}; resume with the same settings "
-                        "or write to a new directory"
-                    )
-            for i, shard in enumerate(saved["shards"]):  # hand-edited or from another program
-                self._check_recorded_shard(i, shard, progress)
-            self._shards = saved["shards"]
-            self._complete = bool(saved.get("complete", False))
-            for s in self._shards:  # committed by a jumprelu that kept no checksums: take them now
-                if "crc32" not in s:
-                    try:
-                        rows = np.load(os.path.join(self.path, s["file"]), mmap_mode="r")
-                    except (OSError, ValueError) as e:
-                        raise DataError(
-                            f"store {self.path}: {s['file']}, recorded as written in "
-                            f"{os.path.basename(progress)}, cannot be read ({e}); write to a new directory"
-                        ) from None
-                    s["crc32"] = checksum.block_checksums(rows, self.block_rows)
-        elif glob.glob(
-            self._own_shards_glob() + ".npy" if self.part is not None else os.path.join(self.path, "shard-*.npy")
-        ):
-            raise DataError(
-                f"store {self.path}: holds shard files but no {fmt.writing_name(self.part)}; "
-                "not a store this writer made"
-            )
-        # Anything beyond the recorded shards is a leftover of the crash: it will be written again.
-        # (Only this writer's own files: the other parts of the store belong to other processes.)
-        recorded = {s["file"] for s in self._shards}
-        for stray in glob.glob(self._own_shards_glob() + ".npy") + glob.glob(self._own_shards_glob(".")):
-            if os.path.basename(stray) not in recorded:
-                os.remove(stray)
-        self._record_progress()
-
-    def _check_recorded_shard(self, i: int, shard, progress: str) -> None:
-        """The one-line 'damaged' error naming the first wrong field of the i-th shard record."""
-        # a record without crc32 is from a jumprelu that kept no checksums (taken on resume)
-        block_rows = self.block_rows if isinstance(shard, dict) and "crc32" in shard else None
-        problem = metadata.shard_entry_problem(shard, block_rows, max_rows=self.shard_rows)
-        if problem is None:  # what only a progress record holds: its place in the order, the norm sum
-            name, sq = fmt.shard_name(i, self.part), shard.get("sum_sq_norm")
-            if shard["file"] != name:
-                problem = ".file", repr(name), shard["file"]
-            elif not (isinstance(sq, (int, float)) and not isinstance(sq, bool) and math.isfinite(sq) and sq >= 0):
-                problem = ".sum_sq_norm", "a finite number >= 0", sq
-        if problem:
-            field, expected, found = problem
-            raise self._damaged(progress, f"shards[{i}]{field} must be {expected}, found {found!r}")
-
-    def _damaged(self, progress: str, detail: str) -> DataError:
-        return DataError(
-            f"store {self.path}: {os.path.basename(progress)} (the interrupted write's record) is damaged "
-            f"({detail}); write to a new directory"
-        )
-
     def _record_progress(self) -> None:
-        name = fmt.writing_name(self.part)
-        state = {"header": self.header, "shards": self._shards}
-        if self.part is not None:
-            state.update(part=self.part, parts=self.parts, complete=self._complete)
-        with fmt.writing(self.path, name):
-            fmt.write_json_atomically(os.path.join(self.path, name), state)
+        progress.record(self.path, self.header, self._shards, self.part, self.parts, self._complete)
 
     @property
     def rows_written(self) -> int:
