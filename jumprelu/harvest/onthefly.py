@@ -36,7 +36,6 @@ class LMRows:
     """The row producer (`data.shuffle.RowProducer`): chunk g = the training rows of LM batch g."""
 
     def __init__(self, data_cfg):
-        import jax
         import jax.numpy as jnp
 
         from jumprelu.harvest import gemma_model
@@ -65,7 +64,6 @@ class LMRows:
         # worker computes training rows on its own thread, and the held-out rows and C must come from
         # the same forward pass as the training rows (and one compiled program, not two).
         self._precision = jax.config.jax_default_matmul_precision
-        self._precision_scope = jax.default_matmul_precision
         self.tokens_computed = 0  # tokens through the LM (benchmarks read it)
 
     def _batches(self):
@@ -90,7 +88,7 @@ class LMRows:
 
     def _forward(self, tokens: np.ndarray) -> np.ndarray:
         self.tokens_computed += int(tokens.size)
-        with self._precision_scope(self._precision):
+        with jax.default_matmul_precision(self._precision):
             return np.asarray(self._run(self.lm.params, self._jnp.asarray(tokens)))
 
     def chunks(self, start: int):
