@@ -152,6 +152,24 @@ def test_planner_counts_the_mesh_devices_and_the_stacked_saes(mesh_config):
     assert "idle" not in summary(r)
 
 
+def test_planner_compiles_a_tpu_slice_step_as_a_tpu_runs_it(mesh_config):
+    """At 4,096 latents and L0 8, `sae.sparse=auto` takes the sparse step on this CPU and the dense one
+    on a TPU (not measured there): a TPU slice's plan must show the dense step's work, a bare device
+    count this machine's, and planning must leave the running process's choices alone."""
+    from jumprelu.core import backend
+    from jumprelu.launch.plan import summary
+
+    mesh_config.sae.update(width=4096, target_l0=8.0, sparse="auto")
+    B, d, M = mesh_config.train.batch_size, 32, 4096
+    tpu = plan(_set_mesh(mesh_config, (1, 1)), parse_topology("v5p-2"))
+    host = plan(mesh_config, parse_topology("1"))
+    assert tpu["step_path"] == "auto: dense (the sparse step is not yet measured on tpu)"
+    assert "step compiled for tpu: auto: dense" in summary(tpu)
+    assert 10 * B * d * M <= tpu["flops_per_step"] < 20 * B * d * M
+    assert host["step_path"].startswith("auto: sparse") and host["flops_per_step"] != tpu["flops_per_step"]
+    assert backend.target() == jax.default_backend() == "cpu"
+
+
 def test_planner_reads_d_model_from_a_store_source(tmp_path, mesh_config):
     w = StoreWriter(str(tmp_path / "s"), d_model=24)
     w.append(np.ones((16, 24), np.float32))

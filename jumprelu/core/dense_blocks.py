@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jumprelu.core import ops
+from jumprelu.core import backend, ops
 
 _BLOCK_ROWS = 256  # rows per block of z on XLA:CPU: every [rows, M] temporary stays small
 
@@ -16,7 +16,7 @@ _BLOCK_ROWS = 256  # rows per block of z on XLA:CPU: every [rows, M] temporary s
 def row_blocks(rows: int) -> int:
     """How many row blocks the CPU path uses (1 on other backends and on multi-device meshes)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if (not mesh.empty and mesh.size > 1) or jax.default_backend() != "cpu":
+    if (not mesh.empty and mesh.size > 1) or backend.target() != "cpu":
         return 1
     if rows >= 2 * _BLOCK_ROWS and rows % _BLOCK_ROWS == 0:
         return rows // _BLOCK_ROWS

@@ -30,6 +30,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jumprelu.core import backend
+
 __all__ = ["jumprelu", "heaviside", "jumprelu_l0", "jumprelu_l0_ste_z", "fired_per_latent", "rectangle"]
 
 
@@ -57,7 +59,7 @@ def _num_blocks(z: jax.Array, threshold: jax.Array) -> int:
     if not mesh.empty and mesh.size > 1:
         return 1
     rows = math.prod(z.shape[:-1])
-    if jax.default_backend() == "cpu" and threshold.ndim <= 1 and rows >= 2 * _BLOCK_ROWS and rows % _BLOCK_ROWS == 0:
+    if backend.target() == "cpu" and threshold.ndim <= 1 and rows >= 2 * _BLOCK_ROWS and rows % _BLOCK_ROWS == 0:
         return rows // _BLOCK_ROWS
     return 1
 

@@ -12,7 +12,9 @@ of every collective at the chip's ICI bandwidth, without overlap. MFU is the
 Gemma Scope convention, 12·B·d·M FLOPs per step (per stacked SAE) over (chips × peak × step time);
 HFU counts the FLOPs the compiled program performs (about 10·B·d·M).
 The program is compiled by XLA:CPU, whose fusion and temporaries differ from XLA:TPU's:
-treat memory as an estimate with a margin, not a guarantee.
+treat memory as an estimate with a margin, not a guarantee. The step's form is the TPU's for a
+slice name (`jumprelu.core.backend`: `sae.sparse=auto` stays dense there, and z is not cut into
+XLA:CPU's row blocks) and this machine's for a bare device count.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def parse_topology(name: str) -> dict:
     if name.isdigit():
         if int(name) < 1:
             raise ValueError(f"--topology {name!r}: a device count must be at least 1")
-        return {"topology": name, "devices": int(name), "hbm_gib": None, "peak_tflops": None, "ici_gbps": None}
+        return {"topology": name, "devices": int(name), "hbm_gib": None, "peak_tflops": None, "ici_gbps": None,
+                "backend": None}  # fmt: skip
     m = re.fullmatch(r"(v\d[a-z]*|v5litepod)-(\d+)", name)
     if not m or m[1] not in CHIPS:
         raise ValueError(f"--topology {name!r}: expected one of {sorted(CHIPS)} followed by -N, or a device count")
@@ -51,13 +54,15 @@ def parse_topology(name: str) -> dict:
     devices = int(int(m[2]) * per_unit)
     if devices < 1:
         raise ValueError(f"--topology {name!r}: too small a slice")
-    return {"topology": name, "devices": devices, "hbm_gib": hbm, "peak_tflops": peak, "ici_gbps": ici}
+    topo = {"topology": name, "devices": devices, "hbm_gib": hbm, "peak_tflops": peak, "ici_gbps": ici}
+    return {**topo, "backend": "tpu"}
 
 
 def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
     """Compiles the step for topo['devices'] devices (they must exist: fake CPU ones here)."""
     import jax
 
+    from jumprelu.core import backend
     from jumprelu.data import source_d_model
     from jumprelu.launch import hlo_stats
     from jumprelu.train import program, sharding
@@ -67,7 +72,9 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
         raise ValueError(f"need {topo['devices']} devices, have {len(devices)}")
     d_model = source_d_model(cfg.data)
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    prog = program.build(cfg, d_model, mesh)
+    # a TPU slice's step as a TPU runs it: its own sparse/dense choices, not the CPU's compiling it
+    with backend.planning_for(topo.get("backend")):
+        prog = program.build(cfg, d_model, mesh)
     mem = prog.step.memory_analysis()
     per_device = (
         mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
@@ -91,6 +98,7 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
             "temporaries": mem.temp_size_in_bytes / 2**30,
         },
         "mesh_devices": n,
+        "step_path": prog.step_path,
         "flops_per_step": flops_device * n,
         "model_flops_12BdM": 12.0 * B * d_model * M * members,
         "collectives": [
@@ -141,6 +149,7 @@ def summary(r: dict) -> str:
         f"(state {gib['arguments']:.2f}, temporaries {gib['temporaries']:.2f})"
         + (f" of {r['hbm_gib']} GiB HBM -> {'fits' if r['fits_hbm'] else 'DOES NOT FIT'}" if "fits_hbm" in r else ""),
         f"  FLOPs per step: {r['flops_per_step'] / 1e12:.2f} T (12·B·d·M = {r['model_flops_12BdM'] / 1e12:.2f} T)",
+        f"  step compiled{' for ' + r['backend'] if r.get('backend') else ''}: {r['step_path']}",
     ]
     for c in r["collectives"]:
         lines.append(

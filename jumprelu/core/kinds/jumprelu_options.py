@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
 
+from jumprelu.core import backend as backends
 from jumprelu.core import init as init_lib
 from jumprelu.core import sparse, sparsity
 
@@ -61,7 +61,7 @@ def sparse_plan(s) -> tuple[int, str]:
         return 0, f"auto: dense ({', '.join(unsupported)} needs f for every latent)"
     if not capacity:
         return 0, "auto: dense (no sae.target_l0 or sae.sparse_capacity to size the sparse step)"
-    backend = jax.default_backend()
+    backend = backends.target()
     if backend == "gpu":
         precision = s.get("matmul_precision", "default")
         if s.get("compute_dtype", "float32") != "float32" or precision != "highest":

@@ -19,6 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jumprelu.core import backend as backends
 from jumprelu.core import layout, losses
 from jumprelu.core.kinds import Kind, KindSpec, common_module_args, jumprelu_arrays, register
 from jumprelu.core.sae import SAEBase
@@ -155,7 +156,7 @@ def decoder_plan(s, d_model: int) -> tuple[bool, str]:
     mode = s.get("sparse", "auto")
     if mode != "auto":
         return mode == "on", f"sae.sparse={mode}"
-    backend = jax.default_backend()
+    backend = backends.target()
     if backend != "cpu":
         measured = "TopK's measured no faster on gpu" if backend == "gpu" else f"not yet measured on {backend}"
         return False, f"auto: dense decoder (the sparse decoder: {measured})"
