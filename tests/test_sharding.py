@@ -134,7 +134,18 @@ def test_planner_reports_memory_flops_and_collectives(mesh_config):
     mesh_config.sae.matmul_precision = "highest"
     r6 = plan(mesh_config, topo)
     assert (r["matmul_passes"], r6["matmul_passes"]) == (1, 6)
-    assert r6["compute_ms"] == pytest.approx(6 * r["compute_ms"], rel=0.01)
+    # ...the products' FLOPs, read from the program's dots, only: the elementwise rest takes one
+    dots, flops = r["matmul_flops_per_step"], r["flops_per_step"]
+    assert 10 * B * d * M <= dots < 10.1 * B * d * M < flops  # the five [B, d, M] products and mat-vecs
+    assert r6["compute_ms"] == pytest.approx(r["compute_ms"] * (6 * dots + flops - dots) / flops, rel=1e-6)
+
+
+def test_dot_flops_are_two_per_multiply_add_of_every_product():
+    def f(x, w, v):  # [8,4]·[4,16] and a batch of 2 [8,4]·[4,16]: 2·8·16·4 + 2·2·8·16·4 FLOPs
+        return (x @ w).sum() + jax.numpy.einsum("kbd,kdm->kbm", v, jax.numpy.stack([w, w])).sum()
+
+    compiled = jax.jit(f).lower(np.ones((8, 4)), np.ones((4, 16)), np.ones((2, 8, 4))).compile()
+    assert hlo_stats.dot_flops(compiled.as_text()) == 2 * 8 * 16 * 4 * 3
 
 
 def test_planner_counts_the_mesh_devices_and_the_stacked_saes(mesh_config):

@@ -59,3 +59,24 @@ def ring_bytes_per_device(c: Collective) -> float:
         return 0.0
     frac = (n - 1) / n
     return (2 * frac if c.kind == "all-reduce" else frac) * c.bytes
+
+
+_DEFINED = re.compile(r"%(?P<name>[\w.\-]+) = (?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
+_DOT = re.compile(r"= [a-z]+\d*\[(?P<out>[\d,]*)\]\S* dot\(%(?P<lhs>[\w.\-]+), ")
+_LHS_CONTRACTING = re.compile(r"lhs_contracting_dims=\{(?P<dims>[\d,]*)\}")
+
+
+def dot_flops(hlo_text: str) -> float:
+    """FLOPs of the program's matrix products (2 per multiply-add), each dot counted once: those in a
+    loop's body once, not once per trip (the TPU form of the train step has none in loops)."""
+    shapes = {m["name"]: [int(d) for d in m["dims"].split(",") if d] for m in _DEFINED.finditer(hlo_text)}
+    total = 0.0
+    for line in hlo_text.splitlines():
+        m = _DOT.search(line)
+        contracting = _LHS_CONTRACTING.search(line)
+        if not m or not contracting or m["lhs"] not in shapes:
+            continue
+        lhs = shapes[m["lhs"]]
+        k = math.prod(lhs[int(i)] for i in contracting["dims"].split(",") if i)
+        total += 2.0 * math.prod(int(d) for d in m["out"].split(",") if d) * k
+    return total

@@ -6,8 +6,9 @@
 Nothing executes: the step is lowered and compiled ahead of time for the slice's device
 count, then the compiled program's memory analysis (per device), FLOP count and
 collectives are read back. The step time is a roofline estimate: the FLOPs of one
-device at the chip's peak (divided by --matmul-efficiency; times the bf16 passes of each float32
-product at sae.matmul_precision: 3 for high, 6 for highest) plus the ring-algorithm time
+device at the chip's peak (divided by --matmul-efficiency; the matrix products' FLOPs, read from
+the program's dots, times the bf16 passes of each float32 product at sae.matmul_precision: 3 for
+high, 6 for highest) plus the ring-algorithm time
 of every collective at the chip's ICI bandwidth, without overlap. MFU is the
 Gemma Scope convention, 12·B·d·M FLOPs per step (per stacked SAE) over (chips × peak × step time);
 HFU counts the FLOPs the compiled program performs (about 10·B·d·M).
@@ -82,7 +83,10 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
     cost = prog.step.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops_device = float(cost.get("flops", 0.0))
-    colls = hlo_stats.collectives(prog.step.as_text())
+    text = prog.step.as_text()
+    # the products alone take a TPU's extra bf16 passes at high/highest; the elementwise rest does not
+    dot_device = min(hlo_stats.dot_flops(text), flops_device)
+    colls = hlo_stats.collectives(text)
     # the devices the mesh spans: a mesh smaller than the slice leaves the rest idle
     B, M, n = cfg.train.batch_size, cfg.sae.width, mesh.devices.size
     members = max(1, len(cfg.stack.sparsity_coefficients))  # K stacked SAEs: K steps' work in one
@@ -100,6 +104,7 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
         "mesh_devices": n,
         "step_path": prog.step_path,
         "flops_per_step": flops_device * n,
+        "matmul_flops_per_step": dot_device * n,
         "model_flops_12BdM": 12.0 * B * d_model * M * members,
         "collectives": [
             {
@@ -121,7 +126,7 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
         passes = TPU_F32_PASSES[cfg.sae.get("matmul_precision", "default")]
     out["matmul_passes"] = passes
     if topo.get("peak_tflops"):
-        compute_s = passes * flops_device / (topo["peak_tflops"] * 1e12 * matmul_efficiency)
+        compute_s = (passes * dot_device + flops_device - dot_device) / (topo["peak_tflops"] * 1e12 * matmul_efficiency)
         step_s = compute_s + comm_s
         out.update(
             compute_ms=1e3 * compute_s,
