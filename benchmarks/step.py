@@ -53,15 +53,13 @@ def _time(fn, args, repeats: int, warmup: int) -> list[float]:
     return times
 
 
-# --matmul-precision, set once in main(): every config of the run carries it (the plans read it).
-_PRECISION = {"matmul_precision": "default"}
-
-
-def _config(width: int, dtype: str, l0: float | None, sparse: str, kind: str = "jumprelu", phase: bool = False):
-    """The timed config. phase: keep the recipe's BatchTopK phase (dense only); otherwise the
-    recipe's step after the hand-over, the one `sae.sparse` applies to."""
+def _config(a, sparse: str, kind: str = "jumprelu", phase: bool = False):
+    """The timed config from the command line `a` (its width, dtype, L0 and matmul precision, which
+    the plans read). phase: keep the recipe's BatchTopK phase (dense only); otherwise the recipe's
+    step after the hand-over, the one `sae.sparse` applies to."""
+    width, dtype, l0 = a.width, a.dtype, a.l0
     cfg = base_config()
-    cfg.sae.matmul_precision = _PRECISION["matmul_precision"]
+    cfg.sae.matmul_precision = a.matmul_precision
     if l0 and kind == "jumprelu":
         apply_recipe(cfg, "short", target_l0=l0)
         if not phase:
@@ -209,22 +207,22 @@ def main() -> None:
         raise SystemExit("--phase: the BatchTopK phase is the JumpReLU recipe's; give --l0 (and no --kind)")
     if a.sparse_only and not a.l0:
         raise SystemExit("--sparse-only: the sparse step needs --l0 (else no step is timed at all)")
-    _PRECISION["matmul_precision"] = a.matmul_precision
-    with kinds.matmul_precision(_PRECISION):  # the steps, the floor and the encoder product alike
+    # the steps, the floor and the encoder product alike
+    with kinds.matmul_precision({"matmul_precision": a.matmul_precision}):
         print(json.dumps(_measure(a)))
 
 
 def _measure(a) -> dict:
     x = _batch(a, a.d_model)
     d_model = x.shape[1]
-    dense_cfg = _config(a.width, a.dtype, a.l0, "off", a.kind)
+    dense_cfg = _config(a, "off", a.kind)
     runs = {} if a.sparse_only else {"dense": make_step(dense_cfg, d_model, x, a.l0)[0]}
     plan = None
     if a.l0:
-        sparse_cfg = _config(a.width, a.dtype, a.l0, "on", a.kind)
+        sparse_cfg = _config(a, "on", a.kind)
         runs["sparse"], plan = make_step(sparse_cfg, d_model, x, a.l0)
     if a.phase:
-        runs["phase"] = make_step(_config(a.width, a.dtype, a.l0, "off", phase=True), d_model, x, a.l0)[0]
+        runs["phase"] = make_step(_config(a, "off", phase=True), d_model, x, a.l0)[0]
     # Interleave the steps and the floor so drifting machine load hits all alike.
     times = {name: [] for name in (*runs, "floor", "encoder")}
     for _ in range(2):
@@ -258,15 +256,15 @@ def _measure(a) -> dict:
         metrics = jax.device_get(runs["sparse"](x))
         out["l0"] = round(float(metrics["l0"]), 2)
         if plan is None:  # TopK's decoder
-            auto = _config(a.width, a.dtype, a.l0, "auto", a.kind).sae
+            auto = _config(a, "auto", a.kind).sae
             out["auto_plan"] = topk_kind.decoder_plan(auto, d_model)[1]
         else:  # JumpReLU's sparse step
             out.update(
                 sparse_capacity=plan[0],
                 sparse_path_taken=bool(metrics["sparse_step"] == 1.0),
-                auto_plan=jumprelu_kind.sparse_plan(_config(a.width, a.dtype, a.l0, "auto").sae)[1],
+                auto_plan=jumprelu_kind.sparse_plan(_config(a, "auto").sae)[1],
                 # what `auto` picks for the recipe as a run uses it, BatchTopK phase included
-                recipe_auto_plan=jumprelu_kind.sparse_plan(_config(a.width, a.dtype, a.l0, "auto", phase=True).sae)[1],
+                recipe_auto_plan=jumprelu_kind.sparse_plan(_config(a, "auto", phase=True).sae)[1],
             )
         if "dense" in runs:
             out["sparse_speedup"] = round(ms["dense"] / ms["sparse"], 3)
