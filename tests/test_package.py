@@ -128,6 +128,9 @@ def test_cli_errors_are_one_line_with_one_prefix(tmp_path):
         ("sweep", "no_such_experiment", "--dry_run"),
         ("plan", "--config", "quickstart", "--topology", "v9z-8"),
         ("plan", "--config", "quickstart", "--topology", "0"),
+        # beyond what XLA:CPU compiles for: a traceback at 2,049 devices, memory filling at a million
+        ("plan", "--config", "quickstart", "--topology", "1000000"),
+        ("plan", "--config", "quickstart", "--topology", "v5p-8192"),
         # an experiment's own error while its config loads: its message, not the traceback
         ("train", "--config", "quickstart:bogus", "--workdir", str(tmp_path / "w")),
         ("plan", "--config", "recipe:target_l0=50", "--topology", "8"),
@@ -151,6 +154,7 @@ def test_cli_errors_are_one_line_with_one_prefix(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("jumprelu: error: "), (args, out.stderr)
         says = {"--config.mesh.distributed=True": "mesh.distributed", "recipe:l0=abc": "argument l0 must be a number"}
         says |= {"--config.data.source=synthtic": "'synthetic' or 'lm'", str(tmp_path / "plain.cfg"): "plain.cfg"}
+        says |= {"1000000": "at most 2,048", "v5p-8192": "4,096 devices"}
         assert all(text in lines[0] for arg, text in says.items() if arg in args), (args, lines[0])
 
 

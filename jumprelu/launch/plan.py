@@ -41,11 +41,27 @@ CHIPS = {
 TPU_F32_PASSES = {"default": 1, "high": 3, "highest": 6}
 
 
+# XLA:CPU compiles for at most 2,048 devices of one process ("Multiprocess computations aren't
+# implemented on the CPU backend" at 2,049), and a count far beyond that only fills the memory
+# while JAX makes the fake devices (a million: 10 GiB in 2.5 minutes, before any compile).
+MAX_PLANNED_DEVICES = 2048
+
+
+def _check_count(name: str, devices: int) -> None:
+    if devices > MAX_PLANNED_DEVICES:
+        raise ValueError(
+            f"--topology {name!r}: {devices:,} devices, but the planner compiles on fake CPU devices and XLA:CPU "
+            f"compiles for at most {MAX_PLANNED_DEVICES:,}; plan {MAX_PLANNED_DEVICES:,} or fewer with the same "
+            "mesh.model (per-device memory follows the model axis; more data replicas add only their all-reduce)"
+        )
+
+
 def parse_topology(name: str) -> dict:
     """'v5p-16' -> 8 devices of 95 GiB at 459 TFLOP/s; '8' -> 8 devices, chip figures unknown."""
     if name.isdigit():
         if int(name) < 1:
             raise ValueError(f"--topology {name!r}: a device count must be at least 1")
+        _check_count(name, int(name))
         return {"topology": name, "devices": int(name), "hbm_gib": None, "peak_tflops": None, "ici_gbps": None,
                 "backend": None}  # fmt: skip
     m = re.fullmatch(r"(v\d[a-z]*|v5litepod)-(\d+)", name)
@@ -55,6 +71,7 @@ def parse_topology(name: str) -> dict:
     devices = int(int(m[2]) * per_unit)
     if devices < 1:
         raise ValueError(f"--topology {name!r}: too small a slice")
+    _check_count(name, devices)
     topo = {"topology": name, "devices": devices, "hbm_gib": hbm, "peak_tflops": peak, "ici_gbps": ici}
     return {**topo, "backend": "tpu"}
 
