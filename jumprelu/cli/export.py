@@ -16,6 +16,7 @@ Hub repository REPO (needs huggingface_hub and a token).
 from __future__ import annotations
 
 import os
+import zipfile
 
 from jumprelu import errors
 from jumprelu.cli import common
@@ -35,6 +36,12 @@ def check_output(path: str, fmt: str) -> None:
         return
     if fmt in FILE_FORMATS and os.path.isdir(path):
         raise UserError(f"{path}: is a directory; --format {fmt} writes one file (e.g. {path}/params.npz)")
+    # an earlier export (an .npz archive) is replaced; any other file (a run's report, the activations)
+    # would be lost to it
+    earlier_export = path.endswith(".npz") and zipfile.is_zipfile(path)
+    if fmt in FILE_FORMATS and os.path.exists(path) and not earlier_export:
+        replace = f"--format {fmt} would replace it (give another path)"
+        raise UserError(f"{path}: exists and is not an .npz archive; {replace}")
     if fmt not in FILE_FORMATS and os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{path}: is a file; --format {fmt} writes a directory")
 
