@@ -131,6 +131,11 @@ def test_cli_errors_are_one_line_with_one_prefix(tmp_path):
         # beyond what XLA:CPU compiles for: a traceback at 2,049 devices, memory filling at a million
         ("plan", "--config", "quickstart", "--topology", "1000000"),
         ("plan", "--config", "quickstart", "--topology", "v5p-8192"),
+        ("plan", "--config", "quickstart", "--topology", "v5p-7"),  # was 3 devices
+        ("plan", "--config", "quickstart", "--topology", "4", "--matmul_efficiency=2"),  # doubled the MFU
+        ("sweep", "quickstart", "--local", "--parallel", "0"),  # ran one at a time
+        ("sweep", "quickstart", "--summary", "--root", str(tmp_path / "none")),  # made it, all runs "new"
+        ("train", "--config", "quickstart:stacked=no", "--workdir", str(tmp_path / "w")),  # trained stacked
         # an experiment's own error while its config loads: its message, not the traceback
         ("train", "--config", "quickstart:bogus", "--workdir", str(tmp_path / "w")),
         ("plan", "--config", "recipe:target_l0=50", "--topology", "8"),
@@ -148,13 +153,20 @@ def test_cli_errors_are_one_line_with_one_prefix(tmp_path):
     ]
     (tmp_path / "plain.cfg").write_text("width = 512\nsteps: 40\n")
     for args in cases:
+        assert not (tmp_path / "none").exists()
         out = _cli(*args)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         lines = [line for line in out.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("jumprelu: error: "), (args, out.stderr)
         says = {"--config.mesh.distributed=True": "mesh.distributed", "recipe:l0=abc": "argument l0 must be a number"}
         says |= {"--config.data.source=synthtic": "'synthetic' or 'lm'", str(tmp_path / "plain.cfg"): "plain.cfg"}
-        says |= {"1000000": "at most 2,048", "v5p-8192": "4,096 devices"}
+        says |= {"1000000": "at most 2,048", "v5p-8192": "4,096 devices", "v5p-7": "expected an even number"}
+        says |= {
+            "--matmul_efficiency=2": "at most 1",
+            "--parallel": "--parallel must be >= 1",
+            str(tmp_path / "none"): "no such",
+        }
+        says |= {"quickstart:stacked=no": "stacked is a flag"}
         assert all(text in lines[0] for arg, text in says.items() if arg in args), (args, lines[0])
 
 

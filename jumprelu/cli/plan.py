@@ -73,6 +73,8 @@ def run(argv: list[str]) -> int:
         for flag in (peak, hbm, ici, eff):
             if flag.value is not None and not flag.value > 0:
                 return common.fail(f"--{flag.name} must be > 0, found {flag.value:g}")
+        if eff.value > 1:  # the roofline is 1: more would report an MFU the chip cannot reach
+            return common.fail(f"--matmul_efficiency is a share of the peak, at most 1, found {eff.value:g}")
         for key, flag in (("peak_tflops", peak), ("hbm_gib", hbm), ("ici_gbps", ici)):
             if flag.value is not None:
                 topo[key] = flag.value

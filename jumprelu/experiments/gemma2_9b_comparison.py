@@ -64,7 +64,7 @@ def get_config(arg=None):
         # `train --config gemma2_9b_comparison:stack,kind=gated`: that λ sweep as one stacked run (as
         # the sweep runs it; without a kind the sweep's base stays unstacked, for its TopK runs)
         c.stack.sparsity_coefficients = tuple(SWEEP[c.sae.kind][1])
-    if args.get("runlocal"):
+    if experiment.flag(args, "runlocal", "gemma2_9b_comparison"):
         experiment.runlocal(c)
     return c
 

@@ -57,7 +57,7 @@ def get_config(arg=None):
     c.mesh.update(data=1, model=-1)
     c.ckpt.update(every_steps=10_000, keep=2)
     c.log.every_steps = 1000
-    if args.get("runlocal"):
+    if experiment.flag(args, "runlocal", "gemma_scope_ladder"):
         experiment.runlocal(c)
     return c
 

@@ -38,4 +38,4 @@ def get_config(arg=None):
         c.data.update(eval_rows=256, shuffle_buffer_rows=2048, scale_rows=2048)
         c.ckpt.every_steps = 100
         c.log.every_steps = 10
-    return experiment.runlocal(c) if args.get("runlocal") else c
+    return experiment.runlocal(c) if experiment.flag(args, "runlocal", "onthefly") else c

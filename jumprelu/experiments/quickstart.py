@@ -40,9 +40,11 @@ def get_config(arg=None):
     c.train.sparsity_warmup_steps = 1000
     c.ckpt.every_steps = 1000
     c.log.every_steps = 50
-    if args.get("stacked"):  # `train --config quickstart:stacked`: the stacked sweep's one run
+    if experiment.flag(
+        args, "stacked", "quickstart"
+    ):  # `train --config quickstart:stacked`: the stacked sweep's one run
         c.stack.sparsity_coefficients = LAMS
-    return runlocal(c) if args.get("runlocal") else c
+    return runlocal(c) if experiment.flag(args, "runlocal", "quickstart") else c
 
 
 def runlocal(c):

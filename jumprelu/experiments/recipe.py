@@ -34,12 +34,16 @@ from jumprelu.recipes import apply_recipe
 def get_config(arg=None):
     args = experiment.parse_arg(arg, ("l0", "width", "paper", "matryoshka"), "recipe")
     c = base_config()
-    apply_recipe(c, "paper" if args.get("paper") else "short", experiment.number(args, "l0", None, "recipe"))
+    apply_recipe(
+        c,
+        "paper" if experiment.flag(args, "paper", "recipe") else "short",
+        experiment.number(args, "l0", None, "recipe"),
+    )
     c.sae.width = experiment.number(args, "width", c.sae.width, "recipe", int)
-    if args.get("matryoshka"):
+    if experiment.flag(args, "matryoshka", "recipe"):
         c.sae.matryoshka_weights = (1.0, 1.0, 1.0, 9.0)  # chosen on a seed-1 split (README "Recipes")
         _nest(c)
-    return runlocal(c) if args.get("runlocal") else c
+    return runlocal(c) if experiment.flag(args, "runlocal", "recipe") else c
 
 
 def _nest(c):

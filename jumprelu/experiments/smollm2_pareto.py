@@ -69,11 +69,11 @@ def get_config(arg=None):
     c.train.lr = 3e-3
     c.train.lr_warmup_steps = 50
     c.train.sparsity_warmup_steps = 100
-    if c.sae.kind == "jumprelu" and not args.get("paper"):
+    if c.sae.kind == "jumprelu" and not experiment.flag(args, "paper", "smollm2_pareto"):
         apply_recipe(c, "short", experiment.number(args, "target_l0", 32.0, "smollm2_pareto"))
     c.ckpt.every_steps = 250
     c.log.every_steps = 50
-    return runlocal(c) if args.get("runlocal") else c
+    return runlocal(c) if experiment.flag(args, "runlocal", "smollm2_pareto") else c
 
 
 def kind_config(arg, kind):
@@ -92,6 +92,8 @@ def get_sweep(arg=None):
     kinds = [_kind(args)] if _kind(args) else KINDS
     runs = []
     for kind in kinds:
-        field, values = SWEEP["jumprelu_paper" if kind == "jumprelu" and args.get("paper") else kind]
+        field, values = SWEEP[
+            "jumprelu_paper" if kind == "jumprelu" and experiment.flag(args, "paper", "smollm2_pareto") else kind
+        ]
         runs += [{"sae.kind": kind, field: v} for v in values]
     return runs

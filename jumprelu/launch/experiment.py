@@ -57,6 +57,15 @@ def parse_arg(arg: str | None, known: tuple[str, ...] | None = None, name: str =
     return out
 
 
+def flag(args: dict[str, Any], key: str, name: str = "experiment") -> bool:
+    """Whether flag word `key` is on: given bare, or as key=true/false. Any other value is a
+    ConfigError, so `stacked=no` cannot switch it on by being a non-empty word."""
+    value = args.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} argument {key} is a flag: give {key} or {key}=true|false, found {key}={value}")
+    return value
+
+
 def number(args: dict[str, Any], key: str, default, name: str = "experiment", cast=float):
     """args[key] as a number (cast), or default when absent; a word there is a ConfigError naming it."""
     if key not in args:
@@ -192,7 +201,7 @@ def expand(module, arg: str | None = None) -> list[Run]:
     base = module.get_config(arg)
     sweep = module.get_sweep(arg) if hasattr(module, "get_sweep") else [{}]
     shrink = None
-    if parse_arg(arg).get("runlocal"):
+    if flag(parse_arg(arg), "runlocal"):
         shrink = getattr(module, "runlocal", runlocal)
     runs = []
     for o in sweep:

@@ -68,6 +68,8 @@ def parse_topology(name: str) -> dict:
     if not m or m[1] not in CHIPS:
         raise ValueError(f"--topology {name!r}: expected one of {sorted(CHIPS)} followed by -N, or a device count")
     per_unit, hbm, peak, ici = CHIPS[m[1]]
+    if int(m[2]) * per_unit != int(int(m[2]) * per_unit):  # v5p-7 was read as 3 devices
+        raise ValueError(f"--topology {name!r}: {m[1]} names count TensorCores, two per chip: expected an even number")
     devices = int(int(m[2]) * per_unit)
     if devices < 1:
         raise ValueError(f"--topology {name!r}: too small a slice")

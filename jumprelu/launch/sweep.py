@@ -220,6 +220,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--root", default=None, help="directory (or gs:// URL) holding one workdir per run")
     p.add_argument("--parallel", type=int, default=1, help="runs trained at the same time with --local")
     args = p.parse_args(argv)
+    if args.parallel < 1:  # was read as 1
+        print(
+            f"{PREFIX} --parallel must be >= 1 (runs trained at the same time), found {args.parallel}", file=sys.stderr
+        )
+        return EXIT_USER_ERROR
     experiment, arg = experiments.split(args.experiment)
     try:
         path = experiments.resolve(experiment, args.experiments_dir)
@@ -232,6 +237,9 @@ def main(argv: list[str]) -> int:
     root = fs.abspath(root)
     if not fs.is_remote(root) and os.path.exists(root) and not os.path.isdir(root):
         print(f"{PREFIX} --root {root} is a file; expected a directory for the runs' workdirs", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if args.summary and not fs.exists(root):  # was made, with a summary of every run "new"
+        print(f"{PREFIX} --root {root}: no such directory, so no run of this sweep to summarise", file=sys.stderr)
         return EXIT_USER_ERROR
     spec = os.path.abspath(path) + (f":{arg}" if arg is not None else "")
     if args.run_one:
