@@ -12,6 +12,7 @@ import pytest
 
 from jumprelu.errors import DataError
 from jumprelu.store import FORMAT_VERSION, StoreWriter, open_store
+from jumprelu.store.convert import convert
 from tests.test_train import ROOT
 
 
@@ -447,6 +448,19 @@ def test_writer_refuses_bad_shard_rows_and_seed_before_writing(tmp_path, field, 
     with pytest.raises(DataError, match=message):
         StoreWriter(str(tmp_path / "s"), d_model=8, **{field: value})
     assert not (tmp_path / "s").exists()
+
+
+def test_a_store_is_not_written_among_another_directory_s_files(tmp_path):
+    """Found by an audit: `store convert` into a training workdir wrote shards beside its checkpoints."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    np.save(tmp_path / "a.npy", np.ones((8, 4), np.float32))
+    with pytest.raises(DataError, match="run: holds 'checkpoints', which is no store's; write a store into a new"):
+        convert(str(tmp_path / "a.npy"), str(run))
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json"]
+    (tmp_path / "empty").mkdir()
+    convert(str(tmp_path / "a.npy"), str(tmp_path / "empty"))  # an empty directory is fine
 
 
 def test_the_shard_buffer_grows_with_the_rows_not_with_shard_rows(tmp_path):

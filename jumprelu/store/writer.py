@@ -41,6 +41,15 @@ def _row_squared_norms(rows: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", rows, rows)
 
 
+def _foreign_files(path: str) -> list[str]:
+    """The entries of a local directory that no store write makes (shards, progress records,
+    metadata, and its hidden locks and temporaries)."""
+    if not os.path.isdir(path):
+        return []
+    mine = ("shard-", "writing", ".")
+    return sorted(n for n in os.listdir(path) if n != fmt.METADATA and not n.startswith(mine))
+
+
 class StoreWriter:
     def __init__(
         self,
@@ -96,6 +105,12 @@ class StoreWriter:
         self._shards: list[dict] = []
         if os.path.exists(os.path.join(path, fmt.METADATA)):
             raise DataError(f"store {path} is already complete ({fmt.METADATA} exists); write to a new directory")
+        foreign = _foreign_files(path)
+        if foreign:  # e.g. a training workdir: shards would land beside its checkpoints
+            raise DataError(
+                f"store {path}: holds {foreign[0]!r}, which is no store's; write a store into a new or empty "
+                "directory (or one holding an interrupted store write, to resume it)"
+            )
         with fmt.writing(path, "the directory"):
             os.makedirs(path, exist_ok=True)
         self._lock = WriterLock(path, part)
