@@ -57,8 +57,9 @@ def main() -> None:
     bench = argparse.Namespace(batch=a.batch, data=a.data)
     x = ours._batch(bench, a.d_model)
     d_model = x.shape[1]
+    timed = argparse.Namespace(width=a.width, dtype="float32", l0=a.l0, matmul_precision="default")
     runs = {
-        mode: ours.make_step(ours._config(a.width, "float32", a.l0, s), d_model, x, a.l0)[0]
+        mode: ours.make_step(ours._config(timed, s), d_model, x, a.l0)[0]
         for mode, s in (("dense", "off"), ("sparse", "on"))
     }
     saelens_ms, times, l0 = [], {name: [] for name in runs}, []

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
@@ -27,3 +29,18 @@ def test_step_benchmark_refuses_phase_without_a_target_l0():
     cmd = [sys.executable, "benchmarks/step.py", "--width", "256", "--batch", "64", "--phase"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--phase" in proc.stderr.strip().splitlines()[-1]
+
+
+PEER_PYTHON = os.path.join(ROOT, "benchmarks", "peers", ".venv", "bin", "python")
+
+
+@pytest.mark.skipif(not os.path.exists(PEER_PYTHON), reason="SAELens's virtualenv (benchmarks/peers/setup.sh)")
+def test_side_by_side_with_saelens_runs_both_steps():
+    """It imports step.py's helpers: a change of their signatures broke it once without a test noticing."""
+    cmd = [sys.executable, "benchmarks/step_vs_saelens.py", "--d-model", "16", "--width", "256", "--batch", "64"]
+    cmd += ["--l0", "8", "--rounds", "1", "--steps", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("saelens_ms_per_step", "ours_dense_ms_per_step", "ours_sparse_ms_per_step"):
+        assert out[key] > 0, key
