@@ -461,6 +461,17 @@ def test_a_store_is_not_written_among_another_directory_s_files(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json"]
     (tmp_path / "empty").mkdir()
     convert(str(tmp_path / "a.npy"), str(tmp_path / "empty"))  # an empty directory is fine
+    # a write that crashed while publishing its metadata, on a new disk's root, resumes
+    crashed = tmp_path / "crashed"
+    w = StoreWriter(str(crashed), d_model=4, shard_rows=4)
+    w.append(np.ones((8, 4), np.float32))
+    w._lock.release()  # the process died here
+    (crashed / "metadata.json.tmp").write_text("{")
+    (crashed / "lost+found").mkdir()
+    w = StoreWriter(str(crashed), d_model=4, shard_rows=4)
+    assert w.rows_written == 8
+    w.close()
+    assert open_store(str(crashed)).num_rows == 8
 
 
 def test_the_shard_buffer_grows_with_the_rows_not_with_shard_rows(tmp_path):

@@ -46,8 +46,11 @@ def _foreign_files(path: str) -> list[str]:
     metadata, and its hidden locks and temporaries)."""
     if not os.path.isdir(path):
         return []
-    mine = ("shard-", "writing", ".")
-    return sorted(n for n in os.listdir(path) if n != fmt.METADATA and not n.startswith(mine))
+    # metadata.json.tmp: a crash while publishing the metadata; lost+found: the root of a new ext4 disk
+    mine = ("shard-", "writing", ".", fmt.METADATA)
+    with fmt.writing(path, "the directory"):
+        names = os.listdir(path)
+    return sorted(n for n in names if not n.startswith(mine) and n != "lost+found")
 
 
 class StoreWriter:
