@@ -20,6 +20,16 @@ EXPERIMENTS = sorted(
 )
 
 
+def test_flag_words_take_only_true_or_false():
+    """Any other value was a non-empty word, so `stacked=no` switched stacking on."""
+    args = experiment.parse_arg("a,b=false,c=true,d=no,e=3")
+    assert [experiment.flag(args, k) for k in "abcz"] == [True, False, True, False]
+    for key, value in (("d", "no"), ("e", "3")):
+        with pytest.raises(ConfigError, match=f"argument {key} is a flag: .* found {key}={value}"):
+            experiment.flag(args, key)
+    assert experiment.load("quickstart").get_config("stacked=false").stack.sparsity_coefficients == ()
+
+
 def test_parse_arg():
     assert experiment.parse_arg("jumprelu,layer=20,lam=1e-3,stores=/gcs/b/x") == {
         "jumprelu": True,

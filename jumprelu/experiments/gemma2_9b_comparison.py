@@ -60,7 +60,7 @@ def get_config(arg=None):
     c.mesh.update(data=1, model=-1)  # split the dictionary: the only reduction is [B, d_model]
     c.ckpt.update(every_steps=10_000, keep=2)
     c.log.every_steps = 1000
-    if args.get("stack") and args.get("kind") in ("jumprelu", "gated"):
+    if experiment.flag(args, "stack", "gemma2_9b_comparison") and args.get("kind") in ("jumprelu", "gated"):
         # `train --config gemma2_9b_comparison:stack,kind=gated`: that λ sweep as one stacked run (as
         # the sweep runs it; without a kind the sweep's base stays unstacked, for its TopK runs)
         c.stack.sparsity_coefficients = tuple(SWEEP[c.sae.kind][1])
@@ -82,7 +82,7 @@ def get_sweep(arg=None):
                 where["data.d_model"] = D_MODEL[site]
             for kind in kinds:
                 field, values = SWEEP[kind]
-                if args.get("stack") and kind != "topk":
+                if experiment.flag(args, "stack", "gemma2_9b_comparison") and kind != "topk":
                     runs.append({**where, "sae.kind": kind, "stack.sparsity_coefficients": tuple(values)})
                 else:
                     runs += [{**where, "sae.kind": kind, field: v} for v in values]

@@ -40,9 +40,8 @@ def get_config(arg=None):
     c.train.sparsity_warmup_steps = 1000
     c.ckpt.every_steps = 1000
     c.log.every_steps = 50
-    if experiment.flag(
-        args, "stacked", "quickstart"
-    ):  # `train --config quickstart:stacked`: the stacked sweep's one run
+    # `train --config quickstart:stacked`: the stacked sweep's one run
+    if experiment.flag(args, "stacked", "quickstart"):
         c.stack.sparsity_coefficients = LAMS
     return runlocal(c) if experiment.flag(args, "runlocal", "quickstart") else c
 
@@ -52,6 +51,6 @@ def runlocal(c):
 
 
 def get_sweep(arg=None):
-    if experiment.parse_arg(arg, ARGS, "quickstart").get("stacked"):
+    if experiment.flag(experiment.parse_arg(arg, ARGS, "quickstart"), "stacked", "quickstart"):
         return [{"stack.sparsity_coefficients": LAMS}]
     return [{"sae.sparsity_coefficient": lam} for lam in LAMS]

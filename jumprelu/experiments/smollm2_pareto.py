@@ -49,7 +49,7 @@ SWEEP = {
 
 
 def _kind(args: dict) -> str | None:
-    chosen = [k for k in KINDS if args.get(k)]
+    chosen = [k for k in KINDS if experiment.flag(args, k, "smollm2_pareto")]
     return chosen[0] if chosen else None
 
 
