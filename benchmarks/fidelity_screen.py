@@ -43,14 +43,17 @@ def shared_split(data: str, work: str, eval_rows: int, seed: int) -> str:
 
     out = os.path.join(work, f"split_{seed}")
     os.makedirs(out, exist_ok=True)
-    split(data, out, eval_rows, seed)
+    try:
+        split(data, out, eval_rows, seed)
+    except SystemExit as e:  # its advice names fidelity.py's --out; here that folder comes from --work
+        raise SystemExit(str(e).replace("pass another --out", "pass another --work")) from None
     return out
 
 
 def run_dir(work: str, seed: int, variant: str, target: int, tokens: int, kinds: str) -> str:
     """A run's own --out, holding absolute links to its seed's split (so fidelity.py reuses it);
     the budget names it, so a screen at another --tokens never reads this one's rows."""
-    name = "_".join(variant.split()).replace("=", "-") or "recipe"
+    name = "_".join(variant.split()).replace("=", "-").replace("/", "_") or "recipe"
     out = os.path.join(work, f"s{seed}_t{target}_n{tokens}_{kinds.split(',')[0]}_{name}")
     os.makedirs(out, exist_ok=True)
     for f in SPLIT_FILES:
@@ -160,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [o for v in args.variant for o in v.split() if "=" not in o] + [v for v in args.variant if not v.split()]
     if bad:
         p.error(f"--variant: expected space-separated FIELD=VALUE overrides, found {bad[0]!r}")
+    if len({" ".join(v.split()) for v in args.variant}) < len(args.variant):  # two jobs, one folder
+        p.error(f"--variant: each variant once, found {args.variant}")
     try:
         others = [int(t) for t in args.other_targets.split(",") if t]
     except ValueError:
@@ -215,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 except ProcessLookupError:
                     pass
                 job.process.wait()
+                job.log.close()
                 record(job.rows(), args.results, seen)  # a refit job's training row may be in
                 print(f"stopped at the deadline: {job.name()}", flush=True)
             for job in queue:

@@ -124,6 +124,7 @@ def test_the_deadline_stops_runs_and_keeps_what_finished(tmp_path, data, capsys)
         (["--variant", "train.lr"], "--variant: expected space-separated FIELD=VALUE overrides, found 'train.lr'"),
         (["--other_targets", "20,x"], "--other_targets must be integers"),
         (["--jobs", "0"], "--jobs must be >= 1"),
+        (["--variant", "train.lr=9", "--variant", "train.lr=9"], "--variant: each variant once"),
         (["--eval_rows", "-5"], "--eval_rows must be >= 1"),
         (["--tokens", "100"], "--tokens 100 is less than one batch of 1024"),
         (["--other_targets", "20,100"], "--other_targets must be distinct L0s >= 1 other than --target 100"),
