@@ -147,6 +147,12 @@ def test_dot_flops_are_two_per_multiply_add_of_every_product():
     compiled = jax.jit(f).lower(np.ones((8, 4)), np.ones((4, 16)), np.ones((2, 8, 4))).compile()
     assert hlo_stats.dot_flops(compiled.as_text()) == 2 * 8 * 16 * 4 * 3
 
+    def g(p, x, w, v):  # one branch runs: its products count, the other's not
+        return jax.lax.cond(p, lambda: (x @ w).sum(), lambda: (x @ w @ v).sum())
+
+    compiled = jax.jit(g).lower(True, np.ones((8, 4)), np.ones((4, 16)), np.ones((16, 64))).compile()
+    assert hlo_stats.dot_flops(compiled.as_text()) == 2 * 8 * 16 * 4 + 2 * 8 * 64 * 16
+
 
 def test_planner_counts_the_mesh_devices_and_the_stacked_saes(mesh_config):
     """A 1×1 mesh on an 8-device slice does one device's FLOPs (not 8×) and says the rest idle;

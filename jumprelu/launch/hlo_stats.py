@@ -62,21 +62,47 @@ def ring_bytes_per_device(c: Collective) -> float:
 
 
 _DEFINED = re.compile(r"%(?P<name>[\w.\-]+) = (?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
-_DOT = re.compile(r"= [a-z]+\d*\[(?P<out>[\d,]*)\]\S* dot\(%(?P<lhs>[\w.\-]+), ")
+# the lhs operand by name, printed with or without its shape before it
+_DOT = re.compile(r"= [a-z]+\d*\[(?P<out>[\d,]*)\]\S* dot\((?:[a-z]+\d*\[[\d,]*\]\S* )?%(?P<lhs>[\w.\-]+), ")
 _LHS_CONTRACTING = re.compile(r"lhs_contracting_dims=\{(?P<dims>[\d,]*)\}")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(?P<name>[\w.\-]+) .*\{$")
+_CALLED = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%(?P<name>[\w.\-]+)")
+_BRANCHES = re.compile(r"\b(?:branch_computations|called_computations)=\{(?P<names>[^}]*)\}")
 
 
 def dot_flops(hlo_text: str) -> float:
-    """FLOPs of the program's matrix products (2 per multiply-add), each dot counted once: those in a
-    loop's body once, not once per trip (the TPU form of the train step has none in loops)."""
+    """FLOPs of the program's matrix products (2 per multiply-add) as one execution runs them: from
+    the entry computation down through every computation it calls, a conditional's costliest
+    branch only (the recipe's BatchTopK phase and the JumpReLU step after it are two branches of
+    one step), and a loop's body once, not once per trip (the TPU form of the train step has no
+    product in a loop)."""
     shapes = {m["name"]: [int(d) for d in m["dims"].split(",") if d] for m in _DEFINED.finditer(hlo_text)}
-    total = 0.0
+    own, calls, entry, current = {}, {}, None, None
     for line in hlo_text.splitlines():
+        if m := _COMPUTATION.match(line):
+            current = m["name"]
+            own[current], calls[current] = 0.0, []
+            entry = current if line.startswith("ENTRY") else entry
+            continue
+        if current is None:
+            continue
         m = _DOT.search(line)
         contracting = _LHS_CONTRACTING.search(line)
-        if not m or not contracting or m["lhs"] not in shapes:
-            continue
-        lhs = shapes[m["lhs"]]
-        k = math.prod(lhs[int(i)] for i in contracting["dims"].split(",") if i)
-        total += 2.0 * math.prod(int(d) for d in m["out"].split(",") if d) * k
-    return total
+        if m and contracting and m["lhs"] in shapes:
+            k = math.prod(shapes[m["lhs"]][int(i)] for i in contracting["dims"].split(",") if i)
+            own[current] += 2.0 * math.prod(int(d) for d in m["out"].split(",") if d) * k
+        called = [[c["name"]] for c in _CALLED.finditer(line)]
+        if b := _BRANCHES.search(line):  # alternatives: one of them runs
+            called.append(re.findall(r"%([\w.\-]+)", b["names"]))
+        calls[current] += called
+    memo: dict[str, float] = {}
+
+    def total(name: str) -> float:
+        if name not in memo:
+            memo[name] = 0.0  # a cycle (none in XLA's call graph) would count nothing more
+            memo[name] = own.get(name, 0.0) + sum(max(total(n) for n in group) for group in calls.get(name, ()))
+        return memo[name]
+
+    if entry is None:  # a bare list of instructions: every dot once
+        return sum(own.values())
+    return total(entry)
