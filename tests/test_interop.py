@@ -427,10 +427,11 @@ def test_export_output_mistakes_are_one_line_and_leave_nothing(trained, tmp_path
         trained, tmp_path / "file", "--format", "saelens"
     )
     (tmp_path / "file.npz").write_text("not an archive")
+    np.savez(tmp_path / "acts.npz", acts=np.ones((4, 3)))
     report = (trained / "report.json").read_bytes()  # found by an audit: was replaced by the npz, exit 0
-    for victim in (trained / "report.json", tmp_path / "file", tmp_path / "file.npz"):
-        assert "exists and is not an .npz archive; --format gemma-scope would replace it" in _export_error(
-            trained, victim
+    for victim in (trained / "report.json", tmp_path / "file", tmp_path / "file.npz", tmp_path / "acts.npz"):
+        assert "exists and is not an SAE's .npz (W_enc, W_dec, ...); --format gemma-scope would replace it" in (
+            _export_error(trained, victim)
         )
     assert (trained / "report.json").read_bytes() == report and (tmp_path / "file").read_text() == "x"
     config = (trained / "config.json").read_bytes()
@@ -443,7 +444,9 @@ def test_export_output_mistakes_are_one_line_and_leave_nothing(trained, tmp_path
         check_output(str(tmp_path / "sae-0"), "saelens")
     (tmp_path / "sae-0" / "member.json").unlink()
     _export(trained, tmp_path / "new" / "p.npz")
-    _export(trained, tmp_path / "new" / "p.npz")  # an earlier export is replaced
+    _export(trained, tmp_path / "new" / "p.npz")  # an earlier export is replaced, whatever its name
+    _export(trained, tmp_path / "new" / "params")
+    _export(trained, tmp_path / "new" / "params")
     _export(trained, tmp_path / "new2" / "sl", "--format", "saelens")
     assert jumprelu.load(tmp_path / "new2" / "sl").width == jumprelu.load(tmp_path / "new" / "p.npz").width
     released = tmp_path / "new" / "p.npz"

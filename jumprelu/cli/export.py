@@ -38,12 +38,21 @@ def check_output(path: str, fmt: str) -> None:
         raise UserError(f"{path}: is a directory; --format {fmt} writes one file (e.g. {path}/params.npz)")
     # an earlier export (an .npz archive) is replaced; any other file (a run's report, the activations)
     # would be lost to it
-    earlier_export = path.endswith(".npz") and zipfile.is_zipfile(path)
-    if fmt in FILE_FORMATS and os.path.exists(path) and not earlier_export:
+    if fmt in FILE_FORMATS and os.path.exists(path) and not _is_sae_archive(path):
         replace = f"--format {fmt} would replace it (give another path)"
-        raise UserError(f"{path}: exists and is not an .npz archive; {replace}")
+        raise UserError(f"{path}: exists and is not an SAE's .npz (W_enc, W_dec, ...); {replace}")
     if fmt not in FILE_FORMATS and os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{path}: is a file; --format {fmt} writes a directory")
+
+
+def _is_sae_archive(path: str) -> bool:
+    """Whether `path` is an .npz holding an SAE's parameters (an earlier export, which may be
+    replaced), by its members, whatever its name: not a run's report, nor saved activations."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return {"W_enc.npy", "W_dec.npy"} <= set(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _is_training_dir(path: str) -> bool:
