@@ -9,23 +9,24 @@ be the TPU's, or the plan reports the memory and FLOPs of a program the TPU neve
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import jax
 
-_planned: str | None = None
+# a context variable, not a global: a plan traced in one thread leaves another's training alone
+_planned: contextvars.ContextVar[str | None] = contextvars.ContextVar("planned_backend", default=None)
 
 
 def target() -> str:
     """'cpu', 'gpu', 'tpu', ...: the backend being planned for, else JAX's default backend."""
-    return _planned or jax.default_backend()
+    return _planned.get() or jax.default_backend()
 
 
 @contextlib.contextmanager
 def planning_for(name: str | None):
     """Within it, `target()` is `name` (None: JAX's own): trace and compile here what `name` would run."""
-    global _planned
-    before, _planned = _planned, name
+    token = _planned.set(name)
     try:
         yield
     finally:
-        _planned = before
+        _planned.reset(token)
