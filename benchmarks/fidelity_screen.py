@@ -125,11 +125,16 @@ def choose(finished: list[Job], args) -> tuple[str | None, str]:
     return best, f"{best} (FVU {fvu[best]:.4f} against {beaten})"
 
 
+def row_key(r: dict) -> tuple:
+    """Which run a row is of: a row with the same key is already in --results."""
+    return r["seed"], r["variant"], r["trainer"], r["target"], r["tokens"], r.get("config_sha")
+
+
 def record(rows: list[dict], path: str, seen: set) -> None:
     """Appends the rows not yet in --results (a rerun reuses finished runs: their rows once)."""
     with open(path, "a") as f:
         for r in rows:
-            key = (r["seed"], r["variant"], r["trainer"], r["target"], r["tokens"], r.get("config_sha"))
+            key = row_key(r)
             if key not in seen:
                 seen.add(key)
                 f.write(json.dumps(r) + "\n")
@@ -176,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     seen = set()
     for line in open(args.results) if os.path.exists(args.results) else ():
         try:
-            r = json.loads(line)
-            seen.add((r["seed"], r["variant"], r["trainer"], r["target"], r["tokens"], r.get("config_sha")))
+            seen.add(row_key(json.loads(line)))
         except (ValueError, KeyError, TypeError):
             continue
     t0 = time.time()

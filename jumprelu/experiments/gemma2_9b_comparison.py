@@ -60,11 +60,11 @@ def get_config(arg=None):
     c.mesh.update(data=1, model=-1)  # split the dictionary: the only reduction is [B, d_model]
     c.ckpt.update(every_steps=10_000, keep=2)
     c.log.every_steps = 1000
-    if experiment.flag(args, "stack", "gemma2_9b_comparison") and args.get("kind") in ("jumprelu", "gated"):
+    if experiment.flag(args, "stack", NAME) and args.get("kind") in ("jumprelu", "gated"):
         # `train --config gemma2_9b_comparison:stack,kind=gated`: that λ sweep as one stacked run (as
         # the sweep runs it; without a kind the sweep's base stays unstacked, for its TopK runs)
         c.stack.sparsity_coefficients = tuple(SWEEP[c.sae.kind][1])
-    if experiment.flag(args, "runlocal", "gemma2_9b_comparison"):
+    if experiment.flag(args, "runlocal", NAME):
         experiment.runlocal(c)
     return c
 
@@ -74,6 +74,7 @@ def get_sweep(arg=None):
     sites = [_site(args)] if "site" in args else list(D_MODEL)
     layers = [experiment.number(args, "layer", None, NAME, int)] if "layer" in args else list(LAYERS)
     kinds = [experiment.choice(args, "kind", tuple(SWEEP), None, NAME)] if "kind" in args else list(SWEEP)
+    stack = experiment.flag(args, "stack", NAME)
     runs = []
     for site in sites:
         for layer in layers:
@@ -82,7 +83,7 @@ def get_sweep(arg=None):
                 where["data.d_model"] = D_MODEL[site]
             for kind in kinds:
                 field, values = SWEEP[kind]
-                if experiment.flag(args, "stack", "gemma2_9b_comparison") and kind != "topk":
+                if stack and kind != "topk":
                     runs.append({**where, "sae.kind": kind, "stack.sparsity_coefficients": tuple(values)})
                 else:
                     runs += [{**where, "sae.kind": kind, field: v} for v in values]

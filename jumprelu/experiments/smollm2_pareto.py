@@ -89,11 +89,10 @@ def runlocal(c):
 
 def get_sweep(arg=None):
     args = experiment.parse_arg(arg, ARGS, "smollm2_pareto")
-    kinds = [_kind(args)] if _kind(args) else KINDS
+    chosen = _kind(args)
+    paper = experiment.flag(args, "paper", "smollm2_pareto")
     runs = []
-    for kind in kinds:
-        field, values = SWEEP[
-            "jumprelu_paper" if kind == "jumprelu" and experiment.flag(args, "paper", "smollm2_pareto") else kind
-        ]
+    for kind in [chosen] if chosen else KINDS:
+        field, values = SWEEP["jumprelu_paper" if kind == "jumprelu" and paper else kind]
         runs += [{"sae.kind": kind, field: v} for v in values]
     return runs

@@ -62,20 +62,25 @@ def parse_topology(name: str) -> dict:
         if int(name) < 1:
             raise ValueError(f"--topology {name!r}: a device count must be at least 1")
         _check_count(name, int(name))
-        return {"topology": name, "devices": int(name), "hbm_gib": None, "peak_tflops": None, "ici_gbps": None,
-                "backend": None}  # fmt: skip
+        return _topology(name, int(name), None, None, None, backend=None)
     m = re.fullmatch(r"(v\d[a-z]*|v5litepod)-(\d+)", name)
     if not m or m[1] not in CHIPS:
         raise ValueError(f"--topology {name!r}: expected one of {sorted(CHIPS)} followed by -N, or a device count")
     per_unit, hbm, peak, ici = CHIPS[m[1]]
-    if int(m[2]) * per_unit != int(int(m[2]) * per_unit):  # v5p-7 was read as 3 devices
+    units = int(m[2]) * per_unit
+    if units != int(units):  # v5p-7 was read as 3 devices
         raise ValueError(f"--topology {name!r}: {m[1]} names count TensorCores, two per chip: expected an even number")
-    devices = int(int(m[2]) * per_unit)
+    devices = int(units)
     if devices < 1:
         raise ValueError(f"--topology {name!r}: too small a slice")
     _check_count(name, devices)
-    topo = {"topology": name, "devices": devices, "hbm_gib": hbm, "peak_tflops": peak, "ici_gbps": ici}
-    return {**topo, "backend": "tpu"}
+    return _topology(name, devices, hbm, peak, ici, backend="tpu")
+
+
+def _topology(name: str, devices: int, hbm, peak, ici, backend: str | None) -> dict:
+    """backend: the one whose step form the plan compiles (None: this machine's)."""
+    return {"topology": name, "devices": devices, "hbm_gib": hbm, "peak_tflops": peak, "ici_gbps": ici,
+            "backend": backend}  # fmt: skip
 
 
 def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:

@@ -221,10 +221,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--parallel", type=int, default=1, help="runs trained at the same time with --local")
     args = p.parse_args(argv)
     if args.parallel < 1:  # was read as 1
-        print(
-            f"{PREFIX} --parallel must be >= 1 (runs trained at the same time), found {args.parallel}", file=sys.stderr
-        )
-        return EXIT_USER_ERROR
+        p.error(f"--parallel must be >= 1 (runs trained at the same time), found {args.parallel}")
     experiment, arg = experiments.split(args.experiment)
     try:
         path = experiments.resolve(experiment, args.experiments_dir)
