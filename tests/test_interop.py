@@ -429,7 +429,10 @@ def test_export_output_mistakes_are_one_line_and_leave_nothing(trained, tmp_path
     (tmp_path / "file.npz").write_text("not an archive")
     np.savez(tmp_path / "acts.npz", acts=np.ones((4, 3)))
     report = (trained / "report.json").read_bytes()  # found by an audit: was replaced by the npz, exit 0
-    for victim in (trained / "report.json", tmp_path / "file", tmp_path / "file.npz", tmp_path / "acts.npz"):
+    assert "report.json: --format gemma-scope writes an .npz archive, not a .json file" in _export_error(
+        trained, trained / "report.json"
+    )
+    for victim in (tmp_path / "file", tmp_path / "file.npz", tmp_path / "acts.npz"):
         assert "exists and is not an SAE's .npz (W_enc, W_dec, ...); --format gemma-scope would replace it" in (
             _export_error(trained, victim)
         )
@@ -459,6 +462,75 @@ def test_export_output_mistakes_are_one_line_and_leave_nothing(trained, tmp_path
         with pytest.raises(UserError, match="p.npz: jumprelu (evaluate|refit) needs a training workdir") as e:
             command()
         assert "\n" not in str(e.value)
+
+
+def test_export_never_writes_over_or_beside_files_it_did_not_make(trained, tmp_path, monkeypatch):
+    """Found by an audit: a directory format wrote into any existing folder (a model's config.json
+    replaced, a project's README.md replaced by the model card, and with --hub the whole folder
+    uploaded); a name ending in a file suffix made an SAE nothing could load; `newdir/` failed on a
+    temporary's name; --hub without huggingface_hub wrote OUT before saying so."""
+    from jumprelu.cli import export as export_cli
+    from jumprelu.cli.export import check_output
+    from jumprelu.errors import UserError
+
+    model = tmp_path / "hf_model"
+    model.mkdir()
+    (model / "config.json").write_text('{"architectures": ["Gemma2ForCausalLM"]}')
+    for fmt in ("gemma-scope-2", "saelens", "neuronpedia"):
+        error = _export_error(trained, model, "--format", fmt)
+        assert f"hf_model: holds config.json, which no earlier export wrote; --format {fmt} writes into it" in error
+    assert sorted(p.name for p in model.iterdir()) == ["config.json"]
+    assert (model / "config.json").read_text() == '{"architectures": ["Gemma2ForCausalLM"]}'
+    for fmt in ("gemma-scope-2", "saelens"):  # an earlier export of the format is replaced
+        _export(trained, tmp_path / fmt, "--format", fmt)
+        (tmp_path / fmt / ".tmp.123").write_text("a crashed write's leftover")
+        _export(trained, tmp_path / fmt, "--format", fmt)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("# my notes")
+    with pytest.raises(UserError, match="project: holds README.md, which no earlier export wrote; --hub writes"):
+        check_output(str(project), "saelens", hub=True)
+    hub.write_repo_dir(jumprelu.load(str(trained)), str(tmp_path / "repo"), "a/b")
+    check_output(str(tmp_path / "repo"), "saelens", hub=True)  # an earlier --hub export
+    (tmp_path / "repo" / "data.txt").write_text("private")
+    with pytest.raises(UserError, match="repo: holds data.txt, which no earlier export wrote"):
+        check_output(str(tmp_path / "repo"), "saelens", hub=True)
+    names = [
+        (tmp_path / "gs2" / "params.safetensors", "gemma-scope-2", "writes a directory, which a .safetensors name"),
+        (tmp_path / "sl" / "cfg.json", "saelens", "writes a directory, which a .json name"),
+        (tmp_path / "x.safetensors", "gemma-scope", "writes an .npz archive, not a .safetensors file; name it .npz"),
+        (f"{tmp_path}/newdir/", "gemma-scope", "newdir/: is a directory; --format gemma-scope writes one file"),
+    ]
+    for out, fmt, message in names:
+        assert message in _export_error(trained, out, "--format", fmt)
+    stub = tmp_path / "no_hub"  # an environment without huggingface_hub, whatever this one has
+    stub.mkdir()
+    (stub / "huggingface_hub.py").write_text("raise ImportError('not installed')")
+    cmd = [sys.executable, "-m", "jumprelu", "export", str(trained), str(tmp_path / "card"), "--hub", "a/b"]
+    env = {**os.environ, "PYTHONPATH": f"{stub}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cli = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert cli.returncode == 2 and "--hub needs huggingface_hub" in cli.stderr, cli.stderr
+    assert not (tmp_path / "card").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name in ("gs2", "sl", "x.safetensors", "newdir")]
+
+    def store_gone(*args, **kwargs):
+        raise UserError("config field data.source is '/gone/store': no such directory")
+
+    monkeypatch.setattr("jumprelu.cli.evaluate.evaluate_workdir", store_gone)
+    monkeypatch.setattr("jumprelu.export.load.recorded_eval", lambda *a: {})
+    assert export_cli.held_out_eval(str(trained), jumprelu.load(str(trained)), None) == {}  # l0 left empty
+
+
+def test_a_damaged_member_file_is_one_line_naming_it(trained, tmp_path):
+    from jumprelu.errors import WorkdirError
+
+    member = tmp_path / "sae-1"
+    member.mkdir()
+    for text, found in (('{"member": 1', "not readable JSON"), ('{"workdir": ".."}', 'found {"workdir": ".."}')):
+        (member / "member.json").write_text(text)
+        with pytest.raises(WorkdirError, match="sae-1/member.json: ") as e:
+            jumprelu.load(str(member))
+        assert found in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_failed_atomic_write_leaves_no_temporary(tmp_path):

@@ -23,19 +23,41 @@ from jumprelu.cli import common
 
 FORMATS = ("gemma-scope", "saelens", "gemma-scope-2", "neuronpedia")
 FILE_FORMATS = ("gemma-scope",)  # one file; the others write a directory
+# what each directory format writes: an existing OUT holding only these is an earlier export, which is
+# replaced; anything else in it (a model's config.json, a project's README.md) would be overwritten or,
+# with --hub, uploaded
+_WRITES = {
+    "saelens": {"cfg.json", "sae_weights.safetensors"},
+    "gemma-scope-2": {"config.json", "params.safetensors"},
+    "neuronpedia": {"feature_stats.json", "features.jsonl"},
+}
+_MARKER = {"saelens": "sae_weights.safetensors", "gemma-scope-2": "params.safetensors", "neuronpedia": "features.jsonl"}
+_HUB_FILES = {"README.md", "jumprelu_export.json"}  # beside one SAELens folder per sae_id
+# names the loader reads as a file of another layout (jumprelu.load routes on the suffix)
+_FILE_SUFFIXES = (".npz", ".safetensors", ".json", ".jsonl", ".npy")
 
 
-def check_output(path: str, fmt: str) -> None:
+def check_output(path: str, fmt: str, hub: bool = False) -> None:
     """A one-line UserError, before any work, when OUT cannot be written in this format."""
     from jumprelu import fs
     from jumprelu.errors import UserError
 
     if fmt not in FILE_FORMATS and _is_training_dir(path):  # its config.json would be replaced
         raise UserError(f"{path}: is a training workdir; --format {fmt} writes its files into another directory")
+    name = os.path.basename(path.rstrip("/"))
+    if fmt in FILE_FORMATS:
+        if path.endswith("/") or (not fs.is_remote(path) and os.path.isdir(path)):
+            raise UserError(
+                f"{path}: is a directory; --format {fmt} writes one file (e.g. {fs.join(path, 'params.npz')})"
+            )
+        if name.endswith(_FILE_SUFFIXES) and not name.endswith(".npz"):
+            suffix = name.rsplit(".", 1)[1]
+            raise UserError(f"{path}: --format {fmt} writes an .npz archive, not a .{suffix} file; name it .npz")
+    elif name.endswith(_FILE_SUFFIXES):
+        suffix = name.rsplit(".", 1)[1]
+        raise UserError(f"{path}: --format {fmt} writes a directory, which a .{suffix} name would load as a file")
     if fs.is_remote(path):
         return
-    if fmt in FILE_FORMATS and os.path.isdir(path):
-        raise UserError(f"{path}: is a directory; --format {fmt} writes one file (e.g. {path}/params.npz)")
     # an earlier export (an .npz archive) is replaced; any other file (a run's report, the activations)
     # would be lost to it
     if fmt in FILE_FORMATS and os.path.exists(path) and not _is_sae_archive(path):
@@ -43,6 +65,31 @@ def check_output(path: str, fmt: str) -> None:
         raise UserError(f"{path}: exists and is not an SAE's .npz (W_enc, W_dec, ...); {replace}")
     if fmt not in FILE_FORMATS and os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{path}: is a file; --format {fmt} writes a directory")
+    if fmt not in FILE_FORMATS and os.path.isdir(path):
+        foreign = _foreign_entries(path, fmt, hub)
+        if foreign:
+            what = "--hub writes and uploads this directory" if hub else f"--format {fmt} writes into it"
+            raise UserError(
+                f"{path}: holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which no earlier "
+                f"export wrote; {what} (give a new or empty directory)"
+            )
+
+
+def _foreign_entries(path: str, fmt: str, hub: bool) -> list[str]:
+    """The entries of an existing OUT directory that an export in this format did not write."""
+    names = sorted(n for n in os.listdir(path) if not n.startswith(".tmp."))  # a crashed write's leftovers
+    if not hub:
+        ours = names and _MARKER[fmt] in names  # a config.json alone may be a model's, not an export's
+        return [n for n in names if n not in _WRITES[fmt] or not ours]
+    if names and "jumprelu_export.json" not in names:  # not an earlier --hub export: it must be empty
+        return names
+    foreign = []
+    for n in names:
+        sub = os.path.join(path, n)
+        is_saelens_folder = os.path.isdir(sub) and set(os.listdir(sub)) <= _WRITES["saelens"]
+        if n not in _HUB_FILES and not is_saelens_folder:
+            foreign.append(n)
+    return foreign
 
 
 def _is_sae_archive(path: str) -> bool:
@@ -83,7 +130,9 @@ def run(argv: list[str]) -> int:
     try:
         if args.hub and fmt != "saelens":
             raise UserError(f"--hub pushes a SAELens directory; --format {fmt} cannot be pushed")
-        check_output(args.output, fmt)
+        check_output(args.output, fmt, hub=bool(args.hub))
+        if args.hub:
+            hub.require_client()  # before OUT is written: no model card left behind for a push that cannot happen
         if args.top <= 0:
             raise UserError(f"--top must be a positive number of activations kept per latent, found {args.top}")
         sae = load(args.workdir, step=args.step, member=args.member)
@@ -126,12 +175,17 @@ def held_out_eval(path: str, sae, member: int | None) -> dict:
     run's report.json or refit.json is of it, else measured now on the run's held-out rows
     (`--step N` before the end); {} for a released file, which carries none."""
     from jumprelu.cli.evaluate import evaluate_workdir
+    from jumprelu.errors import UserError
     from jumprelu.export.load import from_workdir, recorded_eval
 
     recorded = recorded_eval(path, sae, member)
     if recorded or not from_workdir(sae):
         return recorded
-    return evaluate_workdir(path, member, step=sae.step)[1]["stored"]
+    try:
+        return evaluate_workdir(path, member, step=sae.step)[1]["stored"]
+    except UserError as err:  # the store moved or is gone: the metrics are optional, the SAE is not
+        print(f"no held-out metrics in the export (its l0 is left empty): {err}")
+        return {}
 
 
 def _contexts(store_path: str):

@@ -92,13 +92,18 @@ def write_repo_dir(sae, path: str, repo: str, report: dict | None = None) -> str
     return sid
 
 
-def push(path: str, repo: str) -> str:
-    """Uploads the directory to the Hub repository `repo` (created if missing); returns its URL."""
+def require_client():
+    """The huggingface_hub module, or a one-line error saying how to install it."""
     try:
         import huggingface_hub
     except ImportError:
         raise UserError("--hub needs huggingface_hub: pip install 'jumprelu[hub]'") from None
-    api = huggingface_hub.HfApi()
+    return huggingface_hub
+
+
+def push(path: str, repo: str) -> str:
+    """Uploads the directory to the Hub repository `repo` (created if missing); returns its URL."""
+    api = require_client().HfApi()
     api.create_repo(repo, exist_ok=True)
     api.upload_folder(folder_path=path, repo_id=repo, commit_message="jumprelu export")
     return f"https://huggingface.co/{repo}"

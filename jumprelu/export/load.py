@@ -15,7 +15,7 @@ import ml_collections
 from jumprelu import fs
 from jumprelu.core import kinds
 from jumprelu.core.folded import SAE, fold
-from jumprelu.errors import CheckpointError
+from jumprelu.errors import CheckpointError, WorkdirError
 from jumprelu.export import gemma_scope, gemma_scope_2, saelens
 from jumprelu.train import guard
 from jumprelu.train.checkpoint import MEMBER_FILE, Checkpointer, checkpoint_dir, member_dir
@@ -124,13 +124,26 @@ def resolve(path: str, member: int | None = None) -> tuple[str, int | None]:
     """(training workdir, member): a stacked run's member directory WORKDIR/sae-i names both."""
     file = fs.join(path, MEMBER_FILE)
     if fs.exists(file):
-        info = json.loads(fs.read_text(file))
+        info = _member_info(file)
         if member is not None and member != info["member"]:
             raise ValueError(f"{path} is member {info['member']} of its stacked run; found member={member}")
         if fs.is_remote(path):  # a bucket has no "..": the member directory's parent (member.json says "..")
             return path.rstrip("/").rsplit("/", 1)[0], info["member"]
         return os.path.normpath(os.path.join(path, info["workdir"])), info["member"]
     return path, member
+
+
+def _member_info(file: str) -> dict:
+    """member.json's {"member": i, "workdir": ".."}, or a one-line error naming the file."""
+    expected = 'expected {"member": i, "workdir": ".."} as the stacked run writes it'
+    try:
+        info = json.loads(fs.read_text(file))
+    except ValueError as e:
+        raise WorkdirError(f"{file}: not readable JSON ({e}); {expected}") from None
+    ok = isinstance(info, dict) and isinstance(info.get("member"), int) and isinstance(info.get("workdir"), str)
+    if not ok or isinstance(info["member"], bool):
+        raise WorkdirError(f"{file}: {expected}, found {json.dumps(info)[:120]}")
+    return info
 
 
 def from_workdir(sae) -> bool:

@@ -37,6 +37,8 @@ def read(path: str) -> dict[str, np.ndarray]:
         data = fs.read_bytes(path)
     except FileNotFoundError:
         raise FormatError(f"{path}: no such file") from None
+    except OSError as e:  # a directory named like the file, no permission
+        raise FormatError(f"{path}: cannot be read as a .safetensors file ({e.strerror or e})") from None
     try:
         views = deserialize(data)
     except SafetensorError as e:
