@@ -68,9 +68,11 @@ def write_bytes_atomically(path: str, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk or a bad destination leaves no stray temporary behind
+    except BaseException as e:  # a full disk or a bad destination leaves no stray temporary behind
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a buffered write's error names no file
+            e.filename = path
         raise
 
 

@@ -483,7 +483,7 @@ def test_export_never_writes_over_or_beside_files_it_did_not_make(trained, tmp_p
     assert (model / "config.json").read_text() == '{"architectures": ["Gemma2ForCausalLM"]}'
     for fmt in ("gemma-scope-2", "saelens"):  # an earlier export of the format is replaced
         _export(trained, tmp_path / fmt, "--format", fmt)
-        (tmp_path / fmt / ".tmp.123").write_text("a crashed write's leftover")
+        (tmp_path / fmt / "params.safetensors.tmp.123").write_text("a killed write's leftover")
         _export(trained, tmp_path / fmt, "--format", fmt)
     project = tmp_path / "project"
     project.mkdir()
@@ -521,6 +521,30 @@ def test_export_never_writes_over_or_beside_files_it_did_not_make(trained, tmp_p
     assert export_cli.held_out_eval(str(trained), jumprelu.load(str(trained)), None) == {}  # l0 left empty
 
 
+def test_a_checkpoint_deleted_by_the_running_training_is_not_called_damaged(trained, tmp_path, monkeypatch, caplog):
+    """Found by an audit: `jumprelu refit` beside a running training failed (3 of 6 tries at
+    ckpt.every_steps=10) when the run's rotation deleted the step being read."""
+    import shutil
+
+    from jumprelu.export import load as load_module
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    real = load_module._load_step
+
+    def rotated_while_read(ckpt, path, step, member):
+        if step == steps[-1]:
+            shutil.rmtree(run / "checkpoints" / str(step))
+            raise FileNotFoundError(f"Checkpoint at {run}/checkpoints/{step} not found.")
+        return real(ckpt, path, step, member)
+
+    monkeypatch.setattr(load_module, "_load_step", rotated_while_read)
+    with caplog.at_level("WARNING", logger="jumprelu"):
+        sae = jumprelu.load(str(run))
+    assert sae.step == steps[-2] and "damaged" not in caplog.text
+
+
 def test_a_damaged_member_file_is_one_line_naming_it(trained, tmp_path):
     from jumprelu.errors import WorkdirError
 
@@ -540,6 +564,23 @@ def test_a_failed_atomic_write_leaves_no_temporary(tmp_path):
     with pytest.raises(OSError):
         fs.write_bytes_atomically(str(tmp_path / "taken"), b"data")
     assert [p.name for p in tmp_path.iterdir()] == ["taken"] and not any((tmp_path / "taken").iterdir())
+
+
+def test_a_full_disk_in_an_atomic_write_names_the_file(tmp_path, monkeypatch):
+    """Found by an audit: a buffered write's ENOSPC names no file, so `jumprelu train` said only
+    "No space left on device" when training_curves.png did not fit."""
+    import errno
+
+    from jumprelu import fs
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fs.os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        fs.write_bytes_atomically(str(tmp_path / "training_curves.png"), b"png")
+    assert e.value.filename == str(tmp_path / "training_curves.png") and e.value.errno == errno.ENOSPC
+    assert not list(tmp_path.iterdir())
 
 
 def test_gemma_scope_npz_refuses_a_transcoder(tmp_path):

@@ -55,7 +55,8 @@ def test_every_experiment_loads_and_its_runs_validate(name):
 def test_runlocal_form_trains_a_few_steps(tmp_path, name):
     runs = experiment.expand(experiment.load(name), "runlocal")
     run = runs[-1]  # the last run: for the 9B comparison an attention site with TopK
-    assert run.config.train.steps <= 20 and run.config.sae.width <= 256
+    k = run.config.sae.k if run.config.sae.kind in ("topk", "batchtopk") else 0  # runlocal keeps k (width 2k)
+    assert run.config.train.steps <= 20 and run.config.sae.width <= max(256, 2 * k)
     report = train(run.config, str(tmp_path / "run"))
     assert report["steps"] == run.config.train.steps
     assert "members" in report or report["eval"]["fvu"] > 0
@@ -177,6 +178,51 @@ def test_local_sweep_runs_skips_finished_and_summarises(tmp_path):
     assert out.stdout.count("skip ") == 3 and out.stdout.count("done ") == 1, out.stdout
     with open(os.path.join(root, "sparsity_coefficient=0.1", "report.json")) as f:
         assert json.load(f)["resumed_from_step"] == 20  # finished run resumed at its last checkpoint
+    # Found by an audit: a run of the same name from another config (`recipe:l0=20` then `l0=50` under
+    # one --root) was skipped as finished and summarised as this one's, or resumed with the new config
+    saved = os.path.join(root, "sparsity_coefficient=0.03", "config.json")
+    with open(saved) as f:
+        other = json.load(f)
+    other["train"]["lr"] = 0.5
+    with open(saved, "w") as f:
+        json.dump(other, f)
+    out = _sweep("quickstart:runlocal", "--dry_run", "--root", root)
+    assert out.stdout.count("other config") == 1 and out.stdout.count("finished") == 3, out.stdout
+    out = _sweep("quickstart:runlocal", "--local", "--root", root)
+    assert out.returncode == 1 and out.stdout.count("skip ") == 3, (out.stdout, out.stderr)
+    assert "holds a run of another config (train.lr: 0.5 -> 0.003); give this sweep another --root" in out.stdout
+    with open(os.path.join(root, "sweep_summary.csv")) as f:
+        row = [r for r in csv.DictReader(f) if r["run"] == "sparsity_coefficient=0.03"][0]
+    assert row["status"] == "other config" and not row.get("fvu")
+
+
+def test_smollm2_pareto_refuses_two_kinds_and_a_sweep_target():
+    """Found by an audit: `relu,gated` swept ReLU alone, and a sweep's `target_l0=50` was dropped."""
+    module = experiment.load("smollm2_pareto")
+    with pytest.raises(ConfigError, match="names kinds relu, gated; expected at most one"):
+        experiment.expand(module, "relu,gated")
+    with pytest.raises(ConfigError, match="target_l0 is the single run's, not the sweep's"):
+        experiment.expand(module, "jumprelu,target_l0=50")
+    assert module.get_config("jumprelu,target_l0=50").sae.target_l0 == 50.0
+
+
+def test_a_harvest_experiment_given_to_train_or_sweep_is_one_line(tmp_path):
+    """Found by an audit: `train --config harvest/gemma2` and `sweep harvest/gemma2` were tracebacks."""
+    with pytest.raises(ConfigError, match="gemma2.py: not a training experiment .*jumprelu harvest --config"):
+        experiment.expand(experiment.load("harvest/gemma2"))
+    cmd = [sys.executable, "-m", "jumprelu", "train", "--config", "harvest/gemma2", "--workdir", str(tmp_path / "w")]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not a training experiment" in out.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_runlocal_keeps_each_runs_k():
+    """Found by an audit: runlocal capped k at 16 after the sweep's overrides, so the runs named
+    k=32 ... k=320 all trained k=16; the width grows instead."""
+    for name, arg in (("smollm2_pareto", "topk,runlocal"), ("gemma2_9b_comparison", "runlocal,layer=20,site=attn")):
+        runs = [r for r in experiment.expand(experiment.load(name), arg) if r.config.sae.kind == "topk"]
+        assert [r.config.sae.k for r in runs] == [r.overrides["sae.k"] for r in runs] and len(runs) > 3
+        assert all(r.config.sae.width >= max(256, 2 * r.config.sae.k) for r in runs)
 
 
 def test_sigterm_to_the_sweep_driver_stops_its_run_with_a_checkpoint(tmp_path):

@@ -442,6 +442,9 @@ def test_training_further_does_not_go_back_into_the_batchtopk_phase(tmp_path, ti
         if "batchtopk_phase" in m
     }
     assert max(phase) == 60 and {p for s, p in phase.items() if s > 10} == {0.0} and phase[min(phase)] == 1.0
+    # found by an audit: with a target the log's λ was the unused warm-up schedule, not the controller's
+    logged = [m for m in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "sparsity_coefficient_adaptive" in m]
+    assert logged and all(m["sparsity_coefficient"] == m["sparsity_coefficient_adaptive"] for m in logged)
 
 
 def test_options_train_stacked(tmp_path, tiny_config):

@@ -77,7 +77,7 @@ def check_output(path: str, fmt: str, hub: bool = False) -> None:
 
 def _foreign_entries(path: str, fmt: str, hub: bool) -> list[str]:
     """The entries of an existing OUT directory that an export in this format did not write."""
-    names = sorted(n for n in os.listdir(path) if not n.startswith(".tmp."))  # a crashed write's leftovers
+    names = sorted(n for n in os.listdir(path) if ".tmp." not in n)  # a killed write's temporary (fs)
     if not hub:
         ours = names and _MARKER[fmt] in names  # a config.json alone may be a model's, not an export's
         return [n for n in names if n not in _WRITES[fmt] or not ours]

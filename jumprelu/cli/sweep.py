@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from jumprelu.cli import common
 
+# finished runs are skipped and interrupted ones resume, in the sweep driver as in each run's process
+RESUMES = "finished runs are skipped, the others resume from their last checkpoint"
+
 
 def run(argv: list[str]) -> int:
     from jumprelu.errors import UserError
@@ -13,3 +16,8 @@ def run(argv: list[str]) -> int:
         return sweep.main(common.underscore_flags(argv))
     except UserError as e:
         return common.fail(e)
+    # a read-only or full --root (the summary, a run's config.json or report), Ctrl-C at start-up
+    except (KeyboardInterrupt, OSError) as e:
+        if (status := common.resumable_failure(e, RESUMES)) is None:
+            raise
+        return status

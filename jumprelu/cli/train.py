@@ -34,6 +34,9 @@ def run(argv: list[str]) -> int:
 
         common.quiet_libraries(flags.FLAGS)
         try:
+            from jumprelu.launch.experiment import require_training
+
+            require_training(config.value, "--config")  # a harvest experiment: one line, not AttributeError
             if config.value.data.source == "lm":  # rows from the language model: imports gemma
                 from jumprelu import config as config_lib
 

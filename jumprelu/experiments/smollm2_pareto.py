@@ -32,6 +32,7 @@ target L0 as TopK is over k. Every kind gets the same data, token budget, width 
 import os
 
 from jumprelu.config import base_config
+from jumprelu.errors import ConfigError
 from jumprelu.launch import experiment
 from jumprelu.recipes import apply_recipe
 
@@ -50,6 +51,8 @@ SWEEP = {
 
 def _kind(args: dict) -> str | None:
     chosen = [k for k in KINDS if experiment.flag(args, k, "smollm2_pareto")]
+    if len(chosen) > 1:  # the first was taken and the others dropped without a word
+        raise ConfigError(f"smollm2_pareto argument names kinds {', '.join(chosen)}; expected at most one")
     return chosen[0] if chosen else None
 
 
@@ -91,6 +94,9 @@ def get_sweep(arg=None):
     args = experiment.parse_arg(arg, ARGS, "smollm2_pareto")
     chosen = _kind(args)
     paper = experiment.flag(args, "paper", "smollm2_pareto")
+    if "target_l0" in args:  # the sweep sets every run's target (SWEEP) and would ignore this one
+        one_run = "`jumprelu train --config smollm2_pareto:jumprelu,target_l0=T` trains that one target"
+        raise ConfigError(f"smollm2_pareto argument target_l0 is the single run's, not the sweep's; {one_run}")
     runs = []
     for kind in [chosen] if chosen else KINDS:
         field, values = SWEEP["jumprelu_paper" if kind == "jumprelu" and paper else kind]

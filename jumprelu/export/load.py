@@ -21,6 +21,7 @@ from jumprelu.train import guard
 from jumprelu.train.checkpoint import MEMBER_FILE, Checkpointer, checkpoint_dir, member_dir
 from jumprelu.train.failures import reason
 
+_RELISTS = 20  # listings tried while a running training keeps deleting the step being read
 log = logging.getLogger("jumprelu")
 
 
@@ -56,16 +57,33 @@ def load(path: str | os.PathLike, step: int | None = None, member: int | None = 
             return _load_step(ckpt, path, step, member)
         if not ckpt.steps():
             raise FileNotFoundError(f"{checkpoint_dir(path)}: holds no complete checkpoint")
-        damaged = []
-        for candidate in ckpt.steps():
-            try:
-                return _load_step(ckpt, path, candidate, member)
-            except CheckpointError as e:
-                damaged.append(str(e))
-                log.warning("%s; trying the previous checkpoint", e)
+        damaged, tried = [], set()
+        for _ in range(_RELISTS):
+            for candidate in [s for s in ckpt.steps() if s not in tried]:
+                try:
+                    return _load_step(ckpt, path, candidate, member)
+                except (CheckpointError, FileNotFoundError) as e:
+                    if _rotated_away(ckpt, candidate):  # a run training on deleted it (ckpt.keep) as we read
+                        break
+                    tried.add(candidate)
+                    damaged.append(str(e))
+                    log.warning("%s; trying the previous checkpoint", e)
+            else:
+                break
+        if not damaged:
+            gone = f"each checkpoint read was deleted by the run training into it, {_RELISTS} times; try again"
+            raise CheckpointError(f"{checkpoint_dir(path)}: {gone}")
         raise CheckpointError(f"{checkpoint_dir(path)}: no intact checkpoint ({'; '.join(damaged)})")
     finally:
         ckpt.close()
+
+
+def _rotated_away(ckpt: Checkpointer, step: int) -> bool:
+    """Whether `step` is gone from a fresh listing: deleted by the training run's rotation while it
+    was read (a refit or evaluate beside a running training), so the newer steps are listed again
+    rather than the step called damaged."""
+    ckpt.reload()
+    return step not in ckpt.steps()
 
 
 def _index(value, name: str) -> int | None:

@@ -199,6 +199,7 @@ def expand(module, arg: str | None = None) -> list[Run]:
     sizes): by the experiment's own `runlocal(cfg)` if it has one, else by `sweeps.runlocal`.
     """
     base = module.get_config(arg)
+    require_training(base, getattr(module, "__file__", None) or module.__name__)
     sweep = module.get_sweep(arg) if hasattr(module, "get_sweep") else [{}]
     shrink = None
     if flag(parse_arg(arg), "runlocal"):
@@ -223,6 +224,15 @@ def expand(module, arg: str | None = None) -> list[Run]:
     return runs
 
 
+def require_training(cfg, name: str) -> None:
+    """A one-line ConfigError when an experiment's config is not a training run's (a harvest's)."""
+    if not all(field in cfg for field in ("data", "sae", "train")):
+        what = "jumprelu harvest --config" if "model" in cfg or "sites" in cfg else "jumprelu train"
+        raise ConfigError(
+            f"{name}: not a training experiment (its config has no data, sae and train fields); is it for `{what}`?"
+        )
+
+
 def runlocal(c: ml_collections.ConfigDict, keep_data: bool = False) -> ml_collections.ConfigDict:
     """Shrinks any experiment to a CPU smoke test of seconds: same kind and recipe, tiny sizes.
 
@@ -240,7 +250,9 @@ def runlocal(c: ml_collections.ConfigDict, keep_data: bool = False) -> ml_collec
         c.sae.target_l0_held_out_rows = 256
     c.sae.width = 256
     if c.sae.kind in kinds.names() and "k" in kinds.spec(c.sae.kind).config_fields():  # others refuse a k
-        c.sae.k = min(c.sae.k, 16)
+        # k is kept: a sweep's runs named k=32 and k=128 must train those k (capping k made them one
+        # run); the width grows instead where k needs it
+        c.sae.width = max(c.sae.width, 2 * c.sae.k)
         c.sae.aux_k = min(c.sae.aux_k, 64)
     c.train.update(steps=20, batch_size=256, lr_warmup_steps=5, sparsity_warmup_steps=10)
     c.ckpt.keep = 2

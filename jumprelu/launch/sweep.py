@@ -43,12 +43,43 @@ def default_root(experiment: str, arg: str | None) -> str:
     return "runs/" + name + (("_" + re.sub(r"[^\w=.+-]", "-", arg)) if arg else "")
 
 
-def status(workdir: str) -> str:
+def status(workdir: str, config=None) -> str:
+    """new, interrupted (resumes from its last checkpoint), finished, or "other config": the
+    workdir holds a run whose config.json is not `config` (the same run name from another
+    experiment argument, e.g. `l0=20` then `l0=50` under one --root), which must be neither
+    reported as this run nor resumed as it."""
+    started = fs.exists(fs.join(workdir, "checkpoints"))
+    if (
+        config is not None
+        and (started or fs.exists(fs.join(workdir, "report.json")))
+        and config_changes(workdir, config)
+    ):
+        return "other config"
     if fs.exists(fs.join(workdir, "report.json")):
         return "finished"
-    if fs.exists(fs.join(workdir, "checkpoints")):
-        return "interrupted"  # resumes from its last checkpoint
-    return "new"
+    return "interrupted" if started else "new"
+
+
+def config_changes(workdir: str, config) -> list[str]:
+    """'field: saved -> wanted' for each field where the run's saved config.json differs from
+    `config`; fields the config leaves None (d_model, an estimated scale) are the run's to fill in."""
+    file = fs.join(workdir, "config.json")
+    if not fs.exists(file):
+        return []
+    try:
+        saved = _flat(json.loads(fs.read_text(file)))
+    except ValueError:
+        return [f"{file}: not readable JSON"]
+    wanted = _flat(json.loads(json.dumps(config.to_dict())))
+    keys = sorted(k for k in set(saved) | set(wanted) if wanted.get(k) is not None and saved.get(k) != wanted.get(k))
+    return [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in keys]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _value(v) -> str:
@@ -59,7 +90,7 @@ def dry_run(spec: str, runs: list[experiments.Run], root: str) -> str:
     lines = [f"{len(runs)} runs of {spec} under {root}"]
     for i, run in enumerate(runs):
         overrides = " ".join(f"{k}={_value(v)}" for k, v in run.overrides.items()) or "(base config)"
-        lines.append(f"[{i}] {status(run.workdir(root)):<11} {run.workdir(root)}\n      {overrides}")
+        lines.append(f"[{i}] {status(run.workdir(root), run.config):<12} {run.workdir(root)}\n      {overrides}")
     return "\n".join(lines)
 
 
@@ -106,9 +137,19 @@ def run_local(spec: str, runs: list[experiments.Run], root: str, parallel: int) 
 
     def launch(run: experiments.Run):
         workdir = run.workdir(root)
-        if status(workdir) == "finished":
+        state = status(workdir, run.config)
+        if state == "finished":
             print(f"skip    {run.name} (finished)", flush=True)
             return run.name, "skipped"
+        if state == "other config":
+            changes = config_changes(workdir, run.config)
+            more = f" and {len(changes) - 2} more" if len(changes) > 2 else ""
+            print(
+                f"FAILED  {run.name}: {workdir} holds a run of another config ({'; '.join(changes[:2])}{more}); "
+                "give this sweep another --root",
+                flush=True,
+            )
+            return run.name, EXIT_USER_ERROR
         cmd = [sys.executable, "-m", "jumprelu", "sweep", spec, "--root", root, "--run_one", run.name]
         pipe = subprocess.PIPE if parallel > 1 else None  # keep each run's output together
         with lock:
@@ -150,7 +191,7 @@ def summary_rows(runs: list[experiments.Run], root: str) -> list[dict]:
     rows = []
     for run in runs:
         workdir = run.workdir(root)
-        base = {"run": run.name, "kind": run.config.sae.kind, "status": status(workdir)}
+        base = {"run": run.name, "kind": run.config.sae.kind, "status": status(workdir, run.config)}
         if base["status"] != "finished":
             rows.append(base)
             continue

@@ -42,7 +42,9 @@ def make_train_step(
         (loss_value, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = sae.constrain(optax.apply_updates(state.params, updates))
-        metrics = dict(metrics, sparsity_coefficient=lam, lr=learning_rate(state.step))
+        # the λ the loss applied: with a target L0 the controller's, not the (unused) warm-up schedule
+        applied = metrics.get("sparsity_coefficient_adaptive", lam)
+        metrics = dict(metrics, sparsity_coefficient=applied, lr=learning_rate(state.step))
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats)
         if skip_nonfinite:
             new = guard.skip_if_nonfinite(new, state, loss_value)
