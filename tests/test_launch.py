@@ -204,6 +204,8 @@ def test_smollm2_pareto_refuses_two_kinds_and_a_sweep_target():
     with pytest.raises(ConfigError, match="target_l0 is the single run's, not the sweep's"):
         experiment.expand(module, "jumprelu,target_l0=50")
     assert module.get_config("jumprelu,target_l0=50").sae.target_l0 == 50.0
+    with pytest.raises(ConfigError, match="argument tokens must be at least one batch of 1024, found 100"):
+        module.get_config("tokens=100")  # named train.steps, which the user did not set
 
 
 def test_a_harvest_experiment_given_to_train_or_sweep_is_one_line(tmp_path):

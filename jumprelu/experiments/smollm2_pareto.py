@@ -68,7 +68,12 @@ def get_config(arg=None):
     c.sae.width = 4096
     c.sae.threshold_param = "raw"
     c.train.batch_size = 1024
-    c.train.steps = experiment.number(args, "tokens", 512_000, "smollm2_pareto", int) // c.train.batch_size
+    tokens = experiment.number(args, "tokens", 512_000, "smollm2_pareto", int)
+    if tokens < c.train.batch_size:  # 0 steps, which validate() would blame on train.steps
+        raise ConfigError(
+            f"smollm2_pareto argument tokens must be at least one batch of {c.train.batch_size}, found {tokens}"
+        )
+    c.train.steps = tokens // c.train.batch_size
     c.train.lr = 3e-3
     c.train.lr_warmup_steps = 50
     c.train.sparsity_warmup_steps = 100
