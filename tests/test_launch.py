@@ -218,6 +218,19 @@ def test_a_harvest_experiment_given_to_train_or_sweep_is_one_line(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
+    """Found by an audit: Ctrl-C while the modules imported was a traceback, and while XLA compiled
+    the step the interpreter's teardown segfaulted (exit 139)."""
+    for delay in (0.5, 1.5, 2.5, 3.0):
+        cmd = [sys.executable, "-m", "jumprelu", "train", "--config", "recipe:l0=20,runlocal"]
+        child = subprocess.Popen([*cmd, "--workdir", str(tmp_path / f"w{delay}")], stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=120)
+        assert child.returncode == 130 and "Traceback" not in err and "Fatal Python error" not in err, (delay, err)
+        assert err.strip().splitlines()[-1].startswith("jumprelu: interrupted; run the same command again")
+
+
 def test_runlocal_keeps_each_runs_k():
     """Found by an audit: runlocal capped k at 16 after the sweep's overrides, so the runs named
     k=32 ... k=320 all trained k=16; the width grows instead."""

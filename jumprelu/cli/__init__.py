@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         code = _run(list(sys.argv[1:] if argv is None else argv))
         sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at the interpreter's exit
         return code
+    except KeyboardInterrupt:  # Ctrl-C while the command's modules import: nothing has started yet
+        from jumprelu.cli.common import interrupted
+
+        interrupted("nothing had started")
     except BrokenPipeError:  # `jumprelu store summary S | head -1`: the reader left, which is no error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
         return 141  # 128 + SIGPIPE, as a shell reports a command its pipe stopped
