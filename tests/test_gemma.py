@@ -198,6 +198,13 @@ def test_several_sites_from_one_pass_equal_separate_harvests_and_resume_per_stor
         DataError, match=r"attn_l1: already complete, from another harvest \(extra.seq_len 32, this run's 16\)"
     ):
         harvest(_cfg(world, sites=("resid", "mlp", "attn"), layers=(1,), store=resumed, seq_len=16))
+    # found by an audit: another checkpoint (Gemma 2 9B and 9B-it share a model name) or another LM
+    # precision was not compared, so a complete store of it was kept beside this harvest's
+    other = tmp_path / "same_weights_other_path"
+    other.symlink_to(world["dir"] / "ckpt")
+    for over, field in (({"checkpoint": str(other)}, "extra.checkpoint"), ({"dtype": "bfloat16"}, "extra.lm_dtype")):
+        with pytest.raises(DataError, match=rf"attn_l1: already complete, from another harvest \({field} "):
+            harvest(_cfg(world, sites=("resid", "mlp", "attn"), layers=(1,), store=resumed, **over))
     again = harvest(_cfg(world, sites=("resid", "mlp", "attn"), layers=(1,), store=resumed))
     assert again["already_complete"] == [resumed.format(site="attn", layer=1)]
     assert again["resumed_from"][0] == 0 and again["resumed_from"][1] > 0  # resid, mlp
@@ -249,6 +256,11 @@ def test_config_argument_expands_sites_and_layers():
         ({"shard_rows": -5}, "config field shard_rows must be a positive integer or unset, found -5"),
         ({"batch_sequences": 0}, "config field batch_sequences must be a positive integer, found 0"),
         ({"max_tokens": -1}, "config field max_tokens must be a positive integer or unset, found -1"),
+        # found by an audit: tracebacks or "no rows were written" after the model loaded, each leaving a
+        # store in progress that refused the corrected rerun
+        ({"texts": ("latin1.txt",)}, r"latin1.txt: not UTF-8 text \(byte 6: invalid continuation byte\)"),
+        ({"texts": ("latin1.jsonl",)}, r"latin1.jsonl, line 1: not UTF-8 text"),
+        ({"texts": ("empty.txt",)}, r"empty.txt: holds no document \(an empty file\?\)"),
     ],
 )
 def test_texts_and_store_fields_are_checked_before_the_model_loads(world, tmp_path, over, message):
@@ -258,6 +270,11 @@ def test_texts_and_store_fields_are_checked_before_the_model_loads(world, tmp_pa
 
     if over.get("texts") == ("EVAL",):
         over["texts"] = (f"{world['dir']}/eval.jsonl",)
+    (tmp_path / "latin1.txt").write_bytes("Le café est chaud.".encode("latin-1"))
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "café"}\n'.encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    if over.get("texts", ("/",))[0] in ("latin1.txt", "latin1.jsonl", "empty.txt"):
+        over["texts"] = (str(tmp_path / over["texts"][0]),)
     with pytest.raises(DataError, match=message) as e:
         harvest(_cfg(world, store=str(tmp_path / "s"), checkpoint="/nope/ckpt", **over))
     assert "\n" not in str(e.value) and not (tmp_path / "s").exists()
@@ -278,12 +295,17 @@ def test_lm_evaluation_sizes_are_checked_before_the_model_loads(world, field, va
     [
         ({"tokenizer": "/nope/tok.model"}, "tokenizer /nope/tok.model: no such file"),
         ({"checkpoint": "/nope/ckpt"}, "checkpoint /nope/ckpt: no such directory"),
+        # a directory that holds no Gemma checkpoint (another model's is the same error): was a traceback
+        ({"checkpoint": "WORLD"}, "does not hold this model's parameters .another size or family, or not a Gemma"),
         ({"layer": 7}, "layer 7 is out of range: this model has layers 0..1"),
         ({"site": "attn_out"}, "unknown site 'attn_out'"),
     ],
 )
 def test_bad_paths_and_sites_give_one_line_errors(world, tmp_path, over, message):
     from jumprelu.harvest.run import harvest
+
+    if over.get("checkpoint") == "WORLD":
+        over["checkpoint"] = str(world["dir"])
 
     with pytest.raises(DataError, match=message) as e:
         harvest(_cfg(world, store=str(tmp_path / "s"), **over))

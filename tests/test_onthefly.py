@@ -279,3 +279,13 @@ def test_lm_source_without_the_lm_and_the_cli_error_are_one_line(world, tmp_path
     assert out.stderr.strip().splitlines()[-1] == (
         "jumprelu: error: config field data.shuffle_buffer_rows must be a positive integer, found 0"
     )
+
+
+def test_chat_template_is_refused_rather_than_ignored():
+    """Found by an audit: `onthefly:...,chat_template=True` trained without the template, silently."""
+    from jumprelu.launch import experiment
+
+    module = experiment.load("onthefly")
+    with pytest.raises(ConfigError, match="onthefly argument chat_template: on-the-fly training does not apply"):
+        module.get_config("tiny=/w,site=resid,layer=1,chat_template=True")
+    assert module.get_config("tiny=/w,site=resid,layer=1,chat_template=False").data.source == "lm"

@@ -19,6 +19,7 @@ the usual CPU smoke test on synthetic data.
 """
 
 from jumprelu.config import LM_FIELDS, base_config
+from jumprelu.errors import ConfigError
 from jumprelu.experiments.harvest import gemma2
 from jumprelu.launch import experiment
 
@@ -28,6 +29,11 @@ EXTRA_LM_FIELDS = ("tiny", "dtype", "text_field", "split_paragraphs")
 
 def get_config(arg=None):
     args = experiment.parse_arg(arg, gemma2.ARGS, "onthefly")
+    if experiment.flag(args, "chat_template", "onthefly"):  # was accepted, then ignored
+        raise ConfigError(
+            "onthefly argument chat_template: on-the-fly training does not apply the chat template; harvest "
+            "the conversations into a store (harvest/gemma3:...,chat_template=True) and train on it"
+        )
     lm = gemma2.get_config(arg)
     c = base_config()
     c.data.source = "lm"

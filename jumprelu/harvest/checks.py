@@ -15,11 +15,13 @@ def check_before_loading(cfg) -> None:
     from jumprelu.harvest import text as text_lib
 
     for path in cfg.texts:
-        documents = text_lib.iter_documents([path], cfg.text_field)
-        if path.endswith((".jsonl", ".json", ".npy")):
-            next(documents, None)  # reads one line, or checks the token ids' dtype and range
-        elif not os.path.isfile(path):
+        if not os.path.isfile(path):
             raise DataError(f"text source {path}: no such file")
+        # reads a .txt whole (as the harvest does) or a JSONL's first document, or checks the token
+        # ids' dtype and range: an undecodable or empty file left an in-progress store naming it
+        documents = text_lib.iter_documents([path], cfg.text_field, bool(cfg.get("split_paragraphs", False)))
+        if next(documents, None) is None:
+            raise DataError(f"text source {path}: holds no document (an empty file?)")
     if not (isinstance(cfg.seq_len, int) and cfg.seq_len >= 2):
         raise DataError(f"config field seq_len must be an integer >= 2 (BOS and a token), found {cfg.seq_len!r}")
     if cfg.shard_rows is not None and not (isinstance(cfg.shard_rows, int) and cfg.shard_rows > 0):
@@ -67,6 +69,10 @@ def check_complete_stores(cfg, complete: list[str]) -> None:
         "extra.text_field": cfg.text_field,
         "extra.split_paragraphs": bool(cfg.split_paragraphs),
         "extra.chat_template": bool(cfg.get("chat_template", False)),
+        # another checkpoint of the same model name (Gemma 2 9B and 9B-it are both gemma2_9b), or the
+        # forward in another precision, gives other activations
+        "extra.checkpoint": cfg.checkpoint,
+        "extra.lm_dtype": cfg.dtype,
     }
     for path in complete:
         meta = read_metadata(path)

@@ -256,7 +256,14 @@ def load_params(path: str, target):
     if "://" not in path and not os.path.isdir(path):
         raise DataError(f"checkpoint {path}: no such directory (expected a Gemma orbax checkpoint)")
     path = os.path.abspath(path) if "://" not in path else path
-    return gm.ckpts.load_params(path, params=target, donate=False)
+    try:
+        return gm.ckpts.load_params(path, params=target, donate=False)
+    except (ValueError, KeyError, FileNotFoundError) as e:  # another model's tree, or not a checkpoint
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise DataError(
+            f"checkpoint {path}: does not hold this model's parameters (another size or family, or not a "
+            f"Gemma checkpoint): {first}"
+        ) from None
 
 
 def sites_fn(model: Gemma, sites):

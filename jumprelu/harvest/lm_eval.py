@@ -83,7 +83,8 @@ def evaluate_lm(sae, lm_cfg) -> dict:
     )
 
     special = tokenizer.special
-    seqs = text_lib.sequences(list(lm_cfg.eval.texts), tokenizer, lm_cfg.seq_len, lm_cfg.text_field)
+    paragraphs = bool(lm_cfg.get("split_paragraphs", False))  # as the harvest packed its texts
+    seqs = text_lib.sequences(list(lm_cfg.eval.texts), tokenizer, lm_cfg.seq_len, lm_cfg.text_field, paragraphs)
     seqs = itertools.islice(seqs, lm_cfg.eval.sequences)
     seqs = collect_lib.host_sequences(seqs, process, processes, special)
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}

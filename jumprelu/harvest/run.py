@@ -214,6 +214,7 @@ def harvest(cfg) -> dict:
                 "text_field": cfg.text_field,
                 "split_paragraphs": bool(cfg.split_paragraphs),
                 "chat_template": bool(cfg.get("chat_template", False)),
+                "lm_dtype": cfg.dtype,  # the forward's precision: a resume in another would mix them
             },
             **part,
         )

@@ -160,8 +160,8 @@ def iter_documents(paths: list[str], text_field: str = "text", split_paragraphs:
                 )
             yield from ([np.asarray(ids)] if ids.ndim == 1 else (np.asarray(row) for row in ids))
         elif path.endswith((".jsonl", ".json")):
-            with open(path) as f:
-                for n, line in enumerate(f, 1):
+            with open(path, encoding="utf-8") as f:
+                for n, line in _utf8_lines(path, f):
                     if not line.strip():
                         continue
                     try:
@@ -178,9 +178,23 @@ def iter_documents(paths: list[str], text_field: str = "text", split_paragraphs:
                         )
                     yield value
         else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except UnicodeDecodeError as e:
+                raise DataError(f"text source {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
             yield from ([p for p in text.split("\n\n") if p.strip()] if split_paragraphs else [text])
+
+
+def _utf8_lines(path: str, f):
+    """(line number, line) of a text file opened as UTF-8; a byte that is not UTF-8 is a DataError
+    naming the file and line, not a UnicodeDecodeError traceback."""
+    n = 0
+    try:
+        for n, line in enumerate(f, 1):  # noqa: B007 -- n names the failing line below
+            yield n, line
+    except UnicodeDecodeError as e:
+        raise DataError(f"text source {path}, line {n + 1}: not UTF-8 text ({e.reason})") from None
 
 
 def _check_conversation(messages: list, where: str) -> None:
