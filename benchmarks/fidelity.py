@@ -150,6 +150,20 @@ def our_config(trainer: str, target: int, args, store: str):
     return cfg
 
 
+def check_configs(p, args, targets: list[int]) -> None:
+    """Every config our trainers will get, with the --override fields (a misspelt one trained the
+    recipe under its label), is valid: one line before anything is written or trained."""
+    from jumprelu.config import validate
+    from jumprelu.errors import ConfigError
+
+    for trainer in {t.removesuffix("_refit") for t in args.kinds.split(",") if t and t not in PEERS}:
+        for target in targets:
+            try:
+                validate(our_config(trainer, target, args, "store"))
+            except ConfigError as e:
+                p.error(f"{trainer} at L0 {target} with --override {' '.join(args.override) or '(none)'}: {e}")
+
+
 def config_sha(trainer: str, target: int, args, store: str) -> str:
     """A short hash of the config our trainer gets: finished runs are reused only for the same one,
     so a change of recipe or baseline in the code is trained afresh, not read back."""
@@ -298,6 +312,18 @@ def main() -> None:
     unknown = [t for t in args.kinds.split(",") if t and t not in OURS + PEERS]
     if unknown:
         p.error(f"--kinds: unknown trainer {unknown[0]!r}; expected some of {','.join(OURS + PEERS)}")
+    try:
+        divisors = [int(d) for d in args.matryoshka_divisors.split(",")]
+    except ValueError:
+        divisors = []
+    if not divisors or min(divisors) <= 0:
+        p.error(
+            f"--matryoshka_divisors must be positive integers separated by commas, found {args.matryoshka_divisors!r}"
+        )
+    check_configs(p, args, targets)
+    if not np.issubdtype(np.load(args.data, mmap_mode="r").dtype, np.floating):  # a bf16 store's uint16 shard
+        p.error(f"{args.data}: expected float activations, found dtype {np.load(args.data, mmap_mode='r').dtype}")
+    args.out = os.path.abspath(args.out)  # the store path enters each run's config hash: one spelling
     os.makedirs(args.out, exist_ok=True)
     train_npy, eval_npy, store = split(args.data, args.out, args.eval_rows, args.seed, args.window_rows)
     eval_rows = np.load(eval_npy)

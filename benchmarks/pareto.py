@@ -27,9 +27,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import config_hash, ensure_store, train_run  # noqa: E402
-from jumprelu.config import controller_rows  # noqa: E402
+from jumprelu.config import controller_rows, validate  # noqa: E402
 from jumprelu.core.init import report_rows  # noqa: E402
-from jumprelu.errors import Diverged  # noqa: E402
+from jumprelu.errors import ConfigError, Diverged  # noqa: E402
 from jumprelu.evaluate import pareto, plots  # noqa: E402
 from jumprelu.launch import experiment  # noqa: E402
 
@@ -61,6 +61,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="override train.steps (token budget = steps × batch)")
     p.add_argument("--targets", default="20,50,100", help="L0 values at which to interpolate FVU")
     args = p.parse_args()
+    # checked before anything is written or trained (found by an audit: --targets was read after every
+    # run had trained, a bad --width failed at the third run, --steps 0 was the default budget)
+    try:
+        targets = [float(t) for t in args.targets.split(",")]
+    except ValueError:
+        p.error(f"--targets must be numbers separated by commas, found {args.targets!r}")
+    for name in ("width", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            p.error(f"--{name} must be > 0, found {getattr(args, name)}")
+    args.out = os.path.abspath(args.out)  # the store path enters each run's config hash: one spelling
 
     name, arg = experiment.split(args.experiment)
     runs = every_run = experiment.expand(experiment.load(name), arg)
@@ -69,14 +79,18 @@ def main() -> None:
         runs = [r for r in runs if r.config.sae.kind in wanted]
     if not runs:  # before anything is written: earlier results stay
         p.error(f"--kinds {args.kinds}: no run of {args.experiment} has that kind")
-    os.makedirs(args.out, exist_ok=True)
-    store = ensure_store(args.data, args.out)
-    extra = {"data.source": store, "log.progress": False}
+    extra = {"log.progress": False}
     if args.width:
         extra["sae.width"] = args.width
     if args.steps:
         extra["train.steps"] = args.steps
-
+    for run in runs:
+        try:
+            validate(experiment.apply_overrides(run.config, extra))
+        except ConfigError as e:
+            p.error(f"run {run.name} with --width {args.width} --steps {args.steps}: {e}")
+    os.makedirs(args.out, exist_ok=True)
+    extra["data.source"] = ensure_store(args.data, args.out)
     configs = [experiment.apply_overrides(run.config, extra) for run in runs]
     # every kind on the same held-out rows: all but those a target-L0 controller of the sweep reads
     # (of the whole sweep, so that --kinds picks the same rows)
@@ -109,12 +123,11 @@ def main() -> None:
     width = runs[0].config.sae.width if not args.width else args.width
     tokens = points[0]["tokens"] if points else 0
     plots.plot_pareto(points, os.path.join(args.out, "pareto.png"), title=f"width {width}, {tokens:,} tokens per SAE")
-    targets = [float(t) for t in args.targets.split(",")]
     fvus = pareto.table(points, targets)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     summary = {
         "command": command,
-        "store": os.path.abspath(store),
+        "store": os.path.abspath(extra["data.source"]),
         "width": width,
         "tokens_per_run": tokens,
         "wall_s": round(time.perf_counter() - t0, 1),

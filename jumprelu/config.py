@@ -107,9 +107,12 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def set_fields(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
-    """Sets {"section.field": value, ...} on c (in place; returns c)."""
+    """Sets {"section.field": value, ...} on c (in place; returns c). A field the config does not
+    have is a ConfigError: a misspelt one (`sae.bandwith`) would otherwise be added and change nothing."""
     for dotted, value in values.items():
-        section, field = dotted.split(".")
+        section, _, field = dotted.partition(".")
+        if section not in c or not isinstance(c[section], ml_collections.ConfigDict) or field not in c[section]:
+            raise ConfigError(f"the config has no field {dotted!r} (a misspelt name would change nothing)")
         c[section][field] = value
     return c
 

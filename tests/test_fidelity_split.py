@@ -74,6 +74,10 @@ def test_a_line_torn_by_a_crash_is_ended_before_the_next(tmp_path):
         (["--targets", "20,x"], "--targets must be integers"),
         (["--eval_rows", "0"], "--eval_rows must be > 0"),
         (["--kinds", "topk,saelens_batchtopk"], "--kinds: unknown trainer 'saelens_batchtopk'"),
+        # found by an audit: a misspelt field trained the recipe under the override's label
+        (["--override", "sae.bandwith=0.05"], "--override sae.bandwith=0.05: the config has no field 'sae.bandwith'"),
+        (["--override", "train.lr=-1"], "config field train.lr must be finite and > 0"),
+        (["--matryoshka_divisors", "8,0"], "--matryoshka_divisors must be positive integers"),  # was a traceback
     ],
 )
 def test_bad_arguments_stop_before_any_work(tmp_path, flags, message, capsys, monkeypatch):
@@ -87,3 +91,12 @@ def test_bad_arguments_stop_before_any_work(tmp_path, flags, message, capsys, mo
     with pytest.raises(SystemExit):
         fidelity.main()
     assert "none.npy: no such file" in capsys.readouterr().err
+
+
+def test_integer_rows_are_refused(tmp_path, capsys, monkeypatch):
+    """Found by an audit: a bf16 store's uint16 shard trained on its bit patterns."""
+    np.save(tmp_path / "bits.npy", np.ones((10, 4), np.uint16))
+    monkeypatch.setattr("sys.argv", ["fidelity.py", str(tmp_path / "bits.npy"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        fidelity.main()
+    assert "bits.npy: expected float activations, found dtype uint16" in capsys.readouterr().err

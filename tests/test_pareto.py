@@ -26,3 +26,28 @@ def test_table_and_markdown():
     assert t["relu"] == {20: None, 50: None}
     md = pareto.markdown_table(t)
     assert md.splitlines()[0] == "| kind | FVU @ L0=20 | FVU @ L0=50 |" and "| relu | — | — |" in md
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--targets", "20,x"], "--targets must be numbers separated by commas, found '20,x'"),
+        (["--width", "64"], "run kind=jumprelu_target_l0=64 with --width 64 --steps None: config field sae.target_l0"),
+        (["--steps", "0"], "--steps must be > 0, found 0"),
+    ],
+)
+def test_bad_arguments_stop_before_anything_trains(tmp_path, flags, message):
+    """Found by an audit: --targets was read after every run had trained (a traceback, and a
+    pareto.json of the previous invocation beside the new CSV), a bad --width failed at the third
+    run, and --steps 0 trained the experiment's default budget."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    np.save(tmp_path / "acts.npy", np.zeros((100, 8), np.float32))
+    cmd = [sys.executable, "benchmarks/pareto.py", "--data", str(tmp_path / "acts.npy"), "--out", str(tmp_path / "o")]
+    out = subprocess.run([*cmd, "--kinds", "topk,jumprelu", *flags], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 2 and message in out.stderr and not (tmp_path / "o").exists(), out.stderr

@@ -199,7 +199,7 @@ def expand(module, arg: str | None = None) -> list[Run]:
     sizes): by the experiment's own `runlocal(cfg)` if it has one, else by `sweeps.runlocal`.
     """
     base = module.get_config(arg)
-    require_training(base, getattr(module, "__file__", None) or module.__name__)
+    require_training(base, getattr(module, "__file__", None) or getattr(module, "__name__", "the experiment"))
     sweep = module.get_sweep(arg) if hasattr(module, "get_sweep") else [{}]
     shrink = None
     if flag(parse_arg(arg), "runlocal"):
