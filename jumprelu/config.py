@@ -226,6 +226,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for axis in ("data", "model"):
         n = c.mesh[axis]
         _check(isinstance(n, int) and (n > 0 or n == -1), f"mesh.{axis}", "a positive integer or -1", n)
+    if c.mesh.data == -1 and c.mesh.model == -1:  # here too, so `jumprelu tpu run` refuses it before the workers
+        raise ConfigError("config fields mesh.data and mesh.model cannot both be -1")
     _check(c.ckpt.every_steps > 0, "ckpt.every_steps", "> 0", c.ckpt.every_steps)
     _check(c.ckpt.keep > 0, "ckpt.keep", "> 0", c.ckpt.keep)
     _check(c.log.every_steps > 0, "log.every_steps", "> 0", c.log.every_steps)

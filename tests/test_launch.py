@@ -432,7 +432,7 @@ def test_tpu_run_checks_the_experiment_here_and_a_failing_gcloud_is_one_line(tmp
         (["--config", "quickstart", "--config.train.stepz=3"], "the config has no field train.stepz"),
         (["--config", "quickstart", "--config.data.scale=abc"], "could not convert string to float: 'abc'"),
         (["--config", "quickstart", "--config.train.steps=0"], "config field train.steps must be a positive"),
-        (["--sweep", "smollm2_pareto:tokens=100"], "sweep run kind=jumprelu_target_l0=16: config field train.steps"),
+        (["--sweep", "smollm2_pareto:tokens=100"], "smollm2_pareto argument tokens must be at least one batch of 1024"),
         (["--sweep", "gemma2_9b_comparison:site=resd"], "site must be one of resid, mlp, attn, found 'resd'"),
         (["--config", "gemma_scope_ladder:width=abc"], "gemma_scope_ladder argument width must be a number"),
         (["--config", str(tmp_path / "mine.py")], "a path outside this checkout"),
@@ -464,6 +464,21 @@ def test_a_v5e_slice_is_created_under_gcloud_s_name_for_it(capsys):
     tpu.main(["create", "sae-pod", "--accelerator", "v5e-8", "--zone", "z", "--project", "p", "--dry_run"])
     create = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ gcloud")]
     assert "--accelerator-type=v5litepod-8 --runtime-version=v2-alpha-tpuv5-lite" in create[0], create
+
+
+def test_tpu_refuses_what_every_worker_would_fail_on(capsys):
+    """Found by an audit: `--mount_bucket gs://b` made `/gcs/gs://b`, `v5p-7` was 3 chips, and a
+    mesh of -1 by -1 passed the preflight to fail on each worker."""
+    common = ["--zone", "z", "--project", "p", "--dry_run"]
+    with pytest.raises(SystemExit) as e:
+        tpu.main(["setup", "s", "--mount_bucket", "gs://my-bucket", *common])
+    assert e.value.code == 2 and "--mount_bucket 'gs://my-bucket': expected a bucket name" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="v5p names count TensorCores, 2 per chip: expected a multiple of 2"):
+        tpu.parse_accelerator("v5p-7")
+    with pytest.raises(ConfigError, match="mesh.data and mesh.model cannot both be -1"):
+        c = experiment.load("quickstart").get_config()
+        c.mesh.update(data=-1, model=-1)
+        validate(c)
 
 
 def test_tpu_dry_run_for_a_two_host_slice(capsys):

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import re
 
+from jumprelu.errors import UserError
+
 # name -> (JAX devices per unit of the slice name, HBM GiB per device, peak bf16 TFLOP/s
 #          per device, ICI Gbit/s per device). From public Cloud TPU spec sheets. v2-v4 and
 #          v5p names count TensorCores (v4/v5p: 2 per chip, one JAX device per chip);
@@ -141,6 +143,13 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
         ],
     }
     comm_s = 0.0
+    if topo.get("peak_tflops") and not topo.get("ici_gbps") and any(c.bytes for c in colls):
+        # a bare device count with --peak_tflops knows no interconnect: its collectives would count as
+        # 0 ms (an audit saw MFU 119% for a step that is 63% with them)
+        raise UserError(
+            f"--ici_gbps is needed with --peak_tflops for {topo['devices']} devices: the step's collectives "
+            f"({len(colls)}) take time on the interconnect; give its Gbit/s per device, or a chip's topology"
+        )
     if topo.get("ici_gbps"):
         comm_s = sum(hlo_stats.ring_bytes_per_device(c) for c in colls) / (topo["ici_gbps"] * 1e9 / 8)
     if topo.get("hbm_gib"):

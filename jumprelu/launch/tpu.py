@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import shlex
 import subprocess
 import sys
@@ -69,7 +70,11 @@ def parse_accelerator(name: str) -> tuple[str, int]:
     generation, _, size = accelerator_type(name).rpartition("-")
     if generation not in RUNTIMES or not size.isdigit():
         raise ConfigError(f"--accelerator {name!r}: expected GENERATION-SIZE with generation in {sorted(RUNTIMES)}")
-    chips = int(size) // _NAME_UNITS_PER_CHIP[generation]
+    units = _NAME_UNITS_PER_CHIP[generation]
+    if int(size) % units:  # v5p-7 was taken for 3 chips, as `jumprelu plan` refuses it
+        per_chip = f"{generation} names count TensorCores, {units} per chip"
+        raise ConfigError(f"--accelerator {name!r}: {per_chip}: expected a multiple of {units}")
+    chips = int(size) // units
     if chips <= _SINGLE_HOST_CHIPS.get(generation, 0):
         return generation, 1
     return generation, max(1, chips // _CHIPS_PER_HOST[generation])
@@ -218,6 +223,9 @@ def main(argv: list[str]) -> int:
         if missing:
             p.error(f"{args.command} needs {' '.join(missing)}")
 
+    if args.mount_bucket and not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]", args.mount_bucket):
+        # a gs:// URL or a path made `/gcs/gs://b` and an unquoted shell word on every worker
+        p.error(f"--mount_bucket {args.mount_bucket!r}: expected a bucket name (my-bucket), not a URL or path")
     if args.command in ("create", "watch"):
         need("accelerator")
         generation, hosts = parse_accelerator(args.accelerator)
