@@ -321,8 +321,9 @@ def main() -> None:
             f"--matryoshka_divisors must be positive integers separated by commas, found {args.matryoshka_divisors!r}"
         )
     check_configs(p, args, targets)
-    if not np.issubdtype(np.load(args.data, mmap_mode="r").dtype, np.floating):  # a bf16 store's uint16 shard
-        p.error(f"{args.data}: expected float activations, found dtype {np.load(args.data, mmap_mode='r').dtype}")
+    dtype = np.load(args.data, mmap_mode="r").dtype
+    if not np.issubdtype(dtype, np.floating):  # a bf16 store's uint16 shard
+        p.error(f"{args.data}: expected float activations, found dtype {dtype}")
     args.out = os.path.abspath(args.out)  # the store path enters each run's config hash: one spelling
     os.makedirs(args.out, exist_ok=True)
     train_npy, eval_npy, store = split(args.data, args.out, args.eval_rows, args.seed, args.window_rows)

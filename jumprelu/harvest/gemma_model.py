@@ -259,10 +259,11 @@ def load_params(path: str, target):
     try:
         return gm.ckpts.load_params(path, params=target, donate=False)
     except (ValueError, KeyError, FileNotFoundError) as e:  # another model's tree, or not a checkpoint
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        from jumprelu.train.failures import reason  # orbax's error as one line
+
         raise DataError(
             f"checkpoint {path}: does not hold this model's parameters (another size or family, or not a "
-            f"Gemma checkpoint): {first}"
+            f"Gemma checkpoint): {reason(e)}"
         ) from None
 
 
