@@ -193,3 +193,21 @@ def test_planner_reads_d_model_from_a_store_source(tmp_path, mesh_config):
     w.close()
     mesh_config.data.source = str(tmp_path / "s")
     assert plan(_set_mesh(mesh_config, (8, 1)), parse_topology("8"))["d_model"] == 24
+
+
+def test_planner_input_rate_counts_the_stores_bytes(tmp_path, mesh_config):
+    """A bfloat16 store moves 2 bytes a value: the input GB/s is half a float32 store's at the same step."""
+    from jumprelu.launch.plan import summary
+
+    rates = {}
+    for dtype in ("float32", "bfloat16"):
+        w = StoreWriter(str(tmp_path / dtype), d_model=32, dtype=dtype)
+        w.append(np.ones((16, 32), np.float32))
+        w.close()
+        mesh_config.data.source = str(tmp_path / dtype)
+        r = plan(_set_mesh(mesh_config, (1, 8)), parse_topology("v5p-16"))
+        rates[dtype] = r["input_gb_per_s"]
+        B = mesh_config.train.batch_size
+        assert rates[dtype] == pytest.approx(B * 32 * (4 if dtype == "float32" else 2) / r["step_ms_estimate"] / 1e6)
+        assert f"input {rates[dtype]:.2f} GB/s" in summary(r)
+    assert rates["bfloat16"] == pytest.approx(rates["float32"] / 2)

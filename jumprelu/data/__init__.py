@@ -20,7 +20,16 @@ from jumprelu.store import Store, checksum, open_store
 from jumprelu.store import format as store_format
 from jumprelu.store.metadata import read_metadata
 
-__all__ = ["BatchStream", "DataError", "TrainingRows", "open_source", "make_stream", "ground_truth", "source_d_model"]
+__all__ = [
+    "BatchStream",
+    "DataError",
+    "TrainingRows",
+    "open_source",
+    "make_stream",
+    "ground_truth",
+    "source_d_model",
+    "source_row_itemsize",
+]
 
 LM_SOURCE = "lm"  # data.source: rows computed by the language model during training (jumprelu.harvest.onthefly)
 
@@ -165,6 +174,17 @@ def source_d_model(data_cfg) -> int:
     if data_cfg.source == LM_SOURCE:
         raise ConfigError(f"config field data.d_model must be set for data.source {LM_SOURCE!r} (the site's width)")
     return int(read_metadata(data_cfg.source)["d_model"])
+
+
+def source_row_itemsize(data_cfg) -> int | None:
+    """Bytes per stored activation value the pipeline reads (2 for a bfloat16 store, 4 for float32
+    and the synthetic source), without reading rows; None for on-the-fly LM activations, which
+    are made on the device, not read."""
+    if data_cfg.source == "synthetic":
+        return 4
+    if data_cfg.source == LM_SOURCE:
+        return None
+    return int(store_format.file_dtype(read_metadata(data_cfg.source)["dtype"]).itemsize)
 
 
 def ground_truth(data_cfg):

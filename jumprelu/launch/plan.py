@@ -90,7 +90,7 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
     import jax
 
     from jumprelu.core import backend
-    from jumprelu.data import source_d_model
+    from jumprelu.data import source_d_model, source_row_itemsize
     from jumprelu.launch import hlo_stats
     from jumprelu.train import program, sharding
 
@@ -171,8 +171,10 @@ def plan(cfg, topo: dict, matmul_efficiency: float = 1.0) -> dict:
             # over every chip of the slice, idle ones too
             mfu_estimate=out["model_flops_12BdM"] / (topo["devices"] * topo["peak_tflops"] * 1e12 * step_s),
             hfu_estimate=out["flops_per_step"] / (topo["devices"] * topo["peak_tflops"] * 1e12 * step_s),
-            input_gb_per_s=B * d_model * 4 / step_s / 1e9,
         )
+        itemsize = source_row_itemsize(cfg.data)  # a bfloat16 store moves half a float32 one's bytes
+        if itemsize:
+            out["input_gb_per_s"] = B * d_model * itemsize / step_s / 1e9
     return out
 
 
@@ -201,6 +203,7 @@ def summary(r: dict) -> str:
             + (f" at {r['matmul_passes']} bf16 passes per float32 product" if r.get("matmul_passes", 1) > 1 else "")
             + f" + collectives "
             f"{r['collective_ms']:.1f}), MFU(12BdM) ≈ {100 * r['mfu_estimate']:.0f}%, "
-            f"HFU ≈ {100 * r['hfu_estimate']:.0f}%, input {r['input_gb_per_s']:.2f} GB/s"
+            f"HFU ≈ {100 * r['hfu_estimate']:.0f}%"
+            + (f", input {r['input_gb_per_s']:.2f} GB/s" if "input_gb_per_s" in r else "")
         )
     return "\n".join(lines)
