@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -161,7 +162,10 @@ def _peak_tflops(device_kind: str) -> float | None:
 
 def _batch(a, d_model: int) -> jax.Array:
     if a.data:
-        rows = np.load(a.data, mmap_mode="r")
+        try:
+            rows = np.load(a.data, mmap_mode="r")
+        except (OSError, ValueError) as e:  # not an .npy (np.load's pickle refusal is a ValueError)
+            raise SystemExit(f"--data {a.data}: not a readable .npy array ({e})") from None
         if rows.ndim != 2 or rows.shape[0] < a.batch:
             raise SystemExit(f"--data {a.data}: need a [rows >= {a.batch}, d] array, found {list(rows.shape)}")
         x = np.asarray(rows[: a.batch], np.float32)
@@ -201,15 +205,28 @@ def main() -> None:
         help="sae.matmul_precision: 'default' is the backend's (TF32 on NVIDIA GPUs), 'highest' float32",
     )
     a = p.parse_args()
+    _check_args(a)
+    # the steps, the floor and the encoder product alike
+    with kinds.matmul_precision({"matmul_precision": a.matmul_precision}):
+        print(json.dumps(_measure(a)))
+
+
+def _check_args(a) -> None:
+    """One line for each argument that would otherwise fail deep in the compile, or time nothing."""
+    for flag, value, least in (("--width", a.width, 1), ("--batch", a.batch, 1), ("--d-model", a.d_model, 1),
+                               ("--repeats", a.repeats, 1), ("--warmup", a.warmup, 0)):  # fmt: skip
+        if value < least:
+            raise SystemExit(f"{flag}: expected an integer >= {least}, found {value}")
+    if a.l0 is not None and not 0 < a.l0 < a.width:
+        raise SystemExit(f"--l0: expected a target in (0, --width={a.width}), found {a.l0}")
+    if a.data and not os.path.isfile(a.data):
+        raise SystemExit(f"--data {a.data}: no such file (expected a [rows, d_model] .npy)")
     if a.kind != "jumprelu" and not (a.l0 and a.l0 == int(a.l0)):
         raise SystemExit(f"--kind {a.kind}: give its k as a whole --l0, found {a.l0}")
     if a.phase and not (a.l0 and a.kind == "jumprelu"):
         raise SystemExit("--phase: the BatchTopK phase is the JumpReLU recipe's; give --l0 (and no --kind)")
     if a.sparse_only and not a.l0:
         raise SystemExit("--sparse-only: the sparse step needs --l0 (else no step is timed at all)")
-    # the steps, the floor and the encoder product alike
-    with kinds.matmul_precision({"matmul_precision": a.matmul_precision}):
-        print(json.dumps(_measure(a)))
 
 
 def _measure(a) -> dict:

@@ -3,6 +3,7 @@ target L0 all compile, run and report the keys the README's tables are read from
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -29,6 +30,42 @@ def test_step_benchmark_refuses_phase_without_a_target_l0():
     cmd = [sys.executable, "benchmarks/step.py", "--width", "256", "--batch", "64", "--phase"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--phase" in proc.stderr.strip().splitlines()[-1]
+
+
+def _step_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("step_benchmark", os.path.join(ROOT, "benchmarks", "step.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--width", "0"], "--width: expected an integer >= 1, found 0"),
+        (["--batch", "-4"], "--batch: expected an integer >= 1, found -4"),
+        (["--repeats", "0"], "--repeats: expected an integer >= 1, found 0"),
+        (["--l0", "0"], "--l0: expected a target in (0, --width=4096), found 0.0"),
+        (["--width", "64", "--l0", "64"], "--l0: expected a target in (0, --width=64), found 64.0"),
+        (["--data", "/nonexistent/rows.npy"], "--data /nonexistent/rows.npy: no such file"),
+        (["--data", "NOT_NPY"], "not a readable .npy array"),
+    ],
+)
+def test_step_benchmark_refuses_bad_arguments_in_one_line(args, message, tmp_path, monkeypatch):
+    """Before anything compiles: a width of 0 was an XLA shape error, an --l0 of 0 timed the dense step
+    alone as if no target had been given, a text file as --data was numpy's pickle traceback."""
+    bad = tmp_path / "rows.txt"
+    bad.write_text("not an array\n")
+    args = [str(bad) if a == "NOT_NPY" else a for a in args]
+    monkeypatch.setattr(sys, "argv", ["step.py", *args])
+    step = _step_module()
+    monkeypatch.setattr(step, "_measure", lambda a: pytest.fail("measured despite bad arguments"))
+    if args[0] == "--data" and args[1] == str(bad):  # the file exists: refused when it is read
+        monkeypatch.setattr(step, "_measure", lambda a: step._batch(a, 16))
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        step.main()
 
 
 PEER_PYTHON = os.path.join(ROOT, "benchmarks", "peers", ".venv", "bin", "python")
