@@ -31,9 +31,9 @@ from jumprelu.core.kinds.jumprelu_options import (
     Recipe,
     config_fields,
     init_stats,
-    sparse_plan,
     validate,
 )
+from jumprelu.core.kinds.jumprelu_step_plan import sparse_plan
 from jumprelu.core.sae import SAEBase
 
 
