@@ -24,6 +24,7 @@ import ml_collections  # noqa: E402
 from jumprelu.errors import ConfigError, DataError  # noqa: E402
 from jumprelu.harvest import gemma_model  # noqa: E402
 from jumprelu.harvest import text as text_lib  # noqa: E402
+from jumprelu.harvest import tokenizer as tokenizer_lib  # noqa: E402
 from jumprelu.store import open_store  # noqa: E402
 from tests.test_train import ROOT  # noqa: E402
 
@@ -166,8 +167,8 @@ def _by_hand(tok, turns):
 
 
 def test_chat_template_masks_exactly_the_template_tokens(world, tmp_path):
-    plain = text_lib.SentencePieceTokenizer(str(world["dir"] / "tok.model"))
-    tok = text_lib.SentencePieceTokenizer(str(world["dir"] / "tok.model"), chat_template=True)
+    plain = tokenizer_lib.SentencePieceTokenizer(str(world["dir"] / "tok.model"))
+    tok = tokenizer_lib.SentencePieceTokenizer(str(world["dir"] / "tok.model"), chat_template=True)
     convs = [
         [{"role": "system", "content": "be brief."}, {"role": "user", "content": "the cat sat."},
          {"role": "assistant", "content": "on the mat."}, {"role": "user", "content": "then?"}],
@@ -233,7 +234,7 @@ def test_chat_template_needs_the_turn_pieces(tmp_path):
         minloglevel=2,
     )
     with pytest.raises(DataError, match=r"tok.model: no <start_of_turn> piece; chat_template needs"):
-        text_lib.SentencePieceTokenizer(str(tmp_path / "tok.model"), chat_template=True)
+        tokenizer_lib.SentencePieceTokenizer(str(tmp_path / "tok.model"), chat_template=True)
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +261,7 @@ def test_harvest_plain_and_chat_store_only_content_tokens(world, chat_store, tmp
     content = collections.Counter()
     with open(world["dir"] / "chat.jsonl") as f:
         for line in f:
-            for turn in text_lib._gemma_turns(json.loads(line)["messages"]):
+            for turn in tokenizer_lib._gemma_turns(json.loads(line)["messages"]):
                 content.update(world["tok"].encode(turn[1]))
     assert chat_store["rows"] == sum(content.values())
     store = open_store(str(chat_store["path"]))
@@ -300,7 +301,7 @@ def test_end_to_end_gemma3_it_harvest_train_evaluate_with_delta_lm_loss(world, c
     assert out.returncode == 0, out.stderr[-2000:]
     with open(run / "eval.json") as f:
         lm = json.load(f)["lm"]
-    tok = text_lib.SentencePieceTokenizer(str(world["dir"] / "tok.model"), chat_template=True)
+    tok = tokenizer_lib.SentencePieceTokenizer(str(world["dir"] / "tok.model"), chat_template=True)
     seqs = list(text_lib.sequences([str(world["dir"] / "chat_eval.jsonl")], tok, 32, "messages"))[:8]
     scored = sum(int((text_lib.keep_mask(s, tok.special)[:-1] & (s[1:] != tok.special.pad)).sum()) for s in seqs)
     assert lm["scored_tokens"] == scored and lm["sequences"] == 8

@@ -9,10 +9,11 @@ import pytest
 from jumprelu.errors import DataError
 from jumprelu.harvest import collect as collect_lib
 from jumprelu.harvest import text as text_lib
+from jumprelu.harvest.tokenizer import SpecialIds
 from jumprelu.store import StoreWriter, open_store
 from tests.test_store import _all_rows
 
-SPECIAL = text_lib.SpecialIds(bos=2, eos=1, pad=0)
+SPECIAL = SpecialIds(bos=2, eos=1, pad=0)
 
 
 class CharTokenizer:

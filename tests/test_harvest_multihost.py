@@ -254,7 +254,7 @@ def test_two_process_delta_lm_loss_equals_one_process(world):
 
 def test_host_sequences_split_the_texts_and_cut_at_max_rows_as_one_process_does(world):
     from jumprelu.harvest import collect, text
-    from jumprelu.harvest.text import SentencePieceTokenizer
+    from jumprelu.harvest.tokenizer import SentencePieceTokenizer
 
     tok = SentencePieceTokenizer(str(world / "tok.model"))
     seqs = list(text.sequences([str(world / "train.txt")], tok, 32, split_paragraphs=True))

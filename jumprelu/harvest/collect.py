@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from jumprelu.errors import DataError
 from jumprelu.harvest import text as text_lib
+from jumprelu.harvest.tokenizer import SpecialIds
 from jumprelu.store import StoreWriter
 
 
@@ -31,7 +32,7 @@ def host_sequences(
     seqs: Iterator[np.ndarray],
     process: int,
     processes: int,
-    special: text_lib.SpecialIds,
+    special: SpecialIds,
     max_rows: int | None = None,
 ) -> Iterator[np.ndarray]:
     """This process's share of the packed sequences: sequence i belongs to process i mod `processes`.
@@ -61,7 +62,7 @@ def collect(
     seqs: Iterator[np.ndarray],
     activations: Callable[[np.ndarray], Sequence[np.ndarray]],
     writers: Sequence[StoreWriter],
-    special: text_lib.SpecialIds,
+    special: SpecialIds,
     batch_sequences: int,
     max_rows: int | None = None,
     progress: bool = True,

@@ -80,9 +80,10 @@ def store_contexts(store_path: str, before: int = 24, after: int = 8, tokenizer=
 
     def contexts(coords: np.ndarray) -> list[dict]:
         from jumprelu.harvest import text as text_lib
+        from jumprelu.harvest import tokenizer as tokenizer_lib
 
         chat = bool(extra.get("chat_template"))  # absent before Gemma 3: no chat template
-        tok = tokenizer or text_lib.SentencePieceTokenizer(tokenizer_path, chat_template=chat)
+        tok = tokenizer or tokenizer_lib.SentencePieceTokenizer(tokenizer_path, chat_template=chat)
         parts, rows = part_rows(meta, coords)
         # per part, its wanted rows in harvest order, and how far the replay has come through them
         todo = {int(k): sorted(set(rows[parts == k].tolist())) for k in np.unique(parts)}

@@ -42,12 +42,12 @@ def load_lm(cfg, pairs=None) -> LanguageModel:
 
     from jumprelu.errors import DataError
     from jumprelu.harvest import gemma_model
-    from jumprelu.harvest import text as text_lib
+    from jumprelu.harvest import tokenizer as tokenizer_lib
 
     for field in ("checkpoint", "tokenizer"):
         if not cfg[field]:
             raise DataError(f"config field {field} is empty: set --config.{field}=PATH")
-    tokenizer = text_lib.SentencePieceTokenizer(cfg.tokenizer, chat_template=bool(cfg.get("chat_template", False)))
+    tokenizer = tokenizer_lib.SentencePieceTokenizer(cfg.tokenizer, chat_template=bool(cfg.get("chat_template", False)))
     model = gemma_model.make_model(cfg.model, model_config(cfg, tokenizer), dtype=jnp.dtype(cfg.dtype))
     sites = []
     for site, layer in pairs or [(cfg.site, cfg.layer)]:

@@ -49,7 +49,7 @@ def make(directory: str, num_layers: int = 2, embed_dim: int = 64, family: str =
     import sentencepiece as spm
 
     from jumprelu.harvest import gemma_model
-    from jumprelu.harvest import text as text_lib
+    from jumprelu.harvest import tokenizer as tokenizer_lib
 
     if family not in gemma_model.FAMILIES:
         raise ValueError(f"unknown family {family!r}: expected one of {gemma_model.FAMILIES}")
@@ -65,7 +65,7 @@ def make(directory: str, num_layers: int = 2, embed_dim: int = 64, family: str =
         with open(os.path.join(directory, "chat_eval.jsonl"), "w") as f:  # held out: the LM evaluation's
             f.writelines(json.dumps(c) + "\n" for c in _conversations(4, 12))
         gemma3 = dict(
-            user_defined_symbols=[text_lib.START_OF_TURN, text_lib.END_OF_TURN],
+            user_defined_symbols=[tokenizer_lib.START_OF_TURN, tokenizer_lib.END_OF_TURN],
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
         )
@@ -84,7 +84,7 @@ def make(directory: str, num_layers: int = 2, embed_dim: int = 64, family: str =
         minloglevel=2,
         **gemma3,
     )
-    tok = text_lib.SentencePieceTokenizer(os.path.join(directory, "tok.model"))
+    tok = tokenizer_lib.SentencePieceTokenizer(os.path.join(directory, "tok.model"))
     config = gemma_model.tiny_config(tok.vocab_size, num_layers, embed_dim, family)
     name = {v: k for k, v in gemma_model.TINY.items()}[family]
     model = gemma_model.make_model(name, config, dtype=jnp.float32)
