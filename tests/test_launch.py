@@ -11,8 +11,7 @@ import time
 import pytest
 
 from jumprelu.config import ConfigError, validate
-from jumprelu.launch import experiment, tpu
-from jumprelu.launch import sweep as sweep_cli
+from jumprelu.launch import experiment, sweep_summary, tpu
 from jumprelu.train.loop import train
 
 EXPERIMENTS = sorted(
@@ -277,15 +276,15 @@ def test_sweeps_sharing_a_root_share_its_summary(tmp_path):
         {"run": "kind=topk_k=20", "kind": "topk", "status": "finished", "tokens": 100, "l0": 20.0, "fvu": 0.2},
         {"run": "kind=topk_k=50", "kind": "topk", "status": "finished", "tokens": 100, "l0": 50.0, "fvu": 0.15},
     ]
-    sweep_cli.write_summary(first, root)
+    sweep_summary.write_summary(first, root)
     second = [{"run": "kind=jumprelu_l0=20/sae-0", "kind": "jumprelu", "status": "finished", "l0": 19.5, "fvu": 0.18}]
-    table = sweep_cli.write_summary(second, root)
+    table = sweep_summary.write_summary(second, root)
     with open(tmp_path / "sweep_summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["run"] for r in rows] == ["kind=topk_k=20", "kind=topk_k=50", "kind=jumprelu_l0=20/sae-0"]
     assert float(rows[1]["fvu"]) == 0.15 and "kind=topk_k=50" in table
     again = [dict(second[0], fvu=0.17), {"run": "kind=jumprelu_l0=50", "kind": "jumprelu", "status": "running"}]
-    sweep_cli.write_summary(again, root)
+    sweep_summary.write_summary(again, root)
     with open(tmp_path / "sweep_summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["run"], r["fvu"]) for r in rows][2:] == [
@@ -294,7 +293,7 @@ def test_sweeps_sharing_a_root_share_its_summary(tmp_path):
     ]
     assert len(rows) == 4 and (tmp_path / "sweep_summary.png").exists()
     (tmp_path / "sweep_summary.csv").unlink()
-    sweep_cli.write_summary(second, root)  # one point: no plot, and not the old one
+    sweep_summary.write_summary(second, root)  # one point: no plot, and not the old one
     assert not (tmp_path / "sweep_summary.png").exists()
 
 
@@ -302,7 +301,7 @@ def test_stacked_sweep_summarises_each_member(tmp_path):
     root = str(tmp_path / "stacked")
     out = _sweep("quickstart:runlocal,stacked", "--local", "--root", root)
     assert out.returncode == 0, out.stderr
-    rows = sweep_cli.summary_rows(experiment.expand(experiment.load("quickstart"), "runlocal,stacked"), root)
+    rows = sweep_summary.summary_rows(experiment.expand(experiment.load("quickstart"), "runlocal,stacked"), root)
     assert [r["sparsity_coefficient"] for r in rows] == [0.003, 0.01, 0.03, 0.1]
     assert all(r["run"].endswith(f"/sae-{i}") for i, r in enumerate(rows))
 

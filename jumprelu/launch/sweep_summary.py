@@ -1,0 +1,117 @@
+"""What a sweep's runs have done: each run's status from its workdir (new, interrupted, finished,
+or another config's run under the same name), and the summary table of their held-out metrics,
+ROOT/sweep_summary.csv (with the rows of other sweeps sharing ROOT) and its L0-FVU plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from jumprelu import fs
+from jumprelu.launch import experiment as experiments
+
+SUMMARY_CSV, SUMMARY_PNG = "sweep_summary.csv", "sweep_summary.png"
+
+
+def status(workdir: str, config=None) -> str:
+    """new, interrupted (resumes from its last checkpoint), finished, or "other config": the
+    workdir holds a run whose config.json is not `config` (the same run name from another
+    experiment argument, e.g. `l0=20` then `l0=50` under one --root), which must be neither
+    reported as this run nor resumed as it."""
+    started = fs.exists(fs.join(workdir, "checkpoints"))
+    if (
+        config is not None
+        and (started or fs.exists(fs.join(workdir, "report.json")))
+        and config_changes(workdir, config)
+    ):
+        return "other config"
+    if fs.exists(fs.join(workdir, "report.json")):
+        return "finished"
+    return "interrupted" if started else "new"
+
+
+def config_changes(workdir: str, config) -> list[str]:
+    """'field: saved -> wanted' for each field where the run's saved config.json differs from
+    `config`; fields the config leaves None (d_model, an estimated scale) are the run's to fill in."""
+    file = fs.join(workdir, "config.json")
+    if not fs.exists(file):
+        return []
+    try:
+        saved = _flat(json.loads(fs.read_text(file)))
+    except ValueError:
+        return [f"{file}: not readable JSON"]
+    wanted = _flat(json.loads(json.dumps(config.to_dict())))
+    keys = sorted(k for k in set(saved) | set(wanted) if wanted.get(k) is not None and saved.get(k) != wanted.get(k))
+    return [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in keys]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def summary_rows(runs: list[experiments.Run], root: str) -> list[dict]:
+    """One row per trained SAE (a stacked run gives one per member) from the runs' report.json."""
+    from jumprelu.train.checkpoint import member_item  # late: the dry run should not import orbax
+
+    rows = []
+    for run in runs:
+        workdir = run.workdir(root)
+        base = {"run": run.name, "kind": run.config.sae.kind, "status": status(workdir, run.config)}
+        if base["status"] != "finished":
+            rows.append(base)
+            continue
+        report = json.loads(fs.read_text(fs.join(workdir, "report.json")))
+        stacked = "members" in report
+        for member in report["members"] if stacked else [report]:
+            e = member.get("eval") or {}
+            row = dict(base, tokens=member["tokens"])
+            if stacked:
+                name = f"{run.name}/{member_item(member['member'])}"
+                row.update(run=name, sparsity_coefficient=member["sparsity_coefficient"])
+            row.update({k: e[k] for k in ("l0", "fvu", "dead_fraction", "dense_fraction") if k in e})
+            rows.append(row)
+    return rows
+
+
+def _with_other_sweeps(rows: list[dict], root: str) -> list[dict]:
+    """The rows other sweeps (another experiment or argument) wrote to ROOT's summary, then this
+    sweep's, which replace its own earlier ones: ROOT's summary is of every run in it."""
+    file = fs.join(root, SUMMARY_CSV)
+    if not fs.exists(file):
+        return rows
+    mine = {r["run"].split("/")[0] for r in rows}  # a stacked member's row is RUN/sae-i
+    kept = [r for r in csv.DictReader(io.StringIO(fs.read_text(file))) if r.get("run", "").split("/")[0] not in mine]
+    return [{k: experiments.parse_value(v) for k, v in r.items() if k and v not in ("", None)} for r in kept] + rows
+
+
+def write_summary(rows: list[dict], root: str) -> str:
+    rows = _with_other_sweeps(rows, root)
+    fields = ["run", "kind", "status", "tokens", "l0", "fvu", "dead_fraction", "dense_fraction"]
+    fields += sorted({k for r in rows for k in r} - set(fields))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fields)
+    w.writeheader()
+    w.writerows(rows)
+    fs.makedirs(root)
+    fs.write_text_atomically(fs.join(root, SUMMARY_CSV), buf.getvalue())
+    points = [{"kind": r["kind"], "l0": r["l0"], "fvu": r["fvu"]} for r in rows if r.get("l0", 0) > 0 and "fvu" in r]
+    if len(points) >= 2:
+        from jumprelu.evaluate.plots import plot_pareto
+
+        png = io.BytesIO()
+        plot_pareto(points, png, title=root)
+        fs.write_bytes_atomically(fs.join(root, SUMMARY_PNG), png.getvalue())
+    elif fs.exists(fs.join(root, SUMMARY_PNG)):  # not left to show points the csv no longer has
+        fs.remove(fs.join(root, SUMMARY_PNG))
+    lines = [f"{'run':<60} {'status':<11} {'L0':>8} {'FVU':>8} {'dead':>6}"]
+    for r in rows:
+        l0 = f"{r['l0']:8.2f}" if "l0" in r else f"{'':8}"
+        fvu = f"{r['fvu']:8.4f}" if "fvu" in r else f"{'':8}"
+        dead = f"{100 * r['dead_fraction']:5.1f}%" if "dead_fraction" in r else ""
+        lines.append(f"{r['run']:<60} {r['status']:<11} {l0} {fvu} {dead}")
+    return "\n".join(lines)
