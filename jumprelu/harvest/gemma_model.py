@@ -81,45 +81,6 @@ def family(name: str) -> str:
     raise DataError(f"unknown model {name!r}: expected one of {sorted(MODELS)} or {sorted(TINY)}")
 
 
-def tiny_config(vocab_size: int, num_layers: int = 2, embed_dim: int = 64, family: str = "gemma2"):
-    """A config small enough for tests with its family's features.
-
-    gemma2: alternating local/global attention, GQA, post-attention and post-FFW norms, logit
-    soft-caps, as in 2B/9B/27B. gemma3: QK norm, no soft-caps, transposed gating einsum,
-    local/global RoPE bases 10K/1M with the global scale factor 8 of 4B-27B; its layers
-    alternate local/global too (not 5:1), so that two layers exercise both kinds.
-    """
-    if family not in FAMILIES:
-        raise DataError(f"unknown tiny model family {family!r}: expected one of {FAMILIES}")
-    kinds = (gm.nn.AttentionType.LOCAL_SLIDING, gm.nn.AttentionType.GLOBAL)
-    common = dict(
-        num_embed=vocab_size,
-        embed_dim=embed_dim,
-        hidden_dim=2 * embed_dim,
-        num_heads=4,
-        head_dim=16,
-        num_kv_heads=2,
-        attention_types=tuple(kinds[i % 2] for i in range(num_layers)),
-        use_post_attn_norm=True,
-        use_post_ffw_norm=True,
-        query_pre_attn_norm=gm.nn.config.QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_HEAD_DIM,
-        sliding_window_size=8,
-    )
-    if family == "gemma3":  # QK norm, no soft-caps, Gemma 3's RoPE bases and gating layout
-        return gm.nn.config.TransformerConfig(
-            **common,
-            final_logit_softcap=None,
-            attn_logits_soft_cap=None,
-            use_qk_norm=True,
-            transpose_gating_einsum=True,
-            local_base_frequency=10_000,
-            global_base_frequency=1_000_000,
-            global_scale_factor=8.0,
-            vision_encoder=None,
-        )
-    return gm.nn.config.TransformerConfig(**common, final_logit_softcap=30.0, attn_logits_soft_cap=50.0)
-
-
 def _positions_and_mask(tokens, pad_id: int = 0):
     """gemma's defaults for text: positions count non-pad tokens; causal mask over non-pad keys."""
     valid = tokens != pad_id
@@ -210,7 +171,7 @@ def _interceptor(site: Site, replace=None, captured: dict | None = None):
 def make_model(name: str, config=None, dtype=jnp.bfloat16) -> Gemma:
     if name in TINY:
         if config is None:
-            raise DataError(f"model {name!r} needs a config (gemma_model.tiny_config)")
+            raise DataError(f"model {name!r} needs a config (harvest.tiny.tiny_config)")
         return Gemma(config=config, dtype=dtype)
     family(name)  # the one-line error for an unknown name
     config = MODELS[name].config

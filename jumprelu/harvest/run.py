@@ -273,9 +273,9 @@ def harvest(cfg) -> dict:
 
 def model_config(cfg, tokenizer):
     """The tiny test model's config (vocabulary from the tokenizer); None for the released sizes."""
-    from jumprelu.harvest import gemma_model
+    from jumprelu.harvest import gemma_model, tiny
 
     if cfg.model not in gemma_model.TINY:
         return None
     family = gemma_model.family(cfg.model)
-    return gemma_model.tiny_config(tokenizer.vocab_size, cfg.tiny.num_layers, cfg.tiny.embed_dim, family)
+    return tiny.tiny_config(tokenizer.vocab_size, cfg.tiny.num_layers, cfg.tiny.embed_dim, family)

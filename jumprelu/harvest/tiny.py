@@ -10,7 +10,7 @@ points a harvest or an LM evaluation at them.
 
 Gemma 3's world stands in for the real one where it differs: its tokenizer keeps newlines
 (identity normalisation, as Gemma's) and has the chat pieces <start_of_turn> and <end_of_turn>
-as single tokens, its model has QK norm and no soft-caps (gemma_model.tiny_config), and
+as single tokens, its model has QK norm and no soft-caps (tiny_config), and
 DIR/chat.jsonl holds conversations ({"messages": [{role, content}, ...]}) for an `it`-style
 harvest with the chat template, DIR/chat_eval.jsonl other ones for its LM evaluation.
 """
@@ -41,6 +41,48 @@ def _conversations(seed: int, n: int) -> list[dict]:
             turns.append({"role": "user" if i % 2 == 0 else "model", "content": words + "."})
         out.append({"messages": turns})
     return out
+
+
+def tiny_config(vocab_size: int, num_layers: int = 2, embed_dim: int = 64, family: str = "gemma2"):
+    """A config small enough for tests with its family's features.
+
+    gemma2: alternating local/global attention, GQA, post-attention and post-FFW norms, logit
+    soft-caps, as in 2B/9B/27B. gemma3: QK norm, no soft-caps, transposed gating einsum,
+    local/global RoPE bases 10K/1M with the global scale factor 8 of 4B-27B; its layers
+    alternate local/global too (not 5:1), so that two layers exercise both kinds.
+    """
+    from jumprelu.errors import DataError
+    from jumprelu.harvest.gemma_model import FAMILIES, gm
+
+    if family not in FAMILIES:
+        raise DataError(f"unknown tiny model family {family!r}: expected one of {FAMILIES}")
+    kinds = (gm.nn.AttentionType.LOCAL_SLIDING, gm.nn.AttentionType.GLOBAL)
+    common = dict(
+        num_embed=vocab_size,
+        embed_dim=embed_dim,
+        hidden_dim=2 * embed_dim,
+        num_heads=4,
+        head_dim=16,
+        num_kv_heads=2,
+        attention_types=tuple(kinds[i % 2] for i in range(num_layers)),
+        use_post_attn_norm=True,
+        use_post_ffw_norm=True,
+        query_pre_attn_norm=gm.nn.config.QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_HEAD_DIM,
+        sliding_window_size=8,
+    )
+    if family == "gemma3":  # QK norm, no soft-caps, Gemma 3's RoPE bases and gating layout
+        return gm.nn.config.TransformerConfig(
+            **common,
+            final_logit_softcap=None,
+            attn_logits_soft_cap=None,
+            use_qk_norm=True,
+            transpose_gating_einsum=True,
+            local_base_frequency=10_000,
+            global_base_frequency=1_000_000,
+            global_scale_factor=8.0,
+            vision_encoder=None,
+        )
+    return gm.nn.config.TransformerConfig(**common, final_logit_softcap=30.0, attn_logits_soft_cap=50.0)
 
 
 def make(directory: str, num_layers: int = 2, embed_dim: int = 64, family: str = "gemma2") -> dict:
@@ -85,7 +127,7 @@ def make(directory: str, num_layers: int = 2, embed_dim: int = 64, family: str =
         **gemma3,
     )
     tok = tokenizer_lib.SentencePieceTokenizer(os.path.join(directory, "tok.model"))
-    config = gemma_model.tiny_config(tok.vocab_size, num_layers, embed_dim, family)
+    config = tiny_config(tok.vocab_size, num_layers, embed_dim, family)
     name = {v: k for k, v in gemma_model.TINY.items()}[family]
     model = gemma_model.make_model(name, config, dtype=jnp.float32)
     params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
