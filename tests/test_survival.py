@@ -239,6 +239,30 @@ def test_unusable_workdir_is_one_line_before_any_work(tmp_path, tiny_config, mon
     assert not (tmp_path / "ro" / "synthetic_store").exists()
 
 
+def test_a_folder_of_other_files_is_refused_as_a_workdir(tmp_path, tiny_config):
+    """An audit: a model's config.json and a project's report.json were replaced by the run's without
+    a word. A run's own folder (a config.json of a run's, a lock left by a killed run) is still
+    trained in, and so is a folder whose files the run does not write (a store, notes)."""
+    other = tmp_path / "model"
+    other.mkdir()
+    (other / "config.json").write_text('{"architectures": ["Gemma2ForCausalLM"]}')
+    (other / "report.json").write_text("notes")
+    (other / "notes.txt").write_text("")
+    with pytest.raises(WorkdirError, match=f"^workdir {other} holds config.json, report.json, which no jumprelu"):
+        train(tiny_config, str(other))
+    assert (other / "config.json").read_text() == '{"architectures": ["Gemma2ForCausalLM"]}'
+    assert sorted(p.name for p in other.iterdir()) == ["config.json", "notes.txt", "report.json"]
+    tiny_config.train.steps = 5
+    for i, marker in enumerate(("lock.json", "notes.txt")):  # a killed run's lock; a file runs do not write
+        (tmp_path / f"run{i}").mkdir()
+        (tmp_path / f"run{i}" / marker).write_text("")
+        train(tiny_config, str(tmp_path / f"run{i}"))
+        assert (tmp_path / f"run{i}" / "report.json").exists()
+    (tmp_path / "run0" / "checkpoints").rename(tmp_path / "moved")  # config.json and metrics: a run's
+    tiny_config.train.steps = 10
+    assert train(tiny_config, str(tmp_path / "run0"))["steps"] == 10
+
+
 def test_torn_metrics_line_resumes(tmp_path, tiny_config, caplog):
     """Item 5: half a JSON line at the end of metrics.jsonl (a full disk) no longer blocks the resume."""
     wd = tmp_path / "run"

@@ -213,13 +213,16 @@ class WorkdirLock:
 
 
 @contextlib.contextmanager
-def hold(workdir: str, advice: str = TRAIN_ADVICE):
+def hold(workdir: str, advice: str = TRAIN_ADVICE, check=None):
     """Holds the workdir's lock for the block; process 0 takes it and every process raises if it could not.
-    advice: what a refused caller should do (ends its error)."""
+    advice: what a refused caller should do (ends its error). check: called with the workdir by
+    process 0 before it takes the lock; a WorkdirError it raises is every process's."""
     lock = WorkdirLock(workdir, advice) if jax.process_index() == 0 else None
     error = None
     if lock is not None:
         try:
+            if check is not None:
+                check(workdir)
             lock.acquire()
         except WorkdirError as e:
             error = e
