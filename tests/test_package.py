@@ -152,6 +152,9 @@ def test_cli_errors_are_one_line_with_one_prefix(tmp_path):
         ("train", "--config", "recipe:l0=abc", "--workdir", str(tmp_path / "w")),
         ("train", "--config", "quickstart", "--workdir", str(tmp_path / "w"), "--config.data.source=synthtic"),
         ("train", "--config", str(tmp_path / "plain.cfg"), "--workdir", str(tmp_path / "w")),
+        # found by an audit: an override without its dashes was dropped (the default width trained)
+        ("train", "--config", "quickstart", "--workdir", str(tmp_path / "w"), "config.sae.width=64"),
+        ("refit", "--workdir", str(tmp_path / "w"), "stray"),
     ]
     (tmp_path / "plain.cfg").write_text("width = 512\nsteps: 40\n")
     for args in cases:
@@ -168,7 +171,8 @@ def test_cli_errors_are_one_line_with_one_prefix(tmp_path):
             "--parallel": "--parallel must be >= 1",
             str(tmp_path / "none"): "no such",
         }
-        says |= {"quickstart:stacked=no": "stacked is a flag"}
+        says |= {"quickstart:stacked=no": "stacked is a flag", "stray": "unexpected argument 'stray'"}
+        says |= {"config.sae.width=64": "unexpected argument 'config.sae.width=64' (flags start with --)"}
         assert all(text in lines[0] for arg, text in says.items() if arg in args), (args, lines[0])
 
 

@@ -195,13 +195,15 @@ def absl_run(main, argv: list[str], program: str) -> int:
     # see the underscored spellings too (--config.train.lr-warmup-steps=2)
     was, sys.argv = sys.argv, argv
     try:
-        flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)[1:]  # what is not a flag: absl hands it back, and it was dropped
     except flags.Error as e:
         return fail(f"{program}: {flag_error_line(e)}")
     except Exception as e:  # loading a config file runs the user's code: its error is theirs, in one line
         return fail(f"{program}: {overrides.config_error_message(e, argv)}")
     finally:
         sys.argv = was
+    if rest:  # `config.sae.width=64` without its dashes trained the default width
+        return fail(f"{program}: unexpected argument {rest[0]!r} (flags start with --)")
     quiet_orbax_teardown()
     app.run(lambda _: main(), argv=[program], flags_parser=lambda a: a)
     return 0
