@@ -699,7 +699,9 @@ def test_evaluate_lm_is_checked_against_the_stores_model_site_and_layer():
         return {"data": {"source": "/nowhere"}, "trained_on": {"model": model, "site": site, "layer": layer}}
 
     def lm(arg, harvest="harvest/gemma2"):
-        return ConfigDict(experiment.load(harvest).get_config(arg).to_dict())
+        c = ConfigDict(experiment.load(harvest).get_config(arg).to_dict())
+        c.eval.texts = ("heldout.jsonl",)
+        return c
 
     many = lm("model=gemma2_9b,sites=resid+mlp+attn,layers=9+20+31")  # the store's multi-site harvest config
     check_lm_site(trained("gemma2_9b", "mlp", 9), many)
@@ -714,6 +716,14 @@ def test_evaluate_lm_is_checked_against_the_stores_model_site_and_layer():
         with pytest.raises(UserError, match=message) as e:
             check_lm_site(config, lm(arg))
         assert "\n" not in str(e.value) and "trained on rows of model gemma2_9b" in str(e.value)
+    # found by an audit: a training config was an AttributeError traceback, and an empty eval.texts
+    # was one line, both after the stored rows' evaluation and the LM's import
+    with pytest.raises(UserError, match=r"^--lm: not a harvest config \(it has no 'model' field\)"):
+        check_lm_site(trained("gemma2_9b", "resid", 20), experiment.load("quickstart").get_config(None))
+    no_texts = lm("model=gemma2_9b,layer=20")
+    no_texts.eval.texts = ()
+    with pytest.raises(UserError, match=r"^config field eval.texts is empty"):
+        check_lm_site(trained("gemma2_9b", "resid", 20), no_texts)
 
 
 def test_hub_directory_is_a_saelens_release_with_a_model_card(trained, tmp_path):

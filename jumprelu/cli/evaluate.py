@@ -86,13 +86,29 @@ def check_lm_site(config: dict, lm_cfg) -> None:
     own pair. Models compare by size, so a base model's SAE may be scored on its -it model."""
     from jumprelu.errors import UserError
     from jumprelu.export import hooks
-    from jumprelu.harvest.checks import check_eval_sizes
-    from jumprelu.harvest.run import harvest_sites
+    from jumprelu.harvest.checks import EMPTY_EVAL_TEXTS, check_eval_sizes
 
+    # before the stored rows' evaluation and the LM's import: a training config's missing `eval` was an
+    # AttributeError traceback after both, an empty eval.texts one line after both
+    missing = [field for field in ("model", "eval") if field not in lm_cfg]
+    if missing:
+        raise UserError(
+            f"--lm: not a harvest config (it has no {missing[0]!r} field); pass the harvest experiment of the "
+            "SAE's store, e.g. --lm harvest/gemma2:layer=12"
+        )
     check_eval_sizes(lm_cfg)
     trained = hooks.provenance(config)
-    if trained["model"] == "synthetic":
-        return
+    if trained["model"] != "synthetic":
+        _check_site(trained, lm_cfg)
+    if not lm_cfg.eval.get("texts"):
+        raise UserError(EMPTY_EVAL_TEXTS)
+
+
+def _check_site(trained: dict, lm_cfg) -> None:
+    from jumprelu.errors import UserError
+    from jumprelu.export import hooks
+    from jumprelu.harvest.run import harvest_sites
+
     was_site, was_layer = hooks.canonical_site(trained["site"]) or trained["site"], trained["layer"]
     pairs = [(hooks.canonical_site(s) or s, int(layer)) for s, layer in harvest_sites(lm_cfg)]
     mismatch = None

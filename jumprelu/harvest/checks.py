@@ -33,6 +33,9 @@ def check_before_loading(cfg) -> None:
     require_positive_int(cfg.get("max_tokens"), "max_tokens", optional=True)
 
 
+EMPTY_EVAL_TEXTS = "config field eval.texts is empty: set --lm.eval.texts='(\"heldout.jsonl\",)'"
+
+
 def check_eval_sizes(cfg) -> None:
     """The LM evaluation's sizes (`jumprelu evaluate --lm`), before the model loads."""
     ev = cfg.get("eval")

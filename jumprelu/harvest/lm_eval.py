@@ -30,6 +30,7 @@ from jumprelu.evaluate.metrics import evaluate_rows
 from jumprelu.harvest import collect as collect_lib
 from jumprelu.harvest import gemma_model
 from jumprelu.harvest import text as text_lib
+from jumprelu.harvest.checks import EMPTY_EVAL_TEXTS
 
 
 def sae_replace(k: int | None):
@@ -64,7 +65,7 @@ def evaluate_lm(sae, lm_cfg) -> dict:
     from jumprelu.harvest.run import load_lm, start_processes
 
     if not lm_cfg.eval.texts:
-        raise DataError("config field eval.texts is empty: set --lm.eval.texts='(\"heldout.jsonl\",)'")
+        raise DataError(EMPTY_EVAL_TEXTS)
     process, processes = start_processes(lm_cfg)
     lm = load_lm(lm_cfg)
     tokenizer, model, (site,), mesh, params = lm.tokenizer, lm.model, lm.sites, lm.mesh, lm.params
