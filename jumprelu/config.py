@@ -78,6 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
         sparsity_warmup_steps=10_000,
         adam_b1=0.0,
         adam_b2=0.999,
+        # set: θ's own β2 (its second moment), the other parameters keeping adam_b2; unset: adam_b2 for all
+        adam_b2_thresholds=config_dict.placeholder(float),
         adam_eps=1e-8,
         clip_grad_norm=0.0,  # 0 = off (the papers clip nothing)
         adam_update_clip=0.0,  # > 0: each entry of Adam's direction g/√v̂ clipped to ± this, before lr (paper: 0)
@@ -187,6 +189,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(frac is None or 0 <= frac <= 1, "train.sparsity_warmup_fraction", "in [0, 1] or unset", frac)
     _check(0 <= t.adam_b1 < 1, "train.adam_b1", "in [0, 1)", t.adam_b1)
     _check(0 <= t.adam_b2 < 1, "train.adam_b2", "in [0, 1)", t.adam_b2)
+    b2t = t.get("adam_b2_thresholds")
+    _check(b2t is None or 0 <= b2t < 1, "train.adam_b2_thresholds", "in [0, 1) or unset", b2t)
     _check(t.adam_eps > 0, "train.adam_eps", "> 0", t.adam_eps)
     _check(t.clip_grad_norm >= 0, "train.clip_grad_norm", ">= 0 (0 = off)", t.clip_grad_norm)
     uc = t.get("adam_update_clip", 0.0)

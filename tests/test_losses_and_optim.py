@@ -97,3 +97,27 @@ def test_optimizer_state_structure_is_adam():
     tx = optim.make_optimizer(base_config().train)
     state = tx.init({"W_dec": jnp.ones((2, 2))})
     assert any(isinstance(s, optax.ScaleByAdamState) for s in state)
+
+
+def test_thresholds_own_adam_b2_moves_only_their_second_moment():
+    """train.adam_b2_thresholds: θ's leaves follow Adam at that β2 and every other leaf Adam at
+    train.adam_b2, step for step, in the same state structure (checkpoints stay interchangeable)."""
+    rng = np.random.default_rng(0)
+    params = {"W_enc": jnp.ones((3, 4)), "inner": {"threshold": jnp.ones((4,))}, "b_enc": jnp.zeros((4,))}
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(5)]
+    apart = optim.scale_by_adam_thresholds_apart(0.0, 0.9, 0.999, 1e-8)
+    fast, slow = optax.scale_by_adam(b1=0.0, b2=0.9, eps=1e-8), optax.scale_by_adam(b1=0.0, b2=0.999, eps=1e-8)
+    states = [t.init(params) for t in (apart, fast, slow)]
+    for g in grads:
+        (u, sa), (uf, sf), (us, ss) = [t.update(g, s) for t, s in zip((apart, fast, slow), states, strict=True)]
+        states = [sa, sf, ss]
+        np.testing.assert_allclose(u["inner"]["threshold"], us["inner"]["threshold"], rtol=1e-6)
+        for name in ("W_enc", "b_enc"):
+            np.testing.assert_allclose(u[name], uf[name], rtol=1e-6)
+    # (the first step is g/|g| at any β2, after its bias correction; by the fifth the two differ)
+    assert not np.allclose(u["inner"]["threshold"], uf["inner"]["threshold"], rtol=1e-3)
+    assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
+    # unset (or equal to adam_b2), the optimizer is optax's own Adam, as before
+    t = base_config().train
+    t.adam_b2_thresholds = 0.999
+    assert any(isinstance(s, optax.ScaleByAdamState) for s in optim.make_optimizer(t).init(params))

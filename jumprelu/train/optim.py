@@ -115,6 +115,30 @@ def scale_by_learning_rates(schedule: Schedule, threshold_schedule: Schedule) ->
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def scale_by_adam_thresholds_apart(b1: float, b2: float, b2_theta: float, eps: float) -> optax.GradientTransformation:
+    """optax.scale_by_adam(b1, b2, eps) with θ's leaves (any nesting, stacked or not) keeping their
+    second moment at b2_theta: the same state (count, mu, nu), so checkpoints are interchangeable.
+    A faster-forgetting β2 lets the weights of latents that stopped firing move again sooner, while
+    θ, which sets L0 and is steered by the target-L0 controller, keeps the smoother one."""
+    base = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+
+    def update_fn(updates, state, params=None):
+        del params
+        # the moments and bias corrections exactly as optax's Adam computes them, per leaf
+        b2s = jax.tree.map(lambda th: b2_theta if th else b2, _named(*THRESHOLD_LEAVES)(updates))
+        mu = jax.tree.map(lambda g, m: (1 - b1) * g + b1 * m, updates, state.mu)
+        nu = jax.tree.map(lambda g, v, b: (1 - b) * g**2 + b * v, updates, state.nu, b2s)
+        count = optax.safe_increment(state.count)
+
+        def corrected(moment, decay):
+            return optax.tree.bias_correction(moment, decay, count)
+
+        out = jax.tree.map(lambda m, v, b: corrected(m, b1) / (jnp.sqrt(corrected(v, b)) + eps), mu, nu, b2s)
+        return out, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(base.init, update_fn)
+
+
 def sparsity_warmup_steps(train_cfg) -> int:
     """`train.sparsity_warmup_steps`, or `train.sparsity_warmup_fraction` of `train.steps` when set."""
     fraction = train_cfg.get("sparsity_warmup_fraction")
@@ -138,9 +162,11 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
     parts = [project_decoder_gradient()]
     if train_cfg.clip_grad_norm > 0:  # off by default: the papers clip nothing
         parts.append(optax.clip_by_global_norm(train_cfg.clip_grad_norm))
-    parts += [
-        optax.scale_by_adam(b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=train_cfg.adam_eps),
-    ]
+    b2_theta = train_cfg.get("adam_b2_thresholds")
+    if b2_theta is None or b2_theta == train_cfg.adam_b2:
+        parts.append(optax.scale_by_adam(b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=train_cfg.adam_eps))
+    else:
+        parts.append(scale_by_adam_thresholds_apart(train_cfg.adam_b1, train_cfg.adam_b2, b2_theta, train_cfg.adam_eps))
     update_clip = train_cfg.get("adam_update_clip", 0.0)
     if update_clip > 0:
         # With β1 = 0 a parameter whose gradient was zero for long (a rarely firing or dead latent)
