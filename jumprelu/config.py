@@ -157,8 +157,34 @@ def _check_finite(tree: dict, prefix: str = "") -> None:
 CONTROLLER_PARTS = ("batchtopk_fraction", "target_l0_held_out_rows")
 
 
+# sections a config may carry beyond the base config's fields: the on-the-fly LM's (data.lm)
+_OPEN_SECTIONS = ("data.lm",)
+
+
+def _check_fields(have: dict, base: dict, prefix: str = "") -> None:
+    """Every field of the base config is there, and no other: an experiment file's misspelt field
+    (`c.sae.widht = 64`) was added and ignored, and `--config.sae={...}` (which replaces the whole
+    section) was a traceback at the first field it dropped."""
+    for key, value in base.items():
+        if key not in have:
+            raise ConfigError(
+                f"config field {prefix}{key} is missing (an override of a whole section, "
+                f"--config.{prefix.split('.')[0] or key}=..., replaces every field in it)"
+                if prefix
+                else f"config section {key} is missing"
+            )
+        if isinstance(value, dict) and isinstance(have[key], dict) and f"{prefix}{key}" not in _OPEN_SECTIONS:
+            _check_fields(have[key], value, f"{prefix}{key}.")
+    for key in have:
+        if key not in base and prefix and f"{prefix}{key}" not in _OPEN_SECTIONS:
+            raise ConfigError(
+                f"config field {prefix}{key} is not one the config has (a misspelt name would change nothing)"
+            )
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ConfigError on the first field that cannot work."""
+    _check_fields(c.to_dict(), base_config().to_dict())
     _check_finite(c.to_dict())
     s, t, d = c.sae, c.train, c.data
     names = kinds.names()

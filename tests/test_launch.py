@@ -50,6 +50,31 @@ def test_every_experiment_loads_and_its_runs_validate(name):
         validate(run.config)
 
 
+def test_a_config_missing_a_field_or_with_an_unknown_one_is_one_line():
+    """Found by an audit: `c.sae.widht = 64` in an experiment file trained the default width (the
+    field was added and ignored), and `--config.sae={...}`, which replaces the whole section, was an
+    AttributeError traceback at the first field it dropped."""
+    from jumprelu.config import base_config
+
+    c = base_config()
+    c.sae.widht = 64
+    with pytest.raises(ConfigError, match=r"^config field sae.widht is not one the config has"):
+        validate(c)
+    c = base_config()
+    c.sae = {"width": 10}
+    with pytest.raises(
+        ConfigError, match=r"^config field sae\.\w+ is missing \(an override of a whole section, --config.sae="
+    ):
+        validate(c)
+    c = base_config()
+    del c["ckpt"]
+    with pytest.raises(ConfigError, match=r"^config section ckpt is missing$"):
+        validate(c)
+    c = base_config()
+    c.data.lm = {"model": "gemma2_2b"}  # the on-the-fly LM's own section is open
+    validate(c)
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_runlocal_form_trains_a_few_steps(tmp_path, name):
     runs = experiment.expand(experiment.load(name), "runlocal")
