@@ -155,6 +155,7 @@ def test_cli_errors_are_one_line_with_one_prefix(tmp_path):
         # found by an audit: an override without its dashes was dropped (the default width trained)
         ("train", "--config", "quickstart", "--workdir", str(tmp_path / "w"), "config.sae.width=64"),
         ("refit", "--workdir", str(tmp_path / "w"), "stray"),
+        ("train", "--config", "quickstart", "--workdir", str(tmp_path / "w"), "--config.sae.nosuch=None"),
     ]
     (tmp_path / "plain.cfg").write_text("width = 512\nsteps: 40\n")
     for args in cases:
@@ -173,6 +174,7 @@ def test_cli_errors_are_one_line_with_one_prefix(tmp_path):
         }
         says |= {"quickstart:stacked=no": "stacked is a flag", "stray": "unexpected argument 'stray'"}
         says |= {"config.sae.width=64": "unexpected argument 'config.sae.width=64' (flags start with --)"}
+        says |= {"--config.sae.nosuch=None": "flag --config.sae.nosuch=None: the config has no field sae.nosuch"}
         assert all(text in lines[0] for arg, text in says.items() if arg in args), (args, lines[0])
 
 

@@ -559,6 +559,27 @@ def test_another_kinds_option_is_refused_not_ignored(tiny_config, kind, fields, 
     assert ("L0 is" in str(e.value)) == (hint is not None) and (hint is None or hint in str(e.value))
     owner = "jumprelu" if readers == JUMPRELU_READS else "topk"
     assert str(e.value).endswith(f"e.g. smollm2_pareto:{kind}, leaves it unset), or set sae.kind={owner!r}")
+    # the action is one a flag can take (an audit: "unset it", while `=None` was refused for a float)
+    undo = f"unset it (--config.sae.{named}=None)" if named == "target_l0" else "set it back to "
+    assert f"; {undo}" in str(e.value)
+
+
+def test_a_placeholder_field_is_unset_by_none_on_the_command_line():
+    """`--config.sae.target_l0=None` (ml_collections read it as a float and refused it)."""
+    from jumprelu.config import base_config
+    from jumprelu.launch import overrides
+
+    c = base_config()
+    c.sae.target_l0 = 50.0
+    c = overrides.apply(c, ["--config.sae.target_l0=None", "--config.train.lr=0.01"])
+    assert c.sae.target_l0 is None and c.train.lr == 0.01
+    with pytest.raises(ConfigError, match=r"^flag --config.sae.nosuch=None: the config has no field sae.nosuch$"):
+        overrides.apply(c, ["--config.sae.nosuch=None"])
+    argv = ["jumprelu train", "--config=x.py", "--config.data.scale=None", "--lm.eval.texts=None", "--workdir=None"]
+    assert overrides.take_unsets(argv) == (
+        ["jumprelu train", "--config=x.py", "--workdir=None"],
+        [("config", "data.scale"), ("lm", "eval.texts")],
+    )
 
 
 def test_a_registered_kind_reads_the_fields_it_declares(tiny_config):

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import NoReturn
 
-from jumprelu.errors import EXIT_USER_ERROR, PREFIX
+from jumprelu.errors import EXIT_USER_ERROR, PREFIX, ConfigError
 
 EXIT_INTERRUPTED = 128 + 2  # the shell's status for a process ended by SIGINT
 # Write failures the user's machine causes (not the program): reported in one line, not a traceback.
@@ -190,7 +190,7 @@ def absl_run(main, argv: list[str], program: str) -> int:
     if wants_help(argv):
         print(flags_help(main.__module__))
         return 0
-    argv = underscore_flags([program, *argv])
+    argv, unsets = overrides.take_unsets(underscore_flags([program, *argv]))
     # ml_collections reads a config's overrides from sys.argv, not from the argv parsed: it must
     # see the underscored spellings too (--config.train.lr-warmup-steps=2)
     was, sys.argv = sys.argv, argv
@@ -204,6 +204,13 @@ def absl_run(main, argv: list[str], program: str) -> int:
         sys.argv = was
     if rest:  # `config.sae.width=64` without its dashes trained the default width
         return fail(f"{program}: unexpected argument {rest[0]!r} (flags start with --)")
+    try:  # `--config.sae.target_l0=None`: unset after the config loaded
+        for flag, path in unsets:
+            if flag not in flags.FLAGS or flags.FLAGS[flag].value is None:
+                return fail(f"{program}: flag --{flag}.{path}=None: no --{flag} config to unset it in")
+            overrides.unset(flags.FLAGS[flag].value, flag, path)
+    except ConfigError as e:
+        return fail(f"{program}: {e}")
     quiet_orbax_teardown()
     app.run(lambda _: main(), argv=[program], flags_parser=lambda a: a)
     return 0

@@ -29,6 +29,32 @@ def config_error_message(error: Exception, argv: list[str]) -> str:
     return f"{files}: {type(original).__name__}: {first}".lstrip(": ")
 
 
+def take_unsets(argv: list[str], flags=("config", "lm")) -> tuple[list[str], list[tuple[str, str]]]:
+    """argv without its `--FLAG.FIELD=None` arguments, and those (flag, field) pairs: ml_collections
+    reads a value as its field's type, so a float field's `None` was refused and a placeholder (such
+    as sae.target_l0) could not be unset from the command line. They are applied after parsing (`unset`)."""
+    kept, unsets = [], []
+    for a in argv:
+        name, sep, value = a.partition("=")
+        flag, _, path = name.removeprefix("--").partition(".")
+        if a.startswith("--") and sep and value == "None" and flag in flags and path:
+            unsets.append((flag, path))
+        else:
+            kept.append(a)
+    return kept, unsets
+
+
+def unset(cfg, flag: str, path: str) -> None:
+    """Sets cfg's field at `path` (dotted) to None; a field it does not have is a one-line ConfigError."""
+    *sections, field = path.split(".")
+    node = cfg
+    for name in sections:
+        node = node.get(name) if hasattr(node, "get") else None
+    if node is None or not hasattr(node, "get") or field not in node:
+        raise ConfigError(f"flag --{flag}.{path}=None: the {flag} has no field {path}")
+    node[field] = None
+
+
 def apply(cfg, extra: list[str]):
     """cfg with the `--config.FIELD=V` arguments in `extra` applied as `jumprelu train` applies
     them (`=false` for a bool, a float field's `=abc` refused, dashed names read as underscored);
@@ -38,6 +64,7 @@ def apply(cfg, extra: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
+    extra, unsets = take_unsets(list(extra), flags=("config",))
     argv = ["jumprelu"]
     for a in extra:
         name, sep, value = a.partition("=")
@@ -50,4 +77,6 @@ def apply(cfg, extra: list[str]):
         raise ConfigError(" ".join(str(e).split())) from None
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # an unknown field, a value of another type
         raise ConfigError(config_error_message(e, argv[1:])) from None
+    for flag, path in unsets:
+        unset(holder.value, flag, path)
     return holder.value

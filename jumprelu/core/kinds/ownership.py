@@ -77,7 +77,11 @@ def check_own_fields(s) -> None:
                 hint = " (JumpReLU's L0 is sae.target_l0)" if field == "k" and s.kind == "jumprelu" else ""
             # the usual cause: a kind switched on the command line from a base config made for another
             example = f" (an experiment's config for that kind, e.g. smollm2_pareto:{s.kind}, leaves it unset)"
+            # the action must be one a flag can take: `=None` unsets a placeholder, others go back to their default
+            default = defaults[field]
+            default = default.get() if hasattr(default, "get") else default  # a placeholder's value: None
+            undo = f"unset it (--config.sae.{field}=None)" if default is None else f"set it back to {default!r}"
             raise ConfigError(
                 f"config field sae.{field} is {value!r} but {readers} and sae.kind is {s.kind!r}{hint}; "
-                f"unset it{example if s.kind in BUILT_IN_KINDS else ''}, or set sae.kind={owner!r}"
+                f"{undo}{example if s.kind in BUILT_IN_KINDS else ''}, or set sae.kind={owner!r}"
             )
