@@ -191,6 +191,12 @@ def test_experiments_resolve_from_any_directory_and_from_an_experiments_dir(tmp_
     assert "1 runs of mine" in out.stdout
     out = _cli("sweep", "quickstart", "--dry_run", "--root", str(tmp_path / "q"), cwd="/")
     assert out.returncode == 0 and "4 runs of quickstart" in out.stdout, out.stderr
+    # found by an audit: a misspelt folder quietly ran the packaged experiment of the same name
+    out = _cli("sweep", "quickstart", "--experiments_dir", str(tmp_path / "exp"), "--dry_run", cwd="/")
+    assert out.returncode == 2 and out.stderr.strip() == (
+        f"jumprelu: error: --experiments_dir {tmp_path / 'exp'}: no such directory (expected the folder of your "
+        "experiment files)"
+    ), out.stderr
 
 
 def test_plan_compiles_for_the_slice_devices_in_a_fresh_process():

@@ -107,9 +107,11 @@ def resolve(experiment: str, experiments_dir: str | None = None) -> str:
     if os.path.isfile(experiment):
         return experiment
     name = experiment.removesuffix(".py") + ".py"
-    dirs = list(
-        dict.fromkeys(d for d in (experiments_dir or os.environ.get(EXPERIMENTS_DIR_ENV), EXPERIMENTS_DIR) if d)
-    )
+    own = experiments_dir or os.environ.get(EXPERIMENTS_DIR_ENV)
+    if own and not os.path.isdir(own):  # a misspelt folder quietly ran the packaged experiment of that name
+        where = "--experiments_dir" if experiments_dir else f"${EXPERIMENTS_DIR_ENV}"
+        raise ConfigError(f"{where} {own}: no such directory (expected the folder of your experiment files)")
+    dirs = list(dict.fromkeys(d for d in (own, EXPERIMENTS_DIR) if d))
     for d in dirs:
         candidate = os.path.join(d, name)
         if os.path.isfile(candidate):
