@@ -29,6 +29,24 @@ def test_flag_words_take_only_true_or_false():
     assert experiment.load("quickstart").get_config("stacked=false").stack.sparsity_coefficients == ()
 
 
+def test_flag_spellings_are_read_alike():
+    """`--dry-run` is `--dry_run`, and absl's single-dash `-config=X` is `--config=X` (the experiment
+    was then not resolved: an OSError about a file `config_config`); values and `-1` are left alone."""
+    from jumprelu.cli.common import underscore_flags
+
+    argv = ["-config=quickstart", "--dry-run", "-config.train.steps=5", "--step", "-1", "-h", "x-y", "--a=b-c"]
+    assert underscore_flags(argv) == [
+        "--config=quickstart",
+        "--dry_run",
+        "--config.train.steps=5",
+        "--step",
+        "-1",
+        "-h",
+        "x-y",
+        "--a=b-c",
+    ]
+
+
 def test_parse_arg():
     assert experiment.parse_arg("jumprelu,layer=20,lam=1e-3,stores=/gcs/b/x") == {
         "jumprelu": True,

@@ -54,9 +54,12 @@ def interrupted(resume: str) -> NoReturn:
 
 
 def underscore_flags(argv: list[str]) -> list[str]:
-    """`--dry_run` -> `--dry_run` (flag names only; values and positionals are left alone)."""
+    """`--dry-run` -> `--dry_run`, and absl's single-dash spelling `-config=X` -> `--config=X` (which
+    the config flags are looked for as); flag names only: values, positionals and `-1` are left alone."""
     out = []
     for a in argv:
+        if len(a) > 2 and a[0] == "-" and a[1].isalpha():
+            a = "-" + a
         if a.startswith("--") and len(a) > 2:
             name, sep, value = a[2:].partition("=")
             a = "--" + name.replace("-", "_") + sep + value
