@@ -156,8 +156,10 @@ def test_cli_errors_are_one_line_with_one_prefix(tmp_path):
         ("train", "--config", "quickstart", "--workdir", str(tmp_path / "w"), "config.sae.width=64"),
         ("refit", "--workdir", str(tmp_path / "w"), "stray"),
         ("train", "--config", "quickstart", "--workdir", str(tmp_path / "w"), "--config.sae.nosuch=None"),
+        ("train", "--config", str(tmp_path / "noget.py"), "--workdir", str(tmp_path / "w")),  # named config_config
     ]
     (tmp_path / "plain.cfg").write_text("width = 512\nsteps: 40\n")
+    (tmp_path / "noget.py").write_text("x = 1\n")
     for args in cases:
         assert not (tmp_path / "none").exists()
         out = _cli(*args)
@@ -175,6 +177,7 @@ def test_cli_errors_are_one_line_with_one_prefix(tmp_path):
         says |= {"quickstart:stacked=no": "stacked is a flag", "stray": "unexpected argument 'stray'"}
         says |= {"config.sae.width=64": "unexpected argument 'config.sae.width=64' (flags start with --)"}
         says |= {"--config.sae.nosuch=None": "flag --config.sae.nosuch=None: the config has no field sae.nosuch"}
+        says |= {str(tmp_path / "noget.py"): "noget.py: the experiment file has no get_config(arg)"}
         assert all(text in lines[0] for arg, text in says.items() if arg in args), (args, lines[0])
 
 

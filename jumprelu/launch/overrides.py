@@ -26,6 +26,8 @@ def config_error_message(error: Exception, argv: list[str]) -> str:
     # The config files given (experiments are resolved to paths before parsing; a path need not end in .py).
     files = " ".join(a for a in argv if a.startswith(("--config=", "--lm=")))
     first = str(original).strip().splitlines()[0] if str(original).strip() else ""
+    if isinstance(original, AttributeError) and "attribute 'get_config'" in first:  # named its module config_config
+        return f"{files}: the experiment file has no get_config(arg) (see jumprelu/experiments/quickstart.py)"
     return f"{files}: {type(original).__name__}: {first}".lstrip(": ")
 
 
