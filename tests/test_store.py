@@ -192,6 +192,9 @@ def test_reader_names_every_bad_input(tmp_path):
     expect(r"not an activation store \(metadata.json missing\)")
     with pytest.raises(DataError, match="no such directory"):
         open_store(str(tmp_path / "nowhere"))
+    np.save(tmp_path / "acts.npy", np.ones((4, 3), np.float32))  # an audit: called "no such directory"
+    with pytest.raises(DataError, match=r"acts.npy: is a file; a store is a directory \(convert an .npy with"):
+        open_store(str(tmp_path / "acts.npy"))
     assert len(cases) == 7
 
 

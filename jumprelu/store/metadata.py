@@ -113,6 +113,9 @@ def shard_entry_problem(s, block_rows: int | None, max_rows: int | None = None) 
 
 def read_metadata(path: str) -> dict:
     """metadata.json of the store at `path`, checked (format, version, fields), without touching shards."""
+    if os.path.isfile(path):  # was "no such directory" for an .npy of activations
+        hint = " (convert an .npy with `jumprelu store convert`)" if path.endswith(".npy") else ""
+        fail(path, f"is a file; a store is a directory{hint}")
     if not os.path.isdir(path):
         fail(path, "no such directory")
     meta_file = os.path.join(path, fmt.METADATA)
