@@ -607,6 +607,23 @@ def test_a_second_writer_on_one_store_is_refused_until_the_first_is_gone(tmp_pat
     os.remove(os.path.join(path, "shard-00001.npy"))
     with pytest.raises(DataError, match=r"shard-00001.npy is missing \(metadata.json lists 3 shards\)"):
         convert(str(tmp_path / "acts.npy"), path, shard_rows=40, log=lambda *_: None)
+    # ...nor one with a truncated shard (an audit: "nothing to do", then the error at the first read)
+    convert(str(tmp_path / "acts.npy"), path + "_t", shard_rows=40, log=lambda *_: None)
+    os.truncate(os.path.join(path + "_t", "shard-00001.npy"), 1000)
+    with pytest.raises(DataError, match=r"shard-00001.npy is truncated or damaged: .*; convert into a new directory"):
+        convert(str(tmp_path / "acts.npy"), path + "_t", shard_rows=40, log=lambda *_: None)
+
+
+def test_a_committed_shard_damaged_before_the_resume_is_not_published(tmp_path):
+    """An audit: a conversion resumed after a crash trusted the shards its record lists, so one truncated
+    since was published in a store marked complete; now one line before any row is written."""
+    path = tmp_path / "s"
+    writer = StoreWriter(str(path), d_model=8, shard_rows=40)
+    writer.append(_rows(90))  # two shards committed, then the process "dies"
+    os.truncate(path / "shard-00001.npy", 300)
+    with pytest.raises(DataError, match=r"shard-00001.npy, recorded as written in writing.json, is truncated or dam"):
+        StoreWriter(str(path), d_model=8, shard_rows=40)
+    assert not (path / "metadata.json").exists()
 
 
 def test_a_damaged_progress_record_or_synthetic_metadata_is_one_line(tmp_path):
@@ -643,7 +660,7 @@ def test_a_damaged_progress_record_or_synthetic_metadata_is_one_line(tmp_path):
     old_style = {k: v for k, v in good.items() if k != "crc32"}
     (path / "shard-00000.npy").write_text("not an array")
     (path / "writing.json").write_text(json.dumps({**record, "shards": [old_style]}))
-    with pytest.raises(DataError, match=r"shard-00000.npy, recorded as written in writing.json, cannot be read"):
+    with pytest.raises(DataError, match=r"shard-00000.npy, recorded as written in writing.json, is not a readable"):
         StoreWriter(str(path), d_model=8, shard_rows=40)
     # ...nor when the store is only read (was a TypeError / KeyError traceback)
     for shards in ("[1]", '{"a": 1}'):

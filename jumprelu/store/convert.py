@@ -52,6 +52,12 @@ def _already_converted(output, rows, dtype, model, site, layer, text_source, shu
             f"store {output}: {missing[0]} is missing ({fmt.METADATA} lists {len(meta['shards'])} shards); "
             "convert into a new directory"
         )
+    for s in meta["shards"]:  # "nothing to do" was said of a store with a truncated shard
+        problem = fmt.shard_file_problem(
+            os.path.join(output, s["file"]), s["rows"], meta["d_model"], meta["dtype"], fmt.METADATA
+        )
+        if problem:
+            raise DataError(f"store {output}: {s['file']} {problem}; convert into a new directory")
     leftover = os.path.join(output, fmt.WRITING)
     if os.path.exists(leftover):
         os.remove(leftover)

@@ -91,6 +91,30 @@ def file_dtype(dtype: str) -> np.dtype:
     return np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(np.float32)
 
 
+def shard_file_problem(file: str, rows: int, d_model: int, dtype: str, source: str) -> str | None:
+    """What is wrong with a shard file against what `source` (metadata.json, writing.json) records,
+    from its header and size alone (no rows read), or None: unreadable, another shape or dtype,
+    truncated or grown."""
+    try:
+        with open(file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, found_dtype = read_header(f)
+            offset = f.tell()
+    except (OSError, ValueError) as e:
+        return f"is not a readable .npy file ({e})"
+    if tuple(shape) != (rows, d_model) or fortran or found_dtype != file_dtype(dtype):
+        order = " (Fortran order)" if fortran else ""
+        return f"holds {list(shape)} {found_dtype}{order}, {source} says {[rows, d_model]} {dtype}"
+    expected = offset + rows * d_model * found_dtype.itemsize
+    found = os.path.getsize(file)
+    if found != expected:
+        return f"is truncated or damaged: expected {expected} bytes, found {found}"
+    return None
+
+
 def fsync_directory(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -90,27 +90,9 @@ def _check_shard(path: str, meta: dict, shard: dict) -> None:
     file = os.path.join(path, shard["file"])
     if not os.path.exists(file):
         _fail(path, f"{shard['file']} is missing ({fmt.METADATA} lists {len(meta['shards'])} shards)")
-    try:
-        with open(file, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(f)
-            offset = f.tell()
-    except (OSError, ValueError) as e:
-        _fail(path, f"{shard['file']} is not a readable .npy file ({e})")
-    expected_shape = (shard["rows"], meta["d_model"])
-    if tuple(shape) != expected_shape or fortran or dtype != fmt.file_dtype(meta["dtype"]):
-        _fail(
-            path,
-            f"{shard['file']} holds {list(shape)} {dtype}{' (Fortran order)' if fortran else ''}, "
-            f"{fmt.METADATA} says {list(expected_shape)} {meta['dtype']}",
-        )
-    expected = offset + shard["rows"] * meta["d_model"] * dtype.itemsize
-    found = os.path.getsize(file)
-    if found != expected:
-        _fail(path, f"{shard['file']} is truncated or damaged: expected {expected} bytes, found {found}")
+    problem = fmt.shard_file_problem(file, shard["rows"], meta["d_model"], meta["dtype"], fmt.METADATA)
+    if problem:
+        _fail(path, f"{shard['file']} {problem}")
 
 
 def _verify_shard(store: Store, index: int, chunk_rows: int = 16384) -> np.ndarray:
