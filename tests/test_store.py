@@ -148,6 +148,27 @@ def test_writer_rejects_bad_rows(tmp_path):
         w.append(np.zeros((3, 8), np.int64))
     with pytest.raises(DataError, match="no rows were written"):
         w.close()
+    # an audit: float64 beyond float32's range was stored as Inf (a NumPy warning, then a later error
+    # naming the row's shuffled position)
+    big = np.zeros((5, 8))
+    big[3, 5] = 1e300
+    w = StoreWriter(str(tmp_path / "t"), d_model=8)
+    w.append(np.zeros((2, 8)))
+    with pytest.raises(DataError, match=r"row 5, column 5 holds 1e\+300, beyond the float32 range .*stored as Inf$"):
+        w.append(big)
+
+
+def test_a_format_1_store_with_a_checksum_field_reads_unverified(tmp_path):
+    """An audit: metadata checks checksums from format 2 on, but the reader used a format-1 store's
+    checksum field anyway (a KeyError traceback when its shards had no crc32 lists)."""
+    path = _good_store(tmp_path)
+    meta = json.loads((path / "metadata.json").read_text())
+    for s in meta["shards"]:
+        del s["crc32"]
+    meta["format_version"] = 1
+    (path / "metadata.json").write_text(json.dumps(meta))
+    store = open_store(str(path), verify=True)
+    assert not store.checksummed and store.shard(0).shape == (40, 8)
 
 
 def _good_store(tmp_path, **kw):

@@ -59,7 +59,8 @@ class Store:
 
     @property
     def checksummed(self) -> bool:
-        return "checksum" in self.metadata
+        # format 1 kept no checksums: a checksum field in one is not read (metadata checks it from 2 on)
+        return "checksum" in self.metadata and self.metadata.get("format_version", 1) >= 2
 
     def shard(self, index: int) -> np.ndarray:
         """Shard `index` as a read-only memory map [rows, d_model] in the store's dtype."""

@@ -154,6 +154,8 @@ class StoreWriter:
             raise DataError(f"store {self.path}: rows must have shape [n, {d}], found {list(rows.shape)}")
         if not fmt.is_float(rows.dtype):
             raise DataError(f"store {self.path}: rows must be floating point, found dtype {rows.dtype}")
+        if rows.dtype.itemsize > 4:  # float64: a finite value past float32's range was stored as Inf
+            self._check_range(rows)
         at = 0
         while at < rows.shape[0]:
             take = min(rows.shape[0] - at, self.shard_rows - self._buffered)
@@ -163,6 +165,17 @@ class StoreWriter:
             at += take
             if self._buffered == self.shard_rows:
                 self._flush()
+
+    def _check_range(self, rows: np.ndarray) -> None:
+        limit = float(np.finfo(np.float32).max)  # bfloat16's range is float32's
+        with np.errstate(invalid="ignore"):
+            over = np.isfinite(rows) & (np.abs(rows) > limit)
+        if over.any():
+            r, c = (int(i) for i in np.argwhere(over)[0])
+            raise DataError(
+                f"store {self.path}: row {self.rows_written + self._buffered + r}, column {c} holds {rows[r, c]:.6g}, "
+                f"beyond the {self.header['dtype']} range (±{limit:.4g}): it would be stored as Inf"
+            )
 
     def _reserve(self, rows: int) -> None:
         """A buffer of at least `rows` rows, grown by doubling up to shard_rows: a shard as large as
