@@ -131,7 +131,11 @@ def store_fingerprint(store: Store) -> str:
     """Which rows a store holds, in a line: its row count and a CRC of its shards' block checksums
     (of its metadata, for a format-1 store that kept none). A store rewritten at the same path
     has another."""
-    meta = store.metadata
+    return metadata_fingerprint(store.metadata)
+
+
+def metadata_fingerprint(meta: dict) -> str:
+    """`store_fingerprint` from a store's metadata.json alone (no shard opened)."""
     crcs = [s.get("crc32") for s in meta.get("shards", [])]
     basis = [meta.get("num_rows"), crcs] if crcs and all(crcs) else meta  # format 1: its metadata, creation time too
     return f"{meta.get('num_rows')} rows, crc32 {zlib.crc32(json.dumps(basis, sort_keys=True).encode()):08x}"

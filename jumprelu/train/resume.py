@@ -76,15 +76,24 @@ def _get(d: dict, dotted: str):
 
 def _same_store(saved: dict, now: dict) -> bool:
     """A store named by another spelling of its path (relative then absolute, or through a
-    link) is the same store: compared by the absolute path training recorded (`trained_on.path`)."""
-    from jumprelu.data import LM_SOURCE, recorded_source
+    link) is the same store: compared by the absolute path training recorded (`trained_on.path`);
+    so is a store that moved, when its metadata gives the fingerprint of the rows the run recorded
+    (`trained_on.rows`: its row count and its blocks' checksums)."""
+    from jumprelu.data import LM_SOURCE, metadata_fingerprint, recorded_source
+    from jumprelu.store.metadata import read_metadata
 
     was, is_ = str(saved["data"]["source"]), str(now["data"]["source"])
     if was == is_:
         return True
     if {was, is_} & {"synthetic", LM_SOURCE} or "://" in was or "://" in is_:
         return False
-    return os.path.realpath(recorded_source(saved)) == os.path.realpath(is_)
+    if os.path.realpath(recorded_source(saved)) == os.path.realpath(is_):
+        return True
+    rows = (saved.get("trained_on") or {}).get("rows")
+    try:
+        return rows is not None and os.path.isdir(is_) and metadata_fingerprint(read_metadata(is_)) == rows
+    except Exception:  # not a readable store: not the same one (opening it says why)
+        return False
 
 
 def check_resumable(saved: dict, cfg: ml_collections.ConfigDict, directory: str) -> None:
