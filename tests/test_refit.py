@@ -121,3 +121,30 @@ def test_an_interrupted_refit_leaves_no_other_steps_provenance(tmp_path, tiny_co
         refit_workdir(str(run), None, 512, 0.01)
     assert sorted(p.name for p in (run / "refit").iterdir()) == ["params.npz"]
     assert jumprelu.load(str(run / "refit" / "params.npz")).W_dec.shape[0] == tiny_config.sae.width
+
+
+def test_evaluate_and_refit_follow_a_store_that_moved(tmp_path, tiny_config):
+    """An audit: after the store moved, `evaluate` failed with "no such directory" and had no way to
+    be told where it went. `--store` names it (the rows are checked to be the run's), and without it
+    the error says so."""
+    from jumprelu.cli.evaluate import evaluate_workdir
+    from jumprelu.cli.refit import refit_workdir
+    from jumprelu.errors import DataError
+    from jumprelu.store import StoreWriter
+
+    rows = np.random.default_rng(0).standard_normal((3000, 32)).astype(np.float32)
+    for name, scale in (("st", 1), ("other", 2)):
+        w = StoreWriter(str(tmp_path / name), d_model=32)
+        w.append(rows * scale)
+        w.close()
+    tiny_config.data.source, tiny_config.train.steps = str(tmp_path / "st"), 20
+    train(tiny_config, str(tmp_path / "run"))
+    before = evaluate_workdir(str(tmp_path / "run"))[1]["stored"]
+    (tmp_path / "st").rename(tmp_path / "moved")
+    with pytest.raises(DataError, match=r"the run's store .*st is gone .*jumprelu evaluate --store PATH$"):
+        evaluate_workdir(str(tmp_path / "run"))
+    after = evaluate_workdir(str(tmp_path / "run"), store=str(tmp_path / "moved"))[1]["stored"]
+    assert after["fvu"] == before["fvu"] and after["l0"] == before["l0"]
+    assert "after" in refit_workdir(str(tmp_path / "run"), None, 512, 0.01, store=str(tmp_path / "moved"))
+    with pytest.raises(DataError, match="holds other rows than the run trained on"):
+        evaluate_workdir(str(tmp_path / "run"), store=str(tmp_path / "other"))

@@ -17,7 +17,12 @@ from jumprelu.cli import common
 
 
 def evaluate_workdir(
-    workdir: str, member: int | None = None, eval_rows: int | None = None, lm_cfg=None, step: int | None = None
+    workdir: str,
+    member: int | None = None,
+    eval_rows: int | None = None,
+    lm_cfg=None,
+    step: int | None = None,
+    store: str | None = None,
 ):
     """Stored-activation metrics of a trained SAE on its run's held-out split (same seed, same rows).
 
@@ -44,7 +49,7 @@ def evaluate_workdir(
     if lm_cfg is not None:
         check_lm_site(sae.config, lm_cfg)
     cfg = ml_collections.ConfigDict(sae.config)
-    cfg.data.source = data_lib.recorded_source(sae.config)  # a relative path, from another directory
+    cfg.data.source = data_lib.run_source(sae.config, store, "jumprelu evaluate")  # the recorded absolute path
     trained_split = cfg.data.eval_rows
     if eval_rows is not None:
         # the held-out split is a prefix: rows past the run's own split were trained on
@@ -136,6 +141,7 @@ def run(argv: list[str]) -> int:
     workdir_flag = flags.DEFINE_string("workdir", None, "Training workdir of the SAE.")
     member_flag = flags.DEFINE_integer("member", None, "Which SAE of a stacked run.")
     rows_flag = flags.DEFINE_integer("eval_rows", None, "Held-out stored rows (default: the run's data.eval_rows).")
+    store_flag = flags.DEFINE_string("store", None, "The run's store, where it moved to (default: where it trained).")
     lm_flag = config_flags.DEFINE_config_file("lm", None, "Harvest config of the language model: adds delta LM loss.")
     flags.mark_flags_as_required(["workdir"])
 
@@ -157,7 +163,9 @@ def run(argv: list[str]) -> int:
                 from jumprelu.harvest.run import start_processes
 
                 lead = start_processes(lm_flag.value)[0] == 0
-            sae, result, freq = evaluate_workdir(workdir, member, rows_flag.value, lm_flag.value)
+            sae, result, freq = evaluate_workdir(
+                workdir, member, rows_flag.value, lm_flag.value, store=store_flag.value
+            )
             if lm_flag.value is not None:
                 from jumprelu.harvest import lm_eval  # imports gemma: only on this path
 

@@ -16,7 +16,7 @@ from jumprelu.cli import common
 CHUNK_ROWS = 4096
 
 
-def refit_workdir(workdir: str, member: int | None, rows: int, ridge: float) -> dict:
+def refit_workdir(workdir: str, member: int | None, rows: int, ridge: float, store: str | None = None) -> dict:
     """Fits, evaluates and writes the refit SAE of a training workdir; returns the report."""
     from jumprelu import fs
     from jumprelu.errors import UserError
@@ -35,10 +35,10 @@ def refit_workdir(workdir: str, member: int | None, rows: int, ridge: float) -> 
     # One refit of a run at a time: two would interleave their three files. Taken before the long work,
     # on RUN/refit only, so a refit of a checkpoint can run while training goes on.
     with lock.hold(out_dir, advice="wait for that refit to finish"):
-        return _refit(sae, workdir, out_dir, rows, ridge)
+        return _refit(sae, workdir, out_dir, rows, ridge, store)
 
 
-def _refit(sae, workdir: str, out_dir: str, rows: int, ridge: float) -> dict:
+def _refit(sae, workdir: str, out_dir: str, rows: int, ridge: float, store: str | None = None) -> dict:
     import ml_collections
 
     from jumprelu import data as data_lib
@@ -51,7 +51,7 @@ def _refit(sae, workdir: str, out_dir: str, rows: int, ridge: float) -> dict:
     from jumprelu.train.refit import refit_decoder
 
     cfg = ml_collections.ConfigDict(sae.config)
-    cfg.data.source = data_lib.recorded_source(sae.config)  # a relative path, from another directory
+    cfg.data.source = data_lib.run_source(sae.config, store, "jumprelu refit")  # the recorded absolute path
     if cfg.data.source == data_lib.LM_SOURCE:
         raise UserError(f"{workdir}: an on-the-fly run (data.source={data_lib.LM_SOURCE!r}) keeps no rows to refit on")
     store = data_lib.open_source(cfg.data, workdir)
@@ -92,6 +92,7 @@ def run(argv: list[str]) -> int:
     member_flag = flags.DEFINE_integer("member", None, "Which SAE of a stacked run.")
     rows_flag = flags.DEFINE_integer("rows", 131072, "How many of the last training rows to fit to.")
     ridge_flag = flags.DEFINE_float("ridge", 0.01, "Ridge ρ, relative to the mean squared code per latent.")
+    store_flag = flags.DEFINE_string("store", None, "The run's store, where it moved to (default: where it trained).")
     flags.mark_flags_as_required(["workdir"])
 
     def main() -> int:
@@ -99,7 +100,9 @@ def run(argv: list[str]) -> int:
 
         common.quiet_libraries(flags.FLAGS)
         try:
-            report = refit_workdir(workdir_flag.value, member_flag.value, rows_flag.value, ridge_flag.value)
+            report = refit_workdir(
+                workdir_flag.value, member_flag.value, rows_flag.value, ridge_flag.value, store_flag.value
+            )
         except (UserError, FileNotFoundError, ValueError) as e:
             return common.fail(e)
         print(json.dumps(report, indent=2))

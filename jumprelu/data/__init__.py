@@ -152,6 +152,21 @@ def check_same_store(config: dict, store: Store, command: str) -> None:
         )
 
 
+def run_source(config: dict, store: str | None, command: str) -> str:
+    """The store a saved run's command (evaluate, refit) reads: `store` when given (the run's store
+    moved; the command checks it holds the same rows), else the recorded one (`recorded_source`),
+    whose absence is one line saying how to point at it."""
+    if store:
+        return store
+    source = recorded_source(config)
+    if source not in ("synthetic", LM_SOURCE) and "://" not in source and not os.path.isdir(source):
+        raise DataError(
+            f"the run's store {source} is gone (moved or deleted); if it moved, give its new path: "
+            f"{command} --store PATH"
+        )
+    return source
+
+
 def recorded_source(config: dict) -> str:
     """The store a saved run config trained on: the absolute path recorded in training
     (`trained_on.path`) while it is there (a relative `data.source` depends on the directory it is
