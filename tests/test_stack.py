@@ -82,3 +82,25 @@ def test_stack_config_errors(stack_config):
     stack_config.sae.kind = "topk"
     with pytest.raises(config_lib.ConfigError, match="sae.kind"):
         config_lib.validate(stack_config)
+
+
+def test_a_member_folder_loads_before_the_run_finishes(tmp_path, stack_config, monkeypatch):
+    """An audit: WORKDIR/sae-i got its member.json only in the final report, so the members of a run
+    that was stopped, preempted or diverged could not be loaded, evaluated or refitted by folder."""
+    from jumprelu.train import report
+
+    stack_config.stack.sparsity_coefficients = LAMS[:2]
+    stack_config.ckpt.every_steps = 10
+
+    def die(*a, **k):
+        raise KeyboardInterrupt  # the run ends between its last checkpoint and its report
+
+    monkeypatch.setattr(report, "final_report", die)
+    with pytest.raises(KeyboardInterrupt):
+        train(stack_config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "report.json").exists()
+    for i in range(2):
+        by_folder = jumprelu.load(str(tmp_path / "run" / f"sae-{i}"))
+        by_member = jumprelu.load(str(tmp_path / "run"), member=i)
+        np.testing.assert_array_equal(by_folder.W_dec, by_member.W_dec)
+        assert by_folder.step == stack_config.train.steps

@@ -234,6 +234,8 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start, watch, eval_rows=None
     log_dirs = [workdir] if not members else [member_dir(workdir, i) for i in range(members)]
     for d in log_dirs:
         fs.makedirs(d)
+    for i in range(members if lead else 0):  # each member's folder loads from the first checkpoint on
+        report.write_member_files(cfg, workdir, i)
     progress = Progress(total, start, batch_size, enabled=cfg.log.progress and lead)
     config_json = cfg.to_dict()
     # The lowest FVU logged before a resume: records up to `start` (the writers cut the logs back there).

@@ -34,22 +34,36 @@ def final_report(cfg, workdir: str, state, stream, start_step: int) -> dict:
         return _sae_report(cfg, workdir, workdir, params, scale, stats, eval_rows, steps, start_step)
     members = []
     for i, lam in enumerate(lams):
-        member_cfg = ml_collections.ConfigDict(cfg.to_dict())
-        member_cfg.sae.sparsity_coefficient = float(lam)
-        member_cfg.stack.sparsity_coefficients = ()
+        member_cfg = member_config(cfg, i)
         mdir = member_dir(workdir, i)
         r = _sae_report(
             member_cfg, workdir, mdir, member_of(params, i), scale, member_of(stats, i), eval_rows, steps, start_step
         )
         if distributed.is_lead():
-            fs.write_text_atomically(fs.join(mdir, "config.json"), json.dumps(member_cfg.to_dict(), indent=2))
-            fs.write_text_atomically(fs.join(mdir, MEMBER_FILE), json.dumps({"member": i, "workdir": ".."}))
+            write_member_files(cfg, workdir, i)
         members.append(dict(r, member=i, sparsity_coefficient=float(lam)))
     out = {k: members[0][k] for k in ("steps", "tokens", "resumed_from_step", "scale", "checkpoint")}
     out.update(workdir=fs.abspath(workdir), members=members)
     if distributed.is_lead():
         fs.write_text_atomically(fs.join(workdir, "report.json"), json.dumps(out, indent=2))
     return out
+
+
+def member_config(cfg, i: int) -> ml_collections.ConfigDict:
+    """Stacked member i's own config: one SAE at its λ."""
+    member_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    member_cfg.sae.sparsity_coefficient = float(cfg.stack.sparsity_coefficients[i])
+    member_cfg.stack.sparsity_coefficients = ()
+    return member_cfg
+
+
+def write_member_files(cfg, workdir: str, i: int) -> None:
+    """WORKDIR/sae-i's config.json and member.json, which make the folder loadable
+    (`jumprelu.load("WORKDIR/sae-i")`): written when training starts, so a member of a run that was
+    stopped, preempted or diverged loads from its last checkpoint like the run does."""
+    mdir = member_dir(workdir, i)
+    fs.write_text_atomically(fs.join(mdir, "config.json"), json.dumps(member_config(cfg, i).to_dict(), indent=2))
+    fs.write_text_atomically(fs.join(mdir, MEMBER_FILE), json.dumps({"member": i, "workdir": ".."}))
 
 
 def _sae_report(cfg, workdir, report_dir, params, scale, stats, eval_rows, steps, start_step) -> dict:
