@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -543,6 +544,35 @@ def test_a_checkpoint_deleted_by_the_running_training_is_not_called_damaged(trai
     with caplog.at_level("WARNING", logger="jumprelu"):
         sae = jumprelu.load(str(run))
     assert sae.step == steps[-2] and "damaged" not in caplog.text
+    # a second audit: a step whose items were deleted while its folder was not yet (its config
+    # unreadable) was called damaged, and orbax listing a step deleted as it opened was a raw
+    # FileNotFoundError
+    shutil.rmtree(run)
+    shutil.copytree(trained, run)
+    half = run / "checkpoints" / str(steps[-1])
+
+    def half_deleted(ckpt, path, step, member):
+        if step == steps[-1] and half.exists():
+            for item in half.iterdir():
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+            threading.Timer(0.3, shutil.rmtree, (half,)).start()  # the folder goes a moment later
+            raise load_module.CheckpointError(f"checkpoint {half} is damaged: its config cannot be read")
+        return real(ckpt, path, step, member)
+
+    real_checkpointer, opened = load_module.Checkpointer, []
+
+    def listing_races_a_deletion(*args, **kwargs):
+        opened.append(1)
+        if len(opened) == 1:
+            raise FileNotFoundError(f"No such file or directory: '{run}/checkpoints/{steps[0]}'")
+        return real_checkpointer(*args, **kwargs)
+
+    monkeypatch.setattr(load_module, "_load_step", half_deleted)
+    monkeypatch.setattr(load_module, "Checkpointer", listing_races_a_deletion)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jumprelu"):
+        sae = jumprelu.load(str(run))
+    assert sae.step == steps[-2] and "damaged" not in caplog.text and len(opened) == 2
 
 
 def test_a_damaged_member_file_is_one_line_naming_it(trained, tmp_path):

@@ -6,6 +6,7 @@ import json
 import logging
 import operator
 import os
+import time
 import zipfile
 
 import jax
@@ -22,6 +23,8 @@ from jumprelu.train.checkpoint import MEMBER_FILE, Checkpointer, checkpoint_dir,
 from jumprelu.train.failures import reason
 
 _RELISTS = 20  # listings tried while a running training keeps deleting the step being read
+# a step found damaged is listed again for up to 5 × 0.2 s: a rotation deletes a step's items before its folder
+_DELETION_POLLS, _DELETION_POLL_S = 5, 0.2
 log = logging.getLogger("jumprelu")
 
 
@@ -51,7 +54,7 @@ def load(path: str | os.PathLike, step: int | None = None, member: int | None = 
         )
     if "://" not in path and not os.path.isdir(checkpoint_dir(path)):
         raise FileNotFoundError(f"{path}: no checkpoints/ directory; expected a jumprelu training workdir")
-    ckpt = Checkpointer(path, keep=1, read_only=True)
+    ckpt = _open_checkpoints(path)
     try:
         if step is not None:
             return _load_step(ckpt, path, step, member)
@@ -78,12 +81,30 @@ def load(path: str | os.PathLike, step: int | None = None, member: int | None = 
         ckpt.close()
 
 
+def _open_checkpoints(path: str) -> Checkpointer:
+    """The read-only Checkpointer of a workdir; orbax lists the steps as it opens, and a step the
+    running training deletes in that moment was a raw FileNotFoundError: listed again."""
+    for attempt in range(_RELISTS):
+        try:
+            return Checkpointer(path, keep=1, read_only=True)
+        except FileNotFoundError:
+            if attempt == _RELISTS - 1:
+                raise
+            time.sleep(_DELETION_POLL_S)
+    raise AssertionError("unreachable")
+
+
 def _rotated_away(ckpt: Checkpointer, step: int) -> bool:
     """Whether `step` is gone from a fresh listing: deleted by the training run's rotation while it
     was read (a refit or evaluate beside a running training), so the newer steps are listed again
-    rather than the step called damaged."""
-    ckpt.reload()
-    return step not in ckpt.steps()
+    rather than the step called damaged. A deletion under way (its items gone, its folder not yet)
+    is waited for briefly: only a step still there after that is damaged."""
+    for _ in range(_DELETION_POLLS):
+        ckpt.reload()
+        if step not in ckpt.steps():
+            return True
+        time.sleep(_DELETION_POLL_S)
+    return False
 
 
 def _index(value, name: str) -> int | None:
