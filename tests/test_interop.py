@@ -956,3 +956,34 @@ def test_neuronpedia_statistics_leave_out_the_rows_the_controller_read(tmp_path,
     config["sae"]["target_l0_held_out_rows"] = 512
     with pytest.raises(UserError, match="no held-out rows for feature statistics: data.eval_rows=512 and the"):
         neuronpedia.eval_rows(str(run), config)
+
+
+def test_commands_drop_orbaxs_abandoned_save_reports(caplog):
+    """An audit: after the one-line error for a full disk, asyncio's "Future exception was never
+    retrieved" dumps and "coroutine ... was never awaited" warnings of orbax's abandoned saves
+    followed it. Commands (without --verbosity) drop them; other warnings stay."""
+    import logging
+    import warnings
+    from types import SimpleNamespace
+
+    from jumprelu.cli import common
+
+    level = logging.getLogger("asyncio").level
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            common.quiet_libraries({"verbosity": SimpleNamespace(present=False)})
+
+            async def save():
+                return None
+
+            save()  # never awaited: the RuntimeWarning at its collection
+            import gc
+
+            gc.collect()
+            logging.getLogger("asyncio").error("Future exception was never retrieved")
+            warnings.warn("kept", UserWarning, stacklevel=1)
+        assert [str(w.message) for w in caught] == ["kept"]
+        assert "never retrieved" not in caplog.text
+    finally:
+        logging.getLogger("asyncio").setLevel(level)

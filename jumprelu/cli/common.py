@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import warnings
 from typing import NoReturn
 
 from jumprelu.errors import EXIT_USER_ERROR, PREFIX, ConfigError
@@ -115,6 +116,11 @@ def quiet_libraries(flag_values) -> None:
         # A failed checkpoint write or read makes orbax log a traceback per thread (16 for one full
         # disk); jumprelu reports the same failure as one line (train/checkpoint.py), so these go.
         std_logging.getLogger("absl").addFilter(_no_orbax_tracebacks)
+        # ...and its abandoned saves' asyncio reports ("Future exception was never retrieved" with
+        # the RESOURCE_EXHAUSTED dump, "coroutine ... was never awaited"): jumprelu runs no asyncio
+        # of its own, and the failure is the one line
+        std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+        warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     std_logging.getLogger("jumprelu").setLevel(std_logging.INFO)
 
 
