@@ -167,6 +167,9 @@ def test_experiment_arguments_they_read_still_work():
     assert experiment.load("harvest/gemma3").get_config("model=gemma3_1b_it,layer=13,chat_template=True").layer == 13
     assert experiment.load("onthefly").get_config("tiny=/w,site=resid,layer=1,runlocal").data.lm.layer == 1
     assert len(experiment.expand(experiment.load("quickstart"), "stacked,runlocal")) == 1
+    # an audit: onthefly's bad value was called "harvest/gemma2 argument" (the config it reuses)
+    with pytest.raises(ConfigError, match=r"^onthefly argument layer must be a number \(layer=N\), found 'abc'$"):
+        experiment.load("onthefly").get_config("layer=abc")
 
 
 def test_unknown_override_field_is_named():

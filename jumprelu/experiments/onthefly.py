@@ -34,7 +34,10 @@ def get_config(arg=None):
             "onthefly argument chat_template: on-the-fly training does not apply the chat template; harvest "
             "the conversations into a store (harvest/gemma3:...,chat_template=True) and train on it"
         )
-    lm = gemma2.get_config(arg)
+    try:
+        lm = gemma2.get_config(arg)
+    except ConfigError as e:  # its arguments are this experiment's: named as such
+        raise ConfigError(str(e).replace("harvest/gemma2 argument", "onthefly argument")) from None
     c = base_config()
     c.data.source = "lm"
     c.data.lm = {f: lm[f] for f in (*LM_FIELDS, *EXTRA_LM_FIELDS)}
