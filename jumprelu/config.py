@@ -15,6 +15,7 @@ import sys
 import ml_collections
 from ml_collections import config_dict
 
+from jumprelu import config_shape
 from jumprelu.core import kinds
 from jumprelu.core.kinds import ownership
 from jumprelu.errors import ConfigError
@@ -139,53 +140,15 @@ def _check(ok: bool, field: str, expected: str, found) -> None:
         raise ConfigError(f"config field {field} must be {expected}, found {found!r}")
 
 
-def _check_finite(tree: dict, prefix: str = "") -> None:
-    """Every number in the config is finite: inf and NaN pass `> 0`-style checks or slip past them."""
-    for key, value in tree.items():
-        field = f"{prefix}{key}"
-        if isinstance(value, dict):
-            _check_finite(value, f"{field}.")
-            continue
-        numbers = value if isinstance(value, (tuple, list)) else [value]
-        for v in numbers:
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"config field {field} must be finite, found {value!r}")
-
-
 # The JumpReLU fields that belong to the target-L0 controller: set without sae.target_l0 (the short
 # recipe asked for without a target) they do nothing, so the same config takes a target later.
 CONTROLLER_PARTS = ("batchtopk_fraction", "target_l0_held_out_rows")
 
 
-# sections a config may carry beyond the base config's fields: the on-the-fly LM's (data.lm)
-_OPEN_SECTIONS = ("data.lm",)
-
-
-def _check_fields(have: dict, base: dict, prefix: str = "") -> None:
-    """Every field of the base config is there, and no other: an experiment file's misspelt field
-    (`c.sae.widht = 64`) was added and ignored, and `--config.sae={...}` (which replaces the whole
-    section) was a traceback at the first field it dropped."""
-    for key, value in base.items():
-        if key not in have:
-            raise ConfigError(
-                f"config field {prefix}{key} is missing (an override of a whole section, "
-                f"--config.{prefix.split('.')[0] or key}=..., replaces every field in it)"
-                if prefix
-                else f"config section {key} is missing"
-            )
-        if isinstance(value, dict) and isinstance(have[key], dict) and f"{prefix}{key}" not in _OPEN_SECTIONS:
-            _check_fields(have[key], value, f"{prefix}{key}.")
-    for key in have:
-        if key not in base and prefix and f"{prefix}{key}" not in _OPEN_SECTIONS:
-            raise ConfigError(
-                f"config field {prefix}{key} is not one the config has (a misspelt name would change nothing)"
-            )
-
-
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ConfigError on the first field that cannot work."""
-    _check_fields(c.to_dict(), base_config().to_dict())
-    _check_finite(c.to_dict())
+    config_shape.check_fields(c.to_dict(), base_config().to_dict())
+    config_shape.check_finite(c.to_dict())
     s, t, d = c.sae, c.train, c.data
     names = kinds.names()
     _check(s.kind in names, "sae.kind", f"one of {names}", s.kind)

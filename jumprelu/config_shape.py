@@ -1,0 +1,45 @@
+"""The shape of a config, before any field's value is checked (`config.validate`): every field of
+the base config there and no other, and every number finite."""
+
+from __future__ import annotations
+
+import math
+
+from jumprelu.errors import ConfigError
+
+# sections a config may carry beyond the base config's fields: the on-the-fly LM's (data.lm)
+_OPEN_SECTIONS = ("data.lm",)
+
+
+def check_fields(have: dict, base: dict, prefix: str = "") -> None:
+    """Every field of the base config is there, and no other: an experiment file's misspelt field
+    (`c.sae.widht = 64`) was added and ignored, and `--config.sae={...}` (which replaces the whole
+    section) was a traceback at the first field it dropped."""
+    for key, value in base.items():
+        if key not in have:
+            raise ConfigError(
+                f"config field {prefix}{key} is missing (an override of a whole section, "
+                f"--config.{prefix.split('.')[0] or key}=..., replaces every field in it)"
+                if prefix
+                else f"config section {key} is missing"
+            )
+        if isinstance(value, dict) and isinstance(have[key], dict) and f"{prefix}{key}" not in _OPEN_SECTIONS:
+            check_fields(have[key], value, f"{prefix}{key}.")
+    for key in have:
+        if key not in base and prefix and f"{prefix}{key}" not in _OPEN_SECTIONS:
+            raise ConfigError(
+                f"config field {prefix}{key} is not one the config has (a misspelt name would change nothing)"
+            )
+
+
+def check_finite(tree: dict, prefix: str = "") -> None:
+    """Every number in the config is finite: inf and NaN pass `> 0`-style checks or slip past them."""
+    for key, value in tree.items():
+        field = f"{prefix}{key}"
+        if isinstance(value, dict):
+            check_finite(value, f"{field}.")
+            continue
+        numbers = value if isinstance(value, (tuple, list)) else [value]
+        for v in numbers:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"config field {field} must be finite, found {value!r}")
