@@ -208,7 +208,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         isinstance(lams, (tuple, list)) and all(isinstance(v, (int, float)) and v >= 0 for v in lams),
         "stack.sparsity_coefficients",
         "a tuple of numbers >= 0",
-        lams,
+        lams[0] if isinstance(lams, tuple) and len(lams) == 1 and isinstance(lams[0], str) else lams,  # as typed
     )
     if lams:
         stackable = tuple(n for n in names if kinds.spec(n).stackable)

@@ -259,7 +259,8 @@ def test_a_harvest_experiment_given_to_train_or_sweep_is_one_line(tmp_path):
         experiment.expand(experiment.load("harvest/gemma2"))
     cmd = [sys.executable, "-m", "jumprelu", "train", "--config", "harvest/gemma2", "--workdir", str(tmp_path / "w")]
     out = subprocess.run(cmd, capture_output=True, text=True)
-    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not a training experiment" in out.stderr
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "--config " in out.stderr and "harvest/gemma2.py: not a training experiment" in out.stderr  # names it
     assert not (tmp_path / "w").exists()
 
 

@@ -78,6 +78,9 @@ def test_stack_config_errors(stack_config):
     stack_config.stack.sparsity_coefficients = (0.1, -1.0)
     with pytest.raises(config_lib.ConfigError, match="stack.sparsity_coefficients"):
         config_lib.validate(stack_config)
+    stack_config.stack.sparsity_coefficients = ("(0.1,x)",)  # how the flag parser hands over a typo
+    with pytest.raises(config_lib.ConfigError, match=r"numbers >= 0, found '\(0.1,x\)'$"):  # as typed
+        config_lib.validate(stack_config)
     stack_config.stack.sparsity_coefficients = (0.1,)
     stack_config.sae.kind = "topk"
     with pytest.raises(config_lib.ConfigError, match="sae.kind"):

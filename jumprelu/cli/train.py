@@ -36,7 +36,8 @@ def run(argv: list[str]) -> int:
         try:
             from jumprelu.launch.experiment import require_training
 
-            require_training(config.value, "--config")  # a harvest experiment: one line, not AttributeError
+            # a harvest experiment: one line naming it, not an AttributeError
+            require_training(config.value, f"--config {config_flags.get_config_filename(flags.FLAGS['config'])}")
             if config.value.data.source == "lm":  # rows from the language model: imports gemma
                 from jumprelu import config as config_lib
 
