@@ -274,9 +274,11 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
         child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=120)
         assert "Fatal Python error" not in err and child.returncode != -11, (delay, err)  # the segfault
-        if delay > 1 and child.returncode == 0:
-            # under load the short run may have finished, or the SIGINT landed in one of jax's gc
-            # callbacks, where Python drops exceptions ("Exception ignored"): no segfault is all to check
+        dropped = "Exception ignored in: <function _xla_gc_callback" in err
+        if child.returncode == 0 and (delay > 1 or dropped):
+            # under load the short run may have finished, or (at any delay once jax has imported, as CI
+            # once saw at 0.5 s) the SIGINT landed in one of jax's gc callbacks, where Python drops the
+            # exception ("Exception ignored"): no segfault is all to check then
             continue
         assert child.returncode == 130 and "Traceback" not in err, (delay, err)
         assert err.strip().splitlines()[-1].startswith("jumprelu: interrupted; run the same command again")
