@@ -280,6 +280,9 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
             # once saw at 0.5 s) the SIGINT landed in one of jax's gc callbacks, where Python drops the
             # exception ("Exception ignored"): no segfault is all to check then
             continue
+        if delay > 1 and child.returncode == 75:  # on a fast machine the loop had started: it saved its step
+            assert "run the same command again to resume" in err.strip().splitlines()[-1], (delay, err)
+            continue
         assert child.returncode == 130 and "Traceback" not in err, (delay, err)
         assert err.strip().splitlines()[-1].startswith("jumprelu: interrupted; run the same command again")
 
