@@ -65,19 +65,19 @@ def resume(
         for i, shard in enumerate(saved["shards"]):  # hand-edited or from another program
             _check_shard(path, record_path, i, shard, part, block_rows, shard_rows)
         shards, complete = saved["shards"], bool(saved.get("complete", False))
-        for s in shards:  # a committed shard damaged since (a disk error, a hand edit) would be published as is
-            problem = fmt.shard_file_problem(
-                os.path.join(path, s["file"]), s["rows"], header["d_model"], header["dtype"], fmt.writing_name(part)
-            )
+        for s in shards:
+            file = os.path.join(path, s["file"])
+            # a committed shard damaged since (a disk error, a hand edit) would be published as is
+            record = fmt.writing_name(part)
+            problem = fmt.shard_file_problem(file, s["rows"], header["d_model"], header["dtype"], record)
             if problem:
                 raise DataError(
                     f"store {path}: {s['file']}, recorded as written in {os.path.basename(record_path)}, {problem}; "
                     "delete the store's directory and write it again (or write to a new directory)"
                 )
-        for s in shards:  # committed by a jumprelu that kept no checksums: take them now
-            if "crc32" not in s:
+            if "crc32" not in s:  # committed by a jumprelu that kept no checksums: take them now
                 try:
-                    rows = np.load(os.path.join(path, s["file"]), mmap_mode="r")
+                    rows = np.load(file, mmap_mode="r")
                 except (OSError, ValueError) as e:
                     raise DataError(
                         f"store {path}: {s['file']}, recorded as written in "
