@@ -7,12 +7,43 @@ Every command catches `UserError` and prints `jumprelu: error: <message>`, with 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 PREFIX = "jumprelu: error:"
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3  # training stopped at a non-finite loss or state; the good checkpoints are kept
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving; run it again to resume
+
+
+_ctrl_c_seen = False
+
+
+def raise_on_ctrl_c(signum, frame) -> None:
+    """SIGINT handler for the commands: Python's own (raise KeyboardInterrupt), remembering it too.
+
+    A KeyboardInterrupt raised while one of jax's gc callbacks runs is dropped by Python
+    ("Exception ignored in: <function _xla_gc_callback>") and the command went on as if Ctrl-C
+    had not been pressed; `ctrl_c_seen` lets the next point that can stop cleanly (the training
+    loop's entry) stop then."""
+    global _ctrl_c_seen
+    _ctrl_c_seen = True
+    raise KeyboardInterrupt
+
+
+def catch_ctrl_c() -> None:
+    """Install `raise_on_ctrl_c` (only the main thread may install handlers)."""
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ):
+        signal.signal(signal.SIGINT, raise_on_ctrl_c)
+
+
+def ctrl_c_seen() -> bool:
+    """Whether Ctrl-C reached `raise_on_ctrl_c` in this process (its KeyboardInterrupt may have been dropped)."""
+    return _ctrl_c_seen
 
 
 class UserError(ValueError):

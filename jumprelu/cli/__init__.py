@@ -23,6 +23,8 @@ import importlib
 import os
 import sys
 
+from jumprelu import errors
+
 COMMANDS = {
     "train": "train an SAE (or resume it) from an experiment config",
     "evaluate": "held-out metrics of a trained SAE, optionally delta LM loss",
@@ -43,6 +45,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    errors.catch_ctrl_c()  # Ctrl-C then still stops a command whose KeyboardInterrupt Python dropped
     try:
         code = _run(list(sys.argv[1:] if argv is None else argv))
         sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at the interpreter's exit

@@ -24,6 +24,8 @@ import threading
 import jax
 import numpy as np
 
+from jumprelu import errors
+
 
 class Preempted(Exception):
     """The run saved a checkpoint at `step` because of `signal_name` and stopped."""
@@ -62,6 +64,8 @@ class Watch:
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second signal is not caught
 
     def __enter__(self) -> Watch:
+        if errors.ctrl_c_seen():  # Ctrl-C during start-up whose KeyboardInterrupt Python dropped (in a gc callback)
+            raise KeyboardInterrupt
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
             signals = [signal.SIGINT] + ([] if self._jax_sigterm else [signal.SIGTERM])
             for s in signals:
