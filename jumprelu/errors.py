@@ -25,8 +25,8 @@ def raise_on_ctrl_c(signum, frame) -> None:
 
     A KeyboardInterrupt raised while one of jax's gc callbacks runs is dropped by Python
     ("Exception ignored in: <function _xla_gc_callback>") and the command went on as if Ctrl-C
-    had not been pressed; `ctrl_c_seen` lets the next point that can stop cleanly (the training
-    loop's entry) stop then."""
+    had not been pressed; `stop_on_dropped_ctrl_c` lets the next point that can stop cleanly (the training
+    loop's entry, each harvest batch) stop then."""
     global _ctrl_c_seen
     _ctrl_c_seen = True
     raise KeyboardInterrupt
@@ -41,9 +41,11 @@ def catch_ctrl_c() -> None:
         signal.signal(signal.SIGINT, raise_on_ctrl_c)
 
 
-def ctrl_c_seen() -> bool:
-    """Whether Ctrl-C reached `raise_on_ctrl_c` in this process (its KeyboardInterrupt may have been dropped)."""
-    return _ctrl_c_seen
+def stop_on_dropped_ctrl_c() -> None:
+    """Raise the KeyboardInterrupt of a Ctrl-C that `raise_on_ctrl_c` saw and Python dropped; call it
+    where a command can stop cleanly (a Ctrl-C that was not dropped never gets that far)."""
+    if _ctrl_c_seen:
+        raise KeyboardInterrupt
 
 
 class UserError(ValueError):

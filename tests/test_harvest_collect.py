@@ -1,7 +1,9 @@
 """The model-independent half of the harvest: reading text, packing, masking, resumable collection."""
 
+import contextlib
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -130,6 +132,30 @@ def test_killed_harvest_resumes_to_the_same_store(tmp_path):
     np.testing.assert_array_equal(rows_a, rows_b)
     assert not (rows_a[:, 0] == SPECIAL.bos).any()  # no BOS (or EOS/pad) rows reached the store
     assert not np.isin(rows_a[:, 0], [SPECIAL.eos, SPECIAL.pad]).any()
+
+
+def test_a_ctrl_c_python_dropped_stops_the_harvest_at_the_next_batch(tmp_path, monkeypatch):
+    """A Ctrl-C whose KeyboardInterrupt is raised inside one of jax's gc callbacks is dropped by
+    Python; the command's handler remembers it and the harvest stops before its next batch (it
+    harvested on to the end), leaving a store that resumes."""
+    from jumprelu import errors
+
+    monkeypatch.setattr(errors, "_ctrl_c_seen", False)
+    (tmp_path / "t.txt").write_text("\n\n".join(f"document number {i} with some words" for i in range(40)))
+    writer = StoreWriter(str(tmp_path / "s"), d_model=4, shard_rows=50, shuffle_seed=None)
+    calls = []
+
+    def site(tokens):
+        calls.append(1)
+        if len(calls) == 3:
+            with contextlib.suppress(KeyboardInterrupt):  # what Python does to it in a gc callback
+                errors.raise_on_ctrl_c(signal.SIGINT, None)
+        return [_fake_site(tokens)]
+
+    seqs = text_lib.sequences([str(tmp_path / "t.txt")], CharTokenizer(), seq_len=16)
+    with pytest.raises(KeyboardInterrupt):
+        collect_lib.collect(seqs, site, [writer], SPECIAL, 4, progress=False)
+    assert len(calls) == 3 and not (tmp_path / "s" / "metadata.json").exists()
 
 
 def test_a_store_past_max_rows_is_refused_before_anything_is_written(tmp_path):

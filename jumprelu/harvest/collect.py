@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from jumprelu.errors import DataError
+from jumprelu.errors import DataError, stop_on_dropped_ctrl_c
 from jumprelu.harvest import text as text_lib
 from jumprelu.harvest.tokenizer import SpecialIds
 from jumprelu.store import StoreWriter
@@ -85,6 +85,7 @@ def collect(
     bar = tqdm(total=max_rows, initial=skip, unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
     sequences = 0
     for _, tokens in text_lib.batches(seqs, batch_sequences, special):
+        stop_on_dropped_ctrl_c()  # a Ctrl-C whose KeyboardInterrupt Python dropped in one of jax's gc callbacks
         mask = text_lib.keep_mask(tokens, special)
         n = int(mask.sum())
         sequences += int((tokens != special.pad).any(axis=1).sum())

@@ -64,8 +64,7 @@ class Watch:
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second signal is not caught
 
     def __enter__(self) -> Watch:
-        if errors.ctrl_c_seen():  # Ctrl-C during start-up whose KeyboardInterrupt Python dropped (in a gc callback)
-            raise KeyboardInterrupt
+        errors.stop_on_dropped_ctrl_c()  # a Ctrl-C during start-up whose KeyboardInterrupt Python dropped
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
             signals = [signal.SIGINT] + ([] if self._jax_sigterm else [signal.SIGTERM])
             for s in signals:
