@@ -49,6 +49,7 @@ import time
 import numpy as np
 
 from jumprelu.config import set_fields
+from jumprelu.errors import EXIT_PREEMPTED
 from jumprelu.store.convert import convert
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -196,6 +197,9 @@ def run_ours(trainer: str, target: int, args, store: str, eval_rows: np.ndarray)
 
     base = trainer.removesuffix("_refit")
     workdir = run_dir(trainer, target, args, store)
+    ckpts = os.path.join(workdir, "checkpoints")
+    # a run stopped (SIGTERM, Ctrl-C) and run again resumes: its seconds then count only this part
+    resumed = max((int(n) for n in os.listdir(ckpts) if n.isdigit()), default=0) if os.path.isdir(ckpts) else 0
     t0 = time.perf_counter()
     loop.train(our_config(base, target, args, store), workdir)  # a finished run returns at once
     if trainer.endswith("_refit"):
@@ -207,6 +211,8 @@ def run_ours(trainer: str, target: int, args, store: str, eval_rows: np.ndarray)
     m = evaluate_rows(dict(sae.params(), k=sae.k), eval_rows)
     r = dict(l0=m["l0"], fvu=m["fvu"], dead_fraction=m["dead_fraction"], dense_fraction=m["dense_fraction"],
              seconds=seconds)  # fmt: skip
+    if resumed:
+        r["resumed_at_step"] = resumed
     if sae.k is None:  # what the nested loss buys: the first prefix's latents reconstructing alone
         r.update(prefix_fvu(sae.params(), matryoshka_widths(args)[0], eval_rows))
     return r
@@ -342,6 +348,8 @@ def main() -> None:
                 print(f"{results_path}:{number}: not a JSON line (torn by a crash?); ignored")
                 continue
             done[(r["trainer"], r["target"], r["tokens"], tuple(r.get("override", ())), r.get("config_sha", ""))] = r
+    from jumprelu.train.preemption import Preempted
+
     rows = []
     for target in targets:
         for trainer in trainers:
@@ -351,7 +359,11 @@ def main() -> None:
                 if trainer in PEERS:
                     r = run_peer(trainer, target, args, train_npy, eval_npy)
                 else:
-                    r = run_ours(trainer, target, args, store, eval_rows)
+                    try:
+                        r = run_ours(trainer, target, args, store, eval_rows)
+                    except Preempted as e:  # its step is saved: the same command resumes it
+                        print(f"fidelity: {trainer} at L0 {target}: {e}", file=sys.stderr)
+                        sys.exit(EXIT_PREEMPTED)
                 done[key] = dict(
                     trainer=trainer, target=target, tokens=args.tokens, override=list(key[3]), config_sha=key[4], **r
                 )

@@ -1,7 +1,9 @@
 """The fidelity benchmark's held-out split: random rows, or whole text windows never trained on."""
 
 import importlib.util
+import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -100,3 +102,33 @@ def test_integer_rows_are_refused(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         fidelity.main()
     assert "bits.npy: expected float activations, found dtype uint16" in capsys.readouterr().err
+
+
+def test_a_stopped_run_says_so_in_one_line_and_its_rerun_resumes(tmp_path, capsys, monkeypatch):
+    """SIGTERM or Ctrl-C in a long benchmark run: one line and exit 75 (it was a traceback), and the
+    same command resumes the run, its row saying from which step (its seconds count that part only)."""
+    from jumprelu.train import preemption
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.normal(size=(3000, 8)).astype(np.float32))
+    out = tmp_path / "out"
+    argv = ["fidelity.py", str(tmp_path / "x.npy"), "--out", str(out), "--eval_rows", "500", "--kinds", "topk"]
+    argv += ["--targets", "4", "--tokens", "2048", "--width", "32", "--batch", "64"]
+    monkeypatch.setattr("sys.argv", argv)
+    requested = preemption.Watch.requested
+
+    def sigterm_after_step_2(watch, step, sync_step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # to the loop's own handler
+        return requested(watch, step, sync_step)
+
+    with monkeypatch.context() as m:
+        m.setattr(preemption.Watch, "requested", sigterm_after_step_2)
+        with pytest.raises(SystemExit) as stop:
+            fidelity.main()
+    assert stop.value.code == 75
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fidelity: topk at L0 4: stopped by SIGTERM at step 3: saved "), err
+    fidelity.main()
+    row = [json.loads(line) for line in open(out / "results.jsonl")]
+    assert len(row) == 1 and row[0]["resumed_at_step"] == 3
