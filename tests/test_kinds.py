@@ -128,6 +128,27 @@ def test_target_l0_mode_adapts_lambda_towards_the_target():
         assert sign * (float(new["log_lambda"]) - np.log(0.01)) > 0
 
 
+def test_lambda_floor_stops_the_controllers_wind_up_and_nothing_else():
+    """sae.target_l0_lambda_floor κ: while L0 stays below the target the integral I falls by
+    rate·log(L0/T) a step, but never below log(κ · mean ‖x − x̂‖² / T); above the floor, and for
+    this step's λ, nothing changes."""
+    model = JumpReLUSAE(d_model=2, width=4, threshold_param="raw", bandwidth=0.5)
+    params = dict(BASE, threshold=jnp.full((4,), 0.2))
+    out = model.apply({"params": params}, X)
+    l0, mse = float(jnp.mean(out["l0"])), float(jnp.mean(jnp.sum((X - out["x_hat"]) ** 2, -1)))
+    target = l0 * 4  # too few active: I falls
+    for start, kappa in ((1e-6, 0.5), (1.0, 0.5), (1e-6, 0.0)):
+        recipe = Recipe(target_l0=target, target_rate=0.1, lambda_floor=kappa)
+        stats = init_stats(recipe, 4, start)
+        total, (_, new) = make_jumprelu_loss(recipe=recipe)(model, params, stats, X, 0.0)
+        fallen = np.log(start) + 0.1 * np.log(l0 / target)
+        floor = np.log(kappa * mse / target) if kappa else -np.inf
+        np.testing.assert_allclose(new["log_lambda"], max(fallen, floor), rtol=1e-5)
+        lam = start * np.exp(0.5 * np.clip(np.log(l0 / target), -1, 1))  # this step's λ: from I before the update
+        np.testing.assert_allclose(total, make_jumprelu_loss()(model, params, {}, X, lam)[0], rtol=1e-5)
+    assert np.log(1e-6) + 0.1 * np.log(0.25) < np.log(0.5 * mse / target) < np.log(1.0) - 0.2  # both cases met
+
+
 def test_target_l0_controller_reads_the_held_out_to_batch_l0_ratio():
     """With sae.target_l0_held_out_rows the controller's L0 is the batch's times the ratio of the
     moving averages of the L0 on held-out rows (the next 128, cycled) and on the batches."""

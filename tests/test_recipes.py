@@ -394,7 +394,11 @@ def test_every_option_trains_sharded_like_on_one_device(tmp_path, tiny_config, l
     # the first 10 steps as BatchTopK (its top-k over the whole batch, sharded too), then per-latent θ;
     # the controller corrected by the L0 on 256 of the store's held-out rows
     cfg.sae.update(
-        target_l0=6.0, threshold_init_mode="latent_quantile", batchtopk_fraction=0.5, target_l0_held_out_rows=256
+        target_l0=6.0,
+        threshold_init_mode="latent_quantile",
+        batchtopk_fraction=0.5,
+        target_l0_held_out_rows=256,
+        target_l0_lambda_floor=0.01,
     )
     cfg.train.steps = 20
     results = {}

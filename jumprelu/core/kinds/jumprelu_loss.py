@@ -85,13 +85,17 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
             error = jnp.log(jnp.maximum(batch_l0, 1e-3) / target)
             lam = jnp.exp(stats["log_lambda"] + r.target_gain * jnp.clip(error, -1.0, 1.0))
             integral = jnp.clip(stats["log_lambda"] + r.target_rate * error, _LOG_LAMBDA_MIN, _LOG_LAMBDA_MAX)
-            new_stats["log_lambda"] = jax.lax.stop_gradient(integral)
         if r.matryoshka_widths:  # the weighted mean over nested prefixes of their reconstruction errors
             x_hats = losses.nested_reconstructions(out["f"], params["W_dec"], params["b_dec"], r.matryoshka_widths)
             sq_err = sum(w * losses.squared_error(x, h) for w, h in zip(r.matryoshka_weights, x_hats, strict=True))
             metrics = losses.reconstruction_metrics(x, out["x_hat"], out["l0"], out["fired_per_latent"])
         else:
             sq_err, metrics = losses.reconstruction(x, out)
+        if r.target_l0 is not None:
+            if r.lambda_floor:  # anti-wind-up: see the sae.target_l0_lambda_floor config field
+                floor = jnp.log(jnp.maximum(r.lambda_floor * jnp.mean(sq_err) / target, 1e-30))
+                integral = jnp.clip(jnp.maximum(integral, floor), _LOG_LAMBDA_MIN, _LOG_LAMBDA_MAX)
+            new_stats["log_lambda"] = jax.lax.stop_gradient(integral)
         norms = (
             jnp.linalg.norm(params["W_dec"], axis=-1) if r.sparsity_loss == "tanh" or r.pre_act_coefficient else None
         )

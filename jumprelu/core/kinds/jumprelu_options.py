@@ -44,6 +44,8 @@ def validate(s, check) -> None:
         s.target_l0_rate,
     )
     check(s.target_l0_gain >= 0, "sae.target_l0_gain", ">= 0", s.target_l0_gain)
+    floor = s.get("target_l0_lambda_floor", 0.0)
+    check(math.isfinite(floor) and floor >= 0, "sae.target_l0_lambda_floor", "finite and >= 0 (0 = off)", floor)
     held = s.target_l0_held_out_rows
     ok = isinstance(held, int) and not isinstance(held, bool) and held >= 0
     check(ok, "sae.target_l0_held_out_rows", "an integer >= 0 (0 = off)", held)
@@ -126,6 +128,11 @@ def config_fields() -> dict:
         target_l0=config_dict.placeholder(float),
         target_l0_rate=0.01,
         target_l0_gain=0.5,
+        # > 0: anti-wind-up: the controller's I never goes below log(floor · mean ‖x − x̂‖² / target),
+        # the λ at which the L0 term at the target is this share of the batch's squared error. Without
+        # it, I can fall for as long as L0 stays below the target whatever λ does (the BatchTopK phase:
+        # to 1e-9, from an equilibrium near 1e-3) and then takes hundreds of steps to come back.
+        target_l0_lambda_floor=0.0,
         # > 0 (and a target_l0): the controller aims the L0 of rows the SAE never trains on at the target: this many of
         # the store's held-out rows (data.eval_rows), 128 of them a step, give a
         # moving ratio of held-out to batch L0 that scales the batch L0 it reads. A run that revisits
@@ -160,6 +167,7 @@ class Recipe:
     target_l0: float | None = None
     target_rate: float = 0.01
     target_gain: float = 0.5
+    lambda_floor: float = 0.0  # > 0: I kept >= log(lambda_floor · mean squared error / target)
     held_out_rows: int = 0  # > 0: the controller reads the batch L0 times the held-out/batch L0 ratio
     tanh_scale: float = 4.0
     frequency_penalty: float = 0.0
@@ -188,6 +196,7 @@ class Recipe:
             target_l0=s.get("target_l0"),
             target_rate=s.get("target_l0_rate", 0.01),
             target_gain=s.get("target_l0_gain", 0.5),
+            lambda_floor=s.get("target_l0_lambda_floor", 0.0),
             held_out_rows=s.get("target_l0_held_out_rows", 0) if s.get("target_l0") is not None else 0,
             tanh_scale=s.get("tanh_scale", 4.0),
             frequency_penalty=s.get("frequency_penalty", 0.0),

@@ -13,6 +13,7 @@ JUMPRELU_ONLY = (
     "target_l0",
     "target_l0_rate",
     "target_l0_gain",
+    "target_l0_lambda_floor",
     "target_l0_held_out_rows",
     "sparsity_loss",
     "tanh_scale",
