@@ -2,6 +2,8 @@
 θ/z gradients), the data-dependent init, Matryoshka's nested reconstructions, the schedules, and
 every option through the real loop, sharded on 8 simulated devices and stacked."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,6 +190,20 @@ def test_nested_reconstructions_are_the_prefix_decodes():
     got = losses.nested_reconstructions(jnp.asarray(f), jnp.asarray(w), jnp.asarray(b), (2, 5, 8))
     for m, x_hat in zip((2, 5, 8), got, strict=True):
         np.testing.assert_allclose(x_hat, f[:, :m] @ w[:m] + b, rtol=1e-5)
+
+
+def test_matryoshka_in_bfloat16_reconstructs_its_whole_sae_as_its_own_decode(tiny_config):
+    """Found by an audit: with sae.compute_dtype=bfloat16 the nested products ran in float32, so the
+    loss's last prefix was not the SAE's own (bf16) x̂ (1.8e-3 apart) and cost a float32 decode."""
+    s = tiny_config.sae
+    s.update(width=256, matryoshka_widths=(64, 256), matryoshka_weights=(0.0, 1.0), threshold_init=0.01)
+    s.compute_dtype = "bfloat16"
+    kind = jumprelu_kind.build(s, 16)
+    params = kind.model.init(jax.random.key(0), jnp.zeros((1, 16)))["params"]
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(32, 16)), jnp.float32)
+    total, _ = kind.loss(kind.model, params, {}, x, 0.0)  # all the weight on the whole SAE, λ = 0
+    x_hat = kind.model.apply({"params": params}, x)["x_hat"]
+    assert float(total) == pytest.approx(float(jnp.mean(jnp.sum((x - x_hat) ** 2, axis=-1))), rel=1e-6)
 
 
 @pytest.mark.parametrize("weights", [(), (1.0, 1.0, 2.0), (0.0, 1.0, 3.0)])
@@ -400,6 +416,10 @@ def test_every_option_trains_sharded_like_on_one_device(tmp_path, tiny_config, l
         target_l0_held_out_rows=256,
         target_l0_lambda_floor=0.01,
     )
+    if loss == "tanh":  # tanh and the straight-through terms to z are refused with the phase: no phase
+        cfg.sae.batchtopk_fraction = 0.0
+    else:
+        cfg.sae.ste_pre_activations = False
     cfg.train.steps = 20
     results = {}
     for shape in [(1, 1), (2, 4)]:
@@ -449,6 +469,25 @@ def test_training_further_does_not_go_back_into_the_batchtopk_phase(tmp_path, ti
     # found by an audit: with a target the log's λ was the unused warm-up schedule, not the controller's
     logged = [m for m in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "sparsity_coefficient_adaptive" in m]
     assert logged and all(m["sparsity_coefficient"] == m["sparsity_coefficient_adaptive"] for m in logged)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("sparsity_loss", "tanh", "sae.sparsity_loss must be 'step' or a quadratic with a BatchTopK phase"),
+        ("ste_pre_activations", True, "sae.ste_pre_activations must be False with a BatchTopK phase"),
+    ],
+)
+def test_options_the_batchtopk_phase_would_ignore_are_refused(tiny_config, field, value, message):
+    """Found by an audit: through the phase the tanh penalty was on the phase's f (fired at the
+    batch's threshold, no θ in it: λ moved nothing while the controller wound it up 5-fold) and the
+    straight-through terms to z were not applied; both trained as if unset for 80% of a recipe run."""
+    tiny_config.sae.update(target_l0=5.0, threshold_param="raw", batchtopk_fraction=0.5)
+    setattr(tiny_config.sae, field, value)
+    with pytest.raises(ConfigError, match=re.escape(message) + r".*set sae.batchtopk_fraction=0"):
+        validate(tiny_config)
+    tiny_config.sae.batchtopk_fraction = 0.0
+    validate(tiny_config)
 
 
 def test_options_train_stacked(tmp_path, tiny_config):

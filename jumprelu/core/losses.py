@@ -41,12 +41,16 @@ def reconstruction(x: jax.Array, out: dict) -> tuple[jax.Array, dict[str, jax.Ar
     return squared_error(x, out["x_hat"]), metrics
 
 
-def nested_reconstructions(f: jax.Array, w_dec: jax.Array, b_dec: jax.Array, widths: tuple[int, ...]) -> list:
+def nested_reconstructions(
+    f: jax.Array, w_dec: jax.Array, b_dec: jax.Array, widths: tuple[int, ...], dtype=jnp.float32
+) -> list:
     """x̂ from each prefix of the latents (Matryoshka): [f[:, :m] W_dec[:m] + b_dec for m in widths].
 
-    f: [B, M]; widths: increasing, the last one M. One pass over the latents in segments, so the
-    cost is that of a single decode.
+    f: [B, M]; widths: increasing, the last one M; dtype: the products' operands (the SAE's
+    compute_dtype, so the last prefix is its own decode), accumulated in float32. One pass over
+    the latents in segments, so the cost is that of a single decode.
     """
+    f, w_dec = f.astype(dtype), w_dec.astype(dtype)
     out, partial, start = [], b_dec, 0
     for end in widths:
         partial = partial + jnp.matmul(f[:, start:end], w_dec[start:end], preferred_element_type=jnp.float32)

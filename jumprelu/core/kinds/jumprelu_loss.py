@@ -86,7 +86,9 @@ def make_loss(target_l0: float | None = None, target_rate: float = 0.01, target_
             lam = jnp.exp(stats["log_lambda"] + r.target_gain * jnp.clip(error, -1.0, 1.0))
             integral = jnp.clip(stats["log_lambda"] + r.target_rate * error, _LOG_LAMBDA_MIN, _LOG_LAMBDA_MAX)
         if r.matryoshka_widths:  # the weighted mean over nested prefixes of their reconstruction errors
-            x_hats = losses.nested_reconstructions(out["f"], params["W_dec"], params["b_dec"], r.matryoshka_widths)
+            x_hats = losses.nested_reconstructions(
+                out["f"], params["W_dec"], params["b_dec"], r.matryoshka_widths, model.compute_dtype
+            )
             sq_err = sum(w * losses.squared_error(x, h) for w, h in zip(r.matryoshka_weights, x_hats, strict=True))
             metrics = losses.reconstruction_metrics(x, out["x_hat"], out["l0"], out["fired_per_latent"])
         else:

@@ -75,6 +75,11 @@ def validate(s, check) -> None:
             s.target_l0 < s.width, "sae.target_l0", "below sae.width when sae.batchtopk_fraction > 0 (k)", s.target_l0
         )
     check(isinstance(s.ste_pre_activations, bool), "sae.ste_pre_activations", "True or False", s.ste_pre_activations)
+    if batchtopk_phase(s):  # the phase fires at the batch's threshold: θ trains only in its shadow
+        why = "with a BatchTopK phase (its forward fires at the batch's threshold, not at θ; "
+        why += "set sae.batchtopk_fraction=0)"
+        check(s.sparsity_loss != "tanh", "sae.sparsity_loss", f"'step' or a quadratic {why}", "tanh")
+        check(not s.ste_pre_activations, "sae.ste_pre_activations", f"False {why}", True)
     capacity_rule = ">= 0 (0: 8 × sae.target_l0, at least width/64)"
     check(s.sparse_capacity >= 0, "sae.sparse_capacity", capacity_rule, s.sparse_capacity)
     if s.sparse == "on":
