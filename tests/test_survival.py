@@ -136,7 +136,37 @@ def test_nan_rows_the_metadata_does_not_know_stop_or_are_skipped(tmp_path, tiny_
     assert report["steps"] == 30
     skipped = [r["skipped_batches"] for r in read_jsonl(tmp_path / "skip" / "metrics.jsonl")]
     assert skipped == sorted(skipped) and 1 <= skipped[-1] <= 6  # counted, cumulative; a NaN row spoils a batch
+    assert report["skipped_batches"] == skipped[-1]
     _assert_finite(tmp_path / "skip")
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_run_that_skips_every_batch_says_so_and_stops(tmp_path, tiny_config):
+    """Found by an audit: with train.skip_nonfinite_batches a run whose every batch was dropped
+    reported success (exit 0, no word of the skips), and metrics.jsonl held NaN and Infinity,
+    which strict JSON readers (jq, JavaScript) refuse."""
+    from jumprelu.train import guard
+    from jumprelu.train.report import format_report
+
+    tiny_config.data.scale = 1e-25  # every batch overflows
+    tiny_config.train.update(skip_nonfinite_batches=True, steps=20)
+    tiny_config.log.every_steps = 10
+    report = train(tiny_config, str(tmp_path / "short"))
+    assert report["skipped_batches"] == 20
+    assert "WARNING: 20 of 20 batches were skipped as non-finite" in format_report(report)
+    assert _strict_json((tmp_path / "short" / "report.json").read_text())["skipped_batches"] == 20
+    records = [_strict_json(line) for line in (tmp_path / "short" / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(r["loss"] is None for r in records)  # not finite: null
+    tiny_config.train.steps = guard.ALL_SKIPPED_STEPS + 20
+    with pytest.raises(Diverged, match=f"step {guard.ALL_SKIPPED_STEPS}: every batch of the last "
+                       f"{guard.ALL_SKIPPED_STEPS} steps was skipped as non-finite"):  # fmt: skip
+        train(tiny_config, str(tmp_path / "long"))
 
 
 def test_a_skipped_batch_keeps_the_state_but_not_the_clocks(tiny_config):

@@ -67,6 +67,41 @@ def _state_tree(state):
     return {"params": state.params, "opt_state": state.opt_state, "stats": state.stats}
 
 
+ALL_SKIPPED_STEPS = 100  # consecutive steps whose batches were all dropped before a run is stopped
+
+
+class SkipWatch:
+    """With train.skip_nonfinite_batches: stops a run that has dropped every batch for
+    ALL_SKIPPED_STEPS steps in a row (it would train on nothing to the end and report success).
+
+    Reads the `skipped_batches` counts the step logs (per SAE) at the guard's checks; a resumed
+    run starts counting at its first check (its count at the checkpoint is not on the host).
+    """
+
+    def __init__(self, enabled: bool, start: int, members: int):
+        self.enabled = enabled
+        self.before = [0.0] * max(members, 1) if start == 0 else None
+        self.streak = 0
+
+    def check(self, per_sae: list[dict], steps: int, done: int, last_good) -> None:
+        if not self.enabled:
+            return
+        counts = [m.get("skipped_batches", 0.0) for m in per_sae]
+        if self.before is not None and steps > 0:
+            all_skipped = [i for i, (c, b) in enumerate(zip(counts, self.before, strict=True)) if c - b >= steps]
+            self.streak = self.streak + steps if all_skipped else 0
+            if self.streak >= ALL_SKIPPED_STEPS:
+                member = f" (stacked SAE {all_skipped[0]})" if len(per_sae) > 1 else ""
+                good = last_good()
+                saved = f"the last good checkpoint is {good}" if good else "no checkpoint was saved before it"
+                raise Diverged(
+                    f"training stopped at step {done}: every batch of the last {self.streak} steps was skipped as "
+                    f"non-finite{member} (train.skip_nonfinite_batches=True), so nothing is being trained; {saved}; "
+                    "look for a tiny data.scale, a huge λ or train.lr, or rows that are not finite"
+                )
+        self.before = counts
+
+
 class BlowUp:
     """Each SAE's lowest logged batch FVU over the whole run, and the blow-up test against it.
 

@@ -243,6 +243,7 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start, watch, eval_rows=None
     blow_up = guard.BlowUp(cfg.train.get("divergence_fvu", 0.0), history, start)
     blow_up.share()  # process 0's reading on every process, so all of them stop together
     outs = [writers.create(cfg.log, d, start, lead, config_json) for d in log_dirs]
+    skips = guard.SkipWatch(skip_batches, start, members)
     checked = start  # the last step the guard found finite
     t0 = time.perf_counter()
     try:
@@ -260,6 +261,7 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start, watch, eval_rows=None
                 n = max(members, 1)
                 per_sae = [{k: float(v[i] if members else v) for k, v in host.items()} for i in range(n)]
                 guard.check(state, per_sae, done, checked, skip_batches, _last_good(ckpt), blow_up)
+                skips.check(per_sae, done - checked, done, _last_good(ckpt))
                 checked = done
                 if log_step:  # only logged FVUs count, as a resumed run reads them back
                     blow_up.record(per_sae)

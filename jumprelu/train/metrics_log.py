@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 
@@ -12,6 +13,23 @@ from tqdm import tqdm
 from jumprelu import fs
 
 log = logging.getLogger("jumprelu")
+
+
+def _finite(value):
+    """`value` with every NaN or ±Inf float (at any depth) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def dumps(value, **kwargs) -> str:
+    """JSON that strict parsers read (jq, JavaScript, pandas' JSON lines): a non-finite number, such
+    as the loss of a batch that diverged, is written as null; Python's NaN/Infinity are not JSON."""
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
 
 
 def _parse(text: str) -> tuple[list[dict], int]:
@@ -54,7 +72,7 @@ class MetricsLog:
         records, dropped = _parse(fs.read_text(self.path)) if fs.exists(self.path) else ([], 0)
         if dropped:
             log.warning("%s: dropped %d unreadable line(s), the remains of an interrupted write", self.path, dropped)
-        self._lines = [json.dumps(r) + "\n" for r in records if r.get("step", 0) <= resume_step]
+        self._lines = [dumps(r) + "\n" for r in records if r.get("step", 0) <= resume_step]
         fs.write_text_atomically(self.path, "".join(self._lines))
         self._pending: list[str] = []
         self._failing = False
@@ -62,7 +80,7 @@ class MetricsLog:
         self._fd = None if fs.is_remote(self.path) else os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
     def write(self, record: dict) -> None:
-        self._pending.append(json.dumps(record) + "\n")
+        self._pending.append(dumps(record) + "\n")
         self._flush()
 
     def _flush(self) -> None:

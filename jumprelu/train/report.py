@@ -17,7 +17,7 @@ from jumprelu.core.folded import fold
 from jumprelu.data import synthetic
 from jumprelu.evaluate.metrics import evaluate_rows
 from jumprelu.evaluate.plots import plot_training_curves
-from jumprelu.train import distributed
+from jumprelu.train import distributed, metrics_log
 from jumprelu.train.checkpoint import MEMBER_FILE, checkpoint_dir, member_dir
 from jumprelu.train.metrics_log import read_metrics
 from jumprelu.train.state import member_of
@@ -25,19 +25,29 @@ from jumprelu.train.state import member_of
 
 def final_report(cfg, workdir: str, state, stream, start_step: int) -> dict:
     """Evaluates the trained SAE (or each of K stacked ones) on the held-out rows; writes report.json."""
-    params, scale, stats = distributed.to_host((state.params, state.scale, state.stats))
+    params, scale, stats, skipped = distributed.to_host((state.params, state.scale, state.stats, state.skipped))
+    skipped = np.atleast_1d(skipped)  # one count per stacked SAE
     steps = int(state.step)
     # the rows the target-L0 controller read are left out: λ was set from their L0
     eval_rows = init_lib.report_rows(stream.eval_set(), config_lib.controller_rows(cfg))
     lams = tuple(cfg.stack.sparsity_coefficients)
     if not lams:
-        return _sae_report(cfg, workdir, workdir, params, scale, stats, eval_rows, steps, start_step)
+        return _sae_report(cfg, workdir, workdir, params, scale, stats, eval_rows, steps, start_step, int(skipped[0]))
     members = []
     for i, lam in enumerate(lams):
         member_cfg = member_config(cfg, i)
         mdir = member_dir(workdir, i)
         r = _sae_report(
-            member_cfg, workdir, mdir, member_of(params, i), scale, member_of(stats, i), eval_rows, steps, start_step
+            member_cfg,
+            workdir,
+            mdir,
+            member_of(params, i),
+            scale,
+            member_of(stats, i),
+            eval_rows,
+            steps,
+            start_step,
+            int(skipped[i]),
         )
         if distributed.is_lead():
             write_member_files(cfg, workdir, i)
@@ -45,7 +55,7 @@ def final_report(cfg, workdir: str, state, stream, start_step: int) -> dict:
     out = {k: members[0][k] for k in ("steps", "tokens", "resumed_from_step", "scale", "checkpoint")}
     out.update(workdir=fs.abspath(workdir), members=members)
     if distributed.is_lead():
-        fs.write_text_atomically(fs.join(workdir, "report.json"), json.dumps(out, indent=2))
+        fs.write_text_atomically(fs.join(workdir, "report.json"), metrics_log.dumps(out, indent=2))
     return out
 
 
@@ -66,7 +76,7 @@ def write_member_files(cfg, workdir: str, i: int) -> None:
     fs.write_text_atomically(fs.join(mdir, MEMBER_FILE), json.dumps({"member": i, "workdir": ".."}))
 
 
-def _sae_report(cfg, workdir, report_dir, params, scale, stats, eval_rows, steps, start_step) -> dict:
+def _sae_report(cfg, workdir, report_dir, params, scale, stats, eval_rows, steps, start_step, skipped) -> dict:
     kind = kinds.from_config(cfg.sae, cfg.data.d_model)
     folded = fold(kind.export(params, stats), scale, cfg.sae.pre_encoder_bias)
     folded = {k: np.asarray(v) for k, v in folded.items()}
@@ -77,6 +87,7 @@ def _sae_report(cfg, workdir, report_dir, params, scale, stats, eval_rows, steps
         "tokens": steps * cfg.train.batch_size,
         "resumed_from_step": start_step,
         "scale": float(scale),
+        "skipped_batches": skipped,  # dropped as non-finite (train.skip_nonfinite_batches): not trained on
         "eval": metrics,
         "checkpoint": fs.abspath(fs.join(checkpoint_dir(workdir), str(steps))),  # from any directory
         "workdir": fs.abspath(report_dir),
@@ -95,7 +106,7 @@ def _sae_report(cfg, workdir, report_dir, params, scale, stats, eval_rows, steps
         plot_training_curves(records, buf, title=title)
         fs.write_bytes_atomically(curves, buf.getvalue())
         out["curves"] = curves
-    fs.write_text_atomically(fs.join(report_dir, "report.json"), json.dumps(out, indent=2))
+    fs.write_text_atomically(fs.join(report_dir, "report.json"), metrics_log.dumps(out, indent=2))
     return out
 
 
@@ -103,6 +114,7 @@ def format_report(r: dict) -> str:
     if "members" in r:
         return _format_stacked(r)
     lines = [f"jumprelu: {r['steps']:,} steps, {r['tokens']:,} tokens (input scale C = {r['scale']:.4g})"]
+    lines += _skipped_line(r.get("skipped_batches", 0), r["steps"])
     e = r.get("eval")
     if e:
         lines.append(
@@ -125,6 +137,16 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _skipped_line(skipped: int, steps: int, member: str = "") -> list[str]:
+    """The warning line of a run that dropped non-finite batches (none when it dropped none)."""
+    if not skipped:
+        return []
+    return [
+        f"  WARNING{member}: {skipped:,} of {steps:,} batches were skipped as non-finite (train.skip_nonfinite_batches)"
+        " and not trained on"
+    ]
+
+
 def _format_stacked(r: dict) -> str:
     lines = [
         f"jumprelu: {len(r['members'])} stacked SAEs, {r['steps']:,} steps, {r['tokens']:,} tokens each "
@@ -137,6 +159,8 @@ def _format_stacked(r: dict) -> str:
             f"  {m['member']:>6}  {m['sparsity_coefficient']:>10.4g}  {e.get('l0', float('nan')):>8.2f}  "
             f"{e.get('fvu', float('nan')):>8.4f}  {100 * e.get('dead_fraction', float('nan')):>5.1f}%  {m['workdir']}"
         )
+    for m in r["members"]:
+        lines += _skipped_line(m.get("skipped_batches", 0), r["steps"], f" (member {m['member']})")
     lines.append(f"  checkpoint: {r['checkpoint']}")
     lines.append(f"  load one:   import jumprelu; sae = jumprelu.load({r['members'][0]['workdir']!r})")
     lines.append(f"  report:     {fs.join(r['workdir'], 'report.json')}")

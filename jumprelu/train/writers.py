@@ -33,6 +33,7 @@ import time
 import numpy as np
 
 from jumprelu import fs
+from jumprelu.train import metrics_log
 from jumprelu.train.metrics_log import MetricsLog, read_metrics
 
 log = logging.getLogger("jumprelu")
@@ -64,7 +65,9 @@ class JsonlWriter(MetricWriter):
         self.path = fs.join(logdir, "metrics.jsonl")
         self._remote = fs.is_remote(logdir)
         if self._remote:
-            self._lines = [json.dumps(r) + "\n" for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self._lines = [
+                metrics_log.dumps(r) + "\n" for r in read_metrics(self.path) if r.get("step", 0) <= resume_step
+            ]
             self._dirty = True
             self.flush()
         else:
@@ -73,7 +76,7 @@ class JsonlWriter(MetricWriter):
     def write_scalars(self, step, scalars):
         record = {"step": step, **scalars}
         if self._remote:
-            self._lines.append(json.dumps(record) + "\n")
+            self._lines.append(metrics_log.dumps(record) + "\n")
             self._dirty = True
         else:
             self._log.write(record)
