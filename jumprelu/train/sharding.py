@@ -38,6 +38,14 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int]:
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     data, model = mesh_shape(mesh_cfg, len(devices))
+    if jax.process_count() > 1 and data * model != len(devices):
+        # the mesh would take the first devices (process 0's): the others would hold no part of the
+        # state, crash fetching it and leave process 0 waiting minutes at the shutdown barrier
+        raise ConfigError(
+            f"config fields mesh.data × mesh.model = {data}×{model} = {data * model} use only some of the "
+            f"{len(devices)} devices of this {jax.process_count()}-process run; a multi-host mesh must use them "
+            "all: set mesh.data=-1 or mesh.model=-1 (or a product of the device count)"
+        )
     # Auto axes: the compiler propagates shardings from the declared in/out specs and
     # the latent constraint in the step; explicit types are spelled out because the
     # default changed to Explicit in jax 0.9.
