@@ -65,28 +65,9 @@ def test_a_mesh_on_some_of_the_devices_is_one_line_on_every_process(tmp_path):
 @pytest.mark.parametrize("mesh", [(2, 4), (1, 8)])  # (1, 8): every process must read the whole batch
 def test_two_processes_match_one(tmp_path, mesh):
     flags = TINY_FLAGS + RUN + [f"--config.mesh.data={mesh[0]}", f"--config.mesh.model={mesh[1]}"]
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        env = dict(
-            os.environ,
-            JAX_PLATFORMS="cpu",
-            XLA_FLAGS="--xla_force_host_platform_device_count=4",
-            JUMPRELU_DISTRIBUTED="1",
-            JUMPRELU_COORDINATOR=f"127.0.0.1:{port}",
-            JUMPRELU_NUM_PROCESSES="2",
-            JUMPRELU_PROCESS_ID=str(pid),
-        )
-        procs.append(
-            subprocess.Popen(
-                _cmd(tmp_path / "multi") + flags,
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
+    procs = _two_processes(
+        _cmd(tmp_path / "multi") + flags, _free_port(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
