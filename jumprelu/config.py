@@ -230,6 +230,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f"config field log.wandb_project is {project!r} but wandb is not installed: "
             "pip install 'jumprelu[wandb]' (or unset it)"
         )
+    if c.log.get("tensorboard", True) and not _installed("tensorboardX"):  # a dependency, but environments vary
+        raise ConfigError(
+            "config field log.tensorboard is true but tensorboardX is not installed: pip install tensorboardX, "
+            "or --config.log.tensorboard=False"
+        )
     if d.source == "lm":
         _validate_lm(d)
     if d.source == "synthetic":

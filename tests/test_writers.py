@@ -108,6 +108,52 @@ def test_wandb_project_without_wandb_is_a_config_error(tmp_path, tiny_config, mo
         train(tiny_config, str(tmp_path / "run"))
 
 
+def test_wandb_that_cannot_start_or_log_is_one_line_or_one_warning(tmp_path, tiny_config, monkeypatch, caplog):
+    """Found by an audit: wandb.init without an API key was a traceback through the loop, and a wandb
+    call failing mid-run would have killed the training; TensorBoard's failures were one warning."""
+
+    class NoKey(_FakeWandb):
+        def init(self, **kwargs):
+            raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])\nmore")
+
+    monkeypatch.setitem(sys.modules, "wandb", NoKey())
+    tiny_config.log.update(wandb_project="p", tensorboard=False)
+    with pytest.raises(ConfigError, match=r"^config field log.wandb_project is 'p' but wandb could not start a run: "
+                       r"api_key not configured \(no-tty\)\. call wandb.login\(key=\[your_api_key\]\); run "
+                       r"`wandb login` \(or set WANDB_MODE=offline\), or unset it$"):  # fmt: skip
+        train(tiny_config, str(tmp_path / "run"))
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    real_init = fake.init
+
+    def init_then_fail(**kwargs):
+        run = real_init(**kwargs)
+
+        def log(data, step):
+            if step >= 20:
+                raise ConnectionError("wandb service unreachable")
+            run.logged.append((step, data))
+
+        run.log = log
+        return run
+
+    fake.init = init_then_fail
+    report = train(tiny_config, str(tmp_path / "run2"))
+    assert report["steps"] == tiny_config.train.steps  # trained to the end
+    (run,) = fake.runs
+    assert [s for s, _ in run.logged] == [5, 10, 15] and run.finished
+    assert sum("no more wandb logging this run" in r.getMessage() for r in caplog.records) == 1
+    assert len(read_jsonl(tmp_path / "run2" / "metrics.jsonl")) == tiny_config.train.steps // 5
+
+
+def test_tensorboard_without_tensorboardx_is_a_config_error(tmp_path, tiny_config, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import tensorboardX raises ImportError
+    with pytest.raises(ConfigError, match="log.tensorboard is true but tensorboardX is not installed"):
+        train(tiny_config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_only_the_lead_process_writes(tmp_path, tiny_config):
     assert writers.create(tiny_config.log, str(tmp_path), 0, lead=False, config={}).writers == []
     assert list(tmp_path.iterdir()) == []

@@ -231,20 +231,44 @@ class WandbWriter(MetricWriter):
                 "pip install 'jumprelu[wandb]' (or unset it)"
             ) from None
         self._wandb = wandb
+        self._failed = False
         run_id = hashlib.sha1(fs.abspath(logdir).encode()).hexdigest()[:16]
         kwargs = {} if fs.is_remote(logdir) else {"dir": logdir}
-        self._run = wandb.init(
-            project=project, id=run_id, resume="allow", name=name or fs.abspath(logdir), config=config, **kwargs
-        )
+        try:
+            self._run = wandb.init(
+                project=project, id=run_id, resume="allow", name=name or fs.abspath(logdir), config=config, **kwargs
+            )
+        except Exception as e:  # no API key, no network, a project it may not write to: wandb's many errors
+            from jumprelu.errors import ConfigError
+
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(
+                f"config field log.wandb_project is {project!r} but wandb could not start a run: {first}; "
+                "run `wandb login` (or set WANDB_MODE=offline), or unset it"
+            ) from None
+
+    def _log(self, record: dict, step: int) -> None:
+        """A wandb call that fails mid-run (the network, the service) ends wandb logging with one
+        warning; training, metrics.jsonl and the checkpoints go on."""
+        if self._failed:
+            return
+        try:
+            self._run.log(record, step=step)
+        except Exception as e:
+            self._failed = True
+            log.warning(
+                "wandb: cannot log step %d (%s); no more wandb logging this run (metrics.jsonl goes on)", step, e
+            )
 
     def write_scalars(self, step, scalars):
-        self._run.log(dict(scalars), step=step)
+        self._log(dict(scalars), step)
 
     def write_histogram(self, step, name, values):
-        self._run.log({name: self._wandb.Histogram(np.asarray(values))}, step=step)
+        self._log({name: self._wandb.Histogram(np.asarray(values))}, step)
 
     def close(self):
-        self._run.finish()
+        with contextlib.suppress(Exception):  # the run's files are uploaded by wandb's own process
+            self._run.finish()
 
 
 class Writers(MetricWriter):
