@@ -100,13 +100,13 @@ def test_a_reader_that_leaves_the_pipe_early_is_no_traceback():
 
 def test_every_command_answers_help_with_its_flags_and_runs_nothing(tmp_path):
     expected = {
-        "train": ["--config", "--workdir"],
-        "evaluate": ["--workdir", "--member", "--lm"],
-        "harvest": ["--config"],
+        "train": ["--config", "--workdir", "--experiments_dir"],
+        "evaluate": ["--workdir", "--member", "--lm", "--experiments_dir"],
+        "harvest": ["--config", "--experiments_dir"],
         "store": ["convert", "summary"],
         "export": ["--format", "--member"],
         "refit": ["--workdir", "--rows", "--ridge"],
-        "plan": ["--config", "--topology", "--peak_tflops"],
+        "plan": ["--config", "--topology", "--peak_tflops", "--experiments_dir"],
         "sweep": ["--dry_run", "--local"],
         "tpu": ["--zone", "--project"],
     }

@@ -499,3 +499,27 @@ def test_a_data_position_that_disagrees_with_its_step_is_a_damaged_checkpoint(tm
     assert report["resumed_from_step"] == 20
     assert f"holds the data position {position!r}, not this step's 40" in caplog.text
     assert (wd / "checkpoints-damaged" / "40").is_dir()
+
+
+def test_sigterm_during_the_final_report_still_writes_it(tmp_path):
+    """Found by an audit: a SIGTERM after the last checkpoint, while the held-out report was being
+    computed, ended the process (exit 143) with no report.json and its lock left behind. The run had
+    finished: the report is written, with one warning, and the exit is 0."""
+    workdir = tmp_path / "w"
+    script = f"""
+import os, signal, sys
+from jumprelu import cli
+from jumprelu.train import report
+write = report.final_report
+def sigterm_first(*args, **kwargs):  # a scheduler's SIGTERM while the report is computed
+    os.kill(os.getpid(), signal.SIGTERM)
+    return write(*args, **kwargs)
+report.final_report = sigterm_first
+sys.exit(cli.main(["train", "--config", "quickstart", "--workdir", {str(workdir)!r}, *{TINY_FLAGS!r},
+                   "--config.train.steps=20"]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "SIGTERM during the final report: the run had finished, so the report was written first" in done.stderr
+    assert json.loads((workdir / "report.json").read_text())["steps"] == 20
+    assert not (workdir / "lock.json").exists()

@@ -105,6 +105,15 @@ def resolve_config_flags(argv: list[str], flags: tuple[str, ...] = ("config",)) 
     return out
 
 
+def define_experiments_dir_flag(module_name: str) -> None:
+    """`--experiments_dir` in the `--help` of `module_name`'s command (`flags_help`); only there:
+    `resolve_config_flags` has already taken it out of argv."""
+    from absl import flags
+
+    help_text = "Folder where experiment names (--config, --lm) are looked up first (or $JUMPRELU_EXPERIMENTS_DIR)."
+    flags.DEFINE_string("experiments_dir", None, help_text, module_name=module_name)
+
+
 def quiet_libraries(flag_values) -> None:
     """Library INFO logs (orbax's, absl's) off unless --verbosity was given; ours stay on."""
     import logging as std_logging

@@ -138,6 +138,7 @@ def run(argv: list[str]) -> int:
         argv = common.resolve_config_flags(common.underscore_flags(argv), flags=("lm",))
     except ValueError as e:
         return common.fail(e)
+    common.define_experiments_dir_flag(__name__)
     workdir_flag = flags.DEFINE_string("workdir", None, "Training workdir of the SAE.")
     member_flag = flags.DEFINE_integer("member", None, "Which SAE of a stacked run.")
     rows_flag = flags.DEFINE_integer("eval_rows", None, "Held-out stored rows (default: the run's data.eval_rows).")

@@ -31,6 +31,7 @@ def run(argv: list[str]) -> int:
         argv = common.resolve_config_flags(common.underscore_flags(argv))
     except ValueError as e:
         return common.fail(e)
+    common.define_experiments_dir_flag(__name__)
     config = config_flags.DEFINE_config_file("config", None, "Harvest config (harvest/gemma2).")
     flags.mark_flags_as_required(["config"])
 

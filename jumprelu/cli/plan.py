@@ -49,6 +49,7 @@ def run(argv: list[str]) -> int:
         argv = common.resolve_config_flags(argv)
     except ValueError as e:
         return common.fail(e)
+    common.define_experiments_dir_flag(__name__)
     config = config_flags.DEFINE_config_file("config", None, "Experiment (path, or name).", lock_config=True)
     flags.DEFINE_string("topology", None, "TPU slice (e.g. v5p-16, v5e-16) or a device count.")
     peak = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device (default: the chip's).")

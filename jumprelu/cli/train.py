@@ -23,6 +23,7 @@ def run(argv: list[str]) -> int:
         argv = common.resolve_config_flags(common.underscore_flags(argv))
     except ValueError as e:
         return common.fail(e)
+    common.define_experiments_dir_flag(__name__)
     config = config_flags.DEFINE_config_file("config", None, "Experiment (path, or name).", lock_config=True)
     workdir = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
     flags.mark_flags_as_required(["config", "workdir"])

@@ -184,7 +184,13 @@ def _train_on(cfg: ml_collections.ConfigDict, workdir: str, stream) -> dict:
             ckpt.close()
         raise
     ckpt.close()
-    return report.final_report(cfg, workdir, state, stream, start_step=start)
+    # The last checkpoint is complete: a SIGTERM/Ctrl-C now is noted and the report (seconds) still
+    # written, instead of the process ending without it and with its lock left behind.
+    with preemption.Watch() as watch:
+        result = report.final_report(cfg, workdir, state, stream, start_step=start)
+    if watch.signal_name:
+        log.warning("%s during the final report: the run had finished, so the report was written first", watch.signal_name)
+    return result
 
 
 def _batches(cfg, prog, stream, ckpt, start):
