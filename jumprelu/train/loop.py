@@ -189,7 +189,8 @@ def _train_on(cfg: ml_collections.ConfigDict, workdir: str, stream) -> dict:
     with preemption.Watch() as watch:
         result = report.final_report(cfg, workdir, state, stream, start_step=start)
     if watch.signal_name:
-        log.warning("%s during the final report: the run had finished, so the report was written first", watch.signal_name)
+        finished = "the run had finished, so the report was written first"
+        log.warning("%s during the final report: %s", watch.signal_name, finished)
     return result
 
 
