@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jumprelu.errors import ConfigError
-from jumprelu.train import writers
+from jumprelu.train import wandb_writer, writers
 from jumprelu.train.loop import train
 from tests.test_train import read_jsonl, run_main
 
@@ -98,7 +98,7 @@ def test_wandb_gets_scalars_histograms_and_the_config(tmp_path, tiny_config, mon
     hist_steps = [s for s, d in run.logged if "eval/log10_firing_frequency" in d]
     assert hist_steps == [20, 40]
     # Same workdir, same wandb run id: a resumed run continues it.
-    assert run.kwargs["id"] == writers.WandbWriter(str(tmp_path / "run"), "p", {})._run.kwargs["id"]
+    assert run.kwargs["id"] == wandb_writer.WandbWriter(str(tmp_path / "run"), "p", {})._run.kwargs["id"]
 
 
 def test_wandb_project_without_wandb_is_a_config_error(tmp_path, tiny_config, monkeypatch):
