@@ -33,12 +33,22 @@ def raise_on_ctrl_c(signum, frame) -> None:
 
 
 def catch_ctrl_c() -> None:
-    """Install `raise_on_ctrl_c` (only the main thread may install handlers)."""
+    """Install `raise_on_ctrl_c` (only the main thread may install handlers), and leave out of
+    stderr Python's report of the KeyboardInterrupt it dropped ("Exception ignored in ...", a
+    traceback before the command's one line): `stop_on_dropped_ctrl_c` acts on it."""
     if (
         threading.current_thread() is threading.main_thread()
         and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     ):
         signal.signal(signal.SIGINT, raise_on_ctrl_c)
+        previous = sys.unraisablehook
+
+        def unraisable(report) -> None:
+            if _ctrl_c_seen and report.exc_type is not None and issubclass(report.exc_type, KeyboardInterrupt):
+                return
+            previous(report)
+
+        sys.unraisablehook = unraisable
 
 
 def stop_on_dropped_ctrl_c() -> None:

@@ -274,7 +274,10 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
         child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=120)
         assert "Fatal Python error" not in err and child.returncode != -11, (delay, err)  # the segfault
-        if child.returncode == 0 and delay > 1:  # under load the short run may have finished
+        finished = (tmp_path / f"w{delay}" / "report.json").exists()
+        if delay > 1 and finished and child.returncode in (0, -signal.SIGINT):
+            # the short run had finished (on a fast machine in ~2.5 s): the signal came after it, or
+            # during the interpreter's exit, where Python has put SIGINT back to its default (-2)
             continue
         # (a SIGINT that lands in one of jax's gc callbacks, where Python drops the exception, as CI
         # once saw at 0.5 s, stops the run at the loop's entry: the test below)
@@ -301,9 +304,11 @@ sys.exit(cli.main(["train", "--config", "quickstart", "--workdir", {str(tmp_path
                    "--config.train.steps=200"]))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert "Exception ignored in: <function" in done.stderr, done.stderr  # the drop did happen
-    assert done.returncode == 130, (done.returncode, done.stderr)
-    assert done.stderr.strip().splitlines()[-1].startswith("jumprelu: interrupted; run the same command again")
+    assert done.returncode == 130 and "Traceback" not in done.stderr, (done.returncode, done.stderr)
+    # train's own line, from the loop's entry (a Ctrl-C that was not dropped, during the imports,
+    # would end with "nothing had started"); Python's report of the dropped exception is left out
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == "jumprelu: interrupted; run the same command again: it resumes from its last checkpoint", last
 
 
 def test_runlocal_keeps_each_runs_k():
