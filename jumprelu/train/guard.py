@@ -67,6 +67,11 @@ def _state_tree(state):
     return {"params": state.params, "opt_state": state.opt_state, "stats": state.stats}
 
 
+def _saved_clause(good: str | None) -> str:
+    """Where a stopped run can go on from: the newest complete checkpoint, or none."""
+    return f"the last good checkpoint is {good}" if good else "no checkpoint was saved before it"
+
+
 ALL_SKIPPED_STEPS = 100  # consecutive steps whose batches were all dropped before a run is stopped
 
 
@@ -92,8 +97,7 @@ class SkipWatch:
             self.streak = self.streak + steps if all_skipped else 0
             if self.streak >= ALL_SKIPPED_STEPS:
                 member = f" (stacked SAE {all_skipped[0]})" if len(per_sae) > 1 else ""
-                good = last_good()
-                saved = f"the last good checkpoint is {good}" if good else "no checkpoint was saved before it"
+                saved = _saved_clause(last_good())
                 raise Diverged(
                     f"training stopped at step {done}: every batch of the last {self.streak} steps was skipped as "
                     f"non-finite{member} (train.skip_nonfinite_batches=True), so nothing is being trained; {saved}; "
@@ -190,7 +194,7 @@ def check(
     if problem is None:
         return
     good = last_good()
-    saved = f"the last good checkpoint is {good}" if good else "no checkpoint was saved before it"
+    saved = _saved_clause(good)
     if resumed_blown:  # rerunning would resume into the same state: the checkpoint must go
         raise Diverged(
             f"training diverged by step {step}: {problem}; that checkpoint ({good}) was saved past the limit "
