@@ -987,3 +987,74 @@ def test_commands_drop_orbaxs_abandoned_save_reports(caplog):
         assert "never retrieved" not in caplog.text
     finally:
         logging.getLogger("asyncio").setLevel(level)
+
+
+def test_a_killed_reexport_never_pairs_one_saes_weights_with_anothers_metadata(trained, tmp_path, monkeypatch):
+    """Found by an audit: each file of a directory export was atomic but the pair was not, so a kill
+    between the weights and the metadata left the new weights beside the earlier SAE's cfg.json
+    (hook, model, steps, scale), which loaded silently, in SAELens too. The half-written folder it now
+    leaves is refused naming the missing file (it was called 'no checkpoints/ directory')."""
+    from jumprelu import fs
+    from jumprelu.export import gemma_scope_2, saelens
+
+    sae = jumprelu.load(str(trained))
+    metadata = {"saelens": "cfg.json", "gemma-scope-2": "config.json", "neuronpedia": "feature_stats.json"}
+    for fmt in metadata:
+        _export(trained, tmp_path / fmt, "--format", fmt)
+    real_write = fs.write_text_atomically
+
+    def killed(path, text):
+        if path.endswith(tuple(metadata.values())):
+            raise KeyboardInterrupt
+        real_write(path, text)
+
+    monkeypatch.setattr(fs, "write_text_atomically", killed)
+    for export in (saelens.export, gemma_scope_2.export):
+        fmt = "saelens" if export is saelens.export else "gemma-scope-2"
+        with pytest.raises(KeyboardInterrupt):
+            export(sae, str(tmp_path / fmt))
+        assert not (tmp_path / fmt / metadata[fmt]).exists()
+    rows = np.zeros((4, sae.d_model), np.float32)
+    with pytest.raises(KeyboardInterrupt):
+        neuronpedia.export(sae, str(tmp_path / "neuronpedia"), rows, np.zeros((4, 2), np.int64), None, top=2)
+    assert not (tmp_path / "neuronpedia" / "feature_stats.json").exists()
+    monkeypatch.undo()
+    error = _export_error(tmp_path / "saelens", tmp_path / "again", "--format", "saelens")
+    assert error.strip() == f"jumprelu: error: {tmp_path / 'saelens' / 'cfg.json'}: no such file", error
+    (tmp_path / "saelens" / "sae_weights.safetensors").unlink()
+    _export(trained, tmp_path / "w", "--format", "saelens")
+    (tmp_path / "w" / "sae_weights.safetensors").rename(tmp_path / "saelens" / "cfg.json")  # cfg only, any content
+    (tmp_path / "saelens" / "cfg.json").write_text((tmp_path / "w" / "cfg.json").read_text())
+    error = _export_error(tmp_path / "saelens", tmp_path / "again", "--format", "saelens")
+    assert error.strip().endswith("sae_weights.safetensors: no such file"), error
+
+
+def test_export_reads_a_moved_store_given_by_flag_and_names_a_checkpoints_unknown_kind(tmp_path, tiny_config):
+    """Found by an audit: a run whose store had moved could not be exported for Neuronpedia (no
+    --store, as evaluate and refit have), and the Gemma Scope 2 export's advice named `jumprelu
+    evaluate --store`. A checkpoint of a kind this version lacks did not say which checkpoint."""
+    import shutil
+
+    from jumprelu.store import StoreWriter
+
+    w = StoreWriter(str(tmp_path / "acts"), d_model=32)
+    w.append(np.random.default_rng(0).normal(size=(4096, 32)).astype(np.float32))
+    w.close()
+    tiny_config.data.source, tiny_config.train.steps = str(tmp_path / "acts"), 20
+    run = tmp_path / "run"
+    train(tiny_config, str(run))
+    shutil.move(tmp_path / "acts", tmp_path / "moved")
+    error = _export_error(run, tmp_path / "np", "--format", "neuronpedia")
+    assert error.strip().endswith("give its new path: jumprelu export --format neuronpedia --store PATH"), error
+    _export(run, tmp_path / "np", "--format", "neuronpedia", "--store", str(tmp_path / "moved"))
+    header = json.loads((tmp_path / "np" / "feature_stats.json").read_text())
+    assert header["eval_rows"] == 512
+    (run / "report.json").unlink()  # so that the Gemma Scope 2 export measures its l0 on the store
+    cli = _export(run, tmp_path / "gs2", "--format", "gemma-scope-2", "--store", str(tmp_path / "moved"))
+    assert json.loads((tmp_path / "gs2" / "config.json").read_text())["l0"] > 0, cli.stdout
+    cli = _export(run, tmp_path / "gs2b", "--format", "gemma-scope-2")
+    assert "jumprelu export --store PATH" in cli.stdout and "jumprelu evaluate" not in cli.stdout, cli.stdout
+    metadata = run / "checkpoints" / "20" / "config" / "metadata"
+    metadata.write_text(metadata.read_text().replace('"kind": "jumprelu"', '"kind": "abstopk"'))
+    error = _export_error(run, tmp_path / "x.npz")
+    assert error.startswith(f"jumprelu: error: checkpoint {run / 'checkpoints'}/20: config field sae.kind"), error

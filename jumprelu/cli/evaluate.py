@@ -23,10 +23,13 @@ def evaluate_workdir(
     lm_cfg=None,
     step: int | None = None,
     store: str | None = None,
+    command: str = "jumprelu evaluate",
 ):
     """Stored-activation metrics of a trained SAE on its run's held-out split (same seed, same rows).
 
     step: that checkpoint's SAE (default: the latest).
+
+    command: the command errors name (and whose --store they advise).
 
     lm_cfg: the harvest config `--lm` will splice the SAE into, checked first against the run's
     recorded model, site and layer.
@@ -45,11 +48,11 @@ def evaluate_workdir(
 
     workdir, member = resolve(workdir, member)  # a stacked member's WORKDIR/sae-i: the run's data, not its own
     sae = load(workdir, step=step, member=member)
-    require_workdir(sae, workdir, "jumprelu evaluate")
+    require_workdir(sae, workdir, command)
     if lm_cfg is not None:
         check_lm_site(sae.config, lm_cfg)
     cfg = ml_collections.ConfigDict(sae.config)
-    cfg.data.source = data_lib.run_source(sae.config, store, "jumprelu evaluate")  # the recorded absolute path
+    cfg.data.source = data_lib.run_source(sae.config, store, command)  # the recorded absolute path
     trained_split = cfg.data.eval_rows
     if eval_rows is not None:
         # the held-out split is a prefix: rows past the run's own split were trained on
@@ -65,7 +68,7 @@ def evaluate_workdir(
         rows = onthefly.held_out_rows(cfg.data)
     else:
         store = data_lib.open_source(cfg.data, workdir)
-        data_lib.check_same_store(sae.config, store, "jumprelu evaluate")  # its held-out rows, not others
+        data_lib.check_same_store(sae.config, store, command)  # its held-out rows, not others
         rows = data_lib.make_stream(cfg.data, store).eval_set()
     # not the rows the target-L0 controller read in training: λ was set from their L0
     rows = report_rows(rows, controller_rows(cfg), split_rows=trained_split)

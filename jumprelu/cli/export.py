@@ -1,4 +1,4 @@
-"""jumprelu export WORKDIR OUT [--format F] [--member i] [--step N] [--hub REPO]
+"""jumprelu export WORKDIR OUT [--format F] [--member i] [--step N] [--hub REPO] [--store PATH]
 
 Writes a trained SAE in a file format other tools read:
   gemma-scope    Gemma Scope's params.npz (folded W_enc, b_enc, threshold, W_dec, b_dec);
@@ -119,6 +119,9 @@ def run(argv: list[str]) -> int:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--hub", metavar="REPO", default=None, help="push the SAELens directory to this Hub repo")
     p.add_argument("--top", type=int, default=20, help="neuronpedia: top activations kept per latent")
+    p.add_argument(
+        "--store", default=None, help="the run's store, where it moved to (neuronpedia's rows, the held-out l0)"
+    )
     args = p.parse_args(common.underscore_flags(argv))
     common.quiet_orbax_teardown()
     fmt = args.format or ("saelens" if args.hub else "gemma-scope")
@@ -140,15 +143,19 @@ def run(argv: list[str]) -> int:
             fs.makedirs(os.path.dirname(fs.abspath(args.output)))  # as the directory formats make theirs
             gemma_scope.export(sae, args.output)
         elif fmt == "saelens" and args.hub:
-            hub.write_repo_dir(sae, args.output, args.hub, {"eval": held_out_eval(args.workdir, sae, args.member)})
+            hub.write_repo_dir(
+                sae, args.output, args.hub, {"eval": held_out_eval(args.workdir, sae, args.member, args.store)}
+            )
         elif fmt == "saelens":
             saelens.export(sae, args.output)
         elif fmt == "gemma-scope-2":
-            gemma_scope_2.export(sae, args.output, l0=held_out_eval(args.workdir, sae, args.member).get("l0"))
+            gemma_scope_2.export(
+                sae, args.output, l0=held_out_eval(args.workdir, sae, args.member, args.store).get("l0")
+            )
         else:
             require_workdir(sae, args.workdir, "--format neuronpedia")
             workdir, _ = resolve(args.workdir, args.member)
-            rows, coords, store_path = neuronpedia.eval_rows(workdir, sae.config)
+            rows, coords, store_path = neuronpedia.eval_rows(workdir, sae.config, args.store)
             header = neuronpedia.export(sae, args.output, rows, coords, _contexts(store_path), top=args.top)
             if not header["has_contexts"]:
                 print(
@@ -170,7 +177,7 @@ def run(argv: list[str]) -> int:
     return 0
 
 
-def held_out_eval(path: str, sae, member: int | None) -> dict:
+def held_out_eval(path: str, sae, member: int | None, store: str | None = None) -> dict:
     """The held-out metrics of exactly this SAE (its step, refit or not): those recorded when the
     run's report.json or refit.json is of it, else measured now on the run's held-out rows
     (`--step N` before the end); {} for a released file, which carries none."""
@@ -182,7 +189,7 @@ def held_out_eval(path: str, sae, member: int | None) -> dict:
     if recorded or not from_workdir(sae):
         return recorded
     try:
-        return evaluate_workdir(path, member, step=sae.step)[1]["stored"]
+        return evaluate_workdir(path, member, step=sae.step, store=store, command="jumprelu export")[1]["stored"]
     except UserError as err:  # the store moved or is gone: the metrics are optional, the SAE is not
         print(f"no held-out metrics in the export (its l0 is left empty): {err}")
         return {}

@@ -135,6 +135,7 @@ def export(sae, path: str, provenance: dict | None = None, l0: float | None = No
         arrays[SKIP] = np.asarray(sae.affine_skip, np.float32)
     cfg = config(sae, provenance, l0)
     fs.makedirs(path)
+    fs.remove(fs.join(path, CONFIG))  # as saelens.export: never this SAE's params beside another's config.json
     tensors.write(fs.join(path, PARAMS), arrays)
     fs.write_text_atomically(fs.join(path, CONFIG), json.dumps(cfg, indent=2))
     return cfg

@@ -16,7 +16,7 @@ import ml_collections
 from jumprelu import fs
 from jumprelu.core import kinds
 from jumprelu.core.folded import SAE, fold
-from jumprelu.errors import CheckpointError, WorkdirError
+from jumprelu.errors import CheckpointError, ConfigError, WorkdirError
 from jumprelu.export import gemma_scope, gemma_scope_2, saelens
 from jumprelu.train import guard
 from jumprelu.train.checkpoint import MEMBER_FILE, Checkpointer, checkpoint_dir, member_dir
@@ -140,7 +140,10 @@ def _load_step(ckpt: Checkpointer, path: str, step: int, member: int | None) -> 
     if lams:  # the stacked layout names its items sae-0 ... sae-{K-1}
         config = dict(config, sae=dict(config["sae"], sparsity_coefficient=lams[member]))
         ckpt = Checkpointer(path, keep=1, read_only=True, members=len(lams))
-    kind = kinds.from_config(cfg.sae, cfg.data.d_model)
+    try:
+        kind = kinds.from_config(cfg.sae, cfg.data.d_model)
+    except ConfigError as e:  # e.g. a kind of another version of jumprelu: say whose config it is
+        raise ConfigError(f"checkpoint {where}: {e}") from None
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     on_cpu = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), tree)  # noqa: E731
     abstract = on_cpu(jax.eval_shape(kind.model.init, jax.random.key(0), jnp.zeros((1, cfg.data.d_model)))["params"])
@@ -232,8 +235,8 @@ def _released_format(path: str):
         return saelens
     if path.endswith(".safetensors"):
         return gemma_scope_2
-    if saelens.is_saelens_dir(path):
-        return saelens
+    if saelens.is_saelens_dir(path) or saelens.is_partial_saelens_dir(path):
+        return saelens  # a half-written one (a killed export): its loader names the missing file
     if gemma_scope_2.is_gemma_scope_2_dir(path):
         return gemma_scope_2
     if not fs.is_remote(path) and os.path.isfile(path) and zipfile.is_zipfile(path):

@@ -75,15 +75,17 @@ def feature_stats(sae, rows: np.ndarray, top: int = 20, chunk_rows: int = 2048) 
     }
 
 
-def eval_rows(workdir: str, config: dict) -> tuple[np.ndarray, np.ndarray, str]:
-    """The run's held-out rows [N, d], where each lives in the store [N, 2] (shard, row), and the store path."""
+def eval_rows(workdir: str, config: dict, store: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """The run's held-out rows [N, d], where each lives in the store [N, 2] (shard, row), and the store path.
+
+    store: where the run's store moved to (checked to hold the rows it trained on); default the recorded one."""
     import ml_collections
 
     from jumprelu import data as data_lib
     from jumprelu.errors import UserError
 
     data_cfg = ml_collections.ConfigDict(config["data"])
-    data_cfg.source = data_lib.recorded_source(config)  # a relative path, from another directory
+    data_cfg.source = data_lib.run_source(config, store, "jumprelu export --format neuronpedia")
     store = data_lib.open_source(data_cfg, workdir)
     data_lib.check_same_store(config, store, "export --format neuronpedia")
     stream = data_lib.make_stream(data_cfg, store)
@@ -151,6 +153,7 @@ def export(
         rec = {"index": i, "firing_frequency": float(freq[i]), "max_activation": float(s["max_activation"][i])}
         lines.append(json.dumps({**rec, "top": tops}) + "\n")
     fs.makedirs(path)
+    fs.remove(fs.join(path, "feature_stats.json"))  # as saelens.export: never another SAE's header left beside
     fs.write_text_atomically(fs.join(path, "features.jsonl"), "".join(lines))
     fs.write_text_atomically(fs.join(path, "feature_stats.json"), json.dumps(header, indent=2))
     return header

@@ -37,6 +37,11 @@ def is_saelens_dir(path: str) -> bool:
     return fs.exists(fs.join(path, CFG)) and fs.exists(fs.join(path, WEIGHTS))
 
 
+def is_partial_saelens_dir(path: str) -> bool:
+    """One of the two SAELens files without the other (what a killed export can leave)."""
+    return fs.exists(fs.join(path, CFG)) != fs.exists(fs.join(path, WEIGHTS))
+
+
 def config(sae, provenance: dict | None = None) -> dict:
     """The cfg.json SAELens reads for `sae` (a `jumprelu.SAE`)."""
     p = provenance or hooks.provenance(sae.config)
@@ -90,6 +95,9 @@ def export(sae, path: str, provenance: dict | None = None) -> dict:
     if cfg["architecture"] == "jumprelu":
         arrays["threshold"] = threshold
     fs.makedirs(path)
+    # each file is atomic, the pair is not: an earlier export's cfg.json goes first, so a kill between
+    # the two writes leaves weights without metadata (refused by name), never beside another SAE's
+    fs.remove(fs.join(path, CFG))
     tensors.write(fs.join(path, WEIGHTS), arrays)
     fs.write_text_atomically(fs.join(path, CFG), json.dumps(cfg, indent=2))
     return cfg

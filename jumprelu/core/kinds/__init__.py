@@ -33,6 +33,7 @@ from collections.abc import Callable
 from jax.sharding import PartitionSpec
 
 from jumprelu.core import layout
+from jumprelu.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +89,7 @@ def names() -> tuple[str, ...]:
 def spec(name: str) -> KindSpec:
     kinds = _load()
     if name not in kinds:
-        raise ValueError(f"config field sae.kind must be one of {tuple(kinds)}, found {name!r}")
+        raise ConfigError(f"config field sae.kind must be one of {tuple(kinds)}, found {name!r}")
     return kinds[name]
 
 
