@@ -148,6 +148,7 @@ CONTROLLER_PARTS = ("batchtopk_fraction", "target_l0_held_out_rows")
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ConfigError on the first field that cannot work."""
     config_shape.check_fields(c.to_dict(), base_config().to_dict())
+    config_shape.check_not_none(c.to_dict(), base_config().to_dict())
     config_shape.check_finite(c.to_dict())
     s, t, d = c.sae, c.train, c.data
     names = kinds.names()

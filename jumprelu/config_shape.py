@@ -1,5 +1,6 @@
 """The shape of a config, before any field's value is checked (`config.validate`): every field of
-the base config there and no other, and every number finite."""
+the base config there and no other, None only where the base config allows it, and every number
+finite."""
 
 from __future__ import annotations
 
@@ -30,6 +31,16 @@ def check_fields(have: dict, base: dict, prefix: str = "") -> None:
             raise ConfigError(
                 f"config field {prefix}{key} is not one the config has (a misspelt name would change nothing)"
             )
+
+
+def check_not_none(have: dict, base: dict, prefix: str = "") -> None:
+    """None (`--config.FIELD=None`) only in a field whose base value is None (a placeholder, 'unset'):
+    elsewhere it was a TypeError deep in a check, or, in a True/False field, read as False."""
+    for key, value in base.items():
+        if isinstance(value, dict) and isinstance(have.get(key), dict):
+            check_not_none(have[key], value, f"{prefix}{key}.")
+        elif value is not None and have.get(key, value) is None:
+            raise ConfigError(f"config field {prefix}{key} cannot be unset (None); its default is {value!r}")
 
 
 def check_finite(tree: dict, prefix: str = "") -> None:

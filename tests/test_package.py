@@ -117,6 +117,16 @@ def test_every_command_answers_help_with_its_flags_and_runs_nothing(tmp_path):
         for flag in flags:
             assert flag in out.stdout, (command, flag, out.stdout)
     assert list(tmp_path.iterdir()) == []  # nothing ran
+    # an audit: `python -m jumprelu.cli.train ...` imported the module, ran nothing and exited 0
+    for command in ("train", "export"):
+        out = subprocess.run(
+            [sys.executable, "-m", f"jumprelu.cli.{command}", "--help"], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert out.returncode == 0 and f"jumprelu {command}" in out.stdout, out
+    out = subprocess.run(
+        [sys.executable, "-m", "jumprelu.cli.store", "summary", "missing"], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and out.stderr.startswith("jumprelu: error: store missing: no such directory"), out
 
 
 def test_cli_errors_are_one_line_with_one_prefix(tmp_path):

@@ -591,6 +591,7 @@ JUMPRELU_READS, TOPK_READS = "only sae.kind 'jumprelu' reads it", "only sae.kind
         ("relu", {"aux_k": 64}, TOPK_READS, None),
         ("gated", {"batchtopk_threshold_decay": 0.9}, TOPK_READS, None),
         ("jumprelu", {"aux_coefficient": 0.1}, TOPK_READS, None),
+        ("topk", {"sparse_capacity": 4}, JUMPRELU_READS, None),  # an audit: TopK's sparse decoder has none
     ],
 )
 def test_another_kinds_option_is_refused_not_ignored(tiny_config, kind, fields, readers, hint):
@@ -618,6 +619,23 @@ def test_a_placeholder_field_is_unset_by_none_on_the_command_line():
     assert c.sae.target_l0 is None and c.train.lr == 0.01
     with pytest.raises(ConfigError, match=r"^flag --config.sae.nosuch=None: the config has no field sae.nosuch$"):
         overrides.apply(c, ["--config.sae.nosuch=None"])
+
+
+@pytest.mark.parametrize("field", ["sae.sparse_capacity", "sae.bandwidth", "sae.pre_encoder_bias", "data.normalize"])
+def test_none_is_refused_where_the_field_has_no_unset_value(field):
+    """Found by an audit: `--config.sae.sparse_capacity=None` was a TypeError traceback from deep in a
+    check, and `--config.sae.pre_encoder_bias=None` trained without the pre-encoder bias (None read
+    as False) while config.json said null."""
+    from jumprelu.config import base_config
+    from jumprelu.launch import overrides
+
+    c = overrides.apply(base_config(), [f"--config.{field}=None"])
+    section, name = field.split(".")
+    default = base_config()[section][name]
+    with pytest.raises(
+        ConfigError, match=rf"^config field {field} cannot be unset \(None\); its default is {default!r}$"
+    ):
+        validate(c)
     argv = ["jumprelu train", "--config=x.py", "--config.data.scale=None", "--lm.eval.texts=None", "--workdir=None"]
     assert overrides.take_unsets(argv) == (
         ["jumprelu train", "--config=x.py", "--workdir=None"],

@@ -53,6 +53,8 @@ def test_stacked_run_writes_member_items_metrics_and_resumes(tmp_path, stack_con
         assert steps == list(range(5, 41, 5))
         with open(tmp_path / "b" / f"sae-{i}" / "config.json") as f:
             assert json.load(f)["sae"]["sparsity_coefficient"] == LAMS[i]
+        # an audit: the loaded member's config listed every λ of the stack, unlike its own config.json
+        assert not a.config["stack"]["sparsity_coefficients"] and a.config["sae"]["sparsity_coefficient"] == LAMS[i]
     items = set(os.listdir(tmp_path / "a" / "checkpoints" / "40"))
     assert {"sae-0", "sae-1", "train", "config", "data"} <= items and "sae" not in items
     assert straight["members"][1]["eval"] == resumed["members"][1]["eval"]

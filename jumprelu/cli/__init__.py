@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, as a shell reports a command its pipe stopped
 
 
+def main_of(command: str) -> None:
+    """Runs `jumprelu COMMAND` with this process's arguments, then exits (a command module run as
+    `python -m jumprelu.cli.COMMAND`)."""
+    sys.exit(main([command, *sys.argv[1:]]))
+
+
 def _run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

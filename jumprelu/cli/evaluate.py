@@ -232,3 +232,9 @@ def jax_process_index() -> int:
     import jax
 
     return jax.process_index()
+
+
+if __name__ == "__main__":  # python -m jumprelu.cli.evaluate is `jumprelu evaluate` (it imported this and ran nothing)
+    from jumprelu.cli import main_of
+
+    main_of("evaluate")

@@ -202,3 +202,9 @@ def _contexts(store_path: str):
     except ImportError:
         return None
     return store_contexts(store_path)
+
+
+if __name__ == "__main__":  # python -m jumprelu.cli.export is `jumprelu export` (it imported this and ran nothing)
+    from jumprelu.cli import main_of
+
+    main_of("export")

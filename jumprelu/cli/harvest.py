@@ -54,3 +54,9 @@ def run(argv: list[str]) -> int:
         return 0
 
     return common.absl_run(main, argv, "jumprelu harvest")
+
+
+if __name__ == "__main__":  # python -m jumprelu.cli.harvest is `jumprelu harvest` (it imported this and ran nothing)
+    from jumprelu.cli import main_of
+
+    main_of("harvest")

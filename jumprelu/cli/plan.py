@@ -89,3 +89,9 @@ def run(argv: list[str]) -> int:
         return 0
 
     return common.absl_run(main, argv, "jumprelu plan")
+
+
+if __name__ == "__main__":  # python -m jumprelu.cli.plan is `jumprelu plan` (it imported this and ran nothing)
+    from jumprelu.cli import main_of
+
+    main_of("plan")

@@ -114,3 +114,9 @@ def run(argv: list[str]) -> int:
         return 0
 
     return common.absl_run(main, argv, "jumprelu refit")
+
+
+if __name__ == "__main__":  # python -m jumprelu.cli.refit is `jumprelu refit` (it imported this and ran nothing)
+    from jumprelu.cli import main_of
+
+    main_of("refit")

@@ -66,3 +66,9 @@ def run(argv: list[str]) -> int:
         width = max(map(len, out))
         print("\n".join(f"{k:<{width}}  {v}" for k, v in out.items()))
     return 0
+
+
+if __name__ == "__main__":  # python -m jumprelu.cli.store is `jumprelu store` (it imported this and ran nothing)
+    from jumprelu.cli import main_of
+
+    main_of("store")

@@ -21,3 +21,9 @@ def run(argv: list[str]) -> int:
         if (status := common.resumable_failure(e, RESUMES)) is None:
             raise
         return status
+
+
+if __name__ == "__main__":  # python -m jumprelu.cli.sweep is `jumprelu sweep` (it imported this and ran nothing)
+    from jumprelu.cli import main_of
+
+    main_of("sweep")

@@ -18,3 +18,9 @@ def run(argv: list[str]) -> int:
     except KeyboardInterrupt:  # `tpu watch` and `tpu logs` run until Ctrl-C; the slice goes on
         print("jumprelu tpu: stopped (the slice and its runs are not touched)", file=sys.stderr)
         return common.EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # python -m jumprelu.cli.tpu is `jumprelu tpu` (it imported this and ran nothing)
+    from jumprelu.cli import main_of
+
+    main_of("tpu")

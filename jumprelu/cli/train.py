@@ -63,3 +63,9 @@ def run(argv: list[str]) -> int:
         return 0
 
     return common.absl_run(main, argv, "jumprelu train")
+
+
+if __name__ == "__main__":  # python -m jumprelu.cli.train is `jumprelu train` (it imported this and ran nothing)
+    from jumprelu.cli import main_of
+
+    main_of("train")

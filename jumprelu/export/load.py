@@ -138,7 +138,9 @@ def _load_step(ckpt: Checkpointer, path: str, step: int, member: int | None) -> 
     if member is not None and not 0 <= member < len(lams):
         raise ValueError(f"{path}: member={member} but the run holds {len(lams)} stacked SAEs (0..{len(lams) - 1})")
     if lams:  # the stacked layout names its items sae-0 ... sae-{K-1}
-        config = dict(config, sae=dict(config["sae"], sparsity_coefficient=lams[member]))
+        # the member's own config, as its WORKDIR/sae-i/config.json says (train/report.member_config)
+        stack = dict(config["stack"], sparsity_coefficients=())
+        config = dict(config, sae=dict(config["sae"], sparsity_coefficient=lams[member]), stack=stack)
         ckpt = Checkpointer(path, keep=1, read_only=True, members=len(lams))
     try:
         kind = kinds.from_config(cfg.sae, cfg.data.d_model)

@@ -28,6 +28,7 @@ JUMPRELU_ONLY = (
     "b_dec_init",
     "ste_pre_activations",
     "bandwidth_mode",
+    "sparse_capacity",  # TopK's sparse decoder has no capacity: it gathers exactly k (or the batch's) per row
 )
 
 # The `sae` fields only TopK and BatchTopK read: `sae.k` set on a JumpReLU run would otherwise
