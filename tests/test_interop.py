@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 
+import jax
 import numpy as np
 import pytest
 
@@ -1058,3 +1059,21 @@ def test_export_reads_a_moved_store_given_by_flag_and_names_a_checkpoints_unknow
     metadata.write_text(metadata.read_text().replace('"kind": "jumprelu"', '"kind": "abstopk"'))
     error = _export_error(run, tmp_path / "x.npz")
     assert error.startswith(f"jumprelu: error: checkpoint {run / 'checkpoints'}/20: config field sae.kind"), error
+
+
+def test_a_process_without_a_cpu_backend_still_loads(trained, monkeypatch):
+    """Found by an audit: `jumprelu.load` placed the SAE with jax.devices("cpu"), which raises in a
+    process started with JAX_PLATFORMS=cuda (or tpu), as the README's GPU test command is."""
+    real = jax.devices
+
+    def no_cpu_backend(backend=None):
+        if backend == "cpu":
+            raise RuntimeError(
+                "Unknown backend: 'cpu' requested, but no platforms that are instances of cpu are present"
+            )
+        return real(backend)
+
+    expected = jumprelu.load(str(trained))
+    monkeypatch.setattr(jax, "devices", no_cpu_backend)
+    sae = jumprelu.load(str(trained))
+    np.testing.assert_array_equal(np.asarray(sae.W_enc), np.asarray(expected.W_enc))

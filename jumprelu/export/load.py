@@ -117,6 +117,15 @@ def _index(value, name: str) -> int | None:
     return operator.index(value)
 
 
+def _host_device():
+    """Where a loaded SAE's arrays go: the CPU (no accelerator memory taken by a loaded SAE), or JAX's
+    default device when the process has no CPU backend (JAX_PLATFORMS=cuda or tpu, as the GPU tests run)."""
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:  # "Unknown backend: 'cpu' requested, but no platforms ... are present"
+        return jax.devices()[0]
+
+
 def _load_step(ckpt: Checkpointer, path: str, step: int, member: int | None) -> SAE:
     """The SAE at `step`; `ckpt` is a read-only Checkpointer of an unstacked layout (enough for the config)."""
     where = f"{checkpoint_dir(path)}/{step}"
@@ -146,7 +155,7 @@ def _load_step(ckpt: Checkpointer, path: str, step: int, member: int | None) -> 
         kind = kinds.from_config(cfg.sae, cfg.data.d_model)
     except ConfigError as e:  # e.g. a kind of another version of jumprelu: say whose config it is
         raise ConfigError(f"checkpoint {where}: {e}") from None
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    cpu = jax.sharding.SingleDeviceSharding(_host_device())
     on_cpu = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), tree)  # noqa: E731
     abstract = on_cpu(jax.eval_shape(kind.model.init, jax.random.key(0), jnp.zeros((1, cfg.data.d_model)))["params"])
     stats = on_cpu(jax.eval_shape(kind.init_stats))
