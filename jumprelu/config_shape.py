@@ -40,7 +40,8 @@ def check_not_none(have: dict, base: dict, prefix: str = "") -> None:
         if isinstance(value, dict) and isinstance(have.get(key), dict):
             check_not_none(have[key], value, f"{prefix}{key}.")
         elif value is not None and have.get(key, value) is None:
-            raise ConfigError(f"config field {prefix}{key} cannot be unset (None); its default is {value!r}")
+            default = "a section of fields" if isinstance(value, dict) else repr(value)
+            raise ConfigError(f"config field {prefix}{key} cannot be unset (None); its default is {default}")
 
 
 def check_finite(tree: dict, prefix: str = "") -> None:
