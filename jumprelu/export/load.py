@@ -147,9 +147,9 @@ def _load_step(ckpt: Checkpointer, path: str, step: int, member: int | None) -> 
     if member is not None and not 0 <= member < len(lams):
         raise ValueError(f"{path}: member={member} but the run holds {len(lams)} stacked SAEs (0..{len(lams) - 1})")
     if lams:  # the stacked layout names its items sae-0 ... sae-{K-1}
-        # the member's own config, as its WORKDIR/sae-i/config.json says (train/report.member_config)
-        stack = dict(config["stack"], sparsity_coefficients=())
-        config = dict(config, sae=dict(config["sae"], sparsity_coefficient=lams[member]), stack=stack)
+        from jumprelu.train.report import member_config  # here: it imports the plots, which a load need not
+
+        config = member_config(cfg, member).to_dict()  # as its WORKDIR/sae-i/config.json says
         ckpt = Checkpointer(path, keep=1, read_only=True, members=len(lams))
     try:
         kind = kinds.from_config(cfg.sae, cfg.data.d_model)
@@ -246,8 +246,8 @@ def _released_format(path: str):
         return saelens
     if path.endswith(".safetensors"):
         return gemma_scope_2
-    if saelens.is_saelens_dir(path) or saelens.is_partial_saelens_dir(path):
-        return saelens  # a half-written one (a killed export): its loader names the missing file
+    if saelens.is_saelens_dir(path):
+        return saelens
     if gemma_scope_2.is_gemma_scope_2_dir(path):
         return gemma_scope_2
     if not fs.is_remote(path) and os.path.isfile(path) and zipfile.is_zipfile(path):

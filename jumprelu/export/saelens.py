@@ -34,12 +34,8 @@ ARCHITECTURES = ("jumprelu", "topk", "standard")
 
 
 def is_saelens_dir(path: str) -> bool:
-    return fs.exists(fs.join(path, CFG)) and fs.exists(fs.join(path, WEIGHTS))
-
-
-def is_partial_saelens_dir(path: str) -> bool:
-    """One of the two SAELens files without the other (what a killed export can leave)."""
-    return fs.exists(fs.join(path, CFG)) != fs.exists(fs.join(path, WEIGHTS))
+    """Either SAELens file: both, or one without the other (a killed export), which `read_params` names."""
+    return fs.exists(fs.join(path, CFG)) or fs.exists(fs.join(path, WEIGHTS))
 
 
 def config(sae, provenance: dict | None = None) -> dict:
