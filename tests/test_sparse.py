@@ -311,8 +311,8 @@ def _train_dense_and_sparse(cfg, tmp_path) -> dict:
 
 def test_the_loop_goes_dense_then_sparse_with_the_same_parameters(tmp_path, tiny_config):
     """The real loop, sparse vs dense: the sparse run takes the dense path for the early high-L0
-    batches (about 85 steps here) and the sparse one after, as its metrics record, and ends with
-    the dense run's parameters. 100 steps, not more: past ~110 a pre-activation within float32
+    batches (about 75-90 steps here, alternating at the end) and the sparse one after, as its metrics
+    record, and ends with the dense run's parameters. 100 steps, not more: past ~110 a pre-activation within float32
     rounding of its threshold fires in one run and not the other, and from then on the two runs
     part as any two summation orders would (at 300 steps sparse-vs-dense moved the parameters by
     1.5-2.4% (Frobenius), dropping the pre-activation loss altogether by 2.4-3.5%), so a longer
@@ -330,6 +330,16 @@ def test_the_loop_goes_dense_then_sparse_with_the_same_parameters(tmp_path, tiny
     assert taken and taken[-1] == 1.0 and 0.0 in taken  # sparse at the end, dense at the start
     dense_rows = [json.loads(line) for line in open(os.path.join(tmp_path, "off", "metrics.jsonl"))]
     assert {r["sparse_step"] for r in dense_rows if "sparse_step" in r} == {0.0}
+    # A logged sparse_step is the share of the steps since the last log that ran sparse, so a dense
+    # fallback between logs is counted: the same run logged at every step gives each window's steps.
+    cfg.log.every_steps = 1
+    train(cfg, str(tmp_path / "every_step"))
+    each = [json.loads(line) for line in open(os.path.join(tmp_path, "every_step", "metrics.jsonl"))]
+    each = {r["step"]: r["sparse_step"] for r in each if "sparse_step" in r}
+    windows = {r["step"]: r["sparse_step"] for r in rows if "sparse_step" in r}
+    for step, share in windows.items():
+        assert share == pytest.approx(np.mean([each[s] for s in range(step - 4, step + 1)])), step
+    assert any(0.0 < share < 1.0 for share in windows.values())  # a window of both kinds of step
 
 
 @pytest.mark.parametrize("phase", [0.0, 0.5])  # 0.5: the recipe's BatchTopK phase (dense), then sparse

@@ -17,9 +17,9 @@ with exactly the pseudo-derivatives of `ops.jumprelu_l0` / `ops.heaviside`, so t
 those of the dense step. Rows with more candidates than their slots (the heavy tail of the
 per-row L0) are spilled: up to `Capacity.spill` of them are computed densely beside the
 entries. A batch beyond the capacity (more such rows, or more entries than
-`Capacity.per_batch`) takes the dense computation for that step (`overflow` = 1, counted in
-the metrics as `sparse_step` = 0); nothing is ever truncated. Per-latent outputs are sums
-over the batch (counts, f_sum), which is all the JumpReLU losses need
+`Capacity.per_batch`) takes the dense computation for that step (`overflow` = 1: the step's
+`sparse_step` metric is 0, and the loop logs its share over each log interval); nothing is
+ever truncated. Per-latent outputs are sums over the batch (counts, f_sum), which is all the JumpReLU losses need
 (`kinds/jumprelu.make_loss`).
 """
 

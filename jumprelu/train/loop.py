@@ -252,12 +252,14 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start, watch, eval_rows=None
     outs = [writers.create(cfg.log, d, start, lead, config_json) for d in log_dirs]
     skips = guard.SkipWatch(skip_batches, start, members)
     checked = start  # the last step the guard found finite
+    sparse_share = metrics_log.IntervalMean("sparse_step")
     t0 = time.perf_counter()
     try:
         for step in range(start, total):
             local = next(batches)
             batch = distributed.global_batch(local, prog.batch_sharding, batch_size)
             state, metrics = prog.step(state, batch)
+            sparse_share.add(metrics)
             done = step + 1
             log_step = done % every_log == 0 or done == total
             save_step = done % every_ckpt == 0 or done == total
@@ -265,6 +267,8 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start, watch, eval_rows=None
             if log_step or save_step or stop:
                 # Metrics leave the device only here; the value is that of step `done`'s batch.
                 host = jax.device_get(metrics)
+                if log_step:
+                    host = sparse_share.pop_into(host)
                 n = max(members, 1)
                 per_sae = [{k: float(v[i] if members else v) for k, v in host.items()} for i in range(n)]
                 guard.check(state, per_sae, done, checked, skip_batches, _last_good(ckpt), blow_up)

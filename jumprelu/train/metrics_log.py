@@ -8,6 +8,7 @@ import math
 import os
 import time
 
+import jax
 from tqdm import tqdm
 
 from jumprelu import fs
@@ -150,3 +151,31 @@ class Progress:
 
     def close(self) -> None:
         self._bar.close()
+
+
+class IntervalMean:
+    """The mean of one per-step metric over the steps since the last log, summed on the device.
+
+    For `sparse_step` (1 when the sparse JumpReLU step ran, 0 when the batch overflowed its capacity
+    and took the dense one): a logged value is the share of the steps since the previous log that
+    ran sparse, so every dense fallback is counted, not only those that fall on a logged step.
+    Stacked runs sum each member's value (the metric's leading axis) separately.
+    """
+
+    def __init__(self, key: str):
+        self.key = key
+        self.total = None  # a device array: no transfer, no sync between logs
+        self.steps = 0
+
+    def add(self, metrics: dict) -> None:
+        if self.key in metrics:
+            value = metrics[self.key]
+            self.total = value if self.total is None else self.total + value
+            self.steps += 1
+
+    def pop_into(self, host: dict) -> dict:
+        """host (the logged step's metrics, fetched) with the key's value replaced by the interval's mean."""
+        if self.total is not None:
+            host = dict(host, **{self.key: jax.device_get(self.total) / self.steps})
+        self.total, self.steps = None, 0
+        return host
