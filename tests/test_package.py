@@ -167,6 +167,7 @@ def test_cli_errors_are_one_line_with_one_prefix(tmp_path):
         ("refit", "--workdir", str(tmp_path / "w"), "stray"),
         ("train", "--config", "quickstart", "--workdir", str(tmp_path / "w"), "--config.sae.nosuch=None"),
         ("train", "--config", str(tmp_path / "noget.py"), "--workdir", str(tmp_path / "w")),  # named config_config
+        ("train", "--workdir", str(tmp_path / "w"), "--config.train.steps=3"),  # was "Unknown command line flag"
     ]
     (tmp_path / "plain.cfg").write_text("width = 512\nsteps: 40\n")
     (tmp_path / "noget.py").write_text("x = 1\n")
@@ -188,6 +189,7 @@ def test_cli_errors_are_one_line_with_one_prefix(tmp_path):
         says |= {"config.sae.width=64": "unexpected argument 'config.sae.width=64' (flags start with --)"}
         says |= {"--config.sae.nosuch=None": "flag --config.sae.nosuch=None: the config has no field sae.nosuch"}
         says |= {str(tmp_path / "noget.py"): "noget.py: the experiment file has no get_config(arg)"}
+        says |= {"--config.train.steps=3": "sets a field of --config, which is not given (e.g. --config quickstart)"}
         assert all(text in lines[0] for arg, text in says.items() if arg in args), (args, lines[0])
 
 

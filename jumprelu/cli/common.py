@@ -174,6 +174,18 @@ def flag_error_line(error: Exception) -> str:
     return f"{head} {last}"
 
 
+def _missing_config_line(error: Exception, argv: list[str]) -> str | None:
+    """For `--config.train.steps=3` without `--config EXPERIMENT`: absl calls the field an unknown
+    flag, since a config's fields become flags only once its file is given."""
+    from absl import flags
+
+    name = getattr(error, "flagname", "") or ""
+    head = name.split(".", 1)[0]
+    if "." not in name or head not in flags.FLAGS or any(a.startswith(f"--{head}=") for a in argv):
+        return None
+    return f"flag --{name} sets a field of --{head}, which is not given (e.g. --{head} quickstart)"
+
+
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 
 
@@ -215,7 +227,7 @@ def absl_run(main, argv: list[str], program: str) -> int:
     try:
         rest = flags.FLAGS(argv)[1:]  # what is not a flag: absl hands it back, and it was dropped
     except flags.Error as e:
-        return fail(f"{program}: {flag_error_line(e)}")
+        return fail(f"{program}: {_missing_config_line(e, argv) or flag_error_line(e)}")
     except Exception as e:  # loading a config file runs the user's code: its error is theirs, in one line
         return fail(f"{program}: {overrides.config_error_message(e, argv)}")
     finally:
