@@ -360,6 +360,18 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, tiny_config, caplog):
     _assert_finite(wd)
 
 
+def test_the_command_resuming_past_a_damaged_checkpoint_prints_no_traceback(tmp_path):
+    """orbax abandons its other reads of a damaged checkpoint and shuts its event loop; tensorstore's
+    threads then reported "Event loop is closed", a traceback each, before the one warning line."""
+    wd = tmp_path / "run"
+    assert run_main(wd, "--config.train.steps=40").returncode == 0
+    _damage_newest(wd, 40)
+    out = run_main(wd, "--config.train.steps=60")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"checkpoint {wd / 'checkpoints' / '40'} is damaged (it cannot be read" in out.stderr
+    assert "resumed from" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
 def test_a_save_killed_mid_write_leaves_no_folder_behind_after_resume(tmp_path, tiny_config):
     """The temporary folder of a save that a kill interrupted is removed when training reopens the
     checkpoints, not kept beside them for good (it is never read, nor reused: each save names its own)."""

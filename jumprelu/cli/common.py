@@ -136,8 +136,9 @@ def quiet_libraries(flag_values) -> None:
 def quiet_orbax_teardown() -> None:
     """A damaged checkpoint makes orbax abandon its other reads, and each abandoned coroutine is
     reported at garbage collection as "Exception ignored in" with a tensorstore spec (up to ~300
-    lines, after our one error line). Commands drop exactly those reports. (tensorstore's threads
-    may also print a few "Event loop is closed" tracebacks; they bypass Python's hooks.)"""
+    lines, after our one error line), and tensorstore's threads, finishing the abandoned reads,
+    report "Event loop is closed" from the loop orbax has shut (a traceback each, before the
+    warning that names the damaged checkpoint). Commands drop exactly those reports."""
     import inspect
 
     previous = sys.unraisablehook
@@ -145,6 +146,8 @@ def quiet_orbax_teardown() -> None:
     def unraisable(report):
         code = getattr(report.object, "cr_code", None) if inspect.iscoroutine(report.object) else None
         if code is not None and "/orbax/" in code.co_filename.replace("\\", "/"):
+            return
+        if isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed":
             return
         previous(report)
 
