@@ -265,7 +265,8 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start, watch, eval_rows=None
             save_step = done % every_ckpt == 0 or done == total
             stop = watch.requested(done, sync_step=log_step or save_step)
             if log_step or save_step or stop:
-                # Metrics leave the device only here; the value is that of step `done`'s batch.
+                # Metrics leave the device only here; the value is that of step `done`'s batch
+                # (sparse_step's at a log: its share over the steps since the previous log).
                 host = jax.device_get(metrics)
                 if log_step:
                     host = sparse_share.pop_into(host)

@@ -8,7 +8,7 @@ import math
 import os
 import time
 
-import jax
+import numpy as np
 from tqdm import tqdm
 
 from jumprelu import fs
@@ -176,6 +176,6 @@ class IntervalMean:
     def pop_into(self, host: dict) -> dict:
         """host (the logged step's metrics, fetched) with the key's value replaced by the interval's mean."""
         if self.total is not None:
-            host = dict(host, **{self.key: jax.device_get(self.total) / self.steps})
+            host = dict(host, **{self.key: np.asarray(self.total) / self.steps})
         self.total, self.steps = None, 0
         return host
