@@ -148,3 +148,66 @@ def test_evaluate_and_refit_follow_a_store_that_moved(tmp_path, tiny_config):
     assert "after" in refit_workdir(str(tmp_path / "run"), None, 512, 0.01, store=str(tmp_path / "moved"))
     with pytest.raises(DataError, match="holds other rows than the run trained on"):
         evaluate_workdir(str(tmp_path / "run"), store=str(tmp_path / "other"))
+
+
+NESTED = ((4, 1.0), (8, 1.0), (16, 2.0))  # a Matryoshka SAE's (prefix width, weight) pairs
+
+
+def _nested_error(sae, x, nested=NESTED):
+    """Σ_p w_p ‖x − f[:, :m_p] W_dec[:m_p] − b_dec‖² summed over rows, in float64, and its gradient
+    with respect to (W_dec, b_dec), by hand."""
+    f = np.asarray(sae.encode(x), np.float64)
+    w_dec, b_dec = np.asarray(sae.W_dec, np.float64), np.asarray(sae.b_dec, np.float64)
+    total, grad_w, grad_b = 0.0, np.zeros_like(w_dec), np.zeros_like(b_dec)
+    for m, weight in nested:
+        r = x - f[:, :m] @ w_dec[:m] - b_dec
+        total += weight * np.sum(r**2)
+        grad_w[:m] -= 2 * weight * f[:, :m].T @ r
+        grad_b -= 2 * weight * r.sum(axis=0)
+    return total, grad_w, grad_b
+
+
+def test_prefix_weights_by_hand():
+    np.testing.assert_array_equal(refit_lib.prefix_weights(16, NESTED), [4.0] * 4 + [3.0] * 4 + [2.0] * 8 + [4.0])
+    np.testing.assert_array_equal(refit_lib.prefix_weights(16, ()), np.ones(17))
+
+
+def test_a_matryoshka_refit_minimises_its_weighted_nested_error(monkeypatch):
+    """The refit of a Matryoshka SAE is the least-squares decoder of the loss it trained with (the
+    weighted sum over its prefixes), not of the whole width's error alone."""
+    sae, x = _sae(), _rows().astype(np.float64)
+    nested, _ = refit_lib.refit_decoder(sae, [x], 1e-9, NESTED)
+    plain, _ = refit_lib.refit_decoder(sae, [x], 1e-9)
+    at_nested, grad_w, grad_b = _nested_error(nested, x)
+    _, grad_w0, grad_b0 = _nested_error(sae, x)
+    # stationary: the gradient of the nested error vanishes there (against its size at the trained SAE)
+    assert np.abs(grad_w).max() < 1e-4 * np.abs(grad_w0).max() and np.abs(grad_b).max() < 1e-4 * np.abs(grad_b0).max()
+    assert at_nested < _nested_error(plain, x)[0]  # the plain refit is worse on the loss trained
+    whole = ((16, 1.0),)
+    assert _nested_error(plain, x, whole)[0] <= _nested_error(nested, x, whole)[0]  # ...and best on the whole
+    # one prefix (the whole width) is the plain refit, and the Gram matrix weighted in pieces is the same
+    one, _ = refit_lib.refit_decoder(sae, [x], 0.05, ((16, 3.0),))
+    two, _ = refit_lib.refit_decoder(sae, [x], 0.05)
+    np.testing.assert_allclose(one.W_dec, two.W_dec, rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(refit_lib, "_WEIGHT_ROWS", 5)
+    pieces, _ = refit_lib.refit_decoder(sae, [x], 1e-9, NESTED)
+    np.testing.assert_allclose(pieces.W_dec, nested.W_dec, rtol=1e-6, atol=1e-6)
+
+
+def test_the_refit_command_fits_a_matryoshka_run_to_its_prefixes(tmp_path, tiny_config, monkeypatch):
+    from jumprelu.cli.refit import refit_workdir
+
+    tiny_config.sae.update(matryoshka_widths=(16, 64), matryoshka_weights=(1.0, 3.0))
+    run = tmp_path / "run"
+    train(tiny_config, str(run))
+    nested = refit_workdir(str(run), None, 2048, 0.01)
+    for when in ("before", "after"):  # refit.json reports the prefix's held-out L0 and FVU too
+        (cut,) = nested[when]["prefixes"]
+        assert cut["width"] == 16 and 0 < cut["fvu"] < 1 and 0 < cut["l0"] < nested[when]["l0"]
+    whole_width_only = refit_lib.refit_decoder
+    monkeypatch.setattr(
+        refit_lib, "refit_decoder", lambda sae, chunks, ridge, nested=(): whole_width_only(sae, chunks, ridge)
+    )
+    plain = refit_workdir(str(run), None, 2048, 0.01)  # what the command did before: the whole width's error alone
+    assert nested["after"]["prefixes"][0]["fvu"] < plain["after"]["prefixes"][0]["fvu"]
+    assert nested["after"]["l0"] == plain["after"]["l0"] == nested["before"]["l0"]

@@ -46,7 +46,7 @@ def _refit(sae, workdir: str, out_dir: str, rows: int, ridge: float, store: str 
     from jumprelu.config import controller_rows
     from jumprelu.core.init import report_rows
     from jumprelu.errors import UserError
-    from jumprelu.evaluate.metrics import evaluate_rows
+    from jumprelu.evaluate.metrics import evaluate_rows, prefix
     from jumprelu.export import gemma_scope
     from jumprelu.train.refit import refit_decoder
 
@@ -62,12 +62,18 @@ def _refit(sae, workdir: str, out_dir: str, rows: int, ridge: float, store: str 
         raise UserError(f"{workdir}: the checkpoint is at step 0; the refit uses rows training has read")
     start, count = seen - min(rows, seen), min(rows, seen)
     chunks = (stream.read(p, min(CHUNK_ROWS, start + count - p)) for p in range(start, start + count, CHUNK_ROWS))
-    refit, used = refit_decoder(sae, chunks, ridge)
+    widths = tuple(cfg.sae.get("matryoshka_widths", ()) or ()) if cfg.sae.kind == "jumprelu" else ()
+    weights = tuple(cfg.sae.get("matryoshka_weights", ()) or ()) or (1.0,) * len(widths)
+    nested = tuple(zip(widths, weights, strict=True))  # a Matryoshka SAE's refit keeps its prefixes trained
+    refit, used = refit_decoder(sae, chunks, ridge, nested)
     held_out = report_rows(stream.eval_set(), controller_rows(cfg))  # not the rows λ was set from
     metrics = {}
     for name, s in (("before", sae), ("after", refit)) if len(held_out) else ():
         m = evaluate_rows(s.params(), held_out)
         metrics[name] = {k: m[k] for k in ("l0", "fvu", "mse", "dead_fraction", "dense_fraction") if k in m}
+        cut = [(w, evaluate_rows(prefix(s.params(), w), held_out)) for w in widths[:-1]]
+        if cut:
+            metrics[name]["prefixes"] = [dict(width=w, l0=c["l0"], fvu=c["fvu"]) for w, c in cut]
     # Three files, each written atomically: an earlier refit's provenance and report go first, so a
     # kill between them never leaves this fit's params.npz beside another step's run file or report
     # (refit.json, written last, marks a complete refit).

@@ -10,13 +10,19 @@ carries a ridge penalty ρ · mean_i(Σ_b f_bi²) · ‖W_dec‖² (ρ = `ridge`
 own scale, so one value serves any normalisation). Latents that never fire on the rows keep
 their trained decoder rows. The normal equations need the [M+1, M+1] Gram matrix of the codes
 (float64 on the host): widths up to `MAX_WIDTH`.
+
+A Matryoshka SAE trains Σ_p w_p ‖x − f[:, :m_p] W_dec[:m_p] − b_dec‖² over its nested prefixes;
+its refit minimises the same sum (`nested`), not the whole width's error alone, which would
+give every prefix the decoder of the whole SAE. That sum's normal equations are the plain ones with
+the Gram entry (i, j) weighted by s_max(i,j) and the cross row i by s_i, where s_i = Σ_{p: i < m_p}
+w_p is the weight of the prefixes latent i is in (the bias is in all).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +31,7 @@ import numpy as np
 from jumprelu.core import folded
 
 MAX_WIDTH = 32768  # a [M+1]² float64 Gram matrix of 8 GiB
+_WEIGHT_ROWS = 4096  # Gram rows weighted at a time (a [rows, M+1] float64 temporary)
 
 
 @jax.jit
@@ -36,9 +43,23 @@ def _moments(w_enc, b_enc, threshold, x):
     return jnp.matmul(f1.T, f1, precision=hi), jnp.matmul(f1.T, x, precision=hi)
 
 
-def refit_decoder(sae: folded.SAE, chunks: Iterable[np.ndarray], ridge: float) -> tuple[folded.SAE, int]:
+def prefix_weights(width: int, nested: Sequence[tuple[int, float]]) -> np.ndarray:
+    """s: [width + 1], s_i = the summed weight of the nested prefixes (m_p, w_p) that hold latent i
+    (the last entry is the bias, in every prefix); all ones without prefixes."""
+    if not nested:
+        return np.ones(width + 1)
+    latents = np.arange(width + 1)
+    s = sum(np.where(latents < m, float(w), 0.0) for m, w in nested)
+    s[-1] = sum(float(w) for _, w in nested)
+    return s
+
+
+def refit_decoder(
+    sae: folded.SAE, chunks: Iterable[np.ndarray], ridge: float, nested: Sequence[tuple[int, float]] = ()
+) -> tuple[folded.SAE, int]:
     """(the SAE with the ridge least-squares W_dec and b_dec for `chunks` of raw rows, how many
-    rows were used). The SAE is a folded JumpReLU-form SAE (not TopK); ridge ρ > 0."""
+    rows were used). The SAE is a folded JumpReLU-form SAE (not TopK); ridge ρ > 0. `nested`: a
+    Matryoshka SAE's (prefix width, weight) pairs, whose weighted sum of errors is minimised."""
     width, d = sae.W_dec.shape
     if sae.k is not None:
         raise ValueError(f"the decoder refit takes JumpReLU-form SAEs; this one is TopK (k={sae.k})")
@@ -56,11 +77,16 @@ def refit_decoder(sae: folded.SAE, chunks: Iterable[np.ndarray], ridge: float) -
         rows += x.shape[0]
     if rows == 0:
         raise ValueError("the decoder refit got no rows")
-    fired = np.append(np.diag(gram)[:width] > 0, True)  # + the bias column, which always "fires"
-    g = gram[np.ix_(fired, fired)]
+    s = prefix_weights(width, nested)
+    # + the bias column, which always "fires"; a latent in no weighted prefix is not fitted either
+    fired = np.append((np.diag(gram)[:width] > 0) & (s[:width] > 0), True)
+    g, s = gram[np.ix_(fired, fired)], s[fired]
+    if nested:  # entry (i, j) is in the prefixes holding both: s is non-increasing, so min(s_i, s_j)
+        for a in range(0, len(s), _WEIGHT_ROWS):
+            g[a : a + _WEIGHT_ROWS] *= np.minimum(s[a : a + _WEIGHT_ROWS, None], s[None, :])
     latents = np.arange(g.shape[0] - 1)
     g[latents, latents] += ridge * np.mean(np.diag(g)[:-1]) if len(latents) else 0.0
-    solution = np.linalg.solve(g, cross[fired])
+    solution = np.linalg.solve(g, cross[fired] * s[:, None])
     w_dec = np.array(sae.W_dec, np.float64)
     w_dec[fired[:-1]] = solution[:-1]
     # Unit-norm decoder rows, as training keeps them (SAEBench and Neuronpedia read a code as the
