@@ -24,7 +24,7 @@ L0 (20, 50, 100) every trainer gets the same width (4,096), batch (1,024) and to
                (default: the recipe's)
   topk         k = T;  batchtopk  k = T (Adam β1 0.9, lr 1e-3, the recipe's warm-up)
   matryoshka_refit, batchtopk_refit  the same decoder refit of those runs (BatchTopK's SAE is a
-               JumpReLU SAE with one threshold)
+               JumpReLU SAE with one threshold; Matryoshka's fits its nested loss since 2026-12-05)
   saelens_jumprelu  SAELens 6.x's own trainer: quadratic target-L0 mode, lr 1e-3, bandwidth
                0.01, θ init 0.01, l0 coefficient 5 (benchmarks/peers/saelens_train.py)
   saelens_topk SAELens's TopK, lr 1e-3

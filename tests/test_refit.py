@@ -194,7 +194,7 @@ def test_a_matryoshka_refit_minimises_its_weighted_nested_error(monkeypatch):
     np.testing.assert_allclose(pieces.W_dec, nested.W_dec, rtol=1e-6, atol=1e-6)
 
 
-def test_the_refit_command_fits_a_matryoshka_run_to_its_prefixes(tmp_path, tiny_config, monkeypatch):
+def test_the_refit_command_fits_a_matryoshka_run_to_its_prefixes(tmp_path, tiny_config):
     from jumprelu.cli.refit import refit_workdir
 
     tiny_config.sae.update(matryoshka_widths=(16, 64), matryoshka_weights=(1.0, 3.0))
@@ -204,10 +204,11 @@ def test_the_refit_command_fits_a_matryoshka_run_to_its_prefixes(tmp_path, tiny_
     for when in ("before", "after"):  # refit.json reports the prefix's held-out L0 and FVU too
         (cut,) = nested[when]["prefixes"]
         assert cut["width"] == 16 and 0 < cut["fvu"] < 1 and 0 < cut["l0"] < nested[when]["l0"]
-    whole_width_only = refit_lib.refit_decoder
-    monkeypatch.setattr(
-        refit_lib, "refit_decoder", lambda sae, chunks, ridge, nested=(): whole_width_only(sae, chunks, ridge)
-    )
-    plain = refit_workdir(str(run), None, 2048, 0.01)  # what the command did before: the whole width's error alone
+    # --noprefixes: the whole width's error alone (the command before)
+    cmd = [sys.executable, "-m", "jumprelu", "refit", "--workdir", str(run), "--rows", "2048", "--noprefixes"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    plain = json.loads((run / "refit" / "refit.json").read_text())
+    assert nested["nested"] and not plain["nested"]
     assert nested["after"]["prefixes"][0]["fvu"] < plain["after"]["prefixes"][0]["fvu"]
     assert nested["after"]["l0"] == plain["after"]["l0"] == nested["before"]["l0"]
