@@ -13,7 +13,8 @@ L0 (20, 50, 100) every trainer gets the same width (4,096), batch (1,024) and to
   jumprelu     the recommended short-budget recipe (`smollm2_pareto:jumprelu,target_l0=T`: its
                BatchTopK phase over the first 80% of the steps, and the controller reading the L0
                of 1,024 of the store's held-out rows, both since 2026-12-01; the frequency
-               penalty sparing the 0.5% most frequent latents since 2026-12-02)
+               penalty sparing the 0.5% most frequent latents since 2026-12-02); from 8M tokens on
+               the long recipe (lr 5e-3 decaying over the last 40%; since 2026-12-05)
   jumprelu_refit  that run plus `jumprelu refit` (least-squares decoder on the last --refit_rows
                training rows, ridge --refit_ridge; no new rows, encoder and L0 unchanged)
   matryoshka   the same recipe with nested prefixes (width/8, width/4, width/2, width; or

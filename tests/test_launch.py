@@ -131,6 +131,25 @@ def test_recipe_asks_for_matryoshka_at_its_width():
         validate(c)
 
 
+def test_the_long_recipe_is_the_short_one_with_its_lr_and_decay_and_smollm2_pareto_picks_it_from_8m_tokens():
+    from jumprelu.recipes import RECIPES
+
+    module = experiment.load("recipe")
+    short, long = module.get_config("l0=50"), module.get_config("l0=50,long")
+    assert (short.train.lr, short.train.lr_decay_fraction) == (4e-3, 0.2)
+    assert (long.train.lr, long.train.lr_decay_fraction) == (5e-3, 0.4)
+    long.train.update(lr=4e-3, lr_decay_fraction=0.2)
+    assert long.to_dict() == short.to_dict()  # nothing else differs
+    assert set(RECIPES["long"]) == set(RECIPES["short"])
+    with pytest.raises(ConfigError, match="recipe argument names recipes paper and long; expected at most one"):
+        module.get_config("l0=50,paper,long")
+    pareto = experiment.load("smollm2_pareto")
+    for tokens, lr in ((2_000_000, 4e-3), (7_999_999, 4e-3), (8_000_000, 5e-3), (32_000_000, 5e-3)):
+        c = pareto.get_config(f"jumprelu,target_l0=20,tokens={tokens}")
+        assert c.train.lr == lr and c.sae.target_l0 == 20.0, tokens
+    assert pareto.get_config("topk,tokens=8000000").train.lr == 3e-3  # the baselines keep theirs
+
+
 def test_recipe_runlocal_shrinks_the_run_and_its_matryoshka_prefixes():
     module = experiment.load("recipe")
     c = module.get_config("l0=50,runlocal")  # `jumprelu train --config recipe:l0=50,runlocal` reads this

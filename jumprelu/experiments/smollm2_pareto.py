@@ -19,7 +19,8 @@ restricts the sweep to that kind and sets it in get_config; `target_l0=T` asks J
 paper's loss and λ sweep instead of the recipe; `runlocal` shrinks to a smoke test.
 
 Schedule: 512k tokens is 1/8,000 of the paper's budget, so every baseline kind trains at lr 3e-3
-with a 50-step warm-up (ReLU and Gated with a 100-step λ warm-up); JumpReLU at the recipe's 4e-3. JumpReLU
+with a 50-step warm-up (ReLU and Gated with a 100-step λ warm-up); JumpReLU at the recipe's 4e-3
+(5e-3 decaying over the last 40% from `tokens=8000000` on: the "long" recipe). JumpReLU
 is the recommended short-budget recipe (`jumprelu.recipes.RECIPES["short"]`, README "Recipes": a BatchTopK phase
 with k = target over the first 80% of the steps handing over to per-latent θ trained in its
 shadow, raw θ, ε 0.01, a target L0 reached by the λ controller reading 1,024 held-out rows
@@ -34,7 +35,7 @@ import os
 from jumprelu.config import base_config
 from jumprelu.errors import ConfigError
 from jumprelu.launch import experiment
-from jumprelu.recipes import apply_recipe
+from jumprelu.recipes import apply_recipe, recipe_for_tokens
 
 KINDS = ("jumprelu", "relu", "gated", "topk", "batchtopk")
 
@@ -78,7 +79,8 @@ def get_config(arg=None):
     c.train.lr_warmup_steps = 50
     c.train.sparsity_warmup_steps = 100
     if c.sae.kind == "jumprelu" and not experiment.flag(args, "paper", "smollm2_pareto"):
-        apply_recipe(c, "short", experiment.number(args, "target_l0", 32.0, "smollm2_pareto"))
+        target = experiment.number(args, "target_l0", 32.0, "smollm2_pareto")
+        apply_recipe(c, recipe_for_tokens(tokens), target)
     c.ckpt.every_steps = 250
     c.log.every_steps = 50
     return runlocal(c) if experiment.flag(args, "runlocal", "smollm2_pareto") else c
