@@ -43,7 +43,7 @@ def evaluate_workdir(
     from jumprelu.config import controller_rows
     from jumprelu.core.init import report_rows
     from jumprelu.errors import UserError
-    from jumprelu.evaluate.metrics import evaluate_rows, prefix
+    from jumprelu.evaluate.metrics import evaluate_rows, nested_prefixes, prefix_metrics
     from jumprelu.export.load import load, require_workdir, resolve
 
     workdir, member = resolve(workdir, member)  # a stacked member's WORKDIR/sae-i: the run's data, not its own
@@ -79,11 +79,9 @@ def evaluate_workdir(
         )
     metrics = evaluate_rows(dict(sae.params(), k=sae.k), rows)
     freq = metrics.pop("firing_frequency")
-    # the nested loss is JumpReLU's (other kinds ignore the field); the last width is the whole SAE
-    widths = tuple(cfg.sae.get("matryoshka_widths", ()) or ())[:-1] if cfg.sae.kind == "jumprelu" else ()
+    widths = [m for m, _ in nested_prefixes(cfg.sae)[:-1]]  # the last is the whole SAE
     if widths:
-        cut = [(m, evaluate_rows(prefix(dict(sae.params(), k=sae.k), m), rows)) for m in widths]
-        metrics["prefixes"] = [dict(width=m, l0=c["l0"], fvu=c["fvu"]) for m, c in cut]
+        metrics["prefixes"] = prefix_metrics(dict(sae.params(), k=sae.k), widths, rows)
     return sae, {"source": cfg.data.source, "stored": metrics}, freq
 
 

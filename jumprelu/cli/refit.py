@@ -53,7 +53,7 @@ def _refit(sae, workdir: str, out_dir: str, rows: int, ridge: float, store: str 
     from jumprelu.config import controller_rows
     from jumprelu.core.init import report_rows
     from jumprelu.errors import UserError
-    from jumprelu.evaluate.metrics import evaluate_rows, prefix
+    from jumprelu.evaluate.metrics import evaluate_rows, nested_prefixes, prefix_metrics
     from jumprelu.export import gemma_scope
     from jumprelu.train.refit import refit_decoder
 
@@ -69,18 +69,17 @@ def _refit(sae, workdir: str, out_dir: str, rows: int, ridge: float, store: str 
         raise UserError(f"{workdir}: the checkpoint is at step 0; the refit uses rows training has read")
     start, count = seen - min(rows, seen), min(rows, seen)
     chunks = (stream.read(p, min(CHUNK_ROWS, start + count - p)) for p in range(start, start + count, CHUNK_ROWS))
-    widths = tuple(cfg.sae.get("matryoshka_widths", ()) or ()) if cfg.sae.kind == "jumprelu" else ()
-    weights = tuple(cfg.sae.get("matryoshka_weights", ()) or ()) or (1.0,) * len(widths)
-    nested = tuple(zip(widths, weights, strict=True))  # a Matryoshka SAE's refit keeps its prefixes trained
-    refit, used = refit_decoder(sae, chunks, ridge, nested if prefixes else ())
+    trained = nested_prefixes(cfg.sae)
+    nested = trained if prefixes else ()  # a Matryoshka SAE's refit keeps its prefixes trained
+    refit, used = refit_decoder(sae, chunks, ridge, nested)
+    widths = [m for m, _ in trained[:-1]]  # the last is the whole SAE
     held_out = report_rows(stream.eval_set(), controller_rows(cfg))  # not the rows λ was set from
     metrics = {}
     for name, s in (("before", sae), ("after", refit)) if len(held_out) else ():
         m = evaluate_rows(s.params(), held_out)
         metrics[name] = {k: m[k] for k in ("l0", "fvu", "mse", "dead_fraction", "dense_fraction") if k in m}
-        cut = [(w, evaluate_rows(prefix(s.params(), w), held_out)) for w in widths[:-1]]
-        if cut:
-            metrics[name]["prefixes"] = [dict(width=w, l0=c["l0"], fvu=c["fvu"]) for w, c in cut]
+        if widths:
+            metrics[name]["prefixes"] = prefix_metrics(s.params(), widths, held_out)
     # Three files, each written atomically: an earlier refit's provenance and report go first, so a
     # kill between them never leaves this fit's params.npz beside another step's run file or report
     # (refit.json, written last, marks a complete refit).
@@ -91,7 +90,7 @@ def _refit(sae, workdir: str, out_dir: str, rows: int, ridge: float, store: str 
     fs.write_text_atomically(gemma_scope.run_file(fs.join(out_dir, "params.npz")), json.dumps(run, indent=2))
     report = dict(
         workdir=fs.abspath(workdir), step=sae.step, rows=used, stream_rows=[start, start + count], ridge=ridge,
-        nested=bool(nested and prefixes), held_out_rows=int(held_out.shape[0]), **metrics,
+        nested=bool(nested), held_out_rows=int(held_out.shape[0]), **metrics,
         params=fs.join(out_dir, "params.npz"),
     )  # fmt: skip
     fs.write_text_atomically(fs.join(out_dir, "refit.json"), json.dumps(report, indent=2))

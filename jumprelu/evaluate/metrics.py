@@ -72,3 +72,20 @@ def prefix(sae_params: dict, width: int) -> dict:
     cut.update(W_enc=cut["W_enc"][:, :width], b_enc=cut["b_enc"][:width], threshold=cut["threshold"][:width])
     cut["W_dec"] = cut["W_dec"][:width]
     return cut
+
+
+def nested_prefixes(sae_config) -> tuple[tuple[int, float], ...]:
+    """The (width, weight) pairs of the Matryoshka prefixes a run's SAE config (`sae`) trained, the
+    last the whole SAE; () for a plain SAE. The nested loss is JumpReLU's (other kinds ignore the
+    field); weights are as given (equal shares when none are)."""
+    if sae_config.get("kind", "jumprelu") != "jumprelu":
+        return ()
+    widths = tuple(sae_config.get("matryoshka_widths", ()) or ())
+    weights = tuple(sae_config.get("matryoshka_weights", ()) or ()) or (1.0,) * len(widths)
+    return tuple(zip(widths, weights, strict=True))
+
+
+def prefix_metrics(sae_params: dict, widths, rows) -> list[dict]:
+    """Each prefix's held-out L0 and FVU (`prefix`), as `jumprelu evaluate` and `refit` report them."""
+    cut = [(m, evaluate_rows(prefix(sae_params, m), rows)) for m in widths]
+    return [dict(width=m, l0=c["l0"], fvu=c["fvu"]) for m, c in cut]
