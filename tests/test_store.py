@@ -324,6 +324,37 @@ def test_flipped_byte_is_caught_by_verify_and_at_open(tmp_path):
     assert "shard-00001.npy rows 0-39 do not match their checksum" in r.stderr
 
 
+def test_a_shard_truncated_while_in_use_is_an_error_not_sigbus(tmp_path):
+    """A shard cut short under a running job: reading pages past the new end of a memory map kills
+    the process with SIGBUS (no message, no exit code of our own), so the reader checks the file's
+    size before each read. Run in a child so that the old behaviour fails this test, not pytest."""
+    path = tmp_path / "s"
+    _write(path, _rows(1000, d=64), shard_rows=400)  # 100 KiB shards: many pages each
+    script = textwrap.dedent(
+        f"""
+        import os
+        from jumprelu.errors import DataError
+        from jumprelu.store import open_store
+
+        store = open_store({str(path)!r}, sample_blocks=0)
+        assert store.rows(0, 0, 10).shape == (10, 64)  # mapped, its first block verified
+        assert store.rows(0, 390, 400).sum() != 0  # ...and its last
+        for index in (0, 1):  # shard 0 is mapped; shard 1 is not yet
+            os.truncate(os.path.join({str(path)!r}, f"shard-0000{{index}}.npy"), 200)
+            try:
+                print("read", float(store.rows(index, 390, 400).sum()))
+            except DataError as e:
+                print("error", e)
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])  # -7 (SIGBUS) before the check
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("error store ") for line in lines), r.stdout
+    assert "shard-00000.npy is now 200 bytes, 102528 when this process mapped it: the shard was truncated" in lines[0]
+    assert "shard-00001.npy can no longer be read (" in lines[1] and "changed after the store was opened" in lines[1]
+
+
 def _as_format_1(path):
     """Turns a store into what a jumprelu without checksums wrote."""
     meta = json.loads((path / "metadata.json").read_text())

@@ -35,6 +35,7 @@ class Store:
         self.metadata = metadata
         self.bad_rows = bad_rows  # per shard: sorted indices of rows to leave out
         self._maps: dict[int, np.ndarray] = {}
+        self._map_bytes: dict[int, int] = {}  # per mapped shard: the file size its map needs
         self._verified: set[tuple[int, int]] = set()  # (shard, block) whose CRC this process checked
 
     @property
@@ -65,25 +66,49 @@ class Store:
     def shard(self, index: int) -> np.ndarray:
         """Shard `index` as a read-only memory map [rows, d_model] in the store's dtype."""
         if index not in self._maps:
-            file = os.path.join(self.path, self.metadata["shards"][index]["file"])
-            self._maps[index] = np.load(file, mmap_mode="r").view(fmt.numpy_dtype(self.dtype))
+            name = self.metadata["shards"][index]["file"]
+            try:
+                mapped = np.load(os.path.join(self.path, name), mmap_mode="r")
+            except (OSError, ValueError) as e:  # e.g. "mmap length is greater than file size"
+                _fail(self.path, f"{name} can no longer be read ({e}): it changed after the store was opened")
+            self._map_bytes[index] = int(mapped.offset) + mapped.nbytes
+            self._maps[index] = mapped.view(fmt.numpy_dtype(self.dtype))
         return self._maps[index]
+
+    def _check_still_whole(self, index: int) -> None:
+        """Raises if a mapped shard's file is now shorter than its map: reading the missing pages
+        would kill the process with SIGBUS instead of an error (a shard truncated or rewritten
+        under a running job). One stat per read; a race inside that window is still possible."""
+        name = self.metadata["shards"][index]["file"]
+        try:
+            found = os.stat(os.path.join(self.path, name)).st_size
+        except FileNotFoundError:
+            return  # deleted: the map keeps the old file's pages alive, so reading them is safe
+        if found < self._map_bytes[index]:
+            _fail(
+                self.path,
+                f"{name} is now {found} bytes, {self._map_bytes[index]} when this process mapped it: "
+                "the shard was truncated or rewritten while in use; restore it from a copy or write "
+                "the store again",
+            )
 
     def rows(self, index: int, lo: int, hi: int) -> np.ndarray:
         """Rows [lo, hi) of shard `index`. Each checksum block they touch is checked against
         metadata.json the first time this process reads it, so a shard damaged or replaced after
         it was written is found when its rows are read, not only if the start's sample hits it
         (one more read of each block per process)."""
+        self.shard(index)
+        self._check_still_whole(index)
         if self.checksummed and hi > lo:
             per_block = int(self.metadata["checksum"]["block_rows"])
             blocks = [b for b in range(lo // per_block, (hi - 1) // per_block + 1) if (index, b) not in self._verified]
             if blocks:
                 _check_blocks(self, index, blocks)
                 self._verified.update((index, b) for b in blocks)
-        return self.shard(index)[lo:hi]
+        return self._maps[index][lo:hi]
 
     def __getstate__(self):
-        return {**self.__dict__, "_maps": {}}
+        return {**self.__dict__, "_maps": {}, "_map_bytes": {}}
 
 
 def _check_shard(path: str, meta: dict, shard: dict) -> None:
