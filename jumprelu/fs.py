@@ -56,6 +56,23 @@ def read_bytes(path: str) -> bytes:
         return fh.read()
 
 
+def check_writable(directory: str) -> None:
+    """Raises the OSError (EACCES, EROFS, ENOSPC...) that writing a file into the existing `directory`
+    would, by creating and removing one: before hours of work whose end is that write. An object
+    store answers only on the write itself, so remote paths are not checked."""
+    if is_remote(directory):
+        return
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".write-check.")
+    except OSError as e:
+        e.filename = directory  # the temporary's random name would mean nothing to the user
+        raise
+    os.close(fd)
+    os.remove(tmp)
+
+
 def write_bytes_atomically(path: str, data: bytes) -> None:
     """Readers never see half a file: local writes go through a temporary file and a rename."""
     if is_remote(path):

@@ -1077,3 +1077,56 @@ def test_a_process_without_a_cpu_backend_still_loads(trained, monkeypatch):
     monkeypatch.setattr(jax, "devices", no_cpu_backend)
     sae = jumprelu.load(str(trained))
     np.testing.assert_array_equal(np.asarray(sae.W_enc), np.asarray(expected.W_enc))
+
+
+_UNWRITABLE = """
+import builtins, errno, os, sys
+run, how = sys.argv[1], sys.argv[2]
+real_open, real_os_open = builtins.open, os.open
+def refuse(path):
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+def os_open(path, flags, *a, **k):  # as a folder of another user's is to us: readable, not writable
+    if str(path).startswith(run) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+        refuse(path)
+    return real_os_open(path, flags, *a, **k)
+def open_(file, mode="r", *a, **k):
+    if str(file).startswith(run) and any(c in mode for c in "wax+"):
+        refuse(file)
+    return real_open(file, mode, *a, **k)
+def full(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+if how == "forbidden":
+    os.open, builtins.open = os_open, open_
+else:  # the disk fills while it evaluates: the first write of the report fails
+    os.fsync = full
+from jumprelu.cli import main
+sys.exit(main(["evaluate", "--workdir", run]))
+"""
+
+
+def test_evaluate_says_it_cannot_write_its_report_before_evaluating_and_a_late_failure_keeps_the_metrics(
+    trained, tmp_path
+):
+    """Found by an audit: `jumprelu evaluate` on a run folder it could not write ran the whole
+    evaluation (with --lm, hours) and then died in a PermissionError traceback writing
+    firing_frequency.png; the metrics, printed only after the files, were lost."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = sorted(p.name for p in run.iterdir())
+    cli = subprocess.run(
+        [sys.executable, "-c", _UNWRITABLE, str(run), "forbidden"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert cli.returncode == 2, cli.stderr
+    assert cli.stderr.strip().splitlines()[-1] == f"jumprelu: error: {run}: Permission denied", cli.stderr
+    assert "Traceback" not in cli.stderr and '"fvu"' not in cli.stdout  # said before the evaluation ran
+    assert sorted(p.name for p in run.iterdir()) == before
+    cli = subprocess.run(
+        [sys.executable, "-c", _UNWRITABLE, str(run), "full"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert cli.returncode == 2, cli.stderr
+    last = cli.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"jumprelu: error: {run / 'firing_frequency.png'}: No space left on device; free some")
+    assert json.loads(cli.stdout[cli.stdout.index("{") :])["stored"]["fvu"] > 0  # printed whole before the write
+    assert sorted(p.name for p in run.iterdir()) == before  # no temporary left behind

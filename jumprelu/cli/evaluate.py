@@ -161,6 +161,7 @@ def run(argv: list[str]) -> int:
         try:
             workdir, member = resolve(workdir_flag.value, member_flag.value)
             out_dir = workdir if member is None else member_dir(workdir, member)
+            fs.check_writable(out_dir)  # eval.json goes here: a folder it cannot write is said now, not after hours
             if lm_flag.value is not None:  # several hosts: started before anything touches a device
                 from jumprelu.harvest.run import start_processes
 
@@ -175,6 +176,8 @@ def run(argv: list[str]) -> int:
                 freq = result["lm"].pop("firing_frequency")
         except (UserError, FileNotFoundError, ValueError) as e:
             return common.fail(e)
+        except OSError as e:  # the write check: a forbidden or read-only folder, a full disk
+            return _unwritable(e)
         if not lead:  # every process computed the same report; process 0 writes it
             print(f"process {jax_process_index()}: the report is written by process 0")
             return 0
@@ -186,19 +189,33 @@ def run(argv: list[str]) -> int:
             dense_fraction=float(np.mean(freq > 0.1)),
             frequencies_from="lm" if "lm" in result else "stored",
         )
-        earlier = earlier_lm(out_dir, sae.step)
+        try:
+            earlier = earlier_lm(out_dir, sae.step)
+        except OSError:
+            earlier = None  # unreadable or unkept: the write below says what is wrong, after the metrics
         if "lm" not in result and earlier is not None:
             result["lm"] = earlier
             print(f"kept the delta LM loss of step {sae.step} from the earlier --lm evaluation")
+        print(json.dumps(result, indent=2))  # first: a write that fails (a disk filled meanwhile) loses nothing
         png = io.BytesIO()
         plot_firing_histogram(freq, png, title=f"step {sae.step}, {result['frequencies_from']} eval")
-        fs.write_bytes_atomically(fs.join(out_dir, "firing_frequency.png"), png.getvalue())
-        fs.write_text_atomically(fs.join(out_dir, "eval.json"), json.dumps(result, indent=2))
-        print(json.dumps(result, indent=2))
+        try:
+            fs.write_bytes_atomically(fs.join(out_dir, "firing_frequency.png"), png.getvalue())
+            fs.write_text_atomically(fs.join(out_dir, "eval.json"), json.dumps(result, indent=2))
+        except OSError as e:
+            return _unwritable(e)
         print(f"wrote {fs.join(out_dir, 'eval.json')} and firing_frequency.png")
         return 0
 
     return common.absl_run(main, argv, "jumprelu evaluate")
+
+
+def _unwritable(error: OSError) -> int:
+    """One line for a folder the report cannot be written to; any other OSError is a bug, shown whole."""
+    code = common.environment_failure(error, "eval.json is written then")
+    if code is None:
+        raise error
+    return code
 
 
 def earlier_lm(out_dir: str, step: int) -> dict | None:
