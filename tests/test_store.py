@@ -731,7 +731,20 @@ def test_a_damaged_progress_record_or_synthetic_metadata_is_one_line(tmp_path):
     "value, why", [(0.0, "all 60 finite rows are zero"), (np.nan, r"all 60 rows are non-finite \(NaN or Inf")]
 )
 def test_rows_with_no_scale_say_why_not_resume(tmp_path, value, why):
-    writer = StoreWriter(str(tmp_path / "s"), d_model=8, shard_rows=40)
+    """And leave nothing: an audit found the shards, writing.json and the lock of such a write
+    kept, so `store convert` of the corrected .npy into the same folder was refused as "an
+    interrupted write with text_source=... is in progress"."""
+    writer = StoreWriter(str(tmp_path / "s"), d_model=8, shard_rows=40, text_source="bad.npy")
     writer.append(np.full((60, 8), value, np.float32))
-    with pytest.raises(DataError, match=f"cannot compute the scale C: {why}"):
+    with pytest.raises(DataError, match=f"cannot compute the scale C: {why}.*; the shards written are removed$"):
         writer.close()
+    assert list((tmp_path / "s").iterdir()) == []
+    bad, good = tmp_path / "bad.npy", tmp_path / "good.npy"
+    np.save(bad, np.full((60, 8), value, np.float32))
+    np.save(good, np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32))
+    cmd = [sys.executable, "-m", "jumprelu", "store", "convert"]
+    cli = subprocess.run([*cmd, str(bad), str(tmp_path / "c")], cwd=ROOT, capture_output=True, text=True)
+    assert cli.returncode == 2 and cli.stderr.count("\n") == 1 and "cannot compute the scale C" in cli.stderr
+    cli = subprocess.run([*cmd, str(good), str(tmp_path / "c")], cwd=ROOT, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert open_store(str(tmp_path / "c")).num_rows == 60

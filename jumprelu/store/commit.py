@@ -19,20 +19,35 @@ from jumprelu.store import checksum
 from jumprelu.store import format as fmt
 
 
-def build_metadata(path: str, header: dict, shards: list[dict], block_rows: int) -> dict:
-    """metadata.json of a store whose complete shards are `shards` (C over all their finite rows)."""
+def _scale(shards: list[dict]) -> tuple[float, str | None]:
+    """C over the finite rows of `shards`, and why there is none (None when there is)."""
     finite = sum(s["rows"] - len(s["nonfinite_rows"]) for s in shards)
     total_sq = sum(s["sum_sq_norm"] for s in shards)
     scale = float(np.sqrt(total_sq / finite)) if finite else float("nan")
-    if not (np.isfinite(scale) and scale > 0):  # a rerun would resume and end the same way: say why
+    if np.isfinite(scale) and scale > 0:
+        return scale, None
+    if not finite:
         rows = sum(s["rows"] for s in shards)
-        if not finite:
-            why = f"all {rows} rows are non-finite (NaN or Inf, or too large for the store's dtype)"
-        elif total_sq == 0:
-            why = f"all {finite} finite rows are zero"
-        else:
-            why = f"the mean squared norm of its {finite} finite rows overflows ({scale**2})"
-        raise DataError(f"store {path}: cannot compute the scale C: {why}; these activations cannot be trained on")
+        return scale, f"all {rows} rows are non-finite (NaN or Inf, or too large for the store's dtype)"
+    if total_sq == 0:
+        return scale, f"all {finite} finite rows are zero"
+    return scale, f"the mean squared norm of its {finite} finite rows overflows ({scale**2})"
+
+
+def unscalable(path: str, shards: list[dict]) -> DataError | None:
+    """The error of a store whose rows give no scale C (all non-finite or zero): no reader could
+    train on them, and a rerun would resume and end the same way."""
+    why = _scale(shards)[1]
+    if why is None:
+        return None
+    return DataError(f"store {path}: cannot compute the scale C: {why}; these activations cannot be trained on")
+
+
+def build_metadata(path: str, header: dict, shards: list[dict], block_rows: int) -> dict:
+    """metadata.json of a store whose complete shards are `shards` (C over all their finite rows)."""
+    if (error := unscalable(path, shards)) is not None:
+        raise error
+    scale = _scale(shards)[0]
     return {
         "format": fmt.FORMAT,
         "format_version": fmt.FORMAT_VERSION,

@@ -248,10 +248,24 @@ class StoreWriter:
             return {"part": self.part, "rows": self.rows_written, "shards": len(self._shards)}
         if not self._shards:
             raise DataError(f"store {self.path}: no rows were written")
+        if (error := commit.unscalable(self.path, self._shards)) is not None:
+            self._discard()  # worthless rows: left, they made the corrected rerun "resume" this write
+            raise DataError(f"{error}; the shards written are removed")
         metadata = commit.write_metadata(self.path, self.header, self._shards, self.block_rows)
         os.remove(os.path.join(self.path, fmt.WRITING))
         self._lock.release(remove=True)
         return metadata
+
+    def _discard(self) -> None:
+        """Removes every file this write made (its shards, progress record and lock), leaving the
+        directory as a new write finds an empty one."""
+        for shard in self._shards:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.path, shard["file"]))
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.path, fmt.WRITING))
+        self._shards = []
+        self._lock.release(remove=True)
 
 
 class _Sink:
