@@ -3,11 +3,13 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from jumprelu.config import ConfigError, validate
@@ -281,6 +283,39 @@ def test_a_harvest_experiment_given_to_train_or_sweep_is_one_line(tmp_path):
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "--config " in out.stderr and "harvest/gemma2.py: not a training experiment" in out.stderr  # names it
     assert not (tmp_path / "w").exists()
+
+
+_BASE = "from jumprelu.experiments.quickstart import get_config\n"
+_BAD_SWEEPS = [
+    ("syntax.py", "def get_config(arg=None:\n    pass\n", r"experiment .*syntax.py: SyntaxError: invalid syntax"),
+    ("acts.npy", None, r"experiment .*acts.npy: SyntaxError: source code string cannot contain null bytes"),
+    ("notes.txt", "hello\n", r"experiment .*notes.txt: NameError: name 'hello' is not defined"),
+    ("grid.py", _BASE + "def get_sweep(arg=None):\n    return {'sae.width': [64, 128]}\n",
+     r"grid.py: get_sweep must return a list of override dicts .*, found dict"),
+    ("none.py", _BASE + "def get_sweep(arg=None):\n    return []\n", r"none.py: get_sweep returned no runs"),
+    ("typo.py", _BASE + "def get_sweeps(arg=None):\n    return [{'sae.width': 64}]\n",
+     r"typo.py has get_sweeps\(\) but no get_sweep\(arg\)"),
+    ("raises.py", _BASE + "def get_sweep(arg=None):\n    return [{'sae.width': w} for w in WIDTHS]\n",
+     r"raises.py: get_sweep: NameError: name 'WIDTHS' is not defined"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, text, message", _BAD_SWEEPS, ids=[b[0] for b in _BAD_SWEEPS])
+def test_a_broken_experiment_file_is_one_line_in_sweep(tmp_path, name, text, message):
+    """Found by an audit: `jumprelu sweep FILE --dry_run` on a file with a syntax error, a .npy or
+    .txt given by mistake, or a get_sweep returning a grid dict was a traceback (exit 1), where
+    `train --config` gives one line; a misspelt get_sweep silently swept the base config once, and
+    an empty list "swept" 0 runs with exit 0."""
+    path = tmp_path / name
+    if text is None:
+        np.save(path, np.zeros(3))
+    else:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        experiment.expand(experiment.load(str(path)))
+    cli = _sweep(str(path), "--dry_run", "--root", str(tmp_path / "runs"))
+    assert cli.returncode == 2 and cli.stderr.count("\n") == 1 and "Traceback" not in cli.stderr, cli.stderr
+    assert re.search(message, cli.stderr), cli.stderr
 
 
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):

@@ -17,7 +17,10 @@ rerunning a sweep finds its earlier runs (finished ones have `report.json`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import importlib.machinery
 import importlib.util
 import math
 import os
@@ -130,13 +133,28 @@ def resolve(experiment: str, experiments_dir: str | None = None) -> str:
 def load(experiment: str, experiments_dir: str | None = None):
     """Imports an experiment file (path or name, see `resolve`) as a module."""
     path = resolve(experiment, experiments_dir)
-    name = "jumprelu_experiment_" + re.sub(r"\W", "_", os.path.basename(path)[:-3])
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    name = "jumprelu_experiment_" + re.sub(r"\W", "_", os.path.basename(path).removesuffix(".py"))
+    # any file name, as `--config` reads it: a path not ending in .py got no loader (an AttributeError)
+    loader = importlib.machinery.SourceFileLoader(name, path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+    with user_code(f"experiment {path}"):
+        loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"experiment {path} has no get_config(arg)")
     return module
+
+
+@contextlib.contextmanager
+def user_code(what: str):
+    """An error raised by an experiment file's own code (a syntax error, a name it misspelt) as one
+    ConfigError line naming the file; the ConfigErrors of the helpers it calls pass unchanged."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"{what}: {type(e).__name__}: {first}".rstrip(": ")) from None
 
 
 def split(spec: str) -> tuple[str, str | None]:
@@ -200,9 +218,11 @@ def expand(module, arg: str | None = None) -> list[Run]:
     With `runlocal` in arg, each run is shrunk after its overrides (same runs, same names, CPU
     sizes): by the experiment's own `runlocal(cfg)` if it has one, else by `sweeps.runlocal`.
     """
-    base = module.get_config(arg)
-    require_training(base, getattr(module, "__file__", None) or getattr(module, "__name__", "the experiment"))
-    sweep = module.get_sweep(arg) if hasattr(module, "get_sweep") else [{}]
+    name = getattr(module, "__file__", None) or getattr(module, "__name__", "the experiment")
+    with user_code(f"{name}: get_config"):
+        base = module.get_config(arg)
+    require_training(base, name)
+    sweep = sweep_overrides(module, arg, name)
     shrink = None
     if flag(parse_arg(arg), "runlocal"):
         shrink = getattr(module, "runlocal", runlocal)
@@ -224,6 +244,27 @@ def expand(module, arg: str | None = None) -> list[Run]:
     if duplicates:
         raise ConfigError(f"sweep has runs with the same overrides (workdir names {duplicates})")
     return runs
+
+
+def sweep_overrides(module, arg: str | None, name: str) -> list[dict[str, Any]]:
+    """get_sweep(arg)'s override dicts, checked: a dict of lists (a grid) or an empty list gave a
+    traceback or "0 runs"; without get_sweep, the one base run, unless a near-miss name
+    (get_sweeps) says the sweep was meant and would silently have been one run."""
+    if not hasattr(module, "get_sweep"):
+        near = difflib.get_close_matches("get_sweep", [n for n in vars(module) if callable(getattr(module, n))])
+        if near:
+            raise ConfigError(f"{name} has {near[0]}() but no get_sweep(arg): rename it to sweep its runs")
+        return [{}]
+    with user_code(f"{name}: get_sweep"):
+        sweep = module.get_sweep(arg)
+    if not isinstance(sweep, (list, tuple)) or not all(isinstance(o, dict) for o in sweep):
+        found = type(sweep).__name__ if not isinstance(sweep, (list, tuple)) else "a list holding other than dicts"
+        raise ConfigError(
+            f"{name}: get_sweep must return a list of override dicts ([{{'sae.width': 4096}}, ...]), found {found}"
+        )
+    if not sweep:
+        raise ConfigError(f"{name}: get_sweep returned no runs (an empty list)")
+    return list(sweep)
 
 
 def require_training(cfg, name: str) -> None:
