@@ -374,6 +374,30 @@ def test_a_store_rewritten_at_the_runs_path_is_refused(tmp_path, tiny_config):
         train(tiny_config, run)
 
 
+def test_store_flag_on_a_run_that_trained_on_no_store_is_refused(trained, tmp_path):
+    """Found by an audit: `evaluate --store S` and `refit --store S` on a run trained on synthetic
+    data took any store of the right d_model (such a run records no rows to compare with) and
+    replaced eval.json and refit/params.npz with results on rows the SAE never saw."""
+    from jumprelu.cli.evaluate import evaluate_workdir
+    from jumprelu.cli.refit import refit_workdir
+    from jumprelu.errors import DataError
+    from jumprelu.store import StoreWriter
+
+    other = str(tmp_path / "other")
+    w = StoreWriter(other, d_model=32)
+    w.append(np.random.default_rng(0).normal(size=(4096, 32)).astype(np.float32))
+    w.close()
+    message = f"--store {other}: the run trained on synthetic data, remade from its config .*moved$"
+    for command in (
+        lambda: evaluate_workdir(str(trained), store=other),
+        lambda: refit_workdir(str(trained), None, 512, 0.01, store=other),
+    ):
+        with pytest.raises(DataError, match=message):
+            command()
+    assert not (trained / "refit" / "params.npz").exists()
+    assert evaluate_workdir(str(trained))[1]["stored"]["fvu"] > 0  # without --store: its own rows
+
+
 def test_a_named_gemma_scope_2_safetensors_file_is_the_one_read(tmp_path):
     """`jumprelu.load("dir/other.safetensors")` reads that file, not the folder's params.safetensors."""
     from safetensors.numpy import save_file

@@ -156,9 +156,15 @@ def run_source(config: dict, store: str | None, command: str) -> str:
     """The store a saved run's command (evaluate, refit) reads: `store` when given (the run's store
     moved; the command checks it holds the same rows), else the recorded one (`recorded_source`),
     whose absence is one line saying how to point at it."""
+    source = recorded_source(config)
+    if store and source in ("synthetic", LM_SOURCE):  # nothing to check a store against: any was taken
+        what = "synthetic data, remade from its config" if source == "synthetic" else "rows its LM computed"
+        raise DataError(
+            f"{command} --store {store}: the run trained on {what} (data.source={source!r}), not on a store; "
+            "--store is for a run whose store moved"
+        )
     if store:
         return store
-    source = recorded_source(config)
     if source not in ("synthetic", LM_SOURCE) and "://" not in source and not os.path.isdir(source):
         raise DataError(
             f"the run's store {source} is gone (moved or deleted); if it moved, give its new path: "
