@@ -294,6 +294,35 @@ def test_a_folder_of_other_files_is_refused_as_a_workdir(tmp_path, tiny_config):
     assert train(tiny_config, str(tmp_path / "run0"))["steps"] == 10
 
 
+def test_a_store_or_a_runs_checkpoints_folder_is_refused_as_a_workdir(tmp_path, tiny_config):
+    """Found by an audit: `--workdir` given an activation store (swapped with data.source) or
+    another run's checkpoints/ trained a whole run there, its files among the shards or its
+    checkpoints beside the other run's steps."""
+    store = tmp_path / "acts"
+    w = StoreWriter(str(store), d_model=32)
+    w.append(np.random.default_rng(0).normal(size=(4096, 32)).astype(np.float32))
+    w.close()
+    before = sorted(p.name for p in store.iterdir())
+    tiny_config.train.steps = 5
+    with pytest.raises(WorkdirError, match=f"^workdir {store} is an activation store .*data.source\\)$"):
+        train(tiny_config, str(store))
+    assert sorted(p.name for p in store.iterdir()) == before
+    half = tmp_path / "half"  # a write under way: shards and writing.json, no metadata.json yet
+    w = StoreWriter(str(half), d_model=32, shard_rows=1024)
+    w.append(np.random.default_rng(1).normal(size=(2048, 32)).astype(np.float32))
+    with pytest.raises(WorkdirError, match="is an activation store"):
+        train(tiny_config, str(half))
+    run = tmp_path / "run"
+    train(tiny_config, str(run))
+    for inside in (run / "checkpoints", run / "checkpoints" / "5", run / "checkpoints" / "new"):
+        with pytest.raises(WorkdirError, match=f"^workdir {inside} is inside the checkpoints of run {run}; resume"):
+            train(tiny_config, str(inside))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["5"]
+    tiny_config.data.source = str(store)  # a store as a subfolder of the workdir stays allowed
+    train(tiny_config, str(tmp_path))
+    assert (tmp_path / "report.json").exists()
+
+
 def test_torn_metrics_line_resumes(tmp_path, tiny_config, caplog):
     """Item 5: half a JSON line at the end of metrics.jsonl (a full disk) no longer blocks the resume."""
     wd = tmp_path / "run"

@@ -24,7 +24,7 @@ from jumprelu import fs
 from jumprelu.core import init as init_lib
 from jumprelu.core import kinds
 from jumprelu.data import pipeline
-from jumprelu.errors import ConfigError, WorkdirError
+from jumprelu.errors import ConfigError
 from jumprelu.train import (
     distributed,
     guard,
@@ -39,6 +39,7 @@ from jumprelu.train import (
     writers,
 )
 from jumprelu.train import state as state_lib
+from jumprelu.train import workdir as workdir_lib
 from jumprelu.train.checkpoint import Checkpointer, member_dir
 from jumprelu.train.metrics_log import Progress
 
@@ -76,40 +77,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, open_rows=None) -> dict:
         )
     distributed.maybe_initialize(cfg.mesh)  # before anything touches a device
     # a second run on this workdir, an unusable workdir or another program's folder fails here
-    with lock.hold(workdir, check=refuse_foreign_workdir):
+    with lock.hold(workdir, check=workdir_lib.refuse_foreign_workdir):
         return _train(cfg, workdir, open_rows)
-
-
-# what shows a folder is a run's, even one stopped before its first checkpoint: the lock (left by a
-# killed run), the synthetic rows written beside it, the checkpoints, a config.json of a run's
-RUN_ENTRIES = ("checkpoints", lock.LOCK_FILE, "synthetic_store")
-# the files a run (and `jumprelu evaluate`) write at the workdir's top, replacing any of those names
-RUN_FILES = ("config.json", "report.json", "metrics.jsonl", "training_curves.png", "eval.json")
-
-
-def refuse_foreign_workdir(workdir: str) -> None:
-    """A folder that is not a run's but holds a file a run would replace (a model's config.json, a
-    project's report.json) is refused; other entries (a store, notes) are left alone beside the run."""
-    if fs.is_remote(workdir) or not os.path.isdir(workdir):
-        return
-    names = os.listdir(workdir)
-    if any(n.startswith(RUN_ENTRIES) for n in names) or _is_run_config(workdir):
-        return
-    clash = [n for n in RUN_FILES if n in names]
-    if clash:
-        raise WorkdirError(
-            f"workdir {workdir} holds {', '.join(clash)}, which no jumprelu run wrote and this run would "
-            "replace; give a new or empty directory"
-        )
-
-
-def _is_run_config(workdir: str) -> bool:
-    try:
-        with open(os.path.join(workdir, "config.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(saved, dict) and isinstance(saved.get("sae"), dict) and isinstance(saved.get("train"), dict)
 
 
 def _open_rows(cfg, workdir, open_rows):
