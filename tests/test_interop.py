@@ -1154,3 +1154,17 @@ def test_evaluate_says_it_cannot_write_its_report_before_evaluating_and_a_late_f
     assert last.startswith(f"jumprelu: error: {run / 'firing_frequency.png'}: No space left on device; free some")
     assert json.loads(cli.stdout[cli.stdout.index("{") :])["stored"]["fvu"] > 0  # printed whole before the write
     assert sorted(p.name for p in run.iterdir()) == before  # no temporary left behind
+
+
+def test_a_workdir_that_is_not_there_is_called_so(tmp_path):
+    """Found by an audit: `evaluate --workdir /nonexistent` said "no checkpoints/ directory", as if
+    the folder were there; a check that the run folder is writable must not say "[Errno 2]" first."""
+    gone = tmp_path / "gone"
+    for cmd in (
+        ["evaluate", "--workdir", str(gone)],
+        ["refit", "--workdir", str(gone)],
+        ["export", str(gone), "x.npz"],
+    ):
+        cli = subprocess.run([sys.executable, "-m", "jumprelu", *cmd], cwd=tmp_path, capture_output=True, text=True)
+        want = f"jumprelu: error: {gone}: no such directory; expected a jumprelu training workdir"
+        assert cli.returncode == 2 and cli.stderr.strip().splitlines()[-1] == want, (cmd, cli.stderr)

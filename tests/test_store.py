@@ -727,6 +727,13 @@ def test_a_damaged_progress_record_or_synthetic_metadata_is_one_line(tmp_path):
         write_store(spec, str(tmp_path / "syn"))
 
 
+def test_converting_a_directory_says_it_is_one(tmp_path):
+    """Found by an audit: `store convert DIR OUT` said "DIR: no such file"."""
+    with pytest.raises(DataError, match=f"^{tmp_path}: a directory; expected a .npy file of activations"):
+        convert(str(tmp_path), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "value, why", [(0.0, "all 60 finite rows are zero"), (np.nan, r"all 60 rows are non-finite \(NaN or Inf")]
 )

@@ -161,7 +161,8 @@ def run(argv: list[str]) -> int:
         try:
             workdir, member = resolve(workdir_flag.value, member_flag.value)
             out_dir = workdir if member is None else member_dir(workdir, member)
-            fs.check_writable(out_dir)  # eval.json goes here: a folder it cannot write is said now, not after hours
+            if fs.exists(out_dir):  # (one that is not there is named by the load below)
+                fs.check_writable(out_dir)  # eval.json goes here: a folder it cannot write is said now, not after hours
             if lm_flag.value is not None:  # several hosts: started before anything touches a device
                 from jumprelu.harvest.run import start_processes
 

@@ -52,6 +52,8 @@ def load(path: str | os.PathLike, step: int | None = None, member: int | None = 
             f"{path}: a file, but not a released SAE (.npz, .safetensors) this can read; "
             "a training workdir is a directory"
         )
+    if "://" not in path and not os.path.exists(path):  # was "no checkpoints/ directory" of a path that is not there
+        raise FileNotFoundError(f"{path}: no such directory; expected a jumprelu training workdir")
     if "://" not in path and not os.path.isdir(checkpoint_dir(path)):
         raise FileNotFoundError(f"{path}: no checkpoints/ directory; expected a jumprelu training workdir")
     ckpt = _open_checkpoints(path)

@@ -13,6 +13,8 @@ NPY_MAGIC = b"\x93NUMPY"
 
 def open_npy(path: str) -> np.ndarray:
     """Opens a `.npy` of shape [N, d] read-only as a memory map and checks shape and dtype."""
+    if os.path.isdir(path):  # was "no such file"
+        raise DataError(f"{path}: a directory; expected a .npy file of activations [N, d_model]")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     try:
