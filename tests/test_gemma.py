@@ -280,6 +280,27 @@ def test_texts_and_store_fields_are_checked_before_the_model_loads(world, tmp_pa
     assert "\n" not in str(e.value) and not (tmp_path / "s").exists()
 
 
+def test_a_missing_checkpoint_or_tokenizer_is_the_only_line_harvest_prints(tmp_path):
+    """Found by an audit: these errors came after 3-4 lines of TensorFlow and XLA start-up, which
+    importing gemma printed before the model's files were looked at."""
+    (tmp_path / "t.txt").write_text("Some text to harvest.\n")
+    (tmp_path / "ckpt").mkdir()
+    base = ["harvest", "--config", "harvest/gemma2:layer=1", f"--config.store={tmp_path / 's'}"]
+    base.append(f"--config.texts=('{tmp_path / 't.txt'}',)")
+    for fields, want in (
+        ([f"--config.checkpoint={tmp_path / 'nope'}", f"--config.tokenizer={tmp_path / 'tok.model'}"],
+         f"checkpoint {tmp_path / 'nope'}: no such directory"),
+        ([f"--config.checkpoint={tmp_path / 'ckpt'}", f"--config.tokenizer={tmp_path / 'tok.model'}"],
+         f"tokenizer {tmp_path / 'tok.model'}: no such file"),
+    ):  # fmt: skip
+        cli = subprocess.run(
+            [sys.executable, "-m", "jumprelu", *base, *fields], cwd=ROOT, capture_output=True, text=True
+        )
+        assert cli.returncode == 2 and cli.stderr.startswith(f"jumprelu: error: {want}"), cli.stderr
+        assert cli.stderr.count("\n") == 1, cli.stderr
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize("field, value", [("sequences", 0), ("sequences", -1), ("batch_sequences", -2)])
 def test_lm_evaluation_sizes_are_checked_before_the_model_loads(world, field, value):
     from jumprelu.cli.evaluate import check_lm_site

@@ -92,7 +92,7 @@ def check_lm_site(config: dict, lm_cfg) -> None:
     own pair. Models compare by size, so a base model's SAE may be scored on its -it model."""
     from jumprelu.errors import UserError
     from jumprelu.export import hooks
-    from jumprelu.harvest.checks import EMPTY_EVAL_TEXTS, check_eval_sizes
+    from jumprelu.harvest.checks import EMPTY_EVAL_TEXTS, check_eval_sizes, check_model_files
 
     # before the stored rows' evaluation and the LM's import: a training config's missing `eval` was an
     # AttributeError traceback after both, an empty eval.texts one line after both
@@ -108,6 +108,7 @@ def check_lm_site(config: dict, lm_cfg) -> None:
         _check_site(trained, lm_cfg)
     if not lm_cfg.eval.get("texts"):
         raise UserError(EMPTY_EVAL_TEXTS)
+    check_model_files(lm_cfg)  # before the stored rows' evaluation, not after it and gemma's import
 
 
 def _check_site(trained: dict, lm_cfg) -> None:

@@ -7,10 +7,25 @@ from __future__ import annotations
 import os
 
 
+def check_model_files(cfg) -> None:
+    """The checkpoint and tokenizer fields name what is there (a local path), before gemma is
+    imported: its TensorFlow start-up lines came before these errors, seconds later."""
+    from jumprelu.errors import DataError
+
+    for field in ("checkpoint", "tokenizer"):
+        if not cfg[field]:
+            raise DataError(f"config field {field} is empty: set --config.{field}=PATH")
+    if "://" not in cfg.checkpoint and not os.path.isdir(cfg.checkpoint):
+        raise DataError(f"checkpoint {cfg.checkpoint}: no such directory (expected a Gemma orbax checkpoint)")
+    if not os.path.isfile(cfg.tokenizer):
+        raise DataError(f"tokenizer {cfg.tokenizer}: no such file (expected a sentencepiece .model)")
+
+
 def check_before_loading(cfg) -> None:
     """What would otherwise fail only after the model loaded, with the stores' in-progress records
     already naming the bad values (so a corrected rerun would be refused): every text file, the
-    first document of each JSONL (its `text_field`), seq_len, shard_rows and shuffle_seed."""
+    first document of each JSONL (its `text_field`), seq_len, shard_rows, shuffle_seed, and the
+    model's files."""
     from jumprelu.errors import DataError
     from jumprelu.harvest import text as text_lib
 
@@ -31,6 +46,7 @@ def check_before_loading(cfg) -> None:
     # <= 0 would make the whole corpus one batch, or stop at once with a misleading "store full"
     require_positive_int(cfg.batch_sequences, "batch_sequences")
     require_positive_int(cfg.get("max_tokens"), "max_tokens", optional=True)
+    check_model_files(cfg)  # last: what the texts' and sizes' checks say comes first
 
 
 EMPTY_EVAL_TEXTS = "config field eval.texts is empty: set --lm.eval.texts='(\"heldout.jsonl\",)'"

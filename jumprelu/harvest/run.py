@@ -175,7 +175,6 @@ def harvest(cfg) -> dict:
 
     from jumprelu.errors import DataError
     from jumprelu.harvest import collect as collect_lib
-    from jumprelu.harvest import gemma_model
     from jumprelu.harvest import text as text_lib
     from jumprelu.store import StoreWriter
     from jumprelu.store import format as store_format
@@ -190,6 +189,9 @@ def harvest(cfg) -> dict:
     if len(complete) == len(paths):
         listed = paths[0] if len(paths) == 1 else f"{len(paths)} stores ({', '.join(paths)})"
         raise DataError(f"store {listed} already complete ({store_format.METADATA} exists); write to a new directory")
+    # after the checks: importing gemma starts TensorFlow, whose start-up lines came before their errors
+    from jumprelu.harvest import gemma_model
+
     process, processes = start_processes(cfg)
     part = dict(part=process, parts=processes) if processes > 1 else {}
     lm = load_lm(cfg, pairs)
