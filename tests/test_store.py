@@ -749,6 +749,17 @@ def test_rows_with_no_scale_say_why_not_resume(tmp_path, value, why):
     bad, good = tmp_path / "bad.npy", tmp_path / "good.npy"
     np.save(bad, np.full((60, 8), value, np.float32))
     np.save(good, np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32))
+    from jumprelu.store.commit import commit_parts
+
+    for part in range(2):  # a multi-process write (a pod's harvest) ends the same way at its commit
+        writer = StoreWriter(str(tmp_path / "p"), d_model=8, shard_rows=40, part=part, parts=2)
+        writer.append(np.full((60, 8), value, np.float32))
+        writer.close()
+    with pytest.raises(
+        DataError, match=f"cannot compute the scale C: {why.replace('60', '120')}.*; the shards written"
+    ):
+        commit_parts(str(tmp_path / "p"), 2)
+    assert list((tmp_path / "p").iterdir()) == []
     cmd = [sys.executable, "-m", "jumprelu", "store", "convert"]
     cli = subprocess.run([*cmd, str(bad), str(tmp_path / "c")], cwd=ROOT, capture_output=True, text=True)
     assert cli.returncode == 2 and cli.stderr.count("\n") == 1 and "cannot compute the scale C" in cli.stderr

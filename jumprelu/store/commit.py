@@ -106,6 +106,11 @@ def commit_parts(path: str, parts: int) -> dict:
     shards = [s for record in records for s in record["shards"]]
     if not shards:
         raise DataError(f"store {path}: no rows were written")
+    if (error := unscalable(path, shards)) is not None:  # as one writer's close: no part could ever commit
+        for name in [s["file"] for s in shards] + expected:
+            if os.path.exists(os.path.join(path, name)):
+                os.remove(os.path.join(path, name))
+        raise DataError(f"{error}; the shards written are removed")
     header = records[0]["header"]
     row_bytes = header["d_model"] * fmt.file_dtype(header["dtype"]).itemsize
     # how many processes wrote it: which sequences each part holds (jumprelu/harvest/contexts.py)
