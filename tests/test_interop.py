@@ -1121,6 +1121,14 @@ def full(fd):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 if how == "forbidden":
     os.open, builtins.open = os_open, open_
+elif how == "unreadable":  # eval.json holds an earlier delta LM loss, and reading it fails
+    from jumprelu import fs
+    real_read = fs.read_text
+    def read_text(path):
+        if path.endswith("eval.json"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return real_read(path)
+    fs.read_text = read_text
 else:  # the disk fills while it evaluates: the first write of the report fails
     os.fsync = full
 from jumprelu.cli import main
@@ -1154,6 +1162,26 @@ def test_evaluate_says_it_cannot_write_its_report_before_evaluating_and_a_late_f
     assert last.startswith(f"jumprelu: error: {run / 'firing_frequency.png'}: No space left on device; free some")
     assert json.loads(cli.stdout[cli.stdout.index("{") :])["stored"]["fvu"] > 0  # printed whole before the write
     assert sorted(p.name for p in run.iterdir()) == before  # no temporary left behind
+    # found by the review of this change: an eval.json it could not read (holding a delta LM loss that
+    # took hours) was replaced by one without it; now it is left as it was, after the metrics
+    kept = json.dumps({"step": 40, "lm": {"delta_lm_loss": 0.1}})
+    (run / "eval.json").write_text(kept)
+    cli = subprocess.run(
+        [sys.executable, "-c", _UNWRITABLE, str(run), "unreadable"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert cli.returncode != 0 and '"fvu"' in cli.stdout and (run / "eval.json").read_text() == kept, cli.stderr
+    # and a file given as the workdir is named as one, not a NotADirectoryError from the write check
+    export = subprocess.run(
+        [sys.executable, "-m", "jumprelu", "export", str(run), str(tmp_path / "p.npz")], cwd=ROOT, capture_output=True
+    )
+    assert export.returncode == 0
+    cli = subprocess.run(
+        [sys.executable, "-m", "jumprelu", "evaluate", "--workdir", str(tmp_path / "p.npz")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2 and cli.stderr.count("\n") == 1 and "needs a training workdir" in cli.stderr, cli.stderr
 
 
 def test_a_workdir_that_is_not_there_is_called_so(tmp_path):

@@ -318,6 +318,17 @@ def test_a_broken_experiment_file_is_one_line_in_sweep(tmp_path, name, text, mes
     assert re.search(message, cli.stderr), cli.stderr
 
 
+def test_a_one_run_experiment_with_helpers_and_a_generator_sweep_still_expand(tmp_path):
+    """The review of the check above: a helper named like get_sweep (get_steps, get_site) was
+    taken for a misspelt get_sweep, and a get_sweep yielding its dicts was refused."""
+    helpers = tmp_path / "helpers.py"
+    helpers.write_text(_BASE + "def get_steps(arg=None):\n    return 20\ndef get_site(arg=None):\n    return 1\n")
+    assert [r.name for r in experiment.expand(experiment.load(str(helpers)))] == ["run"]
+    gen = tmp_path / "gen.py"
+    gen.write_text(_BASE + "def get_sweep(arg=None):\n    return ({'sae.width': w} for w in (64, 128))\n")
+    assert [r.name for r in experiment.expand(experiment.load(str(gen)))] == ["width=64", "width=128"]
+
+
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     """Found by an audit: Ctrl-C while the modules imported was a traceback, and while XLA compiled
     the step the interpreter's teardown segfaulted (exit 139)."""

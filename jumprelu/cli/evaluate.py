@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 from jumprelu.cli import common
 
@@ -162,12 +163,14 @@ def run(argv: list[str]) -> int:
         try:
             workdir, member = resolve(workdir_flag.value, member_flag.value)
             out_dir = workdir if member is None else member_dir(workdir, member)
-            if fs.exists(out_dir):  # (one that is not there is named by the load below)
-                fs.check_writable(out_dir)  # eval.json goes here: a folder it cannot write is said now, not after hours
             if lm_flag.value is not None:  # several hosts: started before anything touches a device
                 from jumprelu.harvest.run import start_processes
 
                 lead = start_processes(lm_flag.value)[0] == 0
+            # eval.json goes here (process 0's): a folder it cannot write is said now, not after hours; a
+            # path that is not a folder is named by the load below
+            if lead and not fs.is_remote(out_dir) and os.path.isdir(out_dir):
+                fs.check_writable(out_dir)
             sae, result, freq = evaluate_workdir(
                 workdir, member, rows_flag.value, lm_flag.value, store=store_flag.value
             )
@@ -193,8 +196,9 @@ def run(argv: list[str]) -> int:
         )
         try:
             earlier = earlier_lm(out_dir, sae.step)
-        except OSError:
-            earlier = None  # unreadable or unkept: the write below says what is wrong, after the metrics
+        except OSError as e:  # eval.json unreadable, or its earlier delta LM loss not kept: left as it is
+            print(json.dumps(result, indent=2))  # the metrics are not lost
+            return _unwritable(e)
         if "lm" not in result and earlier is not None:
             result["lm"] = earlier
             print(f"kept the delta LM loss of step {sae.step} from the earlier --lm evaluation")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import importlib.machinery
 import importlib.util
 import math
@@ -251,14 +250,18 @@ def sweep_overrides(module, arg: str | None, name: str) -> list[dict[str, Any]]:
     traceback or "0 runs"; without get_sweep, the one base run, unless a near-miss name
     (get_sweeps) says the sweep was meant and would silently have been one run."""
     if not hasattr(module, "get_sweep"):
-        near = difflib.get_close_matches("get_sweep", [n for n in vars(module) if callable(getattr(module, n))])
+        # functions of the file's own whose name says sweep (get_sweeps, getsweep), not its other helpers
+        own = [n for n, f in vars(module).items() if callable(f) and getattr(f, "__module__", None) == module.__name__]
+        near = [n for n in own if "sweep" in n.lower() and n.lower().lstrip("_").startswith(("get", "sweep"))]
         if near:
             raise ConfigError(f"{name} has {near[0]}() but no get_sweep(arg): rename it to sweep its runs")
         return [{}]
     with user_code(f"{name}: get_sweep"):
         sweep = module.get_sweep(arg)
-    if not isinstance(sweep, (list, tuple)) or not all(isinstance(o, dict) for o in sweep):
-        found = type(sweep).__name__ if not isinstance(sweep, (list, tuple)) else "a list holding other than dicts"
+        if not isinstance(sweep, (dict, str, bytes)) and hasattr(sweep, "__iter__"):
+            sweep = list(sweep)  # a tuple or a generator of dicts is a list of runs too
+    if not isinstance(sweep, list) or not all(isinstance(o, dict) for o in sweep):
+        found = type(sweep).__name__ if not isinstance(sweep, list) else "a list holding other than dicts"
         raise ConfigError(
             f"{name}: get_sweep must return a list of override dicts ([{{'sae.width': 4096}}, ...]), found {found}"
         )
