@@ -1196,3 +1196,19 @@ def test_a_workdir_that_is_not_there_is_called_so(tmp_path):
         cli = subprocess.run([sys.executable, "-m", "jumprelu", *cmd], cwd=tmp_path, capture_output=True, text=True)
         want = f"jumprelu: error: {gone}: no such directory; expected a jumprelu training workdir"
         assert cli.returncode == 2 and cli.stderr.strip().splitlines()[-1] == want, (cmd, cli.stderr)
+
+
+def test_evaluate_lm_names_a_missing_checkpoint_before_evaluating(trained, tmp_path):
+    """A missing LM checkpoint was found after the stored rows' evaluation and gemma's import (its
+    TensorFlow start-up lines before the error)."""
+    (tmp_path / "heldout.txt").write_text("Some held-out text.\n")
+    cmd = [sys.executable, "-m", "jumprelu", "evaluate", "--workdir", str(trained), "--lm", "harvest/gemma2:layer=1"]
+    cmd += [f"--lm.checkpoint={tmp_path / 'nope'}", f"--lm.tokenizer={tmp_path / 'tok.model'}"]
+    cmd += [f"--lm.eval.texts=('{tmp_path / 'heldout.txt'}',)"]
+    cli = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert (
+        cli.returncode == 2
+        and cli.stderr
+        == f"jumprelu: error: checkpoint {tmp_path / 'nope'}: no such directory (expected a Gemma orbax checkpoint)\n"
+    ), cli.stderr
+    assert '"fvu"' not in cli.stdout

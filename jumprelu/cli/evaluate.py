@@ -51,7 +51,10 @@ def evaluate_workdir(
     sae = load(workdir, step=step, member=member)
     require_workdir(sae, workdir, command)
     if lm_cfg is not None:
+        from jumprelu.harvest.checks import check_model_files
+
         check_lm_site(sae.config, lm_cfg)
+        check_model_files(lm_cfg)  # before the stored rows' evaluation, not after it and gemma's import
     cfg = ml_collections.ConfigDict(sae.config)
     cfg.data.source = data_lib.run_source(sae.config, store, command)  # the recorded absolute path
     trained_split = cfg.data.eval_rows
@@ -93,7 +96,7 @@ def check_lm_site(config: dict, lm_cfg) -> None:
     own pair. Models compare by size, so a base model's SAE may be scored on its -it model."""
     from jumprelu.errors import UserError
     from jumprelu.export import hooks
-    from jumprelu.harvest.checks import EMPTY_EVAL_TEXTS, check_eval_sizes, check_model_files
+    from jumprelu.harvest.checks import EMPTY_EVAL_TEXTS, check_eval_sizes
 
     # before the stored rows' evaluation and the LM's import: a training config's missing `eval` was an
     # AttributeError traceback after both, an empty eval.texts one line after both
@@ -109,7 +112,6 @@ def check_lm_site(config: dict, lm_cfg) -> None:
         _check_site(trained, lm_cfg)
     if not lm_cfg.eval.get("texts"):
         raise UserError(EMPTY_EVAL_TEXTS)
-    check_model_files(lm_cfg)  # before the stored rows' evaluation, not after it and gemma's import
 
 
 def _check_site(trained: dict, lm_cfg) -> None:
