@@ -323,6 +323,26 @@ def test_a_store_or_a_runs_checkpoints_folder_is_refused_as_a_workdir(tmp_path, 
     assert (tmp_path / "report.json").exists()
 
 
+def test_a_finished_run_given_other_settings_is_refused_and_a_resumed_one_names_them(tmp_path, tiny_config, caplog):
+    """Found by an audit: rerunning `train` into a finished workdir with another λ or lr trained
+    nothing, printed the old SAE's results as the new settings' and rewrote config.json to claim them."""
+    wd = tmp_path / "run"
+    tiny_config.train.steps = 5
+    train(tiny_config, str(wd))
+    config_before = (wd / "config.json").read_text()
+    assert train(tiny_config, str(wd))["steps"] == 5  # the same settings: a no-op rerun, as before
+    tiny_config.sae.sparsity_coefficient *= 10
+    with pytest.raises(
+        ConfigError, match=r"checkpoints/5 is this run's last step \(train.steps=5\), trained with other "
+    ):
+        train(tiny_config, str(wd))
+    assert (wd / "config.json").read_text() == config_before
+    tiny_config.train.steps = 10  # training on with them: said, then done
+    with caplog.at_level("WARNING", logger="jumprelu"):
+        assert train(tiny_config, str(wd))["steps"] == 10
+    assert "with changed settings, applied from this step on: sae.sparsity_coefficient" in caplog.text
+
+
 def test_torn_metrics_line_resumes(tmp_path, tiny_config, caplog):
     """Item 5: half a JSON line at the end of metrics.jsonl (a full disk) no longer blocks the resume."""
     wd = tmp_path / "run"

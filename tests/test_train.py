@@ -112,8 +112,11 @@ def test_load_reproduces_training_time_reconstruction(tmp_path, tiny_config):
     np.testing.assert_allclose(sae(x), out["x_hat"] * scale, rtol=1e-4, atol=1e-4 * float(scale))
     np.testing.assert_allclose(sae.encode(x), out["f"] * scale, rtol=1e-4, atol=1e-4 * float(scale))
     np.testing.assert_allclose(sae.decode(sae.encode(x)), sae(x))
-    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such directory; expected a jumprelu training workdir"):
         jumprelu.load(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no checkpoints/ directory"):
+        jumprelu.load(str(tmp_path / "empty"))
 
 
 @pytest.mark.parametrize(

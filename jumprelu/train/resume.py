@@ -182,7 +182,42 @@ def check_latest_config(ckpt: Checkpointer, cfg) -> None:
                 f"{ckpt.directory}/{step} is past it: resume with train.steps >= {step}, or use a new workdir"
             )
         _check_hand_over(saved, cfg, step, ckpt.directory)
+        _check_changes(saved, cfg, step, ckpt.directory)
         return
+
+
+# what a resume may change (lr, λ, warm-ups...) but should say it changed; train.steps is how a run is extended
+CHANGEABLE_SECTIONS = ("sae", "train")
+
+
+def _leaves(d, prefix: str = ""):
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", json.loads(json.dumps(v))
+
+
+def _check_changes(saved: dict, cfg, step: int, directory: str) -> None:
+    """A finished run given other settings would train nothing and report the old SAE as theirs
+    (and config.json would claim them): refused. A run resumed part-way with other settings (a lower
+    lr after a divergence) goes on, saying which fields changed."""
+    now = cfg.to_dict()
+    was = {k: v for section in CHANGEABLE_SECTIONS for k, v in _leaves(saved.get(section), f"{section}.")}
+    is_ = {k: v for section in CHANGEABLE_SECTIONS for k, v in _leaves(now.get(section), f"{section}.")}
+    changed = [k for k in sorted(was.keys() | is_.keys()) if k != "train.steps" and was.get(k) != is_.get(k)]
+    if not changed:
+        return
+    listed = ", ".join(f"{k} {was.get(k)!r} -> {is_.get(k)!r}" for k in changed[:4]) + (
+        f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+    )
+    if step >= cfg.train.steps:
+        raise ConfigError(
+            f"the workdir's checkpoint {directory}/{step} is this run's last step (train.steps={cfg.train.steps}), "
+            f"trained with other settings ({listed}): nothing would train with them; use a new --workdir, or a "
+            "larger train.steps to go on training with them"
+        )
+    log.warning("resuming from %s/%d with changed settings, applied from this step on: %s", directory, step, listed)
 
 
 def _check_hand_over(saved: dict, cfg, step: int, directory: str) -> None:
