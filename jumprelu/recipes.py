@@ -55,7 +55,8 @@ RECIPES = {
 RECIPES["long"] = {**RECIPES["short"], "train.lr": 5e-3, "train.lr_decay_fraction": 0.4}
 # the smallest budget "long" was measured better at (README "Recipes"); below it, "short": at 2M
 # (seed 1, both recipes side by side) "long" tied (FVU +0.2% at target 100, −0.1% at 20) but left
-# 4.1% of the latents dead at target 20 against 1.7%; 2M-8M is unmeasured
+# 4.1% of the latents dead at target 20 against 1.7%; at 4M, target 20, it lost (FVU +0.4%, 2.5%
+# dead against 1.6%); 4M-8M is unmeasured
 LONG_RECIPE_TOKENS = 8_000_000
 
 
