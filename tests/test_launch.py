@@ -409,6 +409,39 @@ def test_sigterm_to_the_sweep_driver_stops_its_run_with_a_checkpoint(tmp_path):
     assert any(name.isdigit() and int(name) > 0 for name in checkpoints), checkpoints
 
 
+def test_a_damaged_report_or_summary_does_not_stop_the_sweep_summary(tmp_path):
+    """Found by an audit: a report.json cut short, `[]`, `{}`, a non-number L0, a folder or non-UTF-8
+    bytes, and a damaged sweep_summary.csv, each failed `sweep --summary` (and `--local` at its end)
+    with a traceback; the damaged run was also skipped as finished."""
+    root = tmp_path / "sweep"
+    runs = experiment.expand(experiment.load("quickstart"), "runlocal")
+    good = {"tokens": 5120, "eval": {"l0": 3.0, "fvu": 0.5, "dead_fraction": 0.0, "dense_fraction": 0.0}}
+    damaged = ['{"tokens": 51', "[]", "{}"]
+    for run, text in zip(runs, [json.dumps(good), *damaged], strict=True):
+        (root / run.name).mkdir(parents=True)
+        (root / run.name / "report.json").write_text(text)
+    (root / "sweep_summary.csv").write_bytes(b"run,kind,status,l0\nold,jumprelu,finished,x\n\xff\xfe")
+    cli = _sweep("quickstart:runlocal", "--summary", "--root", str(root))
+    assert cli.returncode == 0 and "Traceback" not in cli.stderr, cli.stderr
+    assert "sweep_summary.csv is not readable" in cli.stderr
+    with open(root / "sweep_summary.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert rows[runs[0].name]["status"] == "finished" and float(rows[runs[0].name]["fvu"]) == 0.5
+    assert [rows[r.name]["status"] for r in runs[1:]] == ["bad report"] * 3
+    for text in ('{"tokens": 5120, "eval": {"l0": "x"}}', b"\xff\xfe"):  # a cell, then the bytes, damaged
+        (root / runs[1].name / "report.json").unlink()
+        if isinstance(text, bytes):
+            (root / runs[1].name / "report.json").write_bytes(text)
+        else:
+            (root / runs[1].name / "report.json").write_text(text)
+        cli = _sweep("quickstart:runlocal", "--summary", "--root", str(root))
+        assert cli.returncode == 0 and "Traceback" not in cli.stderr, cli.stderr
+    (root / runs[1].name / "report.json").unlink()
+    (root / runs[1].name / "report.json").mkdir()
+    cli = _sweep("quickstart:runlocal", "--dry_run", "--root", str(root))
+    assert cli.returncode == 0 and cli.stdout.count("bad report") == 3, cli.stdout
+
+
 def test_sweeps_sharing_a_root_share_its_summary(tmp_path):
     """A second sweep (another argument) into the same ROOT keeps the first's rows (they were
     overwritten); a sweep's own rows replace its earlier ones; a plot of fewer than 2 points goes."""

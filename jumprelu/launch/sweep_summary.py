@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 
 from jumprelu import fs
 from jumprelu.launch import experiment as experiments
@@ -28,8 +29,24 @@ def status(workdir: str, config=None) -> str:
     ):
         return "other config"
     if fs.exists(fs.join(workdir, "report.json")):
-        return "finished"
+        # a damaged report (a hand edit, a copy cut short) is rewritten by training again: the run
+        # resumes at its last step and writes the report
+        return "finished" if read_report(workdir) is not None else "bad report"
     return "interrupted" if started else "new"
+
+
+def read_report(workdir: str) -> dict | None:
+    """The run's report.json, or None where it is missing or not a report (unreadable, not JSON,
+    without its tokens): the summary then says so instead of failing on it."""
+    try:
+        report = json.loads(fs.read_text(fs.join(workdir, "report.json")))
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
+    members = report.get("members") if isinstance(report, dict) else None
+    entries = members if isinstance(members, list) else [report]
+    ok = all(isinstance(m, dict) and isinstance(m.get("tokens"), int) for m in entries)
+    ok = ok and all(isinstance(m.get("eval") or {}, dict) for m in entries)
+    return report if ok and (members is None or all(isinstance(m.get("member"), int) for m in members)) else None
 
 
 def config_changes(workdir: str, config) -> list[str]:
@@ -65,7 +82,7 @@ def summary_rows(runs: list[experiments.Run], root: str) -> list[dict]:
         if base["status"] != "finished":
             rows.append(base)
             continue
-        report = json.loads(fs.read_text(fs.join(workdir, "report.json")))
+        report = read_report(workdir)
         stacked = "members" in report
         for member in report["members"] if stacked else [report]:
             e = member.get("eval") or {}
@@ -73,7 +90,7 @@ def summary_rows(runs: list[experiments.Run], root: str) -> list[dict]:
             if stacked:
                 name = f"{run.name}/{member_item(member['member'])}"
                 row.update(run=name, sparsity_coefficient=member["sparsity_coefficient"])
-            row.update({k: e[k] for k in ("l0", "fvu", "dead_fraction", "dense_fraction") if k in e})
+            row.update({k: e[k] for k in ("l0", "fvu", "dead_fraction", "dense_fraction") if _number(e.get(k))})
             rows.append(row)
     return rows
 
@@ -85,8 +102,26 @@ def _with_other_sweeps(rows: list[dict], root: str) -> list[dict]:
     if not fs.exists(file):
         return rows
     mine = {r["run"].split("/")[0] for r in rows}  # a stacked member's row is RUN/sae-i
-    kept = [r for r in csv.DictReader(io.StringIO(fs.read_text(file))) if r.get("run", "").split("/")[0] not in mine]
-    return [{k: experiments.parse_value(v) for k, v in r.items() if k and v not in ("", None)} for r in kept] + rows
+    try:
+        earlier = list(csv.DictReader(io.StringIO(fs.read_text(file))))
+    except (OSError, ValueError, csv.Error) as e:  # derived from the runs: rebuilt, not failed on
+        print(f"jumprelu sweep: {file} is not readable ({e}); written anew from this sweep's runs", file=sys.stderr)
+        return rows
+    kept = []
+    for r in earlier:
+        r = {
+            k: experiments.parse_value(v) for k, v in r.items() if isinstance(k, str) and k and isinstance(v, str) and v
+        }
+        if all(isinstance(r.get(k), str) for k in ("run", "kind", "status")) and r["run"].split("/")[0] not in mine:
+            kept.append({k: v for k, v in r.items() if k not in METRICS or _number(v)})  # a damaged cell is dropped
+    return kept + rows
+
+
+METRICS = ("tokens", "l0", "fvu", "dead_fraction", "dense_fraction")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def write_summary(rows: list[dict], root: str) -> str:
