@@ -1212,3 +1212,18 @@ def test_evaluate_lm_names_a_missing_checkpoint_before_evaluating(trained, tmp_p
         == f"jumprelu: error: checkpoint {tmp_path / 'nope'}: no such directory (expected a Gemma orbax checkpoint)\n"
     ), cli.stderr
     assert '"fvu"' not in cli.stdout
+
+
+def test_a_damaged_report_is_measured_again_not_a_nameless_json_error(trained, tmp_path):
+    """Found by an audit: `export RUN out --format gemma-scope-2` with a report.json cut short said
+    only "jumprelu: error: Unterminated string starting at: line 4 column 3 (char 38)"."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for text in ('{"steps": 40, "eval": {"l0', "[]", '{"steps": 40, "eval": []}'):
+        (run / "report.json").write_text(text)
+        cli = _export(run, tmp_path / f"gs2-{len(text)}", "--format", "gemma-scope-2")
+        assert json.loads((tmp_path / f"gs2-{len(text)}" / "config.json").read_text())["l0"] > 0, cli.stdout
+        if text != '{"steps": 40, "eval": []}':  # (a report whose eval is not an object: none recorded)
+            assert f"{run / 'report.json'} is not readable" in cli.stderr, cli.stderr

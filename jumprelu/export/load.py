@@ -219,8 +219,23 @@ def report_of(path: str, member: int | None = None) -> dict:
     """The end-of-run report.json of a workdir's SAE (a stacked member's own), or {} if none was written."""
     workdir, member = resolve(path, member)
     directory = workdir if member is None else member_dir(workdir, member)
-    file = fs.join(directory, "report.json")
-    return json.loads(fs.read_text(file)) if fs.exists(file) else {}
+    return _recorded(fs.join(directory, "report.json"))
+
+
+def _recorded(file: str) -> dict:
+    """A report file's JSON object; {} (with a warning naming it) when it is missing or damaged:
+    what it recorded is then measured again, not failed on with a JSON error naming no file."""
+    if not fs.exists(file):
+        return {}
+    try:
+        recorded = json.loads(fs.read_text(file))
+    except (OSError, ValueError) as e:
+        recorded = e
+    if not isinstance(recorded, dict):
+        why = f"{recorded}" if isinstance(recorded, Exception) else f"a JSON {type(recorded).__name__}, not an object"
+        log.warning("%s is not readable (%s): its metrics are not used", file, why)
+        return {}
+    return recorded
 
 
 def recorded_eval(path: str, sae: SAE, member: int | None = None) -> dict:
@@ -229,15 +244,15 @@ def recorded_eval(path: str, sae: SAE, member: int | None = None) -> dict:
     a refit params.npz (its "after" metrics)."""
     if path.endswith(".npz"):
         file = fs.join(os.path.dirname(path) or ".", "refit.json")
-        if not fs.exists(file):
-            return {}
-        refit = json.loads(fs.read_text(file))
+        refit = _recorded(file)
         same = os.path.basename(str(refit.get("params", ""))) == os.path.basename(path)
-        return (refit.get("after") or {}) if same and refit.get("step") == sae.step else {}
+        after = refit.get("after")
+        return after if same and refit.get("step") == sae.step and isinstance(after, dict) else {}
     if _released_format(path) is not None:
         return {}
     report = report_of(path, member)
-    return (report.get("eval") or {}) if report.get("steps") == sae.step else {}
+    recorded = report.get("eval")
+    return recorded if report.get("steps") == sae.step and isinstance(recorded, dict) else {}
 
 
 def _released_format(path: str):
