@@ -329,6 +329,17 @@ def test_a_one_run_experiment_with_helpers_and_a_generator_sweep_still_expand(tm
     assert [r.name for r in experiment.expand(experiment.load(str(gen)))] == ["width=64", "width=128"]
 
 
+def test_config_given_twice_is_one_line(tmp_path):
+    """Found by an audit: `--config quickstart --config recipe:l0=20` trained the last one silently
+    (width 16,384 for 100,000 steps), and with an override added absl said "defined twice"."""
+    for extra in ([], ["--config.train.steps=5"]):
+        cmd = [sys.executable, "-m", "jumprelu", "train", "--config", "quickstart", "--config", "recipe:l0=20", *extra]
+        cli = subprocess.run([*cmd, "--workdir", str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 2 and cli.stderr.count("\n") == 1, cli.stderr
+        assert re.search(r"--config is given 2 times \(.*quickstart.py, .*recipe.py:l0=20\); give one", cli.stderr)
+    assert not (tmp_path / "w").exists()
+
+
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     """Found by an audit: Ctrl-C while the modules imported was a traceback, and while XLA compiled
     the step the interpreter's teardown segfaulted (exit 139)."""

@@ -102,6 +102,10 @@ def resolve_config_flags(argv: list[str], flags: tuple[str, ...] = ("config",)) 
                 a = f"--{flag}={path}" + (f":{arg}" if arg is not None else "")
         out.append(a)
         i += 1
+    for flag in flags:  # absl keeps the last silently, or fails on an override as "defined twice"
+        given = [a.split("=", 1)[1] for a in out if a.startswith(f"--{flag}=")]
+        if len(given) > 1:
+            raise ValueError(f"--{flag} is given {len(given)} times ({', '.join(given)}); give one experiment")
     return out
 
 
