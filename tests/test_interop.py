@@ -1227,3 +1227,24 @@ def test_a_damaged_report_is_measured_again_not_a_nameless_json_error(trained, t
         assert json.loads((tmp_path / f"gs2-{len(text)}" / "config.json").read_text())["l0"] > 0, cli.stdout
         if text != '{"steps": 40, "eval": []}':  # (a report whose eval is not an object: none recorded)
             assert f"{run / 'report.json'} is not readable" in cli.stderr, cli.stderr
+
+
+def test_a_loaded_sae_follows_its_inputs_device_and_names_a_wrong_shape(trained):
+    """Found by an audit: `jumprelu.load(workdir)` committed the SAE to cpu:0, so `sae(x)` of an x on
+    another device (a GPU, a sharded batch) was a device-mismatch error where the same SAE loaded
+    from its params.npz worked; and a wrong d_model was dot_general's "contracting dimensions"."""
+    sae = jumprelu.load(str(trained))
+    assert not sae.W_enc.committed
+    x = jax.device_put(np.ones((3, sae.d_model), np.float32), jax.devices()[1])
+    y = sae(x)
+    assert y.devices() == {jax.devices()[1]} and y.shape == (3, sae.d_model)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(sae(np.ones((3, sae.d_model), np.float32))), rtol=1e-6)
+    for method, shape, message in (
+        ("encode", (4, sae.d_model + 1), rf"SAE.encode: x has shape \[4, {sae.d_model + 1}\]; expected \[..., "),
+        ("decode", (4, sae.d_model), rf"SAE.decode: f has shape \[4, {sae.d_model}\]; expected \[..., {sae.width}\]"),
+        ("__call__", (sae.d_model, 2), r"SAE.encode: x has shape .*\(the SAE's d_model\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            getattr(sae, method)(np.ones(shape, np.float32))
+        with pytest.raises(ValueError, match=message):  # the same under jit
+            jax.jit(lambda s, a, m=method: getattr(s, m)(a))(sae, np.ones(shape, np.float32))

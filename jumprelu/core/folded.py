@@ -95,12 +95,15 @@ class SAE:
         return int(self.W_enc.shape[1])
 
     def pre_activations(self, x):
+        _check_last(x, self.d_model, "pre_activations", "x", "d_model")
         return jnp.asarray(x, jnp.float32) @ self.W_enc + self.b_enc
 
     def encode(self, x):
+        _check_last(x, self.d_model, "encode", "x", "d_model")
         return encode(self.W_enc, self.b_enc, self.threshold, x, self.k)
 
     def decode(self, f):
+        _check_last(f, self.width, "decode", "f", "width")
         return decode(self.W_dec, self.b_dec, f)
 
     def __call__(self, x):
@@ -111,6 +114,13 @@ class SAE:
 
     def params(self) -> dict[str, np.ndarray]:
         return {k: np.asarray(getattr(self, k)) for k in FOLDED_KEYS}
+
+
+def _check_last(a, n: int, method: str, name: str, what: str) -> None:
+    """A wrong last dimension named in the SAE's terms (it was dot_general's "contracting dimensions")."""
+    shape = tuple(jnp.shape(a))  # static, under jit too
+    if not shape or shape[-1] != n:
+        raise ValueError(f"SAE.{method}: {name} has shape {list(shape)}; expected [..., {n}] (the SAE's {what})")
 
 
 _ARRAYS = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec", "affine_skip")

@@ -12,6 +12,7 @@ import zipfile
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jumprelu import fs
 from jumprelu.core import kinds
@@ -172,6 +173,10 @@ def _load_step(ckpt: Checkpointer, path: str, step: int, member: int | None) -> 
     if not bool(guard.all_finite((params, scale, stats))):
         raise CheckpointError(f"checkpoint {where} is damaged: it holds NaN or Inf")
     folded = fold(kind.export(params, stats), scale, cfg.sae.pre_encoder_bias)
+    # uncommitted, as the file loaders' arrays: on the CPU until used with inputs on another device,
+    # which they then follow (committed to the CPU, sae(x) of an x on a GPU was a device-mismatch error)
+    with jax.default_device(_host_device()):
+        folded = {k: None if v is None else jnp.asarray(np.asarray(v)) for k, v in folded.items()}
     return SAE(**folded, scale=float(scale), step=int(step), config=config)
 
 
