@@ -12,6 +12,14 @@ from jumprelu.errors import ConfigError
 _OPEN_SECTIONS = ("data.lm",)
 
 
+def flat_fields(config: dict, prefix: str = "") -> dict:
+    """{"sae.width": 64, ...}: a (to_dict'ed or saved) config's leaves by their dotted names."""
+    out = {}
+    for key, value in config.items():
+        out.update(flat_fields(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
 def check_fields(have: dict, base: dict, prefix: str = "") -> None:
     """Every field of the base config is there, and no other: an experiment file's misspelt field
     (`c.sae.widht = 64`) was added and ignored, and `--config.sae={...}` (which replaces the whole

@@ -267,7 +267,7 @@ def sweep_overrides(module, arg: str | None, name: str) -> list[dict[str, Any]]:
         )
     if not sweep:
         raise ConfigError(f"{name}: get_sweep returned no runs (an empty list)")
-    return list(sweep)
+    return sweep
 
 
 def require_training(cfg, name: str) -> None:

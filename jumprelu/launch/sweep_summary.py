@@ -11,6 +11,7 @@ import json
 import sys
 
 from jumprelu import fs
+from jumprelu.config_shape import flat_fields
 from jumprelu.launch import experiment as experiments
 
 SUMMARY_CSV, SUMMARY_PNG = "sweep_summary.csv", "sweep_summary.png"
@@ -56,19 +57,12 @@ def config_changes(workdir: str, config) -> list[str]:
     if not fs.exists(file):
         return []
     try:
-        saved = _flat(json.loads(fs.read_text(file)))
+        saved = flat_fields(json.loads(fs.read_text(file)))
     except ValueError:
         return [f"{file}: not readable JSON"]
-    wanted = _flat(json.loads(json.dumps(config.to_dict())))
+    wanted = flat_fields(json.loads(json.dumps(config.to_dict())))
     keys = sorted(k for k in set(saved) | set(wanted) if wanted.get(k) is not None and saved.get(k) != wanted.get(k))
     return [f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in keys]
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def summary_rows(runs: list[experiments.Run], root: str) -> list[dict]:

@@ -7,6 +7,7 @@ last, atomically, and only from shards that are already fsynced and recorded.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import glob
 import json
@@ -37,17 +38,27 @@ def _scale(shards: list[dict]) -> tuple[float, str | None]:
 def unscalable(path: str, shards: list[dict]) -> DataError | None:
     """The error of a store whose rows give no scale C (all non-finite or zero): no reader could
     train on them, and a rerun would resume and end the same way."""
-    why = _scale(shards)[1]
+    return _unscalable_error(path, _scale(shards)[1])
+
+
+def _unscalable_error(path: str, why: str | None) -> DataError | None:
     if why is None:
         return None
     return DataError(f"store {path}: cannot compute the scale C: {why}; these activations cannot be trained on")
 
 
+def remove_files(path: str, names: list[str]) -> None:
+    """Removes what a write that can never complete made (shards, progress records), missing ones skipped."""
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, name))
+
+
 def build_metadata(path: str, header: dict, shards: list[dict], block_rows: int) -> dict:
     """metadata.json of a store whose complete shards are `shards` (C over all their finite rows)."""
-    if (error := unscalable(path, shards)) is not None:
-        raise error
-    scale = _scale(shards)[0]
+    scale, why = _scale(shards)
+    if why is not None:
+        raise _unscalable_error(path, why)
     return {
         "format": fmt.FORMAT,
         "format_version": fmt.FORMAT_VERSION,
@@ -107,9 +118,7 @@ def commit_parts(path: str, parts: int) -> dict:
     if not shards:
         raise DataError(f"store {path}: no rows were written")
     if (error := unscalable(path, shards)) is not None:  # as one writer's close: no part could ever commit
-        for name in [s["file"] for s in shards] + expected:
-            if os.path.exists(os.path.join(path, name)):
-                os.remove(os.path.join(path, name))
+        remove_files(path, [s["file"] for s in shards] + expected)
         raise DataError(f"{error}; the shards written are removed")
     header = records[0]["header"]
     row_bytes = header["d_model"] * fmt.file_dtype(header["dtype"]).itemsize

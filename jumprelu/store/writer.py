@@ -259,11 +259,7 @@ class StoreWriter:
     def _discard(self) -> None:
         """Removes every file this write made (its shards, progress record and lock), leaving the
         directory as a new write finds an empty one."""
-        for shard in self._shards:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(self.path, shard["file"]))
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(self.path, fmt.WRITING))
+        commit.remove_files(self.path, [s["file"] for s in self._shards] + [fmt.WRITING])
         self._shards = []
         self._lock.release(remove=True)
 

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from jumprelu.config import CONTROLLER_PARTS
+from jumprelu.config_shape import flat_fields
 from jumprelu.core.kinds.ownership import JUMPRELU_ONLY
 from jumprelu.errors import CheckpointError, ConfigError
 from jumprelu.train import distributed, guard
@@ -190,21 +191,15 @@ def check_latest_config(ckpt: Checkpointer, cfg) -> None:
 CHANGEABLE_SECTIONS = ("sae", "train")
 
 
-def _leaves(d, prefix: str = ""):
-    for k, v in (d or {}).items():
-        if isinstance(v, dict):
-            yield from _leaves(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", json.loads(json.dumps(v))
-
-
 def _check_changes(saved: dict, cfg, step: int, directory: str) -> None:
     """A finished run given other settings would train nothing and report the old SAE as theirs
     (and config.json would claim them): refused. A run resumed part-way with other settings (a lower
     lr after a divergence) goes on, saying which fields changed."""
-    now = cfg.to_dict()
-    was = {k: v for section in CHANGEABLE_SECTIONS for k, v in _leaves(saved.get(section), f"{section}.")}
-    is_ = {k: v for section in CHANGEABLE_SECTIONS for k, v in _leaves(now.get(section), f"{section}.")}
+
+    def fields(config: dict) -> dict:  # tuples and lists compare alike, as they are in the saved JSON
+        return flat_fields(json.loads(json.dumps({s: config.get(s) or {} for s in CHANGEABLE_SECTIONS})))
+
+    was, is_ = fields(saved), fields(cfg.to_dict())
     changed = [k for k in sorted(was.keys() | is_.keys()) if k != "train.steps" and was.get(k) != is_.get(k)]
     if not changed:
         return

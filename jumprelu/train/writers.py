@@ -33,6 +33,7 @@ import time
 import numpy as np
 
 from jumprelu import fs
+from jumprelu.config_shape import flat_fields
 from jumprelu.train import metrics_log
 from jumprelu.train.metrics_log import MetricsLog, read_metrics
 
@@ -96,15 +97,9 @@ class JsonlWriter(MetricWriter):
             self._log.close()
 
 
-def flat_hparams(config: dict, prefix: str = "") -> dict:
+def flat_hparams(config: dict) -> dict:
     """{"sae.width": 64, ...}: scalars as they are, anything else (tuples, None) as a string."""
-    out = {}
-    for k, v in config.items():
-        if isinstance(v, dict):
-            out.update(flat_hparams(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, bool | int | float | str) else str(v)
-    return out
+    return {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in flat_fields(config).items()}
 
 
 def _until_a_write_fails(method):
