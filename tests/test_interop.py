@@ -472,6 +472,9 @@ def test_export_output_mistakes_are_one_line_and_leave_nothing(trained, tmp_path
     with pytest.raises(UserError, match="sae-0: is a training workdir"):
         check_output(str(tmp_path / "sae-0"), "saelens")
     (tmp_path / "sae-0" / "member.json").unlink()
+    for fmt in ("gemma-scope", "saelens"):  # an audit: "-" (stdout to most tools) was written as a file "-"
+        with pytest.raises(UserError, match="OUT '-': export writes files, not to stdout"):
+            check_output("-", fmt)
     _export(trained, tmp_path / "new" / "p.npz")
     _export(trained, tmp_path / "new" / "p.npz")  # an earlier export is replaced, whatever its name
     _export(trained, tmp_path / "new" / "params")
@@ -1079,6 +1082,9 @@ def test_export_reads_a_moved_store_given_by_flag_and_names_a_checkpoints_unknow
     assert json.loads((tmp_path / "gs2" / "config.json").read_text())["l0"] > 0, cli.stdout
     cli = _export(run, tmp_path / "gs2b", "--format", "gemma-scope-2")
     assert "jumprelu export --store PATH" in cli.stdout and "jumprelu evaluate" not in cli.stdout, cli.stdout
+    for fmt in ("gemma-scope", "saelens"):  # an audit: --store was ignored silently by the weights-only formats
+        error = _export_error(run, tmp_path / "w", "--format", fmt, "--store", str(tmp_path / "moved"))
+        assert f"--store is read by --format gemma-scope-2 and neuronpedia, and by --hub; --format {fmt}" in error
     metadata = run / "checkpoints" / "20" / "config" / "metadata"
     metadata.write_text(metadata.read_text().replace('"kind": "jumprelu"', '"kind": "abstopk"'))
     error = _export_error(run, tmp_path / "x.npz")

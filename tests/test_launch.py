@@ -453,6 +453,23 @@ def test_a_damaged_report_or_summary_does_not_stop_the_sweep_summary(tmp_path):
     assert cli.returncode == 0 and cli.stdout.count("bad report") == 3, cli.stdout
 
 
+def test_a_runs_workdir_as_the_sweep_root_is_refused(tmp_path):
+    """An audit: `sweep --summary --root RUN` wrote sweep_summary.csv among a training run's files
+    (and `--local` would have made the sweep's workdirs inside it)."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"sae": {}, "train": {}}))
+    for mode in ("--summary", "--local"):
+        cli = _sweep("quickstart:runlocal", mode, "--root", str(run))
+        assert cli.returncode == 2 and cli.stderr == (
+            f"jumprelu: error: --root {run} is a training run's workdir; a sweep's root holds one workdir per "
+            "run (give the folder above it, or a new one)\n"
+        ), cli.stderr
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.json"]
+    cli = _sweep("quickstart:runlocal", "--dry_run", "--root", str(tmp_path))  # the folder above it is a root
+    assert cli.returncode == 0, cli.stderr
+
+
 def test_sweeps_sharing_a_root_share_its_summary(tmp_path):
     """A second sweep (another argument) into the same ROOT keeps the first's rows (they were
     overwritten); a sweep's own rows replace its earlier ones; a plot of fewer than 2 points goes."""

@@ -97,7 +97,7 @@ def test_resume_continues_exactly(tmp_path, tiny_config):
     assert straight["eval"] == resumed["eval"]
 
 
-def test_load_reproduces_training_time_reconstruction(tmp_path, tiny_config):
+def test_load_reproduces_training_time_reconstruction(tmp_path, tiny_config, monkeypatch):
     wd = str(tmp_path / "run")
     train(tiny_config, wd)
     sae = jumprelu.load(wd)
@@ -112,6 +112,9 @@ def test_load_reproduces_training_time_reconstruction(tmp_path, tiny_config):
     np.testing.assert_allclose(sae(x), out["x_hat"] * scale, rtol=1e-4, atol=1e-4 * float(scale))
     np.testing.assert_allclose(sae.encode(x), out["f"] * scale, rtol=1e-4, atol=1e-4 * float(scale))
     np.testing.assert_allclose(sae.decode(sae.encode(x)), sae(x))
+    # "~" is the home directory, as in a shell (an audit: it was looked up as a folder named "~")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert jumprelu.load("~/run").step == 40
     with pytest.raises(FileNotFoundError, match="nowhere: no such directory; expected a jumprelu training workdir"):
         jumprelu.load(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()

@@ -42,6 +42,8 @@ def check_output(path: str, fmt: str, hub: bool = False) -> None:
     from jumprelu import fs
     from jumprelu.errors import UserError
 
+    if path.strip() in ("", "-"):  # "-" is stdout to most tools: it was written as a file named "-"
+        raise UserError(f"OUT {path!r}: export writes files, not to stdout; give a file or directory path")
     if fmt not in FILE_FORMATS and _is_training_dir(path):  # its config.json would be replaced
         raise UserError(f"{path}: is a training workdir; --format {fmt} writes its files into another directory")
     name = os.path.basename(path.rstrip("/"))
@@ -133,6 +135,11 @@ def run(argv: list[str]) -> int:
     try:
         if args.hub and fmt != "saelens":
             raise UserError(f"--hub pushes a SAELens directory; --format {fmt} cannot be pushed")
+        if args.store and fmt in ("gemma-scope", "saelens") and not args.hub:  # it was ignored silently
+            raise UserError(
+                f"--store is read by --format gemma-scope-2 and neuronpedia, and by --hub; --format {fmt} "
+                "writes the weights alone"
+            )
         check_output(args.output, fmt, hub=bool(args.hub))
         if args.hub:
             hub.require_client()  # before OUT is written: no model card left behind for a push that cannot happen

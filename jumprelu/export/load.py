@@ -41,6 +41,8 @@ def load(path: str | os.PathLike, step: int | None = None, member: int | None = 
     `CheckpointError`.
     """
     path = os.fspath(path)
+    if "://" not in path:  # as a shell would: load("~/runs/x") is the researcher's home
+        path = os.path.expanduser(path)
     step, member = _index(step, "step"), _index(member, "member")
     released = _released_format(path)
     if released is not None:

@@ -33,6 +33,7 @@ from jumprelu import errors, fs
 from jumprelu.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, PREFIX, ConfigError
 from jumprelu.launch import experiment as experiments
 from jumprelu.launch.sweep_summary import SUMMARY_CSV, config_changes, status, summary_rows, write_summary
+from jumprelu.train.workdir import is_run_workdir
 
 
 def default_root(experiment: str, arg: str | None) -> str:
@@ -170,6 +171,13 @@ def main(argv: list[str]) -> int:
     root = fs.abspath(root)
     if not fs.is_remote(root) and os.path.exists(root) and not os.path.isdir(root):
         print(f"{PREFIX} --root {root} is a file; expected a directory for the runs' workdirs", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if is_run_workdir(root):  # the summary (and with --local the runs' folders) would land among its files
+        print(
+            f"{PREFIX} --root {root} is a training run's workdir; a sweep's root holds one workdir per run "
+            "(give the folder above it, or a new one)",
+            file=sys.stderr,
+        )
         return EXIT_USER_ERROR
     if args.summary and not fs.exists(root):  # was made, with a summary of every run "new"
         print(f"{PREFIX} --root {root}: no such directory, so no run of this sweep to summarise", file=sys.stderr)

@@ -48,6 +48,13 @@ def refuse_foreign_workdir(workdir: str) -> None:
         )
 
 
+def is_run_workdir(path: str) -> bool:
+    """Whether local `path` is a run's workdir: its checkpoints beside a run's config.json or lock."""
+    if fs.is_remote(path) or not os.path.isdir(os.path.join(path, CHECKPOINTS)):
+        return False
+    return _is_run_config(path) or os.path.exists(os.path.join(path, lock.LOCK_FILE))
+
+
 def _refuse_inside_checkpoints(workdir: str) -> None:
     """RUN/checkpoints (or a step folder in it): the second run's checkpoints would sit among the
     first's, where orbax takes them for steps of its own."""
