@@ -145,6 +145,16 @@ def _check(ok: bool, field: str, expected: str, found) -> None:
 CONTROLLER_PARTS = ("batchtopk_fraction", "target_l0_held_out_rows")
 
 
+def check_overrides(c: ml_collections.ConfigDict, fields) -> None:
+    """Overrides (`--config.F=...`, a sweep's keys) of fields the run then ignores: refused, where
+    the run would otherwise train without them and report as if it had."""
+    if c.stack.sparsity_coefficients and "sae.sparsity_coefficient" in fields:
+        raise ConfigError(
+            "config field sae.sparsity_coefficient is not used by a stacked run: stack.sparsity_coefficients "
+            f"{tuple(c.stack.sparsity_coefficients)} gives each SAE's λ; override that instead"
+        )
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ConfigError on the first field that cannot work."""
     config_shape.check_fields(c.to_dict(), base_config().to_dict())
@@ -200,7 +210,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(d.block_bytes > 0, "data.block_bytes", "> 0", d.block_bytes)
     _check(d.read_threads >= 0, "data.read_threads", ">= 0", d.read_threads)
     _check(d.prefetch_batches >= 0, "data.prefetch_batches", ">= 0", d.prefetch_batches)
-    _check(d.eval_rows >= 0, "data.eval_rows", ">= 0", d.eval_rows)
+    # FVU divides by the rows' spread around their mean: one row has none (its FVU was ~1e30)
+    _check(d.eval_rows == 0 or d.eval_rows >= 2, "data.eval_rows", "0 (no held-out report) or >= 2", d.eval_rows)
     held = s.get("target_l0_held_out_rows", 0)
     if s.kind == "jumprelu" and held and isinstance(held, int) and s.get("target_l0") is not None:
         _check(d.eval_rows >= held, "data.eval_rows", f">= sae.target_l0_held_out_rows ({held})", d.eval_rows)

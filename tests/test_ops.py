@@ -155,3 +155,21 @@ def test_ste_to_pre_activations_adds_the_negated_theta_terms_to_z(rows):
     assert np.any(want != g * (z > THETA))  # some rows sit in the window, so the test can fail
     for a, b in zip(jumprelu_l0_ste_z(z, THETA, EPS), jumprelu_l0(z, THETA, EPS), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fn", [jumprelu, heaviside, jumprelu_l0, jumprelu_l0_ste_z])
+@pytest.mark.parametrize("eps", [0.0, -0.01, float("nan")])
+def test_a_bandwidth_that_is_not_positive_is_refused_where_gradients_are_taken(fn, eps):
+    """An audit: ε ≤ 0 gave NaN (0/0) or silently zero θ gradients; a traced ε is left to the config."""
+    z, theta = jnp.array([[0.1, 0.5, 0.0]]), jnp.array([0.1, 0.2, 0.3])
+
+    def loss(t, e):
+        out = fn(z, t, e)
+        return sum(jnp.sum(o) for o in jax.tree.leaves(out))
+
+    with pytest.raises(ValueError, match=r"bandwidth must be a finite number > 0 \(the kernel's width ε\)"):
+        jax.grad(loss)(theta, eps)
+    with pytest.raises(ValueError, match="bandwidth must be"):
+        jax.jit(jax.grad(lambda t: loss(t, eps)))(theta)
+    assert np.isfinite(jax.grad(loss)(theta, 0.01)).all()
+    jax.jit(jax.grad(loss))(theta, 0.01)  # traced ε: not checked here, and not an error

@@ -109,3 +109,27 @@ def test_a_member_folder_loads_before_the_run_finishes(tmp_path, stack_config, m
         by_member = jumprelu.load(str(tmp_path / "run"), member=i)
         np.testing.assert_array_equal(by_folder.W_dec, by_member.W_dec)
         assert by_folder.step == stack_config.train.steps
+
+
+def test_overriding_the_single_lambda_of_a_stacked_run_is_refused(tmp_path):
+    """An audit: `--config.sae.sparsity_coefficient=X` on a stacked experiment trained the stack's own
+    λs and reported them, silently; a sweep over it made runs that all trained the same SAEs."""
+    import subprocess
+    import sys
+
+    from jumprelu.launch import experiment
+
+    want = "config field sae.sparsity_coefficient is not used by a stacked run: stack.sparsity_coefficients"
+    for flag in ("--config.sae.sparsity_coefficient=0.5", "--config.sae.sparsity-coefficient=0.5"):
+        cmd = [sys.executable, "-m", "jumprelu", "train", "--config", "quickstart:stacked", "--workdir"]
+        cli = subprocess.run([*cmd, str(tmp_path / "run"), flag], capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 2 and cli.stderr.startswith(f"jumprelu: error: {want}"), cli.stderr
+        assert cli.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
+    exp = tmp_path / "exp.py"
+    exp.write_text(
+        "from jumprelu.experiments import quickstart\n"
+        "def get_config(arg=None):\n    return quickstart.get_config('stacked')\n"
+        "def get_sweep(arg=None):\n    return [{'sae.sparsity_coefficient': v} for v in (0.1, 0.2)]\n"
+    )
+    with pytest.raises(config_lib.ConfigError, match=f"sweep run sparsity_coefficient=0.1: {want}"):
+        experiment.expand(experiment.load(str(exp)))

@@ -134,6 +134,9 @@ def test_load_reproduces_training_time_reconstruction(tmp_path, tiny_config, mon
         ("train.steps", 0, "train.steps must be a positive integer"),  # saved nothing, reported checkpoints/0
         ("data.seed", -1, "data.seed must be an integer >= 0"),  # numpy's traceback before
         ("train.seed", -2, "train.seed must be an integer >= 0"),
+        # an audit: one held-out row has no spread, and its FVU was reported as 2.6e30
+        ("data.eval_rows", 1, "data.eval_rows must be 0 \\(no held-out report\\) or >= 2, found 1"),
+        ("data.eval_rows", -1, "data.eval_rows must be 0 \\(no held-out report\\) or >= 2, found -1"),
         ("mesh.data", 16, "exceeds the 8 available devices"),
         ("sae.width", 63, "sae.width=63 is not divisible by mesh.model=2"),
     ],

@@ -94,6 +94,17 @@ def _check_threshold(z, threshold):
         raise ValueError(f"threshold must have shape [M] = [{z.shape[-1]}] or [], found {list(threshold.shape)}")
 
 
+def _check_bandwidth(bandwidth):
+    """ε ≤ 0 made every θ gradient NaN (0/0) or silently zero: refused where ε is a known number (a
+    traced ε, e.g. one scaled by the data's spread, is the config's, which checked it)."""
+    try:
+        eps = float(bandwidth)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return
+    if not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"bandwidth must be a finite number > 0 (the kernel's width ε), found {eps}")
+
+
 def fired_per_latent(z: jax.Array, threshold: jax.Array) -> jax.Array:
     """How many rows of z: [..., M] fire each latent (z > θ): [M] float32, no gradient."""
     _check_threshold(z, threshold)
@@ -118,6 +129,7 @@ def jumprelu(z: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
 
 
 def _jumprelu_fwd(z, threshold, bandwidth):
+    _check_bandwidth(bandwidth)
     _check_threshold(z, threshold)
     return jumprelu(z, threshold, bandwidth), (z, threshold, bandwidth)
 
@@ -142,6 +154,7 @@ def heaviside(z: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array
 
 
 def _heaviside_fwd(z, threshold, bandwidth):
+    _check_bandwidth(bandwidth)
     _check_threshold(z, threshold)
     return heaviside(z, threshold, bandwidth), (z, threshold, bandwidth)
 
@@ -174,6 +187,7 @@ def jumprelu_l0(z: jax.Array, threshold: jax.Array, bandwidth: float) -> tuple[j
 
 
 def _jumprelu_l0_fwd(z, threshold, bandwidth):
+    _check_bandwidth(bandwidth)
     return jumprelu_l0(z, threshold, bandwidth), (z, threshold, bandwidth)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import ml_collections
 
-from jumprelu.config import validate
+from jumprelu.config import check_overrides, validate
 from jumprelu.core import kinds
 from jumprelu.core.kinds.ownership import reset_other_kinds_options
 from jumprelu.errors import ConfigError
@@ -234,6 +234,7 @@ def expand(module, arg: str | None = None) -> list[Run]:
             reset_other_kinds_options(cfg, keep={k.removeprefix("sae.") for k in o})
         cfg = shrink(cfg) if shrink else cfg
         try:  # a run that cannot start is named here, not after the sweep's earlier runs trained
+            check_overrides(cfg, o)
             validate(cfg)
         except ConfigError as e:
             raise ConfigError(f"sweep run {run_name(o)}: {e}") from None

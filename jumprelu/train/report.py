@@ -80,7 +80,8 @@ def _sae_report(cfg, workdir, report_dir, params, scale, stats, eval_rows, steps
     kind = kinds.from_config(cfg.sae, cfg.data.d_model)
     folded = fold(kind.export(params, stats), scale, cfg.sae.pre_encoder_bias)
     folded = {k: np.asarray(v) for k, v in folded.items()}
-    metrics = evaluate_rows(folded, eval_rows) if len(eval_rows) else {}
+    # one row left beside the controller's has no spread to measure FVU against (see data.eval_rows)
+    metrics = evaluate_rows(folded, eval_rows) if len(eval_rows) >= 2 else {}
     metrics.pop("firing_frequency", None)
     out = {
         "steps": steps,
@@ -122,7 +123,8 @@ def format_report(r: dict) -> str:
             f"dead latents {100 * e['dead_fraction']:.1f}%   firing on >10% of tokens {100 * e['dense_fraction']:.1f}%"
         )
     elif "eval" in r:
-        lines.append("  held-out: no rows left to report on (data.eval_rows is 0, or all are the L0 controller's)")
+        why = "data.eval_rows is 0, or all but one are the L0 controller's"
+        lines.append(f"  held-out: no rows left to report on ({why})")
     if "features_recovered" in r:
         n = r["true_features"]
         k = round(r["features_recovered"] * n)
