@@ -72,3 +72,21 @@ def test_constrain_normalises_rows_and_keeps_raw_threshold_positive():
     q = constrain(p)
     np.testing.assert_allclose(q["W_dec"], [[0.6, 0.8], [0.0, 1.0]])
     assert q["threshold"][0] > 0 and q["threshold"][1] == 0.5
+
+
+@pytest.mark.parametrize("k", [None, 3])
+def test_a_nan_input_row_gives_nan_not_an_empty_code(k):
+    """An audit: a row holding NaN encoded to all zeros (`NaN > θ` is False), so the loaded SAE
+    reported L0 0 and returned b_dec for it; other rows are unaffected."""
+    from jumprelu.core.folded import SAE
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((12, 40)).astype(np.float32)
+    sae = SAE(w, np.zeros(40, np.float32), np.full(40, 0.1, np.float32), w.T.copy(), np.zeros(12, np.float32), k=k)
+    x = rng.standard_normal((3, 12)).astype(np.float32)
+    bad = x.copy()
+    bad[1, 4] = np.nan
+    f, f_bad = np.asarray(sae.encode(x)), np.asarray(sae.encode(bad))
+    assert np.isnan(f_bad[1]).all() and np.isnan(np.asarray(sae(bad))[1]).all()
+    np.testing.assert_array_equal(f_bad[[0, 2]], f[[0, 2]])
+    assert not np.isnan(f).any() and (f == 0).any()  # inactive latents are still exactly 0

@@ -56,7 +56,9 @@ def active_mask(z, threshold, k: int | None = None):
 def encode(w_enc, b_enc, threshold, x, k: int | None = None):
     """f = (x W_enc + b_enc) where active, else 0. x: [..., d_model] (any float) -> [..., width] float32."""
     z = jnp.asarray(x).astype(jnp.float32) @ w_enc + b_enc
-    return jnp.where(active_mask(z, threshold, k), z, 0.0)
+    # a NaN pre-activation stays NaN, as under jax.nn.relu: `NaN > θ` is False, so a row of NaN
+    # input read as "nothing fires" (L0 0, x̂ = b_dec), hiding the bad row
+    return jnp.where(active_mask(z, threshold, k), z, jnp.where(jnp.isnan(z), z, 0.0))
 
 
 def decode(w_dec, b_dec, f):
