@@ -103,8 +103,9 @@ def test_every_command_answers_help_with_its_flags_and_runs_nothing(tmp_path):
         "train": ["--config", "--workdir", "--experiments_dir"],
         "evaluate": ["--workdir", "--member", "--lm", "--experiments_dir"],
         "harvest": ["--config", "--experiments_dir"],
-        "store": ["convert", "summary"],
-        "export": ["--format", "--member"],
+        # an audit: the first docstring line only, without the formats or that convert resumes
+        "store": ["convert", "summary", "resumes where an interrupted conversion stopped"],
+        "export": ["--format", "--member", "--top", "TopK is refused", "neuronpedia    feature statistics"],
         "refit": ["--workdir", "--rows", "--ridge"],
         "plan": ["--config", "--topology", "--peak_tflops", "--experiments_dir"],
         "sweep": ["--dry_run", "--local"],
@@ -116,7 +117,18 @@ def test_every_command_answers_help_with_its_flags_and_runs_nothing(tmp_path):
         assert out.stdout.lstrip().startswith(("usage: jumprelu " + command, "jumprelu " + command)), out.stdout
         for flag in flags:
             assert flag in out.stdout, (command, flag, out.stdout)
+    out = _cli("store", "convert", "--help", cwd=tmp_path)
+    assert (
+        out.returncode == 0
+        and "blocks.12.hook_resid_post" in out.stdout
+        and "a .npy file of activations" in (out.stdout)
+    )
     assert list(tmp_path.iterdir()) == []  # nothing ran
+    # an audit: `jumprelu train` with neither flag printed two lines
+    out = _cli("train", cwd=tmp_path)
+    assert (
+        out.returncode == 2 and out.stderr.count("\n") == 1 and "--config" in out.stderr and "--workdir" in (out.stderr)
+    ), out.stderr
     # an audit: `python -m jumprelu.cli.train ...` imported the module, ran nothing and exited 0
     for command in ("train", "export"):
         out = subprocess.run(

@@ -2,6 +2,7 @@
 θ/z gradients), the data-dependent init, Matryoshka's nested reconstructions, the schedules, and
 every option through the real loop, sharded on 8 simulated devices and stacked."""
 
+import logging
 import re
 
 import jax
@@ -526,7 +527,7 @@ def test_the_short_recipe_hands_over_from_batchtopk_only_with_a_target():
     assert c.sae.batchtopk_fraction == 0.8 and c.sae.target_l0_held_out_rows == 1024 and c.sae.target_l0 == 50
 
 
-def test_the_controllers_held_out_rows_are_the_stores_held_out_split(tmp_path, tiny_config):
+def test_the_controllers_held_out_rows_are_the_stores_held_out_split(tmp_path, tiny_config, caplog):
     """The rows the controller reads are the store's own held-out rows (never trained on; 300 of
     512, spread over them), saved with the state; asking for more than data.eval_rows, or changing
     the count on resume, is a one-line error."""
@@ -574,6 +575,11 @@ def test_the_controllers_held_out_rows_are_the_stores_held_out_split(tmp_path, t
     tiny_config.sae.target_l0_held_out_rows = 1024
     with pytest.raises(ConfigError, match=r"data.eval_rows must be >= sae.target_l0_held_out_rows \(1024\)"):
         train(tiny_config, str(tmp_path / "other"))
+    # an audit: a controller reading every held-out row left the report none, found only at the end
+    tiny_config.sae.target_l0_held_out_rows, tiny_config.train.steps = 512, 2
+    with caplog.at_level(logging.WARNING, logger="jumprelu"):
+        assert train(tiny_config, str(tmp_path / "all"))["eval"] == {}
+    assert "the L0 controller reads 512 of the data.eval_rows=512 held-out rows, which leaves the report" in caplog.text
 
 
 JUMPRELU_READS, TOPK_READS = "only sae.kind 'jumprelu' reads it", "only sae.kind 'topk' and 'batchtopk' read it"

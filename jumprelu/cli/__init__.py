@@ -11,10 +11,11 @@
   jumprelu tpu       create|setup|run|status|logs|watch|delete NAME --zone Z --project P ...
 
 `python -m jumprelu CMD ...` is the same. Flags are spelled with underscores (`--dry_run`);
-the dashed spelling is accepted too. Experiments (`--config`, `sweep`, `tpu --sweep`) are a
-path, a name in `--experiments_dir` (or $JUMPRELU_EXPERIMENTS_DIR), or one of the packaged
-examples (`jumprelu/experiments/`). Bad input ends with one line `jumprelu: error: ...` and
-exit status 2.
+the dashed spelling is accepted too. Experiments (`--config`, `sweep`) are a path, a name in
+`--experiments_dir` (or $JUMPRELU_EXPERIMENTS_DIR), or one of the packaged examples
+(`jumprelu/experiments/`); `tpu --sweep` takes a packaged name or a path inside the checkout
+(its workers get the checkout's files). Bad input ends with one line `jumprelu: error: ...`
+and exit status 2.
 """
 
 from __future__ import annotations

@@ -172,7 +172,8 @@ def flag_error_line(error: Exception) -> str:
     text = str(error)
     marker = "Error whilst parsing config file:"
     if marker not in text or "Traceback (most recent call last)" not in text:
-        return text
+        # absl gives one line per failed flag (`jumprelu train` alone: --config and --workdir)
+        return " ".join(line.strip() for line in text.splitlines() if line.strip())
     head = text.split(marker, 1)[0].rstrip()
     last = [line for line in text.splitlines() if line.strip()][-1].strip()
     kind, sep, message = last.partition(": ")

@@ -1,4 +1,4 @@
-"""jumprelu export WORKDIR OUT [--format F] [--member i] [--step N] [--hub REPO] [--store PATH]
+"""jumprelu export WORKDIR OUT [--format F] [--member i] [--step N] [--hub REPO] [--store PATH] [--top K]
 
 Writes a trained SAE in a file format other tools read:
   gemma-scope    Gemma Scope's params.npz (folded W_enc, b_enc, threshold, W_dec, b_dec);
@@ -15,6 +15,7 @@ Hub repository REPO (needs huggingface_hub and a token).
 
 from __future__ import annotations
 
+import argparse
 import os
 import zipfile
 
@@ -113,7 +114,9 @@ def _is_training_dir(path: str) -> bool:
 
 
 def run(argv: list[str]) -> int:
-    p = errors.ArgumentParser(prog="jumprelu export", description=__doc__.splitlines()[0])
+    p = errors.ArgumentParser(  # the whole docstring: the formats and the kinds each refuses
+        prog="jumprelu export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("workdir", help="training workdir (or a stacked run's WORKDIR/sae-i)")
     p.add_argument("output", help="file or directory to write")
     p.add_argument("--format", choices=FORMATS, default=None, help="default: gemma-scope (saelens with --hub)")

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from jumprelu import errors
@@ -20,16 +21,25 @@ RESUMES = "a conversion resumes after its last complete shard"
 
 
 def run(argv: list[str]) -> int:
-    parser = errors.ArgumentParser(prog="jumprelu store", description=__doc__.splitlines()[0])
+    # the whole docstring (its examples, that convert resumes), as sweep's and tpu's --help show theirs
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = errors.ArgumentParser(prog="jumprelu store", description=__doc__, formatter_class=raw)
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help="write a .npy [N, d_model] file into a new store")
-    c.add_argument("input")
-    c.add_argument("output")
-    c.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    c.add_argument("--model", default="")
-    c.add_argument("--site", default="")
-    c.add_argument("--layer", type=int, default=None)
-    c.add_argument("--text_source", default="")
+    c = sub.add_parser("convert", help="write a .npy [N, d_model] file into a new store", description=__doc__)
+    c.formatter_class = raw
+    c.add_argument("input", help="a .npy file of activations, [N, d_model]")
+    c.add_argument("output", help="the store directory to write (new, or an interrupted conversion's)")
+    c.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="how the rows are stored")
+    # provenance, recorded in the store and carried into exports (the SAELens hook name, Neuronpedia ids)
+    c.add_argument("--model", default="", help="the model the rows came from, e.g. gemma2_2b")
+    c.add_argument(
+        "--site",
+        default="",
+        help="where in the model: resid (or resid_post), mlp (mlp_out), attn (attn_out) give exports their "
+        "hook name, e.g. resid and --layer 12: blocks.12.hook_resid_post; any other name is kept as is",
+    )
+    c.add_argument("--layer", type=int, default=None, help="the layer the site is in")
+    c.add_argument("--text_source", default="", help="the texts the rows were computed on (recorded only)")
     c.add_argument("--shard_rows", type=int, default=None, help="rows per shard (default: about 256 MiB)")
     c.add_argument("--seed", type=int, default=0, help="seed of the shuffle within each shard")
     c.add_argument("--no_shuffle", action="store_true", help="keep the input order within shards")

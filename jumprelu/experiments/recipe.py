@@ -14,8 +14,8 @@ steps as BatchTopK with k = T while θ trains in its shadow, then per-latent θ;
 0.01, a pre-activation loss on dead latents, Gemma Scope 2's frequency penalty after the
 hand-over (sparing the 0.5% most frequent latents), lr 4e-3 decaying over the last 20% except
 θ's, weight decay 0.3 on W_enc, and the controller reading the L0 of 1,024 of the store's
-held-out rows, so `data.eval_rows` must be at least 1,024; afterwards `jumprelu refit --workdir
-DIR` fits the decoder by least squares);
+held-out rows, so `data.eval_rows` must exceed 1,024, and the report reads the rest; afterwards
+`jumprelu refit --workdir DIR` fits the decoder by least squares);
 `long` is the short recipe with lr 5e-3 and the decay over the last 40%, measured better from
 8M tokens on (README "Recipes": at 8M, FVU −0.1% / −0.1% / −1.2% at L0 20 / 50 / 100 on the
 tuning split); the recipe cannot see the budget (`train.steps` is set after it), so say `long`.

@@ -110,6 +110,14 @@ def _train_on(cfg: ml_collections.ConfigDict, workdir: str, stream) -> dict:
             cfg.data.eval_rows,
             cfg.train.batch_size,
         )
+    held = config_lib.controller_rows(cfg)
+    if cfg.data.eval_rows and cfg.data.eval_rows - held < 2:  # said at the start, not found at the end
+        log.warning(
+            "the L0 controller reads %d of the data.eval_rows=%d held-out rows, which leaves the report none: "
+            "no held-out metrics at the end, nor from `jumprelu evaluate` or `refit` (raise data.eval_rows)",
+            held,
+            cfg.data.eval_rows,
+        )
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_width(mesh, cfg.sae.width)  # (program.build checks these too, but after the checkpoints exist)
     sharding.check_batch(mesh, cfg.train.batch_size)

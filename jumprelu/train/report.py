@@ -123,7 +123,7 @@ def format_report(r: dict) -> str:
             f"dead latents {100 * e['dead_fraction']:.1f}%   firing on >10% of tokens {100 * e['dense_fraction']:.1f}%"
         )
     elif "eval" in r:
-        why = "data.eval_rows is 0, or all but one are the L0 controller's"
+        why = "data.eval_rows is 0, or fewer than 2 are left beside the L0 controller's"
         lines.append(f"  held-out: no rows left to report on ({why})")
     if "features_recovered" in r:
         n = r["true_features"]
