@@ -146,7 +146,7 @@ def our_config(trainer: str, target: int, args, store: str):
         cfg.train.adam_b1, cfg.train.lr = 0.9, 1e-3
         # Gao et al.'s 10M-token dead window never passes in a few million tokens, so AuxK does
         # not run here; the recipe's 50k-token window and lr decay (--override) helped k 100 and
-        # hurt k 50 (README "The fidelity benchmark"), so the baseline keeps the published window.
+        # hurt k 50 (benchmarks/results/fidelity_history.md), so the baseline keeps the published window.
     for item in args.override:  # FIELD=VALUE, e.g. train.encoder_weight_decay=0.3, parsed as experiment args are
         set_fields(cfg, experiment.parse_arg(item))
     return cfg
