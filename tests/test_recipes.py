@@ -565,8 +565,9 @@ def test_the_controllers_held_out_rows_are_the_stores_held_out_split(tmp_path, t
     # a smaller split is a prefix of the run's: the controller's rows among its first 400 are left out
     _, fewer, _ = evaluate_workdir(str(tmp_path / "run"), eval_rows=400)
     assert fewer["stored"]["tokens"] == 400 - int((np.linspace(0, 511, 300).round() < 400).sum())
-    with pytest.raises(UserError, match=r"--eval_rows must be between 1 and the run's data.eval_rows \(512\)"):
-        evaluate_workdir(str(tmp_path / "run"), eval_rows=1024)  # rows past the split were trained on
+    for rows in (1024, 1):  # rows past the split were trained on; one row has no spread for FVU
+        with pytest.raises(UserError, match=r"--eval_rows must be between 2 and the run's data.eval_rows \(512\)"):
+            evaluate_workdir(str(tmp_path / "run"), eval_rows=rows)
     assert refit_workdir(str(tmp_path / "run"), None, 1024, 0.01)["held_out_rows"] == 212
     tiny_config.train.steps = 40
     tiny_config.sae.target_l0_held_out_rows = 128
@@ -575,11 +576,15 @@ def test_the_controllers_held_out_rows_are_the_stores_held_out_split(tmp_path, t
     tiny_config.sae.target_l0_held_out_rows = 1024
     with pytest.raises(ConfigError, match=r"data.eval_rows must be >= sae.target_l0_held_out_rows \(1024\)"):
         train(tiny_config, str(tmp_path / "other"))
-    # an audit: a controller reading every held-out row left the report none, found only at the end
-    tiny_config.sae.target_l0_held_out_rows, tiny_config.train.steps = 512, 2
+    # an audit: a controller reading all held-out rows but one left the report none (or an FVU of one
+    # row, ~1e6, from evaluate and refit), found only at the end
+    tiny_config.sae.target_l0_held_out_rows, tiny_config.train.steps = 511, 2
     with caplog.at_level(logging.WARNING, logger="jumprelu"):
         assert train(tiny_config, str(tmp_path / "all"))["eval"] == {}
-    assert "the L0 controller reads 512 of the data.eval_rows=512 held-out rows, which leaves the report" in caplog.text
+    assert "the L0 controller reads 511 of the data.eval_rows=512 held-out rows, which leaves the report" in caplog.text
+    with pytest.raises(UserError, match=r"all: 1 held-out rows to evaluate on \(FVU needs 2\)"):
+        evaluate_workdir(str(tmp_path / "all"))
+    assert "before" not in refit_workdir(str(tmp_path / "all"), None, 1024, 0.01)  # no metrics of one row
 
 
 JUMPRELU_READS, TOPK_READS = "only sae.kind 'jumprelu' reads it", "only sae.kind 'topk' and 'batchtopk' read it"

@@ -90,3 +90,13 @@ def test_a_nan_input_row_gives_nan_not_an_empty_code(k):
     assert np.isnan(f_bad[1]).all() and np.isnan(np.asarray(sae(bad))[1]).all()
     np.testing.assert_array_equal(f_bad[[0, 2]], f[[0, 2]])
     assert not np.isnan(f).any() and (f == 0).any()  # inactive latents are still exactly 0
+    # what reads the codes does not count the NaN row as firing every latent, nor rank it first
+    from jumprelu.evaluate.metrics import evaluate_rows
+    from jumprelu.export.neuronpedia import feature_stats
+
+    params = dict(sae.params(), k=k)
+    clean = evaluate_rows(params, x[[0, 2]])
+    assert evaluate_rows(params, bad)["l0"] * 3 == pytest.approx(clean["l0"] * 2)
+    stats = feature_stats(sae, bad, top=3)
+    assert np.isfinite(stats["max_activation"]).all() and 1 not in stats["top_rows"]
+    np.testing.assert_array_equal(stats["max_activation"], feature_stats(sae, x[[0, 2]], top=3)["max_activation"])

@@ -133,3 +133,8 @@ def test_overriding_the_single_lambda_of_a_stacked_run_is_refused(tmp_path):
     )
     with pytest.raises(config_lib.ConfigError, match=f"sweep run sparsity_coefficient=0.1: {want}"):
         experiment.expand(experiment.load(str(exp)))
+    from jumprelu.launch.preflight import check_job  # `jumprelu tpu run`: here, not on every worker
+
+    with pytest.raises(config_lib.ConfigError, match=want):
+        check_job("quickstart:stacked", None, ["--config.sae.sparsity-coefficient=0.5"])
+    check_job("quickstart:stacked", None, ["--config.stack.sparsity_coefficients=(0.1,0.2)"])

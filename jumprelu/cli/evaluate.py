@@ -44,7 +44,7 @@ def evaluate_workdir(
     from jumprelu.config import controller_rows
     from jumprelu.core.init import report_rows
     from jumprelu.errors import UserError
-    from jumprelu.evaluate.metrics import evaluate_rows, nested_prefixes, prefix_metrics
+    from jumprelu.evaluate.metrics import MIN_ROWS, evaluate_rows, nested_prefixes, prefix_metrics
     from jumprelu.export.load import load, require_workdir, resolve
 
     workdir, member = resolve(workdir, member)  # a stacked member's WORKDIR/sae-i: the run's data, not its own
@@ -60,9 +60,9 @@ def evaluate_workdir(
     trained_split = cfg.data.eval_rows
     if eval_rows is not None:
         # the held-out split is a prefix: rows past the run's own split were trained on
-        if not 0 < eval_rows <= trained_split:
+        if not MIN_ROWS <= eval_rows <= trained_split:  # one row's FVU is ~1e6 or more: it has no spread
             raise UserError(
-                f"--eval_rows must be between 1 and the run's data.eval_rows ({trained_split}): "
+                f"--eval_rows must be between {MIN_ROWS} and the run's data.eval_rows ({trained_split}): "
                 f"rows beyond its held-out split were trained on; found {eval_rows}"
             )
         cfg.data.eval_rows = eval_rows
@@ -76,10 +76,11 @@ def evaluate_workdir(
         rows = data_lib.make_stream(cfg.data, store).eval_set()
     # not the rows the target-L0 controller read in training: λ was set from their L0
     rows = report_rows(rows, controller_rows(cfg), split_rows=trained_split)
-    if not len(rows):
+    if len(rows) < MIN_ROWS:
         raise UserError(
-            f"{workdir}: no held-out rows to evaluate on: data.eval_rows={cfg.data.eval_rows} and the target-L0 "
-            f"controller read {controller_rows(cfg)} of them (a larger data.eval_rows in training leaves some)"
+            f"{workdir}: {len(rows)} held-out rows to evaluate on (FVU needs {MIN_ROWS}): data.eval_rows="
+            f"{cfg.data.eval_rows} and the target-L0 controller read {controller_rows(cfg)} of them (a larger "
+            "data.eval_rows in training leaves more)"
         )
     metrics = evaluate_rows(dict(sae.params(), k=sae.k), rows)
     freq = metrics.pop("firing_frequency")

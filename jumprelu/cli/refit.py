@@ -53,7 +53,7 @@ def _refit(sae, workdir: str, out_dir: str, rows: int, ridge: float, store: str 
     from jumprelu.config import controller_rows
     from jumprelu.core.init import report_rows
     from jumprelu.errors import UserError
-    from jumprelu.evaluate.metrics import evaluate_rows, nested_prefixes, prefix_metrics
+    from jumprelu.evaluate.metrics import MIN_ROWS, evaluate_rows, nested_prefixes, prefix_metrics
     from jumprelu.export import gemma_scope
     from jumprelu.train.refit import refit_decoder
 
@@ -75,7 +75,7 @@ def _refit(sae, workdir: str, out_dir: str, rows: int, ridge: float, store: str 
     widths = [m for m, _ in trained[:-1]]  # the last is the whole SAE
     held_out = report_rows(stream.eval_set(), controller_rows(cfg))  # not the rows λ was set from
     metrics = {}
-    for name, s in (("before", sae), ("after", refit)) if len(held_out) else ():
+    for name, s in (("before", sae), ("after", refit)) if len(held_out) >= MIN_ROWS else ():
         m = evaluate_rows(s.params(), held_out)
         metrics[name] = {k: m[k] for k in ("l0", "fvu", "mse", "dead_fraction", "dense_fraction") if k in m}
         if widths:

@@ -10,11 +10,15 @@ import numpy as np
 
 from jumprelu.core import folded
 
+# the fewest rows a report measures: FVU divides by their spread around their mean, which one row
+# does not have (its FVU came out ~1e6-1e30)
+MIN_ROWS = 2
+
 
 @functools.partial(jax.jit, static_argnames="k")
 def _chunk_stats(params: dict, x: jax.Array, k: int | None):
     f = folded.encode(params["W_enc"], params["b_enc"], params["threshold"], x, k)
-    fired = f != 0
+    fired = (f != 0) & ~jnp.isnan(f)  # a NaN row (its FVU NaN) is not counted as firing every latent
     x_hat = folded.decode(params["W_dec"], params["b_dec"], f)
     return (
         jnp.sum(jnp.square(x - x_hat)),  # squared error
@@ -33,7 +37,7 @@ def evaluate_rows(sae_params: dict, rows: np.ndarray, chunk_rows: int = 4096) ->
     tokens), and per-latent firing frequencies.
     """
     n = rows.shape[0]
-    if n == 0:
+    if n == 0:  # (one row is measured too, e.g. one process's share of a sum; reports ask for MIN_ROWS)
         raise ValueError("cannot evaluate on zero rows")
     k = None if sae_params.get("k") is None else int(sae_params["k"])
     params = {name: jnp.asarray(sae_params[name], jnp.float32) for name in folded.FOLDED_KEYS}

@@ -23,9 +23,10 @@ tuning split); the recipe cannot see the budget (`train.steps` is set after it),
 tuned for billions of tokens. Without `l0`, λ is `sae.sparsity_coefficient` as usual (the
 BatchTopK phase and the held-out rows wait for a target: `--config.sae.target_l0=T` is `l0=T`).
 `matryoshka` nests prefixes of width/8, width/4, width/2 and width latents, their reconstruction
-errors weighted 1:1:1:9 (README "Recipes": at 2M tokens and L0 50, 1.8% above the plain recipe's
-FVU, 0.9% after both refits; 2.6–3.7% at L0 20/50/100 with the recipe before the held-out L0
-reading; the first eighth of the latents reconstructing alone at FVU 0.27–0.34); give the width here
+errors weighted 1:1:1:9 (README "Recipes": at 2M tokens, FVU +2.7% / +1.8% / +1.4% above the plain
+recipe's at L0 20 / 50 / 100, +1.9% / +0.9% / −0.1% after both refits; the first eighth of the
+latents reconstructing alone at FVU 0.25–0.34; earlier versions in
+benchmarks/results/fidelity_history.md); give the width here
 (`width=W`), since the prefixes are computed from it.
 `runlocal` shrinks the run to a CPU smoke test (width 256, 20 steps; the Matryoshka prefixes follow).
 """

@@ -39,6 +39,7 @@ FORMAT_VERSION = 1
 @functools.partial(jax.jit, static_argnames=("k", "top"))
 def _chunk(params, x, best_vals, best_rows, offset, k, top):
     f = _encode(params, x, k)  # [n, M]
+    f = jnp.where(jnp.isnan(f), 0.0, f)  # a NaN row (encode keeps it NaN) fires nothing here: top_k ranks NaN first
     counts = jnp.sum(f > 0, axis=0)
     rows = offset + jnp.arange(x.shape[0])
     vals = jnp.concatenate([best_vals, f.T], axis=1)  # [M, top + n]

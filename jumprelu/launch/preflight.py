@@ -47,7 +47,7 @@ def check_job(config: str | None, sweep: str | None, extra: list[str] = (), harv
     `--config.FIELD=V` overrides and validates each run's config, as the workers will: a
     ValueError (ConfigError) names what is wrong. An experiment given as a path must lie in this
     checkout, relative to it: the workers run `tpu setup`'s copy of it, nothing else of this machine."""
-    from jumprelu.config import validate
+    from jumprelu.config import check_overrides, validate
     from jumprelu.launch import experiment, overrides
 
     name, arg = experiment.split(config or sweep)
@@ -58,4 +58,7 @@ def check_job(config: str | None, sweep: str | None, extra: list[str] = (), harv
         return
     cfg = overrides.apply(module.get_config(arg), list(extra))
     if not harvest:  # a harvest config is checked by the harvest itself, before its model loads
+        # as `jumprelu train` checks them (dashed names read as underscored, as overrides.apply reads them)
+        fields = {a.partition("=")[0].removeprefix("--config.").replace("-", "_") for a in extra}
+        check_overrides(cfg, fields)
         validate(cfg)

@@ -25,6 +25,7 @@ from jumprelu.core import init as init_lib
 from jumprelu.core import kinds
 from jumprelu.data import pipeline
 from jumprelu.errors import ConfigError
+from jumprelu.evaluate.metrics import MIN_ROWS
 from jumprelu.train import (
     distributed,
     guard,
@@ -111,7 +112,7 @@ def _train_on(cfg: ml_collections.ConfigDict, workdir: str, stream) -> dict:
             cfg.train.batch_size,
         )
     held = config_lib.controller_rows(cfg)
-    if cfg.data.eval_rows and cfg.data.eval_rows - held < 2:  # said at the start, not found at the end
+    if cfg.data.eval_rows and cfg.data.eval_rows - held < MIN_ROWS:  # said at the start, not found at the end
         log.warning(
             "the L0 controller reads %d of the data.eval_rows=%d held-out rows, which leaves the report none: "
             "no held-out metrics at the end, nor from `jumprelu evaluate` or `refit` (raise data.eval_rows)",
@@ -260,7 +261,7 @@ def _loop(cfg, workdir, prog, state, batches, ckpt, start, watch, eval_rows=None
                     out.write_scalars(done, {**values, "tokens_per_s": rate, "elapsed_s": time.perf_counter() - t0})
             if save_step or stop:  # a preemption save is of the step reached, checked above
                 ckpt.save(state, config_json, pipeline.IteratorSnapshot(batches))  # collective: every process
-                if save_step and eval_rows is not None and len(eval_rows):  # collective too
+                if save_step and eval_rows is not None and len(eval_rows) >= MIN_ROWS:  # collective too
                     held_out.write(outs, done, held_out.metrics(cfg, prog.kind, state, eval_rows))
                 for out in outs:
                     out.flush()

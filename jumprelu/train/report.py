@@ -15,7 +15,7 @@ from jumprelu.core import init as init_lib
 from jumprelu.core import kinds
 from jumprelu.core.folded import fold
 from jumprelu.data import synthetic
-from jumprelu.evaluate.metrics import evaluate_rows
+from jumprelu.evaluate.metrics import MIN_ROWS, evaluate_rows
 from jumprelu.evaluate.plots import plot_training_curves
 from jumprelu.train import distributed, metrics_log
 from jumprelu.train.checkpoint import MEMBER_FILE, checkpoint_dir, member_dir
@@ -81,7 +81,7 @@ def _sae_report(cfg, workdir, report_dir, params, scale, stats, eval_rows, steps
     folded = fold(kind.export(params, stats), scale, cfg.sae.pre_encoder_bias)
     folded = {k: np.asarray(v) for k, v in folded.items()}
     # one row left beside the controller's has no spread to measure FVU against (see data.eval_rows)
-    metrics = evaluate_rows(folded, eval_rows) if len(eval_rows) >= 2 else {}
+    metrics = evaluate_rows(folded, eval_rows) if len(eval_rows) >= MIN_ROWS else {}
     metrics.pop("firing_frequency", None)
     out = {
         "steps": steps,

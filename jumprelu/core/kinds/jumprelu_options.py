@@ -141,7 +141,8 @@ def config_fields() -> dict:
         # > 0 (and a target_l0): the controller aims the L0 of rows the SAE never trains on at the target: this many of
         # the store's held-out rows (data.eval_rows), 128 of them a step, give a
         # moving ratio of held-out to batch L0 that scales the batch L0 it reads. A run that revisits
-        # its rows fits θ to them, and its L0 on new text then lands above the target (README "Recipes").
+        # its rows fits θ to them, and its L0 on new text then lands above the target (README
+        # "Controlling L0"; measured in benchmarks/results/fidelity_history.md).
         target_l0_held_out_rows=0,
         # "step" (paper), "quadratic" (Gemma Scope 2) or "quadratic_rows" (per row; both need target_l0), "tanh"
         sparsity_loss="step",
