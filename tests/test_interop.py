@@ -1254,3 +1254,31 @@ def test_a_loaded_sae_follows_its_inputs_device_and_names_a_wrong_shape(trained)
             getattr(sae, method)(np.ones(shape, np.float32))
         with pytest.raises(ValueError, match=message):  # the same under jit
             jax.jit(lambda s, a, m=method: getattr(s, m)(a))(sae, np.ones(shape, np.float32))
+
+
+def test_a_topk_sae_keeps_its_k_through_params_and_loads_onto_the_cpu(tmp_path):
+    """An audit of the API a researcher uses: a workdir's TopK `k` was a jax array (unhashable, not
+    JSON, refused as a static argument) where the SAELens file gave an int; `SAE(**sae.params())`
+    and `np.savez(f, **sae.params())` dropped k, so the copy kept every positive latent; released
+    files loaded onto JAX's default device rather than the CPU a workdir's SAE is read onto;
+    `decode` refused a list, which encode takes."""
+    from tests.conftest import make_tiny_config
+
+    cfg = make_tiny_config()
+    cfg.sae.update(kind="topk", k=4)
+    cfg.train.steps = 20
+    train(cfg, str(tmp_path / "run"))
+    sae = jumprelu.load(str(tmp_path / "run"))
+    assert type(sae.k) is int and sae.k == 4 and json.dumps({"k": sae.k}) == '{"k": 4}'
+    x = np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32)
+    copy = jumprelu.SAE(**sae.params())
+    assert copy.k == 4 and (np.asarray(copy.encode(x)) != 0).sum(-1).max() <= 4
+    _same_computation(sae, copy, x)
+    np.savez(tmp_path / "mine.npz", **sae.params())
+    _same_computation(sae, jumprelu.load(str(tmp_path / "mine.npz")), x)
+    np.testing.assert_array_equal(np.asarray(sae.decode(np.asarray(sae.encode(x)).tolist())), np.asarray(sae(x)))
+    _export(tmp_path / "run", tmp_path / "sl", "--format", "saelens")
+    cpu0 = jax.devices("cpu")[0]
+    with jax.default_device(jax.devices()[1]):  # as a GPU would be the default device
+        for path in (tmp_path / "run", tmp_path / "mine.npz", tmp_path / "sl"):
+            assert jumprelu.load(str(path)).W_enc.devices() == {cpu0}, path

@@ -55,6 +55,10 @@ def test_stacked_run_writes_member_items_metrics_and_resumes(tmp_path, stack_con
             assert json.load(f)["sae"]["sparsity_coefficient"] == LAMS[i]
         # an audit: the loaded member's config listed every λ of the stack, unlike its own config.json
         assert not a.config["stack"]["sparsity_coefficients"] and a.config["sae"]["sparsity_coefficient"] == LAMS[i]
+        # an audit: a symlink to a member folder (runs/best -> RUN/sae-1) looked for the run beside the link
+        (tmp_path / "links").mkdir(exist_ok=True)
+        (tmp_path / "links" / f"best{i}").symlink_to(tmp_path / "b" / f"sae-{i}")
+        np.testing.assert_array_equal(jumprelu.load(str(tmp_path / "links" / f"best{i}")).W_dec, b.W_dec)
     items = set(os.listdir(tmp_path / "a" / "checkpoints" / "40"))
     assert {"sae-0", "sae-1", "train", "config", "data"} <= items and "sae" not in items
     assert straight["members"][1]["eval"] == resumed["members"][1]["eval"]

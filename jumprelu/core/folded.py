@@ -73,7 +73,9 @@ class SAE:
     f = JumpReLU_θ(x W_enc + b_enc): [..., width], and x̂ = f W_dec + b_dec. This is
     the Gemma Scope `params.npz` convention; f is C times the training-time features.
     A pytree of its arrays (k, scale, step and config ride along as static data), so it can be
-    an argument of a jitted or vmapped function: `jax.jit(lambda sae, x: sae(x))(sae, x)`.
+    an argument of a jitted or vmapped function: `jax.jit(lambda sae, x: sae(x))(sae, x)`. The
+    mask is a hard step (the threshold gets no gradient); `jumprelu.jumprelu(sae.pre_activations(x),
+    sae.threshold, eps)` is the straight-through op.
     """
 
     W_enc: jax.Array  # [d_model, width]
@@ -106,7 +108,7 @@ class SAE:
 
     def decode(self, f):
         _check_last(f, self.width, "decode", "f", "width")
-        return decode(self.W_dec, self.b_dec, f)
+        return decode(self.W_dec, self.b_dec, jnp.asarray(f))  # a list too, as encode takes
 
     def __call__(self, x):
         out = self.decode(self.encode(x))
@@ -114,8 +116,16 @@ class SAE:
             out = out + jnp.asarray(x, jnp.float32) @ self.affine_skip
         return out
 
-    def params(self) -> dict[str, np.ndarray]:
-        return {k: np.asarray(getattr(self, k)) for k in FOLDED_KEYS}
+    def params(self) -> dict[str, np.ndarray | int]:
+        """The five arrays, and what else the computation needs where it is set (a TopK SAE's `k`, a
+        transcoder's `affine_skip`): `SAE(**sae.params())` computes what `sae` does (without `k` a
+        TopK SAE's copy kept every positive latent)."""
+        out = {k: np.asarray(getattr(self, k)) for k in FOLDED_KEYS}
+        if self.k is not None:
+            out["k"] = int(self.k)
+        if self.affine_skip is not None:
+            out["affine_skip"] = np.asarray(self.affine_skip)
+        return out
 
 
 def _check_last(a, n: int, method: str, name: str, what: str) -> None:
@@ -130,7 +140,9 @@ _ARRAYS = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec", "affine_skip")
 
 class _Static:
     """A config dict as pytree static data (a dict is unhashable): compared and hashed by its
-    canonical JSON, so two loads of one SAE share a tree structure (stack them, tree_map over both)."""
+    canonical JSON, so two loads of one SAE at one step share a tree structure (tree_map over both);
+    SAEs whose step or config differ (stacked members, two steps) do not, until given the same
+    (README "Restoring a trained SAE")."""
 
     def __init__(self, value):
         self.value = value

@@ -51,7 +51,13 @@ def read_params(path: str) -> dict[str, np.ndarray]:
             raise GemmaScopeError(f"{path}: {k} has dtype {found[k].dtype}, expected a float type")
         if not np.isfinite(found[k]).all():  # as a training checkpoint holding them is refused
             raise GemmaScopeError(f"{path}: {k} holds NaN or Inf")
-    return {k: found[k].astype(np.float32) for k in KEYS}
+    out = {k: found[k].astype(np.float32) for k in KEYS}
+    if "k" in found:  # not Gemma Scope's, but `np.savez(f, **sae.params())` of a TopK SAE: its k, kept
+        k = found["k"]
+        if k.shape != () or not np.issubdtype(k.dtype, np.integer) or not 0 < int(k) <= m:
+            raise GemmaScopeError(f"{path}: k is {k.tolist()!r}, expected a TopK SAE's k, an integer in 1..{m}")
+        out["k"] = int(k)
+    return out
 
 
 def run_file(params_path: str) -> str:
@@ -69,7 +75,7 @@ def load(path: str):
     params = read_params(path)
     # Gemma Scope's encoder is mask · ReLU(h): ReLU(h)·[h > θ] = h·[h > max(θ, 0)] (ours train θ > 0)
     params["threshold"] = np.maximum(params["threshold"], np.float32(0))
-    arrays = {k: jnp.asarray(v) for k, v in params.items()}
+    arrays = {k: v if k == "k" else jnp.asarray(v) for k, v in params.items()}
     record = run_file(os.path.abspath(path))
     if not os.path.isfile(record):
         return SAE(**arrays, config={"source": os.path.abspath(path)})
@@ -94,5 +100,5 @@ def export(sae, path: str) -> None:
             f"{path}: a transcoder ({transcoder}) has no Gemma Scope params.npz form; export it as gemma-scope-2"
         )
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v, np.float32) for k, v in sae.params().items()})
+    np.savez(buf, **{k: np.asarray(v, np.float32) for k, v in sae.params().items() if k in KEYS})
     fs.write_bytes_atomically(path, buf.getvalue())

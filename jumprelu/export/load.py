@@ -48,7 +48,8 @@ def load(path: str | os.PathLike, step: int | None = None, member: int | None = 
     if released is not None:
         if step is not None or member is not None:
             raise ValueError(f"{path}: step and member apply to training workdirs, not to a released SAE file")
-        return released.load(path)
+        with jax.default_device(_host_device()):  # as a workdir's: the CPU, not an accelerator's memory
+            return released.load(path)
     path, member = resolve(path, member)
     if os.path.isfile(path):
         raise ValueError(
@@ -178,7 +179,10 @@ def _load_step(ckpt: Checkpointer, path: str, step: int, member: int | None) -> 
     # uncommitted, as the file loaders' arrays: on the CPU until used with inputs on another device,
     # which they then follow (committed to the CPU, sae(x) of an x on a GPU was a device-mismatch error)
     with jax.default_device(_host_device()):
-        folded = {k: None if v is None else jnp.asarray(np.asarray(v)) for k, v in folded.items()}
+        # (a TopK SAE's k a Python int, as the file loaders give it: hashable, JSON, a static argument)
+        folded = {
+            k: None if v is None else int(v) if k == "k" else jnp.asarray(np.asarray(v)) for k, v in folded.items()
+        }
     return SAE(**folded, scale=float(scale), step=int(step), config=config)
 
 
@@ -191,7 +195,8 @@ def resolve(path: str, member: int | None = None) -> tuple[str, int | None]:
             raise ValueError(f"{path} is member {info['member']} of its stacked run; found member={member}")
         if fs.is_remote(path):  # a bucket has no "..": the member directory's parent (member.json says "..")
             return path.rstrip("/").rsplit("/", 1)[0], info["member"]
-        return os.path.normpath(os.path.join(path, info["workdir"])), info["member"]
+        # realpath: a symlink to a member folder (runs/best -> RUN/sae-1) names the link's folder's parent
+        return os.path.normpath(os.path.join(os.path.realpath(path), info["workdir"])), info["member"]
     return path, member
 
 
