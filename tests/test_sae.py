@@ -1,5 +1,7 @@
 """Initialisation, encode/decode, and the fold into raw activation units."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,3 +102,21 @@ def test_a_nan_input_row_gives_nan_not_an_empty_code(k):
     stats = feature_stats(sae, bad, top=3)
     assert np.isfinite(stats["max_activation"]).all() and 1 not in stats["top_rows"]
     np.testing.assert_array_equal(stats["max_activation"], feature_stats(sae, x[[0, 2]], top=3)["max_activation"])
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(threshold_init=0.0), "JumpReLUSAE: threshold_init must be > 0, found 0.0"),
+        (dict(threshold_init=-0.1, threshold_param="raw"), "JumpReLUSAE: threshold_init must be > 0, found -0.1"),
+        (dict(width=0), "JumpReLUSAE: width must be a positive integer, found 0"),
+        (dict(d_model=2.5), "JumpReLUSAE: d_model must be a positive integer, found 2.5"),
+    ],
+)
+def test_the_module_used_on_its_own_names_a_bad_field(kw, message):
+    """An audit: used directly with flax (as the README shows), threshold_init 0 was "math domain
+    error" and width 0 a ZeroDivisionError; the config checks these for training runs."""
+    args = {"d_model": 12, "width": 40, **kw}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        JumpReLUSAE(**args).init(jax.random.key(0), jnp.zeros((1, 12)))
+    JumpReLUSAE(d_model=np.int64(12), width=np.int64(40)).init(jax.random.key(0), jnp.zeros((1, 12)))

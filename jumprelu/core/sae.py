@@ -16,6 +16,7 @@ train state and is folded out for users by `jumprelu.core.folded`. Shapes (row v
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -48,6 +49,11 @@ class SAEBase(nn.Module):
     encoder_init_scale: float = 1.0  # W_enc starts as this times W_decᵀ (paper: 1)
 
     def setup(self):
+        # the config checks these; the module used on its own (README) said "ZeroDivisionError"
+        for name in ("d_model", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or value <= 0:  # numpy's integers too (a store's d_model)
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive integer, found {value!r}")
         # Every param gets an explicit shape and an init taking (key, shape, dtype=None): importing
         # gemma replaces nn.Module.param process-wide with a version that requires both.
         self.W_dec = self.param("W_dec", init_decoder, (self.width, self.d_model))

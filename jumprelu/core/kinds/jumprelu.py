@@ -45,6 +45,8 @@ class JumpReLUSAE(SAEBase):
 
     def setup(self):
         super().setup()
+        if not self.threshold_init > 0:  # log θ of 0 was "math domain error"; a raw θ ≤ 0 fires on noise
+            raise ValueError(f"JumpReLUSAE: threshold_init must be > 0, found {self.threshold_init!r}")
         if self.threshold_param == "log":
             init = math.log(self.threshold_init)
             self.log_threshold = self.param("log_threshold", nn.initializers.constant(init), (self.width,))
