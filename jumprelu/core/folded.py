@@ -130,7 +130,7 @@ class SAE:
 
 def _check_last(a, n: int, method: str, name: str, what: str) -> None:
     """A wrong last dimension named in the SAE's terms (it was dot_general's "contracting dimensions")."""
-    shape = tuple(jnp.shape(a))  # static, under jit too
+    shape = tuple(np.shape(a))  # static, under jit too (a tracer has .shape; a list is read as an array)
     if not shape or shape[-1] != n:
         raise ValueError(f"SAE.{method}: {name} has shape {list(shape)}; expected [..., {n}] (the SAE's {what})")
 
