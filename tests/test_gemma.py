@@ -211,6 +211,13 @@ def test_several_sites_from_one_pass_equal_separate_harvests_and_resume_per_stor
     for site in ("resid", "mlp", "attn"):
         got, want = (_store_rows(t.format(site=site, layer=1)) for t in (resumed, template))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # (other compiled programs: not bitwise)
+    # an audit: rerunning the finished harvest (a `harvest && train` script run again) was exit 2,
+    # "already complete ... write to a new directory"; as `store convert`, it now does nothing
+    cmd = [sys.executable, "-m", "jumprelu", "harvest", "--config"]
+    cmd += [f"harvest/gemma2:tiny={world['dir']},sites=resid+mlp+attn,layers=1", f"--config.store={resumed}"]
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.count("rows; nothing to do") == 3 and "already holds this harvest's" in rerun.stdout
 
 
 @pytest.mark.parametrize(

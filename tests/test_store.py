@@ -286,6 +286,15 @@ def test_convert_and_summary_commands(tmp_path):
     back = _all_rows(open_store(str(tmp_path / "s")))
     want = rows.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(_sorted(back.astype(np.float32)), _sorted(want))
+    assert info["checksums"].endswith(": every block checked")
+    # an audit: without --verify no checksum was read, and a store with a flipped byte read as fine;
+    # it now samples blocks as a training start does (here all three) and says how much it checked
+    _flip_byte(tmp_path / "s" / "shard-00001.npy")
+    quick = subprocess.run(cmd + ["summary", str(tmp_path / "s")], cwd=ROOT, capture_output=True, text=True)
+    assert quick.returncode == 2 and "shard-00001.npy" in quick.stderr and "checksum" in quick.stderr, quick.stderr
+    _flip_byte(tmp_path / "s" / "shard-00001.npy")  # back as it was
+    quick = subprocess.run(cmd + ["summary", str(tmp_path / "s")], cwd=ROOT, capture_output=True, text=True)
+    assert "up to 4 sampled blocks checked (--verify reads every row)" in quick.stdout, quick.stdout
     bad = subprocess.run(cmd + ["summary", str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"jumprelu: error: store {tmp_path / 'nowhere'}: no such directory"

@@ -49,6 +49,9 @@ def run(argv: list[str]) -> int:
                 raise
             return status
         print(json.dumps(result))
+        if result.get("nothing_to_do"):  # a rerun of a finished harvest (a `harvest && train` script, say)
+            for path, rows in zip(result["already_complete"], result["num_rows"], strict=True):
+                print(f"store: {path} already holds this harvest's {rows:,} rows; nothing to do")
         for path in result["stores"]:
             print(f"store: {path}  (jumprelu store summary {path})")
         return 0

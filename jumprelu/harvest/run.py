@@ -186,9 +186,11 @@ def harvest(cfg) -> dict:
     check_before_loading(cfg)
     complete = [p for p in paths if os.path.exists(os.path.join(p, store_format.METADATA))]
     check_complete_stores(cfg, complete)
-    if len(complete) == len(paths):
-        listed = paths[0] if len(paths) == 1 else f"{len(paths)} stores ({', '.join(paths)})"
-        raise DataError(f"store {listed} already complete ({store_format.METADATA} exists); write to a new directory")
+    if len(complete) == len(paths):  # this harvest, finished (checked above): a rerun, as convert's, does nothing
+        from jumprelu.store.reader import read_metadata
+
+        rows = [int(read_metadata(p)["num_rows"]) for p in paths]
+        return dict(stores=[], already_complete=complete, num_rows=rows, nothing_to_do=True)
     # after the checks: importing gemma starts TensorFlow, whose start-up lines came before their errors
     from jumprelu.harvest import gemma_model
 

@@ -8,6 +8,7 @@ import zlib
 import numpy as np
 
 from jumprelu.errors import DataError
+from jumprelu.store import checksum
 from jumprelu.store import format as fmt
 from jumprelu.store.metadata import read_metadata
 from jumprelu.store.npy import open_npy
@@ -109,8 +110,18 @@ def convert(
     return writer.close()
 
 
-def summary(store) -> dict:
-    """What a (validated) store holds, as a flat dict of printable values."""
+# a summary said nothing of how much it had checked, and a store with a flipped byte read as fine
+_CHECKED = {
+    True: ": every block checked",
+    False: f": up to {checksum.START_SAMPLE_BLOCKS} sampled blocks checked (--verify reads every row)",
+    None: "",
+}
+
+
+def summary(store, verified: bool | None = None) -> dict:
+    """What a (validated) store holds, as a flat dict of printable values; `verified`: whether every
+    block's checksum was read (True), a sample of them as a training start does (False), or the
+    store was just written (None)."""
     meta = store.metadata
     files = [os.path.join(store.path, s["file"]) for s in meta["shards"]]
     return {
@@ -129,7 +140,9 @@ def summary(store) -> dict:
         "scale": store.scale,
         "nonfinite_rows": int(sum(len(b) for b in store.bad_rows)),
         "checksums": (
-            f"crc32 per {meta['checksum']['block_rows']} rows" if store.checksummed else "none (format 1, unverified)"
+            f"crc32 per {meta['checksum']['block_rows']} rows{_CHECKED[verified]}"
+            if store.checksummed
+            else "none (format 1, unverified)"
         ),
         "shuffled_within_shards": meta["shuffle_seed"] is not None,
         "created": meta.get("created"),
