@@ -598,3 +598,32 @@ sys.exit(cli.main(["train", "--config", "quickstart", "--workdir", {str(workdir)
     assert "SIGTERM during the final report: the run had finished, so the report was written first" in done.stderr
     assert json.loads((workdir / "report.json").read_text())["steps"] == 20
     assert not (workdir / "lock.json").exists()
+
+
+@pytest.mark.parametrize("when", ["after_the_last_step", "after_the_report"])
+def test_a_signal_at_the_end_of_a_finished_run_is_exit_0(tmp_path, when):
+    """An audit: a SIGTERM the loop noted after its last step's save was dropped without the warning
+    (the report's watch was a second one), and one after the report was written, while the command
+    printed it, made the finished run exit 143."""
+    workdir = tmp_path / "w"
+    script = f"""
+import os, signal, sys
+from jumprelu import cli
+from jumprelu.train import loop, report
+if {when!r} == "after_the_last_step":
+    os.environ["JUMPRELU_KILL_AT_STEP"] = "20"  # read at import: set the module's own
+    loop._KILL_AT_STEP, loop._KILL_SIGNAL = 20, signal.SIGTERM
+else:
+    fmt = report.format_report
+    def sigterm_first(result):  # a scheduler's SIGTERM as the command prints the report
+        os.kill(os.getpid(), signal.SIGTERM)
+        return fmt(result)
+    report.format_report = sigterm_first
+sys.exit(cli.main(["train", "--config", "quickstart", "--workdir", {str(workdir)!r}, *{TINY_FLAGS!r},
+                   "--config.train.steps=20"]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((workdir / "report.json").read_text())["steps"] == 20 and "held-out" in done.stdout
+    if when == "after_the_last_step":
+        assert "SIGTERM during the final report: the run had finished, so the report was written first" in done.stderr

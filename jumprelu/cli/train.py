@@ -30,7 +30,7 @@ def run(argv: list[str]) -> int:
 
     def main() -> int:
         from jumprelu.errors import EXIT_PREEMPTED, UserError
-        from jumprelu.train import loop, report
+        from jumprelu.train import loop, preemption, report
         from jumprelu.train.preemption import Preempted
 
         common.quiet_libraries(flags.FLAGS)
@@ -50,6 +50,7 @@ def run(argv: list[str]) -> int:
                 result = onthefly.train(config.value, workdir.value)
             else:
                 result = loop.train(config.value, workdir.value)
+            preemption.ignore_from_now()
         except UserError as e:
             return common.fail(e)
         except Preempted as e:

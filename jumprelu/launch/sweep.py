@@ -65,6 +65,7 @@ def run_one(spec: str, name: str, root: str) -> int:
     experiment, arg = experiments.split(spec)
     runs = {r.name: r for r in experiments.expand(experiments.load(experiment), arg)}
     run = runs[name]
+    from jumprelu.train import preemption
     from jumprelu.train.preemption import Preempted
 
     try:
@@ -74,6 +75,7 @@ def run_one(spec: str, name: str, root: str) -> int:
             report = onthefly.train(run.config, run.workdir(root))
         else:
             report = loop.train(run.config, run.workdir(root))
+        preemption.ignore_from_now()  # finished: a signal from here on would make it exit 143
     except UserError as e:
         print(f"{PREFIX} run {name}: {e}", file=sys.stderr)
         return e.exit_status  # 3 for a diverged run

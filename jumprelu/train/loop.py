@@ -123,6 +123,7 @@ def _train_on(cfg: ml_collections.ConfigDict, workdir: str, stream) -> dict:
     sharding.check_width(mesh, cfg.sae.width)  # (program.build checks these too, but after the checkpoints exist)
     sharding.check_batch(mesh, cfg.train.batch_size)
     ckpt = Checkpointer(workdir, keep=cfg.ckpt.keep, members=len(cfg.stack.sparsity_coefficients))
+    closing = False
     try:
         resume.check_latest_config(ckpt, cfg)  # a mismatch fails before compiling
         prog = program.build(cfg, stream.d_model, mesh, batch_dtype=stream.dtype)
@@ -155,17 +156,20 @@ def _train_on(cfg: ml_collections.ConfigDict, workdir: str, stream) -> dict:
         eval_rows = None
         if held_out.wants_histograms(cfg.log):  # without the rows the target-L0 controller reads
             eval_rows = init_lib.report_rows(stream.eval_set(), config_lib.controller_rows(cfg))
+        # One watch from the first step to the written report: after the last step's save a SIGTERM/
+        # Ctrl-C is noted and the report (seconds) still written, instead of the process ending
+        # without it and with its lock left behind (between two watches it did; one the loop noted
+        # after its last step was not reported)
         with preemption.Watch() as watch:
             state = _loop(cfg, workdir, prog, state, batches, ckpt, start, watch, eval_rows)
-    except BaseException:
-        with contextlib.suppress(Exception):  # the error under way is the one to report
+            closing = True  # (a close that fails is not tried again below)
             ckpt.close()
+            result = report.final_report(cfg, workdir, state, stream, start_step=start)
+    except BaseException:
+        if not closing:
+            with contextlib.suppress(Exception):  # the error under way is the one to report
+                ckpt.close()
         raise
-    ckpt.close()
-    # The last checkpoint is complete: a SIGTERM/Ctrl-C now is noted and the report (seconds) still
-    # written, instead of the process ending without it and with its lock left behind.
-    with preemption.Watch() as watch:
-        result = report.final_report(cfg, workdir, state, stream, start_step=start)
     if watch.signal_name:
         finished = "the run had finished, so the report was written first"
         log.warning("%s during the final report: %s", watch.signal_name, finished)

@@ -50,6 +50,15 @@ def _jax_preemption_service() -> bool:
     return True
 
 
+def ignore_from_now() -> None:
+    """For a command whose run is complete (report written): a SIGTERM or Ctrl-C from here to the
+    process's exit changes nothing, so it is ignored; it made a finished run exit 143 (killed) as
+    it printed its report, which a scheduler reads as a run to start again."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+
+
 class Watch:
     """Context manager: installs the handlers for its block and restores the previous ones after."""
 
