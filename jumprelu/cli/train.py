@@ -40,9 +40,9 @@ def run(argv: list[str]) -> int:
             # a harvest experiment: one line naming it, not an AttributeError
             require_training(config.value, f"--config {config_flags.get_config_filename(flags.FLAGS['config'])}")
             from jumprelu import config as config_lib
+            from jumprelu.launch import overrides
 
-            overridden = {a.split("=", 1)[0].removeprefix("--config.") for a in argv if a.startswith("--config.")}
-            config_lib.check_overrides(config.value, overridden)
+            config_lib.check_overrides(config.value, overrides.fields(argv))
             if config.value.data.source == "lm":  # rows from the language model: imports gemma
                 config_lib.validate(config.value)  # a bad field is one line before gemma's ~5 s import
                 from jumprelu.harvest import onthefly

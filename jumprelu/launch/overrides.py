@@ -57,6 +57,13 @@ def unset(cfg, flag: str, path: str) -> None:
     node[field] = None
 
 
+def fields(argv) -> set[str]:
+    """The config fields `--config.FIELD=V` (or `--config.FIELD V`) arguments set, dashed names read
+    as underscored, as `apply` and `jumprelu train` read them."""
+    flags = (a.partition("=")[0] for a in argv if a.startswith("--config."))
+    return {f.removeprefix("--config.").replace("-", "_") for f in flags}
+
+
 def apply(cfg, extra: list[str]):
     """cfg with the `--config.FIELD=V` arguments in `extra` applied as `jumprelu train` applies
     them (`=false` for a bool, a float field's `=abc` refused, dashed names read as underscored);

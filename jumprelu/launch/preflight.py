@@ -58,7 +58,5 @@ def check_job(config: str | None, sweep: str | None, extra: list[str] = (), harv
         return
     cfg = overrides.apply(module.get_config(arg), list(extra))
     if not harvest:  # a harvest config is checked by the harvest itself, before its model loads
-        # as `jumprelu train` checks them (dashed names read as underscored, as overrides.apply reads them)
-        fields = {a.partition("=")[0].removeprefix("--config.").replace("-", "_") for a in extra}
-        check_overrides(cfg, fields)
+        check_overrides(cfg, overrides.fields(extra))  # as `jumprelu train` checks them
         validate(cfg)
